@@ -1,0 +1,323 @@
+"""``Engine``: the facade in the user's process, call for call SGLang's native Engine API."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from typing import Any, AsyncIterator, Iterator, Optional, Union
+
+import zmq
+
+from treadle.client.request import normalize_generate
+from treadle.client.results import BatchResult, ReqState
+from treadle.client.supervisor import Supervisor
+from treadle.runtime.errors import EngineDeadError
+from treadle.runtime.logging_utils import configure_logging
+from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, Shutdown
+from treadle.runtime.model_files import resolve_model_files
+from treadle.runtime.procs import ChildSpec, kill_child, launch_child
+from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.zmq_utils import IpcDir, Sender
+
+logger = logging.getLogger("treadle.engine")
+STARTUP_TIMEOUT_S = float(os.environ.get("TREADLE_STARTUP_TIMEOUT", "900"))
+CONTROL_TIMEOUT_S = 60.0
+_GENERATE_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob",
+                     "return_hidden_states", "priority")
+
+
+class FlushCacheReqOutput:
+    def __init__(self, success: bool, message: str = "") -> None:
+        self.success, self.message = success, message
+
+    def __bool__(self) -> bool:
+        return self.success
+
+    def __repr__(self) -> str:
+        return f"FlushCacheReqOutput(success={self.success}, message={self.message!r})"
+
+
+class Engine:
+    """An in-process LLM engine: ``Engine(model_path=...)`` starts the tokenizer, scheduler,
+    GPU-worker and detokenizer processes and blocks until the model is loaded."""
+
+    def __init__(self, server_args: Optional[ServerArgs] = None, **kwargs: Any) -> None:
+        self._shut_down = True  # so shutdown() is safe if __init__ fails half-way
+        if server_args is None:
+            server_args = ServerArgs(**kwargs)  # unknown argument: TypeError; bad value: ValueError
+        elif kwargs:
+            raise TypeError("Pass either server_args or keyword arguments, not both.")
+        configure_logging(server_args.log_level, "engine")
+        t0 = time.perf_counter()
+        self.server_args = server_args.resolved()
+        self._files = resolve_model_files(self.server_args.model_path, server_args.tokenizer_path)
+        self._ipc = IpcDir()
+        self._ctx = zmq.Context()
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
+        self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), self._launch_children,
+                               self.server_args.incremental_streaming_output)
+        self._shut_down = False
+        ref = weakref.ref(self)
+        atexit.register(lambda: (e := ref()) is not None and e.shutdown())
+        self._sup.thread.start()
+        try:
+            self._sup.started.result(timeout=STARTUP_TIMEOUT_S)
+        except BaseException as e:
+            self.shutdown()
+            if isinstance(e, TimeoutError):
+                raise RuntimeError(f"Engine start-up took longer than {STARTUP_TIMEOUT_S:.0f} s.") from None
+            raise
+        self._startup_time = time.perf_counter() - t0
+        logger.info("engine ready in %.1f s (model %s, device %s)", self._startup_time,
+                    self.server_args.model_path, self.server_args.device)
+
+    # ------------------------------------------------------------------ start-up
+    def _launch_children(self) -> dict[str, Any]:
+        """Runs on the I/O thread, which lives as long as the engine (the children's parent-death
+        signal follows the thread that started them)."""
+        a = self.server_args
+        eps = {n: self._ipc.endpoint(n) for n in ("client", "tokenizer", "scheduler", "scheduler_results", "detokenizer")}
+        worker_eps = [self._ipc.endpoint(f"worker{r}") for r in range(a.tp_size)]
+
+        def spec(name: str, module: str, **extra: Any) -> ChildSpec:
+            return ChildSpec(name=name, module=module, server_args=a.to_dict(), model_files=self._files.__dict__,
+                             endpoints=eps, parent_pid=os.getpid(), extra=extra)
+
+        specs = [spec("tokenizer", "treadle.tokenizer_proc"), spec("detokenizer", "treadle.detokenizer_proc")]
+        specs += [spec(f"worker{r}", "treadle.gpu_worker", endpoint=ep, tp_rank=r) for r, ep in enumerate(worker_eps)]
+        specs.append(spec("scheduler", "treadle.scheduler_proc", worker_endpoints=worker_eps))
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        return {s.name: launch_child(s, self._ipc.path, env) for s in specs}
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
+        input_ids: Union[list[int], list[list[int]], None] = None, image_data: Any = None,
+        return_logprob: Union[bool, list[bool]] = False, logprob_start_len: Union[int, list[int], None] = None,
+        top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
+        lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
+        stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
+        priority: Optional[int] = None, **unsupported: Any,
+    ) -> Union[dict, BatchResult, Iterator[dict]]:
+        """Generate for one prompt (returns a dict), a batch (a ``BatchResult`` list), or stream chunks."""
+        reqs, is_batch = self._prepare(locals())
+        if stream:
+            return self._stream_sync(reqs)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        call_id = self._submit(reqs, q.put)
+        results: list[Any] = [None] * len(reqs)
+        pending = len(reqs)
+        try:
+            while pending:
+                idx, item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                results[idx] = item
+                pending -= 1
+        finally:
+            self._end_call(call_id)
+        return BatchResult(results) if is_batch else results[0]
+
+    async def async_generate(
+        self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
+        input_ids: Union[list[int], list[list[int]], None] = None, image_data: Any = None,
+        return_logprob: Union[bool, list[bool]] = False, logprob_start_len: Union[int, list[int], None] = None,
+        top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
+        lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
+        stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
+        priority: Optional[int] = None, **unsupported: Any,
+    ) -> Union[dict, BatchResult, AsyncIterator[dict]]:
+        """The async twin of ``generate``; runs on the caller's own event loop."""
+        reqs, is_batch = self._prepare(locals())
+        if stream:
+            return self._stream_async(reqs)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        results: list[Any] = [None] * len(reqs)
+        pending = len(reqs)
+        try:
+            while pending:
+                idx, item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                results[idx] = item
+                pending -= 1
+        finally:
+            self._end_call(call_id)
+        return BatchResult(results) if is_batch else results[0]
+
+    def _prepare(self, call: dict[str, Any]) -> tuple[list[GenerateReq], bool]:
+        self._check_alive()
+        unsupported = call.pop("unsupported")
+        if unsupported:
+            raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
+        for name in ("image_data", "lora_path", "custom_logit_processor", "session_params"):
+            if call[name] is not None:
+                raise NotImplementedError(f"{name} is not supported yet by Treadle (see the README's feature table).")
+        if call["return_hidden_states"] or call["return_logprob"]:
+            raise NotImplementedError("return_logprob / return_hidden_states are not supported yet by Treadle.")
+        options = {k: call[k] for k in _GENERATE_OPTIONS if call[k] is not None}
+        return normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
+                                  call["stream"], options, self._preferred_sampling())
+
+    def _preferred_sampling(self) -> Optional[dict[str, Any]]:
+        import json
+
+        p = self.server_args.preferred_sampling_params
+        return json.loads(p) if p else None
+
+    def _submit(self, reqs: list[GenerateReq], put: Any) -> int:
+        call_id = next(self._ids)
+        states = []
+        for i, r in enumerate(reqs):
+            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if len(reqs) > 1 else None)
+            states.append((st, r.stream))
+        self._sup.register(call_id, states)
+        try:
+            self._send(GenerateBatch(call_id=call_id, reqs=reqs))
+        except BaseException:
+            self._sup.unregister_call(call_id)
+            raise
+        return call_id
+
+    def _end_call(self, call_id: int) -> None:
+        """Abort whatever is still running of a call that ended early (error, Ctrl-C, closed stream)."""
+        for rid in self._sup.unregister_call(call_id):
+            if not self._shut_down and self._sup.dead is None:
+                self._send(AbortReq(rid=rid))
+
+    def _stream_sync(self, reqs: list[GenerateReq]) -> Iterator[dict]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        call_id = self._submit(reqs, q.put)
+
+        def chunks() -> Iterator[dict]:
+            pending = len(reqs)
+            try:
+                while pending:
+                    _, item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item["meta_info"]["finish_reason"] is not None:
+                        pending -= 1
+                    yield item
+            finally:
+                self._end_call(call_id)
+
+        return chunks()
+
+    async def _stream_async(self, reqs: list[GenerateReq]) -> AsyncIterator[dict]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        pending = len(reqs)
+        try:
+            while pending:
+                _, item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item["meta_info"]["finish_reason"] is not None:
+                    pending -= 1
+                yield item
+        finally:
+            self._end_call(call_id)
+
+    # ------------------------------------------------------------------ control
+    def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        """Abort by request id (also ``rid_0``, ``rid_1``... of a batch) or everything; the aborted
+        calls return normally with ``finish_reason["type"] == "abort"``."""
+        if not rid and not abort_all:
+            return
+        self._check_alive()
+        self._send(AbortReq(rid=rid or "", abort_all=abort_all))
+
+    async def async_abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        self.abort_request(rid, abort_all)
+
+    def flush_cache(self) -> FlushCacheReqOutput:
+        res = self._control("flush_cache")
+        ok = bool(res.get("success"))
+        return FlushCacheReqOutput(ok, "" if ok else "Cache not flushed because there is pending work.")
+
+    def get_server_info(self) -> dict[str, Any]:
+        state = self._control("get_internal_state")
+        worker = self._sup.ready_info.get("worker0", {})
+        info = dict(self.server_args.to_dict())
+        info.update({
+            "model_path": self.server_args.model_path, "resolved_model_dir": self._files.model_dir,
+            "tokenizer_path": self.server_args.tokenizer_path, "max_total_tokens": state["max_total_tokens"],
+            "max_running_requests": state["max_running_requests"], "context_length": state["context_length"],
+            "page_size": state["page_size"], "device": self.server_args.device, "dtype": worker.get("dtype"),
+            "startup_time": self._startup_time, "internal_states": [state], "version": _version(),
+        })
+        return info
+
+    def get_all_child_pids(self) -> list[int]:
+        return [p.pid for p in self._sup.procs.values()]
+
+    def _control(self, method: str, **args: Any) -> Any:
+        self._check_alive()
+        call_id = next(self._ids)
+        fut = self._sup.add_control(call_id)
+        self._send(ControlReq(call_id=call_id, method=method, args=args))
+        return fut.result(timeout=CONTROL_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _send(self, msg: Any) -> None:
+        with self._send_lock:
+            self._to_tokenizer.send(msg)
+
+    def _check_alive(self) -> None:
+        if self._shut_down:
+            raise EngineDeadError("The engine has been shut down.")
+        if self._sup.dead is not None:
+            raise self._sup.dead
+
+    def shutdown(self) -> None:
+        """Stop every child, remove the socket directory. Idempotent; also runs at exit."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        try:
+            with self._send_lock:
+                self._to_tokenizer.send(Shutdown())
+        except zmq.ZMQError:
+            pass
+        procs = list(self._sup.procs.values())
+        self._sup.stop("The engine has been shut down.")
+        deadline = time.monotonic() + 2.0
+        for p in procs:
+            kill_child(p, grace_s=max(0.0, deadline - time.monotonic()))
+        self._to_tokenizer.close()
+        self._ctx.term()
+        self._ipc.remove()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("treadle")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,97 @@
+"""Reference attention backend: gather each row's K/V via req_to_token and run torch SDPA.
+
+Rows with several new tokens (prefill, chunked prefill, extend after a prefix hit) run one
+SDPA each with a causal mask offset by the row's cached prefix. Single-token rows (decode) run
+together as one padded SDPA. Slow for big batches but simple and exact; the yardstick for
+faster backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from treadle.gpu_worker.attention.base import AttentionBackend
+from treadle.gpu_worker.forward_context import ForwardContext
+
+_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class _Extend:
+    q_start: int
+    n: int
+    kv_locs: torch.Tensor  # [start+n]
+    mask: Optional[torch.Tensor]  # [n, start+n] bool, None when start == 0 (plain causal)
+
+
+@dataclass
+class _Decode:
+    q_index: torch.Tensor  # [B] token index of each decode row
+    kv_locs: torch.Tensor  # [B, max_len], padded with location 0
+    mask: torch.Tensor  # [B, 1, 1, max_len] bool
+
+
+@dataclass
+class _Meta:
+    extends: list[_Extend]
+    decode: Optional[_Decode]
+
+
+def _sdpa(q, k, v, scale, mask=None, causal=False):
+    """q [.., H, n, D], k/v [.., Hkv, L, D]; expands KV heads for GQA on old torch."""
+    if q.shape[-3] == k.shape[-3]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    if _HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+class TorchNativeBackend(AttentionBackend):
+    def __init__(self, **_: object):
+        pass
+
+    def init_forward(self, ctx: ForwardContext) -> _Meta:
+        dev, r2t = ctx.req_to_token.device, ctx.req_to_token
+        extends, dec_rows, dec_q, off = [], [], [], 0
+        for slot, start, n in zip(ctx.slots, ctx.starts, ctx.extend_lens):
+            if n == 1:
+                dec_rows.append((slot, start + 1))
+                dec_q.append(off)
+            else:
+                mask = None
+                if start > 0:
+                    kpos = torch.arange(start + n, device=dev)
+                    mask = kpos[None, :] <= (start + torch.arange(n, device=dev))[:, None]
+                extends.append(_Extend(off, n, r2t[slot, : start + n], mask))
+            off += n
+        decode = None
+        if dec_rows:
+            slots = torch.tensor([s for s, _ in dec_rows], device=dev)
+            lens = torch.tensor([l for _, l in dec_rows], device=dev)
+            max_len = max(l for _, l in dec_rows)
+            valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
+            locs = r2t[slots, :max_len].masked_fill(~valid, 0)
+            decode = _Decode(torch.tensor(dec_q, device=dev), locs, valid[:, None, None, :])
+        return _Meta(extends, decode)
+
+    def attend(self, q: torch.Tensor, layer, ctx: ForwardContext) -> torch.Tensor:
+        meta: _Meta = ctx.attn_meta
+        k_buf, v_buf = ctx.kv_cache.k(layer.layer_id), ctx.kv_cache.v(layer.layer_id)
+        out = torch.empty_like(q)
+        for e in meta.extends:
+            qi = q[e.q_start : e.q_start + e.n].transpose(0, 1)  # [H, n, D]
+            k, v = k_buf[e.kv_locs].transpose(0, 1), v_buf[e.kv_locs].transpose(0, 1)  # [Hkv, L, D]
+            o = _sdpa(qi, k, v, layer.scaling, e.mask, causal=e.mask is None)
+            out[e.q_start : e.q_start + e.n] = o.transpose(0, 1)
+        if meta.decode is not None:
+            d = meta.decode
+            qd = q[d.q_index].unsqueeze(2)  # [B, H, 1, D]
+            k, v = k_buf[d.kv_locs].transpose(1, 2), v_buf[d.kv_locs].transpose(1, 2)  # [B, Hkv, L, D]
+            out[d.q_index] = _sdpa(qd, k, v, layer.scaling, d.mask).squeeze(2)
+        return out

@@ -1,0 +1,32 @@
+"""The paged KV cache: one token per location, shared by all requests.
+
+One tensor ``[2, num_layers, num_tokens, num_kv_heads, head_dim]`` with per-layer views, so a
+single allocation sizes the whole pool. The scheduler owns the free list; the worker only
+writes where it is told (``out_cache_loc``) and reads through the req-to-token table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_tokens: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        # Zeroed (not empty) so that padded reads of unused locations never see NaN/inf.
+        self.buf = torch.zeros(2, num_layers, num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.num_tokens = num_tokens
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.buf[0, layer]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.buf[1, layer]
+
+    def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.buf[0, layer].index_copy_(0, loc, k.to(self.buf.dtype))
+        self.buf[1, layer].index_copy_(0, loc, v.to(self.buf.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()

@@ -1,0 +1,30 @@
+"""The attention layer seen by model code: ``attn(q, k, v)``; the backend does the work.
+
+It carries the per-layer facts a backend needs (layer id for the KV cache, head counts, scale)
+and forwards to the backend chosen for this runner through the forward context.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from treadle.gpu_worker.forward_context import get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float, layer_id: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scaling, self.layer_id = scaling, layer_id
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Flat ``[T, heads*head_dim]`` in, flat ``[T, heads*head_dim]`` out."""
+        ctx = get_forward_context()
+        t = q.shape[0]
+        out = ctx.attn_backend.forward(
+            q.view(t, self.num_heads, self.head_dim),
+            k.view(t, self.num_kv_heads, self.head_dim),
+            v.view(t, self.num_kv_heads, self.head_dim),
+            self, ctx)
+        return out.reshape(t, self.num_heads * self.head_dim)

@@ -1,0 +1,63 @@
+"""Where weights come from: the safetensors files of an HF directory, or a seeded random init.
+
+Checkpoint tensors are streamed one at a time (``safe_open`` maps the file; a tensor is read
+only when asked for), so peak host memory is one tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def iter_safetensors(model_dir: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, cpu_tensor)`` for every tensor of every file, lazily."""
+    files = safetensors_files(model_dir)
+    total = 0
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as fh:
+            total += len(fh.keys())
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=None if progress else True) as bar:
+        for f in files:
+            with safe_open(f, framework="pt", device="cpu") as fh:
+                for name in fh.keys():
+                    yield name, fh.get_tensor(name)
+                    bar.update(1)
+
+
+def default_weight_loader(param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:
+    """For replicated params without a TP-aware loader (norm gains): a plain checked copy."""
+    if param.shape != full.shape:
+        raise ValueError(f"shape mismatch: param {tuple(param.shape)} vs checkpoint {tuple(full.shape)}")
+    param.data.copy_(full)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Random weights for benchmarks/tests without a checkpoint: N(0, std), norm gains 1.
+
+    Drawn on the model's device from a generator seeded by ``seed``, in parameter order, so a
+    given (config, seed, device) always yields the same model.
+    """
+    params = list(model.parameters())
+    if not params:
+        return
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    for name, p in model.named_parameters():  # deduplicated: tied weights drawn once
+        if p.dim() == 1 and name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=gen)

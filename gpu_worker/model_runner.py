@@ -1,0 +1,190 @@
+"""The model-execution half of the GPU worker: owns the model, KV cache and req-to-token table.
+
+``forward(plan)`` runs one scheduler step: it records sampling specs of new slots, writes the
+plan's KV locations into req-to-token, runs all rows as one batch (linear layers see the
+concatenated tokens; only attention is per row), projects the last token of each sampling row
+to logits and samples. No sockets here; ``worker_proc`` wraps this in a process.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from transformers import AutoConfig
+
+from treadle.gpu_worker.attention.base import create_backend
+from treadle.gpu_worker.distributed import init_tp
+from treadle.gpu_worker.forward_context import ForwardContext, forward_context
+from treadle.gpu_worker.kv_cache import KVCache
+from treadle.gpu_worker.layers.attention import Attention
+from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
+from treadle.gpu_worker.models.registry import get_model_class
+from treadle.gpu_worker.sampler import Sampler
+from treadle.runtime.messages import ForwardPlan
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class RunnerConfig:
+    model_dir: str  # HF-format directory: config.json + *.safetensors
+    load_format: str = "auto"  # "auto"/"safetensors": read weights; "dummy": seeded random weights
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    kv_tokens: int = 4096  # KV-cache capacity in tokens
+    max_slots: int = 64  # rows of the req-to-token table (max running requests)
+    context_len: int = 2048  # columns of the req-to-token table (max positions per request)
+    attention_backend: str = "torch_native"
+    random_seed: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@contextmanager
+def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Create parameters directly in the target dtype on the target device (no fp32 detour)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunnerConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        init_tp(cfg.tp_rank, cfg.tp_size, self.device)
+        self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        with _building(self.dtype, self.device):
+            self.model = get_model_class(self.model_config)(self.model_config, max_positions=cfg.context_len)
+        if cfg.load_format == "dummy":
+            init_dummy_weights(self.model, cfg.random_seed, getattr(self.model_config, "initializer_range", 0.02))
+        elif cfg.load_format in ("auto", "safetensors"):
+            self.model.load_weights(iter_safetensors(cfg.model_dir))
+        else:
+            raise ValueError(f"unknown load_format {cfg.load_format!r}")
+        self.model.eval().requires_grad_(False)
+
+        attn = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_cache = KVCache(len(attn), cfg.kv_tokens, attn[0].num_kv_heads, attn[0].head_dim, self.dtype, self.device)
+        self.req_to_token = torch.zeros(cfg.max_slots, cfg.context_len, dtype=torch.int64, device=self.device)
+        self.attn_backend = create_backend(cfg.attention_backend, device=self.device, dtype=self.dtype)
+        self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def info(self) -> dict[str, Any]:
+        params = list(self.model.parameters())
+        return {
+            "architecture": type(self.model).__name__,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "num_params": sum(p.numel() for p in params),  # this rank's shard
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "kv_bytes": self.kv_cache.nbytes,
+            "kv_tokens": self.cfg.kv_tokens,
+            "max_slots": self.cfg.max_slots,
+            "context_len": self.cfg.context_len,
+            "vocab_size": self.vocab_size,
+            "attention_backend": self.cfg.attention_backend,
+            "tp_rank": self.cfg.tp_rank,
+            "tp_size": self.cfg.tp_size,
+        }
+
+    @torch.inference_mode()
+    def forward(self, plan: ForwardPlan) -> list[int]:
+        """Run one step; one sampled token id per row with ``sample=True``, in row order."""
+        logits, slots = self._run(plan)
+        return [] if logits is None else self.sampler.sample(logits, slots).tolist()
+
+    @torch.inference_mode()
+    def forward_logits(self, plan: ForwardPlan) -> torch.Tensor:
+        """Run one step; float32 logits ``[num_sample_rows, vocab]`` instead of samples."""
+        logits, _ = self._run(plan)
+        return torch.empty(0, self.vocab_size, device=self.device) if logits is None else logits
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.cfg.max_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.cfg.max_slots})")
+
+    def _run(self, plan: ForwardPlan) -> tuple[Optional[torch.Tensor], list[int]]:
+        cfg = self.cfg
+        for ns in plan.new_slots:
+            self._check_slot(ns.slot)
+            self.sampler.set_slot(ns.slot, ns.sampling)
+        # Table writes (prefix hits first, then the rows' new tokens) as (slot, position, loc) triples.
+        w_slot, w_pos, w_loc = [], [], []
+        for pw in plan.prefix_writes:
+            self._check_slot(pw.slot)
+            if len(pw.locs) > cfg.context_len:
+                raise ValueError(f"prefix of {len(pw.locs)} tokens exceeds context_len {cfg.context_len}")
+            w_slot += [pw.slot] * len(pw.locs)
+            w_pos += range(len(pw.locs))
+            w_loc += pw.locs
+        n_prefix = len(w_loc)
+        ids, slots, starts, lens, logit_idx, sample_slots = [], [], [], [], [], []
+        for row in plan.rows:
+            n = len(row.input_ids)
+            self._check_slot(row.slot)
+            if n == 0 or len(row.new_locs) != n:
+                raise ValueError(f"row of slot {row.slot}: {n} input ids but {len(row.new_locs)} new locs")
+            if row.start_pos < 0 or row.start_pos + n > cfg.context_len:
+                raise ValueError(f"row of slot {row.slot} spans positions beyond context_len {cfg.context_len}")
+            if row.sample:
+                logit_idx.append(len(ids) + n - 1)
+                sample_slots.append(row.slot)
+            ids += row.input_ids
+            slots.append(row.slot), starts.append(row.start_pos), lens.append(n)
+            w_slot += [row.slot] * n
+            w_pos += range(row.start_pos, row.start_pos + n)
+            w_loc += row.new_locs
+        if not w_loc:
+            return None, []
+        if min(w_loc) < 0 or max(w_loc) >= cfg.kv_tokens:
+            raise ValueError(f"KV location out of range [0, {cfg.kv_tokens})")
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+
+        # One host->device copy for all index data.
+        t, p = len(ids), n_prefix
+        host = torch.tensor(ids + w_slot + w_pos + w_loc + logit_idx, dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True)
+        input_ids, rest = dev[:t], dev[t:]
+        w_slot_t, w_pos_t, w_loc_t = rest[: p + t], rest[p + t : 2 * (p + t)], rest[2 * (p + t) : 3 * (p + t)]
+        self.req_to_token[w_slot_t, w_pos_t] = w_loc_t
+        if not ids:
+            return None, []
+
+        ctx = ForwardContext(
+            input_ids=input_ids, positions=w_pos_t[p:], out_cache_loc=w_loc_t[p:],
+            slots=slots, starts=starts, extend_lens=lens, logits_indices=rest[3 * (p + t):],
+            req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend)
+        ctx.attn_meta = self.attn_backend.init_forward(ctx)
+        with forward_context(ctx):
+            hidden = self.model(input_ids)
+            if not logit_idx:
+                return None, []
+            return self.model.compute_logits(hidden[ctx.logits_indices]), sample_slots

@@ -1,0 +1,142 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) built from the TP-aware layers.
+
+Module names mirror the HF checkpoints (``model.layers.N.self_attn...``) except for the fused
+``qkv_proj`` / ``gate_up_proj``, which ``load_weights`` fills from the separate HF tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from treadle.gpu_worker.forward_context import get_forward_context
+from treadle.gpu_worker.layers.activation import SiluAndMul
+from treadle.gpu_worker.layers.attention import Attention
+from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from treadle.gpu_worker.layers.norm import RMSNorm
+from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle.gpu_worker.loader import default_weight_loader
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], bias)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        hd, heads = head_dim_of(config), config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, heads, kv_heads, qkv_bias)
+        self.o_proj = RowParallelLinear(heads * hd, config.hidden_size, o_bias)
+        self.split = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
+        self.rotary_emb = rotary
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, hd, hd**-0.5, layer_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k = self.rotary_emb(get_forward_context().positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x), residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, max_positions: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary, qkv_bias, o_bias) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias: Optional[bool] = None  # None: follow config.attention_bias (which also covers o_proj)
+    o_bias: Optional[bool] = None
+    # (fused param, HF name, shard id)
+    stacked_params = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+                      ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+
+    def __init__(self, config, max_positions: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
+        o_bias = attn_bias if self.o_bias is None else self.o_bias
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, o_bias)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` of all tokens of the step."""
+        return self.model(input_ids)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into (sharded, fused) params; returns the param names filled."""
+        params, loaded = dict(self.named_parameters(remove_duplicate=False)), set()
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                continue
+            shard = None
+            for fused, hf, sid in self.stacked_params:
+                if f".{hf}." in name:
+                    name, shard = name.replace(f".{hf}.", f".{fused}."), sid
+                    break
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            loaded.add(name)
+        missing = {n for n in params if n not in loaded and not (tied and n == "lm_head.weight")}
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)[:8]} ({len(missing)} params)")
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias, o_bias = True, False

@@ -1,0 +1,24 @@
+"""HF ``architectures`` names -> model classes (imported lazily, one module per family)."""
+
+from __future__ import annotations
+
+import importlib
+
+_MODELS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+}
+
+
+def get_model_class(config) -> type:
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch in _MODELS:
+            module = importlib.import_module(f"treadle.gpu_worker.models.{_MODELS[arch]}")
+            return getattr(module, arch)
+    raise ValueError(f"unsupported architectures {archs}; supported: {sorted(_MODELS)}")
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)

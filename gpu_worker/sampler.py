@@ -1,0 +1,70 @@
+"""Batched next-token sampling with per-row temperature / top-k / top-p / min-p.
+
+One pass for the whole batch: greedy rows take the argmax; the others are filtered in sorted
+order (top-k, top-p, min-p, as SGLang does), scattered back to vocab order, and sampled with an
+exponential race (``argmax p / q``, ``q ~ Exp(1)``), which equals a multinomial draw. The noise
+of a row with its own ``seed`` comes from a generator seeded by (seed, tokens sampled so far in
+that slot), so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from treadle.runtime.messages import SamplingSpec
+
+_GREEDY_EPS = 1e-6
+
+
+def _row_seed(seed: int, step: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+class Sampler:
+    def __init__(self, max_slots: int, device: torch.device, seed: int = 0):
+        self.device = device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.specs = [SamplingSpec() for _ in range(max_slots)]
+        self.counts = [0] * max_slots
+
+    def set_slot(self, slot: int, spec: SamplingSpec) -> None:
+        self.specs[slot] = spec
+        self.counts[slot] = 0
+
+    @staticmethod
+    def is_greedy(spec: SamplingSpec) -> bool:
+        return spec.temperature < _GREEDY_EPS or spec.top_k == 1
+
+    def sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """``logits [n, V]`` float32, one row per slot in ``slots`` -> token ids ``[n]`` int64."""
+        specs = [self.specs[s] for s in slots]
+        greedy = [self.is_greedy(sp) for sp in specs]
+        for s in slots:
+            self.counts[s] += 1
+        argmax = logits.argmax(dim=-1)
+        if all(greedy):
+            return argmax
+        vocab = logits.shape[-1]
+        params = torch.tensor(
+            [[1.0 if g else sp.temperature, sp.top_p, sp.min_p, vocab if sp.top_k < 1 else min(sp.top_k, vocab)]
+             for sp, g in zip(specs, greedy)], dtype=torch.float32).to(self.device, non_blocking=True)
+        temp, top_p, min_p, top_k = params.unbind(1)
+        probs = torch.softmax(logits / temp[:, None], dim=-1)
+        if any(not g and (sp.top_k >= 1 or sp.top_p < 1.0 or sp.min_p > 0.0) for sp, g in zip(specs, greedy)):
+            probs = self._filter(probs, top_k, top_p, min_p)
+        noise = torch.empty_like(probs).exponential_(generator=self.gen)
+        for i, (s, sp) in enumerate(zip(slots, specs)):
+            if sp.seed is not None and not greedy[i]:
+                g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, self.counts[s] - 1))
+                noise[i].exponential_(generator=g)
+        sampled = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)  # q == 0 would give 0/0 = NaN
+        return torch.where(torch.tensor(greedy, device=self.device), argmax, sampled)
+
+    @staticmethod
+    def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+        sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+        drop = ranks >= top_k[:, None]
+        drop |= (sorted_p.cumsum(dim=-1) - sorted_p) > top_p[:, None]
+        drop |= sorted_p < (sorted_p[:, :1] * min_p[:, None])
+        return torch.zeros_like(probs).scatter_(1, idx, sorted_p.masked_fill(drop, 0.0))

@@ -1,0 +1,102 @@
+"""The GPU-worker process: owns the model and KV tensors, runs one plan per message."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import msgspec
+import zmq
+
+from treadle.runtime.hf_config import context_length, load_config
+from treadle.runtime.messages import (
+    WORKER_IN, ChildReady, ForwardPlan, Shutdown, StepResult, WorkerControl, WorkerControlReply,
+)
+from treadle.runtime.procs import ChildSpec
+from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.zmq_utils import Receiver, Sender
+
+logger = logging.getLogger("treadle.worker")
+CPU_DEFAULT_KV_TOKENS = 16384
+
+
+def kv_budget(args: ServerArgs, cfg: dict[str, Any], ctx_len: int) -> tuple[int, int]:
+    """(KV pool size in tokens, request slots): explicit values, or sensible defaults per device."""
+    slots = args.max_running_requests or (256 if args.device.startswith("cuda") else 64)
+    if args.max_total_tokens is not None:
+        return args.max_total_tokens, slots
+    if not args.device.startswith("cuda"):
+        return CPU_DEFAULT_KV_TOKENS, slots
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(args.device))
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * (heads // max(1, args.tp_size) or 1) * head_dim * 2  # bf16 K and V
+    reserve = total * (1 - (args.mem_fraction_static or 0.85))
+    return max(int((free - reserve) // per_token), ctx_len), slots
+
+
+class WorkerLoop:
+    def __init__(self, spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
+        from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
+
+        self.spec = spec
+        args = spec.args
+        self.rank = spec.extra.get("tp_rank", 0)
+        self.recv = Receiver(ctx, spec.extra["endpoint"], WORKER_IN, bind=True)
+        self.to_scheduler = Sender(ctx, spec.endpoints["scheduler_results"]) if self.rank == 0 else None
+        cfg = load_config(spec.files.model_dir)
+        self.context_len = context_length(cfg, args)
+        t0 = time.perf_counter()
+        device = args.device
+        if device == "cuda":
+            device = f"cuda:{args.base_gpu_id + self.rank * args.gpu_id_step}"
+        self.kv_tokens, self.max_slots = kv_budget(args, cfg, self.context_len)
+        self.runner = ModelRunner(RunnerConfig(
+            model_dir=spec.files.model_dir, load_format=args.load_format, dtype=args.dtype, device=device,
+            kv_tokens=self.kv_tokens, max_slots=self.max_slots, context_len=self.context_len,
+            attention_backend=args.attention_backend or "torch_native", random_seed=args.random_seed or 0,
+            tp_rank=self.rank, tp_size=args.tp_size,
+        ))
+        self.load_time = time.perf_counter() - t0
+        logger.info("model loaded in %.1f s; KV pool %d tokens, %d request slots", self.load_time, self.kv_tokens, self.max_slots)
+        inbox.send(ChildReady(name=spec.name, info=self.info()))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **self.runner.info(), "kv_tokens": self.kv_tokens, "max_slots": self.max_slots,
+            "context_len": self.context_len, "load_time": self.load_time, "pid": os.getpid(),
+        }
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = self.recv.recv()
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.error("dropped a malformed message: %s", e)
+                continue
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, ForwardPlan):
+                ids = self.runner.forward(msg)
+                if self.to_scheduler is not None:
+                    self.to_scheduler.send(StepResult(step=msg.step, next_token_ids=ids))
+            elif isinstance(msg, WorkerControl):
+                reply = self.control(msg)
+                if self.to_scheduler is not None:
+                    self.to_scheduler.send(reply)
+
+    def control(self, msg: WorkerControl) -> WorkerControlReply:
+        try:
+            if msg.method == "info":
+                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.info())
+            raise ValueError(f"unknown worker method {msg.method!r}")
+        except Exception as e:  # a failed control call is reported, it does not kill the worker
+            return WorkerControlReply(call_id=msg.call_id, ok=False, error=str(e))
+
+
+def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
+    WorkerLoop(spec, ctx, inbox).serve()

@@ -1,0 +1,40 @@
+"""Model facts every process needs, read from the resolved HF directory (no torch here)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.tokenizer import load_tokenizer  # noqa: F401  (re-exported)
+
+
+def load_config(model_dir: str) -> dict[str, Any]:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config", cfg) if "vocab_size" not in cfg else cfg
+
+
+def context_length(cfg: dict[str, Any], args: ServerArgs) -> int:
+    if args.context_length is not None:
+        return args.context_length
+    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+
+
+def eos_token_ids(model_dir: str, tokenizer: Any = None) -> set[int]:
+    """EOS ids from config.json, generation_config.json and the tokenizer (all of them stop)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                v = json.load(f).get("eos_token_id")
+            ids.update([v] if isinstance(v, int) else (v or []))
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def vocab_size(cfg: dict[str, Any], tokenizer: Optional[Any] = None) -> int:
+    return int(cfg.get("vocab_size") or len(tokenizer))

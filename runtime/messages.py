@@ -1,0 +1,245 @@
+"""The wire schema: every message that crosses a ZeroMQ socket, as typed msgspec Structs.
+
+Each socket carries one tagged union (see the ``*_MSG`` aliases at the bottom) decoded with a
+typed ``msgspec.msgpack.Decoder``, so a malformed or foreign frame is rejected, never executed.
+Nothing here is pickled. Sampling parameters live in ``runtime/sampling_params.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import msgspec
+
+from treadle.runtime.sampling_params import SamplingParams
+
+
+class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
+    """Base of every tagged message (the tag is the class name)."""
+
+
+# ---------------------------------------------------------------- client -> tokenizer
+class GenerateReq(_Msg):
+    """One generation request as the user gave it (text or ids), already shape-normalized."""
+
+    rid: str
+    text: Optional[str] = None
+    input_ids: Optional[list[int]] = None
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    token_ids_logprob: Optional[list[int]] = None
+    return_hidden_states: bool = False
+    priority: Optional[int] = None
+    created: float = 0.0
+    max_new_tokens_set: bool = False  # the user named max_new_tokens (else it is clamped silently)
+
+
+class GenerateBatch(_Msg):
+    """All items of one user call: validated together, dispatched only if all are valid."""
+
+    call_id: int
+    reqs: list[GenerateReq]
+
+
+class AbortReq(_Msg):
+    rid: str = ""
+    abort_all: bool = False
+
+
+class ControlReq(_Msg):
+    """A request/reply control call (flush_cache, get_server_info, ...), answered by ControlReply."""
+
+    call_id: int
+    method: str
+    args: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------- tokenizer -> scheduler
+class TokenizedReq(_Msg):
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    token_ids_logprob: Optional[list[int]] = None
+    return_hidden_states: bool = False
+    priority: Optional[int] = None
+    created: float = 0.0
+
+
+class TokenizedBatch(_Msg):
+    reqs: list[TokenizedReq]
+
+
+# ---------------------------------------------------------------- scheduler <-> gpu worker
+class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What the worker needs to sample one request's tokens (set once per request slot)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: Optional[int] = None
+
+
+class NewSlot(msgspec.Struct, array_like=True):
+    """A request takes a slot: its sampling spec is stored there until the slot is reused."""
+
+    slot: int
+    sampling: SamplingSpec
+
+
+class PlanRow(msgspec.Struct, array_like=True):
+    """One request's work in one forward step.
+
+    The worker writes ``new_locs`` (KV-cache token locations of the new tokens) into row
+    ``slot`` of its req-to-token table at positions ``start_pos ..``, runs ``input_ids`` at those
+    positions attending to every earlier position of the slot, and samples one token if
+    ``sample`` (a non-final prefill chunk does not sample).
+    """
+
+    slot: int
+    input_ids: list[int]
+    start_pos: int
+    new_locs: list[int]
+    sample: bool = True
+
+
+class PrefixWrite(msgspec.Struct, array_like=True):
+    """Cached prefix pages for a request that starts with a prefix-cache hit."""
+
+    slot: int
+    locs: list[int]
+
+
+class ForwardPlan(_Msg):
+    step: int
+    new_slots: list[NewSlot] = []
+    prefix_writes: list[PrefixWrite] = []
+    rows: list[PlanRow] = []
+
+
+class StepResult(_Msg):
+    """One sampled token per row with ``sample=True``, in row order."""
+
+    step: int
+    next_token_ids: list[int] = []
+
+
+class WorkerControl(_Msg):
+    call_id: int
+    method: str
+    args: dict[str, Any] = {}
+
+
+class WorkerControlReply(_Msg):
+    call_id: int
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+# ---------------------------------------------------------------- scheduler -> detokenizer
+class FinishReason(msgspec.Struct, omit_defaults=True):
+    """SGLang's finish_reason JSON: ``{"type": "stop"|"length"|"abort", ...}``."""
+
+    type: str
+    matched: Union[int, str, None] = None
+    length: Optional[int] = None
+    message: Optional[str] = None
+    status_code: Optional[int] = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.type == "stop":
+            return {"type": "stop", "matched": self.matched}
+        if self.type == "length":
+            return {"type": "length", "length": self.length}
+        out: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.status_code is not None:
+            out["status_code"] = self.status_code
+        return out
+
+
+class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New output ids of one request since its last emission.
+
+    ``context_ids`` (sent with the first emission only) are the last few prompt tokens, so
+    the first output token is decoded with the spaces it would have inside the sequence.
+    """
+
+    rid: str
+    new_ids: list[int]
+    finish: Optional[FinishReason] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    context_ids: list[int] = []
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    trim_stop_str: Optional[str] = None
+    trim_last_token: bool = False
+
+
+class TokenOutBatch(_Msg):
+    outs: list[TokenOut]
+
+
+# ---------------------------------------------------------------- * -> client inbox
+class StrOut(msgspec.Struct, array_like=True, omit_defaults=True):
+    rid: str
+    text: str
+    new_ids: list[int]
+    finish: Optional[FinishReason] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class StrOutBatch(_Msg):
+    outs: list[StrOut]
+
+
+class ReqError(_Msg):
+    """Validation failure of a whole call (``call_id``) or of single requests (``rids``)."""
+
+    kind: str  # "value" | "type" | "overloaded" | "runtime"
+    message: str
+    call_id: int = -1
+    rids: list[str] = []
+
+
+class ControlReply(_Msg):
+    call_id: int
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+class ChildReady(_Msg):
+    """Sent once by each child when it is ready to serve; ``info`` feeds get_server_info()."""
+
+    name: str
+    info: dict[str, Any] = {}
+
+
+class ChildFailed(_Msg):
+    """Sent by a child that hit an exception, just before it exits."""
+
+    name: str
+    error: str
+
+
+class Shutdown(_Msg):
+    """Asks a child to leave its loop (sent by the parent on shutdown)."""
+
+
+TOKENIZER_IN = Union[GenerateBatch, AbortReq, ControlReq, Shutdown]
+SCHEDULER_IN = Union[TokenizedBatch, AbortReq, ControlReq, Shutdown, StepResult, WorkerControlReply]
+WORKER_IN = Union[ForwardPlan, WorkerControl, Shutdown]
+DETOKENIZER_IN = Union[TokenOutBatch, Shutdown]
+CLIENT_IN = Union[StrOutBatch, ReqError, ControlReply, ChildReady, ChildFailed]

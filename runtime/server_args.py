@@ -1,0 +1,213 @@
+"""ServerArgs: every engine argument, with SGLang's names and defaults (API.md section 10).
+
+Unknown arguments raise ``TypeError`` (dataclass init); out-of-range values raise ``ValueError``
+at construction, so a typo never reaches a child process. ``resolved()`` fills the "auto"
+values that depend on the machine (device, dtype, memory sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+ATTENTION_BACKENDS = (None, "torch_native", "triton", "flashinfer")
+SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "lof", "priority")
+GRAMMAR_BACKENDS = (None, "xgrammar", "none")
+KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "float16", "float32")
+QUANTIZATIONS = (None, "awq", "fp8", "gptq", "gguf", "marlin", "awq_marlin", "gptq_marlin", "bitsandbytes", "w8a8_int8", "w8a8_fp8")
+DEVICES = (None, "cpu", "cuda")
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str = "default"
+    tokenizer_path: Optional[str] = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    context_length: Optional[int] = None
+    is_embedding: bool = False
+    revision: Optional[str] = None
+    dtype: str = "auto"
+    quantization: Optional[str] = None
+    kv_cache_dtype: str = "auto"
+    device: Optional[str] = None
+    served_model_name: Optional[str] = None
+    # Memory and scheduling
+    mem_fraction_static: Optional[float] = None
+    max_total_tokens: Optional[int] = None
+    max_running_requests: Optional[int] = None
+    max_queued_requests: Optional[int] = None
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: Optional[int] = None
+    page_size: Optional[int] = None
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0
+    enable_priority_scheduling: bool = False
+    cpu_offload_gb: int = 0
+    # Parallelism
+    tp_size: int = 1
+    dp_size: int = 1
+    pp_size: int = 1
+    base_gpu_id: int = 0
+    gpu_id_step: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None
+    # Performance
+    attention_backend: Optional[str] = None
+    sampling_backend: Optional[str] = None
+    grammar_backend: Optional[str] = None
+    cuda_graph_max_bs: Optional[int] = None
+    disable_cuda_graph: bool = False
+    disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
+    enable_mixed_chunk: bool = False
+    stream_interval: int = 1
+    incremental_streaming_output: bool = True
+    random_seed: Optional[int] = None
+    # Features
+    allow_auto_truncate: bool = False
+    enable_lora: Optional[bool] = None
+    lora_paths: Optional[list] = None
+    max_loras_per_batch: int = 8
+    max_lora_rank: Optional[int] = None
+    enable_custom_logit_processor: bool = False
+    enable_return_hidden_states: bool = False
+    preferred_sampling_params: Optional[str] = None
+    # Logging and supervision
+    log_level: str = "error"
+    log_requests: bool = False
+    log_requests_level: int = 2
+    show_time_cost: bool = False
+    enable_metrics: bool = False
+    watchdog_timeout: float = 300.0
+    weight_version: str = "default"
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    # -------------------------------------------------------------- validation
+    def _check(self) -> None:
+        if not isinstance(self.model_path, str) or not self.model_path:
+            raise ValueError(f"model_path must be a non-empty string, got {self.model_path!r}.")
+        _choice("log_level", self.log_level, LOG_LEVELS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
+        _choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        if self.device is not None and not (self.device in DEVICES or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
+        for name in ("tp_size", "dp_size", "pp_size", "nnodes", "stream_interval", "max_loras_per_batch"):
+            _int(name, getattr(self, name), lo=1)
+        _int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
+        _int("base_gpu_id", self.base_gpu_id, lo=0)
+        _int("gpu_id_step", self.gpu_id_step, lo=1)
+        _int("context_length", self.context_length, lo=2, optional=True)
+        _int("max_total_tokens", self.max_total_tokens, lo=16, optional=True)
+        _int("max_running_requests", self.max_running_requests, lo=1, optional=True)
+        _int("max_queued_requests", self.max_queued_requests, lo=1, optional=True)
+        _int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
+        _int("page_size", self.page_size, lo=1, optional=True)
+        _int("cuda_graph_max_bs", self.cuda_graph_max_bs, lo=1, optional=True)
+        _int("random_seed", self.random_seed, lo=0, optional=True)
+        _int("log_requests_level", self.log_requests_level, lo=0, hi=3)
+        if self.chunked_prefill_size is not None:
+            _int("chunked_prefill_size", self.chunked_prefill_size)
+            if self.chunked_prefill_size < 1 and self.chunked_prefill_size != -1:
+                raise ValueError(f"chunked_prefill_size must be -1 (off) or at least 1, got {self.chunked_prefill_size}.")
+        if self.mem_fraction_static is not None:
+            _num("mem_fraction_static", self.mem_fraction_static)
+            if not 0.0 < self.mem_fraction_static < 1.0:
+                raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}.")
+        _num("schedule_conservativeness", self.schedule_conservativeness)
+        if self.schedule_conservativeness <= 0:
+            raise ValueError("schedule_conservativeness must be positive.")
+        _num("watchdog_timeout", self.watchdog_timeout)
+        if self.preferred_sampling_params is not None:
+            try:
+                if not isinstance(json.loads(self.preferred_sampling_params), dict):
+                    raise ValueError
+            except ValueError:
+                raise ValueError("preferred_sampling_params must be a JSON object string.") from None
+        if self.lora_paths is not None and not isinstance(self.lora_paths, (list, tuple, dict)):
+            raise ValueError("lora_paths must be a list of paths or NAME=PATH strings.")
+
+    # -------------------------------------------------------------- resolution
+    def resolved(self) -> "ServerArgs":
+        """A copy with the machine-dependent "auto" values filled in."""
+        import torch
+
+        a = dataclasses.replace(self)
+        if a.device is None:
+            a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={a.device!r} was requested but no CUDA device is available.")
+        if a.random_seed is None:
+            a.random_seed = random.randint(0, 2**30)
+        if a.page_size is None:
+            a.page_size = 1
+        if a.attention_backend is None:
+            a.attention_backend = "torch_native"
+        if a.grammar_backend is None:
+            a.grammar_backend = "xgrammar"
+        if a.tokenizer_path is None:
+            a.tokenizer_path = a.model_path
+        if a.chunked_prefill_size is None:
+            a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else 2048
+        if a.enable_lora is None:
+            a.enable_lora = bool(a.lora_paths)
+        return a
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServerArgs":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def _choice(name: str, v: Any, choices: tuple) -> None:
+    if v not in choices:
+        shown = [c for c in choices if c is not None]
+        raise ValueError(f"{name} must be one of {shown}, got {v!r}.")
+
+
+def _int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None, optional: bool = False) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an int, got {v!r}.")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be at least {lo}, got {v}.")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be at most {hi}, got {v}.")
+
+
+def _num(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a number, got {v!r}.")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("TREADLE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "treadle")
+

@@ -1,0 +1,119 @@
+"""The scheduler process: its sockets and event loop around ``Scheduler``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import zmq
+
+from treadle.runtime.hf_config import eos_token_ids, load_tokenizer
+from treadle.runtime.messages import (
+    SCHEDULER_IN, AbortReq, ChildReady, ControlReply, ControlReq, ReqError, Shutdown, StepResult,
+    TokenizedBatch, TokenOutBatch, WorkerControl, WorkerControlReply,
+)
+from treadle.runtime.procs import ChildSpec
+from treadle.runtime.zmq_utils import Receiver, Sender
+from treadle.scheduler_proc.scheduler import Scheduler
+
+logger = logging.getLogger("treadle.scheduler")
+IDLE_POLL_MS = 1000
+
+
+class SchedulerLoop:
+    def __init__(self, spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
+        self.spec = spec
+        self.args = spec.args
+        self.inbox = inbox
+        self.recv = Receiver(ctx, spec.endpoints["scheduler"], SCHEDULER_IN, bind=True)
+        self.results = Receiver(ctx, spec.endpoints["scheduler_results"], SCHEDULER_IN, bind=True)
+        self.to_workers = [Sender(ctx, ep) for ep in spec.extra["worker_endpoints"]]
+        self.to_detok = Sender(ctx, spec.endpoints["detokenizer"])
+        tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code)
+        worker_info = self.worker_call("info")
+        self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info)
+        self.worker_info = worker_info
+        self.running = True
+
+    def worker_call(self, method: str, **args: Any) -> Any:
+        """A blocking control call answered by the rank-0 worker (start-up info, profiling...)."""
+        for w in self.to_workers:
+            w.send(WorkerControl(call_id=0, method=method, args=args))
+        while True:
+            msg = self.results.recv()
+            if isinstance(msg, WorkerControlReply):
+                if not msg.ok:
+                    raise RuntimeError(f"worker call {method} failed: {msg.error}")
+                return msg.result
+
+    def serve(self) -> None:
+        info = {**self.sched.internal_state(), "worker": self.worker_info}
+        self.inbox.send(ChildReady(name=self.spec.name, info=info))
+        while self.running:
+            self.drain_inputs(block=self.sched.is_idle())
+            plan = self.sched.schedule()
+            if plan is not None:
+                for w in self.to_workers:
+                    w.send(plan)
+                result = self.wait_step(plan.step)
+                self.sched.apply_result(result.next_token_ids)
+            self.flush_outputs()
+            if self.sched.is_idle():
+                self.sched.check_integrity()
+        for w in self.to_workers:
+            w.send(Shutdown())
+        self.to_detok.send(Shutdown())
+
+    def wait_step(self, step: int) -> StepResult:
+        while True:
+            msg = self.results.recv()
+            if isinstance(msg, StepResult) and msg.step == step:
+                return msg
+
+    def drain_inputs(self, block: bool) -> None:
+        first = True
+        while True:
+            try:
+                msg = self.recv.recv(IDLE_POLL_MS) if (block and first) else self.recv.recv_nowait()
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.error("dropped a malformed message: %s", e)
+                continue
+            first = False
+            if msg is None:
+                return
+            self.handle(msg)
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, TokenizedBatch):
+            rejected = self.sched.add_requests(msg.reqs)
+            for rid, message in rejected:
+                self.inbox.send(ReqError(kind="value", message=message, rids=[rid]))
+        elif isinstance(msg, AbortReq):
+            self.sched.abort(msg.rid, msg.abort_all)
+        elif isinstance(msg, ControlReq):
+            self.inbox.send(self.control(msg))
+        elif isinstance(msg, Shutdown):
+            self.running = False
+
+    def control(self, msg: ControlReq) -> ControlReply:
+        if msg.method == "get_internal_state":
+            return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.internal_state())
+        if msg.method == "flush_cache":
+            # No prefix cache holds pages yet, so an idle engine has nothing to flush.
+            return ControlReply(call_id=msg.call_id, ok=True, result={"success": self.sched.is_idle()})
+        if msg.method in ("start_profile", "stop_profile"):
+            try:
+                return ControlReply(call_id=msg.call_id, ok=True, result=self.worker_call(msg.method, **msg.args))
+            except RuntimeError as e:
+                return ControlReply(call_id=msg.call_id, ok=False, error=str(e))
+        return ControlReply(call_id=msg.call_id, ok=False, error=f"unknown control method {msg.method!r}")
+
+    def flush_outputs(self) -> None:
+        outs = self.sched.take_outputs()
+        if outs:
+            self.to_detok.send(TokenOutBatch(outs=outs))
+
+
+def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
+    SchedulerLoop(spec, ctx, inbox).serve()
