@@ -96,7 +96,10 @@ class Engine:
         specs += [spec(f"worker{r}", "treadle.gpu_worker", endpoint=ep, tp_rank=r) for r, ep in enumerate(worker_eps)]
         specs.append(spec("scheduler", "treadle.scheduler_proc", worker_endpoints=worker_eps))
         env = {"TOKENIZERS_PARALLELISM": "false"}
-        return {s.name: launch_child(s, self._ipc.path, env) for s in specs}
+        # The TP ranks meet through torch.distributed's env:// rendezvous on a free loopback port.
+        worker_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        return {s.name: launch_child(s, self._ipc.path, worker_env if s.name.startswith("worker") else env)
+                for s in specs}
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -312,6 +315,14 @@ class Engine:
             self.shutdown()
         except Exception:
             pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _version() -> str:

@@ -87,7 +87,8 @@ class ModelRunner:
         self.model.eval().requires_grad_(False)
 
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.kv_cache = KVCache(len(attn), cfg.kv_tokens, attn[0].num_kv_heads, attn[0].head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(len(attn), cfg.kv_tokens, attn[0].num_kv_heads, attn[0].head_dim,
+                                self.dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots, cfg.context_len, dtype=torch.int64, device=self.device)
         self.attn_backend = create_backend(cfg.attention_backend, device=self.device, dtype=self.dtype)
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)

@@ -61,7 +61,8 @@ class Sampler:
         return torch.where(torch.tensor(greedy, device=self.device), argmax, sampled)
 
     @staticmethod
-    def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                min_p: torch.Tensor) -> torch.Tensor:
         sorted_p, idx = probs.sort(dim=-1, descending=True, stable=True)
         ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
         drop = ranks >= top_k[:, None]

@@ -13,11 +13,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from treadle.gpu_worker.attention.base import AttentionBackend
 from treadle.gpu_worker.forward_context import ForwardContext
 
 _HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+# cuDNN's SDPA builds a new plan for every new sequence length (~50 ms each on H100), i.e. on
+# nearly every step; the flash / memory-efficient kernels have no such cost.
+_CUDA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -42,14 +46,16 @@ class _Meta:
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):
-    """q [.., H, n, D], k/v [.., Hkv, L, D]; expands KV heads for GQA on old torch."""
-    if q.shape[-3] == k.shape[-3]:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-    if _HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
-    rep = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    """q ``[B, H, n, D]``, k/v ``[B, Hkv, L, D]``; GQA by native support or by expanding KV heads."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and (not _HAS_GQA or (q.is_cuda and mask is not None)):  # mem-efficient kernel: no GQA
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    kw = {"enable_gqa": True} if gqa else {}
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kw)
+    with sdpa_kernel(_CUDA_KERNELS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kw)
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -85,10 +91,10 @@ class TorchNativeBackend(AttentionBackend):
         k_buf, v_buf = ctx.kv_cache.k(layer.layer_id), ctx.kv_cache.v(layer.layer_id)
         out = torch.empty_like(q)
         for e in meta.extends:
-            qi = q[e.q_start : e.q_start + e.n].transpose(0, 1)  # [H, n, D]
-            k, v = k_buf[e.kv_locs].transpose(0, 1), v_buf[e.kv_locs].transpose(0, 1)  # [Hkv, L, D]
+            qi = q[e.q_start : e.q_start + e.n].transpose(0, 1)[None]  # [1, H, n, D]
+            k, v = k_buf[e.kv_locs].transpose(0, 1)[None], v_buf[e.kv_locs].transpose(0, 1)[None]
             o = _sdpa(qi, k, v, layer.scaling, e.mask, causal=e.mask is None)
-            out[e.q_start : e.q_start + e.n] = o.transpose(0, 1)
+            out[e.q_start : e.q_start + e.n] = o[0].transpose(0, 1)
         if meta.decode is not None:
             d = meta.decode
             qd = q[d.q_index].unsqueeze(2)  # [B, H, 1, D]

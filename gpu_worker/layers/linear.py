@@ -74,48 +74,72 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, off, size).copy_(full.narrow(0, tp_rank() * size, size))
 
 
+def head_partition(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[int, int, int, int]:
+    """This rank's ``(q_start, q_count, kv_start, kv_count)`` in heads.
+
+    KV heads are split as evenly as possible (3 KV heads over 2 ranks: 2 and 1), each rank taking
+    the query heads of its KV heads, so models whose head counts do not divide ``tp_size`` (like
+    SmolLM2-135M's 9/3) still shard. With fewer KV heads than ranks, KV heads are replicated.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= tp:
+        base, extra = divmod(num_kv_heads, tp)
+        kv_count = base + (rank < extra)
+        kv_start = rank * base + min(rank, extra)
+        return kv_start * group, kv_count * group, kv_start, kv_count
+    if tp % num_kv_heads or num_heads % tp:
+        raise ValueError(f"heads {num_heads}/{num_kv_heads} cannot be split over tp_size {tp}")
+    q_count = num_heads // tp
+    return rank * q_count, q_count, rank // (tp // num_kv_heads), 1
+
+
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection, split by heads; KV heads are replicated when tp_size > num_kv_heads."""
+    """Fused q/k/v projection, split by heads (see ``head_partition``)."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
-        tp = tp_size()
-        if num_heads % tp or (num_kv_heads % tp and tp % num_kv_heads):
-            raise ValueError(f"heads {num_heads}/{num_kv_heads} cannot be split over tp_size {tp}")
+        q_start, q_count, kv_start, kv_count = head_partition(num_heads, num_kv_heads, tp_size(), tp_rank())
         self.head_dim = head_dim
-        self.num_heads = num_heads // tp
-        self.num_kv_heads = max(1, num_kv_heads // tp)
-        self.kv_replicas = max(1, tp // num_kv_heads)
-        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.num_heads, self.num_kv_heads = q_count, kv_count
+        self.q_start, self.kv_start = q_start * head_dim, kv_start * head_dim
+        self.full_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        self.q_size, self.kv_size = q_count * head_dim, kv_count * head_dim
         LinearBase.__init__(self, hidden, self.q_size + 2 * self.kv_size, bias)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, shard_id: Union[str, None] = None) -> None:
         if shard_id is None:  # fused checkpoint tensor in full-model order [q | k | v]
-            q, k, v = full.split([self.q_size * tp_size(), *[self.kv_size * tp_size() // self.kv_replicas] * 2])
-            for sid, part in zip("qkv", (q, k, v)):
+            for sid, part in zip("qkv", full.split(self.full_sizes)):
                 self.weight_loader(param, part, sid)
             return
         if shard_id == "q":
-            off, size, src = 0, self.q_size, tp_rank()
+            off, size, src = 0, self.q_size, self.q_start
         else:
             off = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, src = self.kv_size, tp_rank() // self.kv_replicas
-        param.data.narrow(0, off, size).copy_(full.narrow(0, src * size, size))
+            size, src = self.kv_size, self.kv_start
+        param.data.narrow(0, off, size).copy_(full.narrow(0, src, size))
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial products are summed with an all-reduce."""
+    """Input features split across ranks; partial products are summed with an all-reduce.
 
-    def __init__(self, in_size: int, out_size: int, bias: bool = False):
-        if in_size % tp_size():
-            raise ValueError(f"input size {in_size} not divisible by tp_size {tp_size()}")
-        super().__init__(in_size // tp_size(), out_size, bias)
+    ``in_split=(start, size)`` gives this rank's input slice when it is not an even share
+    (the attention output projection follows ``head_partition``).
+    """
+
+    def __init__(self, in_size: int, out_size: int, bias: bool = False, in_split: Optional[tuple[int, int]] = None):
+        if in_split is None:
+            if in_size % tp_size():
+                raise ValueError(f"input size {in_size} not divisible by tp_size {tp_size()}")
+            in_split = (tp_rank() * (in_size // tp_size()), in_size // tp_size())
+        self.in_start = in_split[0]
+        super().__init__(in_split[1], out_size, bias)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: replicated, added once after the reduce
             param.data.copy_(full)
             return
-        n = param.shape[1]
-        param.data.copy_(full.narrow(1, tp_rank() * n, n))
+        param.data.copy_(full.narrow(1, self.in_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = all_reduce(F.linear(x, self.weight))

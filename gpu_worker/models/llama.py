@@ -6,6 +6,7 @@ Module names mirror the HF checkpoints (``model.layers.N.self_attn...``) except 
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Optional
 
 import torch
@@ -19,6 +20,9 @@ from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVPara
 from treadle.gpu_worker.layers.norm import RMSNorm
 from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle.gpu_worker.loader import default_weight_loader
+
+
+logger = logging.getLogger(__name__)
 
 
 def head_dim_of(config) -> int:
@@ -42,7 +46,8 @@ class LlamaAttention(nn.Module):
         hd, heads = head_dim_of(config), config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, heads, kv_heads, qkv_bias)
-        self.o_proj = RowParallelLinear(heads * hd, config.hidden_size, o_bias)
+        qkv = self.qkv_proj
+        self.o_proj = RowParallelLinear(heads * hd, config.hidden_size, o_bias, in_split=(qkv.q_start, qkv.q_size))
         self.split = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
         self.rotary_emb = rotary
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, hd, hd**-0.5, layer_id)
@@ -96,6 +101,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, max_positions: Optional[int] = None):
         super().__init__()
         self.config = config
+        window = getattr(config, "sliding_window", None)
+        if window and window < (max_positions or config.max_position_embeddings):
+            logger.warning("sliding_window=%d is not implemented: attention spans the whole context", window)
         attn_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attn_bias if self.o_bias is None else self.o_bias

@@ -11,8 +11,13 @@ _MODELS = {
 }
 
 
+# For configs without ``architectures`` (e.g. written by a converter).
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def get_model_class(config) -> type:
-    archs = getattr(config, "architectures", None) or []
+    archs = list(getattr(config, "architectures", None) or [])
+    archs += [_BY_MODEL_TYPE[t] for t in [getattr(config, "model_type", None)] if t in _BY_MODEL_TYPE]
     for arch in archs:
         if arch in _MODELS:
             module = importlib.import_module(f"treadle.gpu_worker.models.{_MODELS[arch]}")

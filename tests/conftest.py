@@ -1,0 +1,47 @@
+"""Shared fixtures: one default-model engine for the whole session, and HF's reference model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from treadle.runtime.model_files import resolve_model_files
+
+    return resolve_model_files("default").model_dir
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The shared engine on the default model (float32, CPU); tests must leave it idle."""
+    from treadle import Engine
+
+    eng = Engine(model_path="default", random_seed=0)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model():
+    """HF transformers' own dequantization of the packaged GGUF: the parity reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from treadle.runtime.model_files import default_gguf_path
+
+    path = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,181 @@
+"""The usage guide's examples, as written, with only model_path changed (API.md, USAGE_GUIDE.md)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from treadle import Engine
+
+pytestmark = pytest.mark.e2e
+MODEL = "default"
+
+
+def test_basic_usage(engine):
+    response = engine.generate(
+        prompt="Hello, how are you?",
+        sampling_params={"temperature": 0.8, "max_new_tokens": 128}
+    )
+    assert isinstance(response["text"], str) and response["text"]
+    assert response["meta_info"]["completion_tokens"] <= 128
+
+
+def test_context_manager_and_shutdown():
+    with Engine(model_path=MODEL) as engine:
+        response = engine.generate(
+            prompt="What is machine learning?",
+            sampling_params={"max_new_tokens": 200}
+        )
+        assert response["text"]
+        pids = engine.get_all_child_pids()
+        ipc = engine._ipc.path
+    import os
+    for pid in pids:
+        assert not _alive(pid), f"child {pid} survived shutdown"
+    assert not os.path.exists(ipc)
+
+
+def _alive(pid: int) -> bool:
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_single_prompt(engine):
+    response = engine.generate(
+        prompt="Explain quantum computing",
+        sampling_params={
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "max_new_tokens": 256
+        }
+    )
+    line = (f"Tokens: {response['meta_info']['prompt_tokens']} prompt, "
+            f"{response['meta_info']['completion_tokens']} completion")
+    assert response["meta_info"]["prompt_tokens"] == 3 and "completion" in line
+    meta = response["meta_info"]
+    assert {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"} <= set(meta)
+
+
+def test_batch_generation(engine):
+    prompts = [
+        "What is the capital of France?",
+        "What is the capital of Germany?",
+        "What is the capital of Italy?"
+    ]
+    response = engine.generate(
+        prompt=prompts,
+        sampling_params={"temperature": 0.8, "max_new_tokens": 50}
+    )
+    texts = [text for text in response["text"]]
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert [r["text"] for r in response] == texts  # list of dicts and column access agree
+
+
+def test_token_ids_input(engine, hf_tokenizer):
+    token_ids = hf_tokenizer("What is machine learning?")["input_ids"]
+    response = engine.generate(
+        input_ids=token_ids,
+        sampling_params={"max_new_tokens": 200}
+    )
+    assert response["meta_info"]["prompt_tokens"] == len(token_ids)
+    batch = engine.generate(input_ids=[token_ids, token_ids[:3]], sampling_params={"max_new_tokens": 4})
+    assert [m["prompt_tokens"] for m in batch["meta_info"]] == [len(token_ids), 3]
+
+
+def test_sync_streaming(engine):
+    chunks = []
+    for chunk in engine.generate(
+        prompt="Tell me a long story",
+        sampling_params={"temperature": 0.8, "max_new_tokens": 512},
+        stream=True
+    ):
+        chunks.append(chunk)
+    assert chunks[-1]["meta_info"]["finish_reason"] is not None
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    ids = [t for c in chunks for t in c["output_ids"]]
+    assert len(ids) == chunks[-1]["meta_info"]["completion_tokens"]
+
+
+def test_stream_deltas_concatenate_to_full_text(engine):
+    params = {"temperature": 0, "max_new_tokens": 40}
+    full = engine.generate(prompt="Write a poem about Paris", sampling_params=params)
+    text = "".join(c["text"] for c in engine.generate(prompt="Write a poem about Paris", sampling_params=params,
+                                                     stream=True))
+    assert text == full["text"]
+
+
+def test_async_streaming(engine):
+    async def generate_async():
+        out = []
+        async for chunk in await engine.async_generate(
+            prompt="Write a poem",
+            sampling_params={"temperature": 0.9, "max_new_tokens": 256},
+            stream=True
+        ):
+            out.append(chunk["text"])
+        return out
+
+    out = asyncio.run(generate_async())
+    assert len(out) >= 1
+
+
+def test_async_generate_non_stream_and_batch(engine):
+    async def run():
+        one = await engine.async_generate(prompt="Hi", sampling_params={"max_new_tokens": 4})
+        many = await asyncio.gather(*[engine.async_generate(prompt=f"Number {i}", sampling_params={"max_new_tokens": 4})
+                                      for i in range(8)])
+        return one, many
+
+    one, many = asyncio.run(run())
+    assert one["meta_info"]["completion_tokens"] <= 4 and len(many) == 8
+
+
+def test_error_handling(engine):
+    caught = None
+    try:
+        engine.generate(
+            prompt="test",
+            sampling_params={"temperature": -1.0}  # Invalid
+        )
+    except ValueError as e:
+        caught = f"Invalid parameter: {e}"
+    assert caught is not None and "temperature" in caught
+    assert engine.generate(prompt="test", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] <= 2
+
+
+def test_get_server_info(engine):
+    info = engine.get_server_info()
+    assert info["model_path"] == "default" and info["tp_size"] == 1
+    assert info["max_total_tokens"] > 0 and info["max_running_requests"] > 0
+    for key in ("tokenizer_path", "dp_size", "pp_size", "page_size", "context_length", "attention_backend", "device",
+                "version"):
+        assert key in info
+
+
+def test_with_configuration_tp2(engine):
+    """tp_size=2 over gloo on the CPU: SmolLM2's 3 KV heads split 2 + 1 across the ranks."""
+    tp1 = engine
+    engine = Engine(
+        model_path=MODEL,
+        tp_size=2,
+        mem_fraction_static=0.8,
+        trust_remote_code=True,
+        log_level="info"
+    )
+    try:
+        params = {"temperature": 0, "max_new_tokens": 16}
+        out = engine.generate(prompt="The capital of France is", sampling_params=params)
+        assert out["output_ids"] == tp1.generate(prompt="The capital of France is", sampling_params=params)["output_ids"]
+        assert engine.get_server_info()["tp_size"] == 2
+    finally:
+        engine.shutdown()
