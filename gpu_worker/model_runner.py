@@ -43,6 +43,7 @@ class RunnerConfig:
     random_seed: int = 0
     tp_rank: int = 0
     tp_size: int = 1
+    mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -87,11 +88,30 @@ class ModelRunner:
         self.model.eval().requires_grad_(False)
 
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if cfg.kv_tokens <= 0:
+            cfg.kv_tokens = self._kv_tokens_from_memory(len(attn), attn[0].num_kv_heads * attn[0].head_dim)
         self.kv_cache = KVCache(len(attn), cfg.kv_tokens, attn[0].num_kv_heads, attn[0].head_dim,
                                 self.dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots, cfg.context_len, dtype=torch.int64, device=self.device)
         self.attn_backend = create_backend(cfg.attention_backend, device=self.device, dtype=self.dtype)
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
+
+    def _kv_tokens_from_memory(self, num_layers: int, kv_width: int) -> int:
+        """KV pool size after the weights are loaded: what ``mem_fraction_static`` of the card
+        leaves free, identical on every TP rank (the smallest one wins)."""
+        if self.device.type != "cuda":
+            raise ValueError("kv_tokens must be given on the CPU (there is no device memory to size from)")
+        free, total = torch.cuda.mem_get_info(self.device)
+        per_token = 2 * num_layers * kv_width * torch.empty((), dtype=self.dtype).element_size()
+        tokens = int((free - total * (1.0 - self.cfg.mem_fraction_static)) // per_token)
+        if tokens < self.cfg.context_len:
+            raise ValueError(f"only {max(tokens, 0)} KV-cache tokens fit in mem_fraction_static="
+                             f"{self.cfg.mem_fraction_static}; the context needs {self.cfg.context_len}")
+        if self.cfg.tp_size > 1:
+            t = torch.tensor([tokens], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            tokens = int(t.item())
+        return tokens
 
     @property
     def vocab_size(self) -> int:

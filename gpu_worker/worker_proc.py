@@ -22,21 +22,13 @@ logger = logging.getLogger("treadle.worker")
 CPU_DEFAULT_KV_TOKENS = 16384
 
 
-def kv_budget(args: ServerArgs, cfg: dict[str, Any], ctx_len: int) -> tuple[int, int]:
-    """(KV pool size in tokens, request slots): explicit values, or sensible defaults per device."""
+def kv_budget(args: ServerArgs) -> tuple[int, int]:
+    """(KV pool size in tokens, request slots). On CUDA without ``max_total_tokens`` the pool is
+    sized from free memory after the weights load (0 asks the runner to do that)."""
     slots = args.max_running_requests or (256 if args.device.startswith("cuda") else 64)
     if args.max_total_tokens is not None:
         return args.max_total_tokens, slots
-    if not args.device.startswith("cuda"):
-        return CPU_DEFAULT_KV_TOKENS, slots
-    import torch
-
-    free, total = torch.cuda.mem_get_info(torch.device(args.device))
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_token = 2 * cfg["num_hidden_layers"] * (heads // max(1, args.tp_size) or 1) * head_dim * 2  # bf16 K and V
-    reserve = total * (1 - (args.mem_fraction_static or 0.85))
-    return max(int((free - reserve) // per_token), ctx_len), slots
+    return (0 if args.device.startswith("cuda") else CPU_DEFAULT_KV_TOKENS), slots
 
 
 class WorkerLoop:
@@ -54,13 +46,14 @@ class WorkerLoop:
         device = args.device
         if device == "cuda":
             device = f"cuda:{args.base_gpu_id + self.rank * args.gpu_id_step}"
-        self.kv_tokens, self.max_slots = kv_budget(args, cfg, self.context_len)
+        kv_tokens, self.max_slots = kv_budget(args)
         self.runner = ModelRunner(RunnerConfig(
             model_dir=spec.files.model_dir, load_format=args.load_format, dtype=args.dtype, device=device,
-            kv_tokens=self.kv_tokens, max_slots=self.max_slots, context_len=self.context_len,
+            kv_tokens=kv_tokens, max_slots=self.max_slots, context_len=self.context_len,
             attention_backend=args.attention_backend or "torch_native", random_seed=args.random_seed or 0,
-            tp_rank=self.rank, tp_size=args.tp_size,
+            tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static or 0.85,
         ))
+        self.kv_tokens = self.runner.cfg.kv_tokens
         self.load_time = time.perf_counter() - t0
         logger.info("model loaded in %.1f s; KV pool %d tokens, %d request slots", self.load_time, self.kv_tokens, self.max_slots)
         inbox.send(ChildReady(name=spec.name, info=self.info()))

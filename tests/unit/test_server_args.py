@@ -1,0 +1,157 @@
+"""``ServerArgs``: construction-time validation, ``resolved()`` and the JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from treadle.runtime.server_args import ServerArgs
+
+
+def test_defaults_construct():
+    a = ServerArgs()
+    assert a.model_path == "default" and a.tp_size == 1 and a.log_level == "error"
+    assert a.page_size is None and a.device is None and a.stream_interval == 1
+
+
+def test_unknown_kwarg_type_error():
+    with pytest.raises(TypeError, match="tp_sise"):
+        ServerArgs(tp_sise=2)
+
+
+INVALID = [
+    ("tp_size", 0), ("tp_size", -1), ("tp_size", 1.5), ("tp_size", "2"), ("tp_size", True),
+    ("dp_size", 0), ("pp_size", 0), ("nnodes", 0), ("stream_interval", 0), ("max_loras_per_batch", 0),
+    ("mem_fraction_static", 1.5), ("mem_fraction_static", 0.0), ("mem_fraction_static", 1.0),
+    ("mem_fraction_static", -0.1), ("mem_fraction_static", "0.5"), ("mem_fraction_static", float("nan")),
+    ("chunked_prefill_size", 0), ("chunked_prefill_size", -2), ("chunked_prefill_size", 1.5),
+    ("log_level", "loud"), ("log_level", "INFO"), ("log_level", None),
+    ("dtype", "float8"), ("dtype", "int4"),
+    ("load_format", "pickle"), ("attention_backend", "fa3"), ("schedule_policy", "lifo"),
+    ("grammar_backend", "outlines_x"), ("kv_cache_dtype", "int8"), ("quantization", "magic"),
+    ("device", "tpu"), ("device", "gpu"),
+    ("page_size", 0), ("page_size", -4), ("page_size", 2.0),
+    ("context_length", 1), ("max_total_tokens", 8), ("max_running_requests", 0), ("max_queued_requests", 0),
+    ("max_prefill_tokens", 0), ("cuda_graph_max_bs", 0), ("random_seed", -1), ("base_gpu_id", -1),
+    ("gpu_id_step", 0), ("log_requests_level", 4), ("log_requests_level", -1),
+    ("schedule_conservativeness", 0), ("schedule_conservativeness", -1.0), ("schedule_conservativeness", "1"),
+    ("watchdog_timeout", "300"),
+    ("preferred_sampling_params", "{not json"), ("preferred_sampling_params", "[1, 2]"),
+    ("preferred_sampling_params", "3"), ("preferred_sampling_params", '"str"'),
+    ("lora_paths", "a.safetensors"),
+]
+
+
+@pytest.mark.parametrize("field,value", INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])
+def test_invalid_value_names_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ServerArgs(**{field: value})
+
+
+@pytest.mark.parametrize("kw", [{"node_rank": 1}, {"node_rank": 2, "nnodes": 2}, {"node_rank": -1}])
+def test_node_rank_range(kw):
+    with pytest.raises(ValueError, match="node_rank"):
+        ServerArgs(**kw)
+
+
+@pytest.mark.parametrize("model_path", ["", None, 5])
+def test_model_path(model_path):
+    with pytest.raises(ValueError, match="model_path"):
+        ServerArgs(model_path=model_path)
+
+
+VALID = [
+    {"tp_size": 2, "dp_size": 2}, {"node_rank": 1, "nnodes": 2}, {"mem_fraction_static": 0.5},
+    {"chunked_prefill_size": -1}, {"chunked_prefill_size": 1}, {"log_level": "debug"}, {"dtype": "bfloat16"},
+    {"dtype": "float32"}, {"page_size": 16}, {"device": "cpu"}, {"device": "cuda"}, {"device": "cuda:1"},
+    {"preferred_sampling_params": '{"temperature": 0.0}'}, {"preferred_sampling_params": "{}"},
+    {"context_length": 2}, {"max_total_tokens": 16}, {"random_seed": 0}, {"log_requests_level": 3},
+    {"quantization": "gguf"}, {"load_format": "dummy"}, {"lora_paths": ["a", "b=c"]}, {"grammar_backend": "none"},
+]
+
+
+@pytest.mark.parametrize("kw", VALID, ids=[repr(k) for k in VALID])
+def test_valid_values(kw):
+    a = ServerArgs(**kw)
+    for k, v in kw.items():
+        assert getattr(a, k) == v
+
+
+@pytest.mark.xfail(strict=True, reason="ServerArgs(preferred_sampling_params=<dict>) leaks json.loads' TypeError "
+                   "('the JSON object must be str...'), which does not name the field")
+def test_preferred_sampling_params_non_string_names_field():
+    with pytest.raises((ValueError, TypeError), match="preferred_sampling_params"):
+        ServerArgs(preferred_sampling_params={"temperature": 0.0})
+
+
+def test_resolved_fills_auto_values():
+    a = ServerArgs(device="cpu")
+    r = a.resolved()
+    assert r is not a
+    assert a.page_size is None and a.random_seed is None  # the original is untouched
+    assert r.device == "cpu"
+    assert r.page_size == 1
+    assert r.attention_backend == "torch_native"
+    assert r.grammar_backend == "xgrammar"
+    assert r.tokenizer_path == r.model_path == "default"
+    assert r.chunked_prefill_size == 2048
+    assert isinstance(r.random_seed, int) and 0 <= r.random_seed <= 2**30
+    assert r.enable_lora is False
+    assert r.dtype == "auto"
+
+
+def test_resolved_autodetects_device():
+    import torch
+
+    r = ServerArgs().resolved()
+    assert r.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_resolved_keeps_explicit_values():
+    a = ServerArgs(device="cpu", page_size=16, random_seed=7, attention_backend="triton", grammar_backend="none",
+                   tokenizer_path="/tok", chunked_prefill_size=-1, lora_paths=["x"])
+    r = a.resolved()
+    assert (r.page_size, r.random_seed, r.attention_backend, r.grammar_backend) == (16, 7, "triton", "none")
+    assert r.tokenizer_path == "/tok" and r.chunked_prefill_size == -1 and r.enable_lora is True
+    assert r.resolved() == r  # idempotent once resolved
+
+
+def test_resolved_cuda_without_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match="cuda"):
+        ServerArgs(device="cuda").resolved()
+
+
+@pytest.mark.parametrize("a", [
+    ServerArgs(),
+    ServerArgs(tp_size=2, page_size=4, preferred_sampling_params='{"top_k": 5}', lora_paths=["a"], device="cpu"),
+    ServerArgs(device="cpu").resolved(),
+])
+def test_json_round_trip(a):
+    text = a.to_json()
+    json.loads(text)
+    b = ServerArgs.from_json(text)
+    assert b == a
+    assert b.to_dict() == a.to_dict()
+
+
+def test_from_json_validates():
+    d = ServerArgs().to_dict()
+    d["tp_size"] = 0
+    with pytest.raises(ValueError, match="tp_size"):
+        ServerArgs.from_json(json.dumps(d))
+    d = ServerArgs().to_dict()
+    d["nope"] = 1
+    with pytest.raises(TypeError):
+        ServerArgs.from_json(json.dumps(d))
+
+
+def test_field_names():
+    names = ServerArgs.field_names()
+    assert names == {f.name for f in dataclasses.fields(ServerArgs)}
+    assert {"model_path", "tp_size", "page_size", "max_prefill_tokens", "stream_interval"} <= names
