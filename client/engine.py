@@ -54,6 +54,7 @@ class Engine:
             server_args = ServerArgs(**kwargs)  # unknown argument: TypeError; bad value: ValueError
         elif kwargs:
             raise TypeError("Pass either server_args or keyword arguments, not both.")
+        server_args.check_supported()
         configure_logging(server_args.log_level, "engine")
         t0 = time.perf_counter()
         self.server_args = server_args.resolved()
@@ -114,9 +115,9 @@ class Engine:
         """Generate for one prompt (returns a dict), a batch (a ``BatchResult`` list), or stream chunks."""
         reqs, is_batch = self._prepare(locals())
         if stream:
-            return self._stream_sync(reqs)
+            return self._stream_sync(reqs, is_batch)
         q: queue.SimpleQueue = queue.SimpleQueue()
-        call_id = self._submit(reqs, q.put)
+        call_id = self._submit(reqs, q.put, is_batch)
         results: list[Any] = [None] * len(reqs)
         pending = len(reqs)
         try:
@@ -142,10 +143,10 @@ class Engine:
         """The async twin of ``generate``; runs on the caller's own event loop."""
         reqs, is_batch = self._prepare(locals())
         if stream:
-            return self._stream_async(reqs)
+            return self._stream_async(reqs, is_batch)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), is_batch)
         results: list[Any] = [None] * len(reqs)
         pending = len(reqs)
         try:
@@ -179,11 +180,11 @@ class Engine:
         p = self.server_args.preferred_sampling_params
         return json.loads(p) if p else None
 
-    def _submit(self, reqs: list[GenerateReq], put: Any) -> int:
+    def _submit(self, reqs: list[GenerateReq], put: Any, is_batch: bool) -> int:
         call_id = next(self._ids)
         states = []
         for i, r in enumerate(reqs):
-            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if len(reqs) > 1 else None)
+            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None)
             states.append((st, r.stream))
         self._sup.register(call_id, states)
         try:
@@ -199,9 +200,9 @@ class Engine:
             if not self._shut_down and self._sup.dead is None:
                 self._send(AbortReq(rid=rid))
 
-    def _stream_sync(self, reqs: list[GenerateReq]) -> Iterator[dict]:
+    def _stream_sync(self, reqs: list[GenerateReq], is_batch: bool) -> Iterator[dict]:
         q: queue.SimpleQueue = queue.SimpleQueue()
-        call_id = self._submit(reqs, q.put)
+        call_id = self._submit(reqs, q.put, is_batch)
 
         def chunks() -> Iterator[dict]:
             pending = len(reqs)
@@ -218,10 +219,10 @@ class Engine:
 
         return chunks()
 
-    async def _stream_async(self, reqs: list[GenerateReq]) -> AsyncIterator[dict]:
+    async def _stream_async(self, reqs: list[GenerateReq], is_batch: bool) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), is_batch)
         pending = len(reqs)
         try:
             while pending:

@@ -77,16 +77,18 @@ def normalize_generate(
     if len(ns) > 1:
         raise ValueError("The parallel_sample_num should be the same for all samples in sample params.")
     n = ns.pop()
+    rids = _rids(rid, n_prompts, is_batch)
     if n > 1:
-        is_batch = True
+        is_batch = True  # n > 1 always returns a list, also for a single prompt
         for key in ("return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob"):
             if isinstance(options.get(key), list) and key != "token_ids_logprob":
                 raise ValueError(f"Cannot use a list of {key} with parallel_sample_num > 1.")
 
-    rids = _rids(rid, n_prompts, is_batch)
     per = {k: _per_item(k, v, n_prompts) for k, v in options.items() if k != "token_ids_logprob"}
     tids = options.get("token_ids_logprob")
     tids_per = tids if (isinstance(tids, list) and tids and isinstance(tids[0], list)) else [tids] * n_prompts
+    if len(tids_per) != n_prompts:
+        raise ValueError(f"token_ids_logprob has {len(tids_per)} lists but the batch has {n_prompts} prompts.")
     now = time.time()
     reqs = []
     for i, (text, ids) in enumerate(items):

@@ -17,6 +17,8 @@ class BatchResult(list):
     def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
         if isinstance(key, str):
             return [item[key] for item in self]
+        if isinstance(key, slice):
+            return BatchResult(super().__getitem__(key))
         return super().__getitem__(key)
 
 

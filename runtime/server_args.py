@@ -140,7 +140,7 @@ class ServerArgs:
             try:
                 if not isinstance(json.loads(self.preferred_sampling_params), dict):
                     raise ValueError
-            except ValueError:
+            except (TypeError, ValueError):
                 raise ValueError("preferred_sampling_params must be a JSON object string.") from None
         if self.lora_paths is not None and not isinstance(self.lora_paths, (list, tuple, dict)):
             raise ValueError("lora_paths must be a list of paths or NAME=PATH strings.")
@@ -170,6 +170,24 @@ class ServerArgs:
         if a.enable_lora is None:
             a.enable_lora = bool(a.lora_paths)
         return a
+
+    def check_supported(self) -> None:
+        """Refuse valid settings whose feature is not built yet, instead of silently ignoring them."""
+        missing = {
+            "quantization": self.quantization not in (None, "gguf"),
+            "kv_cache_dtype": self.kv_cache_dtype not in ("auto", self.dtype),
+            "pp_size": self.pp_size > 1,
+            "dp_size": self.dp_size > 1,
+            "nnodes": self.nnodes > 1,
+            "is_embedding": self.is_embedding,
+            "enable_lora": bool(self.enable_lora or self.lora_paths),
+            "skip_tokenizer_init": self.skip_tokenizer_init,
+            "cpu_offload_gb": self.cpu_offload_gb > 0,
+        }
+        names = [k for k, bad in missing.items() if bad]
+        if names:
+            shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in names)
+            raise NotImplementedError(f"Not supported yet by Treadle: {shown} (see the README's feature table).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

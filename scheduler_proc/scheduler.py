@@ -19,7 +19,7 @@ from treadle.runtime.messages import (
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
 from treadle.scheduler_proc.req import Req
-from treadle.scheduler_proc.stop_checker import check_finish
+from treadle.scheduler_proc.stop_checker import check_finish, ends_with_stop_prefix
 
 logger = logging.getLogger("treadle.scheduler")
 
@@ -47,16 +47,17 @@ class Scheduler:
     def add_requests(self, reqs: list[TokenizedReq]) -> list[tuple[str, str]]:
         """Queue requests; returns (rid, message) for those that can never fit the KV pool."""
         rejected = []
+        pool = self.pages.num_pages * self.page_size
         for tr in reqs:
-            room = self.context_len - len(tr.input_ids)
-            max_new = room if tr.sampling.max_new_tokens is None else min(tr.sampling.max_new_tokens, room)
-            if self.pages.pages_for(len(tr.input_ids) + max(max_new, 1)) > self.pages.num_pages:
+            if len(tr.input_ids) + 1 > pool:
                 rejected.append((tr.rid, (
-                    f"Input length ({len(tr.input_ids)} tokens) plus max_new_tokens ({max_new}) exceeds the "
-                    f"KV cache capacity ({self.max_total_tokens} tokens). Use a shorter input, a smaller "
-                    f"max_new_tokens, or a larger max_total_tokens."
+                    f"Input length ({len(tr.input_ids)} tokens) exceeds the KV cache capacity "
+                    f"({self.max_total_tokens} tokens). Use a shorter input or a larger max_total_tokens."
                 )))
                 continue
+            # max_new_tokens is clamped to what the context and the KV pool can hold (API.md 4.1)
+            room = min(self.context_len, pool) - len(tr.input_ids)
+            max_new = room if tr.sampling.max_new_tokens is None else min(tr.sampling.max_new_tokens, room)
             req = Req(tr, max_new, self.eos_ids)
             if self.args.log_requests:
                 logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(tr.input_ids), max_new)
@@ -128,7 +129,8 @@ class Scheduler:
             return False
         k = req.sampling.stream_interval or self.args.stream_interval
         n = len(req.output_ids)
-        return n % k == 0 if k == 1 else n % k == 1
+        due = req.sent < n if k == 1 else (n - req.sent) >= k or req.sent == 0
+        return due and not ends_with_stop_prefix(req, self.tokenizer)
 
     def _emit(self, req: Req) -> None:
         s = req.sampling

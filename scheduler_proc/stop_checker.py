@@ -25,3 +25,12 @@ def check_finish(req: Req, tokenizer: Any) -> None:
     last = req.output_ids[-1]
     if last in req.stop_ids:
         req.finish = FinishReason(type="stop", matched=last)
+
+
+def ends_with_stop_prefix(req: Req, tokenizer: Any) -> bool:
+    """Whether the output so far ends with the start of a stop string: streaming holds such text
+    back so a stop string is never partly shown (it is trimmed when it completes)."""
+    if not req.stop_strs or not req.output_ids:
+        return False
+    tail = tokenizer.decode(req.output_ids[-(max(len(s) for s in req.stop_strs) + 2):], skip_special_tokens=False)
+    return any(tail.endswith(s[:i]) for s in req.stop_strs for i in range(1, len(s)))

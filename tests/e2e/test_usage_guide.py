@@ -179,3 +179,25 @@ def test_with_configuration_tp2(engine):
         assert engine.get_server_info()["tp_size"] == 2
     finally:
         engine.shutdown()
+
+
+def test_engine_configuration_example_names_what_is_not_built_yet():
+    """The guide's full configuration asks for AWQ and an fp8 KV cache: refused up front, by name."""
+    with pytest.raises(NotImplementedError, match="quantization='awq', kv_cache_dtype='fp8_e4m3'"):
+        Engine(
+            model_path=MODEL,
+            tokenizer_path=None,
+            trust_remote_code=True,
+            tp_size=4,
+            dp_size=1,
+            pp_size=1,
+            mem_fraction_static=0.85,
+            max_total_tokens=8192,
+            chunked_prefill_size=8192,
+            cuda_graph_max_bs=256,
+            disable_radix_cache=False,
+            quantization="awq",
+            kv_cache_dtype="fp8_e4m3",
+            log_level="info",
+            log_requests=False
+        )

@@ -164,8 +164,7 @@ def test_n_expansion_single_prompt_becomes_batch():
     assert len({r.rid for r in reqs}) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="single prompt with n>1 and rid='x' gives 'x_0_0', 'x_0_1'... instead of "
-                   "f'{rid}_{j}' (is_batch is set True before _rids, which then prefixes the rid with '_0')")
+
 def test_n_expansion_single_prompt_rids():
     reqs, _ = norm("p", sampling_params={"n": 3}, rid="x")
     assert [r.rid for r in reqs] == ["x_0", "x_1", "x_2"]
@@ -304,8 +303,7 @@ def test_token_ids_logprob_flat_and_nested():
     assert reqs[0].token_ids_logprob is None
 
 
-@pytest.mark.xfail(strict=True, reason="a nested token_ids_logprob list shorter than the batch raises IndexError "
-                   "(client/request.py tids_per has no length check) instead of ValueError")
+
 def test_token_ids_logprob_nested_length_mismatch():
     with pytest.raises(ValueError, match="token_ids_logprob"):
         norm(["a", "b"], options={"token_ids_logprob": [[1]]})

@@ -79,8 +79,7 @@ def test_valid_values(kw):
         assert getattr(a, k) == v
 
 
-@pytest.mark.xfail(strict=True, reason="ServerArgs(preferred_sampling_params=<dict>) leaks json.loads' TypeError "
-                   "('the JSON object must be str...'), which does not name the field")
+
 def test_preferred_sampling_params_non_string_names_field():
     with pytest.raises((ValueError, TypeError), match="preferred_sampling_params"):
         ServerArgs(preferred_sampling_params={"temperature": 0.0})
