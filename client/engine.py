@@ -8,11 +8,13 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
+import msgspec
 import zmq
 
 from treadle.client.request import normalize_generate
@@ -20,6 +22,7 @@ from treadle.client.results import BatchResult, ReqState
 from treadle.client.supervisor import Supervisor
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.logging_utils import configure_logging
+from treadle.runtime.logit_processor import load_processor, processor_reference
 from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, Shutdown
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.procs import ChildSpec, kill_child, launch_child
@@ -63,6 +66,7 @@ class Engine:
         self._ctx = zmq.Context()
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._processors: dict[str, str] = {}
         self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
         self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), self._launch_children,
                                self.server_args.incremental_streaming_output)
@@ -96,7 +100,9 @@ class Engine:
         specs = [spec("tokenizer", "treadle.tokenizer_proc"), spec("detokenizer", "treadle.detokenizer_proc")]
         specs += [spec(f"worker{r}", "treadle.gpu_worker", endpoint=ep, tp_rank=r) for r, ep in enumerate(worker_eps)]
         specs.append(spec("scheduler", "treadle.scheduler_proc", worker_endpoints=worker_eps))
-        env = {"TOKENIZERS_PARALLELISM": "false"}
+        # Children see the user's import path, so processors named by import path resolve alike.
+        path = os.pathsep.join(dict.fromkeys(os.path.abspath(p or ".") for p in sys.path if os.path.isdir(p or ".")))
+        env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
         # The TP ranks meet through torch.distributed's env:// rendezvous on a free loopback port.
         worker_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
         return {s.name: launch_child(s, self._ipc.path, worker_env if s.name.startswith("worker") else env)
@@ -165,14 +171,46 @@ class Engine:
         unsupported = call.pop("unsupported")
         if unsupported:
             raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
-        for name in ("image_data", "lora_path", "custom_logit_processor", "session_params"):
+        for name in ("image_data", "lora_path", "session_params"):
             if call[name] is not None:
                 raise NotImplementedError(f"{name} is not supported yet by Treadle (see the README's feature table).")
-        if call["return_hidden_states"] or call["return_logprob"]:
-            raise NotImplementedError("return_logprob / return_hidden_states are not supported yet by Treadle.")
+        hidden = call["return_hidden_states"]
+        if (any(hidden) if isinstance(hidden, list) else hidden) and not self.server_args.enable_return_hidden_states:
+            raise ValueError("The server is not configured to return hidden states. "
+                             "Start the engine with enable_return_hidden_states=True.")
         options = {k: call[k] for k in _GENERATE_OPTIONS if call[k] is not None}
+        if call["custom_logit_processor"] is not None:
+            options.update(self._resolve_processors(call["custom_logit_processor"]))
         return normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
                                   call["stream"], options, self._preferred_sampling())
+
+    def _resolve_processors(self, procs: Any) -> dict[str, Any]:
+        """Import paths (and instance states) of the requested processors, checked here so a bad one
+        fails this call, never the worker."""
+        if not self.server_args.enable_custom_logit_processor:
+            raise ValueError("The server is not configured to enable custom logit processor. "
+                             "Start the engine with enable_custom_logit_processor=True.")
+        items = procs if isinstance(procs, list) else [procs]
+        paths, states = [], []
+        for proc in items:
+            if proc is None:
+                paths.append(None), states.append(None)
+                continue
+            path, state = processor_reference(proc, self._processors)
+            try:
+                load_processor(path, state)
+            except Exception as e:  # noqa: BLE001 - any import problem is the caller's input error
+                raise ValueError(f"custom_logit_processor {path!r} cannot be loaded: {e}") from None
+            paths.append(path), states.append(state)
+        if not isinstance(procs, list):
+            return {"custom_logit_processor": paths[0], "custom_state": states[0]}
+        return {"custom_logit_processor": paths, "custom_state": states}
+
+    def register_custom_logit_processor(self, name: str, processor: Any) -> None:
+        """Make ``custom_logit_processor=name`` refer to a processor class, instance or import path."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty string.")
+        self._processors[name] = processor if isinstance(processor, str) else processor_reference(processor, {})[0]
 
     def _preferred_sampling(self) -> Optional[dict[str, Any]]:
         import json
@@ -184,11 +222,14 @@ class Engine:
         call_id = next(self._ids)
         states = []
         for i, r in enumerate(reqs):
-            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None)
+            want = (r.return_logprob, r.top_logprobs_num > 0, bool(r.token_ids_logprob), bool(r.return_hidden_states))
+            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None, want=want)
             states.append((st, r.stream))
+        payload = _checked_payload(GenerateBatch(call_id=call_id, reqs=reqs))
         self._sup.register(call_id, states)
         try:
-            self._send(GenerateBatch(call_id=call_id, reqs=reqs))
+            with self._send_lock:
+                self._to_tokenizer.send_bytes(payload)
         except BaseException:
             self._sup.unregister_call(call_id)
             raise
@@ -316,6 +357,20 @@ class Engine:
             self.shutdown()
         except Exception:
             pass
+
+
+_WIRE_CHECK = msgspec.msgpack.Decoder(GenerateBatch)
+
+
+def _checked_payload(batch: GenerateBatch) -> bytes:
+    """Encode a call and check it decodes as the tokenizer will: a wrong type anywhere (say a str
+    where a bool belongs) is this call's ``ValueError``, never a frame the tokenizer must drop."""
+    payload = msgspec.msgpack.encode(batch)
+    try:
+        _WIRE_CHECK.decode(payload)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"Invalid request: {e}".replace("$.reqs[0].", "").replace("$.reqs", "reqs")) from None
+    return payload
 
 
 def _free_port() -> int:

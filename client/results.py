@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from treadle.runtime.messages import StrOut
+from treadle.runtime.messages import MetaDelta, StrOut
+
+_OUTPUT_LISTS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
 
 
 class BatchResult(list):
@@ -25,7 +27,8 @@ class BatchResult(list):
 class ReqState:
     """Accumulates one request's outputs; ``deliver`` hands items to whoever waits on it."""
 
-    def __init__(self, rid: str, created: float, deliver: Callable[[Any], None], index: Optional[int] = None) -> None:
+    def __init__(self, rid: str, created: float, deliver: Callable[[Any], None], index: Optional[int] = None,
+                 want: tuple[bool, bool, bool, bool] = (False, False, False, False)) -> None:
         self.rid = rid
         self.created = created
         self.deliver = deliver
@@ -33,12 +36,16 @@ class ReqState:
         self.text = ""
         self.output_ids: list[int] = []
         self.finished = False
+        # which meta keys the request asked for: logprobs, top logprobs, token-id logprobs, hidden states
+        self.keys = _wanted_keys(*want)
+        self.lists: dict[str, list[Any]] = {k: [] for k in self.keys}
 
     def update(self, out: StrOut, incremental: bool, stream: bool) -> Optional[dict[str, Any]]:
         """Fold one output in; return the chunk to deliver (every update when streaming, else the last)."""
         self.text += out.text
         self.output_ids.extend(out.new_ids)
         self.finished = out.finish is not None
+        new = self._fold_meta(out.meta)
         if not stream and not self.finished:
             return None
         meta: dict[str, Any] = {
@@ -48,6 +55,10 @@ class ReqState:
             "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens,
         }
+        for k in self.keys:
+            meta[k] = new[k] if (stream and incremental and k in _OUTPUT_LISTS) else list(self.lists[k])
+        if "output_token_logprobs" in self.keys:
+            meta["output_token_logprobs_length"] = len(self.lists["output_token_logprobs"])
         if self.finished:
             meta["e2e_latency"] = time.time() - self.created
         if stream and incremental:
@@ -57,3 +68,40 @@ class ReqState:
         if self.index is not None and stream:
             chunk["index"] = self.index
         return chunk
+
+    def _fold_meta(self, delta: Optional[MetaDelta]) -> dict[str, list[Any]]:
+        """Append a delta's entries as SGLang's ``(logprob, token_id, text)`` tuples; return the new ones."""
+        new: dict[str, list[Any]] = {k: [] for k in self.keys}
+        if delta is None:
+            return new
+        for k in self.keys:
+            entries = getattr(delta, k)
+            if k != "hidden_states":
+                entries = [_tuples(e) for e in entries]
+            new[k] = entries
+            self.lists[k].extend(entries)
+        return new
+
+
+def _tuples(entry: Any) -> Any:
+    """``[lp, id]`` -> ``(lp, id, None)``; a list of pairs -> a list of tuples; None stays None."""
+    if entry is None:
+        return None
+    if entry and isinstance(entry[0], list):
+        return [(lp, t, None) for lp, t in entry]
+    if not entry:
+        return []
+    return (entry[0], entry[1], None)
+
+
+def _wanted_keys(logprob: bool, top: bool, token_ids: bool, hidden: bool) -> tuple[str, ...]:
+    keys: list[str] = []
+    if logprob:
+        keys += ["input_token_logprobs", "output_token_logprobs"]
+        if top:
+            keys += ["input_top_logprobs", "output_top_logprobs"]
+        if token_ids:
+            keys += ["input_token_ids_logprobs", "output_token_ids_logprobs"]
+    if hidden:
+        keys.append("hidden_states")
+    return tuple(keys)

@@ -3,7 +3,9 @@
 ``forward(plan)`` runs one scheduler step: it records sampling specs of new slots, writes the
 plan's KV locations into req-to-token, runs all rows as one batch (linear layers see the
 concatenated tokens; only attention is per row), projects the last token of each sampling row
-to logits and samples. No sockets here; ``worker_proc`` wraps this in a process.
+(plus any positions asked for input logprobs, in the same matmul) to logits and samples. Rows
+whose slot asked get ``RowOut`` extras (logprobs, hidden states); nobody asking costs nothing.
+No sockets here; ``worker_proc`` wraps this in a process.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
+from treadle.gpu_worker.logprobs import StepOutput, row_outs
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.sampler import Sampler
-from treadle.runtime.messages import ForwardPlan
+from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -136,26 +139,54 @@ class ModelRunner:
         }
 
     @torch.inference_mode()
-    def forward(self, plan: ForwardPlan) -> list[int]:
-        """Run one step; one sampled token id per row with ``sample=True``, in row order."""
-        logits, slots = self._run(plan)
-        return [] if logits is None else self.sampler.sample(logits, slots).tolist()
+    def forward(self, plan: ForwardPlan) -> tuple[list[int], dict[int, RowOut]]:
+        """Run one step: one sampled token id per row with ``sample=True`` (row order), and the
+        ``RowOut`` extras (logprobs, hidden states) of the rows whose slot asked, by plan row index."""
+        step = self._run(plan, extras=True)
+        if step is None:
+            return [], {}
+        logits, slots = step.logits, step.sample_slots
+        samples = logits if step.sample_at is None else logits[step.sample_at]
+        want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
+        # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
+        raw = samples[torch.tensor(want, dtype=torch.int64).to(self.device)] if want else None
+        ids_t = self.sampler.sample(samples, slots) if slots else None
+        ids = [] if ids_t is None else ids_t.tolist()
+        if not step.report:
+            return ids, {}
+        return ids, row_outs(plan, step, self.sampler.spec, want, raw, ids_t)
 
     @torch.inference_mode()
     def forward_logits(self, plan: ForwardPlan) -> torch.Tensor:
-        """Run one step; float32 logits ``[num_sample_rows, vocab]`` instead of samples."""
-        logits, _ = self._run(plan)
-        return torch.empty(0, self.vocab_size, device=self.device) if logits is None else logits
+        """Run one step; raw float32 logits ``[num_sample_rows, vocab]`` instead of samples."""
+        step = self._run(plan, extras=False)
+        return torch.empty(0, self.vocab_size, device=self.device) if step is None else step.logits
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.cfg.max_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.cfg.max_slots})")
 
-    def _run(self, plan: ForwardPlan) -> tuple[Optional[torch.Tensor], list[int]]:
+    def _check_spec(self, slot: int, sp: SamplingSpec) -> None:
+        """Token ids in a spec index the vocabulary on the device: reject bad ones here, not in a kernel."""
+        for what, ids in (("logit_bias", sp.logit_bias or {}), ("stop_ids", sp.stop_ids),
+                          ("token_ids_logprob", sp.token_ids_logprob or [])):
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"slot {slot}: {what} has a token id outside [0, {self.vocab_size})")
+        if sp.top_logprobs_num < 0:
+            raise ValueError(f"slot {slot}: negative top_logprobs_num")
+
+    def _run(self, plan: ForwardPlan, extras: bool) -> Optional[StepOutput]:
+        """Table writes + model forward + LM head on the positions that need logits.
+
+        Those are the last position of each sampling row and, if ``extras``, positions
+        ``logprob_from .. n-2`` of rows asking for input logprobs, all in one matmul. ``None``
+        when the plan runs no token or no position needs logits and none wants hidden states.
+        """
         cfg = self.cfg
         for ns in plan.new_slots:
             self._check_slot(ns.slot)
-            self.sampler.set_slot(ns.slot, ns.sampling)
+            self._check_spec(ns.slot, ns.sampling)
+            self.sampler.set_slot(ns.slot, ns.sampling, ns.prior_output)
         # Table writes (prefix hits first, then the rows' new tokens) as (slot, position, loc) triples.
         w_slot, w_pos, w_loc = [], [], []
         for pw in plan.prefix_writes:
@@ -166,24 +197,33 @@ class ModelRunner:
             w_pos += range(len(pw.locs))
             w_loc += pw.locs
         n_prefix = len(w_loc)
-        ids, slots, starts, lens, logit_idx, sample_slots = [], [], [], [], [], []
-        for row in plan.rows:
-            n = len(row.input_ids)
+        report = extras and self.cfg.tp_rank == 0  # only rank 0 sends results; the others skip the host work
+        ids, slots, starts, lens, head_idx, sample_at = [], [], [], [], [], []
+        sample_rows, sample_slots, inputs, hidden_rows = [], [], [], []
+        for r, row in enumerate(plan.rows):
+            n, off = len(row.input_ids), len(ids)
             self._check_slot(row.slot)
             if n == 0 or len(row.new_locs) != n:
                 raise ValueError(f"row of slot {row.slot}: {n} input ids but {len(row.new_locs)} new locs")
             if row.start_pos < 0 or row.start_pos + n > cfg.context_len:
                 raise ValueError(f"row of slot {row.slot} spans positions beyond context_len {cfg.context_len}")
+            if extras and row.logprob_from >= 0:  # every rank: the LM head all-gathers
+                count = max(n - 1 - row.logprob_from, 0)
+                inputs.append((r, len(head_idx), count))
+                head_idx += range(off + row.logprob_from, off + n - 1)
             if row.sample:
-                logit_idx.append(len(ids) + n - 1)
-                sample_slots.append(row.slot)
+                sample_at.append(len(head_idx))
+                head_idx.append(off + n - 1)
+                sample_rows.append(r), sample_slots.append(row.slot)
+            if report and self.sampler.spec(row.slot).return_hidden:
+                hidden_rows.append((r, off, n))
             ids += row.input_ids
             slots.append(row.slot), starts.append(row.start_pos), lens.append(n)
             w_slot += [row.slot] * n
             w_pos += range(row.start_pos, row.start_pos + n)
             w_loc += row.new_locs
         if not w_loc:
-            return None, []
+            return None
         if min(w_loc) < 0 or max(w_loc) >= cfg.kv_tokens:
             raise ValueError(f"KV location out of range [0, {cfg.kv_tokens})")
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
@@ -191,13 +231,13 @@ class ModelRunner:
 
         # One host->device copy for all index data.
         t, p = len(ids), n_prefix
-        host = torch.tensor(ids + w_slot + w_pos + w_loc + logit_idx, dtype=torch.int64)
+        host = torch.tensor(ids + w_slot + w_pos + w_loc + head_idx, dtype=torch.int64)
         dev = host.to(self.device, non_blocking=True)
         input_ids, rest = dev[:t], dev[t:]
         w_slot_t, w_pos_t, w_loc_t = rest[: p + t], rest[p + t : 2 * (p + t)], rest[2 * (p + t) : 3 * (p + t)]
         self.req_to_token[w_slot_t, w_pos_t] = w_loc_t
         if not ids:
-            return None, []
+            return None
 
         ctx = ForwardContext(
             input_ids=input_ids, positions=w_pos_t[p:], out_cache_loc=w_loc_t[p:],
@@ -206,6 +246,10 @@ class ModelRunner:
         ctx.attn_meta = self.attn_backend.init_forward(ctx)
         with forward_context(ctx):
             hidden = self.model(input_ids)
-            if not logit_idx:
-                return None, []
-            return self.model.compute_logits(hidden[ctx.logits_indices]), sample_slots
+            if not head_idx and not hidden_rows and not inputs:
+                return None
+            logits = self.model.compute_logits(hidden[ctx.logits_indices]) if head_idx else None
+        plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
+        at = None if plain else torch.tensor(sample_at, dtype=torch.int64).to(self.device, non_blocking=True)
+        return StepOutput(hidden, logits, at, sample_rows, sample_slots, inputs, hidden_rows, report)
+

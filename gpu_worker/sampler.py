@@ -1,16 +1,21 @@
 """Batched next-token sampling with per-row temperature / top-k / top-p / min-p.
 
-One pass for the whole batch: greedy rows take the argmax; the others are filtered in sorted
-order (top-k, top-p, min-p, as SGLang does), scattered back to vocab order, and sampled with an
-exponential race (``argmax p / q``, ``q ~ Exp(1)``), which equals a multinomial draw. The noise
-of a row with its own ``seed`` comes from a generator seeded by (seed, tokens sampled so far in
-that slot), so its tokens do not depend on what else is in the batch.
+One pass for the whole batch: first the slot-dependent logit edits of ``logits_processing``
+(bias, penalties, min_new_tokens, custom processors; skipped when no row uses them), then greedy
+rows take the argmax and the others are filtered in sorted order (top-k, top-p, min-p, as SGLang
+does), scattered back to vocab order and sampled with an exponential race (``argmax p / q``,
+``q ~ Exp(1)``), which equals a multinomial draw. The noise of a row with its own ``seed`` comes
+from a generator seeded by (seed, tokens that request has output so far, ``prior_output``
+included), so its tokens depend neither on the rest of the batch nor on being re-admitted.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
+from treadle.gpu_worker.logits_processing import SlotState
 from treadle.runtime.messages import SamplingSpec
 
 _GREEDY_EPS = 1e-6
@@ -24,23 +29,30 @@ class Sampler:
     def __init__(self, max_slots: int, device: torch.device, seed: int = 0):
         self.device = device
         self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.specs = [SamplingSpec() for _ in range(max_slots)]
-        self.counts = [0] * max_slots
+        self.state = SlotState(max_slots, device)
 
-    def set_slot(self, slot: int, spec: SamplingSpec) -> None:
-        self.specs[slot] = spec
-        self.counts[slot] = 0
+    def set_slot(self, slot: int, spec: SamplingSpec, prior_output: Sequence[int] = ()) -> None:
+        self.state.set_slot(slot, spec, prior_output)
+
+    def spec(self, slot: int) -> SamplingSpec:
+        return self.state.specs[slot]
 
     @staticmethod
     def is_greedy(spec: SamplingSpec) -> bool:
         return spec.temperature < _GREEDY_EPS or spec.top_k == 1
 
     def sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """``logits [n, V]`` float32, one row per slot in ``slots`` -> token ids ``[n]`` int64."""
-        specs = [self.specs[s] for s in slots]
+        """``logits [n, V]`` float32, one row per slot in ``slots`` -> token ids ``[n]`` int64.
+
+        ``logits`` may be edited in place. Each sampled token is appended to its slot's outputs.
+        """
+        ids = self._sample(self.state.apply(logits, slots), slots)
+        self.state.record(slots, ids, ids.tolist())
+        return ids
+
+    def _sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        specs = [self.state.specs[s] for s in slots]
         greedy = [self.is_greedy(sp) for sp in specs]
-        for s in slots:
-            self.counts[s] += 1
         argmax = logits.argmax(dim=-1)
         if all(greedy):
             return argmax
@@ -55,10 +67,10 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=self.gen)
         for i, (s, sp) in enumerate(zip(slots, specs)):
             if sp.seed is not None and not greedy[i]:
-                g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, self.counts[s] - 1))
+                g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, len(self.state.outputs[s])))
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)  # q == 0 would give 0/0 = NaN
-        return torch.where(torch.tensor(greedy, device=self.device), argmax, sampled)
+        return torch.where(torch.tensor(greedy).to(self.device, non_blocking=True), argmax, sampled)
 
     @staticmethod
     def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -74,9 +74,9 @@ class WorkerLoop:
             if isinstance(msg, Shutdown):
                 return
             if isinstance(msg, ForwardPlan):
-                ids = self.runner.forward(msg)
+                ids, extras = self.runner.forward(msg)
                 if self.to_scheduler is not None:
-                    self.to_scheduler.send(StepResult(step=msg.step, next_token_ids=ids))
+                    self.to_scheduler.send(StepResult(step=msg.step, next_token_ids=ids, extras=extras))
             elif isinstance(msg, WorkerControl):
                 reply = self.control(msg)
                 if self.to_scheduler is not None:

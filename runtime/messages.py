@@ -35,6 +35,8 @@ class GenerateReq(_Msg):
     priority: Optional[int] = None
     created: float = 0.0
     max_new_tokens_set: bool = False  # the user named max_new_tokens (else it is clamped silently)
+    custom_logit_processor: Optional[str] = None  # import path, resolved by the client
+    custom_state: Optional[dict[str, Any]] = None
 
 
 class GenerateBatch(_Msg):
@@ -70,6 +72,8 @@ class TokenizedReq(_Msg):
     return_hidden_states: bool = False
     priority: Optional[int] = None
     created: float = 0.0
+    custom_logit_processor: Optional[str] = None
+    custom_state: Optional[dict[str, Any]] = None
 
 
 class TokenizedBatch(_Msg):
@@ -78,20 +82,44 @@ class TokenizedBatch(_Msg):
 
 # ---------------------------------------------------------------- scheduler <-> gpu worker
 class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True):
-    """What the worker needs to sample one request's tokens (set once per request slot)."""
+    """What the worker needs to sample one request's tokens (set once per request slot).
+
+    Penalties count the request's output tokens only (as SGLang does); ``stop_ids`` (EOS and
+    ``stop_token_ids``) are masked until ``min_new_tokens`` outputs exist. A custom logit
+    processor is named by import path (``"module:Name"``); an instance's attributes travel as
+    JSON in ``custom_state``. Nothing here is ever unpickled.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
     seed: Optional[int] = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    stop_ids: list[int] = []
+    logit_bias: Optional[dict[int, float]] = None
+    custom_processor: Optional[str] = None
+    custom_state: Optional[dict[str, Any]] = None
+    custom_params: Optional[dict[str, Any]] = None
+    logprobs: bool = False  # report the sampled token's logprob (and the lists below)
+    top_logprobs_num: int = 0
+    token_ids_logprob: Optional[list[int]] = None
+    return_hidden: bool = False
 
 
-class NewSlot(msgspec.Struct, array_like=True):
-    """A request takes a slot: its sampling spec is stored there until the slot is reused."""
+class NewSlot(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request takes a slot: its sampling spec is stored there until the slot is reused.
+
+    ``prior_output`` holds the tokens a re-admitted request generated before (they count for
+    penalties, ``min_new_tokens`` and the position of a seeded sample stream).
+    """
 
     slot: int
     sampling: SamplingSpec
+    prior_output: list[int] = []
 
 
 class PlanRow(msgspec.Struct, array_like=True):
@@ -108,6 +136,7 @@ class PlanRow(msgspec.Struct, array_like=True):
     start_pos: int
     new_locs: list[int]
     sample: bool = True
+    logprob_from: int = -1  # >= 0: input logprobs for row positions logprob_from .. n-2 (see RowOut)
 
 
 class PrefixWrite(msgspec.Struct, array_like=True):
@@ -124,11 +153,33 @@ class ForwardPlan(_Msg):
     rows: list[PlanRow] = []
 
 
+class RowOut(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Extras of one plan row, for slots that asked for logprobs or hidden states.
+
+    Logprobs are ``log_softmax`` of the model's raw logits (before temperature, penalties and
+    masks). Output fields describe the token sampled from the row's last position. Input field
+    entry ``i`` is for row position ``p = logprob_from + i``: the logprob of ``input_ids[p + 1]``
+    given everything up to ``p``. ``hidden`` holds float32 final hidden states of every row
+    position, ``[len(input_ids), hidden_size]``, as raw bytes.
+    """
+
+    logprob: Optional[float] = None
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+    ids_logprobs: list[float] = []
+    input_logprobs: list[float] = []
+    input_top_ids: list[list[int]] = []
+    input_top_logprobs: list[list[float]] = []
+    input_ids_logprobs: list[list[float]] = []
+    hidden: bytes = b""
+
+
 class StepResult(_Msg):
-    """One sampled token per row with ``sample=True``, in row order."""
+    """One sampled token per row with ``sample=True``, in row order; ``extras`` by row index."""
 
     step: int
     next_token_ids: list[int] = []
+    extras: dict[int, RowOut] = {}
 
 
 class WorkerControl(_Msg):
@@ -183,6 +234,23 @@ class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
     spaces_between_special_tokens: bool = True
     trim_stop_str: Optional[str] = None
     trim_last_token: bool = False
+    meta: Optional["MetaDelta"] = None
+
+
+class MetaDelta(msgspec.Struct, array_like=True, omit_defaults=True):
+    """New logprob / hidden-state entries since the last emission (input ones come once).
+
+    Token entries are ``[logprob, token_id]`` pairs (``logprob`` None where nothing predicts the
+    position); top and token-id lists are lists of such pairs per position.
+    """
+
+    input_token_logprobs: list[Any] = []
+    input_top_logprobs: list[Any] = []
+    input_token_ids_logprobs: list[Any] = []
+    output_token_logprobs: list[Any] = []
+    output_top_logprobs: list[Any] = []
+    output_token_ids_logprobs: list[Any] = []
+    hidden_states: list[Any] = []
 
 
 class TokenOutBatch(_Msg):
@@ -198,6 +266,7 @@ class StrOut(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    meta: Optional[MetaDelta] = None
 
 
 class StrOutBatch(_Msg):

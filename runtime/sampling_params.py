@@ -90,8 +90,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple, set)):
                 raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}.")
-            for t in self.stop_token_ids:
-                _check_int("stop_token_ids", t, lo=0, hi=None if vocab_size is None else vocab_size - 1)
+            for t in self.stop_token_ids:  # ids beyond the vocabulary are allowed: they never match (as in SGLang)
+                _check_int("stop_token_ids", t, lo=0)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError("logit_bias must be a dict of token id to bias.")

@@ -47,6 +47,9 @@ class Sender:
     def send(self, msg: Any) -> None:
         self.sock.send(_ENCODER.encode(msg), copy=False)
 
+    def send_bytes(self, payload: bytes) -> None:
+        self.sock.send(payload, copy=False)
+
     def close(self) -> None:
         self.sock.close(linger=0)
 

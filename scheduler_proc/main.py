@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from treadle.runtime.hf_config import eos_token_ids, load_tokenizer
+from treadle.runtime.hf_config import eos_token_ids, load_config, load_tokenizer
 from treadle.runtime.messages import (
     SCHEDULER_IN, AbortReq, ChildReady, ControlReply, ControlReq, ReqError, Shutdown, StepResult,
     TokenizedBatch, TokenOutBatch, WorkerControl, WorkerControlReply,
@@ -32,7 +32,9 @@ class SchedulerLoop:
         self.to_detok = Sender(ctx, spec.endpoints["detokenizer"])
         tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code)
         worker_info = self.worker_call("info")
-        self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info)
+        hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
+        self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info,
+                               hidden_size)
         self.worker_info = worker_info
         self.running = True
 
@@ -57,7 +59,7 @@ class SchedulerLoop:
                 for w in self.to_workers:
                     w.send(plan)
                 result = self.wait_step(plan.step)
-                self.sched.apply_result(result.next_token_ids)
+                self.sched.apply_result(result.next_token_ids, result.extras)
             self.flush_outputs()
             if self.sched.is_idle():
                 self.sched.check_integrity()

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 from treadle.runtime.messages import FinishReason, SamplingSpec, TokenizedReq
+from treadle.scheduler_proc.output_meta import OutputMeta
 
 DETOKENIZE_CONTEXT = 5  # trailing prompt tokens sent with the first output, for correct spacing
 
 
 class Req:
-    def __init__(self, tr: TokenizedReq, max_new_tokens: int, eos_ids: set[int]) -> None:
+    def __init__(self, tr: TokenizedReq, max_new_tokens: int, eos_ids: set[int], hidden_size: int = 0) -> None:
         self.rid = tr.rid
         self.tr = tr
         self.sampling = tr.sampling
@@ -25,6 +26,11 @@ class Req:
         self.cached_tokens = 0
         self.finish: Optional[FinishReason] = None
         self.sent = 0  # output ids already emitted to the detokenizer
+        self.eos_ids = eos_ids
+        wants_meta = tr.return_logprob or tr.return_hidden_states
+        self.meta = OutputMeta(tr.top_logprobs_num, tr.token_ids_logprob, hidden_size) if wants_meta else None
+        self.input_logprobs_done = not (tr.return_logprob and tr.logprob_start_len >= 0)
+        self.hidden_prefill_done = False
 
     @property
     def seq_len(self) -> int:
@@ -37,12 +43,22 @@ class Req:
         """KV-cache token locations of positions ``start .. end-1``."""
         return [self.pages[p // page_size] * page_size + p % page_size for p in range(start, end)]
 
-    def sampling_spec(self, random_seed: int) -> SamplingSpec:
-        s = self.sampling
+    def sampling_spec(self, vocab_size: int) -> SamplingSpec:
+        """The worker's view of this request; stop ids beyond the vocabulary never occur, so they are
+        not sent (the usage guide's Llama-3 ids on a smaller model are legal, as in SGLang)."""
+        s, tr = self.sampling, self.tr
         greedy = s.temperature < 1e-6
+        bias = {int(k): float(v) for k, v in s.logit_bias.items()} if s.logit_bias else None
         return SamplingSpec(
             temperature=0.0 if greedy else s.temperature, top_p=s.top_p, top_k=1 if greedy else s.top_k,
-            min_p=s.min_p, seed=s.sampling_seed,
+            min_p=s.min_p, seed=s.sampling_seed, frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty,
+            min_new_tokens=s.min_new_tokens,
+            stop_ids=sorted(t for t in self.eos_ids | set(s.stop_token_ids or ()) if t < vocab_size)
+            if s.min_new_tokens else [],
+            logit_bias=bias, custom_processor=tr.custom_logit_processor, custom_state=tr.custom_state,
+            custom_params=s.custom_params, logprobs=tr.return_logprob, top_logprobs_num=tr.top_logprobs_num,
+            token_ids_logprob=tr.token_ids_logprob, return_hidden=tr.return_hidden_states,
         )
 
     def context_ids(self) -> list[int]:

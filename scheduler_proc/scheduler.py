@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any, Optional
 
 from treadle.runtime.messages import (
-    FinishReason, ForwardPlan, NewSlot, PlanRow, TokenizedReq, TokenOut,
+    FinishReason, ForwardPlan, NewSlot, PlanRow, RowOut, TokenizedReq, TokenOut,
 )
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
@@ -25,20 +25,24 @@ logger = logging.getLogger("treadle.scheduler")
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, tokenizer: Any, eos_ids: set[int], worker_info: dict[str, Any]) -> None:
+    def __init__(self, args: ServerArgs, tokenizer: Any, eos_ids: set[int], worker_info: dict[str, Any],
+                 hidden_size: int = 0) -> None:
         self.args = args
+        self.hidden_size = hidden_size
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.context_len: int = worker_info["context_len"]
         self.max_total_tokens: int = worker_info["kv_tokens"]
         self.max_running: int = worker_info["max_slots"]
+        self.vocab_size: int = worker_info.get("vocab_size", 1 << 62)
         self.page_size: int = args.page_size or 1
         self.pages = PageAllocator(self.max_total_tokens, self.page_size)
         self.slots = SlotAllocator(self.max_running)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.step = 0
-        self.plan_reqs: list[Req] = []  # requests that sample in the plan in flight, in row order
+        self.plan_reqs: list[Req] = []  # the request of each row of the plan in flight
+        self.plan_prefill: list[bool] = []  # whether that row is the request's prefill
         self.outputs: list[TokenOut] = []
         self.num_generated = 0
         self.last_log = time.monotonic()
@@ -58,7 +62,7 @@ class Scheduler:
             # max_new_tokens is clamped to what the context and the KV pool can hold (API.md 4.1)
             room = min(self.context_len, pool) - len(tr.input_ids)
             max_new = room if tr.sampling.max_new_tokens is None else min(tr.sampling.max_new_tokens, room)
-            req = Req(tr, max_new, self.eos_ids)
+            req = Req(tr, max_new, self.eos_ids, self.hidden_size)
             if self.args.log_requests:
                 logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(tr.input_ids), max_new)
             if max_new == 0:
@@ -85,11 +89,12 @@ class Scheduler:
         """The next step's plan: one decode row per running request plus admitted prefills."""
         rows: list[PlanRow] = []
         new_slots: list[NewSlot] = []
-        self.plan_reqs = []
+        self.plan_reqs, self.plan_prefill = [], []
         for req in self.running:
             pos = req.seq_len - 1
             rows.append(PlanRow(req.slot, [req.all_ids()[-1]], pos, req.locs(pos, pos + 1, self.page_size)))
             self.plan_reqs.append(req)
+            self.plan_prefill.append(False)
         budget = self.args.max_prefill_tokens
         while self.waiting and self.slots.free_slots > 0:
             req = self.waiting[0]
@@ -100,22 +105,28 @@ class Scheduler:
             budget -= len(req.input_ids)
             req.pages = self.pages.alloc(need)
             req.slot = self.slots.alloc()
-            new_slots.append(NewSlot(req.slot, req.sampling_spec(self.args.random_seed or 0)))
+            new_slots.append(NewSlot(req.slot, req.sampling_spec(self.vocab_size), list(req.output_ids)))
             ids = req.all_ids()  # a re-queued request re-runs its output so far too
-            rows.append(PlanRow(req.slot, ids, 0, req.locs(0, len(ids), self.page_size)))
+            logprob_from = -1 if req.input_logprobs_done else req.tr.logprob_start_len
+            rows.append(PlanRow(req.slot, ids, 0, req.locs(0, len(ids), self.page_size), True, logprob_from))
             self.running.append(req)
             self.plan_reqs.append(req)
+            self.plan_prefill.append(True)
         if not rows:
             return None
         self.step += 1
         return ForwardPlan(step=self.step, new_slots=new_slots, rows=rows)
 
     # ------------------------------------------------------------------ results
-    def apply_result(self, next_token_ids: list[int]) -> None:
-        for req, tok in zip(self.plan_reqs, next_token_ids):
+    def apply_result(self, next_token_ids: list[int], extras: Optional[dict[int, RowOut]] = None) -> None:
+        extras = extras or {}
+        # Every row samples (no chunked rows yet), so row index i is also the index of its token.
+        for i, (req, prefill, tok) in enumerate(zip(self.plan_reqs, self.plan_prefill, next_token_ids)):
             if req.finish is not None:  # aborted while the step ran
                 continue
             req.num_computed = req.seq_len
+            if i in extras and req.meta is not None:
+                self._record_meta(req, prefill, tok, extras[i])
             req.output_ids.append(tok)
             check_finish(req, self.tokenizer)
             if req.finish is not None or self._should_stream(req):
@@ -123,6 +134,16 @@ class Scheduler:
         self.num_generated += len(next_token_ids)
         self._release_finished()
         self._maybe_log()
+
+    def _record_meta(self, req: Req, prefill: bool, tok: int, extra: RowOut) -> None:
+        if prefill and not req.input_logprobs_done:
+            req.meta.add_input(req.input_ids, req.tr.logprob_start_len, extra)
+            req.input_logprobs_done = True
+        if req.tr.return_logprob:
+            req.meta.add_output(tok, extra)
+        if req.tr.return_hidden_states and extra.hidden:
+            req.meta.add_hidden(extra, prefill and not req.hidden_prefill_done)
+            req.hidden_prefill_done = True
 
     def _should_stream(self, req: Req) -> bool:
         if not req.tr.stream:
@@ -143,6 +164,7 @@ class Scheduler:
             skip_special_tokens=s.skip_special_tokens, spaces_between_special_tokens=s.spaces_between_special_tokens,
             trim_stop_str=fin.matched if fin is not None and isinstance(fin.matched, str) and not s.no_stop_trim else None,
             trim_last_token=fin is not None and isinstance(fin.matched, int) and not s.no_stop_trim,
+            meta=req.meta.delta() if req.meta is not None else None,
         ))
         req.sent = len(req.output_ids)
 

@@ -14,7 +14,7 @@ from treadle.runtime.messages import (
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
-from treadle.tokenizer_proc.validate import check_input_ids, check_lengths
+from treadle.tokenizer_proc.validate import check_input_ids, check_lengths, check_logprob_args
 
 logger = logging.getLogger("treadle.tokenizer")
 
@@ -40,6 +40,7 @@ class TokenizerWorker:
             check_input_ids(ids, self.vocab)
             r.sampling.verify(self.vocab)
             ids = check_lengths(r, ids, self.context_len, self.args)
+            check_logprob_args(r, len(ids), self.vocab)
             out.append(self._tokenized(r, ids))
         return TokenizedBatch(reqs=out)
 
@@ -49,7 +50,8 @@ class TokenizerWorker:
             rid=r.rid, input_ids=ids, sampling=r.sampling, stream=r.stream, return_logprob=r.return_logprob,
             logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
             token_ids_logprob=r.token_ids_logprob, return_hidden_states=r.return_hidden_states,
-            priority=r.priority, created=r.created,
+            priority=r.priority, created=r.created, custom_logit_processor=r.custom_logit_processor,
+            custom_state=r.custom_state,
         )
 
 

@@ -33,3 +33,21 @@ def check_lengths(req: GenerateReq, ids: list[int], context_len: int, args: Serv
             )
         req.sampling.max_new_tokens = context_len - len(ids)
     return ids
+
+
+def check_logprob_args(req: GenerateReq, prompt_len: int, vocab: int) -> None:
+    if not req.return_logprob:
+        return
+    if isinstance(req.logprob_start_len, bool) or not isinstance(req.logprob_start_len, int):
+        raise ValueError(f"logprob_start_len must be an int, got {req.logprob_start_len!r}.")
+    if req.logprob_start_len > prompt_len:
+        raise ValueError(
+            f"logprob_start_len ({req.logprob_start_len}) is larger than the prompt length ({prompt_len})."
+        )
+    if req.logprob_start_len < -1:
+        raise ValueError(f"logprob_start_len must be -1 (output only) or at least 0, got {req.logprob_start_len}.")
+    if isinstance(req.top_logprobs_num, bool) or not isinstance(req.top_logprobs_num, int) or not 0 <= req.top_logprobs_num <= vocab:
+        raise ValueError(f"top_logprobs_num must be an int in [0, {vocab}], got {req.top_logprobs_num!r}.")
+    for t in req.token_ids_logprob or ():
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            raise ValueError(f"token_ids_logprob contains {t!r}, which is outside the vocabulary [0, {vocab}).")

@@ -16,10 +16,11 @@ if _os.path.isfile(_os.path.join(_root, "runtime", "messages.py")) and _root not
 from treadle.client.engine import Engine, FlushCacheReqOutput  # noqa: E402
 from treadle.client.results import BatchResult  # noqa: E402
 from treadle.runtime.errors import EngineDeadError, EngineOverloadedError  # noqa: E402
+from treadle.runtime.logit_processor import CustomLogitProcessor, DisallowedTokensLogitsProcessor  # noqa: E402
 from treadle.runtime.sampling_params import SamplingParams  # noqa: E402
 from treadle.runtime.server_args import ServerArgs  # noqa: E402
 
 __all__ = [
     "Engine", "ServerArgs", "SamplingParams", "BatchResult", "FlushCacheReqOutput",
-    "EngineDeadError", "EngineOverloadedError",
+    "EngineDeadError", "EngineOverloadedError", "CustomLogitProcessor", "DisallowedTokensLogitsProcessor",
 ]

@@ -11,6 +11,7 @@ import random
 import socket
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -132,7 +133,7 @@ def run_greedy(runner: ModelRunner, alloc: Alloc, prompts: dict[int, list[int]],
                 rows.append(PlanRow(s, p, 0, alloc(len(p))))
             elif join_at.get(s, 0) < step and len(out[s]) < steps:
                 rows.append(PlanRow(s, [out[s][-1]], len(p) + len(out[s]) - 1, alloc(1)))
-        ids = runner.forward(ForwardPlan(step=step, new_slots=new, rows=rows))
+        ids, _ = runner.forward(ForwardPlan(step=step, new_slots=new, rows=rows))
         for row, tok in zip(rows, ids):
             out[row.slot].append(tok)
     return out
@@ -166,7 +167,7 @@ def test_chunked_prefill_equals_unchunked(models, name, device):
         last = b == 30
         plan = ForwardPlan(step=2 + step, rows=[PlanRow(1, p[a:b], a, alloc(b - a), sample=last)])
         if not last:
-            assert runner.forward(plan) == []
+            assert runner.forward(plan) == ([], {})
             continue
         chunked = runner.forward_logits(plan)
     torch.testing.assert_close(chunked, full, atol=tol(device), rtol=0)
@@ -185,7 +186,7 @@ def test_prefix_writes_reuse_kv(models, device):
     hit = runner.forward_logits(plan)
     torch.testing.assert_close(hit[0].cpu(), hf_last_logits(hf, second), atol=tol(device), rtol=0)
     # The first request is untouched: it keeps decoding exactly like HF.
-    nxt = runner.forward(ForwardPlan(step=2, rows=[PlanRow(0, [5], 20, alloc(1))]))
+    nxt, _ = runner.forward(ForwardPlan(step=2, rows=[PlanRow(0, [5], 20, alloc(1))]))
     assert nxt == [int(hf_last_logits(hf, first + [5]).argmax())]
 
 
@@ -251,9 +252,9 @@ def test_runner_seeded_sampling_independent_of_batch(models, device):
         others = {1: prompt(4, 2), 2: prompt(9, 3)} if with_others else {}
         new = [NewSlot(0, spec)] + [NewSlot(s, SamplingSpec(temperature=1.0)) for s in others]
         rows = [PlanRow(s, q, 0, alloc(len(q))) for s, q in others.items()] + [PlanRow(0, p, 0, alloc(6))]
-        toks.append(runner.forward(ForwardPlan(step=0, new_slots=new, rows=rows))[-1])
+        toks.append(runner.forward(ForwardPlan(step=0, new_slots=new, rows=rows))[0][-1])
         for i in range(10):
-            toks.append(runner.forward(ForwardPlan(step=i + 1, rows=[PlanRow(0, [toks[-1]], 6 + i, alloc(1))]))[0])
+            toks.append(runner.forward(ForwardPlan(step=i + 1, rows=[PlanRow(0, [toks[-1]], 6 + i, alloc(1))]))[0][0])
         return toks
 
     assert run(False) == run(True)
@@ -267,7 +268,7 @@ def test_dummy_load_format(models, tmp_path, device):
     plan = ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, prompt(8, 1), 0, Alloc(7)(8))])
     la, lb = a.forward_logits(plan), b.forward_logits(plan)
     assert torch.equal(la, lb) and torch.isfinite(la).all() and la.std() > 0
-    assert 0 <= a.forward(ForwardPlan(step=1, rows=[PlanRow(0, [3], 8, [900])]))[0] < VOCAB
+    assert 0 <= a.forward(ForwardPlan(step=1, rows=[PlanRow(0, [3], 8, [900])]))[0][0] < VOCAB
     info = a.info()
     assert info["device"].startswith(device) and info["dtype"] == "float32"
     assert info["kv_bytes"] == 2 * 3 * KV_TOKENS * 2 * 16 * 4  # K+V, layers, tokens, kv heads, head dim, fp32
@@ -295,6 +296,9 @@ def _tp_worker(rank: int, path: str, port: int, out: str) -> None:
     logits = runner.forward_logits(plan)
     if rank == 0:
         torch.save(logits, out)
+    # Leave together: a rank exiting while the other still holds the gloo group can abort it.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def test_tensor_parallel_2_matches_hf(models, tmp_path):
@@ -307,3 +311,125 @@ def test_tensor_parallel_2_matches_hf(models, tmp_path):
     logits = torch.load(out)
     for row, p in zip(logits, [prompt(7, 1), prompt(15, 2)]):
         torch.testing.assert_close(row, hf_last_logits(hf, p), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- 6. logprobs and hidden states
+@torch.no_grad()
+def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """log_softmax of HF's logits at every position ``[n, V]``."""
+    return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_output_logprobs_match_hf(models, device):
+    hf, path = models["llama"]
+    runner, alloc, t = make_runner(path, device), Alloc(10), tol(device)
+    specs = {0: SamplingSpec(temperature=0.0, logprobs=True, top_logprobs_num=5, token_ids_logprob=[3, 999, 17]),
+             # Sampled, with a bias and a penalty: logprobs stay those of the raw distribution.
+             1: SamplingSpec(temperature=0.7, seed=3, logprobs=True, top_logprobs_num=2, logit_bias={5: 3.0},
+                             repetition_penalty=1.2),
+             2: SamplingSpec(temperature=1.0)}  # asks nothing
+    seqs = {0: prompt(7, 31), 1: prompt(4, 32), 2: prompt(5, 33)}
+    plan = ForwardPlan(step=0, new_slots=[NewSlot(s, sp) for s, sp in specs.items()],
+                       rows=[PlanRow(s, q, 0, alloc(len(q))) for s, q in seqs.items()])
+    for step in range(4):
+        ids, extras = runner.forward(plan)
+        assert sorted(extras) == [0, 1]  # row indices; the slot asking nothing gets no RowOut
+        for r, s in enumerate((0, 1)):
+            lp, out = hf_logprobs(hf, seqs[s])[-1], extras[r]
+            assert out.logprob == pytest.approx(float(lp[ids[r]]), abs=t)
+            k = specs[s].top_logprobs_num
+            top = lp.topk(k)
+            assert out.top_ids == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor(out.top_logprobs), top.values, atol=t, rtol=0)
+            want_ids = lp[specs[s].token_ids_logprob or []]
+            torch.testing.assert_close(torch.tensor(out.ids_logprobs), want_ids, atol=t, rtol=0)
+            assert not out.input_logprobs and not out.hidden
+        if step == 0:
+            assert ids[0] == int(hf_logprobs(hf, seqs[0])[-1].argmax())
+        rows = []
+        for s, tok in zip(seqs, ids):
+            rows.append(PlanRow(s, [tok], len(seqs[s]), alloc(1)))
+            seqs[s] = seqs[s] + [tok]
+        plan = ForwardPlan(step=step + 1, rows=rows)
+
+
+def test_no_asks_no_extras(models):
+    _, path = models["llama"]
+    runner, p = make_runner(path), prompt(6, 1)
+    ids, extras = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, SamplingSpec())],
+                                             rows=[PlanRow(0, p, 0, Alloc(11)(6))]))
+    assert len(ids) == 1 and extras == {}
+
+
+def test_input_logprobs_match_hf(models, device):
+    hf, path = models["llama"]
+    runner, alloc, t = make_runner(path, device), Alloc(12), tol(device)
+    p, q = prompt(12, 41), prompt(9, 42)
+    specs = [SamplingSpec(temperature=0.0, logprobs=True),
+             SamplingSpec(temperature=0.0, top_logprobs_num=3, token_ids_logprob=[8, 2])]
+    plan = ForwardPlan(step=0, new_slots=[NewSlot(0, specs[0]), NewSlot(1, specs[1])],
+                       rows=[PlanRow(0, p, 0, alloc(12), logprob_from=0), PlanRow(1, q, 0, alloc(9), logprob_from=3)])
+    ids, extras = runner.forward(plan)
+    assert ids == [int(hf_logprobs(hf, p)[-1].argmax()), int(hf_logprobs(hf, q)[-1].argmax())]
+    a, b = extras[0], extras[1]
+    lp_p, lp_q = hf_logprobs(hf, p), hf_logprobs(hf, q)
+    want_p = lp_p[torch.arange(11), torch.tensor(p[1:])]
+    torch.testing.assert_close(torch.tensor(a.input_logprobs), want_p, atol=t, rtol=0)
+    assert a.input_top_ids == [] and a.input_ids_logprobs == [] and a.logprob is not None
+    want_q = lp_q[torch.arange(3, 8), torch.tensor(q[4:])]
+    torch.testing.assert_close(torch.tensor(b.input_logprobs), want_q, atol=t, rtol=0)
+    top = lp_q[3:8].topk(3)
+    assert b.input_top_ids == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor(b.input_top_logprobs), top.values, atol=t, rtol=0)
+    torch.testing.assert_close(torch.tensor(b.input_ids_logprobs), lp_q[3:8][:, [8, 2]], atol=t, rtol=0)
+    assert b.logprob is None  # the slot did not ask for output logprobs
+    # A non-final chunk (no sampling) still reports its input logprobs.
+    r = ForwardPlan(step=1, new_slots=[NewSlot(2, specs[0])], rows=[PlanRow(2, p[:6], 0, alloc(6), sample=False,
+                                                                            logprob_from=2)])
+    ids, extras = runner.forward(r)
+    assert ids == [] and list(extras) == [0]
+    torch.testing.assert_close(torch.tensor(extras[0].input_logprobs), want_p[2:5], atol=t, rtol=0)
+
+
+def test_hidden_states_match_hf(models, device):
+    hf, path = models["llama"]
+    runner, alloc, t = make_runner(path, device), Alloc(13), tol(device)
+    p = prompt(10, 51)
+    spec = SamplingSpec(temperature=0.0, return_hidden=True)
+    with torch.no_grad():
+        out = hf(torch.tensor([p]), output_hidden_states=True)
+    ref = out.hidden_states[-1][0]  # HF's last entry is after the final norm: lm_head(ref) == logits
+    torch.testing.assert_close(hf.lm_head(ref), out.logits[0])
+    ids, extras = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(3, GREEDY), NewSlot(4, spec)],
+                                             rows=[PlanRow(3, prompt(3, 1), 0, alloc(3)), PlanRow(4, p, 0, alloc(10))]))
+    assert list(extras) == [1]
+    got = torch.from_numpy(np.frombuffer(extras[1].hidden, dtype=np.float32).reshape(10, -1).copy())
+    torch.testing.assert_close(got, ref, atol=t, rtol=0)
+    tok = ids[1]
+    _, extras = runner.forward(ForwardPlan(step=1, rows=[PlanRow(4, [tok], 10, alloc(1))]))
+    with torch.no_grad():
+        ref2 = hf(torch.tensor([p + [tok]]), output_hidden_states=True).hidden_states[-1][0, -1]
+    got2 = torch.from_numpy(np.frombuffer(extras[0].hidden, dtype=np.float32).copy())
+    torch.testing.assert_close(got2, ref2, atol=t, rtol=0)
+
+
+def test_readmitted_slot_continues_seeded_stream(models):
+    """Same tokens whether a seeded request runs through or is re-admitted with ``prior_output``."""
+    _, path = models["llama"]
+    spec, p = SamplingSpec(temperature=1.3, seed=9, repetition_penalty=1.1), prompt(5, 61)
+
+    def decode(runner, alloc, slot, ids, pos, n):
+        out = []
+        for i in range(n):
+            tok = runner.forward(ForwardPlan(step=i, rows=[PlanRow(slot, [ids[-1]], pos + i, alloc(1))]))[0][0]
+            ids, out = ids + [tok], out + [tok]
+        return out
+
+    runner, alloc = make_runner(path), Alloc(14)
+    first = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, spec)], rows=[PlanRow(0, p, 0, alloc(5))]))[0]
+    whole = first + decode(runner, alloc, 0, p + first, 5, 11)
+    runner2, alloc2 = make_runner(path, random_seed=3), Alloc(15)
+    seq = p + whole[:6]  # re-admitted after 6 tokens: recompute the whole sequence, then go on
+    nxt = runner2.forward(ForwardPlan(step=0, new_slots=[NewSlot(5, spec, prior_output=whole[:6])],
+                                      rows=[PlanRow(5, seq, 0, alloc2(len(seq)))]))[0]
+    assert nxt + decode(runner2, alloc2, 5, seq + nxt, len(seq), 5) == whole[6:]

@@ -1,0 +1,129 @@
+"""Per-slot sampling state and the logit edits that depend on it (bias, penalties, masks, user code).
+
+The worker remembers, for each request slot, its ``SamplingSpec`` and the tokens it has output so
+far (seeded from ``NewSlot.prior_output``, so a re-admitted request keeps its penalties, its
+``min_new_tokens`` progress and its seeded sample stream). ``apply`` edits the logits of the rows
+whose spec needs it, in SGLang/OpenAI order: logit_bias, repetition penalty, frequency/presence
+penalty, min_new_tokens stop masking, custom processors. Rows that need nothing cost nothing, and
+a batch where no row needs anything returns before touching the device.
+
+Penalties count output tokens only. Their count table ``[max_slots, vocab]`` lives on the device and
+is allocated the first time any row uses a penalty (on a 150k vocabulary and 256 slots it is
+~150 MB, which a deployment that never penalizes should not pay); from then on every sampled
+token is added to it with one scatter, so no per-step host work scales with vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional, Sequence
+
+import torch
+
+from treadle.runtime.logit_processor import CustomLogitProcessor, load_processor
+from treadle.runtime.messages import SamplingSpec
+
+
+def uses_penalty(spec: SamplingSpec) -> bool:
+    return spec.repetition_penalty != 1.0 or spec.frequency_penalty != 0.0 or spec.presence_penalty != 0.0
+
+
+def needs_processing(spec: SamplingSpec) -> bool:
+    """Whether ``apply`` has anything to do for a row with this spec."""
+    return (bool(spec.logit_bias) or uses_penalty(spec) or (spec.min_new_tokens > 0 and bool(spec.stop_ids))
+            or spec.custom_processor is not None)
+
+
+class SlotState:
+    def __init__(self, max_slots: int, device: torch.device):
+        self.device = device
+        self.specs: list[SamplingSpec] = [SamplingSpec() for _ in range(max_slots)]
+        self.outputs: list[list[int]] = [[] for _ in range(max_slots)]
+        self.active = [False] * max_slots  # needs_processing(specs[slot]), cached
+        self.counts: Optional[torch.Tensor] = None  # float32 [max_slots, vocab], lazily
+        self._procs: dict[tuple[str, str], CustomLogitProcessor] = {}
+
+    def set_slot(self, slot: int, spec: SamplingSpec, prior_output: Sequence[int] = ()) -> None:
+        self.specs[slot] = spec
+        self.outputs[slot] = list(prior_output)
+        self.active[slot] = needs_processing(spec)
+        if self.counts is not None:
+            self.counts[slot].zero_()
+            self._count([slot] * len(prior_output), list(prior_output))
+
+    def record(self, slots: list[int], ids: torch.Tensor, host_ids: list[int]) -> None:
+        """Append one sampled token per row (``ids`` on the device, ``host_ids`` the same values)."""
+        for s, t in zip(slots, host_ids):
+            self.outputs[s].append(t)
+        if self.counts is not None:
+            s = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.counts.index_put_((s, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
+
+    def _count(self, slots: list[int], ids: list[int]) -> None:
+        if ids:
+            idx = torch.tensor([slots, ids], dtype=torch.int64).to(self.device, non_blocking=True)
+            self.counts.index_put_((idx[0], idx[1]), torch.ones(len(ids), device=self.device), accumulate=True)
+
+    def _ensure_counts(self, vocab: int) -> torch.Tensor:
+        if self.counts is None:
+            self.counts = torch.zeros(len(self.specs), vocab, dtype=torch.float32, device=self.device)
+            pairs = [(s, t) for s, out in enumerate(self.outputs) for t in out]
+            self._count([s for s, _ in pairs], [t for _, t in pairs])
+        return self.counts
+
+    def processor(self, path: str, state: Optional[dict[str, Any]]) -> CustomLogitProcessor:
+        """One instance per (import path, state): user processors may keep caches on ``self``."""
+        key = (path, json.dumps(state, sort_keys=True))
+        if key not in self._procs:
+            self._procs[key] = load_processor(path, state)
+        return self._procs[key]
+
+    def apply(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Edit ``logits [n, V]`` (float32, row i belongs to ``slots[i]``) in place; returns it."""
+        rows = [i for i, s in enumerate(slots) if self.active[s]]
+        if not rows:
+            return logits
+        vocab = logits.shape[-1]
+        specs = {i: self.specs[slots[i]] for i in rows}
+        # 1. logit_bias (additive). Out-of-vocabulary ids are skipped here (ModelRunner rejects them
+        # earlier) so a bad id can never become a device-side indexing fault.
+        bias = [(i, t, v) for i in rows for t, v in (specs[i].logit_bias or {}).items() if 0 <= t < vocab]
+        if bias:
+            r, c, v = zip(*bias)
+            logits.index_put_(self._idx(r, c), torch.tensor(v, dtype=logits.dtype).to(self.device), accumulate=True)
+        # 2-3. repetition (HF: divide positive logits, multiply negative ones) then frequency/presence.
+        pen = [i for i in rows if uses_penalty(specs[i])]
+        if pen:
+            counts = self._ensure_counts(vocab)
+            r_t, s_t = self._idx(pen, [slots[i] for i in pen])
+            params = torch.tensor([[specs[i].repetition_penalty, specs[i].frequency_penalty, specs[i].presence_penalty]
+                                   for i in pen], dtype=torch.float32).to(self.device, non_blocking=True)
+            rp, fp, pp = (x[:, None] for x in params.unbind(1))
+            c, x = counts[s_t], logits[r_t]
+            seen = c > 0
+            x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+            logits[r_t] = x - fp * c - pp * seen
+        # 4. min_new_tokens: stop ids are impossible until enough tokens were output.
+        mask = [(i, t) for i in rows if len(self.outputs[slots[i]]) < specs[i].min_new_tokens
+                for t in specs[i].stop_ids if 0 <= t < vocab]
+        if mask:
+            r, c = zip(*mask)
+            logits[self._idx(r, c)] = float("-inf")
+        # 5. custom processors, one call per (processor, state) group.
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i in rows:
+            sp = specs[i]
+            if sp.custom_processor is not None:
+                groups.setdefault((sp.custom_processor, json.dumps(sp.custom_state, sort_keys=True)), []).append(i)
+        for group in groups.values():
+            sp = specs[group[0]]
+            proc = self.processor(sp.custom_processor, sp.custom_state)
+            params = [dict(specs[i].custom_params or {}, __output_ids__=list(self.outputs[slots[i]])) for i in group]
+            idx = torch.tensor(group, dtype=torch.int64).to(self.device)
+            logits[idx] = proc(logits[idx], params).to(device=logits.device, dtype=logits.dtype)
+        return logits
+
+    def _idx(self, *cols: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """Host index lists -> device int64 tensors, in one copy."""
+        t = torch.tensor(list(cols), dtype=torch.int64).to(self.device, non_blocking=True)
+        return tuple(t.unbind(0))

@@ -1,0 +1,81 @@
+"""Hidden states and custom logit processors: engines started with the server flags they need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treadle import CustomLogitProcessor, Engine
+
+pytestmark = pytest.mark.e2e
+
+
+class OnlyToken(CustomLogitProcessor):
+    """Forces ``custom_params["token"]`` (importable from this test module by the worker)."""
+
+    def __call__(self, logits, custom_param_list):
+        for i, p in enumerate(custom_param_list):
+            keep = logits[i, p["token"]].clone()
+            logits[i] = float("-inf")
+            logits[i, p["token"]] = keep
+        return logits
+
+
+@pytest.fixture(scope="module")
+def flagged_engine():
+    eng = Engine(model_path="default", enable_return_hidden_states=True, enable_custom_logit_processor=True)
+    yield eng
+    eng.shutdown()
+
+
+def test_usage_guide_hidden_states(flagged_engine, hf_gguf_model, hf_tokenizer):
+    engine = flagged_engine
+    response = engine.generate(
+        prompt="Hello",
+        return_hidden_states=True,
+        sampling_params={"max_new_tokens": 5}
+    )
+    hidden_states = response["meta_info"]["hidden_states"]
+    n_prompt = response["meta_info"]["prompt_tokens"]
+    assert len(hidden_states) == response["meta_info"]["completion_tokens"]
+    assert len(hidden_states[0]) == n_prompt and len(hidden_states[0][0]) == 576
+    ids = hf_tokenizer("Hello")["input_ids"] + response["output_ids"]
+    with torch.no_grad():
+        ref = hf_gguf_model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    got = torch.tensor(hidden_states[0] + hidden_states[1:])
+    assert torch.allclose(got, ref[: got.shape[0]], atol=1e-4, rtol=1e-4)
+
+
+def test_usage_guide_custom_logit_processor(flagged_engine):
+    engine = flagged_engine
+    engine.register_custom_logit_processor("my_processor_function", OnlyToken)
+    response = engine.generate(
+        prompt="Generate a number",
+        custom_logit_processor="my_processor_function",
+        sampling_params={"max_new_tokens": 10, "custom_params": {"token": 33}}
+    )
+    assert response["output_ids"] == [33] * 10
+
+
+def test_processor_class_instance_and_builtin_in_one_batch(flagged_engine):
+    engine = flagged_engine
+    plain = engine.generate(prompt="Count: 1, 2,", sampling_params={"temperature": 0, "max_new_tokens": 4})
+    banned = plain["output_ids"][0]
+    res = engine.generate(
+        prompt=["Count: 1, 2,", "Count: 1, 2,", "Count: 1, 2,"],
+        custom_logit_processor=[OnlyToken, "DisallowedTokensLogitsProcessor", None],
+        sampling_params=[{"temperature": 0, "max_new_tokens": 4, "custom_params": {"token": 7}},
+                         {"temperature": 0, "max_new_tokens": 4, "custom_params": {"token_ids": [banned]}},
+                         {"temperature": 0, "max_new_tokens": 4}],
+    )
+    assert res[0]["output_ids"] == [7] * 4
+    assert banned not in res[1]["output_ids"]
+    assert res[2]["output_ids"] == plain["output_ids"]
+
+
+def test_bad_processor_fails_only_the_call(flagged_engine):
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        flagged_engine.generate(prompt="Hi", custom_logit_processor="no.such.module:Thing")
+    with pytest.raises(ValueError, match="registered name"):
+        flagged_engine.generate(prompt="Hi", custom_logit_processor="never_registered")
+    assert flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
