@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import itertools
 import logging
 import os
@@ -11,6 +12,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 import weakref
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
@@ -23,7 +25,7 @@ from treadle.client.supervisor import Supervisor
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.logit_processor import load_processor, processor_reference
-from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, Shutdown
+from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, SessionParams, Shutdown
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.procs import ChildSpec, kill_child, launch_child
 from treadle.runtime.server_args import ServerArgs
@@ -171,7 +173,7 @@ class Engine:
         unsupported = call.pop("unsupported")
         if unsupported:
             raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
-        for name in ("image_data", "lora_path", "session_params"):
+        for name in ("image_data", "lora_path"):
             if call[name] is not None:
                 raise NotImplementedError(f"{name} is not supported yet by Treadle (see the README's feature table).")
         hidden = call["return_hidden_states"]
@@ -181,8 +183,14 @@ class Engine:
         options = {k: call[k] for k in _GENERATE_OPTIONS if call[k] is not None}
         if call["custom_logit_processor"] is not None:
             options.update(self._resolve_processors(call["custom_logit_processor"]))
-        return normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
-                                  call["stream"], options, self._preferred_sampling())
+        reqs, is_batch = normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
+                                            call["stream"], options, self._preferred_sampling())
+        if call["session_params"] is not None:
+            session = _session_params(call["session_params"])
+            if len(reqs) != 1:
+                raise ValueError("session_params needs a single prompt with n=1 (each call is one turn).")
+            reqs[0].session = session
+        return reqs, is_batch
 
     def _resolve_processors(self, procs: Any) -> dict[str, Any]:
         """Import paths (and instance states) of the requested processors, checked here so a bad one
@@ -293,6 +301,25 @@ class Engine:
         ok = bool(res.get("success"))
         return FlushCacheReqOutput(ok, "" if ok else "Cache not flushed because there is pending work.")
 
+    def open_session(self, capacity_of_str_len: int, session_id: Optional[str] = None, streaming: bool = False,
+                     timeout: Optional[float] = None) -> Optional[str]:
+        """Open a multi-turn session; returns its id, or None if ``session_id`` is already open."""
+        if streaming or timeout is not None:
+            raise NotImplementedError("streaming sessions and session timeouts are not supported yet by Treadle.")
+        if not isinstance(capacity_of_str_len, int) or capacity_of_str_len < 0:
+            raise ValueError(f"capacity_of_str_len must be a non-negative int, got {capacity_of_str_len!r}.")
+        sid = session_id or uuid.uuid4().hex
+        return sid if self._control("open_session", session_id=sid) else None
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session and release the KV it kept cached (an unknown id is ignored)."""
+        self._control("close_session", session_id=session_id)
+
+    def freeze_gc(self) -> None:
+        """``gc.freeze()`` in the scheduler, the detokenizer and this process (call after warm-up)."""
+        self._control("freeze_gc")
+        gc.freeze()
+
     def get_server_info(self) -> dict[str, Any]:
         state = self._control("get_internal_state")
         worker = self._sup.ready_info.get("worker0", {})
@@ -360,6 +387,20 @@ class Engine:
 
 
 _WIRE_CHECK = msgspec.msgpack.Decoder(GenerateBatch)
+
+
+def _session_params(d: Any) -> SessionParams:
+    """SGLang's ``session_params`` dict (``id`` or ``session_id``, ``rid``, ``offset``, ``replace``,
+    ``drop_previous_output``)."""
+    if not isinstance(d, dict):
+        raise TypeError("session_params must be a dict.")
+    d = dict(d)
+    if "session_id" in d:
+        d.setdefault("id", d.pop("session_id"))
+    try:
+        return msgspec.convert(d, SessionParams)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"Invalid session_params: {e}") from None
 
 
 def _checked_payload(batch: GenerateBatch) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import msgspec
@@ -9,7 +10,9 @@ import zmq
 
 from treadle.detokenizer_proc.incremental import IncrementalDetokenizer
 from treadle.runtime.hf_config import load_tokenizer
-from treadle.runtime.messages import DETOKENIZER_IN, ChildReady, Shutdown, StrOut, StrOutBatch, TokenOutBatch
+from treadle.runtime.messages import (
+    DETOKENIZER_IN, ChildReady, FreezeGC, Shutdown, StrOut, StrOutBatch, TokenOutBatch,
+)
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
 
@@ -45,4 +48,7 @@ def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
             continue
         if isinstance(msg, Shutdown):
             return
+        if isinstance(msg, FreezeGC):
+            gc.freeze()
+            continue
         inbox.send(detokenize(detok, msg))

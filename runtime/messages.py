@@ -18,6 +18,16 @@ class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     """Base of every tagged message (the tag is the class name)."""
 
 
+class SessionParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """A turn of a session (API.md part A): continue from ``rid`` (default: the latest turn)."""
+
+    id: str
+    rid: Optional[str] = None
+    offset: Optional[int] = None
+    replace: Optional[bool] = None
+    drop_previous_output: Optional[bool] = None
+
+
 # ---------------------------------------------------------------- client -> tokenizer
 class GenerateReq(_Msg):
     """One generation request as the user gave it (text or ids), already shape-normalized."""
@@ -37,6 +47,7 @@ class GenerateReq(_Msg):
     max_new_tokens_set: bool = False  # the user named max_new_tokens (else it is clamped silently)
     custom_logit_processor: Optional[str] = None  # import path, resolved by the client
     custom_state: Optional[dict[str, Any]] = None
+    session: Optional[SessionParams] = None
 
 
 class GenerateBatch(_Msg):
@@ -74,6 +85,7 @@ class TokenizedReq(_Msg):
     created: float = 0.0
     custom_logit_processor: Optional[str] = None
     custom_state: Optional[dict[str, Any]] = None
+    session: Optional[SessionParams] = None
 
 
 class TokenizedBatch(_Msg):
@@ -307,8 +319,12 @@ class Shutdown(_Msg):
     """Asks a child to leave its loop (sent by the parent on shutdown)."""
 
 
+class FreezeGC(_Msg):
+    """``gc.freeze()`` after warm-up (forwarded by the scheduler to the detokenizer)."""
+
+
 TOKENIZER_IN = Union[GenerateBatch, AbortReq, ControlReq, Shutdown]
 SCHEDULER_IN = Union[TokenizedBatch, AbortReq, ControlReq, Shutdown, StepResult, WorkerControlReply]
 WORKER_IN = Union[ForwardPlan, WorkerControl, Shutdown]
-DETOKENIZER_IN = Union[TokenOutBatch, Shutdown]
+DETOKENIZER_IN = Union[TokenOutBatch, FreezeGC, Shutdown]
 CLIENT_IN = Union[StrOutBatch, ReqError, ControlReply, ChildReady, ChildFailed]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ import zmq
 
 from treadle.runtime.hf_config import eos_token_ids, load_config, load_tokenizer
 from treadle.runtime.messages import (
-    SCHEDULER_IN, AbortReq, ChildReady, ControlReply, ControlReq, ReqError, Shutdown, StepResult,
+    SCHEDULER_IN, AbortReq, ChildReady, ControlReply, ControlReq, FreezeGC, ReqError, Shutdown, StepResult,
     TokenizedBatch, TokenOutBatch, WorkerControl, WorkerControlReply,
 )
 from treadle.runtime.procs import ChildSpec
@@ -88,9 +89,8 @@ class SchedulerLoop:
 
     def handle(self, msg: Any) -> None:
         if isinstance(msg, TokenizedBatch):
-            rejected = self.sched.add_requests(msg.reqs)
-            for rid, message in rejected:
-                self.inbox.send(ReqError(kind="value", message=message, rids=[rid]))
+            for rid, kind, message in self.sched.add_requests(msg.reqs):
+                self.inbox.send(ReqError(kind=kind, message=message, rids=[rid]))
         elif isinstance(msg, AbortReq):
             self.sched.abort(msg.rid, msg.abort_all)
         elif isinstance(msg, ControlReq):
@@ -102,8 +102,23 @@ class SchedulerLoop:
         if msg.method == "get_internal_state":
             return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.internal_state())
         if msg.method == "flush_cache":
-            # No prefix cache holds pages yet, so an idle engine has nothing to flush.
-            return ControlReply(call_id=msg.call_id, ok=True, result={"success": self.sched.is_idle()})
+            return ControlReply(call_id=msg.call_id, ok=True, result={"success": self.sched.flush_cache()})
+        if msg.method == "open_session":
+            return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.open_session(msg.args["session_id"]))
+        if msg.method == "close_session":
+            return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.close_session(msg.args["session_id"]))
+        if msg.method == "freeze_gc":
+            gc.freeze()
+            self.to_detok.send(FreezeGC())
+            return ControlReply(call_id=msg.call_id, ok=True, result=True)
+        if msg.method == "check_integrity":
+            try:
+                self.sched.check_integrity()
+                if self.sched.cache is not None and self.sched.is_idle():
+                    self.sched.cache.check()
+            except AssertionError as e:
+                return ControlReply(call_id=msg.call_id, ok=False, error=f"integrity check failed: {e}")
+            return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.internal_state())
         if msg.method in ("start_profile", "stop_profile"):
             try:
                 return ControlReply(call_id=msg.call_id, ok=True, result=self.worker_call(msg.method, **msg.args))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from treadle.runtime.messages import FinishReason, SamplingSpec, TokenizedReq
 from treadle.scheduler_proc.output_meta import OutputMeta
@@ -21,9 +21,14 @@ class Req:
         self.stop_ids = set() if self.sampling.ignore_eos else eos_ids | set(self.sampling.stop_token_ids or ())
         self.stop_strs = self.sampling.stop_strs()
         self.slot: Optional[int] = None
-        self.pages: list[int] = []
-        self.num_computed = 0  # tokens whose KV is in the cache
+        self.pages: list[int] = []  # KV pages of positions 0.. in order; the first `shared_pages` belong to the cache
+        self.shared_pages = 0
+        self.cache_node: Any = None  # locked radix node of the matched prefix
+        self.num_computed = 0  # positions whose KV is computed
+        self.fill_len = 0  # positions to compute before the next sample (set at admission)
         self.cached_tokens = 0
+        self.num_retractions = 0
+        self.arrival = 0
         self.finish: Optional[FinishReason] = None
         self.sent = 0  # output ids already emitted to the detokenizer
         self.eos_ids = eos_ids
@@ -38,6 +43,13 @@ class Req:
 
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.fill_len
+
+    def remaining_tokens(self) -> int:
+        return max(0, self.max_new_tokens - len(self.output_ids))
 
     def locs(self, start: int, end: int, page_size: int) -> list[int]:
         """KV-cache token locations of positions ``start .. end-1``."""

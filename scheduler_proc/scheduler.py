@@ -1,27 +1,33 @@
 """The scheduler's core: admit requests, build one forward plan per step, apply its results.
 
-Continuous batching: every step runs the decode token of each running request plus the
-prefill of newly admitted ones in one plan, so requests join and leave the batch at any
-step. KV pages are reserved for a request's whole budget at admission (prompt plus
-``max_new_tokens``), so a running request never runs out of pages.
+Continuous batching: every step runs the decode token of each running request, then prefill
+work within a token budget (the rest of a chunked prompt first, then newly admitted requests,
+each starting after its longest cached prefix). A prompt longer than ``chunked_prefill_size``
+is split over steps, so decodes never wait for more than one chunk. Pages are taken as tokens
+need them; when decoding runs out, the least advanced requests are retracted to the queue and
+later recomputed (their KV stays in the prefix cache until evicted).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections import deque
 from typing import Any, Optional
 
 from treadle.runtime.messages import (
-    FinishReason, ForwardPlan, NewSlot, PlanRow, RowOut, TokenizedReq, TokenOut,
+    FinishReason, ForwardPlan, NewSlot, PlanRow, PrefixWrite, RowOut, TokenizedReq, TokenOut,
 )
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
+from treadle.scheduler_proc.policy import order_waiting, priority_of
+from treadle.scheduler_proc.radix_cache import RadixCache
 from treadle.scheduler_proc.req import Req
+from treadle.scheduler_proc.sessions import SessionTable
 from treadle.scheduler_proc.stop_checker import check_finish, ends_with_stop_prefix
 
 logger = logging.getLogger("treadle.scheduler")
+PREEMPTION_GAP = 10  # priority gap that lets a waiting request displace a running one (SGLang's default)
 
 
 class Scheduler:
@@ -38,39 +44,77 @@ class Scheduler:
         self.page_size: int = args.page_size or 1
         self.pages = PageAllocator(self.max_total_tokens, self.page_size)
         self.slots = SlotAllocator(self.max_running)
-        self.waiting: deque[Req] = deque()
+        self.cache: Optional[RadixCache] = None if args.disable_radix_cache else RadixCache(self.page_size, self.pages)
+        self.sessions = SessionTable()
+        self.priority = args.enable_priority_scheduling or args.schedule_policy == "priority"
+        cps = args.chunked_prefill_size
+        self.chunk_size: Optional[int] = cps if cps is not None and cps > 0 else None
+        self.init_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
+        self.min_ratio = min(0.1 * args.schedule_conservativeness, self.init_ratio)
+        self.new_token_ratio = self.init_ratio  # expected share of max_new_tokens still to come (admission)
+        self.waiting: list[Req] = []
         self.running: list[Req] = []
+        self.arrivals = itertools.count()
         self.step = 0
-        self.plan_reqs: list[Req] = []  # the request of each row of the plan in flight
-        self.plan_prefill: list[bool] = []  # whether that row is the request's prefill
+        self.plan_rows: list[tuple[Req, int, bool, bool]] = []  # (request, new tokens, samples, is prefill) per row
         self.outputs: list[TokenOut] = []
+        self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "retractions": 0, "preemptions": 0,
+                      "max_prefill_tokens_beside_decode": 0}
         self.num_generated = 0
         self.last_log = time.monotonic()
 
     # ------------------------------------------------------------------ intake
-    def add_requests(self, reqs: list[TokenizedReq]) -> list[tuple[str, str]]:
-        """Queue requests; returns (rid, message) for those that can never fit the KV pool."""
+    def add_requests(self, reqs: list[TokenizedReq]) -> list[tuple[str, str, str]]:
+        """Queue requests; returns ``(rid, error kind, message)`` for those refused."""
         rejected = []
         pool = self.pages.num_pages * self.page_size
         for tr in reqs:
-            if len(tr.input_ids) + 1 > pool:
-                rejected.append((tr.rid, (
-                    f"Input length ({len(tr.input_ids)} tokens) exceeds the KV cache capacity "
-                    f"({self.max_total_tokens} tokens). Use a shorter input or a larger max_total_tokens."
-                )))
+            ids = tr.input_ids
+            try:
+                if tr.session is not None:
+                    ids = self.sessions.context(tr.session, tr.rid, ids)
+                if len(ids) + 1 > pool:
+                    raise ValueError(f"Input length ({len(ids)} tokens) exceeds the KV cache capacity "
+                                     f"({self.max_total_tokens} tokens). Use a shorter input or a larger max_total_tokens.")
+                if len(ids) >= self.context_len:
+                    raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length "
+                                     f"({self.context_len} tokens).")
+            except ValueError as e:
+                rejected.append((tr.rid, "value", str(e)))
                 continue
             # max_new_tokens is clamped to what the context and the KV pool can hold (API.md 4.1)
-            room = min(self.context_len, pool) - len(tr.input_ids)
+            room = min(self.context_len, pool) - len(ids)
             max_new = room if tr.sampling.max_new_tokens is None else min(tr.sampling.max_new_tokens, room)
             req = Req(tr, max_new, self.eos_ids, self.hidden_size)
+            req.input_ids, req.arrival = ids, next(self.arrivals)
+            if not self._queue_has_room(req):
+                rejected.append((tr.rid, "overloaded", "The request queue is full."))
+                continue
             if self.args.log_requests:
-                logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(tr.input_ids), max_new)
+                logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(ids), max_new)
             if max_new == 0:
                 req.finish = FinishReason(type="length", length=0)
                 self._emit(req)
                 continue
             self.waiting.append(req)
         return rejected
+
+    def _queue_has_room(self, req: Req) -> bool:
+        """``max_queued_requests``: with priorities, a more important newcomer displaces the least
+        important waiting request (newest on ties), which is aborted as overloaded."""
+        limit = self.args.max_queued_requests
+        if limit is None or len(self.waiting) < limit:
+            return True
+        if not self.priority:
+            return False
+        victim = min(self.waiting, key=lambda r: (priority_of(r), -r.arrival))
+        if priority_of(req) <= priority_of(victim):
+            return False
+        self.waiting.remove(victim)
+        victim.finish = FinishReason(type="abort", message="The request is aborted by a higher priority request.",
+                                     status_code=503)
+        self._emit(victim)
+        return True
 
     def abort(self, rid: str, abort_all: bool) -> None:
         """Abort by rid prefix (SGLang's rule, so ``rid`` also aborts ``rid_0``, ``rid_1``...)."""
@@ -86,47 +130,188 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
     def schedule(self) -> Optional[ForwardPlan]:
-        """The next step's plan: one decode row per running request plus admitted prefills."""
+        """The next step: decode rows, then chunked and newly admitted prefill rows."""
         rows: list[PlanRow] = []
         new_slots: list[NewSlot] = []
-        self.plan_reqs, self.plan_prefill = [], []
+        prefix_writes: list[PrefixWrite] = []
+        self.plan_rows = []
+        self._make_room_for_decodes()
         for req in self.running:
-            pos = req.seq_len - 1
-            rows.append(PlanRow(req.slot, [req.all_ids()[-1]], pos, req.locs(pos, pos + 1, self.page_size)))
-            self.plan_reqs.append(req)
-            self.plan_prefill.append(False)
-        budget = self.args.max_prefill_tokens
-        while self.waiting and self.slots.free_slots > 0:
-            req = self.waiting[0]
-            need = self.pages.pages_for(len(req.input_ids) + req.max_new_tokens)
-            if need > self.pages.free_pages or (len(req.input_ids) > budget and budget < self.args.max_prefill_tokens):
-                break
-            self.waiting.popleft()
-            budget -= len(req.input_ids)
-            req.pages = self.pages.alloc(need)
-            req.slot = self.slots.alloc()
-            new_slots.append(NewSlot(req.slot, req.sampling_spec(self.vocab_size), list(req.output_ids)))
-            ids = req.all_ids()  # a re-queued request re-runs its output so far too
-            logprob_from = -1 if req.input_logprobs_done else req.tr.logprob_start_len
-            rows.append(PlanRow(req.slot, ids, 0, req.locs(0, len(ids), self.page_size), True, logprob_from))
-            self.running.append(req)
-            self.plan_reqs.append(req)
-            self.plan_prefill.append(True)
+            if not req.prefilling:
+                pos = req.seq_len - 1
+                self._grow(req, pos + 1)
+                rows.append(PlanRow(req.slot, [req.all_ids()[-1]], pos, req.locs(pos, pos + 1, self.page_size)))
+                self.plan_rows.append((req, 1, True, False))
+        decoding = len(rows)
+        budget = min(self.args.max_prefill_tokens, self.chunk_size or self.args.max_prefill_tokens)
+        for req in [r for r in self.running if r.prefilling]:  # a chunked prompt continues first
+            budget -= self._prefill_row(req, budget, rows)
+        if budget > 0 and not any(r.prefilling for r in self.running):
+            budget = self._admit(budget, rows, new_slots, prefix_writes)
         if not rows:
             return None
+        if decoding:
+            used = sum(n for _, n, _, pre in self.plan_rows if pre)
+            self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
         self.step += 1
-        return ForwardPlan(step=self.step, new_slots=new_slots, rows=rows)
+        self.new_token_ratio = max(self.min_ratio, self.new_token_ratio - (self.init_ratio - self.min_ratio) / 600)
+        return ForwardPlan(step=self.step, new_slots=new_slots, prefix_writes=prefix_writes, rows=rows)
+
+    def _admit(self, budget: int, rows: list[PlanRow], new_slots: list[NewSlot], prefix_writes: list[PrefixWrite]) -> int:
+        started = any(pre for _, _, _, pre in self.plan_rows)  # prefill work already in this step
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority, self._prefix_len):
+            if self.slots.free_slots == 0 and not self._preempt_for(req):
+                break
+            ids = req.all_ids()
+            pages, node = self._match(req, ids)
+            matched = len(pages) * self.page_size
+            want = len(ids) - matched
+            whole = req.tr.return_logprob and req.tr.logprob_start_len >= 0  # input logprobs are not chunked
+            unchunked = whole or self.chunk_size is None
+            if unchunked and want > budget and started:
+                break  # over the step's budget: it runs whole in a later step (alone if need be)
+            n = want if unchunked else min(want, budget)
+            if self.cache is not None:
+                self.cache.lock(node)
+            need = self.pages.pages_for(matched + n) - len(pages)
+            if need > self._available_pages() - self._decode_reserve():
+                if self.cache is not None:
+                    self.cache.unlock(node)
+                break
+            self.waiting.remove(req)
+            req.slot = self.slots.alloc()
+            req.pages, req.shared_pages, req.cache_node = list(pages), len(pages), node
+            req.num_computed, req.fill_len = matched, len(ids)
+            if req.num_retractions == 0:
+                req.cached_tokens = matched
+                self.stats["prompt_tokens"] += len(ids)
+                self.stats["cached_tokens"] += matched
+            new_slots.append(NewSlot(req.slot, req.sampling_spec(self.vocab_size), list(req.output_ids)))
+            if matched:
+                prefix_writes.append(PrefixWrite(req.slot, req.locs(0, matched, self.page_size)))
+            self.running.append(req)
+            budget -= self._prefill_row(req, n, rows)
+            started = True
+            if budget <= 0 or n < want:  # one chunked request at a time
+                break
+        return budget
+
+    def _prefill_row(self, req: Req, budget: int, rows: list[PlanRow]) -> int:
+        """Append the next prefill chunk of ``req`` (at most ``budget`` tokens); returns its size."""
+        start = req.num_computed
+        n = min(req.fill_len - start, budget)
+        if n <= 0:
+            return 0
+        self._grow(req, start + n)
+        done = start + n == req.fill_len
+        lp_from = -1
+        if not req.input_logprobs_done and req.tr.return_logprob and req.tr.logprob_start_len >= 0:
+            lp_from = max(0, req.tr.logprob_start_len - start)
+        ids = req.all_ids()[start:start + n]
+        rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), done, lp_from))
+        self.plan_rows.append((req, n, done, True))
+        return n
+
+    def _match(self, req: Req, ids: list[int]) -> tuple[list[int], Any]:
+        """The cached prefix to reuse: at most len - 1 tokens (one must run to sample), and not past
+        ``logprob_start_len`` when input logprobs are wanted."""
+        if self.cache is None:
+            return [], None
+        cap = len(ids) - 1
+        if req.tr.return_logprob and req.tr.logprob_start_len >= 0 and not req.input_logprobs_done:
+            cap = min(cap, req.tr.logprob_start_len)
+        return self.cache.match_prefix(ids, max_len=cap)
+
+    def _prefix_len(self, req: Req) -> int:
+        return len(self._match(req, req.all_ids())[0]) * self.page_size if self.cache is not None else 0
+
+    # ------------------------------------------------------------------ memory
+    def _available_pages(self) -> int:
+        return self.pages.free_pages + (self.cache.evictable_pages if self.cache is not None else 0)
+
+    def _decode_reserve(self) -> int:
+        """Pages the running requests are expected to need (``new_token_ratio`` of what they may still make)."""
+        tokens = sum(max(0, r.fill_len - r.num_computed) + r.remaining_tokens() * self.new_token_ratio
+                     for r in self.running)
+        return int(tokens / self.page_size) + len(self.running)
+
+    def _take_pages(self, n: int) -> list[int]:
+        if n > self.pages.free_pages and self.cache is not None:
+            self.cache.evict(n - self.pages.free_pages)
+        return self.pages.alloc(n)
+
+    def _grow(self, req: Req, num_tokens: int) -> None:
+        need = self.pages.pages_for(num_tokens) - len(req.pages)
+        if need > 0:
+            req.pages += self._take_pages(need)
+
+    def _make_room_for_decodes(self) -> None:
+        """Retract running requests (fewest outputs first, then longest prompt) until every decode
+        has a page for its next token; the retracted go back to the front of the queue."""
+        while True:
+            decoding = [r for r in self.running if not r.prefilling]
+            need = sum(1 for r in decoding if self.pages.pages_for(r.seq_len) > len(r.pages))
+            if need <= self._available_pages() or not self.running:
+                return
+            if len(self.running) == 1:
+                req = self.running[0]
+                req.finish = FinishReason(type="abort", message="Out of KV cache memory for this request.",
+                                          status_code=500)
+                self._release_finished()
+                return
+            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            self._retract(victim)
+            self.stats["retractions"] += 1
+            self.new_token_ratio = self.init_ratio
+
+    def _preempt_for(self, req: Req) -> bool:
+        """Priority preemption: displace the least important running request if ``req`` beats it by
+        ``PREEMPTION_GAP`` or more."""
+        if not self.priority or not self.running:
+            return False
+        victim = min(self.running, key=lambda r: (priority_of(r), -r.arrival))
+        if priority_of(req) - priority_of(victim) < PREEMPTION_GAP:
+            return False
+        self._retract(victim)
+        self.stats["preemptions"] += 1
+        return True
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self._free_kv(req)
+        req.num_retractions += 1
+        self.waiting.insert(0, req)
+
+    def _free_kv(self, req: Req) -> None:
+        """Give a request's pages back: whole computed pages go into the prefix cache (which frees
+        duplicates), the rest to the allocator; then its slot."""
+        if self.cache is not None:
+            k = req.num_computed // self.page_size
+            if k >= req.shared_pages and k > 0:
+                self.cache.insert(req.all_ids()[: k * self.page_size], req.pages[:k])
+            else:
+                k = req.shared_pages
+            self.cache.unlock(req.cache_node)
+            self.pages.free(req.pages[k:])
+        else:
+            self.pages.free(req.pages)
+        self.slots.free(req.slot)
+        req.pages, req.shared_pages, req.cache_node, req.slot = [], 0, None, None
+        req.num_computed = req.fill_len = 0
 
     # ------------------------------------------------------------------ results
     def apply_result(self, next_token_ids: list[int], extras: Optional[dict[int, RowOut]] = None) -> None:
         extras = extras or {}
-        # Every row samples (no chunked rows yet), so row index i is also the index of its token.
-        for i, (req, prefill, tok) in enumerate(zip(self.plan_reqs, self.plan_prefill, next_token_ids)):
+        tokens = iter(next_token_ids)
+        for i, (req, n_new, samples, prefill) in enumerate(self.plan_rows):
+            tok = next(tokens) if samples else None
             if req.finish is not None:  # aborted while the step ran
                 continue
-            req.num_computed = req.seq_len
+            req.num_computed += n_new
             if i in extras and req.meta is not None:
                 self._record_meta(req, prefill, tok, extras[i])
+            if tok is None:
+                continue
             req.output_ids.append(tok)
             check_finish(req, self.tokenizer)
             if req.finish is not None or self._should_stream(req):
@@ -135,11 +320,11 @@ class Scheduler:
         self._release_finished()
         self._maybe_log()
 
-    def _record_meta(self, req: Req, prefill: bool, tok: int, extra: RowOut) -> None:
-        if prefill and not req.input_logprobs_done:
+    def _record_meta(self, req: Req, prefill: bool, tok: Optional[int], extra: RowOut) -> None:
+        if prefill and not req.input_logprobs_done and req.tr.return_logprob and req.tr.logprob_start_len >= 0:
             req.meta.add_input(req.input_ids, req.tr.logprob_start_len, extra)
             req.input_logprobs_done = True
-        if req.tr.return_logprob:
+        if req.tr.return_logprob and tok is not None:
             req.meta.add_output(tok, extra)
         if req.tr.return_hidden_states and extra.hidden:
             req.meta.add_hidden(extra, prefill and not req.hidden_prefill_done)
@@ -178,32 +363,71 @@ class Scheduler:
                 self._emit(req)
             if self.args.log_requests:
                 logger.info("finish rid=%s completion_tokens=%d reason=%s", req.rid, len(req.output_ids), req.finish.to_json())
-            self.pages.free(req.pages)
-            self.slots.free(req.slot)
-            req.pages, req.slot = [], None
+            session = req.tr.session
+            self._free_kv(req)
+            if session is not None:
+                self._session_turn_done(session.id, req)
         self.running = keep
+
+    def _session_turn_done(self, sid: str, req: Req) -> None:
+        """Keep the KV of a session's latest turn locked in the cache until the session closes."""
+        sess = self.sessions.finish(sid, req.rid, req.output_ids)
+        if sess is None or self.cache is None:
+            return
+        _, node = self.cache.match_prefix(req.all_ids())
+        self.cache.lock(node)
+        if sess.lock_node is not None:
+            self.cache.unlock(sess.lock_node)
+        sess.lock_node = node
 
     def take_outputs(self) -> list[TokenOut]:
         out, self.outputs = self.outputs, []
         return out
+
+    # ------------------------------------------------------------------ control
+    def open_session(self, sid: str) -> bool:
+        return self.sessions.open(sid)
+
+    def close_session(self, sid: str) -> bool:
+        sess = self.sessions.close(sid)
+        if sess is not None and sess.lock_node is not None and self.cache is not None:
+            self.cache.unlock(sess.lock_node)
+        return sess is not None
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache, only when nothing runs or waits (as SGLang); sessions lose their KV."""
+        if not self.is_idle():
+            return False
+        if self.cache is not None:
+            for sess in self.sessions.sessions.values():
+                if sess.lock_node is not None:
+                    self.cache.unlock(sess.lock_node)
+                    sess.lock_node = None
+            self.cache.reset()
+        return True
 
     # ------------------------------------------------------------------ introspection
     def is_idle(self) -> bool:
         return not self.running and not self.waiting
 
     def check_integrity(self) -> None:
-        """At idle every page and slot is free (a leak check, run by tests and at idle)."""
+        """At idle every page is free or owned by the prefix cache, and every slot is free."""
         if self.is_idle():
-            assert self.pages.free_pages == self.pages.num_pages, "KV page leak"
+            cached = self.cache.cached_pages if self.cache is not None else 0
+            assert self.pages.free_pages + cached == self.pages.num_pages, "KV page leak"
             assert self.slots.free_slots == self.slots.num_slots, "request slot leak"
 
     def internal_state(self) -> dict[str, Any]:
+        c = self.cache
         return {
             "max_total_tokens": self.max_total_tokens, "max_running_requests": self.max_running,
             "context_length": self.context_len, "page_size": self.page_size,
             "num_running": len(self.running), "num_waiting": len(self.waiting),
             "free_pages": self.pages.free_pages, "num_pages": self.pages.num_pages,
-            "free_slots": self.slots.free_slots, "step": self.step,
+            "cached_pages": c.cached_pages if c else 0, "locked_pages": c.locked_pages if c else 0,
+            "evictable_pages": c.evictable_pages if c else 0, "free_slots": self.slots.free_slots,
+            "step": self.step, "new_token_ratio": self.new_token_ratio, "num_sessions": len(self.sessions.sessions),
+            **self.stats,
         }
 
     def _maybe_log(self) -> None:

@@ -1,0 +1,76 @@
+"""Sessions: multi-turn conversations whose turns continue from earlier turns' tokens.
+
+A turn's context is its parent turn's prompt and output plus the new input (API.md part A and
+8.1); the radix cache then finds the parent's KV, and the session keeps the KV of its latest
+turn locked in the cache until it is closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from treadle.runtime.messages import SessionParams
+
+
+@dataclass
+class Turn:
+    input_ids: list[int]
+    output_ids: list[int]
+    finished: bool = False
+
+
+@dataclass
+class Session:
+    id: str
+    turns: dict[str, Turn] = field(default_factory=dict)
+    latest: Optional[str] = None  # rid of the latest finished turn
+    lock_node: Any = None  # radix node kept locked for the latest turn
+
+
+class SessionTable:
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+
+    def open(self, sid: str) -> bool:
+        if sid in self.sessions:
+            return False
+        self.sessions[sid] = Session(sid)
+        return True
+
+    def close(self, sid: str) -> Optional[Session]:
+        return self.sessions.pop(sid, None)
+
+    def context(self, sp: SessionParams, rid: str, new_ids: list[int]) -> list[int]:
+        """The full input of a turn; raises ValueError for an unknown session or parent."""
+        sess = self.sessions.get(sp.id)
+        if sess is None:
+            raise ValueError(f"Invalid request: session id {sp.id} does not exist")
+        if rid in sess.turns:
+            raise ValueError(f"Invalid request: rid {rid} is already a turn of session {sp.id}")
+        if sp.replace and sp.rid is None:
+            sess.turns.clear()
+            sess.latest = None
+        parent_rid = sp.rid if sp.rid is not None else sess.latest
+        if parent_rid is None:
+            ctx: list[int] = []
+        else:
+            parent = sess.turns.get(parent_rid)
+            if parent is None:
+                raise ValueError(f"Invalid request: rid {parent_rid} is not a turn of session {sp.id}")
+            if not parent.finished:
+                raise ValueError("Session request is appending to a request that hasn't finished.")
+            ctx = parent.input_ids + ([] if sp.drop_previous_output else parent.output_ids)
+            if sp.offset:
+                ctx = ctx[: sp.offset]
+        sess.turns[rid] = Turn(input_ids=ctx + new_ids, output_ids=[])
+        return ctx + new_ids
+
+    def finish(self, sid: str, rid: str, output_ids: list[int]) -> Optional[Session]:
+        sess = self.sessions.get(sid)
+        if sess is None or rid not in sess.turns:
+            return None
+        turn = sess.turns[rid]
+        turn.output_ids, turn.finished = list(output_ids), True
+        sess.latest = rid
+        return sess

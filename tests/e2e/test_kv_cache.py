@@ -1,0 +1,186 @@
+"""Radix prefix cache, retraction, chunked prefill, scheduling policies, sessions (issue 4).
+
+Every test ends with the scheduler's integrity check: at idle, free pages plus the pages the
+prefix cache owns equal the pool, and every request slot is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from treadle import Engine, EngineOverloadedError
+
+pytestmark = pytest.mark.e2e
+
+GREEDY = {"temperature": 0, "max_new_tokens": 16}
+
+
+def integrity(engine) -> dict:
+    return engine._control("check_integrity")
+
+
+@pytest.fixture(scope="module")
+def no_cache_engine():
+    eng = Engine(model_path="default", disable_radix_cache=True)
+    yield eng
+    eng.shutdown()
+
+
+def long_prefix(tok, n: int = 500) -> list[int]:
+    text = " ".join(f"Fact {i}: the number {i} follows {i - 1}." for i in range(400))
+    ids = tok(text)["input_ids"]
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def test_shared_prefix_is_reused_and_output_unchanged(engine, no_cache_engine, hf_tokenizer):
+    engine.flush_cache()
+    prefix = long_prefix(hf_tokenizer)
+    a = prefix + hf_tokenizer(" Question: what follows 7?")["input_ids"]
+    b = prefix + hf_tokenizer(" Question: what follows 12?")["input_ids"]
+    first = engine.generate(input_ids=a, sampling_params=GREEDY)
+    second = engine.generate(input_ids=b, sampling_params=GREEDY)
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] >= 500
+    assert second["output_ids"] == no_cache_engine.generate(input_ids=b, sampling_params=GREEDY)["output_ids"]
+    assert first["output_ids"] == no_cache_engine.generate(input_ids=a, sampling_params=GREEDY)["output_ids"]
+    again = engine.generate(input_ids=a, sampling_params=GREEDY)
+    assert again["meta_info"]["cached_tokens"] == len(a) - 1 and again["output_ids"] == first["output_ids"]
+    assert integrity(engine)["num_running"] == 0
+    assert engine.flush_cache().success
+    assert integrity(engine)["cached_pages"] == 0
+
+
+def _long_requests(n: int = 16) -> list[str]:
+    return [f"Write a long essay about topic number {i}: the history of " + ("rivers " if i % 2 else "mountains ")
+            for i in range(n)]
+
+
+def test_retraction_keeps_greedy_outputs(engine):
+    params = {"temperature": 0, "max_new_tokens": 96, "ignore_eos": True}
+    prompts = _long_requests()
+    want = [r["output_ids"] for r in engine.generate(prompt=prompts, sampling_params=params)]
+    with Engine(model_path="default", max_total_tokens=700) as small:
+        got = small.generate(prompt=prompts, sampling_params=params)
+        state = integrity(small)
+        assert state["retractions"] > 0, state
+    assert [r["output_ids"] for r in got] == want
+
+
+def test_chunked_prefill_never_stalls_decodes(engine, hf_tokenizer):
+    params = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+    text = " ".join(f"Line {i}: nothing happens here." for i in range(300))
+    long_ids = hf_tokenizer(text)["input_ids"][:2000]
+    assert len(long_ids) == 2000
+    short = [f"Short request {i} says" for i in range(8)]
+    want_long = engine.generate(input_ids=long_ids, sampling_params={**params, "max_new_tokens": 8})["output_ids"]
+    want_short = [r["output_ids"] for r in engine.generate(prompt=short, sampling_params=params)]
+    with Engine(model_path="default", chunked_prefill_size=64, disable_radix_cache=True) as chunked:
+        async def run():
+            shorts = [asyncio.ensure_future(chunked.async_generate(prompt=p, sampling_params=params)) for p in short]
+            await asyncio.sleep(1.0)  # the 8 are decoding when the long prompt arrives
+            long = await chunked.async_generate(input_ids=long_ids, sampling_params={**params, "max_new_tokens": 8})
+            return long, await asyncio.gather(*shorts)
+
+        long, shorts = asyncio.run(run())
+        state = integrity(chunked)
+    assert long["output_ids"] == want_long
+    assert [r["output_ids"] for r in shorts] == want_short
+    assert 0 < state["max_prefill_tokens_beside_decode"] <= 64
+
+
+def test_priority_request_starts_before_queued_low_ones():
+    with Engine(model_path="default", enable_priority_scheduling=True, max_running_requests=2) as eng:
+        order: list[str] = []
+
+        async def one(name: str, prio: int, n: int):
+            await eng.async_generate(prompt=f"{name} says", priority=prio,
+                                     sampling_params={"temperature": 0, "max_new_tokens": n, "ignore_eos": True})
+            order.append(name)
+
+        async def run():
+            running = [asyncio.ensure_future(one(f"long{i}", 0, 120)) for i in range(2)]
+            await asyncio.sleep(1.0)
+            queued = [asyncio.ensure_future(one(f"low{i}", 0, 4)) for i in range(3)]
+            await asyncio.sleep(0.3)
+            high = asyncio.ensure_future(one("high", 100, 4))
+            await asyncio.gather(*running, *queued, high)
+
+        asyncio.run(run())
+        state = integrity(eng)
+    assert order.index("high") < min(order.index(f"low{i}") for i in range(3)), order
+    assert state["preemptions"] >= 1
+
+
+def _hit_rate(policy: str, hf_tokenizer) -> float:
+    sys_a = " ".join(f"Rule A{i}: be kind." for i in range(60))
+    sys_b = " ".join(f"Rule B{i}: be brief." for i in range(60))
+    prompts = [(sys_a if i % 2 == 0 else sys_b) + f" Question {i}?" for i in range(8)]
+    n_sys = len(hf_tokenizer(sys_a)["input_ids"])
+    with Engine(model_path="default", schedule_policy=policy, max_running_requests=1,
+                max_total_tokens=n_sys + 2 * 40 + 100) as eng:
+        eng.generate(prompt=prompts, sampling_params={"temperature": 0, "max_new_tokens": 4, "ignore_eos": True})
+        state = integrity(eng)
+    return state["cached_tokens"] / state["prompt_tokens"]
+
+
+def test_lpm_beats_fcfs_on_shared_prefixes(hf_tokenizer):
+    fcfs, lpm = _hit_rate("fcfs", hf_tokenizer), _hit_rate("lpm", hf_tokenizer)
+    assert lpm > fcfs, (lpm, fcfs)
+
+
+def test_sessions_reuse_earlier_turns(engine, hf_tokenizer):
+    sid = engine.open_session(capacity_of_str_len=4096)
+    assert engine.open_session(capacity_of_str_len=4096, session_id=sid) is None  # duplicate
+    t1 = engine.generate(prompt="My name is Alice.", session_params={"session_id": sid}, sampling_params=GREEDY)
+    t2 = engine.generate(prompt=" What is my name?", session_params={"session_id": sid}, sampling_params=GREEDY)
+    m1, m2 = t1["meta_info"], t2["meta_info"]
+    # the last output token of turn 1 never ran through the model, so its KV is the one not cached
+    assert m2["cached_tokens"] >= m1["prompt_tokens"] + m1["completion_tokens"] - 1
+    tok = hf_tokenizer
+    ids = tok("My name is Alice.")["input_ids"] + t1["output_ids"] + tok(" What is my name?")["input_ids"]
+    stateless = engine.generate(input_ids=ids, sampling_params=GREEDY)
+    assert m2["prompt_tokens"] == len(ids) and t2["output_ids"] == stateless["output_ids"]
+    assert integrity(engine)["locked_pages"] > 0
+    engine.close_session(sid)
+    assert integrity(engine)["locked_pages"] == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        engine.generate(prompt="Hi", session_params={"id": sid})
+
+
+def test_usage_guide_sessions_and_cache_management(engine):
+    session_id = engine.open_session(
+        capacity_of_str_len=4096
+    )
+    response1 = engine.generate(
+        prompt="My name is Alice.",
+        session_params={"session_id": session_id}
+    )
+    response2 = engine.generate(
+        prompt="What is my name?",
+        session_params={"session_id": session_id}
+    )
+    assert isinstance(response2["text"], str) and response1["text"] is not None
+    engine.close_session(session_id)
+    engine.flush_cache()
+    for _ in range(10):
+        engine.generate(prompt="warmup", sampling_params={"max_new_tokens": 10})
+    engine.freeze_gc()
+    assert integrity(engine)["num_sessions"] == 0
+
+
+def test_queue_limit_raises_overloaded():
+    with Engine(model_path="default", max_running_requests=1, max_queued_requests=2) as eng:
+        async def run():
+            tasks = [asyncio.ensure_future(eng.async_generate(
+                prompt=f"Req {i}", sampling_params={"max_new_tokens": 30, "ignore_eos": True})) for i in range(6)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(run())
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors and all(isinstance(e, EngineOverloadedError) for e in errors)
+        assert "queue is full" in str(errors[0])
+        assert eng.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+        integrity(eng)
