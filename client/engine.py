@@ -126,18 +126,7 @@ class Engine:
             return self._stream_sync(reqs, is_batch)
         q: queue.SimpleQueue = queue.SimpleQueue()
         call_id = self._submit(reqs, q.put, is_batch)
-        results: list[Any] = [None] * len(reqs)
-        pending = len(reqs)
-        try:
-            while pending:
-                idx, item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                results[idx] = item
-                pending -= 1
-        finally:
-            self._end_call(call_id)
-        return BatchResult(results) if is_batch else results[0]
+        return self._collect_sync(q, call_id, len(reqs), is_batch)
 
     async def async_generate(
         self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
@@ -170,6 +159,8 @@ class Engine:
 
     def _prepare(self, call: dict[str, Any]) -> tuple[list[GenerateReq], bool]:
         self._check_alive()
+        if self.server_args.is_embedding:
+            raise ValueError("This engine serves an embedding model (is_embedding=True): use encode(), not generate().")
         unsupported = call.pop("unsupported")
         if unsupported:
             raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
@@ -219,6 +210,62 @@ class Engine:
         if not isinstance(name, str) or not name:
             raise ValueError("name must be a non-empty string.")
         self._processors[name] = processor if isinstance(processor, str) else processor_reference(processor, {})[0]
+
+    # ------------------------------------------------------------------ embeddings
+    def encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
+               rid: Union[str, list[str], None] = None, **unsupported: Any) -> Union[dict, BatchResult]:
+        """Embed one input (returns ``{"embedding": [...], "meta_info": {...}}``) or a batch (a
+        ``BatchResult``: ``res["embedding"]`` lists the vectors). Inputs are text or token ids."""
+        reqs, is_batch = self._prepare_encode(prompt, image_data, rid, unsupported)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        call_id = self._submit(reqs, q.put, is_batch)
+        return self._collect_sync(q, call_id, len(reqs), is_batch)
+
+    async def async_encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
+                           rid: Union[str, list[str], None] = None, **unsupported: Any) -> Union[dict, BatchResult]:
+        """The async twin of ``encode``; runs on the caller's own event loop."""
+        reqs, is_batch = self._prepare_encode(prompt, image_data, rid, unsupported)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), is_batch)
+        results: list[Any] = [None] * len(reqs)
+        try:
+            for _ in range(len(reqs)):
+                idx, item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                results[idx] = item
+        finally:
+            self._end_call(call_id)
+        return BatchResult(results) if is_batch else results[0]
+
+    def _prepare_encode(self, prompt: Any, image_data: Any, rid: Any, unsupported: dict) -> tuple[list[GenerateReq], bool]:
+        self._check_alive()
+        if unsupported:
+            raise TypeError(f"encode() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
+        if image_data is not None:
+            raise NotImplementedError("image_data is not supported yet by Treadle (see the README's feature table).")
+        if not self.server_args.is_embedding:
+            raise ValueError("This model does not appear to be an embedding model by default. "
+                             "Start the engine with is_embedding=True to use encode().")
+        ids_input = isinstance(prompt, list) and prompt and (isinstance(prompt[0], int) or isinstance(prompt[0], list))
+        reqs, is_batch = normalize_generate(None if ids_input else prompt, prompt if ids_input else None,
+                                            {"max_new_tokens": 0}, rid, False, {})
+        for r in reqs:
+            r.embed = True
+        return reqs, is_batch
+
+    def _collect_sync(self, q: queue.SimpleQueue, call_id: int, n: int, is_batch: bool) -> Union[dict, BatchResult]:
+        results: list[Any] = [None] * n
+        try:
+            for _ in range(n):
+                idx, item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                results[idx] = item
+        finally:
+            self._end_call(call_id)
+        return BatchResult(results) if is_batch else results[0]
 
     def _preferred_sampling(self) -> Optional[dict[str, Any]]:
         import json

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from treadle.runtime.messages import MetaDelta, StrOut
 
 _OUTPUT_LISTS = ("output_token_logprobs", "output_top_logprobs", "output_token_ids_logprobs")
@@ -42,9 +44,13 @@ class ReqState:
 
     def update(self, out: StrOut, incremental: bool, stream: bool) -> Optional[dict[str, Any]]:
         """Fold one output in; return the chunk to deliver (every update when streaming, else the last)."""
+        self.finished = out.finish is not None
+        if out.embedding:
+            return {"embedding": np.frombuffer(out.embedding, dtype=np.float32).tolist(), "meta_info": {
+                "id": self.rid, "finish_reason": out.finish.to_json() if out.finish else None,
+                "prompt_tokens": out.prompt_tokens, "e2e_latency": time.time() - self.created}}
         self.text += out.text
         self.output_ids.extend(out.new_ids)
-        self.finished = out.finish is not None
         new = self._fold_meta(out.meta)
         if not stream and not self.finished:
             return None

@@ -25,6 +25,7 @@ from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.logprobs import StepOutput, row_outs
 from treadle.gpu_worker.models.registry import get_model_class
+from treadle.gpu_worker.pooling import load_pooling_config, pool
 from treadle.gpu_worker.sampler import Sampler
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
@@ -90,6 +91,12 @@ class ModelRunner:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
 
+        self.is_encoder = getattr(self.model, "is_encoder", False)
+        self.pooling = load_pooling_config(cfg.model_dir, self.is_encoder)
+        if self.is_encoder:  # bidirectional: whole sequences each step, no KV cache to keep
+            self.kv_cache, self.sampler = None, Sampler(cfg.max_slots, self.device, cfg.random_seed)
+            cfg.kv_tokens = cfg.kv_tokens if cfg.kv_tokens > 0 else cfg.max_slots * cfg.context_len
+            return
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
         if cfg.kv_tokens <= 0:
             cfg.kv_tokens = self._kv_tokens_from_memory(len(attn), attn[0].num_kv_heads * attn[0].head_dim)
@@ -128,7 +135,9 @@ class ModelRunner:
             "device": str(self.device),
             "num_params": sum(p.numel() for p in params),  # this rank's shard
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-            "kv_bytes": self.kv_cache.nbytes,
+            "kv_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
+            "is_encoder": self.is_encoder,
+            "pooling": {"mode": self.pooling.mode, "normalize": self.pooling.normalize},
             "kv_tokens": self.cfg.kv_tokens,
             "max_slots": self.cfg.max_slots,
             "context_len": self.cfg.context_len,
@@ -142,6 +151,8 @@ class ModelRunner:
     def forward(self, plan: ForwardPlan) -> tuple[list[int], dict[int, RowOut]]:
         """Run one step: one sampled token id per row with ``sample=True`` (row order), and the
         ``RowOut`` extras (logprobs, hidden states) of the rows whose slot asked, by plan row index."""
+        if self.is_encoder:
+            return [], self._encode(plan)
         step = self._run(plan, extras=True)
         if step is None:
             return [], {}
@@ -150,7 +161,9 @@ class ModelRunner:
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
         raw = samples[torch.tensor(want, dtype=torch.int64).to(self.device)] if want else None
-        ids_t = self.sampler.sample(samples, slots) if slots else None
+        sampling_rows = [r for r in plan.rows if r.sample]
+        masks = [(j, r.token_bitmask) for j, r in enumerate(sampling_rows) if r.token_bitmask]  # grammar rows
+        ids_t = self.sampler.sample(samples, slots, masks) if slots else None
         ids = [] if ids_t is None else ids_t.tolist()
         if not step.report:
             return ids, {}
@@ -161,6 +174,18 @@ class ModelRunner:
         """Run one step; raw float32 logits ``[num_sample_rows, vocab]`` instead of samples."""
         step = self._run(plan, extras=False)
         return torch.empty(0, self.vocab_size, device=self.device) if step is None else step.logits
+
+    def _encode(self, plan: ForwardPlan) -> dict[int, RowOut]:
+        """Encoder models: every row is a whole sequence; return its pooled embedding (float32 bytes)."""
+        for ns in plan.new_slots:
+            self._check_slot(ns.slot)
+        for row in plan.rows:
+            if row.start_pos != 0 or not row.input_ids or max(row.input_ids) >= self.vocab_size or min(row.input_ids) < 0:
+                raise ValueError(f"encoder row of slot {row.slot} must be a whole in-vocabulary sequence")
+        if not plan.rows or self.cfg.tp_rank != 0:
+            return {}
+        hidden = self.model.encode([row.input_ids for row in plan.rows])
+        return {r: RowOut(hidden=pool(h, self.pooling).cpu().numpy().tobytes()) for r, h in enumerate(hidden)}
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.cfg.max_slots:
@@ -215,7 +240,10 @@ class ModelRunner:
                 sample_at.append(len(head_idx))
                 head_idx.append(off + n - 1)
                 sample_rows.append(r), sample_slots.append(row.slot)
-            if report and self.sampler.spec(row.slot).return_hidden:
+            spec = self.sampler.spec(row.slot)
+            if report and spec.embed:  # an embedding request: the last position's hidden state
+                hidden_rows.append((r, off + n - 1, 1))
+            elif report and spec.return_hidden:
                 hidden_rows.append((r, off, n))
             ids += row.input_ids
             slots.append(row.slot), starts.append(row.start_pos), lens.append(n)

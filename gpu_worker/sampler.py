@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from treadle.gpu_worker.logits_processing import SlotState
+from treadle.gpu_worker.logits_processing import SlotState, apply_token_bitmasks
 from treadle.runtime.messages import SamplingSpec
 
 _GREEDY_EPS = 1e-6
@@ -41,12 +41,18 @@ class Sampler:
     def is_greedy(spec: SamplingSpec) -> bool:
         return spec.temperature < _GREEDY_EPS or spec.top_k == 1
 
-    def sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, slots: list[int],
+               masks: Sequence[tuple[int, bytes]] = ()) -> torch.Tensor:
         """``logits [n, V]`` float32, one row per slot in ``slots`` -> token ids ``[n]`` int64.
 
-        ``logits`` may be edited in place. Each sampled token is appended to its slot's outputs.
+        ``masks``: ``(row, grammar token bitmask)`` pairs, applied last so nothing re-allows a
+        token the grammar forbids. ``logits`` may be edited in place. Each sampled token is
+        appended to its slot's outputs.
         """
-        ids = self._sample(self.state.apply(logits, slots), slots)
+        logits = self.state.apply(logits, slots)
+        if masks:
+            apply_token_bitmasks(logits, masks)
+        ids = self._sample(logits, slots)
         self.state.record(slots, ids, ids.tolist())
         return ids
 

@@ -41,7 +41,7 @@ class WorkerLoop:
         self.recv = Receiver(ctx, spec.extra["endpoint"], WORKER_IN, bind=True)
         self.to_scheduler = Sender(ctx, spec.endpoints["scheduler_results"]) if self.rank == 0 else None
         cfg = load_config(spec.files.model_dir)
-        self.context_len = context_length(cfg, args)
+        self.context_len = context_length(cfg, args, spec.files.model_dir)
         t0 = time.perf_counter()
         device = args.device
         if device == "cuda":

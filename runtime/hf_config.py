@@ -16,10 +16,21 @@ def load_config(model_dir: str) -> dict[str, Any]:
     return cfg.get("text_config", cfg) if "vocab_size" not in cfg else cfg
 
 
-def context_length(cfg: dict[str, Any], args: ServerArgs) -> int:
+def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[str] = None) -> int:
+    """``context_length`` if given, else the model's; a sentence-transformers checkpoint's
+    ``max_seq_length`` (what it was trained to embed) caps an encoder's positions."""
     if args.context_length is not None:
         return args.context_length
-    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    n = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    st = os.path.join(model_dir, "sentence_bert_config.json") if model_dir else ""
+    if st and os.path.exists(st):
+        with open(st) as f:
+            n = min(n, int(json.load(f).get("max_seq_length") or n))
+    return n
+
+
+def is_encoder_config(cfg: dict[str, Any]) -> bool:
+    return cfg.get("model_type") == "bert" or "BertModel" in (cfg.get("architectures") or [])
 
 
 def eos_token_ids(model_dir: str, tokenizer: Any = None) -> set[int]:

@@ -48,6 +48,7 @@ class GenerateReq(_Msg):
     custom_logit_processor: Optional[str] = None  # import path, resolved by the client
     custom_state: Optional[dict[str, Any]] = None
     session: Optional[SessionParams] = None
+    embed: bool = False  # encode(): a prefill-only request whose result is an embedding
 
 
 class GenerateBatch(_Msg):
@@ -86,6 +87,7 @@ class TokenizedReq(_Msg):
     custom_logit_processor: Optional[str] = None
     custom_state: Optional[dict[str, Any]] = None
     session: Optional[SessionParams] = None
+    embed: bool = False  # encode(): a prefill-only request whose result is an embedding
 
 
 class TokenizedBatch(_Msg):
@@ -120,6 +122,7 @@ class SamplingSpec(msgspec.Struct, array_like=True, omit_defaults=True):
     top_logprobs_num: int = 0
     token_ids_logprob: Optional[list[int]] = None
     return_hidden: bool = False
+    embed: bool = False  # an embedding request: report the last position's hidden state, sample nothing
 
 
 class NewSlot(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -134,13 +137,15 @@ class NewSlot(msgspec.Struct, array_like=True, omit_defaults=True):
     prior_output: list[int] = []
 
 
-class PlanRow(msgspec.Struct, array_like=True):
+class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     """One request's work in one forward step.
 
     The worker writes ``new_locs`` (KV-cache token locations of the new tokens) into row
     ``slot`` of its req-to-token table at positions ``start_pos ..``, runs ``input_ids`` at those
     positions attending to every earlier position of the slot, and samples one token if
-    ``sample`` (a non-final prefill chunk does not sample).
+    ``sample`` (a non-final prefill chunk does not sample). A grammar-constrained row carries its
+    ``token_bitmask``: int32 words as raw bytes, bit ``i % 32`` of word ``i // 32`` allows token
+    ``i`` (xgrammar's layout); tokens past its end are disallowed. Empty: no constraint.
     """
 
     slot: int
@@ -149,6 +154,7 @@ class PlanRow(msgspec.Struct, array_like=True):
     new_locs: list[int]
     sample: bool = True
     logprob_from: int = -1  # >= 0: input logprobs for row positions logprob_from .. n-2 (see RowOut)
+    token_bitmask: bytes = b""
 
 
 class PrefixWrite(msgspec.Struct, array_like=True):
@@ -247,6 +253,7 @@ class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
     trim_stop_str: Optional[str] = None
     trim_last_token: bool = False
     meta: Optional["MetaDelta"] = None
+    embedding: bytes = b""  # float32 vector of an embedding request
 
 
 class MetaDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -279,6 +286,7 @@ class StrOut(msgspec.Struct, array_like=True, omit_defaults=True):
     completion_tokens: int = 0
     cached_tokens: int = 0
     meta: Optional[MetaDelta] = None
+    embedding: bytes = b""
 
 
 class StrOutBatch(_Msg):

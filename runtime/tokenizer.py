@@ -20,6 +20,8 @@ class FastTokenizer:
         import tokenizers
 
         self._tok = tokenizers.Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+        self._tok.no_padding()  # some tokenizer.json files pad/truncate (all-MiniLM pads to 128); HF does not
+        self._tok.no_truncation()
         cfg_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
         cfg: dict[str, Any] = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
         self.clean_up_spaces = bool(cfg.get("clean_up_tokenization_spaces", False))

@@ -20,6 +20,7 @@ from treadle.scheduler_proc.scheduler import Scheduler
 
 logger = logging.getLogger("treadle.scheduler")
 IDLE_POLL_MS = 1000
+GRAMMAR_POLL_S = 0.01
 
 
 class SchedulerLoop:
@@ -35,7 +36,7 @@ class SchedulerLoop:
         worker_info = self.worker_call("info")
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
         self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info,
-                               hidden_size)
+                               hidden_size, tokenizer_dir=spec.files.tokenizer_dir)
         self.worker_info = worker_info
         self.running = True
 
@@ -61,9 +62,12 @@ class SchedulerLoop:
                     w.send(plan)
                 result = self.wait_step(plan.step)
                 self.sched.apply_result(result.next_token_ids, result.extras)
+            elif not self.sched.is_idle():
+                self.sched.grammars.wait(GRAMMAR_POLL_S)  # only compiling requests wait: sleep, don't spin
             self.flush_outputs()
             if self.sched.is_idle():
                 self.sched.check_integrity()
+        self.sched.grammars.shutdown()
         for w in self.to_workers:
             w.send(Shutdown())
         self.to_detok.send(Shutdown())
@@ -127,6 +131,8 @@ class SchedulerLoop:
         return ControlReply(call_id=msg.call_id, ok=False, error=f"unknown control method {msg.method!r}")
 
     def flush_outputs(self) -> None:
+        for rid, kind, message in self.sched.take_errors():
+            self.inbox.send(ReqError(kind=kind, message=message, rids=[rid]))
         outs = self.sched.take_outputs()
         if outs:
             self.to_detok.send(TokenOutBatch(outs=outs))

@@ -36,6 +36,8 @@ class Req:
         self.meta = OutputMeta(tr.top_logprobs_num, tr.token_ids_logprob, hidden_size) if wants_meta else None
         self.input_logprobs_done = not (tr.return_logprob and tr.logprob_start_len >= 0)
         self.hidden_prefill_done = False
+        self.grammar: Any = None  # grammar.ReqGrammar of a json_schema / regex / ebnf request
+        self.embedding = b""
 
     @property
     def seq_len(self) -> int:
@@ -70,7 +72,7 @@ class Req:
             if s.min_new_tokens else [],
             logit_bias=bias, custom_processor=tr.custom_logit_processor, custom_state=tr.custom_state,
             custom_params=s.custom_params, logprobs=tr.return_logprob, top_logprobs_num=tr.top_logprobs_num,
-            token_ids_logprob=tr.token_ids_logprob, return_hidden=tr.return_hidden_states,
+            token_ids_logprob=tr.token_ids_logprob, return_hidden=tr.return_hidden_states, embed=tr.embed,
         )
 
     def context_ids(self) -> list[int]:

@@ -15,10 +15,13 @@ import logging
 import time
 from typing import Any, Optional
 
+import numpy as np
+
 from treadle.runtime.messages import (
     FinishReason, ForwardPlan, NewSlot, PlanRow, PrefixWrite, RowOut, TokenizedReq, TokenOut,
 )
 from treadle.runtime.server_args import ServerArgs
+from treadle.scheduler_proc.grammar import GrammarManager
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
 from treadle.scheduler_proc.policy import order_waiting, priority_of
 from treadle.scheduler_proc.radix_cache import RadixCache
@@ -32,7 +35,7 @@ PREEMPTION_GAP = 10  # priority gap that lets a waiting request displace a runni
 
 class Scheduler:
     def __init__(self, args: ServerArgs, tokenizer: Any, eos_ids: set[int], worker_info: dict[str, Any],
-                 hidden_size: int = 0) -> None:
+                 hidden_size: int = 0, tokenizer_dir: Optional[str] = None) -> None:
         self.args = args
         self.hidden_size = hidden_size
         self.tokenizer = tokenizer
@@ -44,7 +47,10 @@ class Scheduler:
         self.page_size: int = args.page_size or 1
         self.pages = PageAllocator(self.max_total_tokens, self.page_size)
         self.slots = SlotAllocator(self.max_running)
-        self.cache: Optional[RadixCache] = None if args.disable_radix_cache else RadixCache(self.page_size, self.pages)
+        self.is_encoder = bool(worker_info.get("is_encoder"))  # bidirectional: no prefix can be reused
+        self.normalize_embeddings = bool(worker_info.get("pooling", {}).get("normalize")) and not self.is_encoder
+        no_cache = args.disable_radix_cache or self.is_encoder
+        self.cache: Optional[RadixCache] = None if no_cache else RadixCache(self.page_size, self.pages)
         self.sessions = SessionTable()
         self.priority = args.enable_priority_scheduling or args.schedule_policy == "priority"
         cps = args.chunked_prefill_size
@@ -58,6 +64,9 @@ class Scheduler:
         self.step = 0
         self.plan_rows: list[tuple[Req, int, bool, bool]] = []  # (request, new tokens, samples, is prefill) per row
         self.outputs: list[TokenOut] = []
+        self.errors: list[tuple[str, str, str]] = []  # (rid, kind, message) of requests failed after intake
+        self.grammars = GrammarManager(args.grammar_backend or "xgrammar", tokenizer_dir, self.vocab_size, eos_ids,
+                                       args.trust_remote_code)
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "retractions": 0, "preemptions": 0,
                       "max_prefill_tokens_beside_decode": 0}
         self.num_generated = 0
@@ -71,12 +80,13 @@ class Scheduler:
         for tr in reqs:
             ids = tr.input_ids
             try:
+                gkey = self.grammars.key_of(tr.sampling)
                 if tr.session is not None:
                     ids = self.sessions.context(tr.session, tr.rid, ids)
                 if len(ids) + 1 > pool:
                     raise ValueError(f"Input length ({len(ids)} tokens) exceeds the KV cache capacity "
                                      f"({self.max_total_tokens} tokens). Use a shorter input or a larger max_total_tokens.")
-                if len(ids) >= self.context_len:
+                if len(ids) >= self.context_len + tr.embed:  # an embedding may fill the context
                     raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length "
                                      f"({self.context_len} tokens).")
             except ValueError as e:
@@ -85,6 +95,8 @@ class Scheduler:
             # max_new_tokens is clamped to what the context and the KV pool can hold (API.md 4.1)
             room = min(self.context_len, pool) - len(ids)
             max_new = room if tr.sampling.max_new_tokens is None else min(tr.sampling.max_new_tokens, room)
+            if tr.embed:
+                max_new = 0  # prefill only; the result is an embedding
             req = Req(tr, max_new, self.eos_ids, self.hidden_size)
             req.input_ids, req.arrival = ids, next(self.arrivals)
             if not self._queue_has_room(req):
@@ -92,10 +104,12 @@ class Scheduler:
                 continue
             if self.args.log_requests:
                 logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(ids), max_new)
-            if max_new == 0:
+            if max_new == 0 and not tr.embed:
                 req.finish = FinishReason(type="length", length=0)
                 self._emit(req)
                 continue
+            if gkey is not None:  # compiles off the loop; admitted once compiled (see _admit)
+                self.grammars.attach(req, gkey)
             self.waiting.append(req)
         return rejected
 
@@ -121,6 +135,8 @@ class Scheduler:
         match = (lambda r: True) if abort_all else (lambda r: r.rid == rid or r.rid.startswith(rid + "_"))
         for req in [r for r in self.waiting if match(r)]:
             self.waiting.remove(req)
+            if req.grammar is not None:
+                self.grammars.release(req)
             req.finish = FinishReason(type="abort", message="Abort in waiting queue")
             self._emit(req)
         for req in self.running:
@@ -135,6 +151,9 @@ class Scheduler:
         new_slots: list[NewSlot] = []
         prefix_writes: list[PrefixWrite] = []
         self.plan_rows = []
+        for req, message in self.grammars.poll():  # compile errors and timeouts fail their request only
+            self.waiting.remove(req)
+            self.errors.append((req.rid, "value", message))
         self._make_room_for_decodes()
         for req in self.running:
             if not req.prefilling:
@@ -150,6 +169,7 @@ class Scheduler:
             budget = self._admit(budget, rows, new_slots, prefix_writes)
         if not rows:
             return None
+        self._grammar_masks(rows)
         if decoding:
             used = sum(n for _, n, _, pre in self.plan_rows if pre)
             self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
@@ -160,13 +180,16 @@ class Scheduler:
     def _admit(self, budget: int, rows: list[PlanRow], new_slots: list[NewSlot], prefix_writes: list[PrefixWrite]) -> int:
         started = any(pre for _, _, _, pre in self.plan_rows)  # prefill work already in this step
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority, self._prefix_len):
+            if req.grammar is not None and not req.grammar.ready:
+                continue  # still compiling: others go ahead
             if self.slots.free_slots == 0 and not self._preempt_for(req):
                 break
             ids = req.all_ids()
             pages, node = self._match(req, ids)
             matched = len(pages) * self.page_size
             want = len(ids) - matched
-            whole = req.tr.return_logprob and req.tr.logprob_start_len >= 0  # input logprobs are not chunked
+            # input logprobs and embeddings come from one whole prefill row (never chunked)
+            whole = (req.tr.return_logprob and req.tr.logprob_start_len >= 0) or req.tr.embed
             unchunked = whole or self.chunk_size is None
             if unchunked and want > budget and started:
                 break  # over the step's budget: it runs whole in a later step (alone if need be)
@@ -208,9 +231,17 @@ class Scheduler:
         if not req.input_logprobs_done and req.tr.return_logprob and req.tr.logprob_start_len >= 0:
             lp_from = max(0, req.tr.logprob_start_len - start)
         ids = req.all_ids()[start:start + n]
-        rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), done, lp_from))
-        self.plan_rows.append((req, n, done, True))
+        samples = done and not req.tr.embed
+        rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), samples, lp_from))
+        self.plan_rows.append((req, n, samples, True))
         return n
+
+    def _grammar_masks(self, rows: list[PlanRow]) -> None:
+        """Attach the token bitmask of every constrained row that samples (plan_rows align with rows)."""
+        idx = [i for i, (req, _, samples, _) in enumerate(self.plan_rows) if samples and req.grammar is not None]
+        if idx:
+            for i, mask in zip(idx, self.grammars.fill([self.plan_rows[i][0] for i in idx])):
+                rows[i].token_bitmask = mask
 
     def _match(self, req: Req, ids: list[int]) -> tuple[list[int], Any]:
         """The cached prefix to reuse: at most len - 1 tokens (one must run to sample), and not past
@@ -308,17 +339,34 @@ class Scheduler:
             if req.finish is not None:  # aborted while the step ran
                 continue
             req.num_computed += n_new
+            if req.tr.embed and not req.prefilling:
+                self._finish_embedding(req, extras.get(i))
+                continue
             if i in extras and req.meta is not None:
                 self._record_meta(req, prefill, tok, extras[i])
             if tok is None:
                 continue
             req.output_ids.append(tok)
+            if req.grammar is not None:  # a terminated grammar stops, after the length rule (API.md 4.2)
+                fin = self.grammars.advance(req, tok)
+                if fin is not None and len(req.output_ids) < req.max_new_tokens:
+                    req.finish = fin
             check_finish(req, self.tokenizer)
             if req.finish is not None or self._should_stream(req):
                 self._emit(req)
         self.num_generated += len(next_token_ids)
         self._release_finished()
         self._maybe_log()
+
+    def _finish_embedding(self, req: Req, extra: Optional[RowOut]) -> None:
+        if extra is None or not extra.hidden:
+            raise RuntimeError(f"the worker returned no embedding for {req.rid}")
+        vec = np.frombuffer(extra.hidden, dtype=np.float32)
+        if self.normalize_embeddings:
+            vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+        req.embedding = vec.astype(np.float32).tobytes()
+        req.finish = FinishReason(type="length", length=0)
+        self._emit(req)
 
     def _record_meta(self, req: Req, prefill: bool, tok: Optional[int], extra: RowOut) -> None:
         if prefill and not req.input_logprobs_done and req.tr.return_logprob and req.tr.logprob_start_len >= 0:
@@ -349,7 +397,7 @@ class Scheduler:
             skip_special_tokens=s.skip_special_tokens, spaces_between_special_tokens=s.spaces_between_special_tokens,
             trim_stop_str=fin.matched if fin is not None and isinstance(fin.matched, str) and not s.no_stop_trim else None,
             trim_last_token=fin is not None and isinstance(fin.matched, int) and not s.no_stop_trim,
-            meta=req.meta.delta() if req.meta is not None else None,
+            meta=req.meta.delta() if req.meta is not None else None, embedding=req.embedding,
         ))
         req.sent = len(req.output_ids)
 
@@ -382,6 +430,10 @@ class Scheduler:
 
     def take_outputs(self) -> list[TokenOut]:
         out, self.outputs = self.outputs, []
+        return out
+
+    def take_errors(self) -> list[tuple[str, str, str]]:
+        out, self.errors = self.errors, []
         return out
 
     # ------------------------------------------------------------------ control

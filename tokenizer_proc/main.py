@@ -14,7 +14,7 @@ from treadle.runtime.messages import (
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
-from treadle.tokenizer_proc.validate import check_input_ids, check_lengths, check_logprob_args
+from treadle.tokenizer_proc.validate import check_embed_length, check_input_ids, check_lengths, check_logprob_args
 
 logger = logging.getLogger("treadle.tokenizer")
 
@@ -25,7 +25,7 @@ class TokenizerWorker:
         files = spec.files
         self.tokenizer = load_tokenizer(files.tokenizer_dir, self.args.trust_remote_code)
         cfg = load_config(files.model_dir)
-        self.context_len = context_length(cfg, self.args)
+        self.context_len = context_length(cfg, self.args, files.model_dir)
         self.vocab = vocab_size(cfg, self.tokenizer)
 
     def tokenize_batch(self, batch: GenerateBatch) -> TokenizedBatch:
@@ -39,7 +39,8 @@ class TokenizerWorker:
                 raise ValueError("prompt cannot be empty: it tokenizes to no tokens.")
             check_input_ids(ids, self.vocab)
             r.sampling.verify(self.vocab)
-            ids = check_lengths(r, ids, self.context_len, self.args)
+            ids = check_embed_length(ids, self.context_len, self.args) if r.embed else check_lengths(
+                r, ids, self.context_len, self.args)
             check_logprob_args(r, len(ids), self.vocab)
             out.append(self._tokenized(r, ids))
         return TokenizedBatch(reqs=out)
@@ -51,7 +52,7 @@ class TokenizerWorker:
             logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
             token_ids_logprob=r.token_ids_logprob, return_hidden_states=r.return_hidden_states,
             priority=r.priority, created=r.created, custom_logit_processor=r.custom_logit_processor,
-            custom_state=r.custom_state, session=r.session,
+            custom_state=r.custom_state, session=r.session, embed=r.embed,
         )
 
 

@@ -51,3 +51,14 @@ def check_logprob_args(req: GenerateReq, prompt_len: int, vocab: int) -> None:
     for t in req.token_ids_logprob or ():
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
             raise ValueError(f"token_ids_logprob contains {t!r}, which is outside the vocabulary [0, {vocab}).")
+
+
+def check_embed_length(ids: list[int], limit: int, args: ServerArgs) -> list[int]:
+    """An embedding input may use every position; longer ones are an error unless
+    ``allow_auto_truncate`` (then the start is kept, as sentence-transformers does)."""
+    if len(ids) <= limit:
+        return ids
+    if args.allow_auto_truncate:
+        return ids[:limit]
+    raise ValueError(f"The input ({len(ids)} tokens) is longer than the embedding model's limit of {limit} tokens. "
+                     f"Shorten it or start the engine with allow_auto_truncate=True.")

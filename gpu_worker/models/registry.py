@@ -8,11 +8,13 @@ _MODELS = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "BertModel": "bert",
 }
 
 
 # For configs without ``architectures`` (e.g. written by a converter).
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "bert": "BertModel"}
 
 
 def get_model_class(config) -> type:

@@ -52,7 +52,7 @@ SAMPLES = {
             M.TokenOut("c", [], FIN_ABORT),
             M.TokenOut("d", [2], FIN_TOK, trim_last_token=True),
         ]),
-        M.Shutdown(),
+        M.FreezeGC(), M.Shutdown(),
     ],
     "CLIENT_IN": [
         M.StrOutBatch(outs=[M.StrOut("a", "hello", [1, 2], FIN_LEN, 3, 2, 1), M.StrOut("b", "", []),
