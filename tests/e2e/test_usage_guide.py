@@ -27,7 +27,8 @@ def test_context_manager_and_shutdown():
             prompt="What is machine learning?",
             sampling_params={"max_new_tokens": 200}
         )
-        assert response["text"]
+        # sampled at temperature 1 with a random seed: an immediate EOS (empty text) is a valid answer
+        assert isinstance(response["text"], str) and response["meta_info"]["completion_tokens"] >= 1
         pids = engine.get_all_child_pids()
         ipc = engine._ipc.path
     import os
