@@ -141,21 +141,7 @@ class Engine:
         reqs, is_batch = self._prepare(locals())
         if stream:
             return self._stream_async(reqs, is_batch)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), is_batch)
-        results: list[Any] = [None] * len(reqs)
-        pending = len(reqs)
-        try:
-            while pending:
-                idx, item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                results[idx] = item
-                pending -= 1
-        finally:
-            self._end_call(call_id)
-        return BatchResult(results) if is_batch else results[0]
+        return await self._run_async(reqs, is_batch)
 
     def _prepare(self, call: dict[str, Any]) -> tuple[list[GenerateReq], bool]:
         self._check_alive()
@@ -225,19 +211,7 @@ class Engine:
                            rid: Union[str, list[str], None] = None, **unsupported: Any) -> Union[dict, BatchResult]:
         """The async twin of ``encode``; runs on the caller's own event loop."""
         reqs, is_batch = self._prepare_encode(prompt, image_data, rid, unsupported)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), is_batch)
-        results: list[Any] = [None] * len(reqs)
-        try:
-            for _ in range(len(reqs)):
-                idx, item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                results[idx] = item
-        finally:
-            self._end_call(call_id)
-        return BatchResult(results) if is_batch else results[0]
+        return await self._run_async(reqs, is_batch)
 
     def _prepare_encode(self, prompt: Any, image_data: Any, rid: Any, unsupported: dict) -> tuple[list[GenerateReq], bool]:
         self._check_alive()
@@ -254,6 +228,22 @@ class Engine:
         for r in reqs:
             r.embed = True
         return reqs, is_batch
+
+    async def _run_async(self, reqs: list[GenerateReq], is_batch: bool) -> Union[dict, BatchResult]:
+        """Submit a call and await all its results on the caller's event loop."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        call_id = self._submit(reqs, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), is_batch)
+        results: list[Any] = [None] * len(reqs)
+        try:
+            for _ in range(len(reqs)):
+                idx, item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                results[idx] = item
+        finally:
+            self._end_call(call_id)
+        return BatchResult(results) if is_batch else results[0]
 
     def _collect_sync(self, q: queue.SimpleQueue, call_id: int, n: int, is_batch: bool) -> Union[dict, BatchResult]:
         results: list[Any] = [None] * n
