@@ -25,6 +25,9 @@ def make_sampling(d: Optional[dict[str, Any]], preferred: Optional[dict[str, Any
         raise TypeError(f"sampling_params must be a dict (or a list of dicts), got {type(d).__name__}.")
     sp = SamplingParams(**{**(preferred or {}), **d})  # unknown key: TypeError naming it
     sp.verify()
+    for name in ("stop_regex", "structural_tag"):  # accepted by SGLang; refused here rather than ignored
+        if getattr(sp, name) is not None:
+            raise NotImplementedError(f"sampling_params[{name!r}] is not supported yet by Treadle.")
     return sp
 
 

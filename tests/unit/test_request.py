@@ -307,3 +307,9 @@ def test_token_ids_logprob_flat_and_nested():
 def test_token_ids_logprob_nested_length_mismatch():
     with pytest.raises(ValueError, match="token_ids_logprob"):
         norm(["a", "b"], options={"token_ids_logprob": [[1]]})
+
+
+@pytest.mark.parametrize("key, value", [("stop_regex", r"\d+"), ("structural_tag", "{}")])
+def test_unbuilt_sampling_features_are_refused_not_ignored(key, value):
+    with pytest.raises(NotImplementedError, match=key):
+        norm("p", sampling_params={key: value})
