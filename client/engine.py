@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import gc
 import itertools
+import json
 import logging
 import os
 import queue
@@ -69,6 +70,8 @@ class Engine:
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._processors: dict[str, str] = {}
+        pref = self.server_args.preferred_sampling_params  # parsed once, not per call
+        self._preferred: Optional[dict[str, Any]] = json.loads(pref) if pref else None
         self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
         self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), self._launch_children,
                                self.server_args.incremental_streaming_output)
@@ -161,7 +164,7 @@ class Engine:
         if call["custom_logit_processor"] is not None:
             options.update(self._resolve_processors(call["custom_logit_processor"]))
         reqs, is_batch = normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
-                                            call["stream"], options, self._preferred_sampling())
+                                            call["stream"], options, self._preferred)
         if call["session_params"] is not None:
             session = _session_params(call["session_params"])
             if len(reqs) != 1:
@@ -257,11 +260,6 @@ class Engine:
             self._end_call(call_id)
         return BatchResult(results) if is_batch else results[0]
 
-    def _preferred_sampling(self) -> Optional[dict[str, Any]]:
-        import json
-
-        p = self.server_args.preferred_sampling_params
-        return json.loads(p) if p else None
 
     def _submit(self, reqs: list[GenerateReq], put: Any, is_batch: bool) -> int:
         call_id = next(self._ids)

@@ -609,32 +609,30 @@ def test_many_requests_random_lengths_no_leak():
     s = make_sched(page_size=4, kv_tokens=256, max_slots=3, max_prefill_tokens=32)
     d = Driver(s)
     expected = {}
+
+    def step() -> bool:
+        """One step whose sampled token is EOS exactly where a request should stop."""
+        plan = s.schedule()
+        if plan is None:
+            return False
+        d.check_plan(plan)
+        toks = []
+        for req in [r for r, _, samples, _ in s.plan_rows if samples]:
+            _, at = expected[req.rid]
+            toks.append(EOS if at is not None and len(req.output_ids) + 1 == at else 5)
+        s.apply_result(toks)
+        d.outs += s.take_outputs()
+        return True
+
     for i in range(30):
         n_prompt, max_new = rng.randint(1, 30), rng.randint(1, 20)
         stop_at = rng.choice([None, rng.randint(1, max_new)])
         expected[f"r{i}"] = (max_new, stop_at)
         s.add_requests([treq(f"r{i}", n_prompt=n_prompt, max_new_tokens=max_new, stream=rng.random() < 0.5)])
         if rng.random() < 0.5:
-            plan = s.schedule()
-            if plan is not None:
-                d.check_plan(plan)
-                toks = []
-                for req in [r for r, _, samples, _ in s.plan_rows if samples]:
-                    m, at = expected[req.rid]
-                    toks.append(EOS if at is not None and len(req.output_ids) + 1 == at else 5)
-                s.apply_result(toks)
-                d.outs += s.take_outputs()
-    while True:
-        plan = s.schedule()
-        if plan is None:
-            break
-        d.check_plan(plan)
-        toks = []
-        for req in [r for r, _, samples, _ in s.plan_rows if samples]:
-            m, at = expected[req.rid]
-            toks.append(EOS if at is not None and len(req.output_ids) + 1 == at else 5)
-        s.apply_result(toks)
-        d.outs += s.take_outputs()
+            step()
+    while step():
+        pass
     assert s.is_idle()
     s.check_integrity()
     for rid, (max_new, at) in expected.items():
