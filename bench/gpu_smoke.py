@@ -19,12 +19,14 @@ import time
 import torch
 
 
-def build_random_model(config_dir: str, out_dir: str) -> None:
+def build_random_model(config_dir: str, out_dir: str, init_range: float = 0.2) -> None:
+    """Seeded random HF weights; the default init range is wider than HF's, so that greedy
+    argmax is not a near-tie (float32 token comparisons)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     cfg = AutoConfig.from_pretrained(config_dir)
-    cfg.initializer_range = 0.2  # wider than HF's default, so greedy argmax is not a near-tie
+    cfg.initializer_range = init_range
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(out_dir)
     for f in os.listdir(config_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import gc
 import itertools
 import json
@@ -22,12 +23,13 @@ import zmq
 
 from treadle.client.request import normalize_generate
 from treadle.client.results import BatchResult, ReqState
-from treadle.client.supervisor import Supervisor
+from treadle.client.supervisor import Supervisor, group_name
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.logit_processor import load_processor, processor_reference
 from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, SessionParams, Shutdown
 from treadle.runtime.model_files import resolve_model_files
+from treadle.runtime.parallel import check_parallel, dist_env, results_endpoint, worker_ranks
 from treadle.runtime.procs import ChildSpec, kill_child, launch_child
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import IpcDir, Sender
@@ -73,8 +75,11 @@ class Engine:
         pref = self.server_args.preferred_sampling_params  # parsed once, not per call
         self._preferred: Optional[dict[str, Any]] = json.loads(pref) if pref else None
         self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
+        self._session_groups: dict[str, int] = {}  # session id -> the DP group holding its KV
         self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), self._launch_children,
-                               self.server_args.incremental_streaming_output)
+                               self.server_args.incremental_streaming_output,
+                               report=self._report if self.server_args.dp_size > 1 else None)
+        self._sup.workers_only = self.server_args.node_rank > 0
         self._shut_down = False
         ref = weakref.ref(self)
         atexit.register(lambda: (e := ref()) is not None and e.shutdown())
@@ -89,29 +94,57 @@ class Engine:
         self._startup_time = time.perf_counter() - t0
         logger.info("engine ready in %.1f s (model %s, device %s)", self._startup_time,
                     self.server_args.model_path, self.server_args.device)
+        if self.server_args.node_rank > 0:
+            self._serve_worker_node()
 
     # ------------------------------------------------------------------ start-up
     def _launch_children(self) -> dict[str, Any]:
         """Runs on the I/O thread, which lives as long as the engine (the children's parent-death
-        signal follows the thread that started them)."""
+        signal follows the thread that started them). Each DP group is a scheduler with its own
+        workers, sockets and rendezvous port; group 0 keeps the plain names (``scheduler``)."""
         a = self.server_args
-        eps = {n: self._ipc.endpoint(n) for n in ("client", "tokenizer", "scheduler", "scheduler_results", "detokenizer")}
-        worker_eps = [self._ipc.endpoint(f"worker{r}") for r in range(a.tp_size)]
+        shared = {n: self._ipc.endpoint(n) for n in ("client", "tokenizer", "detokenizer")}
+        sched_eps = [self._ipc.endpoint(group_name(g, "scheduler")) for g in range(a.dp_size)]
 
-        def spec(name: str, module: str, **extra: Any) -> ChildSpec:
-            return ChildSpec(name=name, module=module, server_args=a.to_dict(), model_files=self._files.__dict__,
+        def spec(name: str, module: str, eps: dict[str, str] = shared, args: ServerArgs = a, **extra: Any) -> ChildSpec:
+            return ChildSpec(name=name, module=module, server_args=args.to_dict(), model_files=self._files.__dict__,
                              endpoints=eps, parent_pid=os.getpid(), extra=extra)
 
-        specs = [spec("tokenizer", "treadle.tokenizer_proc"), spec("detokenizer", "treadle.detokenizer_proc")]
-        specs += [spec(f"worker{r}", "treadle.gpu_worker", endpoint=ep, tp_rank=r) for r, ep in enumerate(worker_eps)]
-        specs.append(spec("scheduler", "treadle.scheduler_proc", worker_endpoints=worker_eps))
         # Children see the user's import path, so processors named by import path resolve alike.
         path = os.pathsep.join(dict.fromkeys(os.path.abspath(p or ".") for p in sys.path if os.path.isdir(p or ".")))
         env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
-        # The TP ranks meet through torch.distributed's env:// rendezvous on a free loopback port.
-        worker_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-        return {s.name: launch_child(s, self._ipc.path, worker_env if s.name.startswith("worker") else env)
-                for s in specs}
+        check_parallel(a, self._files.model_dir)
+        head = a.node_rank == 0  # node 0 serves; the other nodes run only their worker ranks
+        launches = [(spec("tokenizer", "treadle.tokenizer_proc", scheduler_endpoints=sched_eps), env),
+                    (spec("detokenizer", "treadle.detokenizer_proc"), env)] if head else []
+        for g, port in enumerate(_free_ports(a.dp_size)):
+            group_ep = lambda n, g=g: self._ipc.endpoint(group_name(g, n))  # noqa: E731
+            eps = {**shared, "scheduler": sched_eps[g], "scheduler_results": results_endpoint(a, group_ep)}
+            # group g's GPUs follow group g-1's: base_gpu_id + g * tp_size * pp_size (times gpu_id_step)
+            ga = dataclasses.replace(a, base_gpu_id=a.base_gpu_id + g * a.tp_size * a.pp_size * a.gpu_id_step)
+            workers = worker_ranks(a, group_ep)  # TP x PP ranks (runtime/parallel.py), this node's run here
+            # The ranks meet through torch.distributed's env:// rendezvous: dist_init_addr or a free loopback port.
+            worker_env = {**env, **dist_env(a, port)}
+            launches += [(spec(group_name(g, w.name), "treadle.gpu_worker", eps, ga, **w.spec_extra()), worker_env)
+                         for w in workers if w.local]
+            if head:
+                launches.append((spec(group_name(g, "scheduler"), "treadle.scheduler_proc", eps, ga,
+                                      worker_endpoints=[w.endpoint for w in workers]), env))
+        return {s.name: launch_child(s, self._ipc.path, e) for s, e in launches}
+
+    def _serve_worker_node(self) -> None:
+        """``node_rank > 0`` runs only its worker ranks, which node 0's scheduler drives. As SGLang,
+        block until they exit (node 0 shut down, or a rank failed), then clean up; with
+        ``TREADLE_BLOCK_NONZERO_RANK_CHILDREN=0`` (or SGLang's variable) return at once and keep the
+        workers until ``shutdown()``."""
+        block = [os.environ.get(f"{p}_BLOCK_NONZERO_RANK_CHILDREN") for p in ("TREADLE", "SGLANG")]
+        if next((b for b in block if b is not None), "1") == "0":
+            return
+        try:
+            while all(p.poll() is None for p in self._sup.procs.values()):
+                time.sleep(0.2)
+        finally:
+            self.shutdown()
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -170,6 +203,7 @@ class Engine:
             if len(reqs) != 1:
                 raise ValueError("session_params needs a single prompt with n=1 (each call is one turn).")
             reqs[0].session = session
+            reqs[0].dp_rank = self._session_groups.get(session.id)  # a session's turns run where its KV is
         return reqs, is_batch
 
     def _resolve_processors(self, procs: Any) -> dict[str, Any]:
@@ -332,8 +366,7 @@ class Engine:
         self.abort_request(rid, abort_all)
 
     def flush_cache(self) -> FlushCacheReqOutput:
-        res = self._control("flush_cache")
-        ok = bool(res.get("success"))
+        ok = all(res.get("success") for res in self._control_each("flush_cache").values())
         return FlushCacheReqOutput(ok, "" if ok else "Cache not flushed because there is pending work.")
 
     def open_session(self, capacity_of_str_len: int, session_id: Optional[str] = None, streaming: bool = False,
@@ -344,19 +377,42 @@ class Engine:
         if not isinstance(capacity_of_str_len, int) or capacity_of_str_len < 0:
             raise ValueError(f"capacity_of_str_len must be a non-negative int, got {capacity_of_str_len!r}.")
         sid = session_id or uuid.uuid4().hex
-        return sid if self._control("open_session", session_id=sid) else None
+        if sid in self._session_groups:
+            return None
+        # A session lives in one DP group (its KV stays cached there): the one holding the fewest.
+        g = min(self._sup.live_groups(), key=lambda r: (list(self._session_groups.values()).count(r), r))
+        if not self._control_each("open_session", [g], session_id=sid)[g]:
+            return None
+        self._session_groups[sid] = g
+        return sid
 
     def close_session(self, session_id: str) -> None:
         """Close a session and release the KV it kept cached (an unknown id is ignored)."""
-        self._control("close_session", session_id=session_id)
+        g = self._session_groups.pop(session_id, None)
+        if g is None or g in self._sup.live_groups():
+            self._control_each("close_session", None if g is None else [g], session_id=session_id)
 
     def freeze_gc(self) -> None:
         """``gc.freeze()`` in the scheduler, the detokenizer and this process (call after warm-up)."""
         self._control("freeze_gc")
         gc.freeze()
 
+    def start_profile(self, **kwargs: Any) -> None:
+        """Start torch profiler traces in every worker (SGLang's ``ProfileReq`` fields: ``output_dir``,
+        ``num_steps``, ``activities``, ``with_stack``, ``record_shapes``, ``profile_id``,
+        ``profile_prefix``; ``profile_dir``/``profile_name`` also work). Unknown names: ``TypeError``."""
+        from treadle.gpu_worker.profiler import check_profile_args
+
+        check_profile_args(kwargs)
+        self._control("start_profile", **kwargs)
+
+    def stop_profile(self) -> None:
+        """Stop profiling and write each worker's trace (``RuntimeError`` if none was started)."""
+        self._control("stop_profile")
+
     def get_server_info(self) -> dict[str, Any]:
-        state = self._control("get_internal_state")
+        states = self._control_each("get_internal_state")
+        state = next(iter(states.values()))
         worker = self._sup.ready_info.get("worker0", {})
         info = dict(self.server_args.to_dict())
         info.update({
@@ -364,26 +420,48 @@ class Engine:
             "tokenizer_path": self.server_args.tokenizer_path, "max_total_tokens": state["max_total_tokens"],
             "max_running_requests": state["max_running_requests"], "context_length": state["context_length"],
             "page_size": state["page_size"], "device": self.server_args.device, "dtype": worker.get("dtype"),
-            "startup_time": self._startup_time, "internal_states": [state], "version": _version(),
+            "startup_time": self._startup_time, "version": _version(),
+            "internal_states": [{**s, "dp_rank": g} for g, s in states.items()],  # one per live DP group
         })
+        if self.server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served
+            info["dp_groups"] = self._control_each("get_load", [-1])[-1]
         return info
 
     def get_all_child_pids(self) -> list[int]:
         return [p.pid for p in self._sup.procs.values()]
 
     def _control(self, method: str, **args: Any) -> Any:
+        """A control call on every live DP group; returns the first group's result."""
+        return next(iter(self._control_each(method, **args).values()))
+
+    def _control_each(self, method: str, groups: Optional[list[int]] = None, **args: Any) -> dict[int, Any]:
+        """A control call on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
+        results by group. Each group gets its own call id, so a group that dies fails its own call."""
         self._check_alive()
-        call_id = next(self._ids)
-        fut = self._sup.add_control(call_id)
-        self._send(ControlReq(call_id=call_id, method=method, args=args))
-        return fut.result(timeout=CONTROL_TIMEOUT_S)
+        futs = {}
+        for g in self._sup.live_groups() if groups is None else groups:
+            call_id = next(self._ids)
+            futs[g] = self._sup.add_control(call_id, g)
+            self._send(ControlReq(call_id=call_id, method=method, args=args, dp_rank=g))
+        return {g: fut.result(timeout=CONTROL_TIMEOUT_S) for g, fut in futs.items()}
 
     # ------------------------------------------------------------------ lifecycle
     def _send(self, msg: Any) -> None:
         with self._send_lock:
             self._to_tokenizer.send(msg)
 
+    def _report(self, msg: Any) -> None:
+        """DP bookkeeping for the tokenizer's router (``ReqsDone``, ``GroupDown``), from the I/O thread."""
+        try:
+            self._send(msg)
+        except zmq.ZMQError:  # shutting down
+            pass
+
     def _check_alive(self) -> None:
+        a = self.server_args
+        if a.node_rank > 0:
+            raise RuntimeError(f"This engine is node_rank={a.node_rank} of nnodes={a.nnodes}: it only runs worker "
+                               "ranks. Send requests to the node_rank=0 engine.")
         if self._shut_down:
             raise EngineDeadError("The engine has been shut down.")
         if self._sup.dead is not None:
@@ -449,12 +527,18 @@ def _checked_payload(batch: GenerateBatch) -> bytes:
     return payload
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _version() -> str:

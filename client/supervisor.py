@@ -3,7 +3,10 @@
 It is the only reader of the client inbox. Outputs are handed to per-request states, whose
 ``deliver`` callbacks wake the waiting caller (a queue for sync calls, the caller's own event
 loop for async ones). A child that exits or reports a failure fails every pending request
-with ``EngineDeadError`` within one poll interval, and later calls raise it at once.
+with ``EngineDeadError`` within one poll interval, and later calls raise it at once. With
+``dp_size > 1`` the death of a scheduler group's process takes only that group out of service:
+its other processes are stopped, the tokenizer fails the group's requests (``GroupDown``) and
+routes around it; the engine dies when no group is left.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import concurrent.futures
 import logging
 import subprocess
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import msgspec
 import zmq
@@ -20,18 +23,32 @@ import zmq
 from treadle.client.results import ReqState
 from treadle.runtime.errors import EngineDeadError, EngineOverloadedError
 from treadle.runtime.messages import (
-    CLIENT_IN, ChildFailed, ChildReady, ControlReply, ReqError, StrOutBatch,
+    CLIENT_IN, ChildFailed, ChildReady, ControlReply, GroupDown, ReqError, ReqsDone, StrOutBatch,
 )
+from treadle.runtime.procs import kill_child
 from treadle.runtime.zmq_utils import Receiver
 
 logger = logging.getLogger("treadle.engine")
 POLL_MS = 100
-ERRORS = {"value": ValueError, "type": TypeError, "overloaded": EngineOverloadedError, "runtime": RuntimeError}
+ERRORS = {"value": ValueError, "type": TypeError, "overloaded": EngineOverloadedError, "runtime": RuntimeError,
+          "dead": EngineDeadError}
+
+
+def group_name(dp_rank: int, name: str) -> str:
+    """A DP group's process name: group 0 keeps the plain names (``scheduler``, ``worker0``)."""
+    return name if dp_rank == 0 else f"dp{dp_rank}_{name}"
+
+
+def dp_rank_of(name: str) -> Optional[int]:
+    """The DP group of a process name; None for the shared tokenizer and detokenizer."""
+    if name in ("tokenizer", "detokenizer"):
+        return None
+    return int(name[2:name.index("_")]) if name.startswith("dp") else 0
 
 
 class Supervisor:
     def __init__(self, ctx: zmq.Context, inbox_endpoint: str, launch: Callable[[], dict[str, subprocess.Popen]],
-                 incremental: bool) -> None:
+                 incremental: bool, report: Optional[Callable[[Any], None]] = None) -> None:
         self.inbox = Receiver(ctx, inbox_endpoint, CLIENT_IN, bind=True)
         self.launch = launch
         self.incremental = incremental
@@ -41,9 +58,12 @@ class Supervisor:
         self.lock = threading.Lock()
         self.states: dict[str, tuple[ReqState, bool]] = {}  # rid -> (state, stream)
         self.call_rids: dict[int, list[str]] = {}
-        self.controls: dict[int, concurrent.futures.Future] = {}
+        self.controls: dict[int, tuple[concurrent.futures.Future, Optional[int]]] = {}  # call id -> (future, dp rank)
         self.dead: Optional[EngineDeadError] = None
+        self.report = report  # sends ReqsDone / GroupDown to the tokenizer (only with dp_size > 1)
+        self.dead_groups: dict[int, str] = {}  # dp rank -> why it is out of service
         self.stopping = False
+        self.workers_only = False  # node_rank > 0: node 0 stops these workers, so a clean exit is no failure
         self.thread = threading.Thread(target=self._run, name="treadle-io", daemon=True)
 
     # ------------------------------------------------------------------ registration
@@ -64,13 +84,22 @@ class Supervisor:
             rids = self.call_rids.pop(call_id, [])
             return [r for r in rids if self.states.pop(r, None) is not None]
 
-    def add_control(self, call_id: int) -> concurrent.futures.Future:
+    def add_control(self, call_id: int, dp_rank: Optional[int] = None) -> concurrent.futures.Future:
+        """A future for the reply to a control call answered by DP group ``dp_rank`` (None: the tokenizer)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:
             if self.dead is not None:
                 raise self.dead
-            self.controls[call_id] = fut
+            if dp_rank in self.dead_groups:
+                raise EngineDeadError(self.dead_groups[dp_rank])
+            self.controls[call_id] = (fut, dp_rank)
         return fut
+
+    def live_groups(self) -> list[int]:
+        """The DP ranks still in service (any thread; never call it holding ``lock``)."""
+        with self.lock:
+            dead = set(self.dead_groups)
+        return sorted({dp_rank_of(n) for n in self.procs} - {None} - dead)  # type: ignore[operator]
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
@@ -97,13 +126,14 @@ class Supervisor:
         if self.stopping or self.dead is not None:
             return
         for name, proc in self.procs.items():
-            code = proc.poll()
-            if code is not None:
-                self._fail(f"The {name} process exited unexpectedly (exit code {code}).")
+            code = None if dp_rank_of(name) in self.dead_groups else proc.poll()
+            if code is not None and not (code == 0 and self.workers_only):
+                self._child_died(name, f"The {name} process exited unexpectedly (exit code {code}).")
                 return
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, StrOutBatch):
+            self._report_done(o.rid for o in msg.outs if o.finish is not None)  # before a caller may reuse a rid
             for out in msg.outs:
                 with self.lock:
                     entry = self.states.get(out.rid)
@@ -117,6 +147,7 @@ class Supervisor:
                     self._deliver(st, chunk)
         elif isinstance(msg, ReqError):
             err = ERRORS.get(msg.kind, RuntimeError)(msg.message)
+            self._report_done(msg.rids)
             with self.lock:
                 rids = self.call_rids.get(msg.call_id, []) if msg.call_id >= 0 else msg.rids
                 found = [self.states.pop(r)[0] for r in rids if r in self.states]
@@ -124,7 +155,7 @@ class Supervisor:
                 self._deliver(st, err)
         elif isinstance(msg, ControlReply):
             with self.lock:
-                fut = self.controls.pop(msg.call_id, None)
+                fut, _ = self.controls.pop(msg.call_id, (None, None))
             if fut is not None:
                 if msg.ok:
                     fut.set_result(msg.result)
@@ -137,13 +168,47 @@ class Supervisor:
                 self.started.set_result(True)
         elif isinstance(msg, ChildFailed):
             last = msg.error.strip().splitlines()[-1] if msg.error.strip() else "unknown error"
-            self._fail(f"The {msg.name} process failed: {last}", detail=msg.error)
+            self._child_died(msg.name, f"The {msg.name} process failed: {last}", detail=msg.error)
 
     def _deliver(self, st: ReqState, item: Any) -> None:
         try:
             st.deliver(item)
         except RuntimeError:  # the caller's event loop is gone; nobody is waiting any more
             pass
+
+    def _report_done(self, rids: Iterable[str]) -> None:
+        if self.report is not None:
+            done = list(rids)
+            if done:
+                self.report(ReqsDone(rids=done))
+
+    def _child_died(self, name: str, message: str, detail: str = "") -> None:
+        g = dp_rank_of(name)
+        if g in self.dead_groups:  # a late report from a group already out of service
+            return
+        if g is None or not self.started.done() or not set(self.live_groups()) - {g}:
+            self._fail(message, detail)
+        else:
+            self._fail_group(g, message)
+
+    def _fail_group(self, g: int, message: str) -> None:
+        """Take DP group ``g`` out of service: stop its other processes (they would wait forever on
+        the dead one), fail its pending control calls, and tell the tokenizer, which fails the
+        group's requests with ``EngineDeadError`` and routes new ones to the live groups."""
+        others = [r for r in self.live_groups() if r != g]
+        message = f"{message} DP group {g} is out of service (its requests failed); groups {others} keep serving."
+        with self.lock:
+            self.dead_groups[g] = message
+            ids = [cid for cid, (_, r) in self.controls.items() if r == g]
+            controls = [self.controls.pop(cid)[0] for cid in ids]
+        logger.error(message)
+        for name, proc in self.procs.items():
+            if dp_rank_of(name) == g:
+                kill_child(proc, grace_s=0)
+        if self.report is not None:
+            self.report(GroupDown(dp_rank=g, message=message))
+        for fut in controls:
+            fut.set_exception(EngineDeadError(message))
 
     def _fail(self, message: str, detail: str = "") -> None:
         """Mark the engine dead and fail everything pending (start-up, requests, control calls)."""
@@ -152,7 +217,7 @@ class Supervisor:
         with self.lock:
             self.dead = EngineDeadError(message)
             states = [st for st, _ in self.states.values()]
-            controls = list(self.controls.values())
+            controls = [fut for fut, _ in self.controls.values()]
             self.states.clear()
             self.controls.clear()
         logger.error(message)
@@ -174,7 +239,7 @@ class Supervisor:
     def _fail_pending(self) -> None:
         with self.lock:
             states = [st for st, _ in self.states.values()]
-            controls = list(self.controls.values())
+            controls = [fut for fut, _ in self.controls.values()]
             self.states.clear()
             self.controls.clear()
         for st in states:

@@ -1,28 +1,40 @@
-"""Tensor-parallel state of this worker process.
+"""Parallel state of this worker process: its TP and PP coordinates and the groups they use.
 
-Layers read the rank/size at construction time (to size their shards) and call the collectives
-at run time. The default torch.distributed group is the TP group: a worker process runs one
-model, so there is nothing else to share it with.
+One worker process per rank, ``rank = pp_rank * tp_size + tp_rank``. Every rank joins one
+torch.distributed world (gloo on CPU, NCCL on CUDA; env:// rendezvous on MASTER_ADDR/MASTER_PORT,
+which the engine derives from ``dist_init_addr`` when ranks span machines). The TP ranks of each
+pipeline stage get their own subgroup for the layers' all_reduce/all_gather; stages talk point to
+point over the world (``gpu_worker/pipeline.py``). Layers read the coordinates at construction (to
+size their shards and pick their layers) and call the collectives at run time.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
-_TP_RANK = 0
-_TP_SIZE = 1
+_TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE = 0, 1, 0, 1
+_TP_GROUP: Optional[dist.ProcessGroup] = None  # None: the world is the TP group (pp_size == 1)
 
 
-def init_tp(rank: int, size: int, device: torch.device) -> None:
-    """Record the TP coordinates; join the process group (env:// rendezvous) if nobody did yet."""
-    global _TP_RANK, _TP_SIZE
-    if not 0 <= rank < size:
-        raise ValueError(f"tp_rank {rank} out of range for tp_size {size}")
-    _TP_RANK, _TP_SIZE = rank, size
-    if size > 1 and not dist.is_initialized():
+def init_parallel(tp_rank: int, tp_size: int, device: torch.device, pp_rank: int = 0, pp_size: int = 1) -> None:
+    """Record the coordinates; join the world (if nobody did yet) and build the per-stage TP groups."""
+    global _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE, _TP_GROUP
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} out of range for tp_size {tp_size}")
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank {pp_rank} out of range for pp_size {pp_size}")
+    _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE = tp_rank, tp_size, pp_rank, pp_size
+    world = tp_size * pp_size
+    if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=size)
+        dist.init_process_group(backend, rank=global_rank(), world_size=world)
+    _TP_GROUP = None
+    if tp_size > 1 and pp_size > 1:  # every rank must create every group, in the same order
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+        _TP_GROUP = groups[pp_rank]
 
 
 def tp_rank() -> int:
@@ -33,17 +45,39 @@ def tp_size() -> int:
     return _TP_SIZE
 
 
+def pp_rank() -> int:
+    return _PP_RANK
+
+
+def pp_size() -> int:
+    return _PP_SIZE
+
+
+def global_rank(tp: Optional[int] = None, pp: Optional[int] = None) -> int:
+    """The world rank of (pp, tp), this process's own by default."""
+    return (_PP_RANK if pp is None else pp) * _TP_SIZE + (_TP_RANK if tp is None else tp)
+
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's value on every rank: each machine resolves its own random seed, the ranks must agree."""
+    if _TP_SIZE * _PP_SIZE == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum partial results of a row-parallel matmul (a no-op without TP)."""
+    """Sum partial results of a row-parallel matmul over this stage's TP ranks (a no-op without TP)."""
     if _TP_SIZE > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_TP_GROUP)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate the ranks' shards along the last dim (vocab-parallel logits)."""
+    """Concatenate the stage's TP shards along the last dim (vocab-parallel logits)."""
     if _TP_SIZE == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
     return torch.cat(parts, dim=-1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -23,19 +23,22 @@ def safetensors_files(model_dir: str) -> list[str]:
     return files
 
 
-def iter_safetensors(model_dir: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, cpu_tensor)`` for every tensor of every file, lazily."""
+def iter_safetensors(model_dir: str, progress: bool = True,
+                     keep: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, cpu_tensor)`` for every tensor of every file, lazily; with ``keep``, only
+    the tensors it accepts (a pipeline stage never reads another stage's layers)."""
     files = safetensors_files(model_dir)
     total = 0
     for f in files:
         with safe_open(f, framework="pt", device="cpu") as fh:
-            total += len(fh.keys())
+            total += sum(1 for n in fh.keys() if keep is None or keep(n))
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=None if progress else True) as bar:
         for f in files:
             with safe_open(f, framework="pt", device="cpu") as fh:
                 for name in fh.keys():
-                    yield name, fh.get_tensor(name)
-                    bar.update(1)
+                    if keep is None or keep(name):
+                        yield name, fh.get_tensor(name)
+                        bar.update(1)
 
 
 def default_weight_loader(param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:

@@ -59,11 +59,26 @@ def needs_processing(spec: SamplingSpec) -> bool:
             or spec.custom_processor is not None)
 
 
+class PendingIds:
+    """Sampled ids of one step still on the device: their slots (with the slot's generation, so a
+    slot reused meanwhile is not credited) until the host learns their values."""
+
+    def __init__(self, slots: list[int], gens: list[int], ids: torch.Tensor):
+        self.slots, self.gens, self.ids, self.done = slots, gens, ids, False
+
+
 class SlotState:
+    """Host-side output ids may lag the device by the steps in flight (overlap scheduling): lengths
+    (``num_out``) are exact at launch time, the values arrive with ``commit`` (or ``sync``, for the
+    rare users of values: custom processors and the first penalty)."""
+
     def __init__(self, max_slots: int, device: torch.device):
         self.device = device
         self.specs: list[SamplingSpec] = [SamplingSpec() for _ in range(max_slots)]
         self.outputs: list[list[int]] = [[] for _ in range(max_slots)]
+        self.num_out = [0] * max_slots  # tokens output so far, pending ones included
+        self.gen = [0] * max_slots  # bumped by set_slot: a new request in the slot
+        self.pending: list[PendingIds] = []
         self.active = [False] * max_slots  # needs_processing(specs[slot]), cached
         self.counts: Optional[torch.Tensor] = None  # float32 [max_slots, vocab], lazily
         self._procs: dict[tuple[str, str], CustomLogitProcessor] = {}
@@ -71,18 +86,38 @@ class SlotState:
     def set_slot(self, slot: int, spec: SamplingSpec, prior_output: Sequence[int] = ()) -> None:
         self.specs[slot] = spec
         self.outputs[slot] = list(prior_output)
+        self.num_out[slot] = len(prior_output)
+        self.gen[slot] += 1
         self.active[slot] = needs_processing(spec)
         if self.counts is not None:
             self.counts[slot].zero_()
             self._count([slot] * len(prior_output), list(prior_output))
 
-    def record(self, slots: list[int], ids: torch.Tensor, host_ids: list[int]) -> None:
-        """Append one sampled token per row (``ids`` on the device, ``host_ids`` the same values)."""
-        for s, t in zip(slots, host_ids):
-            self.outputs[s].append(t)
+    def record(self, slots: list[int], ids: torch.Tensor) -> PendingIds:
+        """One sampled token per row, still on the device: counted now, its value committed later."""
+        for s in slots:
+            self.num_out[s] += 1
         if self.counts is not None:
             s = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
             self.counts.index_put_((s, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
+        p = PendingIds(slots, [self.gen[s] for s in slots], ids)
+        self.pending.append(p)
+        return p
+
+    def commit(self, p: PendingIds, host_ids: list[int]) -> None:
+        """The host values of a recorded step (in step order; a no-op if ``sync`` took them already)."""
+        if p.done:
+            return
+        for s, g, t in zip(p.slots, p.gens, host_ids):
+            if self.gen[s] == g:
+                self.outputs[s].append(t)
+        p.done = True
+        self.pending.remove(p)
+
+    def sync(self) -> None:
+        """Bring every pending value to the host now (waits for the device)."""
+        for p in list(self.pending):
+            self.commit(p, p.ids.tolist())
 
     def _count(self, slots: list[int], ids: list[int]) -> None:
         if ids:
@@ -91,6 +126,7 @@ class SlotState:
 
     def _ensure_counts(self, vocab: int) -> torch.Tensor:
         if self.counts is None:
+            self.sync()
             self.counts = torch.zeros(len(self.specs), vocab, dtype=torch.float32, device=self.device)
             pairs = [(s, t) for s, out in enumerate(self.outputs) for t in out]
             self._count([s for s, _ in pairs], [t for _, t in pairs])
@@ -129,7 +165,7 @@ class SlotState:
             x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
             logits[r_t] = x - fp * c - pp * seen
         # 4. min_new_tokens: stop ids are impossible until enough tokens were output.
-        mask = [(i, t) for i in rows if len(self.outputs[slots[i]]) < specs[i].min_new_tokens
+        mask = [(i, t) for i in rows if self.num_out[slots[i]] < specs[i].min_new_tokens
                 for t in specs[i].stop_ids if 0 <= t < vocab]
         if mask:
             r, c = zip(*mask)
@@ -140,6 +176,8 @@ class SlotState:
             sp = specs[i]
             if sp.custom_processor is not None:
                 groups.setdefault((sp.custom_processor, json.dumps(sp.custom_state, sort_keys=True)), []).append(i)
+        if groups:
+            self.sync()
         for group in groups.values():
             sp = specs[group[0]]
             proc = self.processor(sp.custom_processor, sp.custom_state)

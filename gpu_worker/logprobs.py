@@ -69,6 +69,7 @@ class StepOutput:
     inputs: list[tuple[int, int, int]]  # (plan row, first row in ``logits``, count) for input logprobs
     hidden_rows: list[tuple[int, int, int]]  # (plan row, first token, count) for hidden states
     report: bool  # build RowOuts (rank 0 of a forward() call)
+    sample_slots_t: Optional[torch.Tensor] = None  # ``sample_slots`` on the device
 
 
 def row_outs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], SamplingSpec], want: list[int],

@@ -10,6 +10,8 @@ No sockets here; ``worker_proc`` wraps this in a process.
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -18,20 +20,34 @@ import torch
 from transformers import AutoConfig
 
 from treadle.gpu_worker.attention.base import create_backend
-from treadle.gpu_worker.distributed import init_tp
+from treadle.gpu_worker.cuda_graph import DecodeGraphs
+from treadle.gpu_worker.distributed import broadcast_int, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
+from treadle.gpu_worker.logits_processing import PendingIds
 from treadle.gpu_worker.logprobs import StepOutput, row_outs
 from treadle.gpu_worker.models.registry import get_model_class
+from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import load_pooling_config, pool
 from treadle.gpu_worker.sampler import Sampler
-from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
+from treadle.runtime.messages import PLACEHOLDER, ForwardPlan, RowOut, SamplingSpec
 
+logger = logging.getLogger("treadle.worker")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Launched:
+    """A step whose device work is queued; ``ModelRunner.finish`` turns it into host results."""
+
+    result: Optional[tuple[list[int], dict[int, RowOut]]] = None  # already final
+    pending: Optional[PendingIds] = None
+    ids_host: Optional[torch.Tensor] = None  # sampled ids (pinned host copy on CUDA)
+    event: Optional[Any] = None  # torch.cuda.Event recorded after the copy
 
 
 @dataclass
@@ -47,6 +63,9 @@ class RunnerConfig:
     random_seed: int = 0
     tp_rank: int = 0
     tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
 
 
@@ -78,15 +97,23 @@ class ModelRunner:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-        init_tp(cfg.tp_rank, cfg.tp_size, self.device)
+        init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size)
+        cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
+        # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
+        self.reports = cfg.tp_rank == 0 and cfg.pp_rank == cfg.pp_size - 1
         self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         with _building(self.dtype, self.device):
             self.model = get_model_class(self.model_config)(self.model_config, max_positions=cfg.context_len)
+        self.pp: Optional[Stage] = None  # pipeline parallelism: this rank's stage (CUDA graphs off)
+        if cfg.pp_size > 1:
+            if not getattr(self.model, "supports_pp", False):
+                raise ValueError(f"{type(self.model).__name__} does not support pipeline parallelism (pp_size > 1)")
+            self.pp, cfg.cuda_graph_max_bs = Stage(self.model_config.hidden_size, self.dtype, self.device), 0
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.random_seed, getattr(self.model_config, "initializer_range", 0.02))
         elif cfg.load_format in ("auto", "safetensors"):
-            self.model.load_weights(iter_safetensors(cfg.model_dir))
+            self.model.load_weights(iter_safetensors(cfg.model_dir, keep=getattr(self.model, "wants_tensor", None)))
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
@@ -100,15 +127,29 @@ class ModelRunner:
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
         if cfg.kv_tokens <= 0:
             cfg.kv_tokens = self._kv_tokens_from_memory(len(attn), attn[0].num_kv_heads * attn[0].head_dim)
-        self.kv_cache = KVCache(len(attn), cfg.kv_tokens, attn[0].num_kv_heads, attn[0].head_dim,
+        # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
+        self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
                                 self.dtype, self.device)
-        self.req_to_token = torch.zeros(cfg.max_slots, cfg.context_len, dtype=torch.int64, device=self.device)
+        self.req_to_token = torch.zeros(cfg.max_slots + 1, cfg.context_len, dtype=torch.int64, device=self.device)
+        self.last_token = torch.zeros(cfg.max_slots + 1, dtype=torch.int64, device=self.device)
         self.attn_backend = create_backend(cfg.attention_backend, device=self.device, dtype=self.dtype)
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
+        pin = self.device.type == "cuda"
+        self._host_ids = [torch.empty(cfg.max_slots, dtype=torch.int64, pin_memory=pin) for _ in range(4)]
+        self._ring = 0
+        self.graphs: Optional[DecodeGraphs] = None
+        self.graph_capture_time = 0.0
+        if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda":
+            if not hasattr(self.attn_backend, "init_cuda_graph_state"):
+                logger.warning("attention backend %s cannot run in CUDA graphs; decoding runs eagerly", cfg.attention_backend)
+            else:
+                t0 = time.perf_counter()
+                self.graphs = DecodeGraphs(self, min(cfg.cuda_graph_max_bs, cfg.max_slots))
+                self.graph_capture_time = time.perf_counter() - t0
 
     def _kv_tokens_from_memory(self, num_layers: int, kv_width: int) -> int:
         """KV pool size after the weights are loaded: what ``mem_fraction_static`` of the card
-        leaves free, identical on every TP rank (the smallest one wins)."""
+        leaves free, identical on every rank (the smallest one wins)."""
         if self.device.type != "cuda":
             raise ValueError("kv_tokens must be given on the CPU (there is no device memory to size from)")
         free, total = torch.cuda.mem_get_info(self.device)
@@ -117,7 +158,7 @@ class ModelRunner:
         if tokens < self.cfg.context_len:
             raise ValueError(f"only {max(tokens, 0)} KV-cache tokens fit in mem_fraction_static="
                              f"{self.cfg.mem_fraction_static}; the context needs {self.cfg.context_len}")
-        if self.cfg.tp_size > 1:
+        if self.cfg.tp_size * self.cfg.pp_size > 1:  # every rank of every stage
             t = torch.tensor([tokens], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             tokens = int(t.item())
@@ -145,17 +186,29 @@ class ModelRunner:
             "attention_backend": self.cfg.attention_backend,
             "tp_rank": self.cfg.tp_rank,
             "tp_size": self.cfg.tp_size,
+            "pp_rank": self.cfg.pp_rank,
+            "pp_size": self.cfg.pp_size,
+            "kv_layers": self.kv_cache.buf.shape[1] if self.kv_cache is not None else 0,  # this stage's layers
+            "cuda_graph_bs": self.graphs.sizes if self.graphs is not None else [],
+            "cuda_graph_capture_time": self.graph_capture_time,
         }
 
     @torch.inference_mode()
     def forward(self, plan: ForwardPlan) -> tuple[list[int], dict[int, RowOut]]:
         """Run one step: one sampled token id per row with ``sample=True`` (row order), and the
         ``RowOut`` extras (logprobs, hidden states) of the rows whose slot asked, by plan row index."""
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: ForwardPlan) -> Launched:
+        """Queue one step's device work and return without waiting for it (overlap scheduling:
+        the next plan is prepared while this one runs). ``finish`` brings the sampled ids to the
+        host. Steps whose rows want extras (logprobs, hidden states, embeddings) are finished here."""
         if self.is_encoder:
-            return [], self._encode(plan)
+            return Launched(result=([], self._encode(plan)))
         step = self._run(plan, extras=True)
         if step is None:
-            return [], {}
+            return Launched(result=([], {}))
         logits, slots = step.logits, step.sample_slots
         samples = logits if step.sample_at is None else logits[step.sample_at]
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
@@ -163,11 +216,32 @@ class ModelRunner:
         raw = samples[torch.tensor(want, dtype=torch.int64).to(self.device)] if want else None
         sampling_rows = [r for r in plan.rows if r.sample]
         masks = [(j, r.token_bitmask) for j, r in enumerate(sampling_rows) if r.token_bitmask]  # grammar rows
-        ids_t = self.sampler.sample(samples, slots, masks) if slots else None
-        ids = [] if ids_t is None else ids_t.tolist()
-        if not step.report:
-            return ids, {}
-        return ids, row_outs(plan, step, self.sampler.spec, want, raw, ids_t)
+        if not slots:
+            return Launched(result=([], row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}))
+        ids_t, pending = self.sampler.sample_deferred(samples, slots, masks)
+        self.last_token[step.sample_slots_t] = ids_t  # the next step's placeholder inputs
+        if step.report and (want or step.inputs or step.hidden_rows):
+            ids = ids_t.tolist()
+            self.sampler.state.commit(pending, ids)
+            return Launched(result=(ids, row_outs(plan, step, self.sampler.spec, want, raw, ids_t)))
+        if self.device.type != "cuda":
+            return Launched(pending=pending, ids_host=ids_t)
+        self._ring = (self._ring + 1) % len(self._host_ids)
+        host = self._host_ids[self._ring][: len(slots)]
+        host.copy_(ids_t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Launched(pending=pending, ids_host=host, event=event)
+
+    def finish(self, launched: Launched) -> tuple[list[int], dict[int, RowOut]]:
+        """Wait for a launched step's sampled ids (only that step: later queued work keeps running)."""
+        if launched.result is not None:
+            return launched.result
+        if launched.event is not None:
+            launched.event.synchronize()
+        ids = launched.ids_host.tolist()
+        self.sampler.state.commit(launched.pending, ids)
+        return ids, {}
 
     @torch.inference_mode()
     def forward_logits(self, plan: ForwardPlan) -> torch.Tensor:
@@ -222,9 +296,9 @@ class ModelRunner:
             w_pos += range(len(pw.locs))
             w_loc += pw.locs
         n_prefix = len(w_loc)
-        report = extras and self.cfg.tp_rank == 0  # only rank 0 sends results; the others skip the host work
+        report = extras and self.reports  # only the reporting rank sends results; the others skip the host work
         ids, slots, starts, lens, head_idx, sample_at = [], [], [], [], [], []
-        sample_rows, sample_slots, inputs, hidden_rows = [], [], [], []
+        sample_rows, sample_slots, inputs, hidden_rows, ph_idx, ph_slot = [], [], [], [], [], []
         for r, row in enumerate(plan.rows):
             n, off = len(row.input_ids), len(ids)
             self._check_slot(row.slot)
@@ -232,6 +306,8 @@ class ModelRunner:
                 raise ValueError(f"row of slot {row.slot}: {n} input ids but {len(row.new_locs)} new locs")
             if row.start_pos < 0 or row.start_pos + n > cfg.context_len:
                 raise ValueError(f"row of slot {row.slot} spans positions beyond context_len {cfg.context_len}")
+            if n == 1 and row.input_ids[0] == PLACEHOLDER:  # the token this slot sampled last step
+                ph_idx.append(off), ph_slot.append(row.slot)
             if extras and row.logprob_from >= 0:  # every rank: the LM head all-gathers
                 count = max(n - 1 - row.logprob_from, 0)
                 inputs.append((r, len(head_idx), count))
@@ -254,30 +330,38 @@ class ModelRunner:
             return None
         if min(w_loc) < 0 or max(w_loc) >= cfg.kv_tokens:
             raise ValueError(f"KV location out of range [0, {cfg.kv_tokens})")
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        if ids and (max(ids) >= self.vocab_size or (min(ids) < 0 and min(ids) != PLACEHOLDER)
+                    or ids.count(PLACEHOLDER) != len(ph_idx)):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}) (or a placeholder in a multi-token row)")
 
         # One host->device copy for all index data.
-        t, p = len(ids), n_prefix
-        host = torch.tensor(ids + w_slot + w_pos + w_loc + head_idx, dtype=torch.int64)
+        t, p, h, s, q = len(ids), n_prefix, len(head_idx), len(sample_slots), len(ph_idx)
+        host = torch.tensor(ids + w_slot + w_pos + w_loc + head_idx + sample_slots + ph_idx + ph_slot, dtype=torch.int64)
         dev = host.to(self.device, non_blocking=True)
-        input_ids, rest = dev[:t], dev[t:]
-        w_slot_t, w_pos_t, w_loc_t = rest[: p + t], rest[p + t : 2 * (p + t)], rest[2 * (p + t) : 3 * (p + t)]
+        input_ids, w_slot_t, w_pos_t, w_loc_t, head_t, sample_slots_t, ph_idx_t, ph_slot_t = dev.split(
+            [t, p + t, p + t, p + t, h, s, q, q])
         self.req_to_token[w_slot_t, w_pos_t] = w_loc_t
         if not ids:
             return None
+        if q:
+            input_ids[ph_idx_t] = self.last_token[ph_slot_t]
 
+        plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
+        if self.graphs is not None and t == len(plan.rows) == s and plain and self.graphs.fits(t):
+            hidden, logits = self.graphs.replay(input_ids, w_pos_t[p:], w_loc_t[p:], w_slot_t[p:])
+            return StepOutput(hidden, logits, None, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
         ctx = ForwardContext(
             input_ids=input_ids, positions=w_pos_t[p:], out_cache_loc=w_loc_t[p:],
-            slots=slots, starts=starts, extend_lens=lens, logits_indices=rest[3 * (p + t):],
+            slots=slots, starts=starts, extend_lens=lens, logits_indices=head_t,
             req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend)
         ctx.attn_meta = self.attn_backend.init_forward(ctx)
         with forward_context(ctx):
-            hidden = self.model(input_ids)
+            hidden = self.model(input_ids) if self.pp is None else self.pp.forward(self.model, input_ids)
+            if hidden is None:  # a pipeline stage before the last: handed on, nothing to project
+                return None
             if not head_idx and not hidden_rows and not inputs:
                 return None
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if head_idx else None
-        plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
         at = None if plain else torch.tensor(sample_at, dtype=torch.int64).to(self.device, non_blocking=True)
-        return StepOutput(hidden, logits, at, sample_rows, sample_slots, inputs, hidden_rows, report)
+        return StepOutput(hidden, logits, at, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from treadle.gpu_worker.logits_processing import SlotState, apply_token_bitmasks
+from treadle.gpu_worker.logits_processing import PendingIds, SlotState, apply_token_bitmasks
 from treadle.runtime.messages import SamplingSpec
 
 _GREEDY_EPS = 1e-6
@@ -43,6 +43,13 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, slots: list[int],
                masks: Sequence[tuple[int, bytes]] = ()) -> torch.Tensor:
+        """``sample_deferred`` with the host values committed at once (one device sync)."""
+        ids, pending = self.sample_deferred(logits, slots, masks)
+        self.state.commit(pending, ids.tolist())
+        return ids
+
+    def sample_deferred(self, logits: torch.Tensor, slots: list[int],
+                        masks: Sequence[tuple[int, bytes]] = ()) -> tuple[torch.Tensor, PendingIds]:
         """``logits [n, V]`` float32, one row per slot in ``slots`` -> token ids ``[n]`` int64.
 
         ``masks``: ``(row, grammar token bitmask)`` pairs, applied last so nothing re-allows a
@@ -53,8 +60,7 @@ class Sampler:
         if masks:
             apply_token_bitmasks(logits, masks)
         ids = self._sample(logits, slots)
-        self.state.record(slots, ids, ids.tolist())
-        return ids
+        return ids, self.state.record(slots, ids)
 
     def _sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
         specs = [self.state.specs[s] for s in slots]
@@ -73,7 +79,7 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=self.gen)
         for i, (s, sp) in enumerate(zip(slots, specs)):
             if sp.seed is not None and not greedy[i]:
-                g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, len(self.state.outputs[s])))
+                g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, self.state.num_out[s]))
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)  # q == 0 would give 0/0 = NaN
         return torch.where(torch.tensor(greedy).to(self.device, non_blocking=True), argmax, sampled)

@@ -10,7 +10,9 @@ from typing import Any
 import msgspec
 import zmq
 
+from treadle.gpu_worker.profiler import Profiler
 from treadle.runtime.hf_config import context_length, load_config
+from treadle.runtime.parallel import exit_when_disconnected
 from treadle.runtime.messages import (
     WORKER_IN, ChildReady, ForwardPlan, Shutdown, StepResult, WorkerControl, WorkerControlReply,
 )
@@ -37,25 +39,39 @@ class WorkerLoop:
 
         self.spec = spec
         args = spec.args
-        self.rank = spec.extra.get("tp_rank", 0)
-        self.recv = Receiver(ctx, spec.extra["endpoint"], WORKER_IN, bind=True)
-        self.to_scheduler = Sender(ctx, spec.endpoints["scheduler_results"]) if self.rank == 0 else None
+        self.rank, self.pp_rank = spec.extra.get("tp_rank", 0), spec.extra.get("pp_rank", 0)
+        global_rank = self.pp_rank * args.tp_size + self.rank
+        endpoint = spec.extra["endpoint"]  # tcp:// (ranks on several machines): the scheduler binds it
+        self.recv = Receiver(ctx, endpoint, WORKER_IN, bind=not endpoint.startswith("tcp://"))
+        if endpoint.startswith("tcp://"):
+            exit_when_disconnected(self.recv.sock, "the scheduler on node 0")
+        reports = self.rank == 0 and self.pp_rank == args.pp_size - 1  # the reporting rank: TP 0 of the last stage
+        self.to_scheduler = Sender(ctx, spec.endpoints["scheduler_results"]) if reports else None
         cfg = load_config(spec.files.model_dir)
         self.context_len = context_length(cfg, args, spec.files.model_dir)
         t0 = time.perf_counter()
         device = args.device
         if device == "cuda":
-            device = f"cuda:{args.base_gpu_id + self.rank * args.gpu_id_step}"
+            device = f"cuda:{args.base_gpu_id + spec.extra.get('local_rank', global_rank) * args.gpu_id_step}"
         kv_tokens, self.max_slots = kv_budget(args)
         self.runner = ModelRunner(RunnerConfig(
             model_dir=spec.files.model_dir, load_format=args.load_format, dtype=args.dtype, device=device,
             kv_tokens=kv_tokens, max_slots=self.max_slots, context_len=self.context_len,
             attention_backend=args.attention_backend or "torch_native", random_seed=args.random_seed or 0,
             tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static or 0.85,
+            pp_rank=self.pp_rank, pp_size=args.pp_size,
+            cuda_graph_max_bs=0 if args.disable_cuda_graph else (args.cuda_graph_max_bs or min(self.max_slots, 256)),
         ))
+        # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
+        # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.
+        self.hold_results = self.runner.device.type == "cuda" and not args.disable_overlap_schedule
+        self.profiler = Profiler(global_rank, self.runner.device.type == "cuda")
         self.kv_tokens = self.runner.cfg.kv_tokens
         self.load_time = time.perf_counter() - t0
         logger.info("model loaded in %.1f s; KV pool %d tokens, %d request slots", self.load_time, self.kv_tokens, self.max_slots)
+        if self.runner.graphs is not None:
+            logger.info("CUDA graphs captured for %d batch sizes (up to %d) in %.1f s", len(self.runner.graphs.sizes),
+                        self.runner.graphs.max_bs, self.runner.graph_capture_time)
         inbox.send(ChildReady(name=spec.name, info=self.info()))
 
     def info(self) -> dict[str, Any]:
@@ -65,27 +81,47 @@ class WorkerLoop:
         }
 
     def serve(self) -> None:
+        held = None  # (step, Launched) launched but not answered yet
         while True:
             try:
                 msg = self.recv.recv()
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 logger.error("dropped a malformed message: %s", e)
                 continue
-            if isinstance(msg, Shutdown):
-                return
             if isinstance(msg, ForwardPlan):
-                ids, extras = self.runner.forward(msg)
-                if self.to_scheduler is not None:
-                    self.to_scheduler.send(StepResult(step=msg.step, next_token_ids=ids, extras=extras))
+                launched = self.runner.launch(msg)
+                self.profiler.step()
+                if held is not None:
+                    self.answer(*held)
+                held = (msg.step, launched)
+                if self.hold_results:
+                    continue
+            elif isinstance(msg, Shutdown):
+                return
             elif isinstance(msg, WorkerControl):
+                if held is not None:
+                    self.answer(*held)
+                    held = None
                 reply = self.control(msg)
                 if self.to_scheduler is not None:
                     self.to_scheduler.send(reply)
+            if held is not None:  # SyncStep, or no overlap
+                self.answer(*held)
+                held = None
+
+    def answer(self, step: int, launched: Any) -> None:
+        ids, extras = self.runner.finish(launched)
+        if self.to_scheduler is not None:
+            self.to_scheduler.send(StepResult(step=step, next_token_ids=ids, extras=extras))
 
     def control(self, msg: WorkerControl) -> WorkerControlReply:
         try:
             if msg.method == "info":
                 return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.info())
+            if msg.method == "start_profile":
+                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.profiler.start(msg.args))
+            if msg.method == "stop_profile":
+                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.profiler.stop())
             raise ValueError(f"unknown worker method {msg.method!r}")
         except Exception as e:  # a failed control call is reported, it does not kill the worker
             return WorkerControlReply(call_id=msg.call_id, ok=False, error=str(e))

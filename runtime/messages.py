@@ -49,6 +49,7 @@ class GenerateReq(_Msg):
     custom_state: Optional[dict[str, Any]] = None
     session: Optional[SessionParams] = None
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
+    dp_rank: Optional[int] = None  # run on this DP group (a session's group); None: the tokenizer picks
 
 
 class GenerateBatch(_Msg):
@@ -69,6 +70,21 @@ class ControlReq(_Msg):
     call_id: int
     method: str
     args: dict[str, Any] = {}
+    dp_rank: int = 0  # the DP group that answers (one call per group asked); -1: the tokenizer (get_load)
+
+
+class ReqsDone(_Msg):
+    """Requests that finished or failed, reported by the client so the tokenizer's DP router
+    knows each group's load (sent only with ``dp_size > 1``)."""
+
+    rids: list[str]
+
+
+class GroupDown(_Msg):
+    """A process of DP group ``dp_rank`` died: route nothing more there, fail its requests."""
+
+    dp_rank: int
+    message: str
 
 
 # ---------------------------------------------------------------- tokenizer -> scheduler
@@ -137,6 +153,9 @@ class NewSlot(msgspec.Struct, array_like=True, omit_defaults=True):
     prior_output: list[int] = []
 
 
+PLACEHOLDER = -1  # a decode row's input id still being sampled by the step in flight (overlap scheduling)
+
+
 class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     """One request's work in one forward step.
 
@@ -146,6 +165,8 @@ class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     ``sample`` (a non-final prefill chunk does not sample). A grammar-constrained row carries its
     ``token_bitmask``: int32 words as raw bytes, bit ``i % 32`` of word ``i // 32`` allows token
     ``i`` (xgrammar's layout); tokens past its end are disallowed. Empty: no constraint.
+    A one-token row whose input id is ``PLACEHOLDER`` takes the token the worker sampled for this
+    slot in the previous step, which the scheduler has not seen yet.
     """
 
     slot: int
@@ -198,6 +219,11 @@ class StepResult(_Msg):
     step: int
     next_token_ids: list[int] = []
     extras: dict[int, RowOut] = {}
+
+
+class SyncStep(_Msg):
+    """The scheduler needs the result of the step the worker still holds (overlap scheduling: a
+    worker on CUDA answers a step only when the next plan or this message arrives)."""
 
 
 class WorkerControl(_Msg):
@@ -296,7 +322,7 @@ class StrOutBatch(_Msg):
 class ReqError(_Msg):
     """Validation failure of a whole call (``call_id``) or of single requests (``rids``)."""
 
-    kind: str  # "value" | "type" | "overloaded" | "runtime"
+    kind: str  # "value" | "type" | "overloaded" | "runtime" | "dead" (their DP group died)
     message: str
     call_id: int = -1
     rids: list[str] = []
@@ -331,8 +357,8 @@ class FreezeGC(_Msg):
     """``gc.freeze()`` after warm-up (forwarded by the scheduler to the detokenizer)."""
 
 
-TOKENIZER_IN = Union[GenerateBatch, AbortReq, ControlReq, Shutdown]
+TOKENIZER_IN = Union[GenerateBatch, AbortReq, ControlReq, Shutdown, ReqsDone, GroupDown]
 SCHEDULER_IN = Union[TokenizedBatch, AbortReq, ControlReq, Shutdown, StepResult, WorkerControlReply]
-WORKER_IN = Union[ForwardPlan, WorkerControl, Shutdown]
+WORKER_IN = Union[ForwardPlan, SyncStep, WorkerControl, Shutdown]
 DETOKENIZER_IN = Union[TokenOutBatch, FreezeGC, Shutdown]
 CLIENT_IN = Union[StrOutBatch, ReqError, ControlReply, ChildReady, ChildFailed]

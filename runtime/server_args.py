@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from treadle.runtime.parallel import split_addr
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
@@ -113,6 +115,13 @@ class ServerArgs:
         for name in ("tp_size", "dp_size", "pp_size", "nnodes", "stream_interval", "max_loras_per_batch"):
             _int(name, getattr(self, name), lo=1)
         _int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
+        if (self.tp_size * self.pp_size) % self.nnodes:
+            raise ValueError(f"tp_size * pp_size ({self.tp_size * self.pp_size}) must be divisible by nnodes "
+                             f"({self.nnodes}): every node runs the same number of worker ranks.")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError("dist_init_addr ('host:port' of node 0) is required when nnodes > 1.")
+        if self.dist_init_addr is not None:
+            split_addr(self.dist_init_addr)
         _int("base_gpu_id", self.base_gpu_id, lo=0)
         _int("gpu_id_step", self.gpu_id_step, lo=1)
         _int("context_length", self.context_length, lo=2, optional=True)
@@ -155,12 +164,20 @@ class ServerArgs:
             a.device = "cuda" if torch.cuda.is_available() else "cpu"
         if a.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={a.device!r} was requested but no CUDA device is available.")
+        if a.device == "cuda":  # every worker rank of every DP group on this node takes its own GPU
+            ranks = a.dp_size * a.tp_size * a.pp_size // a.nnodes
+            last, have = a.base_gpu_id + (ranks - 1) * a.gpu_id_step, torch.cuda.device_count()
+            if last >= have:
+                raise ValueError(
+                    f"Not enough GPUs: dp_size * tp_size * pp_size / nnodes = {ranks} worker ranks need GPU ids "
+                    f"{a.base_gpu_id}..{last} (base_gpu_id={a.base_gpu_id}, gpu_id_step={a.gpu_id_step}), "
+                    f"but {have} CUDA device(s) are visible.")
         if a.random_seed is None:
             a.random_seed = random.randint(0, 2**30)
         if a.page_size is None:
             a.page_size = 1
-        if a.attention_backend is None:
-            a.attention_backend = "torch_native"
+        if a.attention_backend is None:  # Triton kernels on the GPU; the CPU has only the reference backend
+            a.attention_backend = "triton" if a.device.startswith("cuda") else "torch_native"
         if a.grammar_backend is None:
             a.grammar_backend = "xgrammar"
         if a.tokenizer_path is None:
@@ -169,6 +186,8 @@ class ServerArgs:
             a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else 2048
         if a.enable_lora is None:
             a.enable_lora = bool(a.lora_paths)
+        if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
+            a.disable_overlap_schedule = a.disable_cuda_graph = True
         return a
 
     def check_supported(self) -> None:
@@ -176,9 +195,7 @@ class ServerArgs:
         missing = {
             "quantization": self.quantization not in (None, "gguf"),
             "kv_cache_dtype": self.kv_cache_dtype not in ("auto", self.dtype),
-            "pp_size": self.pp_size > 1,
-            "dp_size": self.dp_size > 1,
-            "nnodes": self.nnodes > 1,
+            "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
             "enable_lora": bool(self.enable_lora or self.lora_paths),
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "cpu_offload_gb": self.cpu_offload_gb > 0,

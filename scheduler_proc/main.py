@@ -11,7 +11,7 @@ import zmq
 
 from treadle.runtime.hf_config import eos_token_ids, load_config, load_tokenizer
 from treadle.runtime.messages import (
-    SCHEDULER_IN, AbortReq, ChildReady, ControlReply, ControlReq, FreezeGC, ReqError, Shutdown, StepResult,
+    SCHEDULER_IN, AbortReq, ChildReady, ControlReply, ControlReq, FreezeGC, ReqError, Shutdown, StepResult, SyncStep,
     TokenizedBatch, TokenOutBatch, WorkerControl, WorkerControlReply,
 )
 from treadle.runtime.procs import ChildSpec
@@ -30,8 +30,10 @@ class SchedulerLoop:
         self.inbox = inbox
         self.recv = Receiver(ctx, spec.endpoints["scheduler"], SCHEDULER_IN, bind=True)
         self.results = Receiver(ctx, spec.endpoints["scheduler_results"], SCHEDULER_IN, bind=True)
-        self.to_workers = [Sender(ctx, ep) for ep in spec.extra["worker_endpoints"]]
+        # tcp:// worker endpoints (ranks on several machines) are bound here; remote workers connect.
+        self.to_workers = [Sender(ctx, ep, bind=ep.startswith("tcp://")) for ep in spec.extra["worker_endpoints"]]
         self.to_detok = Sender(ctx, spec.endpoints["detokenizer"])
+        self.early_results: dict[int, StepResult] = {}
         tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code)
         worker_info = self.worker_call("info")
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
@@ -41,12 +43,15 @@ class SchedulerLoop:
         self.running = True
 
     def worker_call(self, method: str, **args: Any) -> Any:
-        """A blocking control call answered by the rank-0 worker (start-up info, profiling...)."""
+        """A blocking control call (start-up info, profiling...) answered by the reporting worker
+        (TP rank 0 of the last stage)."""
         for w in self.to_workers:
             w.send(WorkerControl(call_id=0, method=method, args=args))
         while True:
             msg = self.results.recv()
-            if isinstance(msg, WorkerControlReply):
+            if isinstance(msg, StepResult):  # a step in flight finished first: keep it for wait_step
+                self.early_results[msg.step] = msg
+            elif isinstance(msg, WorkerControlReply):
                 if not msg.ok:
                     raise RuntimeError(f"worker call {method} failed: {msg.error}")
                 return msg.result
@@ -54,15 +59,23 @@ class SchedulerLoop:
     def serve(self) -> None:
         info = {**self.sched.internal_state(), "worker": self.worker_info}
         self.inbox.send(ChildReady(name=self.spec.name, info=info))
+        # Overlap scheduling keeps two steps in flight: step N+1 is planned and sent before the
+        # result of step N is applied (its decode inputs are placeholders the worker fills).
+        depth = 1 if self.args.disable_overlap_schedule else 2
         while self.running:
-            self.drain_inputs(block=self.sched.is_idle())
-            plan = self.sched.schedule()
+            self.drain_inputs(block=self.sched.is_idle() and not self.sched.inflight)
+            plan = self.sched.schedule() if len(self.sched.inflight) < depth else None
             if plan is not None:
                 for w in self.to_workers:
                     w.send(plan)
-                result = self.wait_step(plan.step)
-                self.sched.apply_result(result.next_token_ids, result.extras)
-            elif not self.sched.is_idle():
+            if self.sched.inflight and (plan is None or len(self.sched.inflight) >= depth):
+                if plan is None:  # nothing to queue behind the last step: ask for its result now
+                    for w in self.to_workers:
+                        w.send(SyncStep())
+                oldest = self.sched.inflight[0][0]
+                result = self.wait_step(oldest)
+                self.sched.apply_result(result.next_token_ids, result.extras, step=oldest)
+            elif plan is None and not self.sched.is_idle():
                 self.sched.grammars.wait(GRAMMAR_POLL_S)  # only compiling requests wait: sleep, don't spin
             self.flush_outputs()
             if self.sched.is_idle():
@@ -73,10 +86,14 @@ class SchedulerLoop:
         self.to_detok.send(Shutdown())
 
     def wait_step(self, step: int) -> StepResult:
+        if step in self.early_results:
+            return self.early_results.pop(step)
         while True:
             msg = self.results.recv()
             if isinstance(msg, StepResult) and msg.step == step:
                 return msg
+            if isinstance(msg, StepResult):
+                raise RuntimeError(f"the worker answered step {msg.step} while step {step} was expected")
 
     def drain_inputs(self, block: bool) -> None:
         first = True

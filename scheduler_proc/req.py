@@ -24,13 +24,16 @@ class Req:
         self.pages: list[int] = []  # KV pages of positions 0.. in order; the first `shared_pages` belong to the cache
         self.shared_pages = 0
         self.cache_node: Any = None  # locked radix node of the matched prefix
-        self.num_computed = 0  # positions whose KV is computed
+        self.num_computed = 0  # positions whose KV is computed (or being computed by a step in flight)
+        self.pending = 0  # tokens sampled by steps in flight, not known here yet (overlap scheduling)
+        self.inflight = 0  # steps in flight that contain this request (its KV and slot stay until 0)
         self.fill_len = 0  # positions to compute before the next sample (set at admission)
         self.cached_tokens = 0
         self.num_retractions = 0
         self.arrival = 0
         self.finish: Optional[FinishReason] = None
         self.sent = 0  # output ids already emitted to the detokenizer
+        self.finish_sent = False  # the finished output went out
         self.eos_ids = eos_ids
         wants_meta = tr.return_logprob or tr.return_hidden_states
         self.meta = OutputMeta(tr.top_logprobs_num, tr.token_ids_logprob, hidden_size) if wants_meta else None
@@ -43,6 +46,11 @@ class Req:
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the sequence, the ones still being sampled included."""
+        return self.seq_len + self.pending
+
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
@@ -51,7 +59,7 @@ class Req:
         return self.num_computed < self.fill_len
 
     def remaining_tokens(self) -> int:
-        return max(0, self.max_new_tokens - len(self.output_ids))
+        return max(0, self.max_new_tokens - len(self.output_ids) - self.pending)
 
     def locs(self, start: int, end: int, page_size: int) -> list[int]:
         """KV-cache token locations of positions ``start .. end-1``."""

@@ -10,6 +10,7 @@ later recomputed (their KV stays in the prefix cache until evicted).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from treadle.runtime.messages import (
-    FinishReason, ForwardPlan, NewSlot, PlanRow, PrefixWrite, RowOut, TokenizedReq, TokenOut,
+    PLACEHOLDER, FinishReason, ForwardPlan, NewSlot, PlanRow, PrefixWrite, RowOut, TokenizedReq, TokenOut,
 )
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.grammar import GrammarManager
@@ -63,6 +64,7 @@ class Scheduler:
         self.arrivals = itertools.count()
         self.step = 0
         self.plan_rows: list[tuple[Req, int, bool, bool]] = []  # (request, new tokens, samples, is prefill) per row
+        self.inflight: collections.deque[tuple[int, list[tuple[Req, int, bool, bool]]]] = collections.deque()
         self.outputs: list[TokenOut] = []
         self.errors: list[tuple[str, str, str]] = []  # (rid, kind, message) of requests failed after intake
         self.grammars = GrammarManager(args.grammar_backend or "xgrammar", tokenizer_dir, self.vocab_size, eos_ids,
@@ -142,6 +144,7 @@ class Scheduler:
         for req in self.running:
             if match(req) and req.finish is None:
                 req.finish = FinishReason(type="abort", message="Aborted")
+                self._emit(req)  # answered now; the KV goes once no step in flight uses it
         self._release_finished()
 
     # ------------------------------------------------------------------ planning
@@ -154,18 +157,20 @@ class Scheduler:
         for req, message in self.grammars.poll():  # compile errors and timeouts fail their request only
             self.waiting.remove(req)
             self.errors.append((req.rid, "value", message))
-        self._make_room_for_decodes()
+        if not self._make_room_for_decodes() or not self._preempt_for_waiting():
+            return None  # wait for the steps in flight: their results free memory / the victim
         for req in self.running:
-            if not req.prefilling:
-                pos = req.seq_len - 1
+            if self._decodable(req):
+                pos = req.num_tokens - 1
                 self._grow(req, pos + 1)
-                rows.append(PlanRow(req.slot, [req.all_ids()[-1]], pos, req.locs(pos, pos + 1, self.page_size)))
-                self.plan_rows.append((req, 1, True, False))
+                tok = PLACEHOLDER if req.pending else req.all_ids()[-1]
+                rows.append(PlanRow(req.slot, [tok], pos, req.locs(pos, pos + 1, self.page_size)))
+                self._planned(req, 1, True, False)
         decoding = len(rows)
         budget = min(self.args.max_prefill_tokens, self.chunk_size or self.args.max_prefill_tokens)
-        for req in [r for r in self.running if r.prefilling]:  # a chunked prompt continues first
+        for req in [r for r in self.running if r.prefilling and r.finish is None]:  # a chunked prompt continues first
             budget -= self._prefill_row(req, budget, rows)
-        if budget > 0 and not any(r.prefilling for r in self.running):
+        if budget > 0 and not any(r.prefilling and r.finish is None for r in self.running):
             budget = self._admit(budget, rows, new_slots, prefix_writes)
         if not rows:
             return None
@@ -174,15 +179,33 @@ class Scheduler:
             used = sum(n for _, n, _, pre in self.plan_rows if pre)
             self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
         self.step += 1
+        self.inflight.append((self.step, self.plan_rows))
         self.new_token_ratio = max(self.min_ratio, self.new_token_ratio - (self.init_ratio - self.min_ratio) / 600)
         return ForwardPlan(step=self.step, new_slots=new_slots, prefix_writes=prefix_writes, rows=rows)
+
+    def _decodable(self, req: Req) -> bool:
+        """Runs a decode row this step. With a token still in flight the row's input is a placeholder
+        the worker fills, except for grammar requests (their mask needs the token) and requests whose
+        in-flight token is their last."""
+        if req.prefilling or req.finish is not None:
+            return False
+        if req.pending and (req.grammar is not None or len(req.output_ids) + req.pending >= req.max_new_tokens):
+            return False
+        return True
+
+    def _planned(self, req: Req, n: int, samples: bool, prefill: bool) -> None:
+        """Book a row: its KV counts as computed from now on, its sample as pending."""
+        self.plan_rows.append((req, n, samples, prefill))
+        req.num_computed += n
+        req.pending += samples
+        req.inflight += 1
 
     def _admit(self, budget: int, rows: list[PlanRow], new_slots: list[NewSlot], prefix_writes: list[PrefixWrite]) -> int:
         started = any(pre for _, _, _, pre in self.plan_rows)  # prefill work already in this step
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority, self._prefix_len):
             if req.grammar is not None and not req.grammar.ready:
                 continue  # still compiling: others go ahead
-            if self.slots.free_slots == 0 and not self._preempt_for(req):
+            if self.slots.free_slots == 0:
                 break
             ids = req.all_ids()
             pages, node = self._match(req, ids)
@@ -233,7 +256,7 @@ class Scheduler:
         ids = req.all_ids()[start:start + n]
         samples = done and not req.tr.embed
         rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), samples, lp_from))
-        self.plan_rows.append((req, n, samples, True))
+        self._planned(req, n, samples, True)
         return n
 
     def _grammar_masks(self, rows: list[PlanRow]) -> None:
@@ -276,32 +299,43 @@ class Scheduler:
         if need > 0:
             req.pages += self._take_pages(need)
 
-    def _make_room_for_decodes(self) -> None:
+    def _make_room_for_decodes(self) -> bool:
         """Retract running requests (fewest outputs first, then longest prompt) until every decode
-        has a page for its next token; the retracted go back to the front of the queue."""
+        has a page for its next token; the retracted go back to the front of the queue. False: no
+        room yet, but steps are in flight (nothing is retracted under a running step)."""
         while True:
-            decoding = [r for r in self.running if not r.prefilling]
-            need = sum(1 for r in decoding if self.pages.pages_for(r.seq_len) > len(r.pages))
+            decoding = [r for r in self.running if self._decodable(r)]
+            need = sum(1 for r in decoding if self.pages.pages_for(r.num_tokens) > len(r.pages))
             if need <= self._available_pages() or not self.running:
-                return
+                return True
+            if self.inflight:
+                return False
             if len(self.running) == 1:
                 req = self.running[0]
                 req.finish = FinishReason(type="abort", message="Out of KV cache memory for this request.",
                                           status_code=500)
                 self._release_finished()
-                return
+                return True
             victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
             self._retract(victim)
             self.stats["retractions"] += 1
             self.new_token_ratio = self.init_ratio
 
-    def _preempt_for(self, req: Req) -> bool:
-        """Priority preemption: displace the least important running request if ``req`` beats it by
-        ``PREEMPTION_GAP`` or more."""
-        if not self.priority or not self.running:
-            return False
-        victim = min(self.running, key=lambda r: (priority_of(r), -r.arrival))
+    def _preempt_for_waiting(self) -> bool:
+        """Priority preemption, before the step is built: when every slot is taken, the most
+        important waiting request displaces the least important running one if it beats it by
+        ``PREEMPTION_GAP`` or more. False: that victim is in a step in flight; wait for it."""
+        if not self.priority or self.slots.free_slots > 0 or not self.running:
+            return True
+        ready = [r for r in self.waiting if r.grammar is None or r.grammar.ready]
+        live = [r for r in self.running if r.finish is None]
+        if not ready or not live:
+            return True
+        req = max(ready, key=lambda r: (priority_of(r), -r.arrival))
+        victim = min(live, key=lambda r: (priority_of(r), -r.arrival))
         if priority_of(req) - priority_of(victim) < PREEMPTION_GAP:
+            return True
+        if victim.inflight:
             return False
         self._retract(victim)
         self.stats["preemptions"] += 1
@@ -331,14 +365,20 @@ class Scheduler:
         req.num_computed = req.fill_len = 0
 
     # ------------------------------------------------------------------ results
-    def apply_result(self, next_token_ids: list[int], extras: Optional[dict[int, RowOut]] = None) -> None:
+    def apply_result(self, next_token_ids: list[int], extras: Optional[dict[int, RowOut]] = None,
+                     step: Optional[int] = None) -> None:
+        """The result of the oldest step in flight (``step``, if given, must be that one)."""
+        done, rows = self.inflight.popleft()
+        if step is not None and step != done:
+            raise RuntimeError(f"result of step {step} arrived while step {done} was expected")
         extras = extras or {}
         tokens = iter(next_token_ids)
-        for i, (req, n_new, samples, prefill) in enumerate(self.plan_rows):
+        for i, (req, n_new, samples, prefill) in enumerate(rows):
             tok = next(tokens) if samples else None
-            if req.finish is not None:  # aborted while the step ran
+            req.inflight -= 1
+            req.pending -= samples
+            if req.finish is not None:  # aborted, or finished by a token of an earlier step
                 continue
-            req.num_computed += n_new
             if req.tr.embed and not req.prefilling:
                 self._finish_embedding(req, extras.get(i))
                 continue
@@ -400,14 +440,15 @@ class Scheduler:
             meta=req.meta.delta() if req.meta is not None else None, embedding=req.embedding,
         ))
         req.sent = len(req.output_ids)
+        req.finish_sent = fin is not None
 
     def _release_finished(self) -> None:
         keep = []
         for req in self.running:
-            if req.finish is None:
+            if req.finish is None or req.inflight:  # a step in flight still uses its slot and KV
                 keep.append(req)
                 continue
-            if req.sent < len(req.output_ids) or req.finish.type == "abort":
+            if not req.finish_sent:
                 self._emit(req)
             if self.args.log_requests:
                 logger.info("finish rid=%s completion_tokens=%d reason=%s", req.rid, len(req.output_ids), req.finish.to_json())

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import msgspec
 import zmq
 
 from treadle.runtime.hf_config import context_length, load_config, load_tokenizer, vocab_size
 from treadle.runtime.messages import (
-    TOKENIZER_IN, AbortReq, ChildReady, ControlReq, GenerateBatch, GenerateReq, ReqError, Shutdown,
-    TokenizedBatch, TokenizedReq,
+    TOKENIZER_IN, AbortReq, ChildReady, ControlReply, ControlReq, GenerateBatch, GenerateReq, GroupDown, ReqError,
+    ReqsDone, Shutdown, TokenizedBatch, TokenizedReq,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
+from treadle.tokenizer_proc.router import DpRouter
 from treadle.tokenizer_proc.validate import check_embed_length, check_input_ids, check_lengths, check_logprob_args
 
 logger = logging.getLogger("treadle.tokenizer")
@@ -56,10 +58,31 @@ class TokenizerWorker:
         )
 
 
+def dispatch(call: GenerateBatch, batch: TokenizedBatch, groups: list[Sender], router: Optional[DpRouter],
+             inbox: Sender) -> None:
+    """Send a tokenized call to its scheduler group(s): with DP each request goes to the group the
+    router picks, so one call may be split; a call pinned to a dead group fails as a whole."""
+    if router is None:
+        groups[0].send(batch)
+        return
+    pinned = [r.dp_rank for r in call.reqs if r.dp_rank is not None]
+    bad = [g for g in pinned if g in router.dead or not 0 <= g < len(groups)]
+    if bad or not router.live():
+        why = router.dead.get(bad[0], f"dp_rank {bad[0]} out of range") if bad else "Every DP group is dead."
+        inbox.send(ReqError(kind="dead", message=why, call_id=call.call_id))
+        return
+    parts: dict[int, list[TokenizedReq]] = {}
+    for r, t in zip(call.reqs, batch.reqs):
+        parts.setdefault(router.route(t.rid, t.input_ids, r.dp_rank), []).append(t)
+    for g, reqs in parts.items():
+        groups[g].send(TokenizedBatch(reqs=reqs))
+
+
 def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
     worker = TokenizerWorker(spec)
     recv = Receiver(ctx, spec.endpoints["tokenizer"], TOKENIZER_IN, bind=True)
-    to_scheduler = Sender(ctx, spec.endpoints["scheduler"])
+    groups = [Sender(ctx, ep) for ep in spec.extra["scheduler_endpoints"]]  # one scheduler per DP group
+    router = DpRouter(len(groups)) if len(groups) > 1 else None
     inbox.send(ChildReady(name=spec.name, info={"context_length": worker.context_len, "vocab_size": worker.vocab}))
     while True:
         try:
@@ -69,12 +92,29 @@ def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
             continue
         if isinstance(msg, GenerateBatch):
             try:
-                to_scheduler.send(worker.tokenize_batch(msg))
+                batch = worker.tokenize_batch(msg)
             except (ValueError, TypeError) as e:
                 kind = "type" if isinstance(e, TypeError) else "value"
                 inbox.send(ReqError(kind=kind, message=str(e), call_id=msg.call_id))
-        elif isinstance(msg, (AbortReq, ControlReq)):
-            to_scheduler.send(msg)
+                continue
+            dispatch(msg, batch, groups, router, inbox)
+        elif isinstance(msg, AbortReq):
+            for g in router.live() if router else [0]:
+                groups[g].send(msg)
+        elif isinstance(msg, ControlReq):
+            if msg.dp_rank == -1 and msg.method == "get_load":  # asked of the tokenizer: the router's view
+                inbox.send(ControlReply(call_id=msg.call_id, ok=True, result=router.state() if router else []))
+            elif 0 <= msg.dp_rank < len(groups):
+                groups[msg.dp_rank].send(msg)
+            else:
+                inbox.send(ControlReply(call_id=msg.call_id, ok=False, error=f"no DP group {msg.dp_rank}"))
+        elif isinstance(msg, ReqsDone) and router is not None:
+            router.done(msg.rids)
+        elif isinstance(msg, GroupDown) and router is not None:
+            rids = router.group_down(msg.dp_rank, msg.message)
+            if rids:
+                inbox.send(ReqError(kind="dead", message=msg.message, rids=rids))
         elif isinstance(msg, Shutdown):
-            to_scheduler.send(msg)
+            for g in router.live() if router else [0]:
+                groups[g].send(msg)
             return

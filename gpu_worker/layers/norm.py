@@ -7,6 +7,11 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+try:  # fused kernels for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
+    from treadle.gpu_worker.layers import triton_ops
+except ImportError:
+    triton_ops = None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -23,6 +28,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
+        if x.is_cuda and triton_ops is not None:
+            return triton_ops.rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_torch(x, residual)
+
+    def forward_torch(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                      ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The reference: the CPU path, and what the fused kernel is tested against."""
         if residual is None:
             return self._norm(x)
         x = x + residual

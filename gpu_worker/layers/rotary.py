@@ -12,6 +12,11 @@ import math
 import torch
 from torch import nn
 
+try:  # fused kernel for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
+    from treadle.gpu_worker.layers import triton_ops
+except ImportError:
+    triton_ops = None
+
 
 def rope_parameters(config) -> dict:
     """The rope dict with ``rope_type`` and ``rope_theta``, for transformers 5 and older configs."""
@@ -57,12 +62,19 @@ class RotaryEmbedding(nn.Module):
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.view(shape[0], -1, self.head_dim)
-        x1, x2 = x.chunk(2, dim=-1)
+        x1, x2 = x.unflatten(-1, (-1, self.head_dim)).chunk(2, dim=-1)  # unflatten: also fine for T = 0
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).view(shape)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New rotated ``(q, k)``, same shapes; q and k may be strided views of the qkv output."""
+        if q.is_cuda and triton_ops is not None:
+            return triton_ops.rotary(positions, q, k, self.cos, self.sin, self.head_dim)
+        return self.forward_torch(positions, q, k)
+
+    def forward_torch(self, positions: torch.Tensor, q: torch.Tensor,
+                      k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference: the CPU path, and what the fused kernel is tested against."""
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

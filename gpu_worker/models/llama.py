@@ -7,11 +7,12 @@ Module names mirror the HF checkpoints (``model.layers.N.self_attn...``) except 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
+from treadle.gpu_worker.distributed import pp_rank, pp_size
 from treadle.gpu_worker.forward_context import get_forward_context
 from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.attention import Attention
@@ -20,6 +21,7 @@ from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVPara
 from treadle.gpu_worker.layers.norm import RMSNorm
 from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle.gpu_worker.loader import default_weight_loader
+from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
 
 
 logger = logging.getLogger(__name__)
@@ -76,22 +78,35 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack; with pipeline parallelism only this stage's part of it (``pipeline.py``):
+    layers ``[start, end)`` (KV-cache layer ids counted from ``start``), the embedding on the first
+    stage, the final norm on the last."""
+
     def __init__(self, config, max_positions: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
+        n = config.num_hidden_layers
+        self.start, self.end = layer_range(n, pp_rank(), pp_size())
         rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.start == 0 else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, qkv_bias, o_bias) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias) if self.start <= i < self.end
+            else MissingLayer() for i in range(n))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.end == n else None
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, carry: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Final hidden states; on a stage before the last, ``(hidden, residual)`` to hand on.
+        ``carry``: what the previous stage handed on (None on the first stage)."""
+        x, residual = (self.embed_tokens(input_ids), None) if carry is None else carry
+        for layer in self.layers[self.start:self.end]:
             x, residual = layer(x, residual)
+        if self.norm is None:
+            return x, residual
         return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
+    supports_pp = True  # builds only its pipeline stage's part (see LlamaModel)
     qkv_bias: Optional[bool] = None  # None: follow config.attention_bias (which also covers o_proj)
     o_bias: Optional[bool] = None
     # (fused param, HF name, shard id)
@@ -108,13 +123,17 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attn_bias if self.o_bias is None else self.o_bias
         self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, o_bias)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if getattr(config, "tie_word_embeddings", False):
+        last = self.model.norm is not None
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if last else None
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tied and last and self.model.embed_tokens is not None:  # else the last stage has its own copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``[T, hidden]`` of all tokens of the step."""
-        return self.model(input_ids)
+    def forward(self, input_ids: torch.Tensor, carry: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Final hidden states ``[T, hidden]`` of all tokens of the step (before the last pipeline
+        stage: ``(hidden, residual)`` to hand on; ``carry`` is what the previous stage handed on)."""
+        return self.model(input_ids, carry)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -122,10 +141,12 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into (sharded, fused) params; returns the param names filled."""
         params, loaded = dict(self.named_parameters(remove_duplicate=False)), set()
-        tied = getattr(self.config, "tie_word_embeddings", False)
+        tied = self.tied
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight") or not self.wants_tensor(name):
                 continue
+            if tied and name == "model.embed_tokens.weight" and self.model.embed_tokens is None:
+                name = "lm_head.weight"  # a last stage without the embedding: its own copy of the tied head
             shard = None
             for fused, hf, sid in self.stacked_params:
                 if f".{hf}." in name:
@@ -136,10 +157,24 @@ class LlamaForCausalLM(nn.Module):
             param = params[name]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
             loaded.add(name)
-        missing = {n for n in params if n not in loaded and not (tied and n == "lm_head.weight")}
+        shared = tied and self.model.embed_tokens is not None
+        missing = {n for n in params if n not in loaded and not (shared and n == "lm_head.weight")}
         if missing:
             raise ValueError(f"checkpoint lacks {sorted(missing)[:8]} ({len(missing)} params)")
         return loaded
+
+    def wants_tensor(self, name: str) -> bool:
+        """Whether this pipeline stage needs a checkpoint tensor; the loader reads no others."""
+        own = owns_layer_tensor(name, self.model.start, self.model.end)
+        if own is not None:
+            return own
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None or (self.tied and self.lm_head is not None)
+        if name.startswith("model.norm."):
+            return self.model.norm is not None
+        if name.startswith("lm_head."):
+            return self.lm_head is not None
+        return True
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -28,7 +28,8 @@ SAMPLES = {
         M.AbortReq(rid="a"), M.AbortReq(abort_all=True),
         M.ControlReq(call_id=3, method="flush_cache"),
         M.ControlReq(call_id=4, method="x", args={"a": [1, 2.5, None, "s", {"n": True}]}),
-        M.Shutdown(),
+        M.ControlReq(call_id=5, method="get_load", dp_rank=-1), M.ReqsDone(rids=["a", "b"]),
+        M.GroupDown(dp_rank=1, message="The dp1_worker0 process exited"), M.Shutdown(),
     ],
     "SCHEDULER_IN": [
         M.TokenizedBatch(reqs=[M.TokenizedReq(rid="a", input_ids=[1, 2], sampling=SP, stream=True, created=3.0),
@@ -42,7 +43,7 @@ SAMPLES = {
         M.ForwardPlan(step=1, new_slots=[M.NewSlot(0, M.SamplingSpec(temperature=0.0, top_k=1, seed=3))],
                       prefix_writes=[M.PrefixWrite(0, [0, 1])],
                       rows=[M.PlanRow(0, [1, 2, 3], 0, [0, 1, 2]), M.PlanRow(1, [4], 9, [17], sample=False)]),
-        M.ForwardPlan(step=2),
+        M.ForwardPlan(step=2), M.SyncStep(),
         M.WorkerControl(call_id=1, method="info"), M.Shutdown(),
     ],
     "DETOKENIZER_IN": [

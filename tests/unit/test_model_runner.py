@@ -271,7 +271,7 @@ def test_dummy_load_format(models, tmp_path, device):
     assert 0 <= a.forward(ForwardPlan(step=1, rows=[PlanRow(0, [3], 8, [900])]))[0][0] < VOCAB
     info = a.info()
     assert info["device"].startswith(device) and info["dtype"] == "float32"
-    assert info["kv_bytes"] == 2 * 3 * KV_TOKENS * 2 * 16 * 4  # K+V, layers, tokens, kv heads, head dim, fp32
+    assert info["kv_bytes"] == 2 * 3 * (KV_TOKENS + 1) * 2 * 16 * 4  # K+V, layers, tokens + 1 spare, kv heads, head dim, fp32
 
 
 def test_bfloat16_runs_close_to_float32(models, device):

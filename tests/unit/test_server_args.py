@@ -63,7 +63,8 @@ def test_model_path(model_path):
 
 
 VALID = [
-    {"tp_size": 2, "dp_size": 2}, {"node_rank": 1, "nnodes": 2}, {"mem_fraction_static": 0.5},
+    {"tp_size": 2, "dp_size": 2}, {"node_rank": 1, "nnodes": 2, "tp_size": 2, "dist_init_addr": "10.0.0.1:5000"},
+    {"mem_fraction_static": 0.5},
     {"chunked_prefill_size": -1}, {"chunked_prefill_size": 1}, {"log_level": "debug"}, {"dtype": "bfloat16"},
     {"dtype": "float32"}, {"page_size": 16}, {"device": "cpu"}, {"device": "cuda"}, {"device": "cuda:1"},
     {"preferred_sampling_params": '{"temperature": 0.0}'}, {"preferred_sampling_params": "{}"},

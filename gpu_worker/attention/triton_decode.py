@@ -1,0 +1,114 @@
+"""Paged decode attention (one new token per row) as split-KV flash-decoding in Triton.
+
+Stage 1 gives each (row, KV head, split) program one contiguous chunk of the row's positions:
+it loads the chunk's KV locations through ``req_to_token``, scores all query heads that share
+the KV head at once (GQA: K/V are read once, not once per query head) and writes a partial
+output plus its log-sum-exp. Stage 2 merges the splits. A single long row thus still fills the
+GPU, and nothing depends on host values: sequence lengths are read on the device and the split
+count is a launch constant, so both launches can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
+                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                   G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+    b, kvh, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(SeqLens + b)
+    slot = tl.load(Slots + b).to(tl.int64)
+    t = tl.load(QIdx + b)
+    # Per-row chunk, rounded up to whole blocks: short rows leave the trailing splits empty.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_h, mask_d = offs_h < G, offs_d < D
+    heads = kvh * G + offs_h
+    q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        mask_n = pos < hi
+        loc = tl.load(R2T + slot * stride_r2t + pos, mask=mask_n, other=0)
+        k = tl.load(K + loc[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k, input_precision=PREC) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(V + loc[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    # An empty split stores lse = -inf and a zero output, which stage 2 weighs by exp(-inf) = 0.
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + sp * stride_ms + offs_d[None, :], out,
+             mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(MidLse + b * stride_lb + heads * stride_lh + sp, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                   stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    mask_s, mask_d = offs_s < NUM_SPLITS, offs_d < D
+    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    o = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    t = tl.load(QIdx + b)
+    tl.store(O + t * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
+                     req_to_token: torch.Tensor, q_idx: torch.Tensor, slots: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, num_splits: int) -> None:
+    """Write ``out[q_idx[b]]`` = attention of ``q[q_idx[b]]`` over positions ``[0, seq_lens[b])``.
+
+    ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``; ``q_idx/slots/seq_lens [B]`` int
+    device tensors. Host values used: only shapes and ``num_splits``, so graph capture is safe.
+    """
+    bs, (_, h, d), hkv = q_idx.shape[0], q.shape, k_buf.shape[1]
+    g = h // hkv
+    block_d = max(16, triton.next_power_of_2(d))
+    block_h = max(16, triton.next_power_of_2(g))  # tl.dot needs M >= 16; the extra rows are masked
+    mid_o = torch.empty(bs, h, num_splits, d, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(bs, h, num_splits, dtype=torch.float32, device=q.device)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    block_n = 64 if q.is_cuda else 32
+    _decode_stage1[(bs, hkv, num_splits)](
+        q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits, PREC=prec,
+        num_warps=4, num_stages=3)
+    _decode_stage2[(bs, h)](
+        mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
+        D=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        num_warps=4 if block_d >= 128 else 2)

@@ -1,0 +1,146 @@
+"""Fused Triton kernels for the per-token layers: RMSNorm (+ residual add), SiLU-and-mul, RoPE.
+
+Each replaces a chain of small torch ops (one launch and one HBM round trip each) with a single
+launch that reads its inputs once; at batch-1 decode these layers are pure launch latency. The
+layers call in here only for CUDA tensors; their torch code is the reference (and the CPU path).
+
+Numerics follow the torch code: statistics and products in float32, with the same casts to the
+activation dtype where the torch code rounds (the normed value before the gain, SiLU before the
+mul, the cos/sin table). Chains of elementwise ops round once instead of once per op.
+
+The wrappers only allocate outputs and launch: no host syncs and no branches on tensor values,
+so they are safe to capture in CUDA graphs. Every kernel handles T = 0 (no launch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[T, n]`` with unit column stride; any row stride (slices of a wider output) is kept."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---- RMSNorm, optionally fused with the residual add ------------------------------------------
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_out_ptr, w_ptr, n, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * n + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    y = (xf * rstd).to(x.dtype).to(tl.float32)  # the torch code rounds before the gain
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n + cols, y * w, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+             ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``RMSNorm.forward``: ``norm(x)``, or ``(norm(x + residual), x + residual)``; inputs untouched."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    t = x2.shape[0]
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty((t, n), dtype=torch.promote_types(weight.dtype, h_dtype), device=x.device)
+    r2 = x2 if residual is None else _rows(residual)
+    res_out = out if residual is None else torch.empty((t, n), dtype=h_dtype, device=x.device)
+    if t:
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(t,)](x2, x2.stride(0), r2, r2.stride(0), out, res_out, weight, n, eps,
+                               HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block))
+    out = out.view(x.shape)
+    return out if residual is None else (out, res_out.view(x.shape))
+
+
+# ---- SiLU-and-mul ------------------------------------------------------------------------------
+
+_ACT_BLOCK = 1024  # columns per program: a 14336-wide MLP gives 14 programs even for one token
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + n + cols, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # F.silu's formula, rounded like its output
+    tl.store(out_ptr + row * n + cols, act.to(tl.float32) * up.to(tl.float32), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``SiluAndMul.forward``: ``[..., 2I] -> [..., I]`` as ``silu(gate) * up``."""
+    n = x.shape[-1] // 2
+    x2 = _rows(x)
+    t = x2.shape[0]
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    if t and n:
+        _silu_and_mul_kernel[(t, triton.cdiv(n, _ACT_BLOCK))](x2, x2.stride(0), out, n, BLOCK=_ACT_BLOCK,
+                                                              num_warps=4)
+    return out.view(*x.shape[:-1], n)
+
+
+# ---- RoPE (neox / rotate-half layout) on q and k -----------------------------------------------
+
+@triton.jit
+def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < H) & (d < HALF)
+    off = h * (2 * HALF) + d
+    x1 = tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + off + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + off, x1 * cos - x2 * sin, mask=mask)
+    tl.store(dst + off + HALF, x2 * cos + x1 * sin, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, cs_stride,
+                 QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
+                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    cs = pos * cs_stride + d
+    dtype = q_out_ptr.dtype.element_ty  # the torch code casts the table to the activation dtype
+    cos = tl.load(cos_ptr + cs, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + cs, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr + t * q_stride, q_out_ptr + t * (QH * 2 * HALF), cos, sin, QH, HALF, BLOCK_QH, BLOCK_D)
+    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + t * (KH * 2 * HALF), cos, sin, KH, HALF, BLOCK_KH, BLOCK_D)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``RotaryEmbedding.forward``: new contiguous rotated q and k (the inputs, often strided views
+    of the qkv output, are only read). ``cos``/``sin`` are the ``[max_positions, head_dim/2]`` table."""
+    q2, k2 = q.flatten(1), k.flatten(1)
+    q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
+    k2 = k2 if k2.stride(-1) == 1 else k2.contiguous()
+    t, qh, kh, half = q2.shape[0], q2.shape[1] // head_dim, k2.shape[1] // head_dim, head_dim // 2
+    q_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k2.shape, dtype=k.dtype, device=k.device)
+    if t:
+        block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
+        _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), q_out, k_out, cos, sin,
+                           cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
+                           BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d,
+                           num_warps=4 if block_qh * block_d < 4096 else 8)
+    return q_out.view(q.shape), k_out.view(k.shape)

@@ -1,0 +1,73 @@
+"""``start_profile`` / ``stop_profile``: torch profiler traces of the worker, one file per rank.
+
+Arguments follow SGLang's ``ProfileReq`` (``output_dir``, ``num_steps``, ``activities``,
+``with_stack``, ``record_shapes``, ``profile_id``, ``profile_prefix``); the usage guide's
+``profile_dir`` / ``profile_name`` are accepted as spellings of ``output_dir`` / ``profile_prefix``.
+Traces are Chrome/Perfetto JSON: ``<output_dir>/[prefix-]<profile_id>-TP-<rank>.trace.json.gz``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+PROFILE_ARGS = {"output_dir", "start_step", "num_steps", "activities", "with_stack", "record_shapes",
+                "profile_id", "profile_prefix", "profile_by_stage", "merge_profiles", "profile_stages",
+                "profile_dir", "profile_name"}
+_ACTIVITIES = {"CPU": torch.profiler.ProfilerActivity.CPU, "GPU": torch.profiler.ProfilerActivity.CUDA}
+
+
+def check_profile_args(args: dict[str, Any]) -> None:
+    """Raise ``TypeError`` for an unknown argument (before anything starts), as SGLang does."""
+    unknown = sorted(set(args) - PROFILE_ARGS)
+    if unknown:
+        raise TypeError(f"start_profile() got unexpected keyword argument(s): {', '.join(unknown)}")
+    acts = args.get("activities")
+    if acts is not None and (not isinstance(acts, list) or any(a not in ("CPU", "GPU", "MEM") for a in acts)):
+        raise ValueError(f"activities must be a list of 'CPU', 'GPU', 'MEM'; got {acts!r}")
+
+
+class Profiler:
+    def __init__(self, rank: int, cuda: bool) -> None:
+        self.rank, self.cuda = rank, cuda
+        self.prof: Optional[torch.profiler.profile] = None
+        self.path = ""
+        self.steps_left: Optional[int] = None
+
+    def start(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_profile_args(args)
+        if self.prof is not None:
+            raise RuntimeError("Profiling is already in progress. Call /stop_profile first.")
+        out_dir = args.get("output_dir") or args.get("profile_dir") or os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp")
+        prefix = args.get("profile_prefix") or args.get("profile_name")
+        pid = args.get("profile_id") or str(time.time())
+        os.makedirs(out_dir, exist_ok=True)
+        name = f"{prefix}-{pid}" if prefix else pid
+        self.path = os.path.join(os.path.abspath(out_dir), f"{name}-TP-{self.rank}.trace.json.gz")
+        acts = [_ACTIVITIES[a] for a in (args.get("activities") or ["CPU", "GPU"]) if a in _ACTIVITIES]
+        if not self.cuda:
+            acts = [a for a in acts if a != torch.profiler.ProfilerActivity.CUDA] or [torch.profiler.ProfilerActivity.CPU]
+        self.prof = torch.profiler.profile(
+            activities=acts, with_stack=bool(args.get("with_stack", True)), record_shapes=bool(args.get("record_shapes", False)),
+            profile_memory="MEM" in (args.get("activities") or []))
+        self.prof.start()
+        self.steps_left = args.get("num_steps")
+        return {"trace": self.path}
+
+    def stop(self) -> dict[str, Any]:
+        if self.prof is None:
+            raise RuntimeError("Profiling is not in progress. Call /start_profile first.")
+        prof, self.prof, self.steps_left = self.prof, None, None
+        prof.stop()
+        prof.export_chrome_trace(self.path)
+        return {"trace": self.path}
+
+    def step(self) -> None:
+        """Count a forward step; stop by itself after ``num_steps``."""
+        if self.prof is not None and self.steps_left is not None:
+            self.steps_left -= 1
+            if self.steps_left <= 0:
+                self.stop()

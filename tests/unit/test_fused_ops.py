@@ -1,0 +1,173 @@
+"""The fused Triton kernels (``layers/triton_ops.py``) against the layers' torch code.
+
+Without a GPU the kernels run in Triton's interpreter on CPU float32 tensors. ``TRITON_INTERPRET``
+must be set before the kernels are defined and the interpreter patches ``triton.language`` while
+it runs, so all interpreter cases run in one child process (this file run as a script) and report
+back as JSON; nothing leaks into the pytest process. The ``gpu`` tests run the same cases on CUDA
+through the layers' own dispatch, in float32 and bfloat16, plus a CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from typing import Callable
+
+import pytest
+import torch
+
+from treadle.gpu_worker.layers.activation import SiluAndMul
+from treadle.gpu_worker.layers.norm import RMSNorm
+from treadle.gpu_worker.layers.rotary import RotaryEmbedding
+
+Pair = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # (fused outputs, torch outputs)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+DEFAULT = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def _ops():
+    from treadle.gpu_worker.layers import triton_ops
+    return triton_ops
+
+
+def _randn(gen: torch.Generator, *shape: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(device, dtype)
+
+
+def norm_case(n: int, t: int, residual: bool, strided: bool = False) -> Callable[[str, torch.dtype], Pair]:
+    def run(device: str, dtype: torch.dtype) -> Pair:
+        gen = torch.Generator().manual_seed(n * 131 + t)
+        m = RMSNorm(n, 1e-5).to(device)
+        m.weight.data = (1 + 0.5 * _randn(gen, n, device=device, dtype=torch.float32)).to(dtype)
+        x = _randn(gen, t, n + 24 if strided else n, device=device, dtype=dtype)[:, :n]  # a row-strided view
+        r = _randn(gen, t, n, device=device, dtype=dtype) if residual else None
+        x0, r0 = x.clone(), None if r is None else r.clone()
+        got = m(x, r) if x.is_cuda else _ops().rms_norm(x, m.weight, m.eps, r)
+        assert torch.equal(x, x0) and (r is None or torch.equal(r, r0)), "inputs were modified"
+        want = m.forward_torch(x, r)
+        return (got,) if r is None else got, (want,) if r is None else want
+    return run
+
+
+def act_case(n: int, t: int) -> Callable[[str, torch.dtype], Pair]:
+    def run(device: str, dtype: torch.dtype) -> Pair:
+        x = 3 * _randn(torch.Generator().manual_seed(n + t), t, 2 * n, device=device, dtype=dtype)
+        m = SiluAndMul()
+        return (m(x) if x.is_cuda else _ops().silu_and_mul(x),), (m.forward_torch(x),)
+    return run
+
+
+def rope_case(head_dim: int, qh: int, kh: int, t: int, params: dict) -> Callable[[str, torch.dtype], Pair]:
+    def run(device: str, dtype: torch.dtype) -> Pair:
+        gen = torch.Generator().manual_seed(head_dim + qh * 7 + t)
+        rope = RotaryEmbedding(head_dim, 4096, params).to(device)
+        qkv = _randn(gen, t, (qh + 2 * kh) * head_dim, device=device, dtype=dtype)
+        q, k, _ = qkv.split([qh * head_dim, kh * head_dim, kh * head_dim], dim=-1)  # strided views, as in llama
+        pos = torch.randint(0, 4096, (t,), generator=gen).to(device)
+        qkv0 = qkv.clone()
+        got = rope(pos, q, k) if q.is_cuda else _ops().rotary(pos, q, k, rope.cos, rope.sin, head_dim)
+        assert torch.equal(qkv, qkv0), "inputs were modified"
+        return got, rope.forward_torch(pos, q, k)
+    return run
+
+
+CASES: dict[str, Callable[[str, torch.dtype], Pair]] = {}
+for _n in (576, 1000, 4096):
+    for _t in (0, 1, 7, 64):
+        CASES[f"norm-{_n}-T{_t}"] = norm_case(_n, _t, False)
+        CASES[f"norm_add-{_n}-T{_t}"] = norm_case(_n, _t, True)
+        CASES[f"silu_mul-{_n}-T{_t}"] = act_case(_n, _t)
+CASES["norm_add-strided-1000-T7"] = norm_case(1000, 7, True, strided=True)
+CASES["silu_mul-14336-T3"] = act_case(14336, 3)
+for _hd, _qh, _kh in ((64, 9, 3), (128, 32, 8), (128, 14, 2), (64, 4, 4)):
+    for _t in (0, 1, 7, 64):
+        CASES[f"rope-d{_hd}-q{_qh}-k{_kh}-T{_t}"] = rope_case(_hd, _qh, _kh, _t, DEFAULT)
+CASES["rope-llama3-d128-q32-k8-T7"] = rope_case(128, 32, 8, 7, LLAMA3)
+
+
+def _check(pair: Pair, **tol) -> str:
+    """'' when the fused outputs match the torch ones, else assert_close's message."""
+    got, want = pair
+    try:
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype, f"{g.shape} {g.dtype} vs {w.shape} {w.dtype}"
+            torch.testing.assert_close(g, w, **tol)
+    except AssertionError as e:
+        return str(e) or "mismatch"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, str]:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_kernel_matches_torch(interpreted: dict[str, str], name: str):
+    assert interpreted[name] == "", interpreted[name]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# bf16: the kernels round a chain of elementwise ops once where torch rounds after each op.
+_TOL = {torch.float32: {}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_kernel_matches_torch(name: str, dtype: torch.dtype):
+    msg = _check(CASES[name]("cuda", dtype), **_TOL[dtype])
+    assert msg == "", msg
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_replay():
+    """Captured once, replayed on new inputs (positions included): no host syncs, no stale values."""
+    dev, dt, n, t = "cuda", torch.bfloat16, 576, 4
+    norm, act = RMSNorm(n).to(dev, dt), SiluAndMul()
+    rope = RotaryEmbedding(64, 2048, DEFAULT).to(dev)
+    x, r = torch.randn(t, n, device=dev, dtype=dt), torch.randn(t, n, device=dev, dtype=dt)
+    gu = torch.randn(t, 2 * 1536, device=dev, dtype=dt)
+    qkv, pos = torch.randn(t, 15 * 64, device=dev, dtype=dt), torch.zeros(t, dtype=torch.long, device=dev)
+
+    def step():
+        q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+        return (*norm(x, r), act(gu), *rope(pos, q, k))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for src in (x, r, gu, qkv):
+        src.normal_()
+    pos.copy_(torch.arange(100, 100 + t))
+    graph.replay()
+    torch.cuda.synchronize()
+    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    want = (*norm.forward_torch(x, r), act.forward_torch(gu), *rope.forward_torch(pos, q, k))
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o, w, atol=2e-2, rtol=2e-2)
+
+
+if __name__ == "__main__":  # the interpreter child of `interpreted`
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
+    print(json.dumps({name: _check(case("cpu", torch.float32)) for name, case in CASES.items()}))
