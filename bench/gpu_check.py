@@ -5,7 +5,8 @@
 1. bfloat16: prefill, then 32 teacher-forced decode steps of 3 sequences at once through
    ``ModelRunner`` with the Triton backend and CUDA graphs (batch 3 replays the padded graph of 4);
    the logits of every step against HF's forward over the whole sequence: relative error
-   ``|ours - hf| / |hf|`` (Frobenius, per step), must stay under 1e-2.
+   ``|ours - hf| / |hf|`` (Frobenius, per step), must stay under 1e-2. Also printed: the error of
+   ours and of HF bf16 against HF float32, bf16's own error floor on these random weights.
 2. float32: the Engine (graphs and overlap scheduling on, the defaults) generates 32 greedy
    tokens for 4 prompts; they must equal HF ``generate``'s.
 """
@@ -23,7 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_smoke import build_random_model, hf_generate, treadle_run  # noqa: E402
 
 
-def logits_check(d: str, steps: int = 32) -> float:
+def logits_check(d: str, steps: int = 32) -> tuple[float, float, float]:
+    """Worst per-step relative error of (ours vs HF bf16, ours vs HF fp32, HF bf16 vs HF fp32):
+    the last one is bf16's own error, the floor any bf16 implementation sits on."""
     from transformers import AutoModelForCausalLM
 
     from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
@@ -32,13 +35,17 @@ def logits_check(d: str, steps: int = 32) -> float:
     runner = ModelRunner(RunnerConfig(model_dir=d, dtype="bfloat16", device="cuda", kv_tokens=8192, max_slots=8,
                                       context_len=1024, attention_backend="triton", cuda_graph_max_bs=8))
     assert runner.graphs is not None
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).cuda().eval()
     g = torch.Generator().manual_seed(3)
     lens = [37, 100, 251]
     seqs = [torch.randint(0, 40000, (n + steps,), generator=g).tolist() for n in lens]
-    with torch.inference_mode():
-        ref = [hf(torch.tensor([s], device="cuda")).logits[0].float() for s in seqs]
-    next_loc, worst = 0, 0.0
+    refs = {}
+    for dt in (torch.bfloat16, torch.float32):
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dt).cuda().eval()
+        with torch.inference_mode():
+            refs[dt] = [hf(torch.tensor([s], device="cuda")).logits[0].float() for s in seqs]
+        del hf
+    ref, truth = refs[torch.bfloat16], refs[torch.float32]
+    next_loc, worst = 0, [0.0, 0.0, 0.0]
 
     def locs(n: int) -> list[int]:
         nonlocal next_loc
@@ -50,13 +57,14 @@ def logits_check(d: str, steps: int = 32) -> float:
     out = runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(i, greedy) for i in range(3)], rows=rows))
     for k in range(steps + 1):
         for i, n in enumerate(lens):
-            want = ref[i][n - 1 + k]
-            worst = max(worst, float((out[i] - want).norm() / want.norm()))
+            want, exact = ref[i][n - 1 + k], truth[i][n - 1 + k]
+            for j, (a, b) in enumerate(((out[i], want), (out[i], exact), (want, exact))):
+                worst[j] = max(worst[j], float((a - b).norm() / b.norm()))
         if k == steps:
             break
         rows = [PlanRow(i, [s[n + k]], n + k, locs(1)) for i, (s, n) in enumerate(zip(seqs, lens))]
         out = runner.forward_logits(ForwardPlan(step=k + 1, rows=rows))
-    return worst
+    return tuple(worst)
 
 
 def main() -> None:
@@ -67,9 +75,10 @@ def main() -> None:
     for cfg in a.config_dir:
         d = tempfile.mkdtemp(prefix="treadle-check-")
         build_random_model(cfg, d, init_range=0.02)  # HF's usual init for the bf16 logits
-        err = logits_check(d)
+        err, vs_fp32, hf_floor = logits_check(d)
         build_random_model(cfg, d)  # wide init: no near-ties for the greedy comparison
-        print(f"{cfg}: bf16 logits, prefill + 32 decode steps (graphs): max relative error {err:.2e}", flush=True)
+        print(f"{cfg}: bf16 logits, prefill + 32 decode steps (graphs): max relative error {err:.2e} vs HF bf16, "
+              f"{vs_fp32:.2e} vs HF fp32 (HF bf16 vs HF fp32: {hf_floor:.2e})", flush=True)
         ok &= err < 1e-2
         gen = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, 40000, (int(n),), generator=gen).tolist() for n in (7, 31, 64, 120)]

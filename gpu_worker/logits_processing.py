@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from treadle.gpu_worker.host_to_device import to_device
 from treadle.runtime.logit_processor import CustomLogitProcessor, load_processor
 from treadle.runtime.messages import SamplingSpec
 
@@ -98,7 +99,7 @@ class SlotState:
         for s in slots:
             self.num_out[s] += 1
         if self.counts is not None:
-            s = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+            s = to_device(slots, torch.int64, self.device)
             self.counts.index_put_((s, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
         p = PendingIds(slots, [self.gen[s] for s in slots], ids)
         self.pending.append(p)
@@ -121,7 +122,7 @@ class SlotState:
 
     def _count(self, slots: list[int], ids: list[int]) -> None:
         if ids:
-            idx = torch.tensor([slots, ids], dtype=torch.int64).to(self.device, non_blocking=True)
+            idx = to_device([slots, ids], torch.int64, self.device)
             self.counts.index_put_((idx[0], idx[1]), torch.ones(len(ids), device=self.device), accumulate=True)
 
     def _ensure_counts(self, vocab: int) -> torch.Tensor:
@@ -157,8 +158,8 @@ class SlotState:
         if pen:
             counts = self._ensure_counts(vocab)
             r_t, s_t = self._idx(pen, [slots[i] for i in pen])
-            params = torch.tensor([[specs[i].repetition_penalty, specs[i].frequency_penalty, specs[i].presence_penalty]
-                                   for i in pen], dtype=torch.float32).to(self.device, non_blocking=True)
+            params = to_device([[specs[i].repetition_penalty, specs[i].frequency_penalty, specs[i].presence_penalty]
+                                for i in pen], torch.float32, self.device)
             rp, fp, pp = (x[:, None] for x in params.unbind(1))
             c, x = counts[s_t], logits[r_t]
             seen = c > 0
@@ -188,5 +189,5 @@ class SlotState:
 
     def _idx(self, *cols: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """Host index lists -> device int64 tensors, in one copy."""
-        t = torch.tensor(list(cols), dtype=torch.int64).to(self.device, non_blocking=True)
+        t = to_device(list(cols), torch.int64, self.device)
         return tuple(t.unbind(0))

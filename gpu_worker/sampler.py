@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.logits_processing import PendingIds, SlotState, apply_token_bitmasks
 from treadle.runtime.messages import SamplingSpec
 
@@ -69,9 +70,9 @@ class Sampler:
         if all(greedy):
             return argmax
         vocab = logits.shape[-1]
-        params = torch.tensor(
+        params = to_device(
             [[1.0 if g else sp.temperature, sp.top_p, sp.min_p, vocab if sp.top_k < 1 else min(sp.top_k, vocab)]
-             for sp, g in zip(specs, greedy)], dtype=torch.float32).to(self.device, non_blocking=True)
+             for sp, g in zip(specs, greedy)], torch.float32, self.device)
         temp, top_p, min_p, top_k = params.unbind(1)
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         if any(not g and (sp.top_k >= 1 or sp.top_p < 1.0 or sp.min_p > 0.0) for sp, g in zip(specs, greedy)):
@@ -82,7 +83,7 @@ class Sampler:
                 g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, self.state.num_out[s]))
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)  # q == 0 would give 0/0 = NaN
-        return torch.where(torch.tensor(greedy).to(self.device, non_blocking=True), argmax, sampled)
+        return torch.where(to_device(greedy, torch.bool, self.device), argmax, sampled)
 
     @staticmethod
     def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -16,6 +16,7 @@ import triton
 from treadle.gpu_worker.attention.base import AttentionBackend
 from treadle.gpu_worker.attention.triton_decode import decode_attention
 from treadle.gpu_worker.attention.triton_extend import extend_attention, extend_block_m
+from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.forward_context import ForwardContext
 
 if TYPE_CHECKING:
@@ -88,8 +89,7 @@ class TritonBackend(AttentionBackend):
             for mb in range(triton.cdiv(n, block_m)):
                 items[0].append(r), items[1].append(mb)
         nd, nr, ni = len(dec_q), len(rows[0]), len(items[0])
-        host = torch.tensor(dec_q + dec_slot + dec_len + sum(rows, []) + sum(items, []), dtype=torch.int32)
-        dev = host.to(ctx.req_to_token.device, non_blocking=True)
+        dev = to_device(dec_q + dec_slot + dec_len + sum(rows, []) + sum(items, []), torch.int32, ctx.req_to_token.device)
         decode = extend = None
         if nd:
             decode = DecodeMeta(dev[:nd], dev[nd : 2 * nd], dev[2 * nd : 3 * nd], max(dec_len))

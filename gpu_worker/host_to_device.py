@@ -1,0 +1,20 @@
+"""Host lists -> device tensors without stalling the host.
+
+A copy from pageable host memory makes CUDA wait for everything queued on the stream before it
+starts, so a worker that builds step N+1's index tensors while step N runs would block until
+step N ends, undoing overlap scheduling. Copies to CUDA therefore go through pinned memory
+(PyTorch's caching host allocator keeps a pinned block alive until its copy is done).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+
+
+def to_device(values: Any, dtype: torch.dtype, device: Union[torch.device, str]) -> torch.Tensor:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
