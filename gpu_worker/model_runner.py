@@ -23,6 +23,7 @@ from treadle.gpu_worker.attention.base import create_backend
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
 from treadle.gpu_worker.distributed import broadcast_int, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
+from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
@@ -336,8 +337,7 @@ class ModelRunner:
 
         # One host->device copy for all index data.
         t, p, h, s, q = len(ids), n_prefix, len(head_idx), len(sample_slots), len(ph_idx)
-        host = torch.tensor(ids + w_slot + w_pos + w_loc + head_idx + sample_slots + ph_idx + ph_slot, dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)
+        dev = to_device(ids + w_slot + w_pos + w_loc + head_idx + sample_slots + ph_idx + ph_slot, torch.int64, self.device)
         input_ids, w_slot_t, w_pos_t, w_loc_t, head_t, sample_slots_t, ph_idx_t, ph_slot_t = dev.split(
             [t, p + t, p + t, p + t, h, s, q, q])
         self.req_to_token[w_slot_t, w_pos_t] = w_loc_t
@@ -362,6 +362,6 @@ class ModelRunner:
             if not head_idx and not hidden_rows and not inputs:
                 return None
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if head_idx else None
-        at = None if plain else torch.tensor(sample_at, dtype=torch.int64).to(self.device, non_blocking=True)
+        at = None if plain else to_device(sample_at, torch.int64, self.device)
         return StepOutput(hidden, logits, at, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
 

@@ -54,6 +54,10 @@ class Req:
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
+    def last_id(self) -> int:
+        """The last known token (without copying the sequence, as ``all_ids()[-1]`` would)."""
+        return self.output_ids[-1] if self.output_ids else self.input_ids[-1]
+
     @property
     def prefilling(self) -> bool:
         return self.num_computed < self.fill_len

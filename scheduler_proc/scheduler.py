@@ -163,7 +163,7 @@ class Scheduler:
             if self._decodable(req):
                 pos = req.num_tokens - 1
                 self._grow(req, pos + 1)
-                tok = PLACEHOLDER if req.pending else req.all_ids()[-1]
+                tok = PLACEHOLDER if req.pending else req.last_id()
                 rows.append(PlanRow(req.slot, [tok], pos, req.locs(pos, pos + 1, self.page_size)))
                 self._planned(req, 1, True, False)
         decoding = len(rows)
