@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import torch
 
+try:  # CUDA only: one launch for K and V instead of two index_copy kernels
+    from treadle.gpu_worker.layers.triton_ops import store_kv
+except ImportError:  # a CPU-only install without triton
+    store_kv = None
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_tokens: int, num_kv_heads: int, head_dim: int,
@@ -24,6 +29,9 @@ class KVCache:
         return self.buf[1, layer]
 
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.buf.is_cuda and store_kv is not None:
+            store_kv(self.buf[0, layer], self.buf[1, layer], loc, k, v)
+            return
         self.buf[0, layer].index_copy_(0, loc, k.to(self.buf.dtype))
         self.buf[1, layer].index_copy_(0, loc, v.to(self.buf.dtype))
 

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the per-token layers: RMSNorm (+ residual add), SiLU-and-mul, RoPE.
+"""Fused Triton kernels for the per-token layers: RMSNorm (+ residual add), SiLU-and-mul, RoPE,
+and the KV-cache store (K and V in one launch).
 
 Each replaces a chain of small torch ops (one launch and one HBM round trip each) with a single
 launch that reads its inputs once; at batch-1 decode these layers are pure launch latency. The
@@ -144,3 +145,28 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
                            BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d,
                            num_warps=4 if block_qh * block_d < 4096 else 8)
     return q_out.view(q.shape), k_out.view(k.shape)
+
+
+# ---- KV-cache store: K and V of the step's tokens in one launch --------------------------------
+
+@triton.jit
+def _store_kv_kernel(loc_ptr, k_ptr, k_stride, v_ptr, v_stride, k_cache_ptr, v_cache_ptr, n, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    loc = tl.load(loc_ptr + t).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    k = tl.load(k_ptr + t * k_stride + cols, mask=mask)
+    v = tl.load(v_ptr + t * v_stride + cols, mask=mask)
+    tl.store(k_cache_ptr + loc * n + cols, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + loc * n + cols, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``k_cache[loc] = k; v_cache[loc] = v`` for ``[N, H, D]`` caches (contiguous) and ``[T, H, D]``
+    inputs whose rows may be strided views (v is a slice of the qkv output)."""
+    k2, v2 = _rows(k.flatten(1)), _rows(v.flatten(1))
+    t, n = k2.shape
+    if t:
+        block = triton.next_power_of_2(n)
+        _store_kv_kernel[(t,)](loc, k2, k2.stride(0), v2, v2.stride(0), k_cache, v_cache, n, BLOCK=block,
+                               num_warps=_num_warps(block))

@@ -75,6 +75,22 @@ def rope_case(head_dim: int, qh: int, kh: int, t: int, params: dict) -> Callable
     return run
 
 
+def kv_case(heads: int, head_dim: int, t: int) -> Callable[[str, torch.dtype], Pair]:
+    """K and V stored at scattered locations of a 40-token cache; V a strided slice, as in llama."""
+    def run(device: str, dtype: torch.dtype) -> Pair:
+        gen = torch.Generator().manual_seed(heads * 13 + head_dim + t)
+        kv = _randn(gen, t, 3 * heads * head_dim, device=device, dtype=dtype)
+        k = kv[:, : heads * head_dim].contiguous().view(t, heads, head_dim)
+        v = kv[:, 2 * heads * head_dim:].view(t, heads, head_dim)
+        loc = torch.randperm(40, generator=gen)[:t].to(device)
+        caches = [torch.zeros(40, heads, head_dim, device=device, dtype=dtype) for _ in range(4)]
+        _ops().store_kv(caches[0], caches[1], loc, k, v)
+        caches[2].index_copy_(0, loc, k)
+        caches[3].index_copy_(0, loc, v)
+        return (caches[0], caches[1]), (caches[2], caches[3])
+    return run
+
+
 CASES: dict[str, Callable[[str, torch.dtype], Pair]] = {}
 for _n in (576, 1000, 4096):
     for _t in (0, 1, 7, 64):
@@ -87,6 +103,8 @@ for _hd, _qh, _kh in ((64, 9, 3), (128, 32, 8), (128, 14, 2), (64, 4, 4)):
     for _t in (0, 1, 7, 64):
         CASES[f"rope-d{_hd}-q{_qh}-k{_kh}-T{_t}"] = rope_case(_hd, _qh, _kh, _t, DEFAULT)
 CASES["rope-llama3-d128-q32-k8-T7"] = rope_case(128, 32, 8, 7, LLAMA3)
+for _h, _hd, _t in ((3, 64, 1), (8, 128, 7), (2, 80, 33), (1, 64, 0)):
+    CASES[f"store_kv-h{_h}-d{_hd}-T{_t}"] = kv_case(_h, _hd, _t)
 
 
 def _check(pair: Pair, **tol) -> str:
