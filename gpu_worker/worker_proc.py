@@ -12,10 +12,10 @@ import zmq
 
 from treadle.gpu_worker.profiler import Profiler
 from treadle.runtime.hf_config import context_length, load_config
-from treadle.runtime.parallel import exit_when_disconnected
 from treadle.runtime.messages import (
     WORKER_IN, ChildReady, ForwardPlan, Shutdown, StepResult, WorkerControl, WorkerControlReply,
 )
+from treadle.runtime.parallel import exit_when_disconnected
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import Receiver, Sender

@@ -87,6 +87,30 @@ def test_rank_layout_across_two_nodes():
     assert all(w.local for w in worker_ranks(one, str)) and dist_env(one, 1234)["MASTER_PORT"] == "1234"
 
 
+def test_a_tcp_worker_exits_when_node_0_goes_away():
+    """Remote ranks must not wait forever for plans from a scheduler that is gone."""
+    import subprocess
+    import sys
+
+    import zmq
+
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    code = ("import time, zmq; from treadle.runtime.parallel import exit_when_disconnected as w; "
+            f"s = zmq.Context().socket(zmq.PULL); s.connect('tcp://127.0.0.1:{port}'); w(s, 'test'); "
+            "print(s.recv(), flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        push.send(b"hello")  # blocks until the child connected
+        assert child.stdout.readline().strip() == b"b'hello'"
+        push.close(linger=0)
+        assert child.wait(timeout=20) == 0
+    finally:
+        child.kill()
+        ctx.destroy(linger=0)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"nnodes": 2, "dist_init_addr": "127.0.0.1:29000"}, "divisible by nnodes"),
     ({"nnodes": 2, "tp_size": 3, "pp_size": 1, "dist_init_addr": "127.0.0.1:29000"}, "divisible by nnodes"),
