@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -23,10 +23,31 @@ def safetensors_files(model_dir: str) -> list[str]:
     return files
 
 
-def iter_safetensors(model_dir: str, progress: bool = True,
-                     keep: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+class CheckpointTensor:
+    """A checkpoint tensor not read yet. Weight loaders take their tensor-parallel shard with
+    ``narrow`` (or a slice), which reads only those bytes from the file; ``t[:]`` reads it all."""
+
+    def __init__(self, sl: Any) -> None:
+        self._slice = sl
+        self.shape = torch.Size(sl.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        idx = [slice(None)] * len(self.shape)
+        idx[dim] = slice(start, start + length)
+        return self._slice[tuple(idx)]
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        return self._slice[key]
+
+    def split(self, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        return self[:].split(sizes)
+
+
+def iter_safetensors(model_dir: str, progress: bool = True, keep: Optional[Callable[[str], bool]] = None,
+                     lazy: bool = False) -> Iterator[tuple[str, Union[torch.Tensor, CheckpointTensor]]]:
     """Yield ``(hf_name, cpu_tensor)`` for every tensor of every file, lazily; with ``keep``, only
-    the tensors it accepts (a pipeline stage never reads another stage's layers)."""
+    the tensors it accepts (a pipeline stage never reads another stage's layers); with ``lazy``,
+    ``CheckpointTensor``s, so each tensor-parallel rank reads only its slice."""
     files = safetensors_files(model_dir)
     total = 0
     for f in files:
@@ -37,7 +58,7 @@ def iter_safetensors(model_dir: str, progress: bool = True,
             with safe_open(f, framework="pt", device="cpu") as fh:
                 for name in fh.keys():
                     if keep is None or keep(name):
-                        yield name, fh.get_tensor(name)
+                        yield name, CheckpointTensor(fh.get_slice(name)) if lazy else fh.get_tensor(name)
                         bar.update(1)
 
 
@@ -45,7 +66,7 @@ def default_weight_loader(param: nn.Parameter, full: torch.Tensor, shard_id=None
     """For replicated params without a TP-aware loader (norm gains): a plain checked copy."""
     if param.shape != full.shape:
         raise ValueError(f"shape mismatch: param {tuple(param.shape)} vs checkpoint {tuple(full.shape)}")
-    param.data.copy_(full)
+    param.data.copy_(full[:])  # [:] reads a CheckpointTensor whole
 
 
 @torch.no_grad()

@@ -114,7 +114,8 @@ class ModelRunner:
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.random_seed, getattr(self.model_config, "initializer_range", 0.02))
         elif cfg.load_format in ("auto", "safetensors"):
-            self.model.load_weights(iter_safetensors(cfg.model_dir, keep=getattr(self.model, "wants_tensor", None)))
+            self.model.load_weights(iter_safetensors(cfg.model_dir, keep=getattr(self.model, "wants_tensor", None),
+                                                     lazy=getattr(self.model, "lazy_weights", False)))
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)

@@ -61,7 +61,8 @@ class SchedulerLoop:
         self.inbox.send(ChildReady(name=self.spec.name, info=info))
         # Overlap scheduling keeps two steps in flight: step N+1 is planned and sent before the
         # result of step N is applied (its decode inputs are placeholders the worker fills).
-        depth = 1 if self.args.disable_overlap_schedule else 2
+        # Pipeline parallelism keeps pp_size micro-batches in flight, one per stage.
+        depth = self.sched.max_inflight
         while self.running:
             self.drain_inputs(block=self.sched.is_idle() and not self.sched.inflight)
             plan = self.sched.schedule() if len(self.sched.inflight) < depth else None

@@ -65,6 +65,10 @@ class Scheduler:
         self.step = 0
         self.plan_rows: list[tuple[Req, int, bool, bool]] = []  # (request, new tokens, samples, is prefill) per row
         self.inflight: collections.deque[tuple[int, list[tuple[Req, int, bool, bool]]]] = collections.deque()
+        # Pipeline parallelism: up to pp_size steps in flight over disjoint requests (micro-batches),
+        # each holding at most its share of the running requests, so every stage has work.
+        self.micro_batches = args.pp_size
+        self.max_inflight = args.pp_size if args.pp_size > 1 else (1 if args.disable_overlap_schedule else 2)
         self.outputs: list[TokenOut] = []
         self.errors: list[tuple[str, str, str]] = []  # (rid, kind, message) of requests failed after intake
         self.grammars = GrammarManager(args.grammar_backend or "xgrammar", tokenizer_dir, self.vocab_size, eos_ids,
@@ -159,8 +163,9 @@ class Scheduler:
             self.errors.append((req.rid, "value", message))
         if not self._make_room_for_decodes() or not self._preempt_for_waiting():
             return None  # wait for the steps in flight: their results free memory / the victim
+        share = -(-sum(r.finish is None for r in self.running) // self.micro_batches)
         for req in self.running:
-            if self._decodable(req):
+            if self._decodable(req) and not (self.micro_batches > 1 and len(rows) >= share):
                 pos = req.num_tokens - 1
                 self._grow(req, pos + 1)
                 tok = PLACEHOLDER if req.pending else req.last_id()
@@ -168,7 +173,8 @@ class Scheduler:
                 self._planned(req, 1, True, False)
         decoding = len(rows)
         budget = min(self.args.max_prefill_tokens, self.chunk_size or self.args.max_prefill_tokens)
-        for req in [r for r in self.running if r.prefilling and r.finish is None]:  # a chunked prompt continues first
+        continuing = [r for r in self.running if r.prefilling and r.finish is None and not self._busy(r)]
+        for req in continuing:  # a chunked prompt continues first
             budget -= self._prefill_row(req, budget, rows)
         if budget > 0 and not any(r.prefilling and r.finish is None for r in self.running):
             budget = self._admit(budget, rows, new_slots, prefix_writes)
@@ -187,11 +193,15 @@ class Scheduler:
         """Runs a decode row this step. With a token still in flight the row's input is a placeholder
         the worker fills, except for grammar requests (their mask needs the token) and requests whose
         in-flight token is their last."""
-        if req.prefilling or req.finish is not None:
+        if req.prefilling or req.finish is not None or self._busy(req):
             return False
         if req.pending and (req.grammar is not None or len(req.output_ids) + req.pending >= req.max_new_tokens):
             return False
         return True
+
+    def _busy(self, req: Req) -> bool:
+        """In a micro-batch in flight (pipeline parallelism: steps in flight hold disjoint requests)."""
+        return self.micro_batches > 1 and req.inflight > 0
 
     def _planned(self, req: Req, n: int, samples: bool, prefill: bool) -> None:
         """Book a row: its KV counts as computed from now on, its sample as pending."""

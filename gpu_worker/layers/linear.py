@@ -35,7 +35,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(full)
+        param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

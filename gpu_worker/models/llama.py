@@ -107,6 +107,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     supports_pp = True  # builds only its pipeline stage's part (see LlamaModel)
+    lazy_weights = True  # load_weights takes loader.CheckpointTensors: each TP rank reads only its shard
     qkv_bias: Optional[bool] = None  # None: follow config.attention_bias (which also covers o_proj)
     o_bias: Optional[bool] = None
     # (fused param, HF name, shard id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import random
+from typing import Optional
 
 import pytest
 
@@ -50,9 +51,13 @@ class FakeWorker:
         return out
 
 
-def run(reqs_at: dict[int, list], depth: int, **sched_kw) -> dict[str, list[int]]:
-    """Drive a scheduler with ``depth`` steps in flight; requests join at the given step numbers."""
+def run(reqs_at: dict[int, list], depth: int, disjoint: bool = False, stats: Optional[dict] = None,
+        **sched_kw) -> dict[str, list[int]]:
+    """Drive a scheduler with ``depth`` steps in flight; requests join at the given step numbers.
+    ``disjoint``: steps in flight must not share a request (pipeline micro-batches)."""
     s = make_sched(**sched_kw)
+    flying: collections.deque = collections.deque()  # slots of each step in flight
+    overlapped = 0
     w = FakeWorker(s.max_running, s.max_total_tokens)
     inflight: collections.deque = collections.deque()
     outs: dict[str, list[int]] = collections.defaultdict(list)
@@ -61,9 +66,16 @@ def run(reqs_at: dict[int, list], depth: int, **sched_kw) -> dict[str, list[int]
         s.add_requests(reqs_at.get(i, []))
         plan = s.schedule() if len(inflight) < depth else None
         if plan is not None:
+            slots = {row.slot for row in plan.rows}
+            if disjoint:
+                assert all(PLACEHOLDER not in row.input_ids for row in plan.rows)
+                assert not any(slots & other for other in flying), "a request is in two micro-batches"
+            overlapped += bool(inflight)
+            flying.append(slots)
             inflight.append(w.run(plan))
         if inflight and (plan is None or len(inflight) >= depth):
             s.apply_result(inflight.popleft())
+            flying.popleft()
         for o in s.take_outputs():
             assert o.rid not in finished
             outs[o.rid] += o.new_ids
@@ -74,6 +86,8 @@ def run(reqs_at: dict[int, list], depth: int, **sched_kw) -> dict[str, list[int]
     assert s.is_idle()
     s.check_integrity()
     assert finished == {r.rid for rs in reqs_at.values() for r in rs}
+    if stats is not None:
+        stats["overlapped"] = overlapped
     return dict(outs)
 
 
@@ -101,6 +115,18 @@ def test_overlap_gives_the_same_outputs(kw):
     want = run(reqs, depth=1, **kw)
     got = run(reqs, depth=2, **kw)
     assert got == want
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kv_tokens=80, max_slots=4, schedule_conservativeness=0.1),
+                                dict(radix=True, page_size=4, chunk=8, max_prefill_tokens=16)])
+def test_pipeline_micro_batches_are_disjoint_and_give_the_same_outputs(kw):
+    """pp_size=2: two steps in flight over disjoint requests, no placeholders, same outputs."""
+    reqs = random_requests(2, 30, shared_prefix=kw.get("radix", False))
+    want = run(reqs, depth=1, **kw)
+    stats: dict = {}
+    got = run(reqs, depth=2, disjoint=True, stats=stats, pp_size=2, **kw)
+    assert got == want
+    assert stats["overlapped"] > 10  # steps sent while another micro-batch was in flight
 
 
 def test_decode_rows_use_placeholders_and_never_pass_max_new_tokens():

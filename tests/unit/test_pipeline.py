@@ -171,3 +171,37 @@ def test_two_stage_pipeline_matches_hf_greedy(tmp_path):
     got = torch.load(out)
     assert got["info"]["kv_layers"] == 1 and got["info"]["pp_rank"] == 1
     assert [[st[s] for st in got["steps"]] for s in range(2)] == want
+
+
+# ---------------------------------------------------------------- sharded reads
+def test_a_tensor_parallel_rank_reads_only_its_shard(monkeypatch, tmp_path):
+    """Rank 1 of 2 loads lazily (``CheckpointTensor``): the same weights as from whole tensors,
+    while the bytes read from the file are about half of the layers' weights."""
+    from safetensors.torch import save_file
+
+    from treadle.gpu_worker import loader
+    from treadle.gpu_worker.models.llama import LlamaForCausalLM as Ours
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{**CFG, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in Qwen2ForCausalLM(Qwen2Config(**CFG)).state_dict().items()
+             if "bias" not in k}
+    state["lm_head.weight"] = torch.randn(VOCAB, 64)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(distributed, "_TP_RANK", 1)
+    monkeypatch.setattr(distributed, "_TP_SIZE", 2)
+    read = []
+    narrow = loader.CheckpointTensor.narrow
+    getitem = loader.CheckpointTensor.__getitem__
+    monkeypatch.setattr(loader.CheckpointTensor, "narrow",
+                        lambda self, *a: read.append(narrow(self, *a).numel()) or narrow(self, *a))
+    monkeypatch.setattr(loader.CheckpointTensor, "__getitem__",
+                        lambda self, k: read.append(getitem(self, k).numel()) or getitem(self, k))
+    lazy, eager = Ours(cfg), Ours(cfg)
+    lazy.load_weights(loader.iter_safetensors(str(tmp_path), progress=False, lazy=True))
+    eager.load_weights(loader.iter_safetensors(str(tmp_path), progress=False))
+    for (n, a), (_, b) in zip(lazy.named_parameters(), eager.named_parameters()):
+        assert torch.equal(a, b), n
+    total = sum(t.numel() for t in state.values())
+    assert 0.45 < sum(read) / total < 0.6, sum(read) / total  # norms are replicated, the rest split
