@@ -93,11 +93,14 @@ def bench_treadle(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None
             ins, outs = workload(n, ir, orng, seed=1, vocab=vocab)
             params = [{**greedy, "max_new_tokens": o} for o in outs]
             eng.flush_cache()
+            before = eng.get_server_info()["internal_states"][0]
             t = time.perf_counter()
             res = eng.generate(input_ids=ins, sampling_params=params)
             dt = time.perf_counter() - t
+            after = eng.get_server_info()["internal_states"][0]
             gen = sum(len(r["output_ids"]) for r in res)
-            report(a.out, shape, part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1))
+            report(a.out, shape, part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1),
+                   retractions=after["retractions"] - before["retractions"], kv_tokens=after["max_total_tokens"])
     finally:
         eng.shutdown()
 

@@ -1,0 +1,88 @@
+"""Where a decode step's GPU time goes: per-kernel totals of ``ModelRunner`` decode steps.
+
+    python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024]
+
+Builds the runner in-process (dummy bf16 weights, Triton attention, CUDA graphs), prefills
+``batch`` requests of ``context`` tokens, then times 50 decode steps (wall per step, graphs on and
+off) and profiles 20 of them with the torch profiler; prints the top kernels by total CUDA time
+and the share of the step the GEMMs take. No engine, no processes: the model's own cost only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
+from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
+
+
+def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda") -> None:
+    d = tempfile.mkdtemp(prefix="treadle-prof-")
+    shutil.copy(config, os.path.join(d, "config.json"))
+    runner = ModelRunner(RunnerConfig(model_dir=d, load_format="dummy", dtype="bfloat16" if device == "cuda" else "float32", device=device,
+                                      kv_tokens=batch * (context + 200), max_slots=batch, context_len=context + 200,
+                                      attention_backend="triton" if device == "cuda" else "torch_native",
+                                      cuda_graph_max_bs=batch if graphs else 0))
+    greedy = SamplingSpec(temperature=0.0, top_k=1)
+    loc = 0
+    rows = []
+    for i in range(batch):
+        rows.append(PlanRow(i, [(7 * i + j) % 1000 + 1 for j in range(context)], 0, list(range(loc, loc + context))))
+        loc += context
+    runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(i, greedy) for i in range(batch)], rows=rows))
+    pos = context
+
+    def step(k: int) -> None:
+        nonlocal loc, pos
+        plan = ForwardPlan(step=k, rows=[PlanRow(i, [-1], pos, [loc + i]) for i in range(batch)])
+        loc, pos = loc + batch, pos + 1
+        runner.finish(runner.launch(plan))
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for k in range(5):
+        step(1 + k)
+    sync()
+    t = time.perf_counter()
+    for k in range(50):
+        step(10 + k)
+    sync()
+    per_step = (time.perf_counter() - t) / 50
+    print(f"batch {batch}, context {context}, graphs {graphs}: {1000 * per_step:.3f} ms a step "
+          f"({batch / per_step:.0f} tok/s, model only)", flush=True)
+    if graphs and device == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for k in range(20):
+                step(100 + k)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events)
+        print(f"  GPU busy {total / 20 / 1000:.3f} ms a step; top kernels (share, us a step, calls a step):")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+            print(f"  {100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / 20:8.1f}  "
+                  f"{e.count / 20:5.1f}  {e.key[:90]}")
+    del runner
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", type=int, action="append")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args()
+    for b in a.batch or [1]:
+        for graphs in (True, False):
+            run(a.config, b, a.context, graphs, a.device)
+
+
+if __name__ == "__main__":
+    main()
