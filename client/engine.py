@@ -125,8 +125,8 @@ class Engine:
             workers = worker_ranks(a, group_ep)  # TP x PP ranks (runtime/parallel.py), this node's run here
             # The ranks meet through torch.distributed's env:// rendezvous: dist_init_addr or a free loopback port.
             worker_env = {**env, **dist_env(a, port)}
-            launches += [(spec(group_name(g, w.name), "treadle.gpu_worker", eps, ga, **w.spec_extra()), worker_env)
-                         for w in workers if w.local]
+            launches += [(spec(group_name(g, w.name), "treadle.gpu_worker", eps, ga, dp_rank=g, **w.spec_extra()),
+                          worker_env) for w in workers if w.local]
             if head:
                 launches.append((spec(group_name(g, "scheduler"), "treadle.scheduler_proc", eps, ga,
                                       worker_endpoints=[w.endpoint for w in workers]), env))

@@ -120,6 +120,8 @@ class ModelRunner:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
 
+        self.graphs: Optional[DecodeGraphs] = None
+        self.graph_capture_time = 0.0
         self.is_encoder = getattr(self.model, "is_encoder", False)
         self.pooling = load_pooling_config(cfg.model_dir, self.is_encoder)
         if self.is_encoder:  # bidirectional: whole sequences each step, no KV cache to keep
@@ -139,8 +141,6 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._host_ids = [torch.empty(cfg.max_slots, dtype=torch.int64, pin_memory=pin) for _ in range(4)]
         self._ring = 0
-        self.graphs: Optional[DecodeGraphs] = None
-        self.graph_capture_time = 0.0
         if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda":
             if not hasattr(self.attn_backend, "init_cuda_graph_state"):
                 logger.warning("attention backend %s cannot run in CUDA graphs; decoding runs eagerly", cfg.attention_backend)

@@ -3,7 +3,7 @@
 Arguments follow SGLang's ``ProfileReq`` (``output_dir``, ``num_steps``, ``activities``,
 ``with_stack``, ``record_shapes``, ``profile_id``, ``profile_prefix``); the usage guide's
 ``profile_dir`` / ``profile_name`` are accepted as spellings of ``output_dir`` / ``profile_prefix``.
-Traces are Chrome/Perfetto JSON: ``<output_dir>/[prefix-]<profile_id>-TP-<rank>.trace.json.gz``.
+Traces are Chrome/Perfetto JSON: ``<output_dir>/[prefix-]<profile_id>-TP-<r>[-DP-<g>][-PP-<s>].trace.json.gz``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def check_profile_args(args: dict[str, Any]) -> None:
 
 
 class Profiler:
-    def __init__(self, rank: int, cuda: bool) -> None:
-        self.rank, self.cuda = rank, cuda
+    def __init__(self, tag: str, cuda: bool) -> None:
+        self.tag, self.cuda = tag, cuda  # tag: "TP-0", "TP-1-DP-1", "TP-0-PP-1"...
         self.prof: Optional[torch.profiler.profile] = None
         self.path = ""
         self.steps_left: Optional[int] = None
@@ -46,7 +46,7 @@ class Profiler:
         pid = args.get("profile_id") or str(time.time())
         os.makedirs(out_dir, exist_ok=True)
         name = f"{prefix}-{pid}" if prefix else pid
-        self.path = os.path.join(os.path.abspath(out_dir), f"{name}-TP-{self.rank}.trace.json.gz")
+        self.path = os.path.join(os.path.abspath(out_dir), f"{name}-{self.tag}.trace.json.gz")
         acts = [_ACTIVITIES[a] for a in (args.get("activities") or ["CPU", "GPU"]) if a in _ACTIVITIES]
         if not self.cuda:
             acts = [a for a in acts if a != torch.profiler.ProfilerActivity.CUDA] or [torch.profiler.ProfilerActivity.CPU]

@@ -65,7 +65,10 @@ class WorkerLoop:
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.
         self.hold_results = self.runner.device.type == "cuda" and not args.disable_overlap_schedule
-        self.profiler = Profiler(global_rank, self.runner.device.type == "cuda")
+        tag = f"TP-{self.rank}"  # trace-file names as SGLang's
+        tag += f"-DP-{spec.extra.get('dp_rank', 0)}" if args.dp_size > 1 else ""
+        tag += f"-PP-{self.pp_rank}" if args.pp_size > 1 else ""
+        self.profiler = Profiler(tag, self.runner.device.type == "cuda")
         self.kv_tokens = self.runner.cfg.kv_tokens
         self.load_time = time.perf_counter() - t0
         logger.info("model loaded in %.1f s; KV pool %d tokens, %d request slots", self.load_time, self.kv_tokens, self.max_slots)

@@ -192,12 +192,12 @@ class Scheduler:
     def _decodable(self, req: Req) -> bool:
         """Runs a decode row this step. With a token still in flight the row's input is a placeholder
         the worker fills, except for grammar requests (their mask needs the token) and requests whose
-        in-flight token is their last."""
+        in-flight token is their last. Embedding requests never decode."""
         if req.prefilling or req.finish is not None or self._busy(req):
             return False
-        if req.pending and (req.grammar is not None or len(req.output_ids) + req.pending >= req.max_new_tokens):
-            return False
-        return True
+        if len(req.output_ids) + req.pending >= req.max_new_tokens:  # its last token is on the way (or, an
+            return False  # embedding, it makes none)
+        return not (req.pending and req.grammar is not None)
 
     def _busy(self, req: Req) -> bool:
         """In a micro-batch in flight (pipeline parallelism: steps in flight hold disjoint requests)."""

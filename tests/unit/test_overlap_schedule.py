@@ -161,3 +161,13 @@ def test_abort_in_flight_answers_at_once_and_frees_after_the_step():
     s.apply_result(r1)
     assert s.is_idle() and s.take_outputs() == []
     s.check_integrity()
+
+
+def test_an_embedding_in_flight_is_not_planned_again():
+    s = make_sched()
+    r = treq("e")
+    r.embed = True
+    s.add_requests([r])
+    plan = s.schedule()
+    assert [row.sample for row in plan.rows] == [False]
+    assert s.schedule() is None  # nothing to decode behind it: the loop waits for its result
