@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issue 6, by stage, for device calls (carry .whl and .devmodel):
+#   bash bench/gpu_all.sh tests check profile bench    # all four: about 10 minutes, so use two calls
+# Each stage has its own time limit, so one failure still leaves the others' results.
+source bench/device_env.sh || exit 1
+out=${OUT:-/tmp}
+tok=.devmodel/smollm2
+mini=/tmp/llama3-mini && mkdir -p $mini && cp bench/configs/llama3-mini/config.json $mini/ && cp $tok/tok* $tok/*.jinja $mini/
+nvidia-smi --query-gpu=name --format=csv,noheader
+for stage in "$@"; do
+  echo "== $stage"
+  case $stage in
+    tests) timeout 150 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
+             tests/unit/test_model_runner.py tests/unit/test_sampler.py -q -x -p no:cacheprovider 2>&1 | tail -3 ;;
+    check) timeout 170 python bench/gpu_check.py --config-dir $tok --config-dir $mini 2>&1 \
+             | grep -E "relative|identical|PASS|FAIL|Error" ;;
+    profile) timeout 120 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json \
+               --batch 1 --batch 128 2>&1 | grep -v -i warn ;;
+    bench) timeout 130 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{'
+           timeout 330 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
+    *) echo "unknown stage $stage (tests, check, profile, bench)" ;;
+  esac
+done
