@@ -72,6 +72,13 @@ def bench_treadle(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None
         greedy = {"temperature": 0, "ignore_eos": True}
         prompt = [random.Random(2).randrange(100, vocab) for _ in range(32)]
         eng.generate(input_ids=prompt, sampling_params={**greedy, "max_new_tokens": 64})  # warm up
+        bench_parts(eng, shape, a, vocab, greedy, prompt)
+    finally:
+        eng.shutdown()
+
+
+def bench_parts(eng: Any, shape: str, a: argparse.Namespace, vocab: int, greedy: dict, prompt: list[int]) -> None:
+    if "a" in a.parts:
         rates = []
         for i in range(3):
             p = prompt[:-1] + [100 + i]
@@ -79,7 +86,7 @@ def bench_treadle(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None
             r = eng.generate(input_ids=p, sampling_params={**greedy, "max_new_tokens": 512})
             rates.append(len(r["output_ids"]) / (time.perf_counter() - t))
         report(a.out, shape, "a_batch1_decode", tok_s=round(max(rates), 1), runs=[round(x, 1) for x in rates])
-
+    if "d" in a.parts:
         ttfts = []
         for i in range(5):
             p = [random.Random(10 + i).randrange(100, vocab) for _ in range(1024)]
@@ -87,22 +94,22 @@ def bench_treadle(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None
             eng.generate(input_ids=p, sampling_params={"max_new_tokens": 1})
             ttfts.append(time.perf_counter() - t)
         report(a.out, shape, "d_ttft_1024", ms=round(1000 * statistics.median(ttfts), 1))
-
-        for part, n, ir, orng in (("c_nanovllm", 256, (100, 1024), (100, 1024)),
-                                  ("b_sglang_ci", a.ci_prompts, (1, 4096), (1, 2048))):
-            ins, outs = workload(n, ir, orng, seed=1, vocab=vocab)
-            params = [{**greedy, "max_new_tokens": o} for o in outs]
-            eng.flush_cache()
-            before = eng.get_server_info()["internal_states"][0]
-            t = time.perf_counter()
-            res = eng.generate(input_ids=ins, sampling_params=params)
-            dt = time.perf_counter() - t
-            after = eng.get_server_info()["internal_states"][0]
-            gen = sum(len(r["output_ids"]) for r in res)
-            report(a.out, shape, part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1),
-                   retractions=after["retractions"] - before["retractions"], kv_tokens=after["max_total_tokens"])
-    finally:
-        eng.shutdown()
+    for part, n, ir, orng in (("c_nanovllm", 256, (100, 1024), (100, 1024)),
+                              ("b_sglang_ci", a.ci_prompts, (1, 4096), (1, 2048))):
+        if part[0] not in a.parts:
+            continue
+        ins, outs = workload(n, ir, orng, seed=1, vocab=vocab)
+        params = [{**greedy, "max_new_tokens": o} for o in outs]
+        eng.flush_cache()
+        before = eng.get_server_info()["internal_states"]
+        t = time.perf_counter()
+        res = eng.generate(input_ids=ins, sampling_params=params)
+        dt = time.perf_counter() - t
+        after = eng.get_server_info()["internal_states"]
+        gen = sum(len(r["output_ids"]) for r in res)
+        retracted = sum(x["retractions"] for x in after) - sum(x["retractions"] for x in before)
+        report(a.out, shape, part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1),
+               retractions=retracted, kv_tokens=after[0]["max_total_tokens"])
 
 
 def bench_hf(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None:
@@ -151,12 +158,14 @@ def main() -> None:
     p.add_argument("--ci-prompts", type=int, default=500)
     p.add_argument("--engine-args", default="{}", help="extra Engine kwargs as JSON")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--parts", default="abcde", help="which of the parts a-e to run (e always runs)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     for shape in a.shape:
         d = model_dir(shape, a.tokenizer_dir)
         vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
-        report(a.out, shape, "meta", card=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        report(a.out, shape, "meta", card=card, date=time.strftime("%Y-%m-%d"),
                torch=torch.__version__, engine_args=a.engine_args)
         bench_treadle(shape, d, a, vocab)
         if not a.skip_hf:
