@@ -80,6 +80,7 @@ class SlotState:
         self.num_out = [0] * max_slots  # tokens output so far, pending ones included
         self.gen = [0] * max_slots  # bumped by set_slot: a new request in the slot
         self.pending: list[PendingIds] = []
+        self.failures: dict[int, str] = {}  # slot -> error of its custom processor (see take_failures)
         self.active = [False] * max_slots  # needs_processing(specs[slot]), cached
         self.counts: Optional[torch.Tensor] = None  # float32 [max_slots, vocab], lazily
         self._procs: dict[tuple[str, str], CustomLogitProcessor] = {}
@@ -181,11 +182,20 @@ class SlotState:
             self.sync()
         for group in groups.values():
             sp = specs[group[0]]
-            proc = self.processor(sp.custom_processor, sp.custom_state)
-            params = [dict(specs[i].custom_params or {}, __output_ids__=list(self.outputs[slots[i]])) for i in group]
-            idx = torch.tensor(group, dtype=torch.int64).to(self.device)
-            logits[idx] = proc(logits[idx], params).to(device=logits.device, dtype=logits.dtype)
+            try:  # user code: a failure fails these requests (see ``failures``), never the worker
+                proc = self.processor(sp.custom_processor, sp.custom_state)
+                params = [dict(specs[i].custom_params or {}, __output_ids__=list(self.outputs[slots[i]])) for i in group]
+                idx = torch.tensor(group, dtype=torch.int64).to(self.device)
+                logits[idx] = proc(logits[idx], params).to(device=logits.device, dtype=logits.dtype)
+            except Exception as e:
+                message = f"The custom logit processor {sp.custom_processor} failed: {type(e).__name__}: {e}"
+                self.failures.update((slots[i], message) for i in group)
         return logits
+
+    def take_failures(self) -> dict[int, str]:
+        """Slots whose custom processor raised since the last call, with the error message."""
+        out, self.failures = self.failures, {}
+        return out
 
     def _idx(self, *cols: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """Host index lists -> device int64 tensors, in one copy."""

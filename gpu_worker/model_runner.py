@@ -222,10 +222,15 @@ class ModelRunner:
             return Launched(result=([], row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}))
         ids_t, pending = self.sampler.sample_deferred(samples, slots, masks)
         self.last_token[step.sample_slots_t] = ids_t  # the next step's placeholder inputs
-        if step.report and (want or step.inputs or step.hidden_rows):
+        failures = self.sampler.state.take_failures()
+        if step.report and (want or step.inputs or step.hidden_rows or failures):
             ids = ids_t.tolist()
             self.sampler.state.commit(pending, ids)
-            return Launched(result=(ids, row_outs(plan, step, self.sampler.spec, want, raw, ids_t)))
+            outs = row_outs(plan, step, self.sampler.spec, want, raw, ids_t)
+            for j, slot in enumerate(slots):
+                if slot in failures:
+                    outs.setdefault(step.sample_rows[j], RowOut()).error = failures[slot]
+            return Launched(result=(ids, outs))
         if self.device.type != "cuda":
             return Launched(pending=pending, ids_host=ids_t)
         self._ring = (self._ring + 1) % len(self._host_ids)

@@ -199,7 +199,8 @@ class RowOut(msgspec.Struct, array_like=True, omit_defaults=True):
     masks). Output fields describe the token sampled from the row's last position. Input field
     entry ``i`` is for row position ``p = logprob_from + i``: the logprob of ``input_ids[p + 1]``
     given everything up to ``p``. ``hidden`` holds float32 final hidden states of every row
-    position, ``[len(input_ids), hidden_size]``, as raw bytes.
+    position, ``[len(input_ids), hidden_size]``, as raw bytes. ``error``: the row's request failed
+    in the worker (its custom logit processor raised); the scheduler fails that request only.
     """
 
     logprob: Optional[float] = None
@@ -211,6 +212,7 @@ class RowOut(msgspec.Struct, array_like=True, omit_defaults=True):
     input_top_logprobs: list[list[float]] = []
     input_ids_logprobs: list[list[float]] = []
     hidden: bytes = b""
+    error: str = ""
 
 
 class StepResult(_Msg):

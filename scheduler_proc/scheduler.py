@@ -359,9 +359,11 @@ class Scheduler:
 
     def _free_kv(self, req: Req) -> None:
         """Give a request's pages back: whole computed pages go into the prefix cache (which frees
-        duplicates), the rest to the allocator; then its slot."""
+        duplicates), the rest to the allocator; then its slot. Only positions whose token is known
+        count: a step in flight may have computed the KV of a token that was then dropped (the
+        request failed or was aborted meanwhile)."""
         if self.cache is not None:
-            k = req.num_computed // self.page_size
+            k = min(req.num_computed, req.seq_len) // self.page_size
             if k >= req.shared_pages and k > 0:
                 self.cache.insert(req.all_ids()[: k * self.page_size], req.pages[:k])
             else:
@@ -388,6 +390,11 @@ class Scheduler:
             req.inflight -= 1
             req.pending -= samples
             if req.finish is not None:  # aborted, or finished by a token of an earlier step
+                continue
+            if i in extras and extras[i].error:  # its custom logit processor raised: this request fails
+                req.finish = FinishReason(type="abort", message=extras[i].error)
+                req.finish_sent = True  # the client gets the error instead of a result
+                self.errors.append((req.rid, "runtime", extras[i].error))
                 continue
             if req.tr.embed and not req.prefilling:
                 self._finish_embedding(req, extras.get(i))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -18,6 +20,15 @@ class OnlyToken(CustomLogitProcessor):
             keep = logits[i, p["token"]].clone()
             logits[i] = float("-inf")
             logits[i, p["token"]] = keep
+        return logits
+
+
+class Explodes(CustomLogitProcessor):
+    """Raises after ``custom_params["after"]`` output tokens (a bug in user code, mid-generation)."""
+
+    def __call__(self, logits, custom_param_list):
+        if any(len(p["__output_ids__"]) >= p["after"] for p in custom_param_list):
+            raise ZeroDivisionError("user bug")
         return logits
 
 
@@ -79,3 +90,22 @@ def test_bad_processor_fails_only_the_call(flagged_engine):
     with pytest.raises(ValueError, match="registered name"):
         flagged_engine.generate(prompt="Hi", custom_logit_processor="never_registered")
     assert flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_a_processor_that_raises_fails_only_its_request(flagged_engine):
+    """The worker survives user code that raises: that request's call gets a RuntimeError naming
+    the processor; a request beside it in the same batch and later calls are unaffected."""
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True, "custom_params": {"after": 3}}
+    plain = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+
+    async def run():
+        bad = flagged_engine.async_generate(prompt="Count: one, two,", sampling_params=params,
+                                            custom_logit_processor=Explodes)
+        good = flagged_engine.async_generate(prompt="Count: one, two,", sampling_params=plain)
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(run())
+    assert isinstance(bad, RuntimeError) and "Explodes failed: ZeroDivisionError: user bug" in str(bad), bad
+    assert good["meta_info"]["completion_tokens"] == 12
+    assert flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+    assert flagged_engine._control("check_integrity")["num_running"] == 0

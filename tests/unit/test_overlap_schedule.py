@@ -171,3 +171,23 @@ def test_an_embedding_in_flight_is_not_planned_again():
     plan = s.schedule()
     assert [row.sample for row in plan.rows] == [False]
     assert s.schedule() is None  # nothing to decode behind it: the loop waits for its result
+
+
+def test_a_token_dropped_under_a_step_in_flight_never_reaches_the_cache():
+    """Request fails on step N's result (the worker reports an error) while step N+1, which
+    computed the KV of N's token, is in flight: only known tokens' KV goes into the prefix cache."""
+    from treadle.runtime.messages import RowOut
+
+    s = make_sched(radix=True, page_size=1)
+    w = FakeWorker(s.max_running, s.max_total_tokens)
+    s.add_requests([treq("a", max_new_tokens=30, ignore_eos=True)])
+    r1 = w.run(s.schedule())
+    s.apply_result(r1)
+    r2 = w.run(s.schedule())
+    r3 = w.run(s.schedule())  # decodes step 2's token, still unknown here
+    s.apply_result(r2, extras={0: RowOut(error="boom")})
+    assert s.take_errors() == [("a", "runtime", "boom")] and s.take_outputs() == []
+    s.apply_result(r3)
+    assert s.is_idle()
+    s.check_integrity()
+    s.cache.check()
