@@ -142,7 +142,11 @@ def test_custom_processors_grouped_cached_and_written_back(dev):
 
 
 def test_custom_processor_must_subclass(dev):
-    st = SlotState(1, dev)
+    """A processor that cannot be used (or raises) fails its slots, reported, never raised here."""
+    st = SlotState(2, dev)
     st.set_slot(0, SamplingSpec(custom_processor="logit_processors_for_tests:NotAProcessor"))
-    with pytest.raises(TypeError):
-        st.apply(rand_logits(1).to(dev), [0])
+    logits = rand_logits(2).to(dev)
+    out = st.apply(logits.clone(), [1, 0])
+    failures = st.take_failures()
+    assert list(failures) == [0] and "NotAProcessor failed: TypeError" in failures[0]
+    assert torch.equal(out, logits) and st.take_failures() == {}
