@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import dataclasses
+import functools
 import gc
 import itertools
 import json
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -23,14 +22,14 @@ import zmq
 
 from treadle.client.request import normalize_generate
 from treadle.client.results import BatchResult, ReqState
-from treadle.client.supervisor import Supervisor, group_name
+from treadle.client.launch import launch_children
+from treadle.client.supervisor import Supervisor
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.logit_processor import load_processor, processor_reference
 from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, SessionParams, Shutdown
 from treadle.runtime.model_files import resolve_model_files
-from treadle.runtime.parallel import check_parallel, dist_env, results_endpoint, worker_ranks
-from treadle.runtime.procs import ChildSpec, kill_child, launch_child
+from treadle.runtime.procs import kill_child
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import IpcDir, Sender
 
@@ -76,7 +75,8 @@ class Engine:
         self._preferred: Optional[dict[str, Any]] = json.loads(pref) if pref else None
         self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
         self._session_groups: dict[str, int] = {}  # session id -> the DP group holding its KV
-        self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), self._launch_children,
+        launch = functools.partial(launch_children, self.server_args, self._files, self._ipc)
+        self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), launch,
                                self.server_args.incremental_streaming_output,
                                report=self._report if self.server_args.dp_size > 1 else None)
         self._sup.workers_only = self.server_args.node_rank > 0
@@ -98,40 +98,6 @@ class Engine:
             self._serve_worker_node()
 
     # ------------------------------------------------------------------ start-up
-    def _launch_children(self) -> dict[str, Any]:
-        """Runs on the I/O thread, which lives as long as the engine (the children's parent-death
-        signal follows the thread that started them). Each DP group is a scheduler with its own
-        workers, sockets and rendezvous port; group 0 keeps the plain names (``scheduler``)."""
-        a = self.server_args
-        shared = {n: self._ipc.endpoint(n) for n in ("client", "tokenizer", "detokenizer")}
-        sched_eps = [self._ipc.endpoint(group_name(g, "scheduler")) for g in range(a.dp_size)]
-
-        def spec(name: str, module: str, eps: dict[str, str] = shared, args: ServerArgs = a, **extra: Any) -> ChildSpec:
-            return ChildSpec(name=name, module=module, server_args=args.to_dict(), model_files=self._files.__dict__,
-                             endpoints=eps, parent_pid=os.getpid(), extra=extra)
-
-        # Children see the user's import path, so processors named by import path resolve alike.
-        path = os.pathsep.join(dict.fromkeys(os.path.abspath(p or ".") for p in sys.path if os.path.isdir(p or ".")))
-        env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
-        check_parallel(a, self._files.model_dir)
-        head = a.node_rank == 0  # node 0 serves; the other nodes run only their worker ranks
-        launches = [(spec("tokenizer", "treadle.tokenizer_proc", scheduler_endpoints=sched_eps), env),
-                    (spec("detokenizer", "treadle.detokenizer_proc"), env)] if head else []
-        for g, port in enumerate(_free_ports(a.dp_size)):
-            group_ep = lambda n, g=g: self._ipc.endpoint(group_name(g, n))  # noqa: E731
-            eps = {**shared, "scheduler": sched_eps[g], "scheduler_results": results_endpoint(a, group_ep)}
-            # group g's GPUs follow group g-1's: base_gpu_id + g * tp_size * pp_size (times gpu_id_step)
-            ga = dataclasses.replace(a, base_gpu_id=a.base_gpu_id + g * a.tp_size * a.pp_size * a.gpu_id_step)
-            workers = worker_ranks(a, group_ep)  # TP x PP ranks (runtime/parallel.py), this node's run here
-            # The ranks meet through torch.distributed's env:// rendezvous: dist_init_addr or a free loopback port.
-            worker_env = {**env, **dist_env(a, port)}
-            launches += [(spec(group_name(g, w.name), "treadle.gpu_worker", eps, ga, dp_rank=g, **w.spec_extra()),
-                          worker_env) for w in workers if w.local]
-            if head:
-                launches.append((spec(group_name(g, "scheduler"), "treadle.scheduler_proc", eps, ga,
-                                      worker_endpoints=[w.endpoint for w in workers]), env))
-        return {s.name: launch_child(s, self._ipc.path, e) for s, e in launches}
-
     def _serve_worker_node(self) -> None:
         """``node_rank > 0`` runs only its worker ranks, which node 0's scheduler drives. As SGLang,
         block until they exit (node 0 shut down, or a rank failed), then clean up; with
@@ -525,20 +491,6 @@ def _checked_payload(batch: GenerateBatch) -> bytes:
     except msgspec.ValidationError as e:
         raise ValueError(f"Invalid request: {e}".replace("$.reqs[0].", "").replace("$.reqs", "reqs")) from None
     return payload
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _version() -> str:

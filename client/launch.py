@@ -1,0 +1,65 @@
+"""The processes of one engine node, and how they are wired: which process gets which sockets,
+arguments and environment. Node 0 runs the tokenizer, the detokenizer and, per DP group, a
+scheduler and its worker ranks; another node runs only its worker ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from typing import Any
+
+from treadle.client.supervisor import group_name
+from treadle.runtime.model_files import ModelFiles
+from treadle.runtime.parallel import check_parallel, dist_env, results_endpoint, worker_ranks
+from treadle.runtime.procs import ChildSpec, launch_child
+from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.zmq_utils import IpcDir
+
+
+def launch_children(a: ServerArgs, files: ModelFiles, ipc: IpcDir) -> dict[str, Any]:
+    """Start this node's processes; returns them by name. Runs on the client's I/O thread, which
+    lives as long as the engine (the children's parent-death signal follows the thread that
+    started them). Each DP group is a scheduler with its own workers, sockets and rendezvous
+    port; group 0 keeps the plain names (``scheduler``)."""
+    shared = {n: ipc.endpoint(n) for n in ("client", "tokenizer", "detokenizer")}
+    sched_eps = [ipc.endpoint(group_name(g, "scheduler")) for g in range(a.dp_size)]
+
+    def spec(name: str, module: str, eps: dict[str, str] = shared, args: ServerArgs = a, **extra: Any) -> ChildSpec:
+        return ChildSpec(name=name, module=module, server_args=args.to_dict(), model_files=files.__dict__,
+                         endpoints=eps, parent_pid=os.getpid(), extra=extra)
+
+    # Children see the user's import path, so processors named by import path resolve alike.
+    path = os.pathsep.join(dict.fromkeys(os.path.abspath(p or ".") for p in sys.path if os.path.isdir(p or ".")))
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    check_parallel(a, files.model_dir)
+    head = a.node_rank == 0  # node 0 serves; the other nodes run only their worker ranks
+    launches = [(spec("tokenizer", "treadle.tokenizer_proc", scheduler_endpoints=sched_eps), env),
+                (spec("detokenizer", "treadle.detokenizer_proc"), env)] if head else []
+    for g, port in enumerate(_free_ports(a.dp_size)):
+        group_ep = lambda n, g=g: ipc.endpoint(group_name(g, n))  # noqa: E731
+        eps = {**shared, "scheduler": sched_eps[g], "scheduler_results": results_endpoint(a, group_ep)}
+        # group g's GPUs follow group g-1's: base_gpu_id + g * tp_size * pp_size (times gpu_id_step)
+        ga = dataclasses.replace(a, base_gpu_id=a.base_gpu_id + g * a.tp_size * a.pp_size * a.gpu_id_step)
+        workers = worker_ranks(a, group_ep)  # TP x PP ranks (runtime/parallel.py), this node's run here
+        # The ranks meet through torch.distributed's env:// rendezvous: dist_init_addr or a free loopback port.
+        worker_env = {**env, **dist_env(a, port)}
+        launches += [(spec(group_name(g, w.name), "treadle.gpu_worker", eps, ga, dp_rank=g, **w.spec_extra()),
+                      worker_env) for w in workers if w.local]
+        if head:
+            launches.append((spec(group_name(g, "scheduler"), "treadle.scheduler_proc", eps, ga,
+                                  worker_endpoints=[w.endpoint for w in workers]), env))
+    return {s.name: launch_child(s, ipc.path, e) for s, e in launches}
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
