@@ -9,17 +9,18 @@ runs exactly ``--new-tokens`` tokens (ignore_eos / min_new_tokens). Prints one t
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import time
 
 PROMPT = "Write a short story about a robot who learns to paint. Request number {i}."
 
 
-def bench_treadle(n_req: int, new_tokens: int) -> float:
+def bench_treadle(n_req: int, new_tokens: int, engine_args: dict) -> float:
     from treadle import Engine
 
     params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
-    with Engine(model_path="default") as eng:
+    with Engine(model_path="default", **engine_args) as eng:
         eng.generate(prompt="warm up", sampling_params={"max_new_tokens": 4})
 
         async def run() -> list:
@@ -56,11 +57,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--engine-args", default="{}", help="extra Engine kwargs as JSON")
+    p.add_argument("--skip-hf", action="store_true")
     a = p.parse_args()
     print("| concurrent requests | Treadle tok/s | HF generate tok/s |")
     print("|---|---|---|")
     for n in (1, a.batch):
-        print(f"| {n} | {bench_treadle(n, a.new_tokens):.1f} | {bench_hf(n, a.new_tokens):.1f} |", flush=True)
+        hf = "-" if a.skip_hf else f"{bench_hf(n, a.new_tokens):.1f}"
+        print(f"| {n} | {bench_treadle(n, a.new_tokens, json.loads(a.engine_args)):.1f} | {hf} |", flush=True)
 
 
 if __name__ == "__main__":
