@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from treadle.runtime.messages import FinishReason, SamplingSpec, TokenizedReq
+from treadle.runtime.messages import FinishReason, RowOut, SamplingSpec, TokenizedReq, TokenOut
 from treadle.scheduler_proc.output_meta import OutputMeta
 
 DETOKENIZE_CONTEXT = 5  # trailing prompt tokens sent with the first output, for correct spacing
@@ -89,3 +89,31 @@ class Req:
 
     def context_ids(self) -> list[int]:
         return self.input_ids[-DETOKENIZE_CONTEXT:]
+
+    def record_meta(self, prefill: bool, tok: Optional[int], extra: RowOut) -> None:
+        """Keep a step's logprobs / hidden states for the output (``meta`` exists: the request asked)."""
+        tr = self.tr
+        if prefill and not self.input_logprobs_done and tr.return_logprob and tr.logprob_start_len >= 0:
+            self.meta.add_input(self.input_ids, tr.logprob_start_len, extra)
+            self.input_logprobs_done = True
+        if tr.return_logprob and tok is not None:
+            self.meta.add_output(tok, extra)
+        if tr.return_hidden_states and extra.hidden:
+            self.meta.add_hidden(extra, prefill and not self.hidden_prefill_done)
+            self.hidden_prefill_done = True
+
+    def token_out(self) -> TokenOut:
+        """What the detokenizer gets: the output ids not sent yet (and the finish, if any); marks them sent."""
+        s, fin = self.sampling, self.finish
+        out = TokenOut(
+            rid=self.rid, new_ids=self.output_ids[self.sent:], finish=fin,
+            prompt_tokens=len(self.input_ids), completion_tokens=len(self.output_ids),
+            cached_tokens=self.cached_tokens, context_ids=self.context_ids() if self.sent == 0 else [],
+            skip_special_tokens=s.skip_special_tokens, spaces_between_special_tokens=s.spaces_between_special_tokens,
+            trim_stop_str=fin.matched if fin is not None and isinstance(fin.matched, str) and not s.no_stop_trim else None,
+            trim_last_token=fin is not None and isinstance(fin.matched, int) and not s.no_stop_trim,
+            meta=self.meta.delta() if self.meta is not None else None, embedding=self.embedding,
+        )
+        self.sent = len(self.output_ids)
+        self.finish_sent = fin is not None
+        return out

@@ -400,7 +400,7 @@ class Scheduler:
                 self._finish_embedding(req, extras.get(i))
                 continue
             if i in extras and req.meta is not None:
-                self._record_meta(req, prefill, tok, extras[i])
+                req.record_meta(prefill, tok, extras[i])
             if tok is None:
                 continue
             req.output_ids.append(tok)
@@ -425,16 +425,6 @@ class Scheduler:
         req.finish = FinishReason(type="length", length=0)
         self._emit(req)
 
-    def _record_meta(self, req: Req, prefill: bool, tok: Optional[int], extra: RowOut) -> None:
-        if prefill and not req.input_logprobs_done and req.tr.return_logprob and req.tr.logprob_start_len >= 0:
-            req.meta.add_input(req.input_ids, req.tr.logprob_start_len, extra)
-            req.input_logprobs_done = True
-        if req.tr.return_logprob and tok is not None:
-            req.meta.add_output(tok, extra)
-        if req.tr.return_hidden_states and extra.hidden:
-            req.meta.add_hidden(extra, prefill and not req.hidden_prefill_done)
-            req.hidden_prefill_done = True
-
     def _should_stream(self, req: Req) -> bool:
         if not req.tr.stream:
             return False
@@ -444,20 +434,7 @@ class Scheduler:
         return due and not ends_with_stop_prefix(req, self.tokenizer)
 
     def _emit(self, req: Req) -> None:
-        s = req.sampling
-        fin = req.finish
-        first = req.sent == 0
-        self.outputs.append(TokenOut(
-            rid=req.rid, new_ids=req.output_ids[req.sent:], finish=fin,
-            prompt_tokens=len(req.input_ids), completion_tokens=len(req.output_ids),
-            cached_tokens=req.cached_tokens, context_ids=req.context_ids() if first else [],
-            skip_special_tokens=s.skip_special_tokens, spaces_between_special_tokens=s.spaces_between_special_tokens,
-            trim_stop_str=fin.matched if fin is not None and isinstance(fin.matched, str) and not s.no_stop_trim else None,
-            trim_last_token=fin is not None and isinstance(fin.matched, int) and not s.no_stop_trim,
-            meta=req.meta.delta() if req.meta is not None else None, embedding=req.embedding,
-        ))
-        req.sent = len(req.output_ids)
-        req.finish_sent = fin is not None
+        self.outputs.append(req.token_out())
 
     def _release_finished(self) -> None:
         keep = []
