@@ -62,13 +62,17 @@ class DecodeGraphs:
     def _context(self, bs: int) -> ForwardContext:
         r, st = self.runner, self.static
         backend = r.attn_backend
-        backend.fill_graph_decode(bs, st[3, :bs], st[1, :bs] + 1)
+        self._fill_attention(bs)
         ctx = ForwardContext(
             input_ids=st[0, :bs], positions=st[1, :bs], out_cache_loc=st[2, :bs], slots=[], starts=[],
             extend_lens=[], logits_indices=torch.empty(0), req_to_token=r.req_to_token, kv_cache=r.kv_cache,
             attn_backend=backend)
         ctx.attn_meta = backend.graph_decode_meta(bs)
         return ctx
+
+    def _fill_attention(self, bs: int) -> None:
+        """The attention backend's static metadata from the first ``bs`` columns (seq_len = position + 1)."""
+        self.runner.attn_backend.fill_graph_decode(bs, self.static[3, :bs], self.static[1, :bs] + 1)
 
     def fits(self, bs: int) -> bool:
         return bs <= self.max_bs
@@ -83,7 +87,7 @@ class DecodeGraphs:
         if pbs > bs:
             st[:, bs:pbs].copy_(self.pad[:, bs:pbs])
         st[:, :bs].copy_(torch.stack([input_ids, positions, locs, slots]))
-        self.runner.attn_backend.fill_graph_decode(pbs, st[3, :pbs], st[1, :pbs] + 1)
+        self._fill_attention(pbs)
         graph, hidden, logits = self.graphs[pbs]
         graph.replay()
         return hidden[:bs], logits[:bs]

@@ -14,7 +14,11 @@ import torch
 
 
 def to_device(values: Any, dtype: torch.dtype, device: Union[torch.device, str]) -> torch.Tensor:
+    """``values``: a list (nested lists too) or a CPU tensor."""
     device = torch.device(device)
+    if isinstance(values, torch.Tensor):
+        host = values.to(dtype)
+        return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -36,9 +36,9 @@ def apply_token_bitmasks(logits: torch.Tensor, masks: Sequence[tuple[int, bytes]
     for r, m in masks:
         buf[r * size:(r + 1) * size] = m
     words = size // 4
-    bitmask = torch.frombuffer(buf, dtype=torch.int32).view(-1, words).to(logits.device, non_blocking=True)
+    bitmask = to_device(torch.frombuffer(buf, dtype=torch.int32).view(-1, words), torch.int32, logits.device)
     covered = min(logits.shape[-1], words * 32)
-    idx = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+    idx = to_device(rows, torch.int64, logits.device)
     try:
         import xgrammar
 
@@ -153,7 +153,7 @@ class SlotState:
         bias = [(i, t, v) for i in rows for t, v in (specs[i].logit_bias or {}).items() if 0 <= t < vocab]
         if bias:
             r, c, v = zip(*bias)
-            logits.index_put_(self._idx(r, c), torch.tensor(v, dtype=logits.dtype).to(self.device), accumulate=True)
+            logits.index_put_(self._idx(r, c), to_device(v, logits.dtype, self.device), accumulate=True)
         # 2-3. repetition (HF: divide positive logits, multiply negative ones) then frequency/presence.
         pen = [i for i in rows if uses_penalty(specs[i])]
         if pen:
@@ -185,7 +185,7 @@ class SlotState:
             try:  # user code: a failure fails these requests (see ``failures``), never the worker
                 proc = self.processor(sp.custom_processor, sp.custom_state)
                 params = [dict(specs[i].custom_params or {}, __output_ids__=list(self.outputs[slots[i]])) for i in group]
-                idx = torch.tensor(group, dtype=torch.int64).to(self.device)
+                idx = to_device(group, torch.int64, self.device)
                 logits[idx] = proc(logits[idx], params).to(device=logits.device, dtype=logits.dtype)
             except Exception as e:
                 message = f"The custom logit processor {sp.custom_processor} failed: {type(e).__name__}: {e}"

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from treadle.gpu_worker.host_to_device import to_device
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
 
@@ -40,7 +41,7 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_ks: list[in
     rows = [i for i, k in enumerate(top_ks) if k > 0]
     if rows:
         kmax = min(max(top_ks), vocab)
-        sel = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        sel = to_device(rows, torch.int64, logits.device)
         vals, idx = logits[sel].topk(kmax, dim=-1)
         vals = (vals - lse[sel, None]).tolist()
         idx = idx.tolist()
@@ -49,7 +50,7 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_ks: list[in
     ids_lps: list[list[float]] = [[] for _ in range(m)]
     flat = [(i, t) for i, ids in enumerate(id_lists) for t in ids]
     if flat:  # ids were range-checked when the slot was set (ModelRunner)
-        rc = torch.tensor(flat, dtype=torch.int64).to(logits.device, non_blocking=True)
+        rc = to_device(flat, torch.int64, logits.device)
         vals = (logits[rc[:, 0], rc[:, 1]] - lse[rc[:, 0]]).tolist()
         pos = 0
         for i, ids in enumerate(id_lists):
@@ -79,7 +80,7 @@ def row_outs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], Sampl
     out: dict[int, RowOut] = {}
     if want:
         specs = [spec_of(step.sample_slots[j]) for j in want]
-        sel = torch.tensor(want, dtype=torch.int64).to(ids.device, non_blocking=True)
+        sel = to_device(want, torch.int64, ids.device)
         g = gather_logprobs(raw, ids[sel], [sp.top_logprobs_num for sp in specs],
                             [list(sp.token_ids_logprob or []) for sp in specs])
         for k, j in enumerate(want):
@@ -108,7 +109,7 @@ def _input_logprobs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int]
     if not sel:
         g = Gathered([], [], [], [])
     else:
-        host = torch.tensor(sel + targets, dtype=torch.int64).to(step.logits.device, non_blocking=True)
+        host = to_device(sel + targets, torch.int64, step.logits.device)
         g = gather_logprobs(step.logits[host[: len(sel)]], host[len(sel):], top_ks, id_lists)
     pos = 0
     for r, _, count in step.inputs:

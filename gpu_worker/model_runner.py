@@ -215,7 +215,7 @@ class ModelRunner:
         samples = logits if step.sample_at is None else logits[step.sample_at]
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
-        raw = samples[torch.tensor(want, dtype=torch.int64).to(self.device)] if want else None
+        raw = samples[to_device(want, torch.int64, self.device)] if want else None
         sampling_rows = [r for r in plan.rows if r.sample]
         masks = [(j, r.token_bitmask) for j, r in enumerate(sampling_rows) if r.token_bitmask]  # grammar rows
         if not slots:

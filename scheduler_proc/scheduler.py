@@ -163,9 +163,11 @@ class Scheduler:
             self.errors.append((req.rid, "value", message))
         if not self._make_room_for_decodes() or not self._preempt_for_waiting():
             return None  # wait for the steps in flight: their results free memory / the victim
-        share = -(-sum(r.finish is None for r in self.running) // self.micro_batches)
+        share = len(self.running)  # pipeline micro-batches: each takes its share of the running requests
+        if self.micro_batches > 1:
+            share = -(-sum(r.finish is None for r in self.running) // self.micro_batches)
         for req in self.running:
-            if self._decodable(req) and not (self.micro_batches > 1 and len(rows) >= share):
+            if self._decodable(req) and len(rows) < share:
                 pos = req.num_tokens - 1
                 self._grow(req, pos + 1)
                 tok = PLACEHOLDER if req.pending else req.last_id()

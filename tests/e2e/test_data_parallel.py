@@ -14,18 +14,12 @@ import pytest
 
 from treadle import Engine, EngineDeadError
 
+from e2e_helpers import alive
+
 pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 PROMPTS = [f"Request {i}: " + "word " * (i % 13) for i in range(64)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +92,7 @@ def test_killing_a_group_worker_fails_its_requests_and_the_rest_serves(dp2):
     assert [g["alive"] for g in info["dp_groups"]] == [True, False]
     assert "dp1_worker0" in info["dp_groups"][1]["error"]
     assert [s["dp_rank"] for s in info["internal_states"]] == [0]
-    assert not _alive(dp2._sup.procs["dp1_scheduler"].pid)  # the rest of the group was stopped
+    assert not alive(dp2._sup.procs["dp1_scheduler"].pid)  # the rest of the group was stopped
     before = _served(dp2)
     res = dp2.generate(prompt=PROMPTS[:8], sampling_params=GREEDY)
     assert all(r["meta_info"]["completion_tokens"] == 6 for r in res)
@@ -107,6 +101,6 @@ def test_killing_a_group_worker_fails_its_requests_and_the_rest_serves(dp2):
     pids, ipc = dp2.get_all_child_pids(), dp2._ipc.path
     dp2.shutdown()
     time.sleep(0.2)
-    assert not any(_alive(p) for p in pids) and not os.path.exists(ipc)
+    assert not any(alive(p) for p in pids) and not os.path.exists(ipc)
     with pytest.raises(EngineDeadError):
         dp2.generate(prompt="Hi")

@@ -11,15 +11,9 @@ import pytest
 
 from treadle import Engine, EngineDeadError
 
+from e2e_helpers import alive
+
 pytestmark = pytest.mark.e2e
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.parametrize("victim", ["tokenizer", "scheduler", "worker0", "detokenizer"])
@@ -55,7 +49,7 @@ def test_killing_a_child_fails_pending_calls_fast(victim):
     finally:
         pids = eng.get_all_child_pids()
         eng.shutdown()
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def test_two_engines_side_by_side_and_shutdown_is_clean():
@@ -73,7 +67,7 @@ def test_two_engines_side_by_side_and_shutdown_is_clean():
         a.shutdown()  # idempotent
         b.shutdown()
     time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     assert not any(os.path.exists(d) for d in dirs)
     with pytest.raises(EngineDeadError):
         a.generate(prompt="Hi")

@@ -8,6 +8,8 @@ import pytest
 
 from treadle import Engine
 
+from e2e_helpers import alive
+
 pytestmark = pytest.mark.e2e
 MODEL = "default"
 
@@ -33,22 +35,8 @@ def test_context_manager_and_shutdown():
         ipc = engine._ipc.path
     import os
     for pid in pids:
-        assert not _alive(pid), f"child {pid} survived shutdown"
+        assert not alive(pid), f"child {pid} survived shutdown"
     assert not os.path.exists(ipc)
-
-
-def _alive(pid: int) -> bool:
-    import os
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is not alive for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_single_prompt(engine):
