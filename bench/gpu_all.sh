@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of issue 6, by stage, for device calls (carry .whl and .devmodel):
 #   bash bench/gpu_all.sh tests check profile bench    # all four: about 10 minutes, so use two calls
-#   bash bench/gpu_all.sh tp_check tp_bench            # issue 9, on two GPUs (one call each)
+#   bash bench/gpu_all.sh tp_tests tp_check tp_b1      # issue 9, on two GPUs; then tp_bench in a call of its own
+#   bash bench/gpu_all.sh profile_ci                   # decode steps at CI-workload batch sizes
 # Each stage has its own time limit, so one failure still leaves the others' results.
 source bench/device_env.sh || exit 1
 out=${OUT:-/tmp}
@@ -19,14 +20,20 @@ for stage in "$@"; do
                --batch 1 --batch 128 2>&1 | grep -v -i warn ;;
     bench) timeout 130 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{'
            timeout 330 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
-    tp_check) timeout 300 python bench/gpu_tp_check.py --config bench/configs/llama-3.1-8b/config.json --tp 2 \
-                --dtype bfloat16 2>&1 | grep tp_size
+    tp_tests) timeout 120 python -m pytest tests/unit/test_custom_all_reduce.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
+    tp_check) timeout 300 python bench/gpu_tp_check.py --config bench/configs/llama-3.1-8b/config.json --tp 2 2>&1 | grep tp_size
               timeout 120 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --dtype float32 2>&1 | grep tp_size ;;
+    tp_b1) for args in '{}' '{"tp_size": 2}'; do
+             timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
+               --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
+           done ;;
+    profile_ci) timeout 150 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
+                  --batch 64 --batch 192 --context 2048 2>&1 | grep -v -i warn ;;
     tp_bench) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do
                 parts=ab && [ "$args" = '{"dp_size": 2}' ] && parts=b
-                timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf \
+                timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, profile, bench, tp_check, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, profile, profile_ci, bench, tp_tests, tp_check, tp_b1, tp_bench)" ;;
   esac
 done

@@ -4,7 +4,7 @@
 
 Saves seeded random bf16 weights of the config once, then runs the same plans through
 ``ModelRunner`` with ``tp_size=1`` and ``tp_size=N`` (N processes, NCCL on CUDA, gloo on the
-CPU): a prefill of 3 sequences and 8 decode steps (CUDA graphs on CUDA), in bfloat16 (target:
+CPU): a prefill of 3 sequences and 8 decode steps (CUDA graphs on CUDA), then 32 greedy tokens of 3 fresh sequences, in bfloat16 (target:
 within 1e-2) and float32 (TP changes only the summation order: about 1e-6). Prints the worst
 per-step relative logits error of TP N against TP 1. On random weights bf16's own error is about
 1e-2 (HF bf16 against HF float32), so the float32 number is the one that shows a TP bug.
@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 STEPS = 8
+GREEDY_STEPS = 32
 LENS = [37, 100, 251]
 
 
@@ -41,9 +42,10 @@ def rank_main(rank: int, world: int, d: str, port: int, device: str, dtype: str,
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dev = f"cuda:{rank}" if device == "cuda" else "cpu"
-    runner = ModelRunner(RunnerConfig(model_dir=d, dtype=dtype, device=dev, kv_tokens=4096, max_slots=4,
+    runner = ModelRunner(RunnerConfig(model_dir=d, dtype=dtype, device=dev, kv_tokens=4096, max_slots=8,
                                       context_len=512, attention_backend="triton" if device == "cuda" else "torch_native",
-                                      tp_rank=rank, tp_size=world, cuda_graph_max_bs=4 if device == "cuda" else 0))
+                                      tp_rank=rank, tp_size=world, cuda_graph_max_bs=4 if device == "cuda" else 0,
+                                      custom_all_reduce=device == "cuda"))
     g = torch.Generator().manual_seed(3)
     vocab = runner.vocab_size
     seqs = [torch.randint(0, min(vocab, 40000), (n + STEPS,), generator=g).tolist() for n in LENS]
@@ -59,8 +61,20 @@ def rank_main(rank: int, world: int, d: str, port: int, device: str, dtype: str,
         rows = [PlanRow(i, [s[n + k]], n + k, [loc + i]) for i, (s, n) in enumerate(zip(seqs, LENS))]
         loc += 3
         logits.append(runner.forward_logits(ForwardPlan(step=k + 1, rows=rows)).cpu())
+    # Greedy generation in fresh slots 4..6 of the same runner: each step feeds its own sample
+    # back (placeholder ids), GREEDY_STEPS tokens a sequence.
+    rows, ids = [], []
+    for i, (s, n) in enumerate(zip(seqs, LENS)):
+        rows.append(PlanRow(3 + i, s[:n], 0, list(range(loc, loc + n))))
+        loc += n
+    first, _ = runner.forward(ForwardPlan(step=STEPS + 1, new_slots=[NewSlot(3 + i, greedy) for i in range(3)], rows=rows))
+    ids.append(first)
+    for k in range(GREEDY_STEPS - 1):
+        rows = [PlanRow(3 + i, [-1], n + k, [loc + i]) for i, n in enumerate(LENS)]
+        loc += 3
+        ids.append(runner.forward(ForwardPlan(step=STEPS + 2 + k, rows=rows))[0])
     if rank == 0:
-        out[world] = torch.stack(logits)
+        out[world] = (torch.stack(logits), torch.tensor(ids).T)
 
 
 def free_port() -> int:
@@ -69,10 +83,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, d: str, device: str, dtype: str) -> torch.Tensor:
+def run_world(world: int, d: str, device: str, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits ``[1 + STEPS, 3, vocab]`` teacher-forced, greedy ids ``[3, GREEDY_STEPS]``) of rank 0."""
     out = mp.Manager().dict()
     mp.spawn(rank_main, args=(world, d, free_port(), device, dtype, out), nprocs=world, join=True)
     return out[world]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Worst per-step, per-sequence relative error of the logits."""
+    x, ref = x.float(), ref.float()
+    return ((x - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
 def main() -> None:
@@ -85,11 +106,17 @@ def main() -> None:
     d = tempfile.mkdtemp(prefix="treadle-tp-")
     try:
         save_weights(a.config, d, a.device)
+        ones = {}
         for dtype in a.dtype or ["bfloat16", "float32"]:
-            one, many = run_world(1, d, a.device, dtype), run_world(a.tp, d, a.device, dtype)
-            err = ((many - one).norm(dim=-1) / one.norm(dim=-1)).max().item()
+            (one, one_ids), (many, many_ids) = run_world(1, d, a.device, dtype), run_world(a.tp, d, a.device, dtype)
+            ones[dtype] = one
+            same = (one_ids == many_ids).all(dim=1).tolist()
             print(f"tp_size={a.tp} vs 1, {dtype} logits, prefill + {STEPS} decode steps of {len(LENS)} sequences: "
-                  f"worst relative error {err:.2e}", flush=True)
+                  f"worst relative error {rel_err(many, one):.2e}; greedy {GREEDY_STEPS} tokens identical in "
+                  f"{sum(same)}/{len(same)} sequences", flush=True)
+        if len(ones) == 2:  # bf16's own error on these weights: the floor a bf16 TP error is read against
+            print(f"tp_size=1 bfloat16 vs tp_size=1 float32 (bf16's own noise): worst relative error "
+                  f"{rel_err(ones['bfloat16'], ones['float32']):.2e}", flush=True)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -68,6 +68,7 @@ class RunnerConfig:
     pp_size: int = 1
     cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
+    custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -98,12 +99,12 @@ class ModelRunner:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-        init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce)
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = cfg.tp_rank == 0 and cfg.pp_rank == cfg.pp_size - 1
         self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         with _building(self.dtype, self.device):
             self.model = get_model_class(self.model_config)(self.model_config, max_positions=cfg.context_len)
         self.pp: Optional[Stage] = None  # pipeline parallelism: this rank's stage (CUDA graphs off)

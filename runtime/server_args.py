@@ -73,6 +73,7 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
+    disable_custom_all_reduce: bool = False
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True
