@@ -27,6 +27,10 @@ for stage in "$@"; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;
+    profile_tp) for tp in 1 2; do
+                  timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
+                    --batch 1 --tp $tp 2>&1 | grep -v -i warn
+                done ;;
     profile_ci) timeout 150 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                   --batch 64 --batch 192 --context 2048 2>&1 | grep -v -i warn ;;
     tp_bench) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do
@@ -34,6 +38,6 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, profile, profile_ci, bench, tp_tests, tp_check, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_b1, tp_bench)" ;;
   esac
 done

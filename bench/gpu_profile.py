@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: per-kernel totals of ``ModelRunner`` decode steps.
 
-    python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024]
+    python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024] [--tp 2]
 
 Builds the runner in-process (dummy bf16 weights, Triton attention, CUDA graphs), prefills
 ``batch`` requests of ``context`` tokens, then times 50 decode steps (wall per step, graphs on and
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import tempfile
 import time
 
@@ -22,13 +23,19 @@ from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
 from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
 
 
-def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda") -> None:
+def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda", tp_rank: int = 0,
+        tp_size: int = 1) -> None:
     d = tempfile.mkdtemp(prefix="treadle-prof-")
     shutil.copy(config, os.path.join(d, "config.json"))
-    runner = ModelRunner(RunnerConfig(model_dir=d, load_format="dummy", dtype="bfloat16" if device == "cuda" else "float32", device=device,
+    if tp_size > 1:
+        device = f"{device}:{tp_rank}" if device == "cuda" else device
+    runner = ModelRunner(RunnerConfig(model_dir=d, load_format="dummy", dtype="bfloat16" if device.startswith("cuda") else "float32", device=device,
                                       kv_tokens=batch * (context + 200), max_slots=batch, context_len=context + 200,
-                                      attention_backend="triton" if device == "cuda" else "torch_native",
-                                      cuda_graph_max_bs=batch if graphs else 0))
+                                      attention_backend="triton" if device.startswith("cuda") else "torch_native",
+                                      cuda_graph_max_bs=batch if graphs else 0, tp_rank=tp_rank, tp_size=tp_size,
+                                      custom_all_reduce=tp_size > 1))
+    device = runner.device.type
+    say = print if tp_rank == 0 else (lambda *a, **k: None)
     greedy = SamplingSpec(temperature=0.0, top_k=1)
     loc = 0
     per_prefill = max(1, 16384 // context)  # prefill a few rows at a time: the MLP of 128k tokens won't fit
@@ -55,7 +62,7 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
         step(10 + k)
     sync()
     per_step = (time.perf_counter() - t) / 50
-    print(f"batch {batch}, context {context}, graphs {graphs}: {1000 * per_step:.3f} ms a step "
+    say(f"tp {tp_size}, batch {batch}, context {context}, graphs {graphs}: {1000 * per_step:.3f} ms a step "
           f"({batch / per_step:.0f} tok/s, model only)", flush=True)
     if graphs and device == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -64,14 +71,20 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         total = sum(e.self_device_time_total for e in events)
-        print(f"  GPU busy {total / 20 / 1000:.3f} ms a step; top kernels (share, us a step, calls a step):")
+        say(f"  GPU busy {total / 20 / 1000:.3f} ms a step; top kernels (share, us a step, calls a step):")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
-            print(f"  {100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / 20:8.1f}  "
+            say(f"  {100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / 20:8.1f}  "
                   f"{e.count / 20:5.1f}  {e.key[:90]}")
     del runner
     if device == "cuda":
         torch.cuda.empty_cache()
     shutil.rmtree(d, ignore_errors=True)
+
+
+def run_rank(rank: int, a: argparse.Namespace, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for b in a.batch or [1]:
+        run(a.config, b, a.context, True, a.device, rank, a.tp)
 
 
 def main() -> None:
@@ -81,7 +94,14 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--device", default="cuda")
     p.add_argument("--graphs-only", action="store_true", help="skip the eager comparison")
+    p.add_argument("--tp", type=int, default=1, help="profile rank 0 of this many TP ranks (graphs only)")
     a = p.parse_args()
+    if a.tp > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.start_processes(run_rank, args=(a, port), nprocs=a.tp, start_method="spawn")
+        return
     for b in a.batch or [1]:
         for graphs in (True,) if a.graphs_only else (True, False):
             run(a.config, b, a.context, graphs, a.device)
