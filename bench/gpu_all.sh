@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks of issue 6, by stage, for device calls (carry .whl and .devmodel):
 #   bash bench/gpu_all.sh tests check profile bench    # all four: about 10 minutes, so use two calls
 #   bash bench/gpu_all.sh tp_tests tp_check tp_b1      # issue 9, on two GPUs; then tp_bench in a call of its own
-#   bash bench/gpu_all.sh profile_ci                   # decode steps at CI-workload batch sizes
+#   bash bench/gpu_all.sh profile_ci ci_trace          # decode steps at CI batch sizes; a trace of the CI run
 # Each stage has its own time limit, so one failure still leaves the others' results.
 source bench/device_env.sh || exit 1
 out=${OUT:-/tmp}
@@ -27,6 +27,10 @@ for stage in "$@"; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;
+    ci_trace) timeout 60 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --parts a --skip-hf 2>&1 | grep '^{'
+              timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --ci-prompts 200 --skip-hf \
+                --profile-ci 600:40 --profile-dir $out/traces --out $out/bench.jsonl 2>&1 | grep '^{'
+              python bench/trace_summary.py $out/traces/*.trace.json.gz ;;
     profile_tp) for tp in 1 2; do
                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                     --batch 1 --tp $tp 2>&1 | grep -v -i warn
@@ -38,6 +42,6 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_b1, tp_bench)" ;;
   esac
 done

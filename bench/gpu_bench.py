@@ -102,6 +102,10 @@ def bench_parts(eng: Any, shape: str, a: argparse.Namespace, vocab: int, greedy:
         params = [{**greedy, "max_new_tokens": o} for o in outs]
         eng.flush_cache()
         before = eng.get_server_info()["internal_states"]
+        if part == "b_sglang_ci" and a.profile_ci:  # a GPU trace of a window of steps, for trace_summary.py
+            start, num = (int(x) for x in a.profile_ci.split(":"))
+            eng.start_profile(output_dir=a.profile_dir, profile_prefix=f"{shape}-ci", start_step=before[0]["step"] + start,
+                              num_steps=num, activities=["GPU"], with_stack=False)
         t = time.perf_counter()
         res = eng.generate(input_ids=ins, sampling_params=params)
         dt = time.perf_counter() - t
@@ -160,6 +164,9 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--parts", default="abcde", help="which of the parts a-e to run (e always runs)")
     p.add_argument("--out", default="")
+    p.add_argument("--profile-ci", default="", metavar="START:N",
+                   help="trace N steps of part b from its START-th step (see bench/trace_summary.py)")
+    p.add_argument("--profile-dir", default="/tmp/treadle-traces")
     a = p.parse_args()
     for shape in a.shape:
         d = model_dir(shape, a.tokenizer_dir)

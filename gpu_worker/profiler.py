@@ -28,6 +28,10 @@ def check_profile_args(args: dict[str, Any]) -> None:
     acts = args.get("activities")
     if acts is not None and (not isinstance(acts, list) or any(a not in ("CPU", "GPU", "MEM") for a in acts)):
         raise ValueError(f"activities must be a list of 'CPU', 'GPU', 'MEM'; got {acts!r}")
+    for name in ("start_step", "num_steps"):
+        v = args.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "start_step" else 1)):
+            raise ValueError(f"{name} must be {'a non-negative' if name == 'start_step' else 'a positive'} int, got {v!r}")
 
 
 class Profiler:
@@ -36,11 +40,18 @@ class Profiler:
         self.prof: Optional[torch.profiler.profile] = None
         self.path = ""
         self.steps_left: Optional[int] = None
+        self.forward_ct = 0  # forward steps run by this worker (the scheduler's step numbers)
+        self.deferred: Optional[dict[str, Any]] = None  # a start waiting for its ``start_step``
 
     def start(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Start now, or (``start_step``: an absolute forward-step number, as SGLang) at that step."""
         check_profile_args(args)
-        if self.prof is not None:
+        if self.prof is not None or self.deferred is not None:
             raise RuntimeError("Profiling is already in progress. Call /stop_profile first.")
+        start_step = args.get("start_step")
+        if start_step is not None and start_step > self.forward_ct + 1:  # the next forward is step forward_ct + 1
+            self.deferred = dict(args)
+            return {"trace": None, "start_step": start_step}
         out_dir = args.get("output_dir") or args.get("profile_dir") or os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp")
         prefix = args.get("profile_prefix") or args.get("profile_name")
         pid = args.get("profile_id") or str(time.time())
@@ -58,6 +69,9 @@ class Profiler:
         return {"trace": self.path}
 
     def stop(self) -> dict[str, Any]:
+        if self.deferred is not None and self.prof is None:  # stopped before its start step came
+            self.deferred = None
+            return {"trace": None}
         if self.prof is None:
             raise RuntimeError("Profiling is not in progress. Call /start_profile first.")
         prof, self.prof, self.steps_left = self.prof, None, None
@@ -66,7 +80,13 @@ class Profiler:
         return {"trace": self.path}
 
     def step(self) -> None:
-        """Count a forward step; stop by itself after ``num_steps``."""
+        """Count a forward step; start a deferred profile at its ``start_step``; stop by itself
+        after ``num_steps``."""
+        self.forward_ct += 1
+        if self.deferred is not None and self.forward_ct + 1 >= self.deferred["start_step"]:
+            args, self.deferred = self.deferred, None
+            self.start({k: v for k, v in args.items() if k != "start_step"})
+            return
         if self.prof is not None and self.steps_left is not None:
             self.steps_left -= 1
             if self.steps_left <= 0:

@@ -28,3 +28,21 @@ def test_profile_writes_a_trace(engine, tmp_path):
         trace = json.load(f)
     assert any("forward" in str(e.get("name", "")).lower() or e.get("ph") == "X" for e in trace["traceEvents"])
     assert engine.generate(prompt="Still serving", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_profile_from_a_later_step_for_some_steps(engine, tmp_path):
+    """``start_step`` (absolute, as SGLang) defers the start; ``num_steps`` ends it by itself."""
+    with pytest.raises(ValueError, match="start_step"):
+        engine.start_profile(start_step=-1)
+    step = engine.get_server_info()["internal_states"][0]["step"]
+    out = tmp_path / "later"
+    engine.start_profile(output_dir=str(out), start_step=step + 3, num_steps=2, activities=["CPU"])
+    engine.generate(prompt="One", sampling_params={"max_new_tokens": 1})  # step + 1
+    assert not out.exists() or not os.listdir(out)  # not started yet
+    engine.generate(prompt="Two", sampling_params={"max_new_tokens": 8, "ignore_eos": True})  # steps + 2 .. + 9
+    files = os.listdir(out)
+    assert len(files) == 1  # started at step + 3, stopped itself after 2 steps
+    engine.start_profile(output_dir=str(out), start_step=10**9)  # a deferred start can be cancelled
+    engine.stop_profile()
+    with pytest.raises(RuntimeError, match="not in progress"):
+        engine.stop_profile()
