@@ -67,7 +67,8 @@ def bench_treadle(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None
     startup = time.perf_counter() - t0
     info = eng._sup.ready_info.get("worker0", {})
     report(a.out, shape, "e_startup", seconds=round(startup, 2), graph_capture_s=round(info.get("cuda_graph_capture_time", 0), 2),
-           graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2))
+           graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2),
+           phases=info.get("startup_phases", {}))
     try:
         greedy = {"temperature": 0, "ignore_eos": True}
         prompt = [random.Random(2).randrange(100, vocab) for _ in range(32)]

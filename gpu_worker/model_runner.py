@@ -94,6 +94,15 @@ def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig):
         self.cfg = cfg
+        self.startup_phases: dict[str, float] = {}  # seconds per start-up phase, for the log and benchmarks
+        mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            self.startup_phases[name] = round(now - mark, 3)
+            mark = now
+
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda":
             if self.device.index is None:
@@ -105,6 +114,7 @@ class ModelRunner:
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = cfg.tp_rank == 0 and cfg.pp_rank == cfg.pp_size - 1
         self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
+        phase("device_and_parallel_init")
         with _building(self.dtype, self.device):
             self.model = get_model_class(self.model_config)(self.model_config, max_positions=cfg.context_len)
         self.pp: Optional[Stage] = None  # pipeline parallelism: this rank's stage (CUDA graphs off)
@@ -112,6 +122,7 @@ class ModelRunner:
             if not getattr(self.model, "supports_pp", False):
                 raise ValueError(f"{type(self.model).__name__} does not support pipeline parallelism (pp_size > 1)")
             self.pp, cfg.cuda_graph_max_bs = Stage(self.model_config.hidden_size, self.dtype, self.device), 0
+        phase("build")
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.random_seed, getattr(self.model_config, "initializer_range", 0.02))
         elif cfg.load_format in ("auto", "safetensors"):
@@ -120,6 +131,7 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
+        phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
         self.graph_capture_time = 0.0
@@ -142,6 +154,7 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._host_ids = [torch.empty(cfg.max_slots, dtype=torch.int64, pin_memory=pin) for _ in range(4)]
         self._ring = 0
+        phase("kv_cache_and_buffers")
         if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda":
             if not hasattr(self.attn_backend, "init_cuda_graph_state"):
                 logger.warning("attention backend %s cannot run in CUDA graphs; decoding runs eagerly", cfg.attention_backend)
@@ -149,6 +162,7 @@ class ModelRunner:
                 t0 = time.perf_counter()
                 self.graphs = DecodeGraphs(self, min(cfg.cuda_graph_max_bs, cfg.max_slots))
                 self.graph_capture_time = time.perf_counter() - t0
+                phase("cuda_graphs")
 
     def _kv_tokens_from_memory(self, num_layers: int, kv_width: int) -> int:
         """KV pool size after the weights are loaded: what ``mem_fraction_static`` of the card
@@ -194,6 +208,7 @@ class ModelRunner:
             "kv_layers": self.kv_cache.buf.shape[1] if self.kv_cache is not None else 0,  # this stage's layers
             "cuda_graph_bs": self.graphs.sizes if self.graphs is not None else [],
             "cuda_graph_capture_time": self.graph_capture_time,
+            "startup_phases": self.startup_phases,
         }
 
     @torch.inference_mode()

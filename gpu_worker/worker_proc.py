@@ -72,7 +72,9 @@ class WorkerLoop:
         self.profiler = Profiler(tag, self.runner.device.type == "cuda")
         self.kv_tokens = self.runner.cfg.kv_tokens
         self.load_time = time.perf_counter() - t0
-        logger.info("model loaded in %.1f s; KV pool %d tokens, %d request slots", self.load_time, self.kv_tokens, self.max_slots)
+        phases = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in self.runner.startup_phases.items())
+        logger.info("model loaded in %.1f s (%s); KV pool %d tokens, %d request slots", self.load_time, phases,
+                    self.kv_tokens, self.max_slots)
         if self.runner.graphs is not None:
             logger.info("CUDA graphs captured for %d batch sizes (up to %d) in %.1f s", len(self.runner.graphs.sizes),
                         self.runner.graphs.max_bs, self.runner.graph_capture_time)

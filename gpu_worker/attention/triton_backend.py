@@ -14,7 +14,7 @@ import torch
 import triton
 
 from treadle.gpu_worker.attention.base import AttentionBackend
-from treadle.gpu_worker.attention.triton_decode import decode_attention
+from treadle.gpu_worker.attention.triton_decode import MAX_SPLITS, decode_attention
 from treadle.gpu_worker.attention.triton_extend import extend_attention, extend_block_m
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.forward_context import ForwardContext
@@ -22,7 +22,6 @@ from treadle.gpu_worker.forward_context import ForwardContext
 if TYPE_CHECKING:
     from treadle.gpu_worker.layers.attention import Attention
 
-_MAX_SPLITS = 32
 
 
 @dataclass
@@ -117,7 +116,7 @@ class TritonBackend(AttentionBackend):
         """Enough (row, KV head, split) programs to cover the SMs about twice, but no split
         shorter than one 64-token block of the longest row."""
         want = triton.cdiv(2 * self.num_sms, bs * num_kv_heads)
-        return max(1, min(_MAX_SPLITS, want, triton.cdiv(max_len, 64)))
+        return max(1, min(MAX_SPLITS, want, triton.cdiv(max_len, 64)))
 
     # ---- CUDA graphs (decode-only batches) ----
 

@@ -14,19 +14,27 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped here)
 
-@triton.jit
+
+# The split count and the strides that follow it change with the batch size: as plain runtime
+# values (not constexprs, not specialised on == 1) they leave one compiled kernel per model for
+# every batch size, so capturing 18 graph sizes compiles each kernel once, not once per size.
+_PER_BATCH = ["num_splits", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
-                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, num_splits,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     b, kvh, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
     slot = tl.load(Slots + b).to(tl.int64)
     t = tl.load(QIdx + b)
     # Per-row chunk, rounded up to whole blocks: short rows leave the trailing splits empty.
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -68,13 +76,13 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
     tl.store(MidLse + b * stride_lb + heads * stride_lh + sp, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH)
 def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                   stride_ot, stride_oh, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                   stride_ot, stride_oh, num_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    mask_s, mask_d = offs_s < NUM_SPLITS, offs_d < D
+    mask_s, mask_d = offs_s < num_splits, offs_d < D
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
     o = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
@@ -104,11 +112,11 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1),
-        G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits, PREC=prec,
+        mid_lse.stride(0), mid_lse.stride(1), num_splits,
+        G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
         num_warps=4, num_stages=3)
     _decode_stage2[(bs, h)](
         mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        D=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
+        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
         num_warps=4 if block_d >= 128 else 2)

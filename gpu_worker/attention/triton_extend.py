@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_items"])  # one compiled kernel for any batch
 def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh,
                    stride_vt, stride_vh, stride_r2t,
