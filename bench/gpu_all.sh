@@ -20,10 +20,14 @@ for stage in "$@"; do
                --batch 1 --batch 128 2>&1 | grep -v -i warn ;;
     bench) timeout 130 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{'
            timeout 330 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
-    tp_tests) timeout 120 python -m pytest tests/unit/test_custom_all_reduce.py -q -p no:cacheprovider 2>&1 | tail -3 ;;
+    tp_tests) timeout 150 python -m pytest tests/unit/test_custom_all_reduce.py tests/unit/test_allreduce_norm.py -q \
+                -p no:cacheprovider 2>&1 | tail -3 ;;
     tp_check) timeout 300 python bench/gpu_tp_check.py --config bench/configs/llama-3.1-8b/config.json --tp 2 2>&1 | grep tp_size
               timeout 120 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --dtype float32 2>&1 | grep tp_size ;;
-    tp_b1) for args in '{}' '{"tp_size": 2}'; do
+    tp_fusion) timeout 150 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --fusion 2>&1 | grep tp_size
+               timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
+                 --batch 1 --tp 2 --fusion 2>&1 | grep -v -i warn | head -8 ;;
+    tp_b1) for args in '{}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}'; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;
@@ -42,6 +46,6 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, tp_b1, tp_bench)" ;;
   esac
 done

@@ -24,7 +24,7 @@ from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
 
 
 def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda", tp_rank: int = 0,
-        tp_size: int = 1) -> None:
+        tp_size: int = 1, fusion: bool = False) -> None:
     d = tempfile.mkdtemp(prefix="treadle-prof-")
     shutil.copy(config, os.path.join(d, "config.json"))
     if tp_size > 1:
@@ -33,7 +33,7 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
                                       kv_tokens=batch * (context + 200), max_slots=batch, context_len=context + 200,
                                       attention_backend="triton" if device.startswith("cuda") else "torch_native",
                                       cuda_graph_max_bs=batch if graphs else 0, tp_rank=tp_rank, tp_size=tp_size,
-                                      custom_all_reduce=tp_size > 1))
+                                      custom_all_reduce=tp_size > 1, allreduce_fusion=fusion))
     device = runner.device.type
     say = print if tp_rank == 0 else (lambda *a, **k: None)
     greedy = SamplingSpec(temperature=0.0, top_k=1)
@@ -62,7 +62,7 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
         step(10 + k)
     sync()
     per_step = (time.perf_counter() - t) / 50
-    say(f"tp {tp_size}, batch {batch}, context {context}, graphs {graphs}: {1000 * per_step:.3f} ms a step "
+    say(f"tp {tp_size}{' fused' if fusion else ''}, batch {batch}, context {context}, graphs {graphs}: {1000 * per_step:.3f} ms a step "
           f"({batch / per_step:.0f} tok/s, model only)", flush=True)
     if graphs and device == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -84,7 +84,7 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
 def run_rank(rank: int, a: argparse.Namespace, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     for b in a.batch or [1]:
-        run(a.config, b, a.context, True, a.device, rank, a.tp)
+        run(a.config, b, a.context, True, a.device, rank, a.tp, a.fusion)
 
 
 def main() -> None:
@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--graphs-only", action="store_true", help="skip the eager comparison")
     p.add_argument("--tp", type=int, default=1, help="profile rank 0 of this many TP ranks (graphs only)")
+    p.add_argument("--fusion", action="store_true", help="with --tp: all-reduce fused into the RMSNorms")
     a = p.parse_args()
     if a.tp > 1:
         with socket.socket() as s:

@@ -36,7 +36,7 @@ def save_weights(config: str, out: str, device: str) -> None:
     model.save_pretrained(out)
 
 
-def rank_main(rank: int, world: int, d: str, port: int, device: str, dtype: str, out: dict) -> None:
+def rank_main(rank: int, world: int, d: str, port: int, device: str, dtype: str, out: dict, fusion: bool = False) -> None:
     from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
     from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
 
@@ -45,7 +45,7 @@ def rank_main(rank: int, world: int, d: str, port: int, device: str, dtype: str,
     runner = ModelRunner(RunnerConfig(model_dir=d, dtype=dtype, device=dev, kv_tokens=4096, max_slots=8,
                                       context_len=512, attention_backend="triton" if device == "cuda" else "torch_native",
                                       tp_rank=rank, tp_size=world, cuda_graph_max_bs=4 if device == "cuda" else 0,
-                                      custom_all_reduce=device == "cuda"))
+                                      custom_all_reduce=device == "cuda", allreduce_fusion=fusion))
     g = torch.Generator().manual_seed(3)
     vocab = runner.vocab_size
     seqs = [torch.randint(0, min(vocab, 40000), (n + STEPS,), generator=g).tolist() for n in LENS]
@@ -83,10 +83,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_world(world: int, d: str, device: str, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def run_world(world: int, d: str, device: str, dtype: str, fusion: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits ``[1 + STEPS, 3, vocab]`` teacher-forced, greedy ids ``[3, GREEDY_STEPS]``) of rank 0."""
     out = mp.Manager().dict()
-    mp.spawn(rank_main, args=(world, d, free_port(), device, dtype, out), nprocs=world, join=True)
+    mp.spawn(rank_main, args=(world, d, free_port(), device, dtype, out, fusion), nprocs=world, join=True)
     return out[world]
 
 
@@ -102,16 +102,17 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", action="append", choices=["bfloat16", "float32"])
+    p.add_argument("--fusion", action="store_true", help="TP N with enable_allreduce_fusion (CUDA)")
     a = p.parse_args()
     d = tempfile.mkdtemp(prefix="treadle-tp-")
     try:
         save_weights(a.config, d, a.device)
         ones = {}
         for dtype in a.dtype or ["bfloat16", "float32"]:
-            (one, one_ids), (many, many_ids) = run_world(1, d, a.device, dtype), run_world(a.tp, d, a.device, dtype)
+            (one, one_ids), (many, many_ids) = run_world(1, d, a.device, dtype), run_world(a.tp, d, a.device, dtype, a.fusion)
             ones[dtype] = one
             same = (one_ids == many_ids).all(dim=1).tolist()
-            print(f"tp_size={a.tp} vs 1, {dtype} logits, prefill + {STEPS} decode steps of {len(LENS)} sequences: "
+            print(f"tp_size={a.tp}{' (fused all-reduce + norm)' if a.fusion else ''} vs 1, {dtype} logits, prefill + {STEPS} decode steps of {len(LENS)} sequences: "
                   f"worst relative error {rel_err(many, one):.2e}; greedy {GREEDY_STEPS} tokens identical in "
                   f"{sum(same)}/{len(same)} sequences", flush=True)
         if len(ones) == 2:  # bf16's own error on these weights: the floor a bf16 TP error is read against

@@ -30,6 +30,8 @@ _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE = 0, 1, 0, 1
 _TP_GROUP: Optional[dist.ProcessGroup] = None  # None: the world is the TP group (pp_size == 1)
 _SYMM_BUF: Optional[torch.Tensor] = None  # the one-shot all-reduce's shared buffer (None: NCCL only)
 _SYMM_GROUP = ""  # its group's name
+_FUSED: Optional["_FusedNormState"] = None  # all-reduce + residual + RMSNorm in one kernel (None: unfused)
+FUSED_MAX_ROWS = 256  # decode batches up to the largest captured graph
 
 
 def symm_max_bytes(world: int) -> int:
@@ -38,14 +40,38 @@ def symm_max_bytes(world: int) -> int:
     return (2 << 20) if world <= 2 else (512 << 10)
 
 
+class _FusedNormState:
+    """Shared buffers of ``layers/allreduce_norm.py``: two slots of rows per rank, per-row ready
+    flags every peer writes into, and this rank's per-row call counts."""
+
+    def __init__(self, symm_mem, group_name: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.slot_elems = symm_max_bytes(_TP_SIZE) // torch.tensor([], dtype=dtype).element_size()
+        self.buf = symm_mem.empty(2 * self.slot_elems, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(_TP_SIZE * FUSED_MAX_ROWS, dtype=torch.int32, device=device).zero_()
+        self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
+        self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
+        self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def _peer_ptrs(handle, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Each rank's address of ``t``: the allocations are symmetric, so ``t`` sits at the same
+        offset from every rank's base."""
+        offset = t.data_ptr() - handle.buffer_ptrs[_TP_RANK]
+        return torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+
+
 def init_parallel(tp_rank: int, tp_size: int, device: torch.device, pp_rank: int = 0, pp_size: int = 1,
-                  dtype: torch.dtype = torch.bfloat16, custom_all_reduce: bool = False) -> None:
+                  dtype: torch.dtype = torch.bfloat16, custom_all_reduce: bool = False,
+                  allreduce_fusion: bool = False) -> None:
     """Record the coordinates; join the world (if nobody did yet) and build the per-stage TP groups.
 
     ``custom_all_reduce``: the caller vouches that the stage's TP ranks share this machine; then
-    small ``dtype`` all-reduces use the one-shot symmetric-memory path on CUDA.
+    small ``dtype`` all-reduces use the one-shot symmetric-memory path on CUDA, and with
+    ``allreduce_fusion`` (no pipeline stages) the reduce before each RMSNorm runs inside the norm's
+    kernel.
     """
-    global _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE, _TP_GROUP, _SYMM_BUF, _SYMM_GROUP
+    global _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE, _TP_GROUP, _SYMM_BUF, _SYMM_GROUP, _FUSED
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} out of range for tp_size {tp_size}")
     if not 0 <= pp_rank < pp_size:
@@ -59,14 +85,14 @@ def init_parallel(tp_rank: int, tp_size: int, device: torch.device, pp_rank: int
     if tp_size > 1 and pp_size > 1:  # every rank must create every group, in the same order
         groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
         _TP_GROUP = groups[pp_rank]
-    _SYMM_BUF, _SYMM_GROUP = None, ""
+    _SYMM_BUF, _SYMM_GROUP, _FUSED = None, "", None
     if custom_all_reduce and tp_size > 1 and device.type == "cuda":
-        _init_symm(device, dtype)
+        _init_symm(device, dtype, allreduce_fusion and pp_size == 1)
 
 
-def _init_symm(device: torch.device, dtype: torch.dtype) -> None:
-    """Allocate and map the one-shot buffer on every TP rank (a collective: all ranks or none)."""
-    global _SYMM_BUF, _SYMM_GROUP
+def _init_symm(device: torch.device, dtype: torch.dtype, fusion: bool) -> None:
+    """Allocate and map the one-shot buffers on every TP rank (a collective: all ranks or none)."""
+    global _SYMM_BUF, _SYMM_GROUP, _FUSED
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -74,7 +100,10 @@ def _init_symm(device: torch.device, dtype: torch.dtype) -> None:
         numel = symm_max_bytes(_TP_SIZE) // torch.tensor([], dtype=dtype).element_size()
         buf = symm_mem.empty(numel, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, group.group_name)
-        _SYMM_BUF, _SYMM_GROUP = buf, group.group_name
+        fused = _FusedNormState(symm_mem, group.group_name, device, dtype) if fusion else None
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # every rank's flags are zero before any kernel may write a peer's
+        _SYMM_BUF, _SYMM_GROUP, _FUSED = buf, group.group_name, fused
     except Exception as e:  # an older torch, or GPUs without peer access: NCCL does it all
         logger.warning("one-shot all-reduce unavailable (%s: %s); using NCCL for every all-reduce",
                        type(e).__name__, e)
@@ -122,6 +151,22 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return x
     dist.all_reduce(x, group=_TP_GROUP)
     return x
+
+
+def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                              eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual)`` in one kernel on this
+    machine's TP ranks, or None where that path can't take it (CPU, NCCL only, pipeline stages,
+    more rows than ``FUSED_MAX_ROWS``): the caller then all-reduces and normalises itself. Every
+    rank sees the same shapes, so every rank takes the same path."""
+    f = _FUSED
+    if (f is None or residual is None or x.dim() != 2 or x.dtype != f.dtype or x.shape[0] > FUSED_MAX_ROWS
+            or x.numel() > f.slot_elems or x.stride(-1) != 1 or residual.stride(-1) != 1):
+        return None
+    from treadle.gpu_worker.layers.allreduce_norm import allreduce_rms_norm
+
+    return allreduce_rms_norm(x, residual, weight, eps, f.buf_ptrs, f.flag_ptrs, f.counters, f.slot_elems,
+                              _TP_RANK, _TP_SIZE)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

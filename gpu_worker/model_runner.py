@@ -69,6 +69,7 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
+    allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -109,7 +110,8 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce)
+        init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce,
+                      cfg.allreduce_fusion)
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = cfg.tp_rank == 0 and cfg.pp_rank == cfg.pp_size - 1

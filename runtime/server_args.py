@@ -74,6 +74,7 @@ class ServerArgs:
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     disable_custom_all_reduce: bool = False
+    enable_allreduce_fusion: bool = False  # TP on one machine: all-reduce + residual + RMSNorm in one kernel
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True

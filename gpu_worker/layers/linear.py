@@ -134,6 +134,8 @@ class RowParallelLinear(LinearBase):
             in_split = (tp_rank() * (in_size // tp_size()), in_size // tp_size())
         self.in_start = in_split[0]
         super().__init__(in_split[1], out_size, bias)
+        # False: forward returns this rank's partial sum and the next RMSNorm reduces it (fused).
+        self.reduce_results = True
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: replicated, added once after the reduce
@@ -142,5 +144,8 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(full.narrow(1, self.in_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if not self.reduce_results:
+            return y  # partial: no bias here (the model only defers the reduce of bias-free layers)
+        y = all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -7,6 +7,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from treadle.gpu_worker.distributed import all_reduce, fused_all_reduce_rms_norm
+
 try:  # fused kernels for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
     from treadle.gpu_worker.layers import triton_ops
 except ImportError:
@@ -25,9 +27,18 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, reduce: bool = False
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
+        """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``.
+
+        ``reduce``: ``x`` is this TP rank's partial sum (a row-parallel layer that left its
+        all-reduce to the norm); it is summed over the ranks first, in one kernel with the add and
+        the norm where ``distributed.fused_all_reduce_rms_norm`` can."""
+        if reduce:
+            fused = fused_all_reduce_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused
+            x = all_reduce(x)
         if x.is_cuda and triton_ops is not None:
             return triton_ops.rms_norm(x, self.weight, self.eps, residual)
         return self.forward_torch(x, residual)

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from treadle.gpu_worker.distributed import pp_rank, pp_size
+from treadle.gpu_worker.distributed import pp_rank, pp_size, tp_size
 from treadle.gpu_worker.forward_context import get_forward_context
 from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.attention import Attention
@@ -67,13 +67,20 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.defer_reduce = False  # see LlamaModel: o_proj/down_proj hand partial sums to the next norm
+
+    def defer_reduces(self) -> None:
+        self.defer_reduce = True
+        self.self_attn.o_proj.reduce_results = self.mlp.down_proj.reduce_results = False
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the embedding (``residual`` None) or the previous layer's MLP output, which is a
+        partial sum when reduces are deferred; returns this layer's MLP output the same way."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(x), residual)
+            x, residual = self.input_layernorm(x, residual, reduce=self.defer_reduce)
+        x, residual = self.post_attention_layernorm(self.self_attn(x), residual, reduce=self.defer_reduce)
         return self.mlp(x), residual
 
 
@@ -92,6 +99,13 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias) if self.start <= i < self.end
             else MissingLayer() for i in range(n))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.end == n else None
+        # With TP on one pipeline stage, the all-reduce of o_proj and down_proj moves into the RMSNorm
+        # that follows each (one fused kernel on GPUs of one machine). Bias-free layers only: a bias is
+        # added after the reduce. Stages hand on reduced activations, so pipelines keep the plain way.
+        self.defer_reduce = tp_size() > 1 and pp_size() == 1 and not o_bias and not getattr(config, "mlp_bias", False)
+        if self.defer_reduce:
+            for layer in self.layers:
+                layer.defer_reduces()
 
     def forward(self, input_ids: torch.Tensor, carry: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -102,7 +116,7 @@ class LlamaModel(nn.Module):
             x, residual = layer(x, residual)
         if self.norm is None:
             return x, residual
-        return self.norm(x, residual)[0]
+        return self.norm(x, residual, reduce=self.defer_reduce)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,95 @@
+"""All-reduce fused with the residual add and RMSNorm that follow every row-parallel layer.
+
+With tensor parallelism a decoder layer ends twice in ``all_reduce(partial)`` followed by
+``rms_norm(x + residual)``: two launches, and at batch-1 decode the all-reduce is pure latency.
+This kernel does both in one launch over buffers that every TP rank of the machine maps
+(PyTorch symmetric memory, set up in ``distributed.py``). One program per row:
+
+1. store this rank's partial row in its own buffer (slot ``c % 2``, ``c`` = the row's call count);
+2. tell every peer "row p of call c is ready" (a release store of ``c`` into the peer's flag
+   array) and wait until every peer has said the same (acquire loads of the own flag array);
+3. sum the ranks' rows in rank order (so every rank gets the same bits), round to the
+   activation dtype as an all-reduce would, then add the residual and normalise as
+   ``triton_ops.rms_norm`` does.
+
+Why two slots: a rank can only start call ``c + 2`` of row p after its peers signalled call
+``c + 1``, which they do after they finished reading call ``c``; so a slot is never overwritten
+while a peer reads it. The call counts live in device memory (one per row), so CUDA-graph
+replays count on by themselves. The row-to-program mapping is fixed, which is what makes the
+per-row argument hold when batch sizes change between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _allreduce_rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_out_ptr, w_ptr,
+                               buf_ptrs, flag_ptrs, counters, slot_elems, max_rows, n, eps,
+                               RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    c = tl.load(counters + row) + 1
+    offset = (c % 2).to(tl.int64) * slot_elems + row.to(tl.int64) * n
+    dtype = x_ptr.dtype.element_ty
+
+    x = tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=mask, other=0.0)
+    own = tl.load(buf_ptrs + RANK).to(tl.pointer_type(dtype))
+    tl.store(own + offset + cols, x, mask=mask)
+    tl.debug_barrier()  # every thread's part of the row is stored before the release below
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            peer_flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(peer_flags + RANK * max_rows + row, c, sem="release", scope="sys")
+    my_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            seen = tl.atomic_add(my_flags + peer * max_rows + row, 0, sem="acquire", scope="sys")
+            while seen < c:
+                seen = tl.atomic_add(my_flags + peer * max_rows + row, 0, sem="acquire", scope="sys")
+    tl.debug_barrier()
+    tl.store(counters + row, c)
+
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == RANK:
+            acc += x.to(tl.float32)
+        else:
+            src = tl.load(buf_ptrs + peer).to(tl.pointer_type(dtype))
+            acc += tl.load(src + offset + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
+    h = acc.to(dtype)  # what the all-reduce would have handed on
+    r = tl.load(r_ptr + row.to(tl.int64) * r_stride + cols, mask=mask, other=0.0)
+    h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row.to(tl.int64) * n + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / n + eps)
+    y = (hf * rstd).to(h.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row.to(tl.int64) * n + cols, y * w, mask=mask)
+
+
+def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       buf_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, counters: torch.Tensor,
+                       slot_elems: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(sum_ranks(x) + residual), sum_ranks(x) + residual)`` for ``x, residual [T, n]``.
+
+    ``buf_ptrs``/``flag_ptrs``: int64 device tensors with every rank's buffer / flag-array address
+    (two slots of ``slot_elems`` elements; flags ``[world, max_rows]`` int32, zeroed at start);
+    ``counters``: this rank's ``[max_rows]`` int32 call counts. ``T <= max_rows`` and
+    ``T * n <= slot_elems``: the caller checks, every rank calls with the same shapes.
+    """
+    t, n = x.shape
+    max_rows = counters.shape[0]
+    out = torch.empty((t, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    res_out = torch.empty((t, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    if t:
+        block = triton.next_power_of_2(n)
+        _allreduce_rms_norm_kernel[(t,)](x, x.stride(0), residual, residual.stride(0), out, res_out, weight,
+                                         buf_ptrs, flag_ptrs, counters, slot_elems, max_rows, n, eps,
+                                         RANK=rank, WORLD=world, BLOCK=block,
+                                         num_warps=4 if block < 2048 else 8)
+    return out, res_out
