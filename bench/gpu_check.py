@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_smoke import build_random_model, hf_generate, treadle_run  # noqa: E402
 
 
-def logits_check(d: str, steps: int = 32) -> tuple[float, float, float]:
+def logits_check(d: str, steps: int = 32, device: str = "cuda") -> tuple[float, float, float]:
     """Worst per-step relative error of (ours vs HF bf16, ours vs HF fp32, HF bf16 vs HF fp32):
     the last one is bf16's own error, the floor any bf16 implementation sits on."""
     from transformers import AutoModelForCausalLM
@@ -32,17 +32,19 @@ def logits_check(d: str, steps: int = 32) -> tuple[float, float, float]:
     from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
     from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
 
-    runner = ModelRunner(RunnerConfig(model_dir=d, dtype="bfloat16", device="cuda", kv_tokens=8192, max_slots=8,
-                                      context_len=1024, attention_backend="triton", cuda_graph_max_bs=8))
-    assert runner.graphs is not None
+    cuda = device == "cuda"
+    runner = ModelRunner(RunnerConfig(model_dir=d, dtype="bfloat16", device=device, kv_tokens=8192, max_slots=8,
+                                      context_len=1024, attention_backend="triton" if cuda else "torch_native",
+                                      cuda_graph_max_bs=8 if cuda else 0))
+    assert runner.graphs is not None or not cuda
     g = torch.Generator().manual_seed(3)
     lens = [37, 100, 251]
     seqs = [torch.randint(0, 40000, (n + steps,), generator=g).tolist() for n in lens]
     refs = {}
     for dt in (torch.bfloat16, torch.float32):
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dt).cuda().eval()
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dt).to(device).eval()
         with torch.inference_mode():
-            refs[dt] = [hf(torch.tensor([s], device="cuda")).logits[0].float() for s in seqs]
+            refs[dt] = [hf(torch.tensor([s], device=device)).logits[0].float() for s in seqs]
         del hf
     ref, truth = refs[torch.bfloat16], refs[torch.float32]
     next_loc, worst = 0, [0.0, 0.0, 0.0]
@@ -59,7 +61,7 @@ def logits_check(d: str, steps: int = 32) -> tuple[float, float, float]:
         for i, n in enumerate(lens):
             want, exact = ref[i][n - 1 + k], truth[i][n - 1 + k]
             for j, (a, b) in enumerate(((out[i], want), (out[i], exact), (want, exact))):
-                worst[j] = max(worst[j], float((a - b).norm() / b.norm()))
+                worst[j] = max(worst[j], float((a.to(b.device) - b).norm() / b.norm()))
         if k == steps:
             break
         rows = [PlanRow(i, [s[n + k]], n + k, locs(1)) for i, (s, n) in enumerate(zip(seqs, lens))]
@@ -70,7 +72,16 @@ def logits_check(d: str, steps: int = 32) -> tuple[float, float, float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config-dir", action="append", required=True)
+    p.add_argument("--logits-only-on", default="", help="e.g. cpu: only the bf16 logits check, on that device")
     a = p.parse_args()
+    if a.logits_only_on:
+        for cfg in a.config_dir:
+            d = tempfile.mkdtemp(prefix="treadle-check-")
+            build_random_model(cfg, d, init_range=0.02)
+            err, vs_fp32, hf_floor = logits_check(d, device=a.logits_only_on)
+            print(f"{cfg} on {a.logits_only_on}: bf16 logits max relative error {err:.2e} vs HF bf16, {vs_fp32:.2e} "
+                  f"vs HF fp32 (HF bf16 vs HF fp32: {hf_floor:.2e})", flush=True)
+        return
     ok = True
     for cfg in a.config_dir:
         d = tempfile.mkdtemp(prefix="treadle-check-")

@@ -7,7 +7,8 @@ layers call in here only for CUDA tensors; their torch code is the reference (an
 
 Numerics follow the torch code: statistics and products in float32, with the same casts to the
 activation dtype where the torch code rounds (the normed value before the gain, SiLU before the
-mul, the cos/sin table). Chains of elementwise ops round once instead of once per op.
+mul, the cos/sin table, RoPE's products), so the kernels stay as close to HF's bf16 as the torch
+layers are.
 
 The wrappers only allocate outputs and launch: no host syncs and no branches on tensor values,
 so they are safe to capture in CUDA graphs. Every kernel handles T = 0 (no launch).
@@ -107,10 +108,16 @@ def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < H) & (d < HALF)
     off = h * (2 * HALF) + d
-    x1 = tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + off + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst + off, x1 * cos - x2 * sin, mask=mask)
-    tl.store(dst + off + HALF, x2 * cos + x1 * sin, mask=mask)
+    x1 = tl.load(src + off, mask=mask, other=0.0)
+    x2 = tl.load(src + off + HALF, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    # Round each product to the activation dtype as the torch code (and HF) does: a product of two
+    # bf16 values is exact in float32, so this gives the same bits as bf16 tensor ops.
+    c1, s2 = (x1 * cos).to(dtype).to(tl.float32), (x2 * sin).to(dtype).to(tl.float32)
+    c2, s1 = (x2 * cos).to(dtype).to(tl.float32), (x1 * sin).to(dtype).to(tl.float32)
+    tl.store(dst + off, c1 - s2, mask=mask)
+    tl.store(dst + off + HALF, c2 + s1, mask=mask)
 
 
 @triton.jit

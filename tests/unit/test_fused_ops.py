@@ -152,6 +152,15 @@ def test_cuda_kernel_matches_torch(name: str, dtype: torch.dtype):
     assert msg == "", msg
 
 
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("rope")])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_rope_bf16_same_bits_as_torch(name: str):
+    """RoPE rounds each product as the torch code does, so in bf16 it gives the very same bits."""
+    msg = _check(CASES[name]("cuda", torch.bfloat16), atol=0, rtol=0)
+    assert msg == "", msg
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_replay():
