@@ -35,6 +35,10 @@ for stage in "$@"; do
               timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --ci-prompts 200 --skip-hf \
                 --profile-ci 600:40 --profile-dir $out/traces --out $out/bench.jsonl 2>&1 | grep '^{'
               python bench/trace_summary.py $out/traces/*.trace.json.gz ;;
+    fp8_ci) for args in '{}' '{"kv_cache_dtype": "fp8_e4m3"}'; do
+              timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
+                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
+            done ;;
     gemv) timeout 200 python bench/gemv_bench.py 2>&1 | grep -v -i warn ;;
     profile_tp) for tp in 1 2; do
                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
@@ -47,6 +51,6 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, gemv, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, tp_b1, tp_bench)" ;;
   esac
 done

@@ -1,7 +1,9 @@
 """The paged KV cache: one token per location, shared by all requests.
 
 One tensor ``[2, num_layers, num_tokens, num_kv_heads, head_dim]`` with per-layer views, so a
-single allocation sizes the whole pool. The scheduler owns the free list; the worker only
+single allocation sizes the whole pool. Its dtype may be narrower than the model's
+(``kv_cache_dtype``, e.g. FP8 e4m3 or e5m2, as SGLang stores it without scales): values are
+rounded on the way in and widened by the attention kernels on the way out. The scheduler owns the free list; the worker only
 writes where it is told (``out_cache_loc``) and reads through the req-to-token table.
 """
 
@@ -31,6 +33,11 @@ class KVCache:
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.buf.is_cuda and store_kv is not None:
             store_kv(self.buf[0, layer], self.buf[1, layer], loc, k, v)
+            return
+        if self.buf.element_size() == 1:  # FP8: torch's CPU index_copy_ has no float8 kernel; copy the bytes
+            buf = self.buf.view(torch.uint8)
+            buf[0, layer].index_copy_(0, loc, k.to(self.buf.dtype).view(torch.uint8))
+            buf[1, layer].index_copy_(0, loc, v.to(self.buf.dtype).view(torch.uint8))
             return
         self.buf[0, layer].index_copy_(0, loc, k.to(self.buf.dtype))
         self.buf[1, layer].index_copy_(0, loc, v.to(self.buf.dtype))

@@ -39,6 +39,7 @@ logger = logging.getLogger("treadle.worker")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+_KV_DTYPES = {**_DTYPES, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @dataclass
@@ -70,6 +71,16 @@ class RunnerConfig:
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
     allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
+    kv_cache_dtype: str = "auto"  # "auto" (the model's), "fp8_e4m3", "fp8_e5m2", "bfloat16", ...
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: ``auto`` is the model's."""
+    if name == "auto":
+        return model_dtype
+    if name not in _KV_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; use auto or one of {sorted(_KV_DTYPES)}")
+    return _KV_DTYPES[name]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -110,6 +121,7 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce,
                       cfg.allreduce_fusion)
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
@@ -148,7 +160,7 @@ class ModelRunner:
             cfg.kv_tokens = self._kv_tokens_from_memory(len(attn), attn[0].num_kv_heads * attn[0].head_dim)
         # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
         self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
-                                self.dtype, self.device)
+                                self.kv_dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots + 1, cfg.context_len, dtype=torch.int64, device=self.device)
         self.last_token = torch.zeros(cfg.max_slots + 1, dtype=torch.int64, device=self.device)
         self.attn_backend = create_backend(cfg.attention_backend, device=self.device, dtype=self.dtype)
@@ -172,7 +184,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             raise ValueError("kv_tokens must be given on the CPU (there is no device memory to size from)")
         free, total = torch.cuda.mem_get_info(self.device)
-        per_token = 2 * num_layers * kv_width * torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * num_layers * kv_width * torch.empty((), dtype=self.kv_dtype).element_size()
         tokens = int((free - total * (1.0 - self.cfg.mem_fraction_static)) // per_token)
         if tokens < self.cfg.context_len:
             raise ValueError(f"only {max(tokens, 0)} KV-cache tokens fit in mem_fraction_static="
@@ -196,6 +208,7 @@ class ModelRunner:
             "num_params": sum(p.numel() for p in params),  # this rank's shard
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
             "kv_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "is_encoder": self.is_encoder,
             "pooling": {"mode": self.pooling.mode, "normalize": self.pooling.normalize},
             "kv_tokens": self.cfg.kv_tokens,

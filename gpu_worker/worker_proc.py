@@ -61,7 +61,7 @@ class WorkerLoop:
             tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static or 0.85,
             pp_rank=self.pp_rank, pp_size=args.pp_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
-            allreduce_fusion=args.enable_allreduce_fusion,
+            allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
             cuda_graph_max_bs=0 if args.disable_cuda_graph else (args.cuda_graph_max_bs or min(self.max_slots, 256)),
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued

@@ -196,7 +196,6 @@ class ServerArgs:
         """Refuse valid settings whose feature is not built yet, instead of silently ignoring them."""
         missing = {
             "quantization": self.quantization not in (None, "gguf"),
-            "kv_cache_dtype": self.kv_cache_dtype not in ("auto", self.dtype),
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
             "enable_lora": bool(self.enable_lora or self.lora_paths),
             "skip_tokenizer_init": self.skip_tokenizer_init,

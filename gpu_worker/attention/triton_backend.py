@@ -83,7 +83,7 @@ class TritonBackend(AttentionBackend):
                     lst.append(x)
             off += n
         buf = ctx.kv_cache.buf
-        block_m = extend_block_m(max(rows[2], default=1), buf.dtype, buf.is_cuda)
+        block_m = extend_block_m(max(rows[2], default=1), self.dtype, buf.is_cuda)
         for r, n in enumerate(rows[2]):
             for mb in range(triton.cdiv(n, block_m)):
                 items[0].append(r), items[1].append(mb)

@@ -1,5 +1,7 @@
 """Paged decode attention (one new token per row) as split-KV flash-decoding in Triton.
 
+K/V may be stored narrower than the queries (an FP8 cache): they are widened as they load.
+
 Stage 1 gives each (row, KV head, split) program one contiguous chunk of the row's positions:
 it loads the chunk's KV locations through ``req_to_token``, scores all query heads that share
 the KV head at once (GQA: K/V are read once, not once per query head) and writes a partial
@@ -55,14 +57,14 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
         mask_n = pos < hi
         loc = tl.load(R2T + slot * stride_r2t + pos, mask=mask_n, other=0)
         k = tl.load(K + loc[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
-                    mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+                    mask=mask_n[None, :] & mask_d[:, None], other=0.0).to(q.dtype)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, k, input_precision=PREC) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         v = tl.load(V + loc[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new

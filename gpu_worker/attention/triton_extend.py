@@ -48,12 +48,12 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
     full_end = (start + mb * BLOCK_M) // BLOCK_N * BLOCK_N
     for s0 in range(0, full_end, BLOCK_N):
         loc = tl.load(r2t + s0 + offs_n)
-        k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_d[None, :], other=0.0))
+        k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_d[None, :], other=0.0).to(q.dtype))
         s = tl.dot(q, k, input_precision=PREC) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        v = tl.load(v_base + loc[:, None] * stride_vt, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_base + loc[:, None] * stride_vt, mask=mask_d[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -64,13 +64,14 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
         pos = s0 + offs_n
         mask_n = pos < end
         loc = tl.load(r2t + pos, mask=mask_n, other=0)
-        k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_n[:, None] & mask_d[None, :], other=0.0))
+        k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_n[:, None] & mask_d[None, :],
+                             other=0.0).to(q.dtype))
         s = tl.dot(q, k, input_precision=PREC) * qk_scale
         s = tl.where((pos[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        v = tl.load(v_base + loc[:, None] * stride_vt, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_base + loc[:, None] * stride_vt, mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new

@@ -184,3 +184,20 @@ def test_queue_limit_raises_overloaded():
         assert "queue is full" in str(errors[0])
         assert eng.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
         integrity(eng)
+
+
+def test_fp8_kv_cache_serves_from_a_narrower_pool(engine):
+    """``kv_cache_dtype="fp8_e4m3"`` (as SGLang, no scales): the same token budget in a quarter of
+    the bytes of the CPU's float32 cache (half of bf16's on a GPU); greedy text still sensible,
+    prefix reuse works and the pool stays consistent."""
+    with Engine(model_path="default", kv_cache_dtype="fp8_e4m3") as fp8:
+        info, ref = fp8._sup.ready_info["worker0"], engine._sup.ready_info["worker0"]
+        assert info["kv_cache_dtype"] == "float8_e4m3fn" and ref["kv_cache_dtype"] == "float32"
+        assert info["kv_tokens"] == ref["kv_tokens"] and info["kv_bytes"] * 4 == ref["kv_bytes"]
+        prompt = "The capital of France is"
+        first = fp8.generate(prompt=prompt, sampling_params=GREEDY)
+        again = fp8.generate(prompt=prompt, sampling_params=GREEDY)
+        assert first["meta_info"]["completion_tokens"] == 16 and again["meta_info"]["cached_tokens"] > 0
+        assert first["output_ids"] == again["output_ids"]
+        assert "Paris" in first["text"]
+        integrity(fp8)

@@ -433,3 +433,50 @@ def test_readmitted_slot_continues_seeded_stream(models):
     nxt = runner2.forward(ForwardPlan(step=0, new_slots=[NewSlot(5, spec, prior_output=whole[:6])],
                                       rows=[PlanRow(5, seq, 0, alloc2(len(seq)))]))[0]
     assert nxt + decode(runner2, alloc2, 5, seq + nxt, len(seq), 5) == whole[6:]
+
+
+# ---------------------------------------------------------------- narrow KV caches (kv_cache_dtype)
+@pytest.mark.parametrize("kv_dtype,bytes_per_elem,max_rel", [("bfloat16", 2, 0.02), ("fp8_e4m3", 1, 0.1),
+                                                               ("fp8_e5m2", 1, 0.2)])
+def test_narrow_kv_cache_stays_close(models, device, kv_dtype, bytes_per_elem, max_rel):
+    """K/V rounded to the cache dtype on the way in, widened for attention: prefill and decode
+    logits stay near the full-precision cache's, in a pool of that many bytes."""
+    hf, path = models["llama"]
+    p = prompt(20, 3)
+    logits = {}
+    for kv in ("auto", kv_dtype):
+        runner = make_runner(path, device, kv_cache_dtype=kv)
+        alloc = Alloc(4)
+        steps = [runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
+                                                   rows=[PlanRow(0, p, 0, alloc(len(p)))]))]
+        for k, tok in enumerate(prompt(4, 8)):
+            steps.append(runner.forward_logits(ForwardPlan(step=k + 1, rows=[PlanRow(0, [tok], len(p) + k, alloc(1))])))
+        logits[kv] = torch.cat(steps).cpu()
+        info = runner.info()
+        if kv != "auto":
+            assert info["kv_cache_dtype"] == runner.kv_dtype.__repr__().removeprefix("torch.")
+            assert info["kv_bytes"] == runner.kv_cache.buf.numel() * bytes_per_elem
+    ref, got = logits["auto"], logits[kv_dtype]
+    rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert 0 < rel < max_rel, rel
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_triton_fp8_kv_cache_stays_close(models, kv_dtype):
+    """The Triton store, extend and decode kernels (graphs on) with an FP8 cache and a bf16 model."""
+    hf, path = models["llama"]
+    p = prompt(20, 3)
+    logits = {}
+    for kv in ("auto", kv_dtype):
+        runner = make_runner(path, "cuda", dtype="bfloat16", kv_cache_dtype=kv, attention_backend="triton",
+                             cuda_graph_max_bs=4)
+        alloc = Alloc(4)
+        steps = [runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
+                                                   rows=[PlanRow(0, p, 0, alloc(len(p)))]))]
+        for k, tok in enumerate(prompt(4, 8)):
+            steps.append(runner.forward_logits(ForwardPlan(step=k + 1, rows=[PlanRow(0, [tok], len(p) + k, alloc(1))])))
+        logits[kv] = torch.cat(steps).cpu()
+    rel = ((logits[kv_dtype] - logits["auto"]).norm(dim=-1) / logits["auto"].norm(dim=-1)).max().item()
+    assert 0 < rel < 0.2, rel
