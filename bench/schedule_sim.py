@@ -40,7 +40,7 @@ WEIGHTS_S, SMALL_S = 5.6e-3, 0.4e-3
 HBM, GEMM_FLOPS, ATTN_FLOPS = 2.8e12, 650e12, 350e12
 
 
-def step_cost(rows: list) -> tuple[float, bool]:
+def step_cost(rows: list, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN) -> tuple[float, bool]:
     """Modelled seconds of one step, and whether it carried prefill tokens."""
     tokens = sum(len(r.input_ids) for r in rows)
     attn_bytes = attn_flops = 0.0
@@ -48,7 +48,7 @@ def step_cost(rows: list) -> tuple[float, bool]:
     for r in rows:
         n = len(r.input_ids)
         if n == 1 and r.input_ids[0] == PLACEHOLDER or (n == 1 and r.start_pos > 0):
-            attn_bytes += (r.start_pos + 1) * KV_BYTES_PER_TOKEN
+            attn_bytes += (r.start_pos + 1) * kv_bytes_per_token
         else:
             prefill = True
             attn_flops += 4 * n * (r.start_pos + n / 2) * 4096 * 32
@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--max-prefill-tokens", type=int, default=16384)
     p.add_argument("--policy", default="fcfs")
+    p.add_argument("--fp8-kv", action="store_true", help="1-byte K/V: half the attention reads (give --kv-tokens 2x)")
     a = p.parse_args()
     args = ServerArgs(model_path="sim", device="cpu", random_seed=0, page_size=1, chunked_prefill_size=a.chunk,
                       max_prefill_tokens=a.max_prefill_tokens, schedule_policy=a.policy, disable_radix_cache=True,
@@ -85,7 +86,7 @@ def main() -> None:
     while done < a.prompts:
         plan = s.schedule() if len(inflight) < 2 else None
         if plan is not None:
-            cost, prefill = step_cost(plan.rows)
+            cost, prefill = step_cost(plan.rows, KV_BYTES_PER_TOKEN // (2 if a.fp8_kv else 1))
             total += cost
             k = by_kind["prefill+decode" if prefill else "decode"]
             k[0], k[1], k[2] = k[0] + 1, k[1] + cost, k[2] + len(plan.rows)
