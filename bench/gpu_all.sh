@@ -27,6 +27,7 @@ for stage in "$@"; do
     tp_fusion) timeout 150 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --fusion 2>&1 | grep tp_size
                timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                  --batch 1 --tp 2 --fusion 2>&1 | grep -v -i warn | head -8 ;;
+    layouts) timeout 300 python bench/gpu_layouts_check.py --config-dir $mini 2>&1 | grep "prompts\|FAILED" ;;
     tp_b1) for args in '{}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}'; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
@@ -51,6 +52,6 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
 done
