@@ -7,19 +7,20 @@ pipeline stage get their own subgroup for the layers' all_reduce/all_gather; sta
 point over the world (``gpu_worker/pipeline.py``). Layers read the coordinates at construction (to
 size their shards and pick their layers) and call the collectives at run time.
 
-Small all-reduces (decode: a few KB to 2 MB a layer) are latency-bound, and NCCL's ring costs
-about 10 us each, 64 times a step on an 8B model. On CUDA, when every TP rank of the stage is on
-this machine, they go through a one-shot all-reduce over PyTorch symmetric memory instead: each
-rank copies its part into a buffer that all ranks map, and reads and sums its peers' parts over
-NVLink in one kernel (barriers at both ends, so the buffer is reused safely; graph-capturable).
-Larger tensors (prefill) keep NCCL. ``disable_custom_all_reduce`` turns it off.
+Small all-reduces (decode: a few KB to 2 MB a layer) are latency-bound: 65 a step on an 8B model.
+On CUDA, when every TP rank of the stage is on this machine, they go through a one-shot
+all-reduce over PyTorch symmetric memory: each rank copies its part into a buffer that all ranks
+map, and reads and sums its peers' parts over NVLink in one kernel (barriers at both ends, so the
+buffer is reused safely; graph-capturable). Larger tensors (prefill) keep NCCL;
+``disable_custom_all_reduce`` turns it off. On two H100s it measured as NCCL did (about 13 us a
+call inside a decode graph), which is why the reduce can also move into the RMSNorm that follows
+(``fused_all_reduce_rms_norm``, ``enable_allreduce_fusion``): one launch instead of two.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import logging
+from typing import Optional
 
 import torch
 import torch.distributed as dist
