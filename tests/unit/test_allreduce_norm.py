@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from kernel_helpers import interpret_script, run_two_ranks
 from treadle.gpu_worker.layers.norm import RMSNorm
 
 N, ROWS, MAX_ROWS = 64, 3, 8
@@ -57,12 +54,7 @@ def simulate_rank0() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpret_script(__file__)
 
 
 def test_interpreted_rank0_of_2(interpreted):
@@ -133,12 +125,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_gpus_match_nccl_and_unfused_norm(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "failures.pt")
-    mp.start_processes(_worker, args=(port, out), nprocs=2, start_method="spawn")
-    assert torch.load(out) == []
+    assert run_two_ranks(_worker, tmp_path) == []
 
 
 if __name__ == "__main__":

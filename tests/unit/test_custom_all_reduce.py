@@ -8,11 +8,11 @@ inputs change between replays and the shared buffer is reused 8 times in one gra
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from kernel_helpers import run_two_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
@@ -76,9 +76,4 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_one_shot_all_reduce_matches_nccl(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "failures.pt")
-    mp.start_processes(_worker, args=(port, out), nprocs=2, start_method="spawn")
-    assert torch.load(out) == []
+    assert run_two_ranks(_worker, tmp_path) == []

@@ -9,15 +9,14 @@ through the layers' own dispatch, in float32 and bfloat16, plus a CUDA-graph cap
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 from typing import Callable
 
 import pytest
 import torch
+
+from kernel_helpers import interpret_script
 
 from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.norm import RMSNorm
@@ -122,15 +121,7 @@ def _check(pair: Pair, **tol) -> str:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str]:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpret_script(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import tempfile
 
 import numpy as np
@@ -16,6 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kernel_helpers import free_port
 
 from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
@@ -303,9 +304,7 @@ def _tp_worker(rank: int, path: str, port: int, out: str) -> None:
 
 def test_tensor_parallel_2_matches_hf(models, tmp_path):
     hf, path = models["qwen2"]  # biases + tied vocab-parallel embedding/head
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(tmp_path / "tp.pt")
     mp.start_processes(_tp_worker, args=(path, port, out), nprocs=2, start_method="spawn")
     logits = torch.load(out)
@@ -436,28 +435,32 @@ def test_readmitted_slot_continues_seeded_stream(models):
 
 
 # ---------------------------------------------------------------- narrow KV caches (kv_cache_dtype)
-@pytest.mark.parametrize("kv_dtype,bytes_per_elem,max_rel", [("bfloat16", 2, 0.02), ("fp8_e4m3", 1, 0.1),
-                                                               ("fp8_e5m2", 1, 0.2)])
-def test_narrow_kv_cache_stays_close(models, device, kv_dtype, bytes_per_elem, max_rel):
+def teacher_forced_logits(runner: ModelRunner) -> torch.Tensor:
+    """Logits of a 20-token prefill and 4 decode steps after it (fixed tokens), ``[5, vocab]``."""
+    p, alloc = prompt(20, 3), Alloc(4)
+    steps = [runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
+                                               rows=[PlanRow(0, p, 0, alloc(len(p)))]))]
+    for k, tok in enumerate(prompt(4, 8)):
+        steps.append(runner.forward_logits(ForwardPlan(step=k + 1, rows=[PlanRow(0, [tok], len(p) + k, alloc(1))])))
+    return torch.cat(steps).cpu()
+
+
+def worst_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+
+
+@pytest.mark.parametrize("kv_dtype,torch_name,bytes_per_elem,max_rel", [
+    ("bfloat16", "bfloat16", 2, 0.02), ("fp8_e4m3", "float8_e4m3fn", 1, 0.1), ("fp8_e5m2", "float8_e5m2", 1, 0.2)])
+def test_narrow_kv_cache_stays_close(models, device, kv_dtype, torch_name, bytes_per_elem, max_rel):
     """K/V rounded to the cache dtype on the way in, widened for attention: prefill and decode
     logits stay near the full-precision cache's, in a pool of that many bytes."""
-    hf, path = models["llama"]
-    p = prompt(20, 3)
-    logits = {}
-    for kv in ("auto", kv_dtype):
-        runner = make_runner(path, device, kv_cache_dtype=kv)
-        alloc = Alloc(4)
-        steps = [runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
-                                                   rows=[PlanRow(0, p, 0, alloc(len(p)))]))]
-        for k, tok in enumerate(prompt(4, 8)):
-            steps.append(runner.forward_logits(ForwardPlan(step=k + 1, rows=[PlanRow(0, [tok], len(p) + k, alloc(1))])))
-        logits[kv] = torch.cat(steps).cpu()
-        info = runner.info()
-        if kv != "auto":
-            assert info["kv_cache_dtype"] == runner.kv_dtype.__repr__().removeprefix("torch.")
-            assert info["kv_bytes"] == runner.kv_cache.buf.numel() * bytes_per_elem
-    ref, got = logits["auto"], logits[kv_dtype]
-    rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    _, path = models["llama"]
+    ref = teacher_forced_logits(make_runner(path, device))
+    runner = make_runner(path, device, kv_cache_dtype=kv_dtype)
+    info = runner.info()
+    assert info["kv_cache_dtype"] == torch_name
+    assert info["kv_bytes"] == runner.kv_cache.buf.numel() * bytes_per_elem
+    rel = worst_rel(teacher_forced_logits(runner), ref)
     assert 0 < rel < max_rel, rel
 
 
@@ -466,17 +469,9 @@ def test_narrow_kv_cache_stays_close(models, device, kv_dtype, bytes_per_elem, m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_triton_fp8_kv_cache_stays_close(models, kv_dtype):
     """The Triton store, extend and decode kernels (graphs on) with an FP8 cache and a bf16 model."""
-    hf, path = models["llama"]
-    p = prompt(20, 3)
-    logits = {}
-    for kv in ("auto", kv_dtype):
-        runner = make_runner(path, "cuda", dtype="bfloat16", kv_cache_dtype=kv, attention_backend="triton",
-                             cuda_graph_max_bs=4)
-        alloc = Alloc(4)
-        steps = [runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
-                                                   rows=[PlanRow(0, p, 0, alloc(len(p)))]))]
-        for k, tok in enumerate(prompt(4, 8)):
-            steps.append(runner.forward_logits(ForwardPlan(step=k + 1, rows=[PlanRow(0, [tok], len(p) + k, alloc(1))])))
-        logits[kv] = torch.cat(steps).cpu()
-    rel = ((logits[kv_dtype] - logits["auto"]).norm(dim=-1) / logits["auto"].norm(dim=-1)).max().item()
+    _, path = models["llama"]
+    logits = {kv: teacher_forced_logits(make_runner(path, "cuda", dtype="bfloat16", kv_cache_dtype=kv,
+                                                    attention_backend="triton", cuda_graph_max_bs=4))
+              for kv in ("auto", kv_dtype)}
+    rel = worst_rel(logits[kv_dtype], logits["auto"])
     assert 0 < rel < 0.2, rel

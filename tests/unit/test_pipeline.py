@@ -7,13 +7,14 @@ machines and its start-up errors; then a real two-stage pipeline (gloo, two proc
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from kernel_helpers import free_port
 
 from treadle.gpu_worker import distributed
 from treadle.gpu_worker.pipeline import layer_range
@@ -161,9 +162,7 @@ def test_two_stage_pipeline_matches_hf_greedy(tmp_path):
     hf = Qwen2ForCausalLM(Qwen2Config(**CFG)).eval()  # biases and a tied head: the last stage's own copy
     path = tempfile.mkdtemp(dir=tmp_path)
     hf.save_pretrained(path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     want = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=4,
                         min_new_tokens=4, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
     out = str(tmp_path / "pp.pt")

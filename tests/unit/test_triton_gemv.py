@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from kernel_helpers import interpret_script
 
 # (N, K, (BLOCK_N, BLOCK_K, SPLIT_K))
 SHAPES = [(37, 200, (16, 64, 1)), (64, 1024, (16, 128, 4)), (100, 1000, (32, 128, 2)), (5, 4096, (16, 512, 8))]
@@ -40,12 +40,7 @@ def run_cases(device: str, dtype: torch.dtype) -> list[str]:
 
 @pytest.fixture(scope="module")
 def interpreted() -> list[str]:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpret_script(__file__)
 
 
 def test_interpreted_gemv_matches_matmul(interpreted):

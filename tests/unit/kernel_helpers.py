@@ -1,0 +1,45 @@
+"""What the kernel and multi-process tests share: running a test file in Triton's interpreter,
+and starting ranks that meet on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def interpret_script(test_file: str) -> Any:
+    """Run ``test_file`` as a script with ``TRITON_INTERPRET=1`` and return the JSON on the last
+    line of its output. A child process: the variable must be set before triton defines the
+    kernels, and the interpreter patches ``triton.language`` while it runs, so nothing of it may
+    leak into the pytest process."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, os.path.abspath(test_file)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(worker: Callable[[int, int, str], None], tmp_path: Path) -> Any:
+    """Start ``worker(rank, port, out)`` as ranks 0 and 1; return what rank 0 saved to ``out``."""
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(worker, args=(free_port(), out), nprocs=2, start_method="spawn")
+    return torch.load(out)
