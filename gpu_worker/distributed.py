@@ -47,7 +47,7 @@ class _FusedNormState:
 
     def __init__(self, symm_mem, group_name: str, device: torch.device, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.slot_elems = symm_max_bytes(_TP_SIZE) // torch.tensor([], dtype=dtype).element_size()
+        self.slot_elems = symm_max_bytes(_TP_SIZE) // dtype.itemsize
         self.buf = symm_mem.empty(2 * self.slot_elems, dtype=dtype, device=device)
         self.flags = symm_mem.empty(_TP_SIZE * FUSED_MAX_ROWS, dtype=torch.int32, device=device).zero_()
         self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
@@ -98,8 +98,7 @@ def _init_symm(device: torch.device, dtype: torch.dtype, fusion: bool) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         group = _TP_GROUP or dist.group.WORLD
-        numel = symm_max_bytes(_TP_SIZE) // torch.tensor([], dtype=dtype).element_size()
-        buf = symm_mem.empty(numel, dtype=dtype, device=device)
+        buf = symm_mem.empty(symm_max_bytes(_TP_SIZE) // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, group.group_name)
         fused = _FusedNormState(symm_mem, group.group_name, device, dtype) if fusion else None
         torch.cuda.synchronize(device)

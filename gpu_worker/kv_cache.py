@@ -3,8 +3,9 @@
 One tensor ``[2, num_layers, num_tokens, num_kv_heads, head_dim]`` with per-layer views, so a
 single allocation sizes the whole pool. Its dtype may be narrower than the model's
 (``kv_cache_dtype``, e.g. FP8 e4m3 or e5m2, as SGLang stores it without scales): values are
-rounded on the way in and widened by the attention kernels on the way out. The scheduler owns the free list; the worker only
-writes where it is told (``out_cache_loc``) and reads through the req-to-token table.
+rounded on the way in and widened by the attention kernels on the way out. The scheduler owns
+the free list; the worker only writes where it is told (``out_cache_loc``) and reads through
+the req-to-token table.
 """
 
 from __future__ import annotations

@@ -92,12 +92,14 @@ class TorchNativeBackend(AttentionBackend):
         out = torch.empty_like(q)
         for e in meta.extends:
             qi = q[e.q_start : e.q_start + e.n].transpose(0, 1)[None]  # [1, H, n, D]
-            k, v = k_buf[e.kv_locs].to(q.dtype).transpose(0, 1)[None], v_buf[e.kv_locs].to(q.dtype).transpose(0, 1)[None]
+            k = k_buf[e.kv_locs].to(q.dtype).transpose(0, 1)[None]  # widened if the cache is narrower
+            v = v_buf[e.kv_locs].to(q.dtype).transpose(0, 1)[None]
             o = _sdpa(qi, k, v, layer.scaling, e.mask, causal=e.mask is None)
             out[e.q_start : e.q_start + e.n] = o[0].transpose(0, 1)
         if meta.decode is not None:
             d = meta.decode
             qd = q[d.q_index].unsqueeze(2)  # [B, H, 1, D]
-            k, v = k_buf[d.kv_locs].to(q.dtype).transpose(1, 2), v_buf[d.kv_locs].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            k = k_buf[d.kv_locs].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            v = v_buf[d.kv_locs].to(q.dtype).transpose(1, 2)
             out[d.q_index] = _sdpa(qd, k, v, layer.scaling, d.mask).squeeze(2)
         return out

@@ -9,8 +9,8 @@ This kernel does both in one launch over buffers that every TP rank of the machi
 2. tell every peer "row p of call c is ready" (a release store of ``c`` into the peer's flag
    array) and wait until every peer has said the same (acquire loads of the own flag array);
 3. sum the ranks' rows in rank order (so every rank gets the same bits), round to the
-   activation dtype as an all-reduce would, then add the residual and normalise as
-   ``triton_ops.rms_norm`` does.
+   activation dtype as an all-reduce would, then add the residual and normalise with
+   ``triton_ops``'s own row code.
 
 Why two slots: a rank can only start call ``c + 2`` of row p after its peers signalled call
 ``c + 1``, which they do after they finished reading call ``c``; so a slot is never overwritten
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from treadle.gpu_worker.layers.triton_ops import store_rms_norm_row
 
 
 @triton.jit
@@ -65,11 +67,7 @@ def _allreduce_rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_ou
     r = tl.load(r_ptr + row.to(tl.int64) * r_stride + cols, mask=mask, other=0.0)
     h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
     tl.store(res_out_ptr + row.to(tl.int64) * n + cols, h, mask=mask)
-    hf = h.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / n + eps)
-    y = (hf * rstd).to(h.dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row.to(tl.int64) * n + cols, y * w, mask=mask)
+    store_rms_norm_row(h, cols, mask, n, eps, w_ptr, out_ptr + row.to(tl.int64) * n)
 
 
 def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -46,11 +46,18 @@ def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_out_ptr, w_p
         r = tl.load(r_ptr + row * r_stride + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * n + cols, x, mask=mask)
+    store_rms_norm_row(x, cols, mask, n, eps, w_ptr, out_ptr + row * n)
+
+
+@triton.jit
+def store_rms_norm_row(x, cols, mask, n, eps, w_ptr, out_row_ptr):
+    """``norm(x) * w`` of one row ``x`` (in the activation dtype), stored at ``out_row_ptr``;
+    shared with the fused all-reduce + norm kernel (``allreduce_norm.py``)."""
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
     y = (xf * rstd).to(x.dtype).to(tl.float32)  # the torch code rounds before the gain
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, y * w, mask=mask)
+    tl.store(out_row_ptr + cols, y * w, mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
