@@ -42,13 +42,14 @@ def symm_max_bytes(world: int) -> int:
 
 
 class _FusedNormState:
-    """Shared buffers of ``layers/allreduce_norm.py``: two slots of rows per rank, per-row ready
-    flags every peer writes into, and this rank's per-row call counts."""
+    """Shared buffers of ``layers/allreduce_norm.py``: two slots with a region of rows for every
+    source rank (the peers push into theirs), per-row ready flags every peer writes into, and
+    this rank's per-row call counts."""
 
     def __init__(self, symm_mem, group_name: str, device: torch.device, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.slot_elems = symm_max_bytes(_TP_SIZE) // dtype.itemsize
-        self.buf = symm_mem.empty(2 * self.slot_elems, dtype=dtype, device=device)
+        self.buf = symm_mem.empty(2 * _TP_SIZE * self.slot_elems, dtype=dtype, device=device)
         self.flags = symm_mem.empty(_TP_SIZE * FUSED_MAX_ROWS, dtype=torch.int32, device=device).zero_()
         self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
         self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)

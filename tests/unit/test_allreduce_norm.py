@@ -1,10 +1,10 @@
 """The fused all-reduce + residual + RMSNorm kernel (``layers/allreduce_norm.py``).
 
 On the CPU it runs in Triton's interpreter (a child process, as in ``test_fused_ops.py``) as
-rank 0 of 2 with the peer simulated: rank 1's partial rows already sit in its buffer and its
-ready flags are set, so rank 0's program finds them, and the test checks what rank 0 computed
-and what it left for rank 1 (its own rows in the right slot, its flags in rank 1's array, its
-call counts). Rows start at different call counts, so both slots are used. The two-GPU test
+rank 0 of 2 with the peer simulated: rank 1 has already pushed its partial rows into rank 0's
+buffer and set its ready flags, so rank 0's program finds them, and the test checks what rank 0
+computed and what it left for rank 1 (its rows in its region of rank 1's buffer, in the right
+slot; its flags in rank 1's array; its call counts). Rows start at different call counts, so both slots are used. The two-GPU test
 runs the real thing through the model's norm against NCCL + the unfused norm, in and out of a
 CUDA graph.
 """
@@ -31,18 +31,19 @@ def simulate_rank0() -> dict:
     x0, x1, res = (torch.randn(ROWS, N, generator=g) for _ in range(3))
     norm = RMSNorm(N, eps=1e-5)
     norm.weight.data = torch.rand(N, generator=g) + 0.5
-    bufs = [torch.zeros(2 * SLOT), torch.zeros(2 * SLOT)]
+    bufs = [torch.zeros(2 * 2 * SLOT), torch.zeros(2 * 2 * SLOT)]  # [slot, source rank, rows * N]
+    region = lambda c, src, row: ((c % 2) * 2 + src) * SLOT + row * N  # noqa: E731
     flags = [torch.zeros(2 * MAX_ROWS, dtype=torch.int32), torch.zeros(2 * MAX_ROWS, dtype=torch.int32)]
     counters = torch.tensor([4, 5, 0] + [0] * (MAX_ROWS - ROWS), dtype=torch.int32)
     for row in range(ROWS):  # rank 1 is one step ahead: its rows are stored and flagged
         c = int(counters[row]) + 1
-        bufs[1][(c % 2) * SLOT + row * N:][:N] = x1[row]
+        bufs[0][region(c, 1, row):][:N] = x1[row]
         flags[0][1 * MAX_ROWS + row] = c
     ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
     out, res_out = allreduce_rms_norm(x0, res, norm.weight.data, norm.eps, ptrs(bufs), ptrs(flags), counters,
                                       SLOT, rank=0, world=2)
     ref_out, ref_res = norm.forward_torch(x0 + x1, res)
-    own_rows_ok = all(torch.equal(bufs[0][((int(counters[r])) % 2) * SLOT + r * N:][:N], x0[r]) for r in range(ROWS))
+    own_rows_ok = all(torch.equal(bufs[1][region(int(counters[r]), 0, r):][:N], x0[r]) for r in range(ROWS))
     return {
         "out_err": (out - ref_out).abs().max().item(),
         "res_err": (res_out - ref_res).abs().max().item(),
@@ -85,12 +86,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.all_reduce(y)
         return norm(y, res)
 
-    for rows in (1, 7, 64, par.FUSED_MAX_ROWS, par.FUSED_MAX_ROWS + 1):  # the last one falls back
+    # The last one falls back to all_reduce (in place) + norm: every call gets its own copies.
+    for rows in (1, 7, 64, par.FUSED_MAX_ROWS, par.FUSED_MAX_ROWS + 1):
         for _ in range(3):  # the same rows again: both slots, counters moving on
             x = torch.randn(rows, 4096, generator=g, device=dev).to(torch.bfloat16)
             res = torch.randn(rows, 4096, generator=torch.Generator(device=dev).manual_seed(rows), device=dev
                               ).to(torch.bfloat16)
-            got, want = norm(x, res, reduce=True), reference(x, res)
+            got, want = norm(x.clone(), res.clone(), reduce=True), reference(x.clone(), res.clone())
             if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                 failures.append(f"{rows} rows: differs from NCCL + norm")
 
