@@ -6,7 +6,7 @@ Shapes: Llama-3.1-8B's projections at tp 1 and tp 2 (qkv, o, gate_up, down, lm_h
 candidate runs 50 times inside one CUDA graph (as in decode, no launch gaps), timed with CUDA
 events; prints microseconds a call and the weight bandwidth, for cuBLAS, the heuristic config
 (``gemv_config``) and the best of a small grid of configs. Kernel-level only: the model keeps
-cuBLAS until this shows a shape where the GEMV wins.
+cuBLAS until this shows a shape where the GEMV wins (on an H200 it won none: see docs/perf.md).
 """
 
 from __future__ import annotations

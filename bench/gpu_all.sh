@@ -15,7 +15,7 @@ for stage in "$@"; do
     tests) timeout 150 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py -q -x \
              -p no:cacheprovider 2>&1 | tail -3 ;;
-    check) timeout 240 python bench/gpu_check.py --config-dir $tok --config-dir $mini --triton-gemv 2>&1 \
+    check) timeout 170 python bench/gpu_check.py --config-dir $tok --config-dir $mini 2>&1 \
              | grep -E "relative|identical|PASS|FAIL|Error" ;;
     profile) timeout 120 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json \
                --batch 1 --batch 128 2>&1 | grep -v -i warn ;;
@@ -27,10 +27,9 @@ for stage in "$@"; do
               timeout 120 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --dtype float32 2>&1 | grep tp_size ;;
     tp_fusion) timeout 150 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --fusion 2>&1 | grep tp_size
                timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
-                 --batch 1 --tp 2 --fusion 2>&1 | grep -v -i warn | head -8 ;;
+                 --batch 1 --tp 2 --fusion 2>&1 | grep -v -i warn | head -16 ;;
     layouts) timeout 300 python bench/gpu_layouts_check.py --config-dir $mini 2>&1 | grep "prompts\|FAILED" ;;
-    tp_b1) for args in '{}' '{"enable_triton_gemv": true}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}' \
-                       '{"tp_size": 2, "enable_allreduce_fusion": true, "enable_triton_gemv": true}'; do
+    tp_b1) for args in '{}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}'; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;

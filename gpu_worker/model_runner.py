@@ -72,7 +72,6 @@ class RunnerConfig:
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
     allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
     kv_cache_dtype: str = "auto"  # "auto" (the model's), "fp8_e4m3", "fp8_e5m2", "bfloat16", ...
-    triton_gemv: bool = False  # CUDA: one-token linear layers in layers/triton_gemv.py instead of cuBLAS
 
 
 def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -146,10 +145,6 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
-        if cfg.triton_gemv and self.device.type == "cuda":
-            from treadle.gpu_worker.layers.triton_gemv import attach_gemv
-
-            logger.info("Triton GEMV for one-token inputs in %d linear layers", attach_gemv(self.model, self.device))
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None

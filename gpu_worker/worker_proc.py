@@ -62,7 +62,6 @@ class WorkerLoop:
             pp_rank=self.pp_rank, pp_size=args.pp_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
             allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
-            triton_gemv=args.enable_triton_gemv,
             cuda_graph_max_bs=0 if args.disable_cuda_graph else (args.cuda_graph_max_bs or min(self.max_slots, 256)),
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued

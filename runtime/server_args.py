@@ -75,7 +75,6 @@ class ServerArgs:
     disable_overlap_schedule: bool = False
     disable_custom_all_reduce: bool = False
     enable_allreduce_fusion: bool = False  # TP on one machine: all-reduce + residual + RMSNorm in one kernel
-    enable_triton_gemv: bool = False  # CUDA, 16-bit weights: one-token linear layers in a Triton GEMV, not cuBLAS
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True

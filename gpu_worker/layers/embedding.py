@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
-from treadle.gpu_worker.layers.linear import linear_or_gemv
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -42,5 +41,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (padding columns cut off)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(linear_or_gemv(self, x, self.weight))
+        logits = all_gather_last_dim(F.linear(x, self.weight))
         return logits[..., : self.num_embeddings]

@@ -16,15 +16,6 @@ from torch import nn
 from treadle.gpu_worker.distributed import all_reduce, tp_rank, tp_size
 
 
-def linear_or_gemv(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T``: the Triton GEMV for one contiguous token where ``triton_gemv.attach_gemv``
-    gave the module one (``enable_triton_gemv``), else cuBLAS."""
-    gemv = getattr(module, "gemv", None)
-    if gemv is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1 and x.dtype == weight.dtype:
-        return gemv(x, weight)
-    return F.linear(x, weight)
-
-
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
@@ -47,8 +38,7 @@ class LinearBase(nn.Module):
         param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear_or_gemv(self, x, self.weight)
-        return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 ReplicatedLinear = LinearBase
@@ -154,7 +144,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(full.narrow(1, self.in_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear_or_gemv(self, x, self.weight)
+        y = F.linear(x, self.weight)
         if not self.reduce_results:
             return y  # partial: no bias here (the model only defers the reduce of bias-free layers)
         y = all_reduce(y)

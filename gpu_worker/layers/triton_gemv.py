@@ -11,17 +11,18 @@ partial sums to a float32 workspace, then takes a ticket from a per-row-block co
 program that draws the last ticket adds the partials (in split order, so the result does not
 depend on which program finished last), writes the output and resets the counter for the next
 call (so a CUDA graph can replay it).
+
+Not used by the models: on two H200s (2026-11-26, ``bench/gemv_bench.py``) cuBLAS beat the best
+config of this kernel on every Llama-3.1-8B projection (3.2-4.4 TB/s against 2.0-3.3), and
+wired into the layers it cut batch-1 decode from 213 to 82 tok/s. Kept with its bench and tests
+as the measured baseline for a next attempt.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 
 @triton.jit(do_not_specialize=["n", "k"])
@@ -96,31 +97,3 @@ def gemv(x: torch.Tensor, w: torch.Tensor, workspace: GemvWorkspace, config: tup
     _gemv_kernel[grid](x, w, w.stride(0), out, workspace.partials, workspace.tickets, n, k, k_per_split,
                        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps)
     return out
-
-
-def attach_gemv(model: nn.Module, device: torch.device, num_sms: Optional[int] = None) -> int:
-    """Give every linear layer of ``model`` (projections and the LM head; 16 or 32-bit float
-    weights) a GEMV that ``layers.linear.linear_or_gemv`` runs for one-token inputs
-    (``enable_triton_gemv``); returns how many layers got one.
-
-    One workspace serves all layers: they run one after another on one stream, and each call
-    leaves its tickets at zero. It is sized here, before any CUDA-graph capture.
-    """
-    from treadle.gpu_worker.layers.embedding import ParallelLMHead
-    from treadle.gpu_worker.layers.linear import LinearBase
-
-    if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    ws, partials, tickets, count = GemvWorkspace(device), 0, 0, 0
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(m, (LinearBase, ParallelLMHead)) and w.is_floating_point() and w.element_size() >= 2:
-            n, k = w.shape
-            cfg = gemv_config(n, k, num_sms)
-            m.gemv = partial(gemv, workspace=ws, config=cfg)
-            if cfg[2] > 1:
-                partials, tickets = max(partials, cfg[2] * n), max(tickets, triton.cdiv(n, cfg[0]))
-            count += 1
-    ws.reserve(partials, tickets)
-    return count
-

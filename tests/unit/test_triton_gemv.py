@@ -1,8 +1,7 @@
 """The one-token Triton GEMV (``layers/triton_gemv.py``) against ``x @ W.T``.
 
 On the CPU in Triton's interpreter (a child process, as in ``test_fused_ops.py``): odd sizes,
-every split count (the last-ticket reduction and the ticket reset), two calls in a row, and the
-layers that ``attach_gemv`` sets up (``enable_triton_gemv``). On
+every split count (the last-ticket reduction and the ticket reset), and two calls in a row. On
 CUDA the same in bfloat16, and a CUDA-graph replay of the split-K path.
 """
 
@@ -39,43 +38,6 @@ def run_cases(device: str, dtype: torch.dtype) -> list[str]:
     return failures
 
 
-def run_layers(device: str, dtype: torch.dtype) -> list[str]:
-    """``attach_gemv`` on a column, a row-parallel and an LM-head layer: one-token inputs take the
-    GEMV (and agree with the matmul), several tokens and FP8 weights stay on ``F.linear``."""
-    from functools import partial
-
-    from torch import nn
-
-    from treadle.gpu_worker.layers.embedding import ParallelLMHead
-    from treadle.gpu_worker.layers.linear import ColumnParallelLinear, RowParallelLinear
-    from treadle.gpu_worker.layers.triton_gemv import attach_gemv
-
-    g = torch.Generator().manual_seed(1)
-    model = nn.ModuleDict({"col": ColumnParallelLinear(64, 300, bias=True), "row": RowParallelLinear(1000, 48),
-                           "head": ParallelLMHead(77, 64), "fp8": ColumnParallelLinear(64, 32)})
-    for p in model.parameters():
-        p.data = torch.randn(p.shape, generator=g).to(device, dtype)
-    if hasattr(torch, "float8_e4m3fn"):
-        model["fp8"].weight.data = model["fp8"].weight.data.to(torch.float8_e4m3fn)
-    failures = []
-    if attach_gemv(model, torch.device(device), num_sms=4) != 3 or hasattr(model["fp8"], "gemv"):
-        failures.append("attach_gemv should set up exactly the three 16/32-bit layers")
-    calls = []
-    for name in ("col", "row", "head"):
-        layer = model[name]
-        layer.gemv = partial(lambda f, *a: calls.append(name) or f(*a), layer.gemv)
-        for tokens in (1, 3):
-            x = torch.randn(tokens, layer.weight.shape[1], generator=g).to(device, dtype)
-            want = x @ layer.weight.T + (layer.bias if getattr(layer, "bias", None) is not None else 0)
-            got = layer(x)[..., : want.shape[-1]]
-            tol = 1e-4 if dtype == torch.float32 else 2e-2
-            if not torch.allclose(got.float(), want.float(), atol=tol * x.shape[1] ** 0.5, rtol=tol):
-                failures.append(f"{name} with {tokens} token(s): max err {(got - want).abs().max():.3g}")
-    if calls != ["col", "row", "head"]:
-        failures.append(f"the GEMV ran for {calls}, want one one-token call per layer")
-    return failures
-
-
 @pytest.fixture(scope="module")
 def interpreted() -> list[str]:
     return interpret_script(__file__)
@@ -92,7 +54,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_gemv_matches_matmul(dtype):
-    assert run_cases("cuda", dtype) == [] and run_layers("cuda", dtype) == []
+    assert run_cases("cuda", dtype) == []
 
 
 @pytest.mark.gpu
@@ -116,4 +78,4 @@ def test_cuda_graph_replay_split_k():
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
-    print(json.dumps(run_cases("cpu", torch.float32) + run_layers("cpu", torch.float32)))
+    print(json.dumps(run_cases("cpu", torch.float32)))
