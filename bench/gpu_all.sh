@@ -48,9 +48,8 @@ for stage in "$@"; do
                 done ;;
     profile_ci) timeout 150 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                   --batch 64 --batch 192 --context 2048 2>&1 | grep -v -i warn ;;
-    tp_bench) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do
-                parts=ab && [ "$args" = '{"dp_size": 2}' ] && parts=b
-                timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts $parts --skip-hf --ci-prompts 200 \
+    tp_bench) for args in '{}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}' '{"dp_size": 2}'; do
+                timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
     *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
