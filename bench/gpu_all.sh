@@ -29,7 +29,7 @@ for stage in "$@"; do
                timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                  --batch 1 --tp 2 --fusion 2>&1 | grep -v -i warn | head -16 ;;
     layouts) timeout 300 python bench/gpu_layouts_check.py --config-dir $mini 2>&1 | grep "prompts\|FAILED" ;;
-    tp_b1) for args in '{}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}'; do
+    tp_b1) for args in '{}' '{"tp_size": 2, "enable_allreduce_fusion": false}' '{"tp_size": 2}'; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;
@@ -48,7 +48,7 @@ for stage in "$@"; do
                 done ;;
     profile_ci) timeout 150 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                   --batch 64 --batch 192 --context 2048 2>&1 | grep -v -i warn ;;
-    tp_bench) for args in '{}' '{"tp_size": 2}' '{"tp_size": 2, "enable_allreduce_fusion": true}' '{"dp_size": 2}'; do
+    tp_bench) for args in '{}' '{"tp_size": 2, "enable_allreduce_fusion": false}' '{"tp_size": 2}' '{"dp_size": 2}'; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;

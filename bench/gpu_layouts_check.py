@@ -4,7 +4,7 @@
 
 Builds seeded random weights of the config (wide init: no near-ties), runs the Engine with the
 default layout and with each given layout (default: ``tp_size=2``, ``pp_size=2``, ``dp_size=2``,
-and ``tp_size=2`` with ``enable_allreduce_fusion``; float32, graphs and overlap where the layout
+and ``tp_size=2`` with and without the fused all-reduce + norm; float32, graphs and overlap where the layout
 has them) on the same 6 prompts x 32 greedy tokens, and prints how many prompts match one GPU.
 """
 
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_smoke import build_random_model  # noqa: E402
 
-DEFAULT_LAYOUTS = ['{"tp_size": 2}', '{"pp_size": 2}', '{"dp_size": 2}', '{"tp_size": 2, "enable_allreduce_fusion": true}']
+DEFAULT_LAYOUTS = ['{"tp_size": 2, "enable_allreduce_fusion": false}', '{"pp_size": 2}', '{"dp_size": 2}', '{"tp_size": 2}']
 
 
 def run(d: str, prompts: list[list[int]], layout: dict) -> list[list[int]]:

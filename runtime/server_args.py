@@ -74,7 +74,9 @@ class ServerArgs:
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     disable_custom_all_reduce: bool = False
-    enable_allreduce_fusion: bool = False  # TP on one machine: all-reduce + residual + RMSNorm in one kernel
+    # TP on one machine: the all-reduce before each RMSNorm, the residual add and the norm in one
+    # kernel (on by default: measured faster on two H200s; False keeps the one-shot all-reduce alone)
+    enable_allreduce_fusion: bool = True
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True
