@@ -48,11 +48,15 @@ for stage in "$@"; do
                 done ;;
     profile_ci) timeout 150 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                   --batch 64 --batch 192 --context 2048 2>&1 | grep -v -i warn ;;
+    fp8_profile) for kv in auto fp8_e4m3; do  # decode attention with a bf16 and an FP8 cache, CI-like batch
+                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
+                     --batch 64 --context 2048 --kv-cache-dtype $kv 2>&1 | grep -v -i warn | head -10
+                 done ;;
     tp_bench) for args in '{}' '{"tp_size": 2, "enable_allreduce_fusion": false}' '{"tp_size": 2}' '{"dp_size": 2}'; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

@@ -1,6 +1,7 @@
 """Where a decode step's GPU time goes: per-kernel totals of ``ModelRunner`` decode steps.
 
-    python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024] [--tp 2]
+    python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024]
+        [--tp 2 [--fusion]] [--kv-cache-dtype fp8_e4m3]
 
 Builds the runner in-process (dummy bf16 weights, Triton attention, CUDA graphs), prefills
 ``batch`` requests of ``context`` tokens, then times 50 decode steps (wall per step, graphs on and
@@ -24,7 +25,7 @@ from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
 
 
 def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda", tp_rank: int = 0,
-        tp_size: int = 1, fusion: bool = False) -> None:
+        tp_size: int = 1, fusion: bool = False, kv_cache_dtype: str = "auto") -> None:
     d = tempfile.mkdtemp(prefix="treadle-prof-")
     shutil.copy(config, os.path.join(d, "config.json"))
     if tp_size > 1:
@@ -33,7 +34,8 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
                                       kv_tokens=batch * (context + 200), max_slots=batch, context_len=context + 200,
                                       attention_backend="triton" if device.startswith("cuda") else "torch_native",
                                       cuda_graph_max_bs=batch if graphs else 0, tp_rank=tp_rank, tp_size=tp_size,
-                                      custom_all_reduce=tp_size > 1, allreduce_fusion=fusion))
+                                      custom_all_reduce=tp_size > 1, allreduce_fusion=fusion,
+                                      kv_cache_dtype=kv_cache_dtype))
     device = runner.device.type
     say = print if tp_rank == 0 else (lambda *a, **k: None)
     greedy = SamplingSpec(temperature=0.0, top_k=1)
@@ -62,8 +64,8 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
         step(10 + k)
     sync()
     per_step = (time.perf_counter() - t) / 50
-    say(f"tp {tp_size}{' fused' if fusion else ''}, batch {batch}, context {context}, graphs {graphs}: {1000 * per_step:.3f} ms a step "
-          f"({batch / per_step:.0f} tok/s, model only)", flush=True)
+    say(f"tp {tp_size}{' fused' if fusion else ''}, KV {runner.kv_dtype}, batch {batch}, context {context}, "
+        f"graphs {graphs}: {1000 * per_step:.3f} ms a step ({batch / per_step:.0f} tok/s, model only)", flush=True)
     if graphs and device == "cuda":
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for k in range(20):
@@ -84,7 +86,7 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
 def run_rank(rank: int, a: argparse.Namespace, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     for b in a.batch or [1]:
-        run(a.config, b, a.context, True, a.device, rank, a.tp, a.fusion)
+        run(a.config, b, a.context, True, a.device, rank, a.tp, a.fusion, a.kv_cache_dtype)
 
 
 def main() -> None:
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--graphs-only", action="store_true", help="skip the eager comparison")
     p.add_argument("--tp", type=int, default=1, help="profile rank 0 of this many TP ranks (graphs only)")
     p.add_argument("--fusion", action="store_true", help="with --tp: all-reduce fused into the RMSNorms")
+    p.add_argument("--kv-cache-dtype", default="auto", help="e.g. fp8_e4m3")
     a = p.parse_args()
     if a.tp > 1:
         with socket.socket() as s:
@@ -105,7 +108,7 @@ def main() -> None:
         return
     for b in a.batch or [1]:
         for graphs in (True,) if a.graphs_only else (True, False):
-            run(a.config, b, a.context, graphs, a.device)
+            run(a.config, b, a.context, graphs, a.device, kv_cache_dtype=a.kv_cache_dtype)
 
 
 if __name__ == "__main__":
