@@ -27,10 +27,11 @@ from treadle.client.supervisor import Supervisor
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.logit_processor import load_processor, processor_reference
+from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, SessionParams, Shutdown
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.procs import kill_child
-from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.server_args import ServerArgs, parse_lora_paths
 from treadle.runtime.zmq_utils import IpcDir, Sender
 
 logger = logging.getLogger("treadle.engine")
@@ -75,6 +76,7 @@ class Engine:
         self._preferred: Optional[dict[str, Any]] = json.loads(pref) if pref else None
         self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
         self._session_groups: dict[str, int] = {}  # session id -> the DP group holding its KV
+        self._lora = LoraRegistry(bool(self.server_args.enable_lora), self.server_args.max_loaded_loras)
         launch = functools.partial(launch_children, self.server_args, self._files, self._ipc)
         self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), launch,
                                self.server_args.incremental_streaming_output,
@@ -91,6 +93,11 @@ class Engine:
             if isinstance(e, TimeoutError):
                 raise RuntimeError(f"Engine start-up took longer than {STARTUP_TIMEOUT_S:.0f} s.") from None
             raise
+        for name, path, pinned in parse_lora_paths(self.server_args.lora_paths):
+            res = self.load_lora_adapter(name, path, pinned)
+            if not res.success:
+                self.shutdown()
+                raise ValueError(f"lora_paths: cannot load adapter {name!r} from {path!r}: {res.error_message}")
         self._startup_time = time.perf_counter() - t0
         logger.info("engine ready in %.1f s (model %s, device %s)", self._startup_time,
                     self.server_args.model_path, self.server_args.device)
@@ -152,14 +159,15 @@ class Engine:
         unsupported = call.pop("unsupported")
         if unsupported:
             raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
-        for name in ("image_data", "lora_path"):
-            if call[name] is not None:
-                raise NotImplementedError(f"{name} is not supported yet by Treadle (see the README's feature table).")
+        if call["image_data"] is not None:
+            raise NotImplementedError("image_data is not supported yet by Treadle (see the README's feature table).")
         hidden = call["return_hidden_states"]
         if (any(hidden) if isinstance(hidden, list) else hidden) and not self.server_args.enable_return_hidden_states:
             raise ValueError("The server is not configured to return hidden states. "
                              "Start the engine with enable_return_hidden_states=True.")
         options = {k: call[k] for k in _GENERATE_OPTIONS if call[k] is not None}
+        if call["lora_path"] is not None:
+            options["lora_name"] = self._lora.resolve(call["lora_path"])
         if call["custom_logit_processor"] is not None:
             options.update(self._resolve_processors(call["custom_logit_processor"]))
         reqs, is_batch = normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
@@ -202,21 +210,24 @@ class Engine:
 
     # ------------------------------------------------------------------ embeddings
     def encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
-               rid: Union[str, list[str], None] = None, **unsupported: Any) -> Union[dict, BatchResult]:
+               rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
+               ) -> Union[dict, BatchResult]:
         """Embed one input (returns ``{"embedding": [...], "meta_info": {...}}``) or a batch (a
         ``BatchResult``: ``res["embedding"]`` lists the vectors). Inputs are text or token ids."""
-        reqs, is_batch = self._prepare_encode(prompt, image_data, rid, unsupported)
+        reqs, is_batch = self._prepare_encode(prompt, image_data, rid, lora_path, unsupported)
         q: queue.SimpleQueue = queue.SimpleQueue()
         call_id = self._submit(reqs, q.put, is_batch)
         return self._collect_sync(q, call_id, len(reqs), is_batch)
 
     async def async_encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
-                           rid: Union[str, list[str], None] = None, **unsupported: Any) -> Union[dict, BatchResult]:
+                           rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
+                           ) -> Union[dict, BatchResult]:
         """The async twin of ``encode``; runs on the caller's own event loop."""
-        reqs, is_batch = self._prepare_encode(prompt, image_data, rid, unsupported)
+        reqs, is_batch = self._prepare_encode(prompt, image_data, rid, lora_path, unsupported)
         return await self._run_async(reqs, is_batch)
 
-    def _prepare_encode(self, prompt: Any, image_data: Any, rid: Any, unsupported: dict) -> tuple[list[GenerateReq], bool]:
+    def _prepare_encode(self, prompt: Any, image_data: Any, rid: Any, lora_path: Any, unsupported: dict
+                        ) -> tuple[list[GenerateReq], bool]:
         self._check_alive()
         if unsupported:
             raise TypeError(f"encode() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
@@ -226,8 +237,10 @@ class Engine:
             raise ValueError("This model does not appear to be an embedding model by default. "
                              "Start the engine with is_embedding=True to use encode().")
         ids_input = isinstance(prompt, list) and prompt and (isinstance(prompt[0], int) or isinstance(prompt[0], list))
+        lora = self._lora.resolve(lora_path)
+        options = {} if lora is None else {"lora_name": lora}
         reqs, is_batch = normalize_generate(None if ids_input else prompt, prompt if ids_input else None,
-                                            {"max_new_tokens": 0}, rid, False, {})
+                                            {"max_new_tokens": 0}, rid, False, options)
         for r in reqs:
             r.embed = True
         return reqs, is_batch
@@ -392,6 +405,40 @@ class Engine:
         if self.server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served
             info["dp_groups"] = self._control_each("get_load", [-1])[-1]
         return info
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
+        """Load a PEFT adapter directory on every worker and serve it as ``lora_path=lora_name``;
+        failures are returned (``success=False`` with a message), as SGLang's."""
+        why = self._lora.check_load(lora_name, lora_path)
+        if why is not None:
+            return LoRAUpdateOutput(False, why)
+        results = self._control_each("load_lora_adapter", lora_name=lora_name, lora_path=lora_path,
+                                     pinned=bool(pinned))
+        failed = [r for r in results.values() if not r.get("success")]
+        if failed:  # a DP group that did load it drops it again, so the groups agree
+            ok = [g for g, r in results.items() if r.get("success")]
+            if ok:
+                self._control_each("unload_lora_adapter", ok, lora_name=lora_name)
+            return LoRAUpdateOutput(False, failed[0].get("error_message"), dict(self._lora.paths))
+        self._lora.paths[lora_name] = lora_path
+        return LoRAUpdateOutput(True, None, dict(self._lora.paths))
+
+    def unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
+        """New requests naming the adapter fail from now on; the workers drop it once the requests
+        already using it have finished."""
+        if lora_name not in self._lora.paths:
+            return LoRAUpdateOutput(False, f"LoRA with name {lora_name} does not exist. Loaded LoRAs: "
+                                           f"{sorted(self._lora.paths)}", dict(self._lora.paths))
+        del self._lora.paths[lora_name]
+        self._control_each("unload_lora_adapter", lora_name=lora_name)
+        return LoRAUpdateOutput(True, None, dict(self._lora.paths))
+
+    async def async_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
+        return await asyncio.to_thread(self.load_lora_adapter, lora_name, lora_path, pinned)
+
+    async def async_unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
+        return await asyncio.to_thread(self.unload_lora_adapter, lora_name)
 
     def get_all_child_pids(self) -> list[int]:
         return [p.pid for p in self._sup.procs.values()]

@@ -87,7 +87,8 @@ def normalize_generate(
             if isinstance(options.get(key), list) and key != "token_ids_logprob":
                 raise ValueError(f"Cannot use a list of {key} with parallel_sample_num > 1.")
 
-    per = {k: _per_item(k, v, n_prompts) for k, v in options.items() if k != "token_ids_logprob"}
+    shown = {"lora_name": "lora_path"}  # the user's argument, for the length error
+    per = {k: _per_item(shown.get(k, k), v, n_prompts) for k, v in options.items() if k != "token_ids_logprob"}
     tids = options.get("token_ids_logprob")
     tids_per = tids if (isinstance(tids, list) and tids and isinstance(tids[0], list)) else [tids] * n_prompts
     if len(tids_per) != n_prompts:

@@ -29,11 +29,13 @@ from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.logits_processing import PendingIds
 from treadle.gpu_worker.logprobs import StepOutput, row_outs
+from treadle.gpu_worker.lora import LoRAAdapter, LoRAPool, read_adapter
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import load_pooling_config, pool
 from treadle.gpu_worker.sampler import Sampler
 from treadle.runtime.messages import PLACEHOLDER, ForwardPlan, RowOut, SamplingSpec
+from treadle.runtime.server_args import LORA_NOT_ENABLED
 
 logger = logging.getLogger("treadle.worker")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -72,6 +74,8 @@ class RunnerConfig:
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
     allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
     kv_cache_dtype: str = "auto"  # "auto" (the model's), "fp8_e4m3", "fp8_e5m2", "bfloat16", ...
+    lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
+    lora_rank: int = 0  # the device slots' rank (max_lora_rank)
 
 
 def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -145,6 +149,11 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
+        self.lora: Optional[LoRAPool] = None  # device slots; adapters wait in host memory (lora_adapters)
+        self.lora_adapters: dict[str, LoRAAdapter] = {}
+        if cfg.lora_slots > 0:
+            self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype)
+            cfg.cuda_graph_max_bs = 0  # the adapters' per-token slots change every step
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
@@ -287,6 +296,19 @@ class ModelRunner:
         step = self._run(plan, extras=False)
         return torch.empty(0, self.vocab_size, device=self.device) if step is None else step.logits
 
+    def load_lora(self, name: str, path: str) -> dict[str, Any]:
+        """Read a PEFT adapter into host memory, checked against this model (rank, module shapes);
+        a plan's ``lora_loads`` puts it into a device slot when a request needs it."""
+        if self.lora is None:
+            raise ValueError(LORA_NOT_ENABLED)
+        adapter = read_adapter(path)
+        self.lora.check(adapter)
+        self.lora_adapters[name] = adapter
+        return {"rank": adapter.rank}
+
+    def unload_lora(self, name: str) -> bool:
+        return self.lora_adapters.pop(name, None) is not None
+
     def _encode(self, plan: ForwardPlan) -> dict[int, RowOut]:
         """Encoder models: every row is a whole sequence; return its pooled embedding (float32 bytes)."""
         for ns in plan.new_slots:
@@ -324,6 +346,11 @@ class ModelRunner:
             self._check_slot(ns.slot)
             self._check_spec(ns.slot, ns.sampling)
             self.sampler.set_slot(ns.slot, ns.sampling, ns.prior_output)
+        for load in plan.lora_loads:
+            if self.lora is None or load.name not in self.lora_adapters:
+                raise ValueError(f"LoRA adapter {load.name!r} is not loaded on this worker")
+            self.lora.load(load.slot, self.lora_adapters[load.name])
+        lora_tokens: list[int] = []  # the adapter slot of every token, in row order
         # Table writes (prefix hits first, then the rows' new tokens) as (slot, position, loc) triples.
         w_slot, w_pos, w_loc = [], [], []
         for pw in plan.prefix_writes:
@@ -360,6 +387,8 @@ class ModelRunner:
             elif report and spec.return_hidden:
                 hidden_rows.append((r, off, n))
             ids += row.input_ids
+            if self.lora is not None:
+                lora_tokens += [row.lora_slot] * n
             slots.append(row.slot), starts.append(row.start_pos), lens.append(n)
             w_slot += [row.slot] * n
             w_pos += range(row.start_pos, row.start_pos + n)
@@ -383,6 +412,8 @@ class ModelRunner:
         if q:
             input_ids[ph_idx_t] = self.last_token[ph_slot_t]
 
+        if self.lora is not None:
+            self.lora.set_token_slots(torch.tensor(lora_tokens, dtype=torch.int64))
         plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
         if self.graphs is not None and t == len(plan.rows) == s and plain and self.graphs.fits(t):
             hidden, logits = self.graphs.replay(input_ids, w_pos_t[p:], w_loc_t[p:], w_slot_t[p:])

@@ -62,6 +62,7 @@ class WorkerLoop:
             pp_rank=self.pp_rank, pp_size=args.pp_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
             allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
+            lora_slots=args.max_loras_per_batch if args.enable_lora else 0, lora_rank=args.max_lora_rank or 0,
             cuda_graph_max_bs=0 if args.disable_cuda_graph else (args.cuda_graph_max_bs or min(self.max_slots, 256)),
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
@@ -129,6 +130,10 @@ class WorkerLoop:
                 return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.profiler.start(msg.args))
             if msg.method == "stop_profile":
                 return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.profiler.stop())
+            if msg.method == "load_lora":
+                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.runner.load_lora(**msg.args))
+            if msg.method == "unload_lora":
+                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.runner.unload_lora(**msg.args))
             raise ValueError(f"unknown worker method {msg.method!r}")
         except Exception as e:  # a failed control call is reported, it does not kill the worker
             return WorkerControlReply(call_id=msg.call_id, ok=False, error=str(e))

@@ -50,6 +50,7 @@ class GenerateReq(_Msg):
     session: Optional[SessionParams] = None
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
     dp_rank: Optional[int] = None  # run on this DP group (a session's group); None: the tokenizer picks
+    lora_name: Optional[str] = None  # a loaded LoRA adapter (validated by the client); None: the base model
 
 
 class GenerateBatch(_Msg):
@@ -104,6 +105,7 @@ class TokenizedReq(_Msg):
     custom_state: Optional[dict[str, Any]] = None
     session: Optional[SessionParams] = None
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
+    lora_name: Optional[str] = None
 
 
 class TokenizedBatch(_Msg):
@@ -176,6 +178,14 @@ class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     sample: bool = True
     logprob_from: int = -1  # >= 0: input logprobs for row positions logprob_from .. n-2 (see RowOut)
     token_bitmask: bytes = b""
+    lora_slot: int = -1  # the device LoRA slot of the row's adapter; -1: the base model
+
+
+class LoraLoad(msgspec.Struct, array_like=True):
+    """Before this step runs, copy the loaded adapter ``name`` into device LoRA slot ``slot``."""
+
+    slot: int
+    name: str
 
 
 class PrefixWrite(msgspec.Struct, array_like=True):
@@ -190,6 +200,7 @@ class ForwardPlan(_Msg):
     new_slots: list[NewSlot] = []
     prefix_writes: list[PrefixWrite] = []
     rows: list[PlanRow] = []
+    lora_loads: list[LoraLoad] = []
 
 
 class RowOut(msgspec.Struct, array_like=True, omit_defaults=True):

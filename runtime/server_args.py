@@ -12,10 +12,13 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from treadle.runtime.parallel import split_addr
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
+LORA_BACKENDS = ("csgmv", "triton", "torch_native")  # accepted for SGLang's sake; one implementation serves all
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
@@ -86,7 +89,11 @@ class ServerArgs:
     enable_lora: Optional[bool] = None
     lora_paths: Optional[list] = None
     max_loras_per_batch: int = 8
+    max_loaded_loras: Optional[int] = None
     max_lora_rank: Optional[int] = None
+    lora_target_modules: Optional[list] = None
+    lora_backend: str = "csgmv"
+    lora_eviction_policy: str = "lru"
     enable_custom_logit_processor: bool = False
     enable_return_hidden_states: bool = False
     preferred_sampling_params: Optional[str] = None
@@ -157,6 +164,18 @@ class ServerArgs:
                 raise ValueError("preferred_sampling_params must be a JSON object string.") from None
         if self.lora_paths is not None and not isinstance(self.lora_paths, (list, tuple, dict)):
             raise ValueError("lora_paths must be a list of paths or NAME=PATH strings.")
+        parse_lora_paths(self.lora_paths)
+        _choice("lora_backend", self.lora_backend, LORA_BACKENDS)
+        _choice("lora_eviction_policy", self.lora_eviction_policy, ("lru", "fifo"))
+        for name in ("max_loaded_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        targets = self.lora_target_modules
+        if targets is not None and (not isinstance(targets, (list, tuple))
+                                    or any(t not in LORA_TARGETS + ("all",) for t in targets)):
+            raise ValueError(f"lora_target_modules must be a list of {', '.join(LORA_TARGETS)} (or 'all'), "
+                             f"got {targets!r}.")
 
     # -------------------------------------------------------------- resolution
     def resolved(self) -> "ServerArgs":
@@ -190,6 +209,11 @@ class ServerArgs:
             a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else 2048
         if a.enable_lora is None:
             a.enable_lora = bool(a.lora_paths)
+        if a.enable_lora:  # the LoRA delta reads per-token adapter slots that change every step
+            a.disable_cuda_graph = True
+            if a.max_lora_rank is None:  # the device slots' rank: the largest initial adapter's, else 64
+                ranks = [_adapter_rank(path) for _, path, _ in parse_lora_paths(a.lora_paths)]
+                a.max_lora_rank = max([r for r in ranks if r] or [64])
         if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
             a.disable_overlap_schedule = a.disable_cuda_graph = True
         return a
@@ -199,7 +223,6 @@ class ServerArgs:
         missing = {
             "quantization": self.quantization not in (None, "gguf"),
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
-            "enable_lora": bool(self.enable_lora or self.lora_paths),
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "cpu_offload_gb": self.cpu_offload_gb > 0,
         }
@@ -221,6 +244,15 @@ class ServerArgs:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+def _adapter_rank(path: str) -> Optional[int]:
+    """``r`` of a PEFT adapter directory (None if unreadable: loading it reports why)."""
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            return int(json.load(f)["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _choice(name: str, v: Any, choices: tuple) -> None:
@@ -248,3 +280,29 @@ def _num(name: str, v: Any) -> None:
 def default_cache_dir() -> str:
     return os.environ.get("TREADLE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "treadle")
 
+
+def parse_lora_paths(lora_paths: Union[list, tuple, dict, None]) -> list[tuple[str, str, bool]]:
+    """``lora_paths`` as SGLang takes it, as ``(name, path, pinned)``: each item is ``PATH`` (the
+    name is the path), ``NAME=PATH``, a dict ``{"lora_name", "lora_path", "pinned"}`` or its JSON
+    string; a dict ``{name: path}`` is accepted as well."""
+    if lora_paths is None:
+        return []
+    if isinstance(lora_paths, dict):
+        return [(str(k), str(v), False) for k, v in lora_paths.items()]
+    out = []
+    for item in lora_paths:
+        if isinstance(item, str) and item.lstrip().startswith("{"):
+            item = json.loads(item)
+        if isinstance(item, dict):
+            if not isinstance(item.get("lora_name"), str) or not isinstance(item.get("lora_path"), str):
+                raise ValueError(f"lora_paths entry {item!r} needs string lora_name and lora_path.")
+            out.append((item["lora_name"], item["lora_path"], bool(item.get("pinned", False))))
+        elif isinstance(item, str) and item:
+            name, _, path = item.partition("=") if "=" in item else (item, "", item)
+            out.append((name, path, False))
+        else:
+            raise ValueError(f"lora_paths entries must be PATH or NAME=PATH strings or dicts, got {item!r}.")
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"lora_paths names an adapter twice: {names}")
+    return out

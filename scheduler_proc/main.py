@@ -15,6 +15,7 @@ from treadle.runtime.messages import (
     TokenizedBatch, TokenOutBatch, WorkerControl, WorkerControlReply,
 )
 from treadle.runtime.procs import ChildSpec
+from treadle.runtime.server_args import LORA_NOT_ENABLED
 from treadle.runtime.zmq_utils import Receiver, Sender
 from treadle.scheduler_proc.scheduler import Scheduler
 
@@ -40,6 +41,7 @@ class SchedulerLoop:
         self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info,
                                hidden_size, tokenizer_dir=spec.files.tokenizer_dir)
         self.worker_info = worker_info
+        self.lora_paths: dict[str, str] = {}  # loaded adapters (load_lora_adapter's loaded_adapters)
         self.running = True
 
     def worker_call(self, method: str, **args: Any) -> Any:
@@ -79,6 +81,9 @@ class SchedulerLoop:
             elif plan is None and not self.sched.is_idle():
                 self.sched.grammars.wait(GRAMMAR_POLL_S)  # only compiling requests wait: sleep, don't spin
             self.flush_outputs()
+            for name in self.sched.finished_lora_unloads():
+                self.worker_call("unload_lora", name=name)
+                self.lora_paths.pop(name, None)
             if self.sched.is_idle():
                 self.sched.check_integrity()
         self.sched.grammars.shutdown()
@@ -141,12 +146,47 @@ class SchedulerLoop:
             except AssertionError as e:
                 return ControlReply(call_id=msg.call_id, ok=False, error=f"integrity check failed: {e}")
             return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.internal_state())
+        if msg.method == "load_lora_adapter":
+            return ControlReply(call_id=msg.call_id, ok=True, result=self.load_lora(**msg.args))
+        if msg.method == "unload_lora_adapter":
+            return ControlReply(call_id=msg.call_id, ok=True, result=self.unload_lora(**msg.args))
         if msg.method in ("start_profile", "stop_profile"):
             try:
                 return ControlReply(call_id=msg.call_id, ok=True, result=self.worker_call(msg.method, **msg.args))
             except RuntimeError as e:
                 return ControlReply(call_id=msg.call_id, ok=False, error=str(e))
         return ControlReply(call_id=msg.call_id, ok=False, error=f"unknown control method {msg.method!r}")
+
+    def load_lora(self, lora_name: str, lora_path: str, pinned: bool = False) -> dict[str, Any]:
+        """Every worker reads the adapter into host memory (the reporting one answers for all: the
+        ranks read the same files); errors are returned, not raised, as SGLang's LoRAUpdateOutput."""
+        lora = self.sched.lora
+        if lora.num_slots == 0:
+            return {"success": False, "error_message": LORA_NOT_ENABLED}
+        if lora_name in lora.loaded and lora_name not in lora.unloading:
+            return {"success": False, "error_message": f"The LoRA adapter {lora_name} is already loaded. "
+                                                       "Unload it first or use another name."}
+        if pinned and len(lora.pinned) + 1 >= lora.num_slots:
+            return {"success": False, "error_message": f"At most max_loras_per_batch - 1 = {lora.num_slots - 1} "
+                                                       "adapters can be pinned."}
+        try:
+            self.worker_call("load_lora", name=lora_name, path=lora_path)
+        except RuntimeError as e:
+            return {"success": False, "error_message": str(e).removeprefix("worker call load_lora failed: ")}
+        lora.load(lora_name, pinned)
+        self.lora_paths[lora_name] = lora_path
+        return {"success": True, "loaded_adapters": dict(self.lora_paths)}
+
+    def unload_lora(self, lora_name: str) -> dict[str, Any]:
+        """New requests for the name are refused at once; the workers drop it once no queued or
+        running request uses it (see ``LoraSlots``)."""
+        lora = self.sched.lora
+        if lora_name not in lora.loaded or lora_name in lora.unloading:
+            return {"success": False, "error_message": f"LoRA with name {lora_name} does not exist. Loaded LoRAs: "
+                                                       f"{sorted(n for n in lora.loaded if n not in lora.unloading)}"}
+        lora.unload(lora_name)
+        loaded = {n: p for n, p in self.lora_paths.items() if n != lora_name}
+        return {"success": True, "loaded_adapters": loaded}
 
     def flush_outputs(self) -> None:
         for rid, kind, message in self.sched.take_errors():

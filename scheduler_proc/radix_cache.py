@@ -6,6 +6,10 @@ the smallest unit the allocator hands out and the attention kernels index; a par
 shared. Eviction is LRU over unlocked leaves, via a lazily invalidated heap: entries are pushed whenever
 a node becomes an evictable leaf or is touched, and stale ones are skipped on pop, which keeps each
 eviction O(log n) without having to delete from the middle of a heap.
+
+KV depends on more than the tokens when a LoRA adapter computed it, so every lookup names a
+namespace (the adapter; ``""`` for the base model), and each namespace has a tree of its own.
+They share the page pool and the LRU eviction.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class RadixCache:
         self._init_tree()
 
     def _init_tree(self) -> None:
-        self.root = TreeNode([], [], None)
+        self.roots: dict[str, TreeNode] = {}  # namespace -> its tree's root (made on first use)
         self._cached = self._locked = self._nodes = 0
         self._heap: list[tuple[int, int, TreeNode]] = []  # (last_access, seq, leaf); may hold stale entries
 
@@ -91,14 +95,21 @@ class RadixCache:
         if path:
             self._push(path[-1])  # only the deepest node can be a leaf
 
-    def match_prefix(self, ids: list[int], max_len: int | None = None) -> tuple[list[int], TreeNode]:
+    def _root(self, namespace: str) -> TreeNode:
+        root = self.roots.get(namespace)
+        if root is None:
+            root = self.roots[namespace] = TreeNode([], [], None)
+        return root
+
+    def match_prefix(self, ids: list[int], max_len: int | None = None, namespace: str = ""
+                     ) -> tuple[list[int], TreeNode]:
         """Longest cached prefix of ``ids`` in whole pages, at most ``max_len`` tokens (rounded down to a
         page): (its pages in order, the deepest node covering it; the root if nothing). Splits a node when
         the match ends inside it so the returned node covers exactly the match (callers lock that node).
         Updates last_access (LRU) along the path."""
         end = len(ids) if max_len is None else min(len(ids), max_len)
         end -= end % self.page_size
-        node, pos, pages, path = self.root, 0, [], []
+        node, pos, pages, path = self._root(namespace), 0, [], []
         while pos < end and (child := self._child(node, ids, pos)) is not None:
             n = self._common(child.key, ids, pos, end)
             if n < len(child.key):
@@ -109,14 +120,14 @@ class RadixCache:
         self._touch(path)
         return pages, node
 
-    def insert(self, ids: list[int], pages: list[int]) -> int:
+    def insert(self, ids: list[int], pages: list[int], namespace: str = "") -> int:
         """Cache a sequence given in whole pages (``len(ids) == len(pages) * page_size``). Where a position
         is already cached under a different page, the given page is a duplicate (another request computed
         the same KV) and goes back to the allocator; the tree's copy wins. Returns the number of tokens
         that were already cached before this insert."""
         ps = self.page_size
         assert len(ids) == len(pages) * ps, f"{len(ids)} ids for {len(pages)} pages of {ps}"
-        node, pos, path = self.root, 0, []
+        node, pos, path = self._root(namespace), 0, []
         while pos < len(ids):
             child = self._child(node, ids, pos)
             if child is None:
@@ -140,14 +151,14 @@ class RadixCache:
     # ---- locking ----
     def lock(self, node: TreeNode) -> None:
         """Pin ``node`` and its ancestors (root excluded) so their pages are never evicted."""
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self._locked += len(node.pages)
             node.lock_ref += 1
             node = node.parent
 
     def unlock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             assert node.lock_ref > 0, "unlock without a matching lock"
             node.lock_ref -= 1
             if node.lock_ref == 0:
@@ -157,7 +168,7 @@ class RadixCache:
 
     # ---- eviction ----
     def _push(self, node: TreeNode) -> None:
-        if node is not self.root and not node.children and node.lock_ref == 0:
+        if node.parent is not None and not node.children and node.lock_ref == 0:
             heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
             if len(self._heap) > 2 * self._nodes + 64:  # too many stale entries: rebuild from live leaves
                 self._heap = [(n.last_access, next(self._seq), n) for n in self._walk() if self._evictable(n)]
@@ -193,7 +204,7 @@ class RadixCache:
 
     # ---- introspection ----
     def _walk(self) -> list[TreeNode]:
-        out, stack = [], list(self.root.children.values())
+        out, stack = [], [c for root in self.roots.values() for c in root.children.values()]
         while stack:
             node = stack.pop()
             out.append(node)
@@ -203,7 +214,7 @@ class RadixCache:
     def check(self) -> None:
         """Assert the tree's invariants and that the incremental counters match a full recount."""
         ps, nodes = self.page_size, self._walk()
-        assert not self.root.key and not self.root.pages and self.root.lock_ref == 0
+        assert all(not r.key and not r.pages and r.lock_ref == 0 and r.parent is None for r in self.roots.values())
         live = {(id(n), t) for t, _, n in self._heap}
         for node in nodes:
             assert node.pages and len(node.key) == len(node.pages) * ps, "key/page length mismatch"

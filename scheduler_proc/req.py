@@ -21,6 +21,7 @@ class Req:
         self.stop_ids = set() if self.sampling.ignore_eos else eos_ids | set(self.sampling.stop_token_ids or ())
         self.stop_strs = self.sampling.stop_strs()
         self.slot: Optional[int] = None
+        self.lora_slot = -1  # the device slot of its LoRA adapter while it runs (-1: base model)
         self.pages: list[int] = []  # KV pages of positions 0.. in order; the first `shared_pages` belong to the cache
         self.shared_pages = 0
         self.cache_node: Any = None  # locked radix node of the matched prefix

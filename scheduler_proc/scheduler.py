@@ -25,6 +25,7 @@ from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.grammar import GrammarManager
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
 from treadle.scheduler_proc.policy import order_waiting, priority_of
+from treadle.scheduler_proc.lora_slots import LoraSlots
 from treadle.scheduler_proc.radix_cache import RadixCache
 from treadle.scheduler_proc.req import Req
 from treadle.scheduler_proc.sessions import SessionTable
@@ -53,6 +54,7 @@ class Scheduler:
         no_cache = args.disable_radix_cache or self.is_encoder
         self.cache: Optional[RadixCache] = None if no_cache else RadixCache(self.page_size, self.pages)
         self.sessions = SessionTable()
+        self.lora = LoraSlots(args.max_loras_per_batch if args.enable_lora else 0)
         self.priority = args.enable_priority_scheduling or args.schedule_policy == "priority"
         cps = args.chunked_prefill_size
         self.chunk_size: Optional[int] = cps if cps is not None and cps > 0 else None
@@ -87,6 +89,9 @@ class Scheduler:
             ids = tr.input_ids
             try:
                 gkey = self.grammars.key_of(tr.sampling)
+                lora = tr.lora_name
+                if lora is not None and (lora not in self.lora.loaded or lora in self.lora.unloading):
+                    raise ValueError(f"Got LoRA adapter that has never been loaded: {tr.lora_name}")
                 if tr.session is not None:
                     ids = self.sessions.context(tr.session, tr.rid, ids)
                 if len(ids) + 1 > pool:
@@ -171,7 +176,8 @@ class Scheduler:
                 pos = req.num_tokens - 1
                 self._grow(req, pos + 1)
                 tok = PLACEHOLDER if req.pending else req.last_id()
-                rows.append(PlanRow(req.slot, [tok], pos, req.locs(pos, pos + 1, self.page_size)))
+                rows.append(PlanRow(req.slot, [tok], pos, req.locs(pos, pos + 1, self.page_size),
+                                    lora_slot=req.lora_slot))
                 self._planned(req, 1, True, False)
         decoding = len(rows)
         budget = min(self.args.max_prefill_tokens, self.chunk_size or self.args.max_prefill_tokens)
@@ -189,7 +195,8 @@ class Scheduler:
         self.step += 1
         self.inflight.append((self.step, self.plan_rows))
         self.new_token_ratio = max(self.min_ratio, self.new_token_ratio - (self.init_ratio - self.min_ratio) / 600)
-        return ForwardPlan(step=self.step, new_slots=new_slots, prefix_writes=prefix_writes, rows=rows)
+        return ForwardPlan(step=self.step, new_slots=new_slots, prefix_writes=prefix_writes, rows=rows,
+                           lora_loads=self.lora.take_loads())
 
     def _decodable(self, req: Req) -> bool:
         """Runs a decode row this step. With a token still in flight the row's input is a placeholder
@@ -236,6 +243,13 @@ class Scheduler:
                 if self.cache is not None:
                     self.cache.unlock(node)
                 break
+            if req.tr.lora_name is not None:
+                slot = self.lora.acquire(req.tr.lora_name)
+                if slot is None:  # every device slot serves running requests of other adapters
+                    if self.cache is not None:
+                        self.cache.unlock(node)
+                    continue
+                req.lora_slot = slot
             self.waiting.remove(req)
             req.slot = self.slots.alloc()
             req.pages, req.shared_pages, req.cache_node = list(pages), len(pages), node
@@ -267,7 +281,8 @@ class Scheduler:
             lp_from = max(0, req.tr.logprob_start_len - start)
         ids = req.all_ids()[start:start + n]
         samples = done and not req.tr.embed
-        rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), samples, lp_from))
+        rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), samples, lp_from,
+                            lora_slot=req.lora_slot))
         self._planned(req, n, samples, True)
         return n
 
@@ -286,7 +301,7 @@ class Scheduler:
         cap = len(ids) - 1
         if req.tr.return_logprob and req.tr.logprob_start_len >= 0 and not req.input_logprobs_done:
             cap = min(cap, req.tr.logprob_start_len)
-        return self.cache.match_prefix(ids, max_len=cap)
+        return self.cache.match_prefix(ids, max_len=cap, namespace=req.tr.lora_name or "")
 
     def _prefix_len(self, req: Req) -> int:
         return len(self._match(req, req.all_ids())[0]) * self.page_size if self.cache is not None else 0
@@ -367,7 +382,7 @@ class Scheduler:
         if self.cache is not None:
             k = min(req.num_computed, req.seq_len) // self.page_size
             if k >= req.shared_pages and k > 0:
-                self.cache.insert(req.all_ids()[: k * self.page_size], req.pages[:k])
+                self.cache.insert(req.all_ids()[: k * self.page_size], req.pages[:k], req.tr.lora_name or "")
             else:
                 k = req.shared_pages
             self.cache.unlock(req.cache_node)
@@ -375,7 +390,9 @@ class Scheduler:
         else:
             self.pages.free(req.pages)
         self.slots.free(req.slot)
-        req.pages, req.shared_pages, req.cache_node, req.slot = [], 0, None, None
+        if req.lora_slot >= 0:
+            self.lora.release(req.tr.lora_name)
+        req.pages, req.shared_pages, req.cache_node, req.slot, req.lora_slot = [], 0, None, None, -1
         req.num_computed = req.fill_len = 0
 
     # ------------------------------------------------------------------ results
@@ -459,7 +476,7 @@ class Scheduler:
         sess = self.sessions.finish(sid, req.rid, req.output_ids)
         if sess is None or self.cache is None:
             return
-        _, node = self.cache.match_prefix(req.all_ids())
+        _, node = self.cache.match_prefix(req.all_ids(), namespace=req.tr.lora_name or "")
         self.cache.lock(node)
         if sess.lock_node is not None:
             self.cache.unlock(sess.lock_node)
@@ -496,6 +513,10 @@ class Scheduler:
         return True
 
     # ------------------------------------------------------------------ introspection
+    def finished_lora_unloads(self) -> list[str]:
+        """Adapters whose unloading can complete now (no queued or running request names them)."""
+        return self.lora.finish_unloads(r.tr.lora_name for r in self.waiting + self.running)
+
     def is_idle(self) -> bool:
         return not self.running and not self.waiting
 

@@ -54,7 +54,7 @@ class TokenizerWorker:
             logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
             token_ids_logprob=r.token_ids_logprob, return_hidden_states=r.return_hidden_states,
             priority=r.priority, created=r.created, custom_logit_processor=r.custom_logit_processor,
-            custom_state=r.custom_state, session=r.session, embed=r.embed,
+            custom_state=r.custom_state, session=r.session, embed=r.embed, lora_name=r.lora_name,
         )
 
 

@@ -38,7 +38,9 @@ class LinearBase(nn.Module):
         param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        lora = self.__dict__.get("lora")  # lora.LoRAPool's; not getattr: a miss costs nn.Module ~1 us
+        return y if lora is None else lora.apply(x, y)
 
 
 ReplicatedLinear = LinearBase
@@ -145,6 +147,9 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        lora = self.__dict__.get("lora")
+        if lora is not None:  # on the partial sum: the reduce sums the ranks' (x_r A_r^T) B^T into x A^T B^T
+            y = lora.apply(x, y)
         if not self.reduce_results:
             return y  # partial: no bias here (the model only defers the reduce of bias-free layers)
         y = all_reduce(y)

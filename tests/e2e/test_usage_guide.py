@@ -8,7 +8,7 @@ import pytest
 
 from treadle import Engine
 
-from e2e_helpers import alive
+from e2e_helpers import alive, make_peft_adapter
 
 pytestmark = pytest.mark.e2e
 MODEL = "default"
@@ -192,3 +192,40 @@ def test_engine_configuration_example_names_what_is_not_built_yet():
             log_requests=False
         )
     assert "kv_cache_dtype" not in str(err.value)
+
+
+def test_lora_adapters(default_model_dir, tmp_path, monkeypatch):
+    """The guide's LoRA section as written (adapters made with peft under ./adapters); outputs are
+    checked against peft in tests/e2e/test_lora_engine.py."""
+    for i, name in enumerate(("math", "code", "medical")):
+        make_peft_adapter(default_model_dir, str(tmp_path / "adapters" / name), 8, 16, ["q_proj", "v_proj"], seed=i)
+    monkeypatch.chdir(tmp_path)
+    engine = Engine(
+        model_path=MODEL,
+        enable_lora=True,
+        lora_paths=["./adapters/math", "./adapters/code"]
+    )
+    try:
+        # Load a new adapter
+        engine.load_lora_adapter(
+            lora_name="medical",
+            lora_path="./adapters/medical"
+        )
+
+        # Use the adapter
+        response = engine.generate(
+            prompt="Explain diabetes",
+            lora_path="medical",
+            sampling_params={"max_new_tokens": 200}
+        )
+        assert isinstance(response["text"], str) and response["meta_info"]["completion_tokens"] >= 1
+        # adapters loaded at start-up are named by their paths
+        math = engine.generate(prompt="2 + 2 =", lora_path="./adapters/math", sampling_params={"max_new_tokens": 8})
+        assert math["meta_info"]["completion_tokens"] >= 1
+
+        # Unload when done
+        engine.unload_lora_adapter("medical")
+        with pytest.raises(ValueError, match="never been loaded"):
+            engine.generate(prompt="Explain diabetes", lora_path="medical", sampling_params={"max_new_tokens": 8})
+    finally:
+        engine.shutdown()

@@ -32,7 +32,7 @@ def assert_conserved(cache: RadixCache, alloc: PageAllocator, held: int = 0) -> 
 def test_empty_tree(ps):
     cache, alloc = make(ps)
     pages, node = cache.match_prefix(list(range(10)))
-    assert pages == [] and node is cache.root
+    assert pages == [] and node is cache.roots[""]
     assert cache.cached_pages == cache.locked_pages == cache.evictable_pages == 0
     assert cache.evict(5) == 0
     assert cache.insert([], []) == 0
@@ -79,7 +79,7 @@ def test_max_len_caps_match(ps):
     pages = cache_seq(cache, alloc, ids)
     assert cache.match_prefix(ids, max_len=3 * ps)[0] == pages[:3]
     assert cache.match_prefix(ids, max_len=3 * ps + ps - 1)[0] == pages[:3]  # rounded down to a page
-    assert cache.match_prefix(ids, max_len=0) == ([], cache.root)
+    assert cache.match_prefix(ids, max_len=0) == ([], cache.roots[""])
     assert_conserved(cache, alloc)
 
 
@@ -154,7 +154,7 @@ def test_reset_frees_everything(ps):
     cache.unlock(node)
     cache.reset()
     assert cache.cached_pages == 0 and alloc.free_pages == alloc.num_pages
-    assert cache.match_prefix(list(range(3 * ps))) == ([], cache.root)
+    assert cache.match_prefix(list(range(3 * ps))) == ([], cache.roots[""])
     cache.check()
 
 
@@ -213,3 +213,25 @@ def test_stale_heap_entries_are_compacted():
     cache.check()
     assert cache.evict(2) == 2 and cache.match_prefix([1, 2, 3])[0]  # [4, 5] is LRU despite the churn
     assert_conserved(cache, alloc)
+
+
+@pytest.mark.parametrize("ps", [1, 4])
+def test_namespaces_keep_adapters_apart(ps):
+    """KV a LoRA adapter computed is found only under its namespace; eviction and the counters span all."""
+    cache, alloc = make(ps, num_pages=16)
+    ids = list(range(4 * ps))
+    base = cache_seq(cache, alloc, ids)
+    lora_pages = alloc.alloc(4)
+    cache.insert(ids, lora_pages, namespace="math")
+    assert cache.match_prefix(ids)[0] == base
+    assert cache.match_prefix(ids, namespace="math")[0] == lora_pages
+    assert cache.match_prefix(ids, namespace="code") == ([], cache.roots["code"])
+    _, node = cache.match_prefix(ids, namespace="math")
+    cache.lock(node)
+    assert cache.cached_pages == 8 and cache.locked_pages == 4
+    assert cache.evict(8) == 4  # only the base model's unlocked pages go
+    assert cache.match_prefix(ids)[0] == [] and cache.match_prefix(ids, namespace="math")[0] == lora_pages
+    cache.unlock(node)
+    assert_conserved(cache, alloc)
+    cache.reset()
+    assert cache.cached_pages == 0 and alloc.free_pages == alloc.num_pages

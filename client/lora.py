@@ -1,0 +1,71 @@
+"""The client's side of LoRA: which adapter names are loaded, and checking a call's ``lora_path``.
+
+The ``Engine`` is the only producer of requests, so checking names here, before anything is sent,
+is complete: a request naming an adapter that was never loaded (or is being unloaded) fails with a
+``ValueError`` and never reaches the other processes. The scheduler keeps its own table of what the
+workers hold (``scheduler_proc/lora_slots.py``) and refuses unknown names too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from treadle.runtime.server_args import LORA_NOT_ENABLED as NOT_ENABLED
+
+
+class LoRAUpdateOutput:
+    """What ``load_lora_adapter``/``unload_lora_adapter`` return (errors are returned, not raised, as SGLang)."""
+
+    def __init__(self, success: bool, error_message: Optional[str] = None,
+                 loaded_adapters: Optional[dict[str, str]] = None) -> None:
+        self.success, self.error_message, self.loaded_adapters = success, error_message, loaded_adapters
+
+    def __bool__(self) -> bool:
+        return self.success
+
+    def __repr__(self) -> str:
+        return (f"LoRAUpdateOutput(success={self.success}, error_message={self.error_message!r}, "
+                f"loaded_adapters={self.loaded_adapters!r})")
+
+
+class LoraRegistry:
+    """Adapter names the engine has loaded, as the user sees them (``load_lora_adapter``)."""
+
+    def __init__(self, enabled: bool, max_loaded: Optional[int] = None) -> None:
+        self.enabled = enabled
+        self.max_loaded = max_loaded
+        self.paths: dict[str, str] = {}
+
+    def check_load(self, lora_name: Any, lora_path: Any) -> Optional[str]:
+        """Why a load can't be tried (an error message), or None."""
+        if not isinstance(lora_name, str) or not lora_name:
+            return "lora_name must be a non-empty string."
+        if not isinstance(lora_path, str) or not lora_path:
+            return "lora_path must be a non-empty string (an adapter directory)."
+        if not self.enabled:
+            return NOT_ENABLED
+        if lora_name in self.paths:
+            return f"The LoRA adapter {lora_name} is already loaded. Unload it first or use another name."
+        if self.max_loaded is not None and len(self.paths) >= self.max_loaded:
+            return (f"Cannot load LoRA adapter {lora_name}: max_loaded_loras={self.max_loaded} adapters are loaded. "
+                    "Unload one first.")
+        return None
+
+    def resolve(self, lora_path: Any) -> Union[None, str, list[Optional[str]]]:
+        """Check a call's ``lora_path`` (a name, a list of names / None per prompt, or None) and
+        return it as the requests will carry it; raises ``ValueError``/``TypeError`` naming it."""
+        if lora_path is None:
+            return None
+        names = lora_path if isinstance(lora_path, list) else [lora_path]
+        for name in names:
+            if name is not None and not isinstance(name, str):
+                raise TypeError(f"lora_path must be an adapter name, a list of names (or None), got {name!r}.")
+        wanted = [n for n in names if n is not None]
+        if wanted and not self.enabled:
+            raise ValueError(f"LoRA adapter '{wanted[0]}' was requested, but LoRA is not enabled. "
+                             "Please set `--enable-lora` to enable LoRA.")
+        unknown = [n for n in wanted if n not in self.paths]
+        if unknown:
+            raise ValueError(f"Got LoRA adapter that has never been loaded: {unknown[0]}\n"
+                             f"All loaded adapters: {sorted(self.paths)}.")
+        return lora_path

@@ -1,0 +1,273 @@
+"""LoRA adapters (PEFT format) served side by side: each token of a step may use a different one.
+
+``y = W x + s * B (A x)`` for the attention and MLP projections of Llama-family models.
+``LoRAPool`` keeps ``num_slots`` adapters resident in preallocated buffers per projection, each
+padded to ``max_rank`` and sharded like the weight it adapts. The delta is computed densely over
+all slots at once and masked per token: fixed shapes, no gathers, two matmuls per projection.
+That costs ``num_slots * max_rank`` columns a token whether used or not, which is cheap for the
+few slots and small ranks this serves (a grouped kernel can replace ``_ModuleLoRA.apply`` later).
+
+Tensor parallelism follows the weights: column-parallel layers shard B along its rows (A full),
+row-parallel layers shard A along its columns (B full) and add their delta to the partial sum
+before the all-reduce, since ``sum_r (x_r A_r^T) B^T = (x A^T) B^T``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from treadle.gpu_worker.distributed import tp_rank, tp_size
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Config fields whose non-empty value changes the math or adds weights this module does not apply.
+_UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "rank_pattern": "per-module ranks (rank_pattern)",
+                "alpha_pattern": "per-module alphas (alpha_pattern)", "modules_to_save": "modules_to_save",
+                "lora_bias": "LoRA bias (lora_bias)", "layer_replication": "layer_replication",
+                "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters",
+                "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)"}
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:[\w.]+\.)?(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    """One PEFT adapter on the CPU in float32: ``weights[(layer, hf_module)] = (A [r, in], B [out, r])``."""
+
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    path: str = ""
+
+
+def _fail(path: str, why: str) -> None:
+    raise ValueError(f"LoRA adapter {path}: {why}")
+
+
+def _read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        _fail(path, "adapter_config.json not found")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        _fail(path, f"peft_type {cfg['peft_type']!r} is not LORA")
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            _fail(path, f"{what} is not supported")
+    if cfg.get("bias", "none") != "none":
+        _fail(path, f"bias={cfg['bias']!r} is not supported (only 'none')")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)):  # a string is a regex (or "all-linear"): the tensor names decide
+        bad = sorted(set(targets) - set(TARGETS))
+        if bad:
+            _fail(path, f"target modules {bad} are not supported (only {', '.join(TARGETS)})")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+        _fail(path, f"bad rank r={cfg.get('r')!r}")
+    return cfg
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    st, bin_ = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st, device="cpu")
+    if os.path.isfile(bin_):
+        return torch.load(bin_, map_location="cpu", weights_only=True)
+    _fail(path, "neither adapter_model.safetensors nor adapter_model.bin found")
+
+
+def read_adapter(path: str) -> LoRAAdapter:
+    """Read a PEFT LoRA adapter directory; rejects (ValueError) whatever ``LoRAPool`` would not
+    apply exactly, so an adapter either serves PEFT's outputs or does not load at all."""
+    cfg = _read_config(path)
+    r = cfg["r"]
+    scaling = cfg.get("lora_alpha", r) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in _read_tensors(path).items():
+        m = _KEY.search(key)
+        if m is None:
+            _fail(path, f"tensor {key!r} is not a LoRA A/B of a decoder layer projection "
+                        f"(supported: {', '.join(TARGETS)})")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if module not in TARGETS:
+            _fail(path, f"target module {module!r} ({key}) is not supported (only {', '.join(TARGETS)})")
+        if t.dim() != 2 or t.shape[0 if ab == "A" else 1] != r:
+            _fail(path, f"{key} has shape {tuple(t.shape)}, expected rank {r}")
+        halves.setdefault((layer, module), {})[ab] = t.float()
+    if not halves:
+        _fail(path, "no LoRA tensors found")
+    weights = {}
+    for (layer, module), ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            _fail(path, f"layer {layer} {module} lacks lora_{'B' if 'A' in ab else 'A'}")
+        weights[(layer, module)] = (ab["A"], ab["B"])
+    return LoRAAdapter(rank=r, scaling=float(scaling), weights=weights, path=path)
+
+
+@dataclass
+class _Sub:
+    """One HF projection inside a (possibly fused) layer, with this rank's slice of its LoRA buffers.
+
+    ``a``: [S, R, in_local]; ``b``: [S, out_local, R], a view of ``b_all``'s storage [out_local, S, R]
+    so the forward reads ``b_all`` as [out_local, S*R] without a copy.
+    """
+
+    hf: str
+    out_off: int  # where this projection's columns start in the layer's (local) output
+    full_in: int
+    full_out: int
+    in_start: int  # row-parallel: this rank's slice of A's columns; column-parallel: 0, all of them
+    out_start: int  # column-parallel: this rank's slice of B's rows; row-parallel: 0, all of them
+    a: torch.Tensor
+    b_all: torch.Tensor
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.b_all.permute(1, 0, 2)
+
+
+class _ModuleLoRA:
+    """What ``LoRAPool`` attaches to an adapted layer as ``module.lora``; the layer calls ``apply``."""
+
+    def __init__(self, pool: "LoRAPool", layer: int, subs: list[_Sub]):
+        self.pool, self.layer, self.subs = pool, layer, subs
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus every sub-projection's masked delta, in place (``y`` is the layer's fresh output)."""
+        mask = self.pool.mask
+        if mask is None:
+            return y
+        s_r = mask.shape[1]
+        for sub in self.subs:
+            xa = x @ sub.a.view(s_r, -1).t()
+            n = sub.b_all.shape[0]
+            y[..., sub.out_off:sub.out_off + n] += (xa * mask) @ sub.b_all.view(n, s_r).t()
+        return y
+
+
+def _subs_of(name: str, module: nn.Module, mods: dict[str, nn.Module]) -> list[tuple]:
+    """(hf, out_off, out_local, full_in, full_out, in_start, out_start) of each projection in ``module``."""
+    tp, rank, in_local = tp_size(), tp_rank(), module.weight.shape[1]
+    parent, kind = name.rsplit(".", 1)
+    if kind == "qkv_proj":
+        q, kv, (fq, fk, fv) = module.q_size, module.kv_size, module.full_sizes
+        return [("q_proj", 0, q, in_local, fq, 0, module.q_start),
+                ("k_proj", q, kv, in_local, fk, 0, module.kv_start),
+                ("v_proj", q + kv, kv, in_local, fv, 0, module.kv_start)]
+    if kind == "gate_up_proj":
+        out = []
+        for i, hf in enumerate(("gate_proj", "up_proj")):
+            n = module.out_sizes[i] // tp
+            out.append((hf, sum(module.out_sizes[:i]) // tp, n, in_local, module.out_sizes[i], 0, rank * n))
+        return out
+    # Row-parallel: the full input size is what the sibling column-parallel layer produces in all.
+    sib = mods.get(parent + (".qkv_proj" if kind == "o_proj" else ".gate_up_proj"))
+    full_in = in_local * tp if sib is None else (sib.full_sizes[0] if kind == "o_proj" else sib.out_sizes[0])
+    out = module.weight.shape[0]
+    return [(kind, 0, out, full_in, out, module.in_start, 0)]
+
+
+class LoRAPool:
+    """``num_slots`` resident adapters over a model's Llama projections; see the module docstring.
+
+    Per step: ``set_token_slots`` (one slot a token, -1 for the base model), then the forward.
+    """
+
+    MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, device: Union[str, torch.device],
+                 dtype: torch.dtype):
+        if num_slots <= 0 or max_rank <= 0:
+            raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be positive")
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_layers: Optional[int] = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
+        self.token_slots: Optional[torch.Tensor] = None
+        self.mask: Optional[torch.Tensor] = None  # [T, S*R] in dtype; None: no token uses an adapter
+        self.subs: dict[tuple[int, str], _Sub] = {}  # (layer, hf module) -> its buffers
+        mods = dict(model.named_modules())
+        for name, module in mods.items():
+            m = re.search(r"(?:^|\.)layers\.(\d+)\.(?:[\w.]+\.)?(\w+)$", name)
+            if m is None or m.group(2) not in self.MODULES:
+                continue
+            layer, subs = int(m.group(1)), []
+            for hf, off, n, full_in, full_out, in_start, out_start in _subs_of(name, module, mods):
+                a = torch.zeros(num_slots, max_rank, module.weight.shape[1], dtype=dtype, device=self.device)
+                b_all = torch.zeros(n, num_slots, max_rank, dtype=dtype, device=self.device)
+                sub = _Sub(hf, off, full_in, full_out, in_start, out_start, a, b_all)
+                self.subs[(layer, hf)] = sub
+                subs.append(sub)
+            module.lora = _ModuleLoRA(self, layer, subs)
+        self.layers = {layer for layer, _ in self.subs}  # this pipeline stage's
+        if not self.subs:
+            raise ValueError(f"{type(model).__name__} has none of the LoRA-capable modules {self.MODULES}")
+
+    def check(self, adapter: LoRAAdapter) -> None:
+        """Raise ``ValueError`` (naming the module) if ``adapter`` does not fit this model and pool."""
+        if adapter.rank > self.max_rank:
+            raise ValueError(f"LoRA adapter {adapter.path}: rank {adapter.rank} exceeds max_rank {self.max_rank}")
+        for (layer, hf), (a, b) in adapter.weights.items():
+            if self.num_layers is not None and not 0 <= layer < self.num_layers:
+                raise ValueError(f"LoRA adapter {adapter.path}: layer {layer} out of range "
+                                 f"(the model has {self.num_layers})")
+            sub = self.subs.get((layer, hf))
+            if sub is None:
+                if layer in self.layers:  # else another pipeline stage's layer
+                    raise ValueError(f"LoRA adapter {adapter.path}: layer {layer} {hf} has no place in the model")
+                continue
+            want_a, want_b = (adapter.rank, sub.full_in), (sub.full_out, adapter.rank)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise ValueError(f"LoRA adapter {adapter.path}: layer {layer} {hf} has A {tuple(a.shape)}, "
+                                 f"B {tuple(b.shape)}; the model needs A {want_a}, B {want_b}")
+
+    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Put ``adapter`` into ``slot`` (replacing what was there), this rank's shard of it only."""
+        self._check_slot(slot)
+        self.check(adapter)
+        self.clear(slot)
+        r = adapter.rank
+        for key, (a, b) in adapter.weights.items():
+            sub = self.subs.get(key)
+            if sub is None:
+                continue
+            n_in, n_out = sub.a.shape[2], sub.b_all.shape[0]
+            sub.a[slot, :r].copy_(a[:, sub.in_start:sub.in_start + n_in])
+            sub.b_all[:, slot, :r].copy_(b[sub.out_start:sub.out_start + n_out])
+        self.scalings[slot] = adapter.scaling
+
+    def clear(self, slot: int) -> None:
+        """Empty ``slot``: tokens still pointing at it get the base model's output."""
+        self._check_slot(slot)
+        for sub in self.subs.values():
+            sub.a[slot].zero_()
+            sub.b_all[:, slot].zero_()
+        self.scalings[slot] = 0.0
+
+    def set_token_slots(self, slots: Optional[torch.Tensor]) -> None:
+        """The adapter slot of every token of the next forward (int [T], in row order; -1: base model).
+
+        Builds the step's mask once for every layer. Pass a CPU tensor to spare a device sync:
+        the all-base check then runs on the host.
+        """
+        if slots is None or slots.numel() == 0 or not bool((slots >= 0).any()):
+            self.token_slots, self.mask = None, None
+            return
+        if bool((slots >= self.num_slots).any()):
+            raise ValueError(f"token slot {int(slots.max())} out of range (num_slots {self.num_slots})")
+        slots = slots.to(self.device, torch.int64, non_blocking=True)
+        onehot = slots[:, None] == torch.arange(self.num_slots, device=self.device)
+        per_slot = (onehot * self.scalings).to(self.dtype)  # [T, S]: the token's scaling in its slot's column
+        self.token_slots, self.mask = slots, per_slot.repeat_interleave(self.max_rank, dim=1)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range (num_slots {self.num_slots})")

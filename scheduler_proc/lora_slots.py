@@ -1,0 +1,91 @@
+"""Which LoRA adapters sit in the workers' device slots, and which running requests use them.
+
+The workers keep every loaded adapter in host memory and compute with at most ``num_slots``
+(``max_loras_per_batch``) of them on the device at once; the base model needs no slot. A request
+takes its adapter's slot when it is admitted and gives it back when its KV is freed (finished or
+retracted). An adapter that no running request uses may lose its slot to another one: the plan
+of the step that needs the slot carries a ``LoraLoad``, which the worker applies before running
+that step (in stream order, so steps already launched still see the old adapter).
+
+Unloading is deferred as SGLang's is: the client stops sending requests for the name at once,
+and the workers drop the adapter once no queued or running request refers to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Optional
+
+from treadle.runtime.messages import LoraLoad
+
+
+class LoraSlots:
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.loaded: set[str] = set()  # adapters the workers hold (host memory)
+        self.pinned: set[str] = set()  # keep their device slot once they have one
+        self.slot_of: dict[str, int] = {}  # adapters resident in a device slot
+        self.users: dict[str, int] = {}  # running requests per resident adapter
+        self.last_use: dict[str, int] = {}
+        self.unloading: set[str] = set()
+        self.loads: list[LoraLoad] = []  # slot fills for the next plan
+        self._tick = itertools.count()
+
+    def load(self, name: str, pinned: bool = False) -> None:
+        self.loaded.add(name)
+        self.unloading.discard(name)
+        if pinned:
+            self.pinned.add(name)
+
+    def acquire(self, name: str) -> Optional[int]:
+        """The device slot for a request of adapter ``name`` (filled by the next plan if it was not
+        resident), or None while every slot is held by adapters that running requests use."""
+        slot = self.slot_of.get(name)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self.slot_of[name] = slot
+            self.loads.append(LoraLoad(slot, name))
+        self.users[name] = self.users.get(name, 0) + 1
+        self.last_use[name] = next(self._tick)
+        return slot
+
+    def _free_slot(self) -> Optional[int]:
+        taken = set(self.slot_of.values())
+        free = [s for s in range(self.num_slots) if s not in taken]
+        if free:
+            return free[0]
+        idle = [n for n in self.slot_of if not self.users.get(n) and n not in self.pinned]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda n: self.last_use.get(n, -1))
+        return self.slot_of.pop(victim)
+
+    def release(self, name: str) -> None:
+        self.users[name] -= 1
+
+    def take_loads(self) -> list[LoraLoad]:
+        loads, self.loads = self.loads, []
+        return loads
+
+    def unload(self, name: str) -> None:
+        """Mark ``name`` for unloading; ``finish_unloads`` drops it once nothing refers to it."""
+        self.unloading.add(name)
+
+    def finish_unloads(self, in_use: Iterable[Optional[str]]) -> list[str]:
+        """The adapters marked for unloading that no request in ``in_use`` names any more: they
+        leave the slots and the loaded set; the caller tells the workers."""
+        if not self.unloading:
+            return []
+        busy = set(in_use)
+        done = [n for n in self.unloading if n not in busy]
+        for name in done:
+            self.unloading.discard(name)
+            self.loaded.discard(name)
+            self.pinned.discard(name)
+            self.slot_of.pop(name, None)
+            self.users.pop(name, None)
+            self.last_use.pop(name, None)
+            self.loads = [ld for ld in self.loads if ld.name != name]
+        return done

@@ -1,0 +1,80 @@
+"""The scheduler's LoRA slot table (``scheduler_proc/lora_slots.py``) and ``lora_paths`` parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from treadle.runtime.messages import LoraLoad
+from treadle.runtime.server_args import ServerArgs, parse_lora_paths
+from treadle.scheduler_proc.lora_slots import LoraSlots
+
+
+def test_resident_adapters_share_a_slot_and_load_once():
+    t = LoraSlots(2)
+    for name in ("a", "b"):
+        t.load(name)
+    assert t.acquire("a") == 0 and t.acquire("a") == 0 and t.acquire("b") == 1
+    assert t.take_loads() == [LoraLoad(0, "a"), LoraLoad(1, "b")]
+    assert t.take_loads() == []
+
+
+def test_full_slots_wait_then_the_least_recently_used_idle_adapter_goes():
+    t = LoraSlots(2)
+    for name in ("a", "b", "c"):
+        t.load(name)
+    t.acquire("a"), t.acquire("b")
+    assert t.acquire("c") is None  # both slots serve running requests
+    t.release("b")
+    t.release("a")
+    t.acquire("a"), t.release("a")  # a used more recently than b
+    assert t.acquire("c") == 1 and "b" not in t.slot_of
+    assert t.take_loads()[-1] == LoraLoad(1, "c")
+
+
+def test_pinned_adapters_keep_their_slot():
+    t = LoraSlots(2)
+    t.load("p", pinned=True), t.load("a"), t.load("b")
+    t.acquire("p"), t.release("p")
+    t.acquire("a"), t.release("a")
+    assert t.acquire("b") == t.slot_of["b"] and "p" in t.slot_of and "a" not in t.slot_of
+
+
+def test_unload_waits_for_requests_that_name_the_adapter():
+    t = LoraSlots(2)
+    t.load("a")
+    t.acquire("a")
+    t.unload("a")
+    assert t.finish_unloads(["a", None]) == []
+    t.release("a")
+    assert t.finish_unloads([None]) == ["a"]
+    assert "a" not in t.loaded and "a" not in t.slot_of
+
+
+def test_parse_lora_paths_forms():
+    assert parse_lora_paths(["./x", "n=./y", {"lora_name": "z", "lora_path": "/z", "pinned": True},
+                             '{"lora_name": "j", "lora_path": "/j"}']) == [
+        ("./x", "./x", False), ("n", "./y", False), ("z", "/z", True), ("j", "/j", False)]
+    assert parse_lora_paths({"a": "/a"}) == [("a", "/a", False)]
+    with pytest.raises(ValueError, match="twice"):
+        parse_lora_paths(["a=/x", "a=/y"])
+    with pytest.raises(ValueError, match="lora_name"):
+        parse_lora_paths([{"lora_path": "/x"}])
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"lora_backend": "cuda"}, "lora_backend"), ({"lora_target_modules": ["lm_head"]}, "lora_target_modules"),
+    ({"max_lora_rank": 0}, "max_lora_rank"), ({"max_loaded_loras": -1}, "max_loaded_loras"),
+    ({"lora_paths": [3]}, "lora_paths"),
+])
+def test_bad_lora_server_args_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ServerArgs(**kw)
+
+
+def test_lora_rank_defaults_to_the_largest_initial_adapter(tmp_path):
+    for name, r in (("a", 4), ("b", 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(f'{{"r": {r}}}')
+    a = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a"), f"b={tmp_path / 'b'}"]).resolved()
+    assert a.enable_lora and a.max_lora_rank == 16 and a.disable_cuda_graph
+    assert ServerArgs(device="cpu", enable_lora=True).resolved().max_lora_rank == 64
