@@ -410,29 +410,12 @@ class Engine:
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
         """Load a PEFT adapter directory on every worker and serve it as ``lora_path=lora_name``;
         failures are returned (``success=False`` with a message), as SGLang's."""
-        why = self._lora.check_load(lora_name, lora_path)
-        if why is not None:
-            return LoRAUpdateOutput(False, why)
-        results = self._control_each("load_lora_adapter", lora_name=lora_name, lora_path=lora_path,
-                                     pinned=bool(pinned))
-        failed = [r for r in results.values() if not r.get("success")]
-        if failed:  # a DP group that did load it drops it again, so the groups agree
-            ok = [g for g, r in results.items() if r.get("success")]
-            if ok:
-                self._control_each("unload_lora_adapter", ok, lora_name=lora_name)
-            return LoRAUpdateOutput(False, failed[0].get("error_message"), dict(self._lora.paths))
-        self._lora.paths[lora_name] = lora_path
-        return LoRAUpdateOutput(True, None, dict(self._lora.paths))
+        return self._lora.load(self._control_each, lora_name, lora_path, pinned)
 
     def unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
         """New requests naming the adapter fail from now on; the workers drop it once the requests
         already using it have finished."""
-        if lora_name not in self._lora.paths:
-            return LoRAUpdateOutput(False, f"LoRA with name {lora_name} does not exist. Loaded LoRAs: "
-                                           f"{sorted(self._lora.paths)}", dict(self._lora.paths))
-        del self._lora.paths[lora_name]
-        self._control_each("unload_lora_adapter", lora_name=lora_name)
-        return LoRAUpdateOutput(True, None, dict(self._lora.paths))
+        return self._lora.unload(self._control_each, lora_name)
 
     async def async_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
         return await asyncio.to_thread(self.load_lora_adapter, lora_name, lora_path, pinned)
