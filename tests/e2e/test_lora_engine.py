@@ -129,3 +129,26 @@ def test_tensor_parallel_2_matches_peft(adapters):
     with Engine(model_path="default", random_seed=0, tp_size=2, lora_paths=[f"chat={paths['chat']}"]) as eng:
         out = eng.generate(prompt=PROMPTS[:2], sampling_params=PARAMS, lora_path=["chat", None])
     assert [r["output_ids"] for r in out] == [refs["chat"][0], refs[None][1]]
+
+
+def test_encode_through_an_adapter_matches_peft(adapters, default_model_dir, hf_tokenizer):
+    """A decoder served as an embedding model: ``encode(lora_path=...)`` pools the adapter's last hidden state."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    paths, _ = adapters
+    texts = ["The capital of France is Paris.", "short"]
+    with Engine(model_path="default", is_embedding=True, lora_paths=[f"math={paths['math']}"]) as eng:
+        got = eng.encode(prompt=texts, lora_path=["math", None])["embedding"]
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, paths["math"]).eval()
+    for text, vec, use in zip(texts, got, (True, False)):
+        ids = hf_tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            if use:
+                h = peft(**ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            else:
+                with peft.disable_adapter():
+                    h = peft(**ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        want = torch.nn.functional.normalize(h, dim=0)
+        assert float((torch.tensor(vec) - want).norm() / want.norm()) < 1e-5, text
