@@ -184,10 +184,13 @@ class LoRAPool:
     MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int, device: Union[str, torch.device],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, targets: Optional[tuple[str, ...]] = None):
+        """``targets``: the HF projections (of ``TARGETS``) that get device buffers; None: all of them.
+        Adapters that touch others are refused at ``check``."""
         if num_slots <= 0 or max_rank <= 0:
             raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be positive")
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.targets = tuple(TARGETS if targets is None else targets)
         self.device, self.dtype = torch.device(device), dtype
         self.num_layers: Optional[int] = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
@@ -201,15 +204,18 @@ class LoRAPool:
                 continue
             layer, subs = int(m.group(1)), []
             for hf, off, n, full_in, full_out, in_start, out_start in _subs_of(name, module, mods):
+                if hf not in self.targets:
+                    continue
                 a = torch.zeros(num_slots, max_rank, module.weight.shape[1], dtype=dtype, device=self.device)
                 b_all = torch.zeros(n, num_slots, max_rank, dtype=dtype, device=self.device)
                 sub = _Sub(hf, off, full_in, full_out, in_start, out_start, a, b_all)
                 self.subs[(layer, hf)] = sub
                 subs.append(sub)
-            module.lora = _ModuleLoRA(self, layer, subs)
+            if subs:
+                module.lora = _ModuleLoRA(self, layer, subs)
         self.layers = {layer for layer, _ in self.subs}  # this pipeline stage's
         if not self.subs:
-            raise ValueError(f"{type(model).__name__} has none of the LoRA-capable modules {self.MODULES}")
+            raise ValueError(f"{type(model).__name__} has none of the LoRA target modules {self.targets}")
 
     def check(self, adapter: LoRAAdapter) -> None:
         """Raise ``ValueError`` (naming the module) if ``adapter`` does not fit this model and pool."""
@@ -220,6 +226,9 @@ class LoRAPool:
                 raise ValueError(f"LoRA adapter {adapter.path}: layer {layer} out of range "
                                  f"(the model has {self.num_layers})")
             sub = self.subs.get((layer, hf))
+            if sub is None and hf not in self.targets:
+                raise ValueError(f"LoRA adapter {adapter.path}: it adapts {hf}, which is not among the engine's "
+                                 f"lora_target_modules {list(self.targets)}")
             if sub is None:
                 if layer in self.layers:  # else another pipeline stage's layer
                     raise ValueError(f"LoRA adapter {adapter.path}: layer {layer} {hf} has no place in the model")

@@ -76,6 +76,7 @@ class RunnerConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model's), "fp8_e4m3", "fp8_e5m2", "bfloat16", ...
     lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
+    lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
 
 
 def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -152,7 +153,7 @@ class ModelRunner:
         self.lora: Optional[LoRAPool] = None  # device slots; adapters wait in host memory (lora_adapters)
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
-            self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype)
+            self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
             cfg.cuda_graph_max_bs = 0  # the adapters' per-token slots change every step
         phase("weights")
 

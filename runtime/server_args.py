@@ -211,9 +211,14 @@ class ServerArgs:
             a.enable_lora = bool(a.lora_paths)
         if a.enable_lora:  # the LoRA delta reads per-token adapter slots that change every step
             a.disable_cuda_graph = True
+            configs = [_adapter_config(path) for _, path, _ in parse_lora_paths(a.lora_paths)]
             if a.max_lora_rank is None:  # the device slots' rank: the largest initial adapter's, else 64
-                ranks = [_adapter_rank(path) for _, path, _ in parse_lora_paths(a.lora_paths)]
-                a.max_lora_rank = max([r for r in ranks if r] or [64])
+                a.max_lora_rank = max([c["r"] for c in configs if isinstance(c.get("r"), int)] or [64])
+            if a.lora_target_modules is None:  # the device slots' projections: the initial adapters', else all
+                wanted = [c.get("target_modules") for c in configs]
+                lists = all(isinstance(t, list) and set(t) <= set(LORA_TARGETS) for t in wanted)
+                a.lora_target_modules = [t for t in LORA_TARGETS if any(t in w for w in wanted)] \
+                    if configs and lists else ["all"]
         if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
             a.disable_overlap_schedule = a.disable_cuda_graph = True
         return a
@@ -246,13 +251,14 @@ class ServerArgs:
         return {f.name for f in dataclasses.fields(cls)}
 
 
-def _adapter_rank(path: str) -> Optional[int]:
-    """``r`` of a PEFT adapter directory (None if unreadable: loading it reports why)."""
+def _adapter_config(path: str) -> dict:
+    """A PEFT adapter directory's ``adapter_config.json`` ({} if unreadable: loading it reports why)."""
     try:
         with open(os.path.join(path, "adapter_config.json")) as f:
-            return int(json.load(f)["r"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            cfg = json.load(f)
+        return cfg if isinstance(cfg, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _choice(name: str, v: Any, choices: tuple) -> None:

@@ -242,3 +242,20 @@ def test_tensor_parallel_2_matches_peft(setup, tmp_path):
     logits = torch.load(out)
     for row, p, name in zip(logits, [prompt(7, 1), prompt(4, 2), prompt(12, 3)], ["all8", None, "rs16"]):
         torch.testing.assert_close(row, ref_logits(base, dirs[name] if name else None, p), atol=1e-4, rtol=0)
+
+
+def test_pool_with_fewer_target_modules(setup):
+    """``lora_target_modules`` gives device buffers to those projections only; adapters within them
+    still match PEFT, adapters touching others are refused by name."""
+    base, dirs = setup
+    runner = make_runner(base)
+    pool = LoRAPool(runner.model, num_slots=2, max_rank=16, device="cpu", dtype=torch.float32,
+                    targets=("q_proj", "v_proj", "down_proj"))
+    assert {hf for _, hf in pool.subs} == {"q_proj", "v_proj", "down_proj"}
+    assert "lora" not in runner.model.model.layers[0].mlp.gate_up_proj.__dict__
+    pool.load(1, read_adapter(dirs["qvd4"]))
+    ids = prompt(9, seed=5)
+    got = prefill(runner, pool, [ids], [1])[0]
+    assert torch.allclose(got, ref_logits(base, dirs["qvd4"], ids), atol=1e-4)
+    with pytest.raises(ValueError, match="adapts (k|o|gate|up)_proj, which is not among the engine's lora_target_modules"):
+        pool.check(read_adapter(dirs["rs16"]))

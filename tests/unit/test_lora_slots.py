@@ -71,10 +71,18 @@ def test_bad_lora_server_args_name_the_field(kw, field):
         ServerArgs(**kw)
 
 
-def test_lora_rank_defaults_to_the_largest_initial_adapter(tmp_path):
-    for name, r in (("a", 4), ("b", 16)):
+def test_lora_slot_shape_defaults_to_the_initial_adapters(tmp_path):
+    """Rank: the largest initial adapter's; projections: those any of them adapts (else all)."""
+    for name, r, targets in (("a", 4, '["q_proj", "v_proj"]'), ("b", 16, '["down_proj", "q_proj"]'),
+                             ("c", 8, '".*proj"')):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text(f'{{"r": {r}}}')
+        (tmp_path / name / "adapter_config.json").write_text(f'{{"r": {r}, "target_modules": {targets}}}')
     a = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a"), f"b={tmp_path / 'b'}"]).resolved()
     assert a.enable_lora and a.max_lora_rank == 16 and a.disable_cuda_graph
-    assert ServerArgs(device="cpu", enable_lora=True).resolved().max_lora_rank == 64
+    assert a.lora_target_modules == ["q_proj", "v_proj", "down_proj"]
+    regex = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a"), str(tmp_path / "c")]).resolved()
+    assert regex.lora_target_modules == ["all"]  # a regex target: every projection
+    bare = ServerArgs(device="cpu", enable_lora=True).resolved()
+    assert bare.max_lora_rank == 64 and bare.lora_target_modules == ["all"]
+    given = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a")], lora_target_modules=["o_proj"]).resolved()
+    assert given.lora_target_modules == ["o_proj"]
