@@ -24,8 +24,8 @@ from treadle.runtime.messages import (
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.grammar import GrammarManager
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
-from treadle.scheduler_proc.policy import order_waiting, priority_of
 from treadle.scheduler_proc.lora_slots import LoraSlots
+from treadle.scheduler_proc.policy import order_waiting, priority_of
 from treadle.scheduler_proc.radix_cache import RadixCache
 from treadle.scheduler_proc.req import Req
 from treadle.scheduler_proc.sessions import SessionTable

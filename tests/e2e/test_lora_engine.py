@@ -106,6 +106,22 @@ def test_load_use_unload_at_run_time(lora_engine, adapters):
         refs["code"][1]
 
 
+def test_async_load_and_unload(lora_engine, adapters):
+    import asyncio
+
+    paths, refs = adapters
+
+    async def run():
+        res = await lora_engine.async_load_lora_adapter(lora_name="chat2", lora_path=paths["chat"])
+        out = await lora_engine.async_generate(prompt=PROMPTS[3], sampling_params=PARAMS, lora_path="chat2")
+        gone = await lora_engine.async_unload_lora_adapter("chat2")
+        return res, out, gone
+
+    res, out, gone = asyncio.run(run())
+    assert res.success and gone.success and "chat2" not in gone.loaded_adapters
+    assert out["output_ids"] == refs["chat"][3]
+
+
 def test_bad_adapters_are_refused_by_name(lora_engine, tmp_path):
     res = lora_engine.load_lora_adapter(lora_name="nope", lora_path=str(tmp_path / "missing"))
     assert not res.success and "adapter_config.json" in res.error_message
