@@ -13,7 +13,7 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests) timeout 150 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
-             tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py -q -x \
+             tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py -q -x \
              -p no:cacheprovider 2>&1 | tail -3 ;;
     check) timeout 170 python bench/gpu_check.py --config-dir $tok --config-dir $mini 2>&1 \
              | grep -E "relative|identical|PASS|FAIL|Error" ;;
