@@ -138,11 +138,13 @@ def test_lora_calls_on_an_engine_without_lora(engine):
     assert not res.success and "not enabled" in res.error_message
 
 
-def test_tensor_parallel_2_matches_peft(adapters):
-    """Each rank holds its shard of every adapter (B split like the weight's rows for column-parallel
-    layers, A like its columns for row-parallel ones): same tokens as peft."""
+@pytest.mark.parametrize("layout", [{"tp_size": 2}, {"pp_size": 2}, {"dp_size": 2}])
+def test_parallel_layouts_match_peft(adapters, layout):
+    """tp: each rank holds its shard of every adapter (B split like the weight's rows for
+    column-parallel layers, A like its columns for row-parallel ones); pp: each stage its layers';
+    dp: every group loads it. Same tokens as peft."""
     paths, refs = adapters
-    with Engine(model_path="default", random_seed=0, tp_size=2, lora_paths=[f"chat={paths['chat']}"]) as eng:
+    with Engine(model_path="default", random_seed=0, lora_paths=[f"chat={paths['chat']}"], **layout) as eng:
         out = eng.generate(prompt=PROMPTS[:2], sampling_params=PARAMS, lora_path=["chat", None])
     assert [r["output_ids"] for r in out] == [refs["chat"][0], refs[None][1]]
 
