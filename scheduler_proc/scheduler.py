@@ -521,11 +521,12 @@ class Scheduler:
         return not self.running and not self.waiting
 
     def check_integrity(self) -> None:
-        """At idle every page is free or owned by the prefix cache, and every slot is free."""
+        """At idle every page is free or owned by the prefix cache, and every request and LoRA slot is free."""
         if self.is_idle():
             cached = self.cache.cached_pages if self.cache is not None else 0
             assert self.pages.free_pages + cached == self.pages.num_pages, "KV page leak"
             assert self.slots.free_slots == self.slots.num_slots, "request slot leak"
+            assert not any(self.lora.users.values()), "LoRA slot leak"
 
     def internal_state(self) -> dict[str, Any]:
         c = self.cache
