@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -42,6 +42,8 @@ class DecodeGraphs:
         self.static = self.pad.clone()
         backend = runner.attn_backend
         backend.init_cuda_graph_state(self.max_bs, runner.cfg.context_len)
+        # LoRA: each row's adapter slot (-1: base model), read by the captured mask computation.
+        self.lora_slots = runner.lora.graph_buffers(self.max_bs) if runner.lora is not None else None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         logger.info("capturing CUDA graphs for decode batch sizes %s", self.sizes)
         pool = None
@@ -49,15 +51,21 @@ class DecodeGraphs:
             ctx = self._context(bs)
             with forward_context(ctx):
                 for _ in range(2):  # warm up (autotuning, lazy allocations) outside the graph
+                    self._lora_mask(bs)
                     runner.model.compute_logits(runner.model(ctx.input_ids))
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
+                    self._lora_mask(bs)
                     hidden = runner.model(ctx.input_ids)
                     logits = runner.model.compute_logits(hidden)
             pool = graph.pool()
             self.graphs[bs] = (graph, hidden, logits)
         torch.cuda.synchronize()
+
+    def _lora_mask(self, bs: int) -> None:
+        if self.lora_slots is not None:
+            self.runner.lora.graph_mask(bs)
 
     def _context(self, bs: int) -> ForwardContext:
         r, st = self.runner, self.static
@@ -78,9 +86,10 @@ class DecodeGraphs:
         return bs <= self.max_bs
 
     def replay(self, input_ids: torch.Tensor, positions: torch.Tensor, locs: torch.Tensor,
-               slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               slots: torch.Tensor, lora_slots: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the graph of the smallest captured size >= ``bs``; (hidden, logits) of the real rows
-        (views of the graph's output buffers, valid until the next replay)."""
+        (views of the graph's output buffers, valid until the next replay). ``lora_slots``: each
+        row's LoRA adapter slot, with LoRA enabled."""
         bs = input_ids.shape[0]
         pbs = self.sizes[bisect.bisect_left(self.sizes, bs)]
         st = self.static
@@ -88,6 +97,9 @@ class DecodeGraphs:
             st[:, bs:pbs].copy_(self.pad[:, bs:pbs])
         st[:, :bs].copy_(torch.stack([input_ids, positions, locs, slots]))
         self._fill_attention(pbs)
+        if self.lora_slots is not None:  # padding rows: the base model
+            self.lora_slots[bs:pbs].fill_(-1)
+            self.lora_slots[:bs].copy_(lora_slots)
         graph, hidden, logits = self.graphs[pbs]
         graph.replay()
         return hidden[:bs], logits[:bs]

@@ -277,6 +277,20 @@ class LoRAPool:
         per_slot = (onehot * self.scalings).to(self.dtype)  # [T, S]: the token's scaling in its slot's column
         self.token_slots, self.mask = slots, per_slot.repeat_interleave(self.max_rank, dim=1)
 
+    def graph_buffers(self, max_bs: int) -> torch.Tensor:
+        """The static per-token slot buffer a CUDA graph reads (``graph_mask``); -1 everywhere."""
+        self.static_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=self.device)
+        return self.static_slots
+
+    def graph_mask(self, bs: int) -> None:
+        """``set_token_slots`` for a captured decode step: the mask of the first ``bs`` static slots,
+        made of device ops only (no host check, no shortcut for all-base batches), so a graph that
+        captures it recomputes it from whatever the buffer holds at replay."""
+        slots = self.static_slots[:bs]
+        onehot = slots[:, None] == torch.arange(self.num_slots, device=self.device)
+        self.token_slots = slots
+        self.mask = (onehot * self.scalings).to(self.dtype).repeat_interleave(self.max_rank, dim=1)
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range (num_slots {self.num_slots})")

@@ -154,7 +154,6 @@ class ModelRunner:
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
             self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
-            cfg.cuda_graph_max_bs = 0  # the adapters' per-token slots change every step
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
@@ -413,12 +412,14 @@ class ModelRunner:
         if q:
             input_ids[ph_idx_t] = self.last_token[ph_slot_t]
 
-        if self.lora is not None:
-            self.lora.set_token_slots(torch.tensor(lora_tokens, dtype=torch.int64))
+        lora_t = None if self.lora is None else torch.tensor(lora_tokens, dtype=torch.int64)
         plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
         if self.graphs is not None and t == len(plan.rows) == s and plain and self.graphs.fits(t):
-            hidden, logits = self.graphs.replay(input_ids, w_pos_t[p:], w_loc_t[p:], w_slot_t[p:])
+            lora_dev = None if lora_t is None else lora_t.to(self.device, non_blocking=True)
+            hidden, logits = self.graphs.replay(input_ids, w_pos_t[p:], w_loc_t[p:], w_slot_t[p:], lora_dev)
             return StepOutput(hidden, logits, None, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
+        if lora_t is not None:
+            self.lora.set_token_slots(lora_t)
         ctx = ForwardContext(
             input_ids=input_ids, positions=w_pos_t[p:], out_cache_loc=w_loc_t[p:],
             slots=slots, starts=starts, extend_lens=lens, logits_indices=head_t,

@@ -261,5 +261,47 @@ def test_pool_with_fewer_target_modules(setup):
     ids = prompt(9, seed=5)
     got = prefill(runner, pool, [ids], [1])[0]
     assert torch.allclose(got, ref_logits(base, dirs["qvd4"], ids), atol=1e-4)
-    with pytest.raises(ValueError, match="adapts (k|o|gate|up)_proj, which is not among the engine's lora_target_modules"):
+    with pytest.raises(ValueError, match="adapts (k|o|gate|up)_proj, which is not among the engine's lora_target"):
         pool.check(read_adapter(dirs["rs16"]))
+
+
+def test_graph_mask_equals_the_eager_mask(setup):
+    """The mask a captured decode step computes from the static slot buffer is the eager one,
+    padding rows (-1) included."""
+    base, dirs = setup
+    pool = make_pool(make_runner(base))
+    pool.load(1, read_adapter(dirs["all8"]))
+    pool.load(3, read_adapter(dirs["rs16"]))
+    pool.graph_buffers(8)
+    pool.static_slots[:5].copy_(torch.tensor([1, -1, 3, 1, -1]))
+    pool.graph_mask(6)
+    graph_mask = pool.mask
+    pool.set_token_slots(torch.tensor([1, -1, 3, 1, -1, -1]))
+    assert torch.equal(graph_mask, pool.mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_peft(setup):
+    """A runner with LoRA slots and decode CUDA graphs: adapters arrive through plan ``lora_loads``,
+    rows carry their slot, and the padded graph replay (3 rows in the graph of 4) gives peft's logits."""
+    from treadle.runtime.messages import LoraLoad
+
+    base, dirs = setup
+    runner = make_runner(base, "cuda", lora_slots=4, lora_rank=16, cuda_graph_max_bs=4)
+    assert runner.graphs is not None and runner.lora is not None
+    for name in ("all8", "rs16"):
+        runner.load_lora(name, dirs[name])
+    prompts, slots, names = [prompt(8, 1), prompt(5, 2), prompt(12, 3)], [1, -1, 2], ["all8", None, "rs16"]
+    alloc = locs(3)
+    runner.forward_logits(ForwardPlan(
+        step=0, new_slots=[NewSlot(i, GREEDY) for i in range(3)], lora_loads=[LoraLoad(1, "all8"), LoraLoad(2, "rs16")],
+        rows=[PlanRow(i, p, 0, alloc(len(p)), lora_slot=s) for i, (p, s) in enumerate(zip(prompts, slots))]))
+    seqs = [list(p) for p in prompts]
+    for step, nxt in enumerate(([7, 8, 9], [10, 11, 12])):
+        logits = runner.forward_logits(ForwardPlan(step=1 + step, rows=[
+            PlanRow(i, [t], len(q), alloc(1), lora_slot=s) for i, (q, t, s) in enumerate(zip(seqs, nxt, slots))]))
+        for q, t in zip(seqs, nxt):
+            q.append(t)
+        for row, q, name in zip(logits.cpu(), seqs, names):
+            torch.testing.assert_close(row, ref_logits(base, dirs[name] if name else None, q), atol=1e-3, rtol=0)
