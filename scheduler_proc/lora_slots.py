@@ -3,7 +3,8 @@
 The workers keep every loaded adapter in host memory and compute with at most ``num_slots``
 (``max_loras_per_batch``) of them on the device at once; the base model needs no slot. A request
 takes its adapter's slot when it is admitted and gives it back when its KV is freed (finished or
-retracted). An adapter that no running request uses may lose its slot to another one: the plan
+retracted). An adapter that no running request uses may lose its slot to another one (the least
+recently used, or with ``lora_eviction_policy="fifo"`` the longest resident): the plan
 of the step that needs the slot carries a ``LoraLoad``, which the worker applies before running
 that step (in stream order, so steps already launched still see the old adapter).
 
@@ -20,13 +21,15 @@ from treadle.runtime.messages import LoraLoad
 
 
 class LoraSlots:
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, policy: str = "lru") -> None:
         self.num_slots = num_slots
+        self.policy = policy
         self.loaded: set[str] = set()  # adapters the workers hold (host memory)
         self.pinned: set[str] = set()  # keep their device slot once they have one
         self.slot_of: dict[str, int] = {}  # adapters resident in a device slot
         self.users: dict[str, int] = {}  # running requests per resident adapter
         self.last_use: dict[str, int] = {}
+        self.resident_since: dict[str, int] = {}
         self.unloading: set[str] = set()
         self.loads: list[LoraLoad] = []  # slot fills for the next plan
         self._tick = itertools.count()
@@ -46,6 +49,7 @@ class LoraSlots:
             if slot is None:
                 return None
             self.slot_of[name] = slot
+            self.resident_since[name] = next(self._tick)
             self.loads.append(LoraLoad(slot, name))
         self.users[name] = self.users.get(name, 0) + 1
         self.last_use[name] = next(self._tick)
@@ -59,7 +63,8 @@ class LoraSlots:
         idle = [n for n in self.slot_of if not self.users.get(n) and n not in self.pinned]
         if not idle:
             return None
-        victim = min(idle, key=lambda n: self.last_use.get(n, -1))
+        age = self.resident_since if self.policy == "fifo" else self.last_use
+        victim = min(idle, key=lambda n: age.get(n, -1))
         return self.slot_of.pop(victim)
 
     def release(self, name: str) -> None:
@@ -87,5 +92,6 @@ class LoraSlots:
             self.slot_of.pop(name, None)
             self.users.pop(name, None)
             self.last_use.pop(name, None)
+            self.resident_since.pop(name, None)
             self.loads = [ld for ld in self.loads if ld.name != name]
         return done

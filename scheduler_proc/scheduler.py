@@ -54,7 +54,7 @@ class Scheduler:
         no_cache = args.disable_radix_cache or self.is_encoder
         self.cache: Optional[RadixCache] = None if no_cache else RadixCache(self.page_size, self.pages)
         self.sessions = SessionTable()
-        self.lora = LoraSlots(args.max_loras_per_batch if args.enable_lora else 0)
+        self.lora = LoraSlots(args.max_loras_per_batch if args.enable_lora else 0, args.lora_eviction_policy)
         self.priority = args.enable_priority_scheduling or args.schedule_policy == "priority"
         cps = args.chunked_prefill_size
         self.chunk_size: Optional[int] = cps if cps is not None and cps > 0 else None

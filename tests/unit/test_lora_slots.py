@@ -86,3 +86,13 @@ def test_lora_slot_shape_defaults_to_the_initial_adapters(tmp_path):
     assert bare.max_lora_rank == 64 and bare.lora_target_modules == ["all"]
     given = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a")], lora_target_modules=["o_proj"]).resolved()
     assert given.lora_target_modules == ["o_proj"]
+
+
+def test_fifo_policy_evicts_the_longest_resident():
+    t = LoraSlots(2, policy="fifo")
+    for name in ("a", "b", "c"):
+        t.load(name)
+    t.acquire("a"), t.acquire("b")
+    t.release("a"), t.release("b")
+    t.acquire("a"), t.release("a")  # a used last, but resident longest
+    assert t.acquire("c") == 0 and "a" not in t.slot_of and "b" in t.slot_of
