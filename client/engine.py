@@ -23,11 +23,11 @@ import zmq
 from treadle.client.request import normalize_generate
 from treadle.client.results import BatchResult, ReqState
 from treadle.client.launch import launch_children
+from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.client.supervisor import Supervisor
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.logit_processor import load_processor, processor_reference
-from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, SessionParams, Shutdown
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.procs import kill_child

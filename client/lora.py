@@ -87,8 +87,7 @@ class LoraRegistry:
                 raise TypeError(f"lora_path must be an adapter name, a list of names (or None), got {name!r}.")
         wanted = [n for n in names if n is not None]
         if wanted and not self.enabled:
-            raise ValueError(f"LoRA adapter '{wanted[0]}' was requested, but LoRA is not enabled. "
-                             "Please set `--enable-lora` to enable LoRA.")
+            raise ValueError(f"LoRA adapter '{wanted[0]}' was requested, but {NOT_ENABLED}")
         unknown = [n for n in wanted if n not in self.paths]
         if unknown:
             raise ValueError(f"Got LoRA adapter that has never been loaded: {unknown[0]}\n"

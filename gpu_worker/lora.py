@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from treadle.gpu_worker.distributed import tp_rank, tp_size
+from treadle.runtime.server_args import LORA_TARGETS as TARGETS
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Config fields whose non-empty value changes the math or adds weights this module does not apply.
 _UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "rank_pattern": "per-module ranks (rank_pattern)",
                 "alpha_pattern": "per-module alphas (alpha_pattern)", "modules_to_save": "modules_to_save",

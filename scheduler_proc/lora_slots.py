@@ -24,7 +24,7 @@ class LoraSlots:
     def __init__(self, num_slots: int, policy: str = "lru") -> None:
         self.num_slots = num_slots
         self.policy = policy
-        self.loaded: set[str] = set()  # adapters the workers hold (host memory)
+        self.loaded: dict[str, str] = {}  # adapters the workers hold (host memory): name -> path
         self.pinned: set[str] = set()  # keep their device slot once they have one
         self.slot_of: dict[str, int] = {}  # adapters resident in a device slot
         self.users: dict[str, int] = {}  # running requests per resident adapter
@@ -34,11 +34,19 @@ class LoraSlots:
         self.loads: list[LoraLoad] = []  # slot fills for the next plan
         self._tick = itertools.count()
 
-    def load(self, name: str, pinned: bool = False) -> None:
-        self.loaded.add(name)
+    def load(self, name: str, path: str, pinned: bool = False) -> None:
+        self.loaded[name] = path
         self.unloading.discard(name)
         if pinned:
             self.pinned.add(name)
+
+    def serves(self, name: str) -> bool:
+        """Loaded and not being unloaded: new requests may name it."""
+        return name in self.loaded and name not in self.unloading
+
+    def serving(self) -> dict[str, str]:
+        """The adapters new requests may name, with their paths (``loaded_adapters``)."""
+        return {n: p for n, p in self.loaded.items() if n not in self.unloading}
 
     def acquire(self, name: str) -> Optional[int]:
         """The device slot for a request of adapter ``name`` (filled by the next plan if it was not
@@ -87,7 +95,7 @@ class LoraSlots:
         done = [n for n in self.unloading if n not in busy]
         for name in done:
             self.unloading.discard(name)
-            self.loaded.discard(name)
+            self.loaded.pop(name, None)
             self.pinned.discard(name)
             self.slot_of.pop(name, None)
             self.users.pop(name, None)

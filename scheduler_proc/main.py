@@ -41,7 +41,6 @@ class SchedulerLoop:
         self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info,
                                hidden_size, tokenizer_dir=spec.files.tokenizer_dir)
         self.worker_info = worker_info
-        self.lora_paths: dict[str, str] = {}  # loaded adapters (load_lora_adapter's loaded_adapters)
         self.running = True
 
     def worker_call(self, method: str, **args: Any) -> Any:
@@ -83,7 +82,6 @@ class SchedulerLoop:
             self.flush_outputs()
             for name in self.sched.finished_lora_unloads():
                 self.worker_call("unload_lora", name=name)
-                self.lora_paths.pop(name, None)
             if self.sched.is_idle():
                 self.sched.check_integrity()
         self.sched.grammars.shutdown()
@@ -163,7 +161,7 @@ class SchedulerLoop:
         lora = self.sched.lora
         if lora.num_slots == 0:
             return {"success": False, "error_message": LORA_NOT_ENABLED}
-        if lora_name in lora.loaded and lora_name not in lora.unloading:
+        if lora.serves(lora_name):
             return {"success": False, "error_message": f"The LoRA adapter {lora_name} is already loaded. "
                                                        "Unload it first or use another name."}
         if pinned and len(lora.pinned) + 1 >= lora.num_slots:
@@ -173,20 +171,18 @@ class SchedulerLoop:
             self.worker_call("load_lora", name=lora_name, path=lora_path)
         except RuntimeError as e:
             return {"success": False, "error_message": str(e).removeprefix("worker call load_lora failed: ")}
-        lora.load(lora_name, pinned)
-        self.lora_paths[lora_name] = lora_path
-        return {"success": True, "loaded_adapters": dict(self.lora_paths)}
+        lora.load(lora_name, lora_path, pinned)
+        return {"success": True, "loaded_adapters": lora.serving()}
 
     def unload_lora(self, lora_name: str) -> dict[str, Any]:
         """New requests for the name are refused at once; the workers drop it once no queued or
         running request uses it (see ``LoraSlots``)."""
         lora = self.sched.lora
-        if lora_name not in lora.loaded or lora_name in lora.unloading:
+        if not lora.serves(lora_name):
             return {"success": False, "error_message": f"LoRA with name {lora_name} does not exist. Loaded LoRAs: "
-                                                       f"{sorted(n for n in lora.loaded if n not in lora.unloading)}"}
+                                                       f"{sorted(lora.serving())}"}
         lora.unload(lora_name)
-        loaded = {n: p for n, p in self.lora_paths.items() if n != lora_name}
-        return {"success": True, "loaded_adapters": loaded}
+        return {"success": True, "loaded_adapters": lora.serving()}
 
     def flush_outputs(self) -> None:
         for rid, kind, message in self.sched.take_errors():

@@ -89,8 +89,7 @@ class Scheduler:
             ids = tr.input_ids
             try:
                 gkey = self.grammars.key_of(tr.sampling)
-                lora = tr.lora_name
-                if lora is not None and (lora not in self.lora.loaded or lora in self.lora.unloading):
+                if tr.lora_name is not None and not self.lora.serves(tr.lora_name):
                     raise ValueError(f"Got LoRA adapter that has never been loaded: {tr.lora_name}")
                 if tr.session is not None:
                     ids = self.sessions.context(tr.session, tr.rid, ids)

@@ -12,7 +12,7 @@ from treadle.scheduler_proc.lora_slots import LoraSlots
 def test_resident_adapters_share_a_slot_and_load_once():
     t = LoraSlots(2)
     for name in ("a", "b"):
-        t.load(name)
+        t.load(name, f"/{name}")
     assert t.acquire("a") == 0 and t.acquire("a") == 0 and t.acquire("b") == 1
     assert t.take_loads() == [LoraLoad(0, "a"), LoraLoad(1, "b")]
     assert t.take_loads() == []
@@ -21,7 +21,7 @@ def test_resident_adapters_share_a_slot_and_load_once():
 def test_full_slots_wait_then_the_least_recently_used_idle_adapter_goes():
     t = LoraSlots(2)
     for name in ("a", "b", "c"):
-        t.load(name)
+        t.load(name, f"/{name}")
     t.acquire("a"), t.acquire("b")
     assert t.acquire("c") is None  # both slots serve running requests
     t.release("b")
@@ -33,7 +33,7 @@ def test_full_slots_wait_then_the_least_recently_used_idle_adapter_goes():
 
 def test_pinned_adapters_keep_their_slot():
     t = LoraSlots(2)
-    t.load("p", pinned=True), t.load("a"), t.load("b")
+    t.load("p", "/p", pinned=True), t.load("a", "/a"), t.load("b", "/b")
     t.acquire("p"), t.release("p")
     t.acquire("a"), t.release("a")
     assert t.acquire("b") == t.slot_of["b"] and "p" in t.slot_of and "a" not in t.slot_of
@@ -41,7 +41,7 @@ def test_pinned_adapters_keep_their_slot():
 
 def test_unload_waits_for_requests_that_name_the_adapter():
     t = LoraSlots(2)
-    t.load("a")
+    t.load("a", "/a")
     t.acquire("a")
     t.unload("a")
     assert t.finish_unloads(["a", None]) == []
@@ -91,7 +91,7 @@ def test_lora_slot_shape_defaults_to_the_initial_adapters(tmp_path):
 def test_fifo_policy_evicts_the_longest_resident():
     t = LoraSlots(2, policy="fifo")
     for name in ("a", "b", "c"):
-        t.load(name)
+        t.load(name, f"/{name}")
     t.acquire("a"), t.acquire("b")
     t.release("a"), t.release("b")
     t.acquire("a"), t.release("a")  # a used last, but resident longest
