@@ -42,6 +42,12 @@ for stage in "$@"; do
                 --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
             done ;;
     gemv) timeout 200 python bench/gemv_bench.py 2>&1 | grep -v -i warn ;;
+    gemv_layouts) timeout 120 python bench/gemv_layouts.py 2>&1 | grep -v -i warn ;;
+    smol_b1) timeout 60 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --parts a --skip-hf 2>&1 | grep '^{' ;;
+    ci500) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do  # the whole CI workload, one GPU / tp 2 / dp 2
+             timeout 190 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
+               --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
+           done ;;
     profile_tp) for tp in 1 2; do
                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                     --batch 1 --tp $tp 2>&1 | grep -v -i warn
@@ -56,7 +62,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, ci500, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done
