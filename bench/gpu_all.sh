@@ -13,8 +13,8 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests) timeout 150 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
-             tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py -q -x \
-             -p no:cacheprovider 2>&1 | tail -3 ;;
+             tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py -q \
+             -p no:cacheprovider 2>&1 | grep -E "FAILED|passed|failed|rror" | tail -8 ;;
     check) timeout 170 python bench/gpu_check.py --config-dir $tok --config-dir $mini 2>&1 \
              | grep -E "relative|identical|PASS|FAIL|Error" ;;
     profile) timeout 120 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json \
@@ -22,7 +22,7 @@ for stage in "$@"; do
     bench) timeout 130 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{'
            timeout 330 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
     tp_tests) timeout 150 python -m pytest tests/unit/test_custom_all_reduce.py tests/unit/test_allreduce_norm.py -q \
-                -p no:cacheprovider 2>&1 | tail -3 ;;
+                -p no:cacheprovider 2>&1 | grep -E "FAILED|passed|failed|rror" | tail -8 ;;
     tp_check) timeout 300 python bench/gpu_tp_check.py --config bench/configs/llama-3.1-8b/config.json --tp 2 2>&1 | grep tp_size
               timeout 120 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --dtype float32 2>&1 | grep tp_size ;;
     tp_fusion) timeout 150 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --fusion 2>&1 | grep tp_size
