@@ -29,6 +29,27 @@ class SessionParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tr
 
 
 # ---------------------------------------------------------------- client -> tokenizer
+class MediaRef(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One image or video as the client hands it on: ``source`` (a local path, ``file://`` or
+    ``http(s)://`` URL, or a ``data:`` URL) or ``raw`` (encoded file bytes; the client encodes a
+    PIL image as PNG). The tokenizer process loads and decodes it (tokenizer_proc/media.py)."""
+
+    source: str = ""
+    raw: bytes = b""
+
+
+class MmItem(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One processed image (or video frame) of a request: its pixels, ready for the vision tower,
+    and where its placeholder tokens sit in the request's ``input_ids``."""
+
+    modality: str  # "image" or "video"
+    offset: int  # position of the item's first placeholder token
+    num_tokens: int  # placeholder tokens it fills (one vision embedding each)
+    digest: int  # 63-bit hash of the pixels: the radix-cache key of its positions
+    pixels: bytes  # float32 pixel values, C-contiguous
+    shape: list[int]  # of ``pixels``: [3, H, W]
+
+
 class GenerateReq(_Msg):
     """One generation request as the user gave it (text or ids), already shape-normalized."""
 
@@ -51,6 +72,8 @@ class GenerateReq(_Msg):
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
     dp_rank: Optional[int] = None  # run on this DP group (a session's group); None: the tokenizer picks
     lora_name: Optional[str] = None  # a loaded LoRA adapter (validated by the client); None: the base model
+    image_data: list[MediaRef] = []
+    video_data: list[MediaRef] = []
 
 
 class GenerateBatch(_Msg):
@@ -106,6 +129,7 @@ class TokenizedReq(_Msg):
     session: Optional[SessionParams] = None
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
     lora_name: Optional[str] = None
+    mm_items: list[MmItem] = []  # images and video frames, in prompt order
 
 
 class TokenizedBatch(_Msg):
@@ -179,6 +203,20 @@ class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     logprob_from: int = -1  # >= 0: input logprobs for row positions logprob_from .. n-2 (see RowOut)
     token_bitmask: bytes = b""
     lora_slot: int = -1  # the device LoRA slot of the row's adapter; -1: the base model
+    mm: list[MmChunk] = []  # the multimodal items whose placeholder positions this row runs
+
+
+class MmChunk(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A multimodal item that overlaps a prefill row. The worker runs the vision tower on the
+    first row that needs the item (``pixels`` sent then, empty afterwards), keeps the embeddings
+    per (slot, item) while later chunks of the prompt need them, and puts embedding
+    ``p - offset`` in place of the token at each position ``p`` of the row that the item covers."""
+
+    item: int  # the item's index within its request
+    offset: int  # position of its first placeholder token in the request
+    num_tokens: int
+    pixels: bytes = b""  # float32, as MmItem.pixels
+    shape: list[int] = []
 
 
 class LoraLoad(msgspec.Struct, array_like=True):
