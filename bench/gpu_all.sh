@@ -12,9 +12,11 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 for stage in "$@"; do
   echo "== $stage"
   case $stage in
-    tests) timeout 150 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
+    tests) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py -q \
-             -p no:cacheprovider 2>&1 | grep -E "FAILED|passed|failed|rror" | tail -8 ;;
+             -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
+    rope_bits) timeout 120 python -m pytest tests/unit/test_fused_ops.py -k same_bits -x -q -p no:cacheprovider 2>&1 \
+                 | grep -E "Mismatch|Greatest|index|passed|failed" | head -12 ;;
     check) timeout 170 python bench/gpu_check.py --config-dir $tok --config-dir $mini 2>&1 \
              | grep -E "relative|identical|PASS|FAIL|Error" ;;
     profile) timeout 120 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json \
@@ -22,7 +24,7 @@ for stage in "$@"; do
     bench) timeout 130 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{'
            timeout 330 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
     tp_tests) timeout 150 python -m pytest tests/unit/test_custom_all_reduce.py tests/unit/test_allreduce_norm.py -q \
-                -p no:cacheprovider 2>&1 | grep -E "FAILED|passed|failed|rror" | tail -8 ;;
+                -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     tp_check) timeout 300 python bench/gpu_tp_check.py --config bench/configs/llama-3.1-8b/config.json --tp 2 2>&1 | grep tp_size
               timeout 120 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --dtype float32 2>&1 | grep tp_size ;;
     tp_fusion) timeout 150 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --fusion 2>&1 | grep tp_size
@@ -44,6 +46,8 @@ for stage in "$@"; do
     gemv) timeout 200 python bench/gemv_bench.py 2>&1 | grep -v -i warn ;;
     gemv_layouts) timeout 120 python bench/gemv_layouts.py 2>&1 | grep -v -i warn ;;
     smol_b1) timeout 60 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --parts a --skip-hf 2>&1 | grep '^{' ;;
+    b1_8b) timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
+             --out $out/bench.jsonl 2>&1 | grep '^{' ;;
     ci500) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do  # the whole CI workload, one GPU / tp 2 / dp 2
              timeout 190 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
@@ -62,7 +66,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, ci500, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, b1_8b, ci500, rope_bits, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

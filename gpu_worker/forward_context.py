@@ -31,6 +31,9 @@ class ForwardContext:
     kv_cache: "KVCache"
     attn_backend: "AttentionBackend"
     attn_meta: Any = None  # whatever the backend precomputed once for all layers
+    # Multimodal prefill on the first pipeline stage: (token indices [M] in the step, vision
+    # embeddings [M, hidden] that replace those tokens' embeddings); None: text only.
+    mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def num_tokens(self) -> int:

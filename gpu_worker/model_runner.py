@@ -30,6 +30,7 @@ from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.logits_processing import PendingIds
 from treadle.gpu_worker.logprobs import StepOutput, row_outs
 from treadle.gpu_worker.lora import LoRAAdapter, LoRAPool, read_adapter
+from treadle.gpu_worker.mm_inputs import MmInputs
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import load_pooling_config, pool
@@ -133,6 +134,8 @@ class ModelRunner:
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = cfg.tp_rank == 0 and cfg.pp_rank == cfg.pp_size - 1
         self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
+        # The language model's config: the model's own, or the text part of a multimodal one (LLaVA).
+        self.text_config = getattr(self.model_config, "text_config", None) or self.model_config
         phase("device_and_parallel_init")
         with _building(self.dtype, self.device):
             self.model = get_model_class(self.model_config)(self.model_config, max_positions=cfg.context_len)
@@ -140,16 +143,20 @@ class ModelRunner:
         if cfg.pp_size > 1:
             if not getattr(self.model, "supports_pp", False):
                 raise ValueError(f"{type(self.model).__name__} does not support pipeline parallelism (pp_size > 1)")
-            self.pp, cfg.cuda_graph_max_bs = Stage(self.model_config.hidden_size, self.dtype, self.device), 0
+            self.pp, cfg.cuda_graph_max_bs = Stage(self.text_config.hidden_size, self.dtype, self.device), 0
         phase("build")
         if cfg.load_format == "dummy":
-            init_dummy_weights(self.model, cfg.random_seed, getattr(self.model_config, "initializer_range", 0.02))
+            init_dummy_weights(self.model, cfg.random_seed, getattr(self.text_config, "initializer_range", 0.02))
         elif cfg.load_format in ("auto", "safetensors"):
             self.model.load_weights(iter_safetensors(cfg.model_dir, keep=getattr(self.model, "wants_tensor", None),
                                                      lazy=getattr(self.model, "lazy_weights", False)))
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
+        # Multimodal models: vision embeddings of prompts being prefilled (first pipeline stage only).
+        self.mm: Optional[MmInputs] = None
+        if hasattr(self.model, "encode_images") and cfg.pp_rank == 0:
+            self.mm = MmInputs(self.model.encode_images, self.device)
         self.lora: Optional[LoRAPool] = None  # device slots; adapters wait in host memory (lora_adapters)
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
@@ -206,7 +213,7 @@ class ModelRunner:
 
     @property
     def vocab_size(self) -> int:
-        return self.model_config.vocab_size
+        return self.text_config.vocab_size
 
     def info(self) -> dict[str, Any]:
         params = list(self.model.parameters())
@@ -314,7 +321,8 @@ class ModelRunner:
         for ns in plan.new_slots:
             self._check_slot(ns.slot)
         for row in plan.rows:
-            if row.start_pos != 0 or not row.input_ids or max(row.input_ids) >= self.vocab_size or min(row.input_ids) < 0:
+            if (row.start_pos != 0 or not row.input_ids or max(row.input_ids) >= self.vocab_size
+                    or min(row.input_ids) < 0 or row.mm):
                 raise ValueError(f"encoder row of slot {row.slot} must be a whole in-vocabulary sequence")
         if not plan.rows or self.cfg.tp_rank != 0:
             return {}
@@ -346,6 +354,8 @@ class ModelRunner:
             self._check_slot(ns.slot)
             self._check_spec(ns.slot, ns.sampling)
             self.sampler.set_slot(ns.slot, ns.sampling, ns.prior_output)
+            if self.mm is not None:  # a new request in the slot: the old one's images are gone
+                self.mm.drop_slot(ns.slot)
         for load in plan.lora_loads:
             if self.lora is None or load.name not in self.lora_adapters:
                 raise ValueError(f"LoRA adapter {load.name!r} is not loaded on this worker")
@@ -364,6 +374,7 @@ class ModelRunner:
         report = extras and self.reports  # only the reporting rank sends results; the others skip the host work
         ids, slots, starts, lens, head_idx, sample_at = [], [], [], [], [], []
         sample_rows, sample_slots, inputs, hidden_rows, ph_idx, ph_slot = [], [], [], [], [], []
+        mm_rows = []  # (index of the row's first token in the step, row) of rows with images
         for r, row in enumerate(plan.rows):
             n, off = len(row.input_ids), len(ids)
             self._check_slot(row.slot)
@@ -371,6 +382,11 @@ class ModelRunner:
                 raise ValueError(f"row of slot {row.slot}: {n} input ids but {len(row.new_locs)} new locs")
             if row.start_pos < 0 or row.start_pos + n > cfg.context_len:
                 raise ValueError(f"row of slot {row.slot} spans positions beyond context_len {cfg.context_len}")
+            if row.mm:
+                if not hasattr(self.model, "encode_images"):
+                    raise ValueError(f"row of slot {row.slot} carries images, but {type(self.model).__name__} "
+                                     "takes text only")
+                mm_rows.append((off, row))
             if n == 1 and row.input_ids[0] == PLACEHOLDER:  # the token this slot sampled last step
                 ph_idx.append(off), ph_slot.append(row.slot)
             if extras and row.logprob_from >= 0:  # every rank: the LM head all-gathers
@@ -400,6 +416,7 @@ class ModelRunner:
         if ids and (max(ids) >= self.vocab_size or (min(ids) < 0 and min(ids) != PLACEHOLDER)
                     or ids.count(PLACEHOLDER) != len(ph_idx)):
             raise ValueError(f"token id out of range [0, {self.vocab_size}) (or a placeholder in a multi-token row)")
+        mm_embeds = self.mm.step_embeds(mm_rows) if mm_rows and self.mm is not None else None
 
         # One host->device copy for all index data.
         t, p, h, s, q = len(ids), n_prefix, len(head_idx), len(sample_slots), len(ph_idx)
@@ -414,7 +431,7 @@ class ModelRunner:
 
         lora_t = None if self.lora is None else torch.tensor(lora_tokens, dtype=torch.int64)
         plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
-        if self.graphs is not None and t == len(plan.rows) == s and plain and self.graphs.fits(t):
+        if self.graphs is not None and t == len(plan.rows) == s and plain and not mm_rows and self.graphs.fits(t):
             lora_dev = None if lora_t is None else lora_t.to(self.device, non_blocking=True)
             hidden, logits = self.graphs.replay(input_ids, w_pos_t[p:], w_loc_t[p:], w_slot_t[p:], lora_dev)
             return StepOutput(hidden, logits, None, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
@@ -423,7 +440,8 @@ class ModelRunner:
         ctx = ForwardContext(
             input_ids=input_ids, positions=w_pos_t[p:], out_cache_loc=w_loc_t[p:],
             slots=slots, starts=starts, extend_lens=lens, logits_indices=head_t,
-            req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend)
+            req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend,
+            mm_embeds=mm_embeds)
         ctx.attn_meta = self.attn_backend.init_forward(ctx)
         with forward_context(ctx):
             hidden = self.model(input_ids) if self.pp is None else self.pp.forward(self.model, input_ids)

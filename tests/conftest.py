@@ -45,3 +45,12 @@ def hf_gguf_model():
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory, default_model_dir) -> str:
+    """A tiny random LLaVA checkpoint (``tests/tiny_llava.py``): CLIP tower on 32x32 images (16
+    tokens each), 2-layer Llama text model, the default model's tokenizer plus ``<image>``."""
+    from tiny_llava import build_tiny_llava
+
+    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), default_model_dir)

@@ -9,12 +9,13 @@ _MODELS = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "BertModel": "bert",
+    "LlavaForConditionalGeneration": "llava",
 }
 
 
 # For configs without ``architectures`` (e.g. written by a converter).
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "bert": "BertModel"}
+                  "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
 
 
 def get_model_class(config) -> type:
