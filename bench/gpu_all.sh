@@ -48,6 +48,13 @@ for stage in "$@"; do
     smol_b1) timeout 60 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --parts a --skip-hf 2>&1 | grep '^{' ;;
     b1_8b) timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
              --out $out/bench.jsonl 2>&1 | grep '^{' ;;
+    ci500_1) for args in '{}' '{"kv_cache_dtype": "fp8_e4m3"}'; do  # the whole CI workload on one GPU, bf16 and FP8 K/V
+               timeout 220 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
+                 --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
+             done ;;
+    tests_log) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
+                 tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py \
+                 -q -p no:cacheprovider -rfE > $out/tests.txt 2>&1; echo "pytest exit $?"; tail -5 $out/tests.txt ;;
     ci500) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do  # the whole CI workload, one GPU / tp 2 / dp 2
              timeout 190 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
@@ -66,7 +73,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, b1_8b, ci500, rope_bits, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, b1_8b, ci500, ci500_1, tests_log, rope_bits, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

@@ -121,10 +121,13 @@ def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     # Round each product to the activation dtype as the torch code (and HF) does: a product of two
     # bf16 values is exact in float32, so this gives the same bits as bf16 tensor ops.
-    c1, s2 = (x1 * cos).to(dtype).to(tl.float32), (x2 * sin).to(dtype).to(tl.float32)
-    c2, s1 = (x2 * cos).to(dtype).to(tl.float32), (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(dst + off, c1 - s2, mask=mask)
-    tl.store(dst + off + HALF, c2 + s1, mask=mask)
+    # Rounding is spelled out (nearest-even, as torch rounds) at every step, the store included.
+    c1 = (x1 * cos).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+    s2 = (x2 * sin).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+    c2 = (x2 * cos).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+    s1 = (x1 * sin).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+    tl.store(dst + off, (c1 - s2).to(dtype, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(dst + off + HALF, (c2 + s1).to(dtype, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @triton.jit
