@@ -6,7 +6,7 @@ with an added ``<image>`` special token (its id is ``image_token_index``), and a
 (``processor_config.json``, and ``preprocessor_config.json`` for ``CLIPImageProcessor``). A 32x32
 image makes 16 patches of 8x8, hence 16 placeholder tokens (the CLS position is dropped).
 
-``python tests/tiny_llava.py DIR`` writes one to DIR.
+``PYTHONPATH=. python tests/tiny_llava.py DIR`` (from the repository root) writes one to DIR.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def tiny_llava_processor(tokenizer_dir: str):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    side = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=side)
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH_SIZE,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=tok.chat_template)

@@ -34,8 +34,8 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, ws_ptr, tickets_ptr, n, k, k_p
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     lo = pid_k * k_per_split
     hi = tl.minimum(lo + k_per_split, k)
-    for k0 in range(lo, hi, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, k_per_split, BLOCK_K):  # scalar bounds: older interpreters reject tensor ones
+        cols = lo + k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < hi
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + cols[None, :],

@@ -109,40 +109,55 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # ---- RoPE (neox / rotate-half layout) on q and k -----------------------------------------------
 
 @triton.jit
+def _round_bf16(x):
+    """float32 ``x`` rounded to bfloat16 precision (nearest-even), still float32. Integer ops: the
+    compiler folds a float round trip (``x.to(bf16).to(f32)``) back to ``x``, dropping the rounding."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BF16: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < H) & (d < HALF)
     off = h * (2 * HALF) + d
     x1 = tl.load(src + off, mask=mask, other=0.0)
     x2 = tl.load(src + off + HALF, mask=mask, other=0.0)
-    dtype = x1.dtype
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    # Round each product to the activation dtype as the torch code (and HF) does: a product of two
-    # bf16 values is exact in float32, so this gives the same bits as bf16 tensor ops.
-    # Rounding is spelled out (nearest-even, as torch rounds) at every step, the store included.
-    c1 = (x1 * cos).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-    s2 = (x2 * sin).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-    c2 = (x2 * cos).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-    s1 = (x1 * sin).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
-    tl.store(dst + off, (c1 - s2).to(dtype, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(dst + off + HALF, (c2 + s1).to(dtype, fp_downcast_rounding="rtne"), mask=mask)
+    c1, s2, c2, s1 = x1 * cos, x2 * sin, x2 * cos, x1 * sin
+    if BF16:
+        # Round each product to bf16 as the torch code (and HF) does: a product of two bf16 values
+        # is exact in float32, so this gives the same bits as bf16 tensor ops.
+        c1, s2, c2, s1 = _round_bf16(c1), _round_bf16(s2), _round_bf16(c2), _round_bf16(s1)
+        # Rounded here too: the store's own conversion may truncate (the interpreter's does).
+        c1, c2 = _round_bf16(c1 - s2), _round_bf16(c2 + s1)
+    else:
+        c1, c2 = c1 - s2, c2 + s1
+    tl.store(dst + off, c1, mask=mask)
+    tl.store(dst + off + HALF, c2, mask=mask)
 
 
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, cs_stride,
                  QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
-                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     cs = pos * cs_stride + d
     dtype = q_out_ptr.dtype.element_ty  # the torch code casts the table to the activation dtype
-    cos = tl.load(cos_ptr + cs, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + cs, mask=d < HALF, other=0.0).to(dtype).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + t * q_stride, q_out_ptr + t * (QH * 2 * HALF), cos, sin, QH, HALF, BLOCK_QH, BLOCK_D)
-    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + t * (KH * 2 * HALF), cos, sin, KH, HALF, BLOCK_KH, BLOCK_D)
+    cos = tl.load(cos_ptr + cs, mask=d < HALF, other=0.0)
+    sin = tl.load(sin_ptr + cs, mask=d < HALF, other=0.0)
+    if BF16:
+        cos, sin = _round_bf16(cos), _round_bf16(sin)
+    else:
+        cos, sin = cos.to(dtype).to(tl.float32), sin.to(dtype).to(tl.float32)
+    cos, sin = cos[None, :], sin[None, :]
+    _rotate_heads(q_ptr + t * q_stride, q_out_ptr + t * (QH * 2 * HALF), cos, sin, QH, HALF, BLOCK_QH, BLOCK_D, BF16)
+    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + t * (KH * 2 * HALF), cos, sin, KH, HALF, BLOCK_KH, BLOCK_D, BF16)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -159,7 +174,7 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
         block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
         _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), q_out, k_out, cos, sin,
                            cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
-                           BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d,
+                           BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d, BF16=q.dtype == torch.bfloat16,
                            num_warps=4 if block_qh * block_d < 4096 else 8)
     return q_out.view(q.shape), k_out.view(k.shape)
 

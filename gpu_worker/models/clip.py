@@ -9,7 +9,7 @@ layer, so the last one (and ``post_layernorm``) would be weights that never run.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ def hidden_state_index(i: int, num_layers: int) -> int:
     return i % (num_layers + 1)
 
 
-def activation(name: str):
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

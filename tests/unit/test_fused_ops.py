@@ -124,7 +124,7 @@ def interpreted() -> dict[str, str]:
     return interpret_script(__file__)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + [f"{n}-bf16-bits" for n in CASES if n.startswith("rope")])
 def test_interpreted_kernel_matches_torch(interpreted: dict[str, str], name: str):
     assert interpreted[name] == "", interpreted[name]
 
@@ -188,4 +188,7 @@ def test_cuda_graph_replay():
 
 if __name__ == "__main__":  # the interpreter child of `interpreted`
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
-    print(json.dumps({name: _check(case("cpu", torch.float32)) for name, case in CASES.items()}))
+    results = {name: _check(case("cpu", torch.float32)) for name, case in CASES.items()}
+    results.update({f"{name}-bf16-bits": _check(case("cpu", torch.bfloat16), atol=0, rtol=0)
+                    for name, case in CASES.items() if name.startswith("rope")})
+    print(json.dumps(results))

@@ -136,7 +136,8 @@ def test_tiny_checkpoint_is_what_a_user_has(tiny_llava_dir, processor, hf):
     assert cfg["architectures"] == ["LlavaForConditionalGeneration"] and cfg["image_seq_length"] == 16
     assert tok.convert_tokens_to_ids("<image>") == cfg["image_token_index"] == len(tok) - 1
     assert cfg["text_config"]["vocab_size"] == len(tok)
-    assert AutoImageProcessor.from_pretrained(tiny_llava_dir)(image(0), return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+    pixels = AutoImageProcessor.from_pretrained(tiny_llava_dir)(image(0), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
     ids, _ = encode(processor, TWO, [0, 1])
     assert [n for _, n in image_runs(ids, token_of(hf))] == [16, 16]
 
