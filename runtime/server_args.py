@@ -210,9 +210,6 @@ class ServerArgs:
         if a.enable_lora is None:
             a.enable_lora = bool(a.lora_paths)
         if a.enable_lora:
-            # The decode graphs can carry the LoRA delta (cuda_graph.py), but that path has not run on
-            # a GPU yet (tests/unit/test_lora.py::test_cuda_graph_decode_matches_peft): eager until it has.
-            a.disable_cuda_graph = True
             configs = [_adapter_config(path) for _, path, _ in parse_lora_paths(a.lora_paths)]
             if a.max_lora_rank is None:  # the device slots' rank: the largest initial adapter's, else 64
                 a.max_lora_rank = max([c["r"] for c in configs if isinstance(c.get("r"), int)] or [64])

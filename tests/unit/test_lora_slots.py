@@ -78,7 +78,7 @@ def test_lora_slot_shape_defaults_to_the_initial_adapters(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(f'{{"r": {r}, "target_modules": {targets}}}')
     a = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a"), f"b={tmp_path / 'b'}"]).resolved()
-    assert a.enable_lora and a.max_lora_rank == 16 and a.disable_cuda_graph
+    assert a.enable_lora and a.max_lora_rank == 16 and not a.disable_cuda_graph
     assert a.lora_target_modules == ["q_proj", "v_proj", "down_proj"]
     regex = ServerArgs(device="cpu", lora_paths=[str(tmp_path / "a"), str(tmp_path / "c")]).resolved()
     assert regex.lora_target_modules == ["all"]  # a regex target: every projection
