@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Iterator, Optional, Union
 import msgspec
 import zmq
 
+from treadle.client.media import attach_media
 from treadle.client.request import normalize_generate
 from treadle.client.results import BatchResult, ReqState
 from treadle.client.launch import launch_children
@@ -123,7 +124,7 @@ class Engine:
     def generate(
         self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
         input_ids: Union[list[int], list[list[int]], None] = None, image_data: Any = None,
-        return_logprob: Union[bool, list[bool]] = False, logprob_start_len: Union[int, list[int], None] = None,
+        audio_data: Any = None, video_data: Any = None, return_logprob: Union[bool, list[bool]] = False, logprob_start_len: Union[int, list[int], None] = None,
         top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
         lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
         stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
@@ -140,7 +141,7 @@ class Engine:
     async def async_generate(
         self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
         input_ids: Union[list[int], list[list[int]], None] = None, image_data: Any = None,
-        return_logprob: Union[bool, list[bool]] = False, logprob_start_len: Union[int, list[int], None] = None,
+        audio_data: Any = None, video_data: Any = None, return_logprob: Union[bool, list[bool]] = False, logprob_start_len: Union[int, list[int], None] = None,
         top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
         lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
         stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
@@ -159,8 +160,8 @@ class Engine:
         unsupported = call.pop("unsupported")
         if unsupported:
             raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
-        if call["image_data"] is not None:
-            raise NotImplementedError("image_data is not supported yet by Treadle (see the README's feature table).")
+        if call["audio_data"] is not None:
+            raise ValueError("audio_data: Treadle serves no audio models; images and videos go to a LLaVA model.")
         hidden = call["return_hidden_states"]
         if (any(hidden) if isinstance(hidden, list) else hidden) and not self.server_args.enable_return_hidden_states:
             raise ValueError("The server is not configured to return hidden states. "
@@ -172,6 +173,7 @@ class Engine:
             options.update(self._resolve_processors(call["custom_logit_processor"]))
         reqs, is_batch = normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
                                             call["stream"], options, self._preferred)
+        attach_media(reqs, call["prompt"], call["input_ids"], call["image_data"], call["video_data"])
         if call["session_params"] is not None:
             session = _session_params(call["session_params"])
             if len(reqs) != 1:
@@ -232,7 +234,7 @@ class Engine:
         if unsupported:
             raise TypeError(f"encode() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
         if image_data is not None:
-            raise NotImplementedError("image_data is not supported yet by Treadle (see the README's feature table).")
+            raise ValueError("image_data: encode() takes text only here; no multimodal embedding model is supported.")
         if not self.server_args.is_embedding:
             raise ValueError("This model does not appear to be an embedding model by default. "
                              "Start the engine with is_embedding=True to use encode().")

@@ -68,6 +68,8 @@ def _to_ref(where: str, item: Any) -> MediaRef:
     if isinstance(item, str):
         if not item.strip():
             raise ValueError(f"{where}: empty string")
+        if "://" not in item and not item.startswith("data:") and os.path.exists(item):
+            item = os.path.abspath(item)  # relative to the caller's working directory, not a child's
         return MediaRef(source=item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         if not len(item):
@@ -92,3 +94,18 @@ def _png_bytes(image: Any) -> bytes:
         has_alpha = "A" in image.getbands() or "transparency" in image.info
         image.convert("RGBA" if has_alpha else "RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def attach_media(reqs: list[Any], prompt: Any, input_ids: Any, image_data: Any, video_data: Any) -> None:
+    """Give each request (``GenerateReq``, prompt-major with ``n`` copies per prompt) its prompt's
+    images and videos. The batch size is the user's: a list of prompts (or of id lists) is a batch."""
+    if image_data is None and video_data is None:
+        return
+    batch = isinstance(prompt, (list, tuple)) or (
+        prompt is None and isinstance(input_ids, (list, tuple)) and bool(input_ids) and isinstance(input_ids[0], (list, tuple)))
+    n_prompts = (len(prompt) if prompt is not None else len(input_ids)) if batch else 1
+    images = to_media_refs("image_data", image_data, n_prompts if batch else None)
+    videos = to_media_refs("video_data", video_data, n_prompts if batch else None)
+    per = len(reqs) // n_prompts  # n > 1: parallel samples of one prompt share its media
+    for i, req in enumerate(reqs):
+        req.image_data, req.video_data = images[i // per], videos[i // per]

@@ -41,6 +41,7 @@ class ReqState:
         # which meta keys the request asked for: logprobs, top logprobs, token-id logprobs, hidden states
         self.keys = _wanted_keys(*want)
         self.lists: dict[str, list[Any]] = {k: [] for k in self.keys}
+        self.mm_tokens: dict[str, int] = {}  # image / video prompt tokens (sent with the first output)
 
     def update(self, out: StrOut, incremental: bool, stream: bool) -> Optional[dict[str, Any]]:
         """Fold one output in; return the chunk to deliver (every update when streaming, else the last)."""
@@ -61,6 +62,10 @@ class ReqState:
             "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens,
         }
+        if out.mm_tokens:
+            self.mm_tokens = out.mm_tokens
+        for modality, count in self.mm_tokens.items():
+            meta[f"{modality}_tokens"] = count
         for k in self.keys:
             meta[k] = new[k] if (stream and incremental and k in _OUTPUT_LISTS) else list(self.lists[k])
         if "output_token_logprobs" in self.keys:

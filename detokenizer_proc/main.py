@@ -31,7 +31,7 @@ def detokenize(detok: IncrementalDetokenizer, batch: TokenOutBatch) -> StrOutBat
         outs.append(StrOut(
             rid=o.rid, text=text, new_ids=o.new_ids, finish=o.finish, prompt_tokens=o.prompt_tokens,
             completion_tokens=o.completion_tokens, cached_tokens=o.cached_tokens, meta=o.meta,
-            embedding=o.embedding,
+            embedding=o.embedding, mm_tokens=o.mm_tokens,
         ))
     return StrOutBatch(outs=outs)
 

@@ -331,6 +331,7 @@ class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
     trim_last_token: bool = False
     meta: Optional["MetaDelta"] = None
     embedding: bytes = b""  # float32 vector of an embedding request
+    mm_tokens: dict[str, int] = {}  # prompt tokens per modality ("image", "video") of a multimodal request
 
 
 class MetaDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -364,6 +365,7 @@ class StrOut(msgspec.Struct, array_like=True, omit_defaults=True):
     cached_tokens: int = 0
     meta: Optional[MetaDelta] = None
     embedding: bytes = b""
+    mm_tokens: dict[str, int] = {}
 
 
 class StrOutBatch(_Msg):

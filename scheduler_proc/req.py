@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from treadle.runtime.messages import FinishReason, RowOut, SamplingSpec, TokenizedReq, TokenOut
+from treadle.runtime.messages import FinishReason, MmChunk, MmItem, RowOut, SamplingSpec, TokenizedReq, TokenOut
 from treadle.scheduler_proc.output_meta import OutputMeta
 
 DETOKENIZE_CONTEXT = 5  # trailing prompt tokens sent with the first output, for correct spacing
@@ -42,6 +42,8 @@ class Req:
         self.hidden_prefill_done = False
         self.grammar: Any = None  # grammar.ReqGrammar of a json_schema / regex / ebnf request
         self.embedding = b""
+        self.mm_items: list[MmItem] = tr.mm_items  # images / video frames (a session turn: its context's too)
+        self.mm_sent: set[int] = set()  # items whose pixels the worker got for the current slot
 
     @property
     def seq_len(self) -> int:
@@ -54,6 +56,31 @@ class Req:
 
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
+
+    def key_ids(self) -> list[int]:
+        """The radix-cache key of the sequence: ``all_ids()`` with each image's placeholder positions
+        set to ``-1 - digest``, so only the same image (and text around it) shares cached KV."""
+        ids = self.all_ids()
+        for it in self.mm_items:
+            ids[it.offset:it.offset + it.num_tokens] = [-1 - it.digest] * it.num_tokens
+        return ids
+
+    def mm_token_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for it in self.mm_items:
+            counts[it.modality] = counts.get(it.modality, 0) + it.num_tokens
+        return counts
+
+    def mm_chunks(self, start: int, end: int) -> list[MmChunk]:
+        """The items overlapping positions ``[start, end)``; pixels go with an item's first chunk."""
+        out = []
+        for i, it in enumerate(self.mm_items):
+            if it.offset < end and start < it.offset + it.num_tokens:
+                first = i not in self.mm_sent
+                self.mm_sent.add(i)
+                out.append(MmChunk(i, it.offset, it.num_tokens, it.pixels if first else b"",
+                                   it.shape if first else []))
+        return out
 
     def last_id(self) -> int:
         """The last known token (without copying the sequence, as ``all_ids()[-1]`` would)."""
@@ -114,6 +141,7 @@ class Req:
             trim_stop_str=fin.matched if fin is not None and isinstance(fin.matched, str) and not s.no_stop_trim else None,
             trim_last_token=fin is not None and isinstance(fin.matched, int) and not s.no_stop_trim,
             meta=self.meta.delta() if self.meta is not None else None, embedding=self.embedding,
+            mm_tokens=self.mm_token_counts() if self.mm_items and self.sent == 0 else {},
         )
         self.sent = len(self.output_ids)
         self.finish_sent = fin is not None

@@ -91,8 +91,9 @@ class Scheduler:
                 gkey = self.grammars.key_of(tr.sampling)
                 if tr.lora_name is not None and not self.lora.serves(tr.lora_name):
                     raise ValueError(f"Got LoRA adapter that has never been loaded: {tr.lora_name}")
+                items = tr.mm_items
                 if tr.session is not None:
-                    ids = self.sessions.context(tr.session, tr.rid, ids)
+                    ids, items = self.sessions.context(tr.session, tr.rid, ids, items)
                 if len(ids) + 1 > pool:
                     raise ValueError(f"Input length ({len(ids)} tokens) exceeds the KV cache capacity "
                                      f"({self.max_total_tokens} tokens). Use a shorter input or a larger max_total_tokens.")
@@ -108,7 +109,7 @@ class Scheduler:
             if tr.embed:
                 max_new = 0  # prefill only; the result is an embedding
             req = Req(tr, max_new, self.eos_ids, self.hidden_size)
-            req.input_ids, req.arrival = ids, next(self.arrivals)
+            req.input_ids, req.arrival, req.mm_items = ids, next(self.arrivals), items
             if not self._queue_has_room(req):
                 rejected.append((tr.rid, "overloaded", "The request queue is full."))
                 continue
@@ -225,7 +226,7 @@ class Scheduler:
                 continue  # still compiling: others go ahead
             if self.slots.free_slots == 0:
                 break
-            ids = req.all_ids()
+            ids = req.key_ids()
             pages, node = self._match(req, ids)
             matched = len(pages) * self.page_size
             want = len(ids) - matched
@@ -281,7 +282,7 @@ class Scheduler:
         ids = req.all_ids()[start:start + n]
         samples = done and not req.tr.embed
         rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), samples, lp_from,
-                            lora_slot=req.lora_slot))
+                            lora_slot=req.lora_slot, mm=req.mm_chunks(start, start + n) if req.mm_items else []))
         self._planned(req, n, samples, True)
         return n
 
@@ -303,7 +304,7 @@ class Scheduler:
         return self.cache.match_prefix(ids, max_len=cap, namespace=req.tr.lora_name or "")
 
     def _prefix_len(self, req: Req) -> int:
-        return len(self._match(req, req.all_ids())[0]) * self.page_size if self.cache is not None else 0
+        return len(self._match(req, req.key_ids())[0]) * self.page_size if self.cache is not None else 0
 
     # ------------------------------------------------------------------ memory
     def _available_pages(self) -> int:
@@ -381,7 +382,7 @@ class Scheduler:
         if self.cache is not None:
             k = min(req.num_computed, req.seq_len) // self.page_size
             if k >= req.shared_pages and k > 0:
-                self.cache.insert(req.all_ids()[: k * self.page_size], req.pages[:k], req.tr.lora_name or "")
+                self.cache.insert(req.key_ids()[: k * self.page_size], req.pages[:k], req.tr.lora_name or "")
             else:
                 k = req.shared_pages
             self.cache.unlock(req.cache_node)
@@ -392,6 +393,7 @@ class Scheduler:
         if req.lora_slot >= 0:
             self.lora.release(req.tr.lora_name)
         req.pages, req.shared_pages, req.cache_node, req.slot, req.lora_slot = [], 0, None, None, -1
+        req.mm_sent.clear()  # a new slot: the worker has no embeddings for it
         req.num_computed = req.fill_len = 0
 
     # ------------------------------------------------------------------ results
@@ -475,7 +477,7 @@ class Scheduler:
         sess = self.sessions.finish(sid, req.rid, req.output_ids)
         if sess is None or self.cache is None:
             return
-        _, node = self.cache.match_prefix(req.all_ids(), namespace=req.tr.lora_name or "")
+        _, node = self.cache.match_prefix(req.key_ids(), namespace=req.tr.lora_name or "")
         self.cache.lock(node)
         if sess.lock_node is not None:
             self.cache.unlock(sess.lock_node)

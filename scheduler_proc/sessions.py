@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from treadle.runtime.messages import SessionParams
+import msgspec
+
+from treadle.runtime.messages import MmItem, SessionParams
 
 
 @dataclass
@@ -18,6 +20,7 @@ class Turn:
     input_ids: list[int]
     output_ids: list[int]
     finished: bool = False
+    mm_items: list[MmItem] = field(default_factory=list)  # images of its whole context
 
 
 @dataclass
@@ -41,8 +44,10 @@ class SessionTable:
     def close(self, sid: str) -> Optional[Session]:
         return self.sessions.pop(sid, None)
 
-    def context(self, sp: SessionParams, rid: str, new_ids: list[int]) -> list[int]:
-        """The full input of a turn; raises ValueError for an unknown session or parent."""
+    def context(self, sp: SessionParams, rid: str, new_ids: list[int], new_items: list[MmItem] = ()
+                ) -> tuple[list[int], list[MmItem]]:
+        """The full input of a turn and its images (the parent's, then the new input's, shifted);
+        raises ValueError for an unknown session or parent, or an offset that cuts an image."""
         sess = self.sessions.get(sp.id)
         if sess is None:
             raise ValueError(f"Invalid request: session id {sp.id} does not exist")
@@ -52,6 +57,7 @@ class SessionTable:
             sess.turns.clear()
             sess.latest = None
         parent_rid = sp.rid if sp.rid is not None else sess.latest
+        items: list[MmItem] = []
         if parent_rid is None:
             ctx: list[int] = []
         else:
@@ -63,8 +69,14 @@ class SessionTable:
             ctx = parent.input_ids + ([] if sp.drop_previous_output else parent.output_ids)
             if sp.offset:
                 ctx = ctx[: sp.offset]
-        sess.turns[rid] = Turn(input_ids=ctx + new_ids, output_ids=[])
-        return ctx + new_ids
+            for it in parent.mm_items:
+                if it.offset + it.num_tokens <= len(ctx):
+                    items.append(it)
+                elif it.offset < len(ctx):
+                    raise ValueError(f"Invalid request: offset {sp.offset} cuts an image of the parent turn in two.")
+        items += [msgspec.structs.replace(it, offset=it.offset + len(ctx)) for it in new_items]
+        sess.turns[rid] = Turn(input_ids=ctx + new_ids, output_ids=[], mm_items=items)
+        return ctx + new_ids, items
 
     def finish(self, sid: str, rid: str, output_ids: list[int]) -> Optional[Session]:
         sess = self.sessions.get(sid)

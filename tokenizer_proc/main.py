@@ -15,6 +15,7 @@ from treadle.runtime.messages import (
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
+from treadle.tokenizer_proc.multimodal import MultimodalProcessor, check_items_fit, is_multimodal_config, reject_media
 from treadle.tokenizer_proc.router import DpRouter
 from treadle.tokenizer_proc.validate import check_embed_length, check_input_ids, check_lengths, check_logprob_args
 
@@ -29,6 +30,8 @@ class TokenizerWorker:
         cfg = load_config(files.model_dir)
         self.context_len = context_length(cfg, self.args, files.model_dir)
         self.vocab = vocab_size(cfg, self.tokenizer)
+        self.mm = MultimodalProcessor(files.model_dir, self.tokenizer) if is_multimodal_config(files.model_dir) else None
+        self.arch = (cfg.get("architectures") or [None])[0]
 
     def tokenize_batch(self, batch: GenerateBatch) -> TokenizedBatch:
         """Raises ValueError/TypeError naming the field of the first bad item; nothing is sent then."""
@@ -41,20 +44,26 @@ class TokenizerWorker:
                 raise ValueError("prompt cannot be empty: it tokenizes to no tokens.")
             check_input_ids(ids, self.vocab)
             r.sampling.verify(self.vocab)
+            items = []
+            if r.image_data or r.video_data:
+                if self.mm is None:
+                    reject_media(r, self.arch)
+                ids, items = self.mm.expand(r, ids)
             ids = check_embed_length(ids, self.context_len, self.args) if r.embed else check_lengths(
                 r, ids, self.context_len, self.args)
+            check_items_fit(items, len(ids))
             check_logprob_args(r, len(ids), self.vocab)
-            out.append(self._tokenized(r, ids))
+            out.append(self._tokenized(r, ids, items))
         return TokenizedBatch(reqs=out)
 
     @staticmethod
-    def _tokenized(r: GenerateReq, ids: list[int]) -> TokenizedReq:
+    def _tokenized(r: GenerateReq, ids: list[int], items: list) -> TokenizedReq:
         return TokenizedReq(
             rid=r.rid, input_ids=ids, sampling=r.sampling, stream=r.stream, return_logprob=r.return_logprob,
             logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
             token_ids_logprob=r.token_ids_logprob, return_hidden_states=r.return_hidden_states,
             priority=r.priority, created=r.created, custom_logit_processor=r.custom_logit_processor,
-            custom_state=r.custom_state, session=r.session, embed=r.embed, lora_name=r.lora_name,
+            custom_state=r.custom_state, session=r.session, embed=r.embed, lora_name=r.lora_name, mm_items=items,
         )
 
 

@@ -26,15 +26,19 @@ import triton.language as tl
 
 
 @triton.jit(do_not_specialize=["n", "k"])
-def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, ws_ptr, tickets_ptr, n, k, k_per_split,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, ws_ptr, tickets_ptr, n, k,
+                 K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    lo = pid_k * k_per_split
-    hi = tl.minimum(lo + k_per_split, k)
-    for k0 in range(0, k_per_split, BLOCK_K):  # scalar bounds: older interpreters reject tensor ones
+    lo = pid_k * K_PER_SPLIT
+    hi = tl.minimum(lo + K_PER_SPLIT, k)
+    # The trip count is a constexpr, not a runtime argument: Triton 3.6's interpreter holds a
+    # runtime scalar as a 1-element array and its ``__index__`` calls ``int()`` on it, which recent
+    # NumPy rejects (2.4 does), so ``range()`` over a runtime bound fails there. It costs one
+    # compile per distinct K share (a few per model); the loop itself is the same.
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         cols = lo + k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < hi
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -94,6 +98,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, workspace: GemvWorkspace, config: tup
         workspace.reserve(split * n, grid[0])
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    _gemv_kernel[grid](x, w, w.stride(0), out, workspace.partials, workspace.tickets, n, k, k_per_split,
+    _gemv_kernel[grid](x, w, w.stride(0), out, workspace.partials, workspace.tickets, n, k, K_PER_SPLIT=k_per_split,
                        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps)
     return out

@@ -1,0 +1,99 @@
+"""Images and videos of a request: load, preprocess, and expand their placeholders (LLaVA).
+
+Runs in the tokenizer process, so a bad file or URL fails the call with a ValueError naming the
+field before anything is scheduled, and pixel work stays off the user's event loop. A LLaVA
+prompt marks each image with one ``<image>`` token (``image_token_index``); it is replaced here
+by as many copies as the vision tower yields embeddings, and each image becomes an ``MmItem``
+(pixels + where its copies sit). A prompt without placeholders gets them at its start, one per
+image, then a newline. A video is sampled into ``VIDEO_FRAMES`` frames, each an image of the
+prompt (LLaVA-1.5 has no video tower of its own); its placeholders follow the images'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from treadle.runtime.messages import GenerateReq, MmItem
+from treadle.tokenizer_proc.media import load_image, load_video_frames
+
+VIDEO_FRAMES = 4  # frames per video: 4 x 576 tokens fit LLaVA-1.5's 4,096-token context with room to answer
+
+
+def is_multimodal_config(model_dir: str) -> bool:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return "vision_config" in cfg and "image_token_index" in cfg
+
+
+class MultimodalProcessor:
+    """The model's image preprocessing and placeholder layout (one per tokenizer process)."""
+
+    def __init__(self, model_dir: str, tokenizer: Any) -> None:
+        from transformers import AutoImageProcessor
+
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        vision = cfg["vision_config"]
+        self.image_token = int(cfg["image_token_index"])
+        patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))) ** 2
+        self.tokens_per_image = patches + (cfg.get("vision_feature_select_strategy", "default") == "full")
+        self.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+        self.newline = tokenizer.encode("\n", add_special_tokens=False)
+
+    def expand(self, req: GenerateReq, ids: list[int]) -> tuple[list[int], list[MmItem]]:
+        """``ids`` with each image's placeholder expanded, and the request's items in prompt order."""
+        images = [("image", load_image(ref, f"image_data[{i}]")) for i, ref in enumerate(req.image_data)]
+        for i, ref in enumerate(req.video_data):
+            images += [("video", f) for f in load_video_frames(ref, f"video_data[{i}]", VIDEO_FRAMES)]
+        if not images:
+            return ids, []
+        marks = [i for i, t in enumerate(ids) if t == self.image_token]
+        if not marks:  # no placeholders: one per image at the start of the prompt
+            ids = [self.image_token] * len(images) + list(self.newline) + ids
+            marks = list(range(len(images)))
+        if len(marks) != len(images):
+            field = "image_data" if req.image_data else "video_data"
+            raise ValueError(f"{field}: the prompt has {len(marks)} image placeholder(s) but {len(images)} "
+                             f"image(s) and video frame(s) were given ({VIDEO_FRAMES} frames a video).")
+        pixels = self.pixel_values([im for _, im in images])
+        out: list[int] = []
+        items: list[MmItem] = []
+        prev = 0
+        for (modality, _), mark, px in zip(images, marks, pixels):
+            out += ids[prev:mark]
+            items.append(MmItem(modality=modality, offset=len(out), num_tokens=self.tokens_per_image,
+                                digest=digest(px), pixels=px.tobytes(), shape=list(px.shape)))
+            out += [self.image_token] * self.tokens_per_image
+            prev = mark + 1
+        return out + ids[prev:], items
+
+    def pixel_values(self, images: list[Any]) -> np.ndarray:
+        """``[N, 3, H, W]`` float32, as HF's image processor makes them for this model."""
+        batch = self.image_processor(images=images, return_tensors="np")["pixel_values"]
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def digest(pixels: np.ndarray) -> int:
+    """A 63-bit hash of an image's pixels: equal images share radix-cache keys, different ones don't."""
+    h = hashlib.blake2b(pixels.tobytes(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def check_items_fit(items: list[MmItem], length: int) -> None:
+    """After truncation: an image cut in two cannot run (its embeddings come whole)."""
+    for i, it in enumerate(items):
+        if it.offset + it.num_tokens > length:
+            raise ValueError(f"The input with its image tokens ({it.offset + it.num_tokens}+ tokens) does not fit "
+                             f"the context: image {i} would be cut by truncation.")
+
+
+def reject_media(req: GenerateReq, arch: Optional[str]) -> None:
+    """A text-only model given images or videos: say so, naming the field."""
+    field = "image_data" if req.image_data else "video_data"
+    raise ValueError(f"{field}: this model ({arch or 'unknown architecture'}) takes no images or videos; "
+                     f"multimodal input needs a LLaVA model (LlavaForConditionalGeneration).")
