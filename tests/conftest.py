@@ -48,9 +48,12 @@ def hf_gguf_model():
 
 
 @pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory, default_model_dir) -> str:
+def tiny_llava_dir(tmp_path_factory, request) -> str:
     """A tiny random LLaVA checkpoint (``tests/tiny_llava.py``): CLIP tower on 32x32 images (16
-    tokens each), 2-layer Llama text model, the default model's tokenizer plus ``<image>``."""
+    tokens each), 2-layer Llama text model, the default model's tokenizer plus ``<image>``
+    (``TREADLE_TEST_TOKENIZER_DIR`` names another tokenizer directory: the GPU machine has no
+    default-model package)."""
     from tiny_llava import build_tiny_llava
 
-    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), default_model_dir)
+    tok_dir = os.environ.get("TREADLE_TEST_TOKENIZER_DIR") or request.getfixturevalue("default_model_dir")
+    return build_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")), tok_dir)
