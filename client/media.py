@@ -70,17 +70,17 @@ def _to_ref(where: str, item: Any) -> MediaRef:
             raise ValueError(f"{where}: empty string")
         if "://" not in item and not item.startswith("data:") and os.path.exists(item):
             item = os.path.abspath(item)  # relative to the caller's working directory, not a child's
-        return MediaRef(source=item)
+        return MediaRef(source=item, label=where)
     if isinstance(item, (bytes, bytearray, memoryview)):
         if not len(item):
             raise ValueError(f"{where}: empty bytes")
-        return MediaRef(raw=bytes(item))
+        return MediaRef(raw=bytes(item), label=where)
     if isinstance(item, pathlib.PurePath):
         # Absolute, so the tokenizer process finds it whatever its working directory.
-        return MediaRef(source=os.path.abspath(os.path.expanduser(str(item))))
+        return MediaRef(source=os.path.abspath(os.path.expanduser(str(item))), label=where)
     pil = sys.modules.get("PIL.Image")  # no PIL loaded means this cannot be a PIL image
     if pil is not None and isinstance(item, pil.Image):
-        return MediaRef(raw=_png_bytes(item))
+        return MediaRef(raw=_png_bytes(item), label=where)
     raise TypeError(f"{where}: {_EXPECTED}, got {type(item).__name__}")
 
 

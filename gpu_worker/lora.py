@@ -192,7 +192,9 @@ class LoRAPool:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.targets = tuple(TARGETS if targets is None else targets)
         self.device, self.dtype = torch.device(device), dtype
-        self.num_layers: Optional[int] = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        config = getattr(model, "config", None)
+        config = getattr(config, "text_config", None) or config  # LLaVA: the language model's layers
+        self.num_layers: Optional[int] = getattr(config, "num_hidden_layers", None)
         self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=self.device)
         self.token_slots: Optional[torch.Tensor] = None
         self.mask: Optional[torch.Tensor] = None  # [T, S*R] in dtype; None: no token uses an adapter

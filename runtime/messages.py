@@ -36,6 +36,7 @@ class MediaRef(msgspec.Struct, array_like=True, omit_defaults=True):
 
     source: str = ""
     raw: bytes = b""
+    label: str = ""  # the user's field and index (``image_data[1][0]``), for error messages
 
 
 class MmItem(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -48,6 +49,17 @@ class MmItem(msgspec.Struct, array_like=True, omit_defaults=True):
     digest: int  # 63-bit hash of the pixels: the radix-cache key of its positions
     pixels: bytes  # float32 pixel values, C-contiguous
     shape: list[int]  # of ``pixels``: [3, H, W]
+
+
+def radix_key_ids(ids: list[int], items: list[MmItem]) -> list[int]:
+    """``ids`` with each item's placeholder positions set to ``-1 - digest``: the prefix-cache (and
+    DP-routing) key, under which only the same image with the same text before it matches."""
+    if not items:
+        return ids
+    ids = list(ids)
+    for it in items:
+        ids[it.offset:it.offset + it.num_tokens] = [-1 - it.digest] * it.num_tokens
+    return ids
 
 
 class GenerateReq(_Msg):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from treadle.runtime.messages import FinishReason, MmChunk, MmItem, RowOut, SamplingSpec, TokenizedReq, TokenOut
+from treadle.runtime.messages import (
+    FinishReason, MmChunk, MmItem, RowOut, SamplingSpec, TokenizedReq, TokenOut, radix_key_ids,
+)
 from treadle.scheduler_proc.output_meta import OutputMeta
 
 DETOKENIZE_CONTEXT = 5  # trailing prompt tokens sent with the first output, for correct spacing
@@ -60,10 +62,7 @@ class Req:
     def key_ids(self) -> list[int]:
         """The radix-cache key of the sequence: ``all_ids()`` with each image's placeholder positions
         set to ``-1 - digest``, so only the same image (and text around it) shares cached KV."""
-        ids = self.all_ids()
-        for it in self.mm_items:
-            ids[it.offset:it.offset + it.num_tokens] = [-1 - it.digest] * it.num_tokens
-        return ids
+        return radix_key_ids(self.all_ids(), self.mm_items)
 
     def mm_token_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

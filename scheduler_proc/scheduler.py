@@ -269,9 +269,11 @@ class Scheduler:
         return budget
 
     def _prefill_row(self, req: Req, budget: int, rows: list[PlanRow]) -> int:
-        """Append the next prefill chunk of ``req`` (at most ``budget`` tokens); returns its size."""
+        """Append the next prefill chunk of ``req`` (at most ``budget`` tokens, and no more than the
+        free pages hold: decodes took theirs first); returns its size."""
         start = req.num_computed
-        n = min(req.fill_len - start, budget)
+        room = (len(req.pages) + self._available_pages()) * self.page_size - start
+        n = min(req.fill_len - start, budget, room)
         if n <= 0:
             return 0
         self._grow(req, start + n)
@@ -333,6 +335,9 @@ class Scheduler:
         while True:
             decoding = [r for r in self.running if self._decodable(r)]
             need = sum(1 for r in decoding if self.pages.pages_for(r.num_tokens) > len(r.pages))
+            # a chunked prompt must be able to take its next page too, or it could wait forever
+            need += sum(1 for r in self.running if r.prefilling and r.finish is None and not self._busy(r)
+                        and r.num_computed >= len(r.pages) * self.page_size)
             if need <= self._available_pages() or not self.running:
                 return True
             if self.inflight:

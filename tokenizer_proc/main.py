@@ -11,7 +11,7 @@ import zmq
 from treadle.runtime.hf_config import context_length, load_config, load_tokenizer, vocab_size
 from treadle.runtime.messages import (
     TOKENIZER_IN, AbortReq, ChildReady, ControlReply, ControlReq, GenerateBatch, GenerateReq, GroupDown, ReqError,
-    ReqsDone, Shutdown, TokenizedBatch, TokenizedReq,
+    ReqsDone, Shutdown, TokenizedBatch, TokenizedReq, radix_key_ids,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
@@ -82,7 +82,7 @@ def dispatch(call: GenerateBatch, batch: TokenizedBatch, groups: list[Sender], r
         return
     parts: dict[int, list[TokenizedReq]] = {}
     for r, t in zip(call.reqs, batch.reqs):
-        parts.setdefault(router.route(t.rid, t.input_ids, r.dp_rank), []).append(t)
+        parts.setdefault(router.route(t.rid, radix_key_ids(t.input_ids, t.mm_items), r.dp_rank), []).append(t)
     for g, reqs in parts.items():
         groups[g].send(TokenizedBatch(reqs=reqs))
 

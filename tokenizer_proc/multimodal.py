@@ -47,9 +47,9 @@ class MultimodalProcessor:
 
     def expand(self, req: GenerateReq, ids: list[int]) -> tuple[list[int], list[MmItem]]:
         """``ids`` with each image's placeholder expanded, and the request's items in prompt order."""
-        images = [("image", load_image(ref, f"image_data[{i}]")) for i, ref in enumerate(req.image_data)]
+        images = [("image", load_image(ref, ref.label or f"image_data[{i}]")) for i, ref in enumerate(req.image_data)]
         for i, ref in enumerate(req.video_data):
-            images += [("video", f) for f in load_video_frames(ref, f"video_data[{i}]", VIDEO_FRAMES)]
+            images += [("video", f) for f in load_video_frames(ref, ref.label or f"video_data[{i}]", VIDEO_FRAMES)]
         if not images:
             return ids, []
         marks = [i for i, t in enumerate(ids) if t == self.image_token]
@@ -57,7 +57,7 @@ class MultimodalProcessor:
             ids = [self.image_token] * len(images) + list(self.newline) + ids
             marks = list(range(len(images)))
         if len(marks) != len(images):
-            field = "image_data" if req.image_data else "video_data"
+            field = " / ".join(f for f, given in (("image_data", req.image_data), ("video_data", req.video_data)) if given)
             raise ValueError(f"{field}: the prompt has {len(marks)} image placeholder(s) but {len(images)} "
                              f"image(s) and video frame(s) were given ({VIDEO_FRAMES} frames a video).")
         pixels = self.pixel_values([im for _, im in images])

@@ -130,15 +130,17 @@ def test_none_means_no_media():
 
 
 def test_single_item_and_list():
-    assert to_media_refs("image_data", "a.png", None) == [[MediaRef(source="a.png")]]
-    # a list for a single prompt is several images of that prompt
-    assert to_media_refs("image_data", ["a.png", b"xy"], None) == [[MediaRef(source="a.png"), MediaRef(raw=b"xy")]]
+    assert to_media_refs("image_data", "a.png", None) == [[MediaRef(source="a.png", label="image_data")]]
+    # a list for a single prompt is several images of that prompt; labels say where each came from
+    assert to_media_refs("image_data", ["a.png", b"xy"], None) == [
+        [MediaRef(source="a.png", label="image_data[0]"), MediaRef(raw=b"xy", label="image_data[1]")]]
     assert to_media_refs("image_data", [], None) == [[]]
 
 
 def test_batch_shapes():
     out = to_media_refs("video_data", ["a.mp4", None, ["b.mp4", b"c"], []], 4)
-    assert out == [[MediaRef(source="a.mp4")], [], [MediaRef(source="b.mp4"), MediaRef(raw=b"c")], []]
+    assert out == [[MediaRef(source="a.mp4", label="video_data[0]")], [],
+                   [MediaRef(source="b.mp4", label="video_data[2][0]"), MediaRef(raw=b"c", label="video_data[2][1]")], []]
 
 
 def test_batch_length_mismatch():
@@ -176,10 +178,10 @@ def test_empty_values(value, batch, where):
 
 
 def test_item_kinds(tmp_path, monkeypatch):
-    assert refs1(bytearray(b"ab")) == MediaRef(raw=b"ab")
-    assert refs1(memoryview(b"ab")) == MediaRef(raw=b"ab")
+    assert refs1(bytearray(b"ab")) == MediaRef(raw=b"ab", label="image_data")
+    assert refs1(memoryview(b"ab")) == MediaRef(raw=b"ab", label="image_data")
     monkeypatch.chdir(tmp_path)
-    assert refs1(pathlib.Path("x.png")) == MediaRef(source=str(tmp_path / "x.png"))  # made absolute
+    assert refs1(pathlib.Path("x.png")).source == str(tmp_path / "x.png")  # made absolute
     ref = refs1(pattern())
     assert ref.source == "" and ref.raw.startswith(b"\x89PNG")
 

@@ -670,3 +670,18 @@ def test_stop_string_trimmed_non_stream():
 def test_stop_string_prefix_never_streamed():
     deltas = _stream_text(True, ids_of("xyhi"), stop="hi")
     assert "".join(deltas) == "xy"
+
+
+def test_chunked_prompts_under_memory_pressure_never_overdraw_pages():
+    """A chunked prompt's later chunks take only the pages left after the decodes, and a prompt
+    that can't take even one waits or is retracted: the pool never raises and everything finishes
+    (this once killed the scheduler with MemoryError)."""
+    s = make_sched(page_size=4, kv_tokens=160, max_slots=4, chunk=12)
+    d = Driver(s)
+    for i in range(6):
+        s.add_requests([treq(f"r{i}", n_prompt=21, max_new_tokens=40, ignore_eos=True)])
+    d.run()
+    done = {o.rid for o in d.outs if o.finish is not None}
+    assert done == {f"r{i}" for i in range(6)}
+    assert all(len([o for o in d.outs if o.rid == f"r{i}"]) >= 1 for i in range(6))
+    assert s.pages.free_pages == s.pages.num_pages and s.is_idle()
