@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from treadle.client.media import attach_media
-from treadle.client.request import normalize_generate
+from treadle.client.request import normalize_generate, refuse_unbuilt, routed_dp_rank
 from treadle.client.results import BatchResult, ReqState
 from treadle.client.launch import launch_children
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
@@ -39,9 +39,7 @@ logger = logging.getLogger("treadle.engine")
 STARTUP_TIMEOUT_S = float(os.environ.get("TREADLE_STARTUP_TIMEOUT", "900"))
 CONTROL_TIMEOUT_S = 60.0
 _GENERATE_OPTIONS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob",
-                     "return_hidden_states", "priority")
-
-
+                     "return_hidden_states", "priority", "cache_salt")
 class FlushCacheReqOutput:
     def __init__(self, success: bool, message: str = "") -> None:
         self.success, self.message = success, message
@@ -128,7 +126,8 @@ class Engine:
         top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
         lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
         stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
-        priority: Optional[int] = None, **unsupported: Any,
+        priority: Optional[int] = None, routed_dp_rank: Optional[int] = None, data_parallel_rank: Optional[int] = None,
+        cache_salt: Union[str, list[str], None] = None, **unsupported: Any,
     ) -> Union[dict, BatchResult, Iterator[dict]]:
         """Generate for one prompt (returns a dict), a batch (a ``BatchResult`` list), or stream chunks."""
         reqs, is_batch = self._prepare(locals())
@@ -145,7 +144,8 @@ class Engine:
         top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
         lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
         stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
-        priority: Optional[int] = None, **unsupported: Any,
+        priority: Optional[int] = None, routed_dp_rank: Optional[int] = None, data_parallel_rank: Optional[int] = None,
+        cache_salt: Union[str, list[str], None] = None, **unsupported: Any,
     ) -> Union[dict, BatchResult, AsyncIterator[dict]]:
         """The async twin of ``generate``; runs on the caller's own event loop."""
         reqs, is_batch = self._prepare(locals())
@@ -158,6 +158,7 @@ class Engine:
         if self.server_args.is_embedding:
             raise ValueError("This engine serves an embedding model (is_embedding=True): use encode(), not generate().")
         unsupported = call.pop("unsupported")
+        refuse_unbuilt(unsupported)
         if unsupported:
             raise TypeError(f"generate() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
         if call["audio_data"] is not None:
@@ -166,6 +167,10 @@ class Engine:
         if (any(hidden) if isinstance(hidden, list) else hidden) and not self.server_args.enable_return_hidden_states:
             raise ValueError("The server is not configured to return hidden states. "
                              "Start the engine with enable_return_hidden_states=True.")
+        salt = call["cache_salt"]
+        if salt is not None and not (isinstance(salt, str) or (
+                isinstance(salt, list) and all(x is None or isinstance(x, str) for x in salt))):
+            raise TypeError(f"cache_salt must be a str (or, for a batch, a list of str), got {type(salt).__name__}.")
         options = {k: call[k] for k in _GENERATE_OPTIONS if call[k] is not None}
         if call["lora_path"] is not None:
             options["lora_name"] = self._lora.resolve(call["lora_path"])
@@ -174,6 +179,10 @@ class Engine:
         reqs, is_batch = normalize_generate(call["prompt"], call["input_ids"], call["sampling_params"], call["rid"],
                                             call["stream"], options, self._preferred)
         attach_media(reqs, call["prompt"], call["input_ids"], call["image_data"], call["video_data"])
+        dp_rank = routed_dp_rank(call["routed_dp_rank"], call["data_parallel_rank"], self.server_args.dp_size)
+        if dp_rank is not None:
+            for r in reqs:
+                r.dp_rank = dp_rank
         if call["session_params"] is not None:
             session = _session_params(call["session_params"])
             if len(reqs) != 1:

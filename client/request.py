@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 from treadle.runtime.messages import GenerateReq
@@ -145,3 +146,43 @@ def _rids(rid: Union[str, Sequence[str], None], n: int, is_batch: bool) -> list[
             raise ValueError(f"Duplicate request IDs detected within the request: {list(rid)}")
         return list(rid)
     raise ValueError("rid must be a str or a list of str.")
+
+
+# SGLang generate() arguments for features Treadle does not build: refused when set, naming them.
+_UNBUILT = {
+    "mm_hashes": "caller-given multimodal hashes (Treadle hashes the pixels itself)",
+    "mm_content_hashes": "caller-given multimodal hashes (Treadle hashes the pixels itself)",
+    "return_routed_experts": "MoE expert routing capture (no MoE model is served)",
+    "routed_experts_start_len": "MoE expert routing capture (no MoE model is served)",
+    "require_reasoning": "hybrid reasoning models",
+    "bootstrap_host": "prefill/decode disaggregation", "bootstrap_port": "prefill/decode disaggregation",
+    "bootstrap_room": "prefill/decode disaggregation", "disagg_prefill_dp_rank": "prefill/decode disaggregation",
+    "external_trace_header": "request tracing",
+    "session_id": "radix-native sessions (use session_params)",
+}
+
+
+def refuse_unbuilt(kwargs: dict[str, Any]) -> None:
+    """Raise NotImplementedError for an SGLang argument of an unbuilt feature given a non-default
+    value; drop it from ``kwargs`` when it only carries its default."""
+    for name in [k for k in kwargs if k in _UNBUILT]:
+        value = kwargs.pop(name)
+        if value not in (None, False, 0):
+            raise NotImplementedError(f"{name}: {_UNBUILT[name]} is not supported by Treadle.")
+
+
+def routed_dp_rank(rank: Any, alias: Any, dp_size: int) -> Optional[int]:
+    """``routed_dp_rank`` (``data_parallel_rank`` is its deprecated alias): the DP group to run on;
+    None lets the tokenizer pick (also for 0 without data parallelism)."""
+    if alias is not None:
+        warnings.warn("data_parallel_rank is deprecated; use routed_dp_rank", DeprecationWarning, stacklevel=4)
+        rank = alias if rank is None else rank
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"routed_dp_rank must be an int, got {type(rank).__name__}.")
+    if dp_size <= 1 and rank == 0:
+        return None
+    if not 0 <= rank < dp_size:
+        raise ValueError(f"routed_dp_rank={rank} out of range [0, {dp_size})")
+    return rank

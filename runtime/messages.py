@@ -86,6 +86,7 @@ class GenerateReq(_Msg):
     lora_name: Optional[str] = None  # a loaded LoRA adapter (validated by the client); None: the base model
     image_data: list[MediaRef] = []
     video_data: list[MediaRef] = []
+    cache_salt: Optional[str] = None  # prefixes are shared only between requests with the same salt
 
 
 class GenerateBatch(_Msg):
@@ -142,6 +143,7 @@ class TokenizedReq(_Msg):
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
     lora_name: Optional[str] = None
     mm_items: list[MmItem] = []  # images and video frames, in prompt order
+    cache_salt: Optional[str] = None
 
 
 class TokenizedBatch(_Msg):

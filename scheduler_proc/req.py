@@ -59,6 +59,12 @@ class Req:
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
+    @property
+    def cache_namespace(self) -> str:
+        """The radix-cache tree this request shares prefixes in: one per (LoRA adapter, cache_salt)."""
+        tr = self.tr
+        return (tr.lora_name or "") if tr.cache_salt is None else f"{tr.lora_name or ''}\x00salt:{tr.cache_salt}"
+
     def key_ids(self) -> list[int]:
         """The radix-cache key of the sequence: ``all_ids()`` with each image's placeholder positions
         set to ``-1 - digest``, so only the same image (and text around it) shares cached KV."""

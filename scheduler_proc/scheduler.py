@@ -303,7 +303,7 @@ class Scheduler:
         cap = len(ids) - 1
         if req.tr.return_logprob and req.tr.logprob_start_len >= 0 and not req.input_logprobs_done:
             cap = min(cap, req.tr.logprob_start_len)
-        return self.cache.match_prefix(ids, max_len=cap, namespace=req.tr.lora_name or "")
+        return self.cache.match_prefix(ids, max_len=cap, namespace=req.cache_namespace)
 
     def _prefix_len(self, req: Req) -> int:
         return len(self._match(req, req.key_ids())[0]) * self.page_size if self.cache is not None else 0
@@ -387,7 +387,7 @@ class Scheduler:
         if self.cache is not None:
             k = min(req.num_computed, req.seq_len) // self.page_size
             if k >= req.shared_pages and k > 0:
-                self.cache.insert(req.key_ids()[: k * self.page_size], req.pages[:k], req.tr.lora_name or "")
+                self.cache.insert(req.key_ids()[: k * self.page_size], req.pages[:k], req.cache_namespace)
             else:
                 k = req.shared_pages
             self.cache.unlock(req.cache_node)
@@ -482,7 +482,7 @@ class Scheduler:
         sess = self.sessions.finish(sid, req.rid, req.output_ids)
         if sess is None or self.cache is None:
             return
-        _, node = self.cache.match_prefix(req.key_ids(), namespace=req.tr.lora_name or "")
+        _, node = self.cache.match_prefix(req.key_ids(), namespace=req.cache_namespace)
         self.cache.lock(node)
         if sess.lock_node is not None:
             self.cache.unlock(sess.lock_node)

@@ -64,6 +64,7 @@ class TokenizerWorker:
             token_ids_logprob=r.token_ids_logprob, return_hidden_states=r.return_hidden_states,
             priority=r.priority, created=r.created, custom_logit_processor=r.custom_logit_processor,
             custom_state=r.custom_state, session=r.session, embed=r.embed, lora_name=r.lora_name, mm_items=items,
+            cache_salt=r.cache_salt,
         )
 
 

@@ -47,6 +47,17 @@ def test_64_requests_spread_over_both_groups_match_dp1(engine, dp2):
     assert [g["in_flight"] for g in info["dp_groups"]] == [0, 0] and all(g["alive"] for g in info["dp_groups"])
 
 
+def test_routed_dp_rank_pins_requests(dp2):
+    """routed_dp_rank runs every request of the call on that group; out of range is a ValueError."""
+    before = _served(dp2)
+    dp2.generate(prompt=PROMPTS[:8], sampling_params=GREEDY, routed_dp_rank=1)
+    assert [a - b for a, b in zip(_served(dp2), before)] == [0, 8]
+    with pytest.warns(DeprecationWarning, match="routed_dp_rank"):
+        dp2.generate(prompt="Hi", sampling_params=GREEDY, data_parallel_rank=0)
+    with pytest.raises(ValueError, match=r"routed_dp_rank=2 out of range \[0, 2\)"):
+        dp2.generate(prompt="Hi", sampling_params=GREEDY, routed_dp_rank=2)
+
+
 def test_control_calls_reach_every_group_and_sessions_stick(dp2):
     assert dp2.flush_cache()
     sids = [dp2.open_session(1000) for _ in range(2)]

@@ -26,6 +26,13 @@ OK = {"max_new_tokens": 3, "temperature": 0}
     ({"prompt": "hi", "rid": ["a", "b"]}, ValueError, "rids"),
     ({"prompt": ["a", "b"], "rid": ["x", "x"]}, ValueError, "Duplicate"),
     ({"prompt": "hi", "no_such_argument": 1}, TypeError, "no_such_argument"),
+    ({"prompt": "hi", "bootstrap_host": "10.0.0.1"}, NotImplementedError, "bootstrap_host"),
+    ({"prompt": "hi", "return_routed_experts": True}, NotImplementedError, "return_routed_experts"),
+    ({"prompt": "hi", "mm_hashes": [1]}, NotImplementedError, "mm_hashes"),
+    ({"prompt": "hi", "routed_dp_rank": 1}, ValueError, r"routed_dp_rank=1 out of range \[0, 1\)"),
+    ({"prompt": "hi", "cache_salt": 7}, TypeError, "cache_salt"),
+    ({"prompt": "hi", "image_data": "x.png"}, ValueError, "image_data: this model"),
+    ({"prompt": "hi", "audio_data": "x.wav"}, ValueError, "audio_data"),
 ])
 def test_bad_input(engine, kwargs, exc, words):
     with pytest.raises(exc, match=words):
@@ -57,3 +64,10 @@ def test_prompt_that_cannot_fit_the_kv_pool():
         with pytest.raises(ValueError, match="KV cache capacity"):
             eng.generate(input_ids=[5] * 100, sampling_params={"max_new_tokens": 4})
         assert eng.generate(prompt="Hi", sampling_params=OK)["meta_info"]["completion_tokens"] == 3
+
+
+def test_unbuilt_arguments_at_their_defaults_are_accepted(engine):
+    """SGLang code passes these with default values; only a real request for the feature is refused."""
+    out = engine.generate(prompt="Hello", sampling_params=OK, require_reasoning=False, return_routed_experts=False,
+                          external_trace_header=None, bootstrap_host=None, routed_dp_rank=0)
+    assert out["meta_info"]["completion_tokens"] == 3

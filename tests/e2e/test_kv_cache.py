@@ -201,3 +201,19 @@ def test_fp8_kv_cache_serves_from_a_narrower_pool(engine):
         assert first["output_ids"] == again["output_ids"]
         assert "Paris" in first["text"]
         integrity(fp8)
+
+
+def test_cache_salt_isolates_prefixes(engine):
+    """Requests share cached prefixes only under the same cache_salt (none being a salt of its own);
+    the output does not change."""
+    sp = {"max_new_tokens": 4, "temperature": 0}
+    prompt = "Salted prefix test: the quick brown fox jumps over the lazy dog. " * 4
+    base = engine.generate(prompt=prompt, sampling_params=sp)
+    first = engine.generate(prompt=prompt, sampling_params=sp, cache_salt="alice")
+    again = engine.generate(prompt=prompt, sampling_params=sp, cache_salt="alice")
+    other = engine.generate(prompt=prompt, sampling_params=sp, cache_salt="bob")
+    assert first["meta_info"]["cached_tokens"] == 0 and other["meta_info"]["cached_tokens"] == 0
+    assert again["meta_info"]["cached_tokens"] > first["meta_info"]["prompt_tokens"] // 2
+    assert base["text"] == first["text"] == again["text"] == other["text"]
+    batch = engine.generate(prompt=[prompt, prompt], sampling_params=sp, cache_salt=["alice", "carol"])
+    assert batch[0]["meta_info"]["cached_tokens"] > 0 and batch[1]["meta_info"]["cached_tokens"] == 0
