@@ -31,12 +31,15 @@ class SessionParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=Tr
 # ---------------------------------------------------------------- client -> tokenizer
 class MediaRef(msgspec.Struct, array_like=True, omit_defaults=True):
     """One image or video as the client hands it on: ``source`` (a local path, ``file://`` or
-    ``http(s)://`` URL, or a ``data:`` URL) or ``raw`` (encoded file bytes; the client encodes a
-    PIL image as PNG). The tokenizer process loads and decodes it (tokenizer_proc/media.py)."""
+    ``http(s)://`` URL, or a ``data:`` URL), ``raw`` (encoded file bytes) or, for a PIL image,
+    ``rgb`` (its RGB pixels, row-major, ``size`` = [width, height]: no encoding on the user's
+    thread). The tokenizer process loads and decodes it (tokenizer_proc/media.py)."""
 
     source: str = ""
     raw: bytes = b""
     label: str = ""  # the user's field and index (``image_data[1][0]``), for error messages
+    rgb: bytes = b""
+    size: list[int] = []
 
 
 class MmItem(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -38,7 +38,8 @@ class TokenizerWorker:
         texts = [r.text for r in batch.reqs if r.input_ids is None]
         encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
         out = []
-        for r in batch.reqs:
+        media = self.mm.start(batch.reqs) if self.mm is not None else [[] for _ in batch.reqs]
+        for r, futures in zip(batch.reqs, media):
             ids = list(next(encoded)) if r.input_ids is None else r.input_ids
             if r.input_ids is None and not ids:
                 raise ValueError("prompt cannot be empty: it tokenizes to no tokens.")
@@ -48,7 +49,7 @@ class TokenizerWorker:
             if r.image_data or r.video_data:
                 if self.mm is None:
                     reject_media(r, self.arch)
-                ids, items = self.mm.expand(r, ids)
+                ids, items = self.mm.expand(r, ids, futures)
             ids = check_embed_length(ids, self.context_len, self.args) if r.embed else check_lengths(
                 r, ids, self.context_len, self.args)
             check_items_fit(items, len(ids))

@@ -39,6 +39,10 @@ _CHUNK = 1 << 20
 def load_image(ref: MediaRef, field: str, timeout: float = 10.0) -> "PIL.Image.Image":
     """Load one image as a fully decoded RGB ``PIL.Image`` (EXIF orientation applied)."""
     Image, ImageOps = _pil()
+    if ref.size:  # a PIL image's pixels, sent as they were
+        if len(ref.size) != 2 or min(ref.size) <= 0 or len(ref.rgb) != ref.size[0] * ref.size[1] * 3:
+            raise ValueError(f"{field}: {len(ref.rgb)} bytes of RGB pixels do not make a {ref.size} image")
+        return Image.frombytes("RGB", tuple(ref.size), ref.rgb)
     src = _resolve(ref, field, timeout)
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:

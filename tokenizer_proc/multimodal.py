@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
 
-from treadle.runtime.messages import GenerateReq, MmItem
+from treadle.runtime.messages import GenerateReq, MediaRef, MmItem
 from treadle.tokenizer_proc.media import load_image, load_video_frames
 
 VIDEO_FRAMES = 4  # frames per video: 4 x 576 tokens fit LLaVA-1.5's 4,096-token context with room to answer
@@ -44,12 +45,30 @@ class MultimodalProcessor:
         self.tokens_per_image = patches + (cfg.get("vision_feature_select_strategy", "default") == "full")
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
         self.newline = tokenizer.encode("\n", add_special_tokens=False)
+        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="media")
 
-    def expand(self, req: GenerateReq, ids: list[int]) -> tuple[list[int], list[MmItem]]:
-        """``ids`` with each image's placeholder expanded, and the request's items in prompt order."""
-        images = [("image", load_image(ref, ref.label or f"image_data[{i}]")) for i, ref in enumerate(req.image_data)]
-        for i, ref in enumerate(req.video_data):
-            images += [("video", f) for f in load_video_frames(ref, ref.label or f"video_data[{i}]", VIDEO_FRAMES)]
+    def start(self, reqs: list[GenerateReq]) -> list[list[Future]]:
+        """Begin loading and preprocessing every image and video of a call, in parallel threads
+        (decoding, resizing and fetching URLs release the GIL); one future per image or video."""
+        out = []
+        for req in reqs:
+            futs = [self.pool.submit(self._image, ref, ref.label or f"image_data[{i}]")
+                    for i, ref in enumerate(req.image_data)]
+            futs += [self.pool.submit(self._video, ref, ref.label or f"video_data[{i}]")
+                     for i, ref in enumerate(req.video_data)]
+            out.append(futs)
+        return out
+
+    def _image(self, ref: MediaRef, field: str) -> list[tuple[str, np.ndarray]]:
+        return [("image", self.pixel_values([load_image(ref, field)])[0])]
+
+    def _video(self, ref: MediaRef, field: str) -> list[tuple[str, np.ndarray]]:
+        return [("video", px) for px in self.pixel_values(load_video_frames(ref, field, VIDEO_FRAMES))]
+
+    def expand(self, req: GenerateReq, ids: list[int], media: list[Future]) -> tuple[list[int], list[MmItem]]:
+        """``ids`` with each image's placeholder expanded, and the request's items in prompt order
+        (``media``: what ``start`` began for this request; its first error is raised here)."""
+        images = [x for f in media for x in f.result()]
         if not images:
             return ids, []
         marks = [i for i, t in enumerate(ids) if t == self.image_token]
@@ -60,11 +79,10 @@ class MultimodalProcessor:
             field = " / ".join(f for f, given in (("image_data", req.image_data), ("video_data", req.video_data)) if given)
             raise ValueError(f"{field}: the prompt has {len(marks)} image placeholder(s) but {len(images)} "
                              f"image(s) and video frame(s) were given ({VIDEO_FRAMES} frames a video).")
-        pixels = self.pixel_values([im for _, im in images])
         out: list[int] = []
         items: list[MmItem] = []
         prev = 0
-        for (modality, _), mark, px in zip(images, marks, pixels):
+        for (modality, px), mark in zip(images, marks):
             out += ids[prev:mark]
             items.append(MmItem(modality=modality, offset=len(out), num_tokens=self.tokens_per_image,
                                 digest=digest(px), pixels=px.tobytes(), shape=list(px.shape)))

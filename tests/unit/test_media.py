@@ -182,8 +182,8 @@ def test_item_kinds(tmp_path, monkeypatch):
     assert refs1(memoryview(b"ab")) == MediaRef(raw=b"ab", label="image_data")
     monkeypatch.chdir(tmp_path)
     assert refs1(pathlib.Path("x.png")).source == str(tmp_path / "x.png")  # made absolute
-    ref = refs1(pattern())
-    assert ref.source == "" and ref.raw.startswith(b"\x89PNG")
+    ref = refs1(pattern())  # a PIL image travels as its RGB pixels, not re-encoded
+    assert ref.source == "" and ref.raw == b"" and ref.rgb == pattern().tobytes() and ref.size == list(pattern().size)
 
 
 def test_client_does_not_import_pil():
@@ -222,13 +222,18 @@ def test_data_url_and_bare_base64():
 def test_raw_bytes_and_pil_round_trip():
     im = pattern(9, 4)
     assert load_image(MediaRef(raw=png_bytes(im)), "f").tobytes() == im.tobytes()
-    assert load_image(refs1(im), "f").tobytes() == im.tobytes()  # PIL → PNG → PIL, pixel-exact
+    assert load_image(refs1(im), "f").tobytes() == im.tobytes()  # PIL → RGB bytes → PIL, pixel-exact
 
 
 def test_pil_odd_mode_round_trip():
-    im = pattern().convert("CMYK")  # PNG cannot hold CMYK: the client converts it
+    im = pattern().convert("CMYK")  # the client converts any mode to RGB
     out = load_image(refs1(im), "f")
-    assert out.mode == "RGB" and out.size == im.size
+    assert out.mode == "RGB" and out.size == im.size and out.tobytes() == im.convert("RGB").tobytes()
+
+
+def test_rgb_pixels_that_do_not_match_their_size():
+    with pytest.raises(ValueError, match=r"^image_data\[0\]: 10 bytes of RGB pixels do not make a \[4, 4\] image"):
+        load_image(MediaRef(rgb=b"0" * 10, size=[4, 4]), "image_data[0]")
 
 
 def test_formats_and_modes(tmp_path):
