@@ -27,6 +27,7 @@ from treadle.client.launch import launch_children
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.client.supervisor import Supervisor
 from treadle.runtime.errors import EngineDeadError
+from treadle.runtime.hf_config import check_quantization
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.logit_processor import load_processor, processor_reference
 from treadle.runtime.messages import AbortReq, ControlReq, GenerateBatch, GenerateReq, SessionParams, Shutdown
@@ -66,6 +67,7 @@ class Engine:
         t0 = time.perf_counter()
         self.server_args = server_args.resolved()
         self._files = resolve_model_files(self.server_args.model_path, server_args.tokenizer_path)
+        check_quantization(self._files.model_dir, self.server_args.quantization)
         self._ipc = IpcDir()
         self._ctx = zmq.Context()
         self._send_lock = threading.Lock()

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig
 
 from treadle.gpu_worker.attention.base import create_backend
+from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
 from treadle.gpu_worker.distributed import broadcast_int, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
@@ -148,8 +149,10 @@ class ModelRunner:
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, cfg.random_seed, getattr(self.text_config, "initializer_range", 0.02))
         elif cfg.load_format in ("auto", "safetensors"):
-            self.model.load_weights(iter_safetensors(cfg.model_dir, keep=getattr(self.model, "wants_tensor", None),
-                                                     lazy=getattr(self.model, "lazy_weights", False)))
+            keep, awq = getattr(self.model, "wants_tensor", None), awq_config(self.model_config)
+            weights = iter_safetensors(cfg.model_dir, keep=keep if awq is None else awq_keeps(keep),
+                                       lazy=getattr(self.model, "lazy_weights", False))
+            self.model.load_weights(weights if awq is None else awq_dequantized(weights, awq["group_size"]))
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)

@@ -49,3 +49,21 @@ def eos_token_ids(model_dir: str, tokenizer: Any = None) -> set[int]:
 
 def vocab_size(cfg: dict[str, Any], tokenizer: Optional[Any] = None) -> int:
     return int(cfg.get("vocab_size") or len(tokenizer))
+
+
+def check_quantization(model_dir: str, quantization: Optional[str]) -> None:
+    """``quantization`` must name what the checkpoint holds: AWQ checkpoints load (dequantized,
+    ``gpu_worker/awq.py``) with ``None``, ``"awq"`` or ``"awq_marlin"``; asking for AWQ on another
+    checkpoint is a ValueError, as in SGLang."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    q = cfg.get("quantization_config") or cfg.get("text_config", {}).get("quantization_config") or {}
+    method = str(q.get("quant_method", "")).lower() or None
+    if quantization in ("awq", "awq_marlin") and method != "awq":
+        raise ValueError(f"quantization={quantization!r}, but {model_dir} is not an AWQ checkpoint "
+                         f"(its config.json has no AWQ quantization_config).")
+    if method is not None and method != "awq" and quantization is None:
+        raise NotImplementedError(f"Not supported yet by Treadle: {method} checkpoints (quantization_config in "
+                                  f"{model_dir}/config.json); AWQ and GGUF ones load.")
+    if method == "awq" and quantization not in (None, "awq", "awq_marlin"):
+        raise ValueError(f"quantization={quantization!r}, but {model_dir} is an AWQ checkpoint.")

@@ -225,7 +225,7 @@ class ServerArgs:
     def check_supported(self) -> None:
         """Refuse valid settings whose feature is not built yet, instead of silently ignoring them."""
         missing = {
-            "quantization": self.quantization not in (None, "gguf"),
+            "quantization": self.quantization not in (None, "gguf", "awq", "awq_marlin"),
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "cpu_offload_gb": self.cpu_offload_gb > 0,

@@ -8,7 +8,7 @@ import pytest
 
 from treadle import Engine
 
-from e2e_helpers import alive, make_peft_adapter
+from e2e_helpers import alive, make_awq_model, make_peft_adapter
 
 pytestmark = pytest.mark.e2e
 MODEL = "default"
@@ -170,28 +170,36 @@ def test_with_configuration_tp2(engine):
         engine.shutdown()
 
 
-def test_engine_configuration_example_names_what_is_not_built_yet():
-    """The guide's full configuration asks for AWQ (and an fp8 KV cache, which works): refused up
-    front, naming what is missing."""
-    with pytest.raises(NotImplementedError, match="quantization='awq'") as err:
-        Engine(
-            model_path=MODEL,
-            tokenizer_path=None,
-            trust_remote_code=True,
-            tp_size=4,
-            dp_size=1,
-            pp_size=1,
-            mem_fraction_static=0.85,
-            max_total_tokens=8192,
-            chunked_prefill_size=8192,
-            cuda_graph_max_bs=256,
-            disable_radix_cache=False,
-            quantization="awq",
-            kv_cache_dtype="fp8_e4m3",
-            log_level="info",
-            log_requests=False
-        )
-    assert "kv_cache_dtype" not in str(err.value)
+def test_engine_configuration_example(tmp_path, default_model_dir):
+    """The guide's full configuration as written, on an AWQ checkpoint (a tiny random Llama packed
+    in AutoAWQ's layout; tests/e2e/test_awq.py checks its numbers against HF): four tensor-parallel
+    ranks, an fp8 KV cache, AWQ weights."""
+    awq_path = str(tmp_path / "awq")
+    make_awq_model(awq_path, default_model_dir)
+    engine = Engine(
+        model_path=awq_path,
+        tokenizer_path=None,
+        trust_remote_code=True,
+        tp_size=4,
+        dp_size=1,
+        pp_size=1,
+        mem_fraction_static=0.85,
+        max_total_tokens=8192,
+        chunked_prefill_size=8192,
+        cuda_graph_max_bs=256,
+        disable_radix_cache=False,
+        quantization="awq",
+        kv_cache_dtype="fp8_e4m3",
+        log_level="info",
+        log_requests=False
+    )
+    try:
+        out = engine.generate(prompt="The capital of France is", sampling_params={"max_new_tokens": 8})
+        assert out["meta_info"]["completion_tokens"] == 8
+        info = engine.get_server_info()
+        assert info["tp_size"] == 4 and info["quantization"] == "awq" and info["kv_cache_dtype"] == "fp8_e4m3"
+    finally:
+        engine.shutdown()
 
 
 def test_lora_adapters(default_model_dir, tmp_path, monkeypatch):
