@@ -140,6 +140,17 @@ def broadcast_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def first_failed_rank(failed: bool, device: torch.device) -> Optional[int]:
+    """The lowest world rank that reports ``failed`` (None: none did). Every rank must call it,
+    in the same order: control calls that change state on all ranks agree through it."""
+    world = _TP_SIZE * _PP_SIZE
+    if world == 1:
+        return 0 if failed else None
+    t = torch.tensor([global_rank() if failed else world], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return None if int(t.item()) == world else int(t.item())
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum partial results of a row-parallel matmul over this stage's TP ranks (a no-op without TP)."""
     if _TP_SIZE == 1:

@@ -22,7 +22,7 @@ from transformers import AutoConfig
 from treadle.gpu_worker.attention.base import create_backend
 from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
-from treadle.gpu_worker.distributed import broadcast_int, init_parallel
+from treadle.gpu_worker.distributed import broadcast_int, first_failed_rank, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.kv_cache import KVCache
@@ -309,10 +309,21 @@ class ModelRunner:
     def load_lora(self, name: str, path: str) -> dict[str, Any]:
         """Read a PEFT adapter into host memory, checked against this model (rank, module shapes);
         a plan's ``lora_loads`` puts it into a device slot when a request needs it."""
-        if self.lora is None:
-            raise ValueError(LORA_NOT_ENABLED)
-        adapter = read_adapter(path)
-        self.lora.check(adapter)
+        error, adapter = "", None
+        try:
+            if self.lora is None:
+                raise ValueError(LORA_NOT_ENABLED)
+            adapter = read_adapter(path)
+            self.lora.check(adapter)
+        except ValueError as e:
+            error = str(e)
+        # Every rank must hold the adapter, or none: a rank that failed (another machine's copy of
+        # the path, say) fails the load everywhere, so the ranks never disagree about it later.
+        failed = first_failed_rank(bool(error), self.device)
+        if failed is not None:
+            if not error:
+                error = f"loading LoRA adapter {name!r} failed on worker rank {failed} (its log says why)"
+            raise ValueError(error)
         self.lora_adapters[name] = adapter
         return {"rank": adapter.rank}
 

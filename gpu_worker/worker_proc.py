@@ -137,6 +137,8 @@ class WorkerLoop:
                 return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.runner.unload_lora(**msg.args))
             raise ValueError(f"unknown worker method {msg.method!r}")
         except Exception as e:  # a failed control call is reported, it does not kill the worker
+            if self.to_scheduler is None:  # only the reporting rank's error reaches the user: log the others
+                logger.warning("control call %s failed on this rank: %s", msg.method, e)
             return WorkerControlReply(call_id=msg.call_id, ok=False, error=str(e))
 
 

@@ -248,6 +248,34 @@ def test_tensor_parallel_2_matches_peft(setup, tmp_path):
         torch.testing.assert_close(row, ref_logits(base, dirs[name] if name else None, p), atol=1e-4, rtol=0)
 
 
+def _tp_load_worker(rank: int, base: str, good: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    runner = make_runner(base, tp_rank=rank, tp_size=2, lora_slots=2, lora_rank=16)
+    results: list = []
+    for i, path in enumerate((good, good if rank == 0 else good + "-missing-on-rank-1")):
+        try:
+            runner.load_lora(f"a{i}", path)
+            results.append("ok")
+        except ValueError as e:
+            results.append(str(e))
+    results.append(sorted(runner.lora_adapters))
+    torch.save(results, f"{out}.{rank}")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_load_fails_on_every_rank_if_one_fails(setup, tmp_path):
+    """An adapter one rank cannot read is loaded by none: the ranks never disagree about it."""
+    base, dirs = setup
+    out = str(tmp_path / "load")
+    mp.start_processes(_tp_load_worker, args=(base, dirs["all8"], free_port(), out), nprocs=2, start_method="spawn")
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert rank0[0] == rank1[0] == "ok"
+    assert "failed on worker rank 1" in rank0[1] and "missing-on-rank-1" in rank1[1]
+    assert rank0[2] == rank1[2] == ["a0"]
+
+
 def test_pool_with_fewer_target_modules(setup):
     """``lora_target_modules`` gives device buffers to those projections only; adapters within them
     still match PEFT, adapters touching others are refused by name."""
