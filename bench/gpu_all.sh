@@ -59,6 +59,8 @@ for stage in "$@"; do
           -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
         timeout 200 python bench/gpu_mm_check.py --tokenizer-dir $tok 2>&1 | grep -E "image|PASS|FAIL|Error" ;;
     mm_bench) timeout 300 python bench/mm_bench.py --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
+    mm_trace) timeout 300 python bench/mm_bench.py --tokenizer-dir $tok --profile-dir $out/traces 2>&1 | grep '^{'
+              python bench/trace_summary.py $out/traces/*.trace.json.gz ;;
     ci500) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do  # the whole CI workload, one GPU / tp 2 / dp 2
              timeout 190 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
@@ -77,7 +79,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, b1_8b, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, b1_8b, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

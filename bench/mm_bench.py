@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--engine-args", default="{}")
     p.add_argument("--out", default="")
+    p.add_argument("--profile-dir", default="", help="trace the first 12 steps of the 64-image batch here")
     a = p.parse_args()
     from treadle import Engine
 
@@ -92,6 +93,8 @@ def main() -> None:
         imgs = images(a.requests, 3)
         sp = {"max_new_tokens": 128, "ignore_eos": True, "temperature": 0}
         for part in ("batch", "repeat"):
+            if part == "batch" and a.profile_dir:  # the prefill steps with the vision tower, for trace_summary.py
+                eng.start_profile(output_dir=a.profile_dir, profile_prefix="llava-batch", num_steps=12)
             t = time.perf_counter()
             outs = eng.generate(prompt=[prompt] * a.requests, image_data=imgs, sampling_params=sp)
             dt = time.perf_counter() - t
