@@ -22,3 +22,24 @@ def to_device(values: Any, dtype: torch.dtype, device: Union[torch.device, str])
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+ALIGN_BYTES = 16
+
+
+def to_device_segments(parts: list[list[int]], dtype: torch.dtype, device: Union[torch.device, str]) -> list[torch.Tensor]:
+    """Several index lists in one copy, as views that each start on a 16-byte boundary.
+
+    Triton specializes a kernel on whether each pointer argument is 16-byte aligned; views at
+    arbitrary offsets of one packed tensor would change that from step to step with the batch's
+    composition and compile new kernel variants (about a second each) in the middle of serving.
+    """
+    per = ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size()
+    flat: list[int] = []
+    starts = []
+    for p in parts:
+        starts.append(len(flat))
+        flat += p
+        flat += [0] * (-len(flat) % per)
+    dev = to_device(flat, dtype, device)
+    return [dev[s:s + len(p)] for s, p in zip(starts, parts)]

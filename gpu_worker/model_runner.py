@@ -24,7 +24,7 @@ from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, k
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
 from treadle.gpu_worker.distributed import broadcast_int, first_failed_rank, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
-from treadle.gpu_worker.host_to_device import to_device
+from treadle.gpu_worker.host_to_device import to_device, to_device_segments
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
@@ -432,11 +432,12 @@ class ModelRunner:
             raise ValueError(f"token id out of range [0, {self.vocab_size}) (or a placeholder in a multi-token row)")
         mm_embeds = self.mm.step_embeds(mm_rows) if mm_rows and self.mm is not None else None
 
-        # One host->device copy for all index data.
-        t, p, h, s, q = len(ids), n_prefix, len(head_idx), len(sample_slots), len(ph_idx)
-        dev = to_device(ids + w_slot + w_pos + w_loc + head_idx + sample_slots + ph_idx + ph_slot, torch.int64, self.device)
-        input_ids, w_slot_t, w_pos_t, w_loc_t, head_t, sample_slots_t, ph_idx_t, ph_slot_t = dev.split(
-            [t, p + t, p + t, p + t, h, s, q, q])
+        # One host->device copy for all index data; the rows' positions and KV locations once more
+        # on their own, aligned, for the Triton kernels that take them (see to_device_segments).
+        t, p, s, q = len(ids), n_prefix, len(sample_slots), len(ph_idx)
+        (input_ids, w_slot_t, w_pos_t, w_loc_t, positions_t, locs_t, head_t, sample_slots_t, ph_idx_t,
+         ph_slot_t) = to_device_segments([ids, w_slot, w_pos, w_loc, w_pos[p:], w_loc[p:], head_idx, sample_slots,
+                                          ph_idx, ph_slot], torch.int64, self.device)
         self.req_to_token[w_slot_t, w_pos_t] = w_loc_t
         if not ids:
             return None
@@ -447,12 +448,12 @@ class ModelRunner:
         plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
         if self.graphs is not None and t == len(plan.rows) == s and plain and not mm_rows and self.graphs.fits(t):
             lora_dev = None if lora_t is None else lora_t.to(self.device, non_blocking=True)
-            hidden, logits = self.graphs.replay(input_ids, w_pos_t[p:], w_loc_t[p:], w_slot_t[p:], lora_dev)
+            hidden, logits = self.graphs.replay(input_ids, positions_t, locs_t, w_slot_t[p:], lora_dev)
             return StepOutput(hidden, logits, None, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
         if lora_t is not None:
             self.lora.set_token_slots(lora_t)
         ctx = ForwardContext(
-            input_ids=input_ids, positions=w_pos_t[p:], out_cache_loc=w_loc_t[p:],
+            input_ids=input_ids, positions=positions_t, out_cache_loc=locs_t,
             slots=slots, starts=starts, extend_lens=lens, logits_indices=head_t,
             req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend,
             mm_embeds=mm_embeds)

@@ -16,7 +16,7 @@ import triton
 from treadle.gpu_worker.attention.base import AttentionBackend
 from treadle.gpu_worker.attention.triton_decode import MAX_SPLITS, decode_attention
 from treadle.gpu_worker.attention.triton_extend import extend_attention, extend_block_m
-from treadle.gpu_worker.host_to_device import to_device
+from treadle.gpu_worker.host_to_device import to_device_segments
 from treadle.gpu_worker.forward_context import ForwardContext
 
 if TYPE_CHECKING:
@@ -88,13 +88,13 @@ class TritonBackend(AttentionBackend):
             for mb in range(triton.cdiv(n, block_m)):
                 items[0].append(r), items[1].append(mb)
         nd, nr, ni = len(dec_q), len(rows[0]), len(items[0])
-        dev = to_device(dec_q + dec_slot + dec_len + sum(rows, []) + sum(items, []), torch.int32, ctx.req_to_token.device)
+        q_t, slot_t, len_t, rows_t, items_t = to_device_segments(
+            [dec_q, dec_slot, dec_len, sum(rows, []), sum(items, [])], torch.int32, ctx.req_to_token.device)
         decode = extend = None
         if nd:
-            decode = DecodeMeta(dev[:nd], dev[nd : 2 * nd], dev[2 * nd : 3 * nd], max(dec_len))
+            decode = DecodeMeta(q_t, slot_t, len_t, max(dec_len))
         if nr:
-            ext = dev[3 * nd :]
-            extend = ExtendMeta(ext[: 4 * nr].view(4, nr), ext[4 * nr :].view(2, ni), block_m)
+            extend = ExtendMeta(rows_t.view(4, nr), items_t.view(2, ni), block_m)
         return TritonMeta(decode, extend)
 
     def attend(self, q: torch.Tensor, layer: "Attention", ctx: ForwardContext) -> torch.Tensor:
