@@ -13,7 +13,7 @@ for stage in "$@"; do
   echo "== $stage"
   case $stage in
     tests) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
-             tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py -q \
+             tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py \
              -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     rope_bits) timeout 120 python -m pytest tests/unit/test_fused_ops.py -k same_bits -x -q -p no:cacheprovider 2>&1 \
                  | grep -E "Mismatch|Greatest|index|passed|failed" | head -12 ;;
@@ -23,7 +23,7 @@ for stage in "$@"; do
                --batch 1 --batch 128 2>&1 | grep -v -i warn ;;
     bench) timeout 130 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{'
            timeout 330 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
-    tp_tests) timeout 150 python -m pytest tests/unit/test_custom_all_reduce.py tests/unit/test_allreduce_norm.py -q \
+    tp_tests) timeout 150 python -m pytest tests/unit/test_custom_all_reduce.py tests/unit/test_allreduce_norm.py \
                 -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     tp_check) timeout 300 python bench/gpu_tp_check.py --config bench/configs/llama-3.1-8b/config.json --tp 2 2>&1 | grep tp_size
               timeout 120 python bench/gpu_tp_check.py --config $mini/config.json --tp 2 --dtype float32 2>&1 | grep tp_size ;;
@@ -55,7 +55,7 @@ for stage in "$@"; do
     tests_log) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
                  tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py \
                  -q -p no:cacheprovider -rfE > $out/tests.txt 2>&1; echo "pytest exit $?"; tail -5 $out/tests.txt ;;
-    mm) TREADLE_TEST_TOKENIZER_DIR=$tok timeout 200 python -m pytest tests/unit/test_llava.py tests/unit/test_media.py -q \
+    mm) TREADLE_TEST_TOKENIZER_DIR=$tok timeout 200 python -m pytest tests/unit/test_llava.py tests/unit/test_media.py \
           -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
         timeout 200 python bench/gpu_mm_check.py --tokenizer-dir $tok 2>&1 | grep -E "image|PASS|FAIL|Error" ;;
     mm_bench) timeout 300 python bench/mm_bench.py --tokenizer-dir $tok --out $out/bench.jsonl 2>&1 | grep '^{' ;;
