@@ -15,7 +15,7 @@ for stage in "$@"; do
     tests) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py \
              -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
-    rope_bits) timeout 120 python -m pytest tests/unit/test_fused_ops.py -k same_bits -x -q -p no:cacheprovider 2>&1 \
+    rope_bits) timeout 120 python -m pytest tests/unit/test_fused_ops.py -k same_bits -x -p no:cacheprovider 2>&1 \
                  | grep -E "Mismatch|Greatest|index|passed|failed" | head -12 ;;
     check) timeout 170 python bench/gpu_check.py --config-dir $tok --config-dir $mini 2>&1 \
              | grep -E "relative|identical|PASS|FAIL|Error" ;;
@@ -54,7 +54,7 @@ for stage in "$@"; do
              done ;;
     tests_log) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
                  tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py \
-                 -q -p no:cacheprovider -rfE > $out/tests.txt 2>&1; echo "pytest exit $?"; tail -5 $out/tests.txt ;;
+                 -p no:cacheprovider -rfE > $out/tests.txt 2>&1; echo "pytest exit $?"; tail -5 $out/tests.txt ;;
     mm) TREADLE_TEST_TOKENIZER_DIR=$tok timeout 200 python -m pytest tests/unit/test_llava.py tests/unit/test_media.py \
           -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
         timeout 200 python bench/gpu_mm_check.py --tokenizer-dir $tok 2>&1 | grep -E "image|PASS|FAIL|Error" ;;
