@@ -28,7 +28,7 @@ VIDEO_FRAMES = 4  # frames per video: 4 x 576 tokens fit LLaVA-1.5's 4,096-token
 def is_multimodal_config(model_dir: str) -> bool:
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
-    return "vision_config" in cfg and "image_token_index" in cfg
+    return "vision_config" in cfg and ("image_token_index" in cfg or "image_token_id" in cfg)
 
 
 class MultimodalProcessor:
@@ -40,7 +40,7 @@ class MultimodalProcessor:
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = json.load(f)
         vision = cfg["vision_config"]
-        self.image_token = int(cfg["image_token_index"])
+        self.image_token = int(cfg.get("image_token_index", cfg.get("image_token_id")))  # either spelling
         patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))) ** 2
         self.tokens_per_image = patches + (cfg.get("vision_feature_select_strategy", "default") == "full")
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
