@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import socket
 import sys
 from typing import Any
@@ -54,12 +55,20 @@ def launch_children(a: ServerArgs, files: ModelFiles, ipc: IpcDir) -> dict[str, 
 
 
 def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct loopback ports, free now, for the workers' rendezvous. Drawn below Linux's
+    ephemeral range (32768+): a port the kernel hands out for port 0 can be handed out again, to
+    any outgoing connection, before rank 0 binds it; ports here are only ever taken on purpose."""
+    rng, ports = random.Random(), []
+    for _ in range(1000):
+        if len(ports) == n:
+            return ports
+        port = rng.randrange(20000, 32000)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    raise RuntimeError(f"found only {len(ports)} of {n} free ports in [20000, 32000)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -33,9 +34,19 @@ def interpret_script(test_file: str) -> Any:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a gloo rendezvous, free now. Drawn below Linux's ephemeral range (32768+): a port
+    the kernel handed out (port 0) can be handed out again, to any outgoing connection, before the
+    rank binds it."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in [20000, 32000)")
 
 
 def run_two_ranks(worker: Callable[[int, int, str], None], tmp_path: Path) -> Any:
