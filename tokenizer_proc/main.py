@@ -15,7 +15,7 @@ from treadle.runtime.messages import (
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
-from treadle.tokenizer_proc.multimodal import MultimodalProcessor, check_items_fit, is_multimodal_config, reject_media
+from treadle.tokenizer_proc.multimodal import check_items_fit, load_multimodal, reject_media
 from treadle.tokenizer_proc.router import DpRouter
 from treadle.tokenizer_proc.validate import check_embed_length, check_input_ids, check_lengths, check_logprob_args
 
@@ -30,7 +30,7 @@ class TokenizerWorker:
         cfg = load_config(files.model_dir)
         self.context_len = context_length(cfg, self.args, files.model_dir)
         self.vocab = vocab_size(cfg, self.tokenizer)
-        self.mm = MultimodalProcessor(files.model_dir, self.tokenizer) if is_multimodal_config(files.model_dir) else None
+        self.mm = load_multimodal(files.model_dir, self.tokenizer)
         self.arch = (cfg.get("architectures") or [None])[0]
 
     def tokenize_batch(self, batch: GenerateBatch) -> TokenizedBatch:

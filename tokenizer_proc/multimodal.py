@@ -25,20 +25,22 @@ from treadle.tokenizer_proc.media import load_image, load_video_frames
 VIDEO_FRAMES = 4  # frames per video: 4 x 576 tokens fit LLaVA-1.5's 4,096-token context with room to answer
 
 
-def is_multimodal_config(model_dir: str) -> bool:
+def load_multimodal(model_dir: str, tokenizer: Any) -> Optional["MultimodalProcessor"]:
+    """The model's multimodal processor, or None for a text-only model (no vision config)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
-    return "vision_config" in cfg and ("image_token_index" in cfg or "image_token_id" in cfg)
+    if "vision_config" not in cfg or not ("image_token_index" in cfg or "image_token_id" in cfg):
+        return None
+    return MultimodalProcessor(model_dir, cfg, tokenizer)
 
 
 class MultimodalProcessor:
     """The model's image preprocessing and placeholder layout (one per tokenizer process)."""
 
-    def __init__(self, model_dir: str, tokenizer: Any) -> None:
+    def __init__(self, model_dir: str, cfg: dict[str, Any], tokenizer: Any) -> None:
+        """``cfg``: the model's config.json, as read."""
         from transformers import AutoImageProcessor
 
-        with open(os.path.join(model_dir, "config.json")) as f:
-            cfg = json.load(f)
         vision = cfg["vision_config"]
         self.image_token = int(cfg.get("image_token_index", cfg.get("image_token_id")))  # either spelling
         patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))) ** 2
