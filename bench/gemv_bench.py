@@ -28,17 +28,19 @@ SHAPES = {  # name: (N, K)
 CALLS = 50
 
 
-def time_graph(fn) -> float:
-    """Microseconds a call of ``fn`` replayed CALLS times in a CUDA graph (best of 5 replays)."""
+def time_graph(fn, calls: int = CALLS) -> float:
+    """Microseconds a call: ``fn(i)`` for i in range(calls) captured in one CUDA graph, best of 5
+    replays (``i`` lets a caller read a different weight copy each call, out of L2's reach)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()
+        for i in range(calls):
+            fn(i)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
+        for i in range(calls):
+            fn(i)
     best = float("inf")
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,7 +48,7 @@ def time_graph(fn) -> float:
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / CALLS)
+        best = min(best, start.elapsed_time(end) * 1000 / calls)
     return best
 
 
@@ -63,7 +65,7 @@ def main() -> None:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x, w).float()
         tb = lambda us: n * k * 2 / us / 1e6  # noqa: E731
-        cublas = time_graph(lambda: F.linear(x, w))
+        cublas = time_graph(lambda _: F.linear(x, w))
         heur = gemv_config(n, k, sms)
         results = {}
         for cfg in [(*heur, 4)] + ([] if a.quick else grid):
@@ -74,7 +76,7 @@ def main() -> None:
             if not torch.allclose(out.float(), ref, atol=0.5, rtol=2e-2):
                 print(f"  {name} {cfg}: WRONG RESULT")
                 continue
-            results[cfg] = time_graph(lambda: gemv(x, w, ws, (block_n, block_k, split), warps))
+            results[cfg] = time_graph(lambda _: gemv(x, w, ws, (block_n, block_k, split), warps))
         best = min(results, key=results.get)
         h = results[(*heur, 4)]
         print(f"{name:12s} {n}x{k}: cuBLAS {cublas:7.1f} ({tb(cublas):.2f})  heuristic {heur} {h:7.1f} ({tb(h):.2f})  "

@@ -18,33 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gemv_bench import time_graph  # this directory is on sys.path when the script runs
+
 SHAPES = {  # name: (N, K)
     "qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
     "lm_head": (128256, 4096), "tp2 o": (4096, 2048), "tp2 down": (4096, 7168),
 }
-
-
-def time_graph(fn, calls: int) -> float:
-    """Microseconds a call: ``fn(i)`` for i in range(calls) captured in one graph, best of 5."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / calls)
-    return best
 
 
 def main() -> None:
@@ -68,7 +47,7 @@ def main() -> None:
             us = time_graph(fn, copies)
             line.append(f"{vname} {us:7.1f} ({n * k * 2 / us / 1e6:.2f})")
         print(f"{name:9s} {n}x{k} x{copies}: " + "  ".join(line), flush=True)
-        del ws, wts
+        ws = wts = None  # free this shape's copies (the lambdas hold them) before the next shape's
         torch.cuda.empty_cache()
 
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
-import socket
 import sys
 from typing import Any
 
 from treadle.client.supervisor import group_name
 from treadle.runtime.model_files import ModelFiles
-from treadle.runtime.parallel import check_parallel, dist_env, results_endpoint, worker_ranks
+from treadle.runtime.parallel import check_parallel, dist_env, free_loopback_ports, results_endpoint, worker_ranks
 from treadle.runtime.procs import ChildSpec, launch_child
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import IpcDir
@@ -38,7 +36,7 @@ def launch_children(a: ServerArgs, files: ModelFiles, ipc: IpcDir) -> dict[str, 
     head = a.node_rank == 0  # node 0 serves; the other nodes run only their worker ranks
     launches = [(spec("tokenizer", "treadle.tokenizer_proc", scheduler_endpoints=sched_eps), env),
                 (spec("detokenizer", "treadle.detokenizer_proc"), env)] if head else []
-    for g, port in enumerate(_free_ports(a.dp_size)):
+    for g, port in enumerate(free_loopback_ports(a.dp_size)):
         group_ep = lambda n, g=g: ipc.endpoint(group_name(g, n))  # noqa: E731
         eps = {**shared, "scheduler": sched_eps[g], "scheduler_results": results_endpoint(a, group_ep)}
         # group g's GPUs follow group g-1's: base_gpu_id + g * tp_size * pp_size (times gpu_id_step)
@@ -52,23 +50,3 @@ def launch_children(a: ServerArgs, files: ModelFiles, ipc: IpcDir) -> dict[str, 
             launches.append((spec(group_name(g, "scheduler"), "treadle.scheduler_proc", eps, ga,
                                   worker_endpoints=[w.endpoint for w in workers]), env))
     return {s.name: launch_child(s, ipc.path, e) for s, e in launches}
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports, free now, for the workers' rendezvous. Drawn below Linux's
-    ephemeral range (32768+): a port the kernel hands out for port 0 can be handed out again, to
-    any outgoing connection, before rank 0 binds it; ports here are only ever taken on purpose."""
-    rng, ports = random.Random(), []
-    for _ in range(1000):
-        if len(ports) == n:
-            return ports
-        port = rng.randrange(20000, 32000)
-        if port in ports:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-    raise RuntimeError(f"found only {len(ports)} of {n} free ports in [20000, 32000)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 from dataclasses import dataclass
@@ -83,6 +84,28 @@ def worker_ranks(args: "ServerArgs", ipc_endpoint: Callable[[str], str]) -> list
 def results_endpoint(args: "ServerArgs", ipc_endpoint: Callable[[str], str]) -> str:
     """Where the reporting rank sends results (the scheduler binds it)."""
     return _tcp(args, 1 + world_size(args)) if args.nnodes > 1 else ipc_endpoint("scheduler_results")
+
+
+def free_loopback_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports, free now, for the workers' rendezvous. Drawn below Linux's
+    ephemeral range (32768+): a port the kernel hands out for port 0 can be handed out again, to
+    any outgoing connection, before rank 0 binds it; ports here are only ever taken on purpose."""
+    rng, ports = random.Random(), []
+    for _ in range(1000):
+        if len(ports) == n:
+            break
+        port = rng.randrange(20000, 32000)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    if len(ports) == n:
+        return ports
+    raise RuntimeError(f"found only {len(ports)} of {n} free ports in [20000, 32000)")
 
 
 def dist_env(args: "ServerArgs", free_port: int) -> dict[str, str]:

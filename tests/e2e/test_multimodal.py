@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.server
 import io
 import pathlib
-import socket
-import threading
 
 import numpy as np
 import pytest
 import torch
 
+from local_http import PROXY_VARS, closed_port, local_http_server
 from treadle import Engine
 
 av = pytest.importorskip("av")
@@ -41,7 +39,6 @@ N = 8
 GREEDY = {"temperature": 0, "max_new_tokens": N, "ignore_eos": True}
 CHUNK = 12
 PER_IMAGE = 16
-PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
            (255, 255, 255), (0, 0, 0), (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 128)]
 
@@ -82,43 +79,10 @@ def video_frames(path) -> list:
     return load_video_frames(MediaRef(source=str(path)), "video_data[0]", VIDEO_FRAMES)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):  # noqa: N802
-        body = self.routes.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def http_server():
-    """A local HTTP server (a thread of this process): ``(base URL, routes dict path -> bytes)``."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    _Handler.routes = {}
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", _Handler.routes
-    srv.shutdown()
-    srv.server_close()
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    with local_http_server() as served:
+        yield served
 
 
 # ------------------------------------------------------------------ engine and reference
@@ -267,7 +231,7 @@ def test_every_source_kind_gives_the_same_output(mm_engine, ref, tmp_path, monke
     data = png_bytes(im)
     path = tmp_path / "my picture.png"  # a space: file:// URLs percent-encode it
     path.write_bytes(data)
-    routes["/pic.png"] = data
+    routes["/pic.png"] = (data, 0)
     b64 = base64.b64encode(data).decode()
     monkeypatch.chdir(tmp_path)
     prompt = "Sources: what is shown?"

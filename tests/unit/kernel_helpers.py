@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from treadle.runtime.parallel import free_loopback_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,19 +35,21 @@ def interpret_script(test_file: str) -> Any:
 
 
 def free_port() -> int:
-    """A port for a gloo rendezvous, free now. Drawn below Linux's ephemeral range (32768+): a port
-    the kernel handed out (port 0) can be handed out again, to any outgoing connection, before the
-    rank binds it."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in [20000, 32000)")
+    """A loopback port for a gloo rendezvous, chosen as the engine chooses its own."""
+    return free_loopback_ports(1)[0]
+
+
+class Alloc:
+    """Hands out KV locations ``0 .. num_locs-1`` from a shuffled free list (never contiguous by
+    accident), so runner tests exercise arbitrary locations."""
+
+    def __init__(self, seed: int, num_locs: int):
+        self.free = list(range(num_locs))
+        random.Random(seed).shuffle(self.free)
+
+    def __call__(self, n: int) -> list[int]:
+        out, self.free = self.free[:n], self.free[n:]
+        return out
 
 
 def run_two_ranks(worker: Callable[[int, int, str], None], tmp_path: Path) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from kernel_helpers import free_port
+from kernel_helpers import Alloc, free_port
 
 from treadle.gpu_worker import distributed
 from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
@@ -74,16 +73,6 @@ def encode(processor, text: str, seeds: list[int]) -> tuple[list[int], torch.Ten
 
 ONE = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 TWO = "USER: <image> and <image>: which is brighter? ASSISTANT:"
-
-
-class Alloc:
-    def __init__(self, seed: int = 0):
-        self.free = list(range(KV_TOKENS))
-        random.Random(seed).shuffle(self.free)
-
-    def __call__(self, n: int) -> list[int]:
-        out, self.free = self.free[:n], self.free[n:]
-        return out
 
 
 def image_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
@@ -189,7 +178,7 @@ def test_feature_layers_and_strategies_match_hf(tiny_llava_dir, layers, select):
 def test_prefill_logits_match_hf(hf, processor, tiny_llava_dir, device, text, seeds):
     ids, px = encode(processor, text, seeds)
     runner = make_runner(tiny_llava_dir, device)
-    row = prefill_row(0, ids, px, token_of(hf), 0, len(ids), Alloc(1)(len(ids)), set())
+    row = prefill_row(0, ids, px, token_of(hf), 0, len(ids), Alloc(1, KV_TOKENS)(len(ids)), set())
     assert len(row.mm) == len(seeds)
     logits = runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[row]))
     want = hf_logits(hf, ids, px)
@@ -207,7 +196,7 @@ def test_chunked_prefill_inside_images_then_greedy_matches_hf(hf, processor, tin
     runs = image_runs(ids, token_of(hf))
     (a0, n0), (a1, n1) = runs
     cuts = [0, a0 + 5, a0 + 11, a1 + 3, len(ids)]  # inside image 0 twice, then inside image 1
-    runner, alloc, sent = make_runner(tiny_llava_dir, device), Alloc(2), set()
+    runner, alloc, sent = make_runner(tiny_llava_dir, device), Alloc(2, KV_TOKENS), set()
     encodes = []
     encode_images = runner.mm.encode
     runner.mm.encode = lambda p: encodes.append(p.shape[0]) or encode_images(p)
@@ -234,7 +223,7 @@ def test_chunked_prefill_inside_images_then_greedy_matches_hf(hf, processor, tin
 
 def test_batch_of_two_requests_with_different_images(hf, processor, tiny_llava_dir, device):
     (ids0, px0), (ids1, px1) = encode(processor, ONE, [5]), encode(processor, TWO, [6, 7])
-    runner, alloc = make_runner(tiny_llava_dir, device), Alloc(3)
+    runner, alloc = make_runner(tiny_llava_dir, device), Alloc(3, KV_TOKENS)
     encodes = []
     encode_images = runner.mm.encode
     runner.mm.encode = lambda p: encodes.append(p.shape[0]) or encode_images(p)
@@ -249,7 +238,7 @@ def test_batch_of_two_requests_with_different_images(hf, processor, tiny_llava_d
 def test_text_only_prompt_on_llava_matches_hf(hf, tiny_llava_dir):
     ids = list(range(100, 130))
     logits = make_runner(tiny_llava_dir).forward_logits(
-        ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, ids, 0, Alloc(4)(30))]))
+        ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, ids, 0, Alloc(4, KV_TOKENS)(30))]))
     with torch.no_grad():
         want = hf(input_ids=torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(logits[0], want, atol=1e-4, rtol=0)
@@ -259,7 +248,7 @@ def test_text_only_prompt_on_llava_matches_hf(hf, tiny_llava_dir):
 def test_bad_multimodal_rows_are_refused(hf, processor, tiny_llava_dir, tmp_path):
     ids, px = encode(processor, ONE, [8])
     off, n = image_runs(ids, token_of(hf))[0]
-    runner, alloc = make_runner(tiny_llava_dir), Alloc(5)
+    runner, alloc = make_runner(tiny_llava_dir), Alloc(5, KV_TOKENS)
     pix = px[0].numpy().tobytes()
 
     def plan(chunk: MmChunk, slot: int = 0) -> ForwardPlan:
@@ -290,7 +279,7 @@ def test_bad_multimodal_rows_are_refused(hf, processor, tiny_llava_dir, tmp_path
 def test_new_request_in_a_slot_drops_the_old_ones_images(hf, processor, tiny_llava_dir):
     ids, px = encode(processor, TWO, [9, 10])
     (a0, _), (a1, n1) = image_runs(ids, token_of(hf))
-    runner, alloc, sent = make_runner(tiny_llava_dir), Alloc(6), set()
+    runner, alloc, sent = make_runner(tiny_llava_dir), Alloc(6, KV_TOKENS), set()
     cut = a1 + n1 // 2  # the first chunk ends inside image 1: both encoded, image 1 kept
     runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(2, GREEDY), NewSlot(3, GREEDY)],
                                rows=[prefill_row(2, ids, px, token_of(hf), 0, cut, alloc(cut), sent, sample=False),
@@ -312,7 +301,7 @@ def test_dummy_load_format(hf, processor, tiny_llava_dir, tmp_path):
 
     def run() -> torch.Tensor:
         runner = make_runner(str(tmp_path), load_format="dummy")
-        row = prefill_row(0, ids, px, token_of(hf), 0, len(ids), Alloc(7)(len(ids)), set())
+        row = prefill_row(0, ids, px, token_of(hf), 0, len(ids), Alloc(7, KV_TOKENS)(len(ids)), set())
         return runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[row]))
 
     a, b = run(), run()
@@ -349,7 +338,7 @@ def test_both_checkpoint_layouts_load(hf, processor, tiny_llava_dir, tmp_path, l
     ids, px = encode(processor, ONE, [12])
     runner = make_runner(str(tmp_path))
     assert runner.model.vision_tower.num_built_layers == 2  # feature layer -2 of 3: the last one is never read
-    row = prefill_row(0, ids, px, token_of(hf), 0, len(ids), Alloc(8)(len(ids)), set())
+    row = prefill_row(0, ids, px, token_of(hf), 0, len(ids), Alloc(8, KV_TOKENS)(len(ids)), set())
     logits = runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[row]))
     torch.testing.assert_close(logits[0], hf_logits(hf, ids, px), atol=1e-4, rtol=0)
 
@@ -375,7 +364,7 @@ def _parallel_worker(rank: int, path: str, port: int, out: str, kind: str, ids: 
     torch.set_num_threads(1)
     runner = make_runner(path, **({"tp_rank": rank, "tp_size": 2} if kind == "tp" else {"pp_rank": rank, "pp_size": 2}))
     px = torch.from_numpy(np.frombuffer(pixels, np.float32).reshape(-1, 3, 32, 32).copy())
-    alloc, sent, cut = Alloc(9), set(), image_runs(ids, token)[0][0] + 7
+    alloc, sent, cut = Alloc(9, KV_TOKENS), set(), image_runs(ids, token)[0][0] + 7
     runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
                                rows=[prefill_row(0, ids, px, token, 0, cut, alloc(cut), sent, sample=False)]))
     row = prefill_row(0, ids, px, token, cut, len(ids), alloc(len(ids) - cut), sent)

@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import pathlib
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+
+from local_http import PROXY_VARS, closed_port, local_http_server
 
 av = pytest.importorskip("av")
 Image = pytest.importorskip("PIL.Image")
@@ -80,40 +79,12 @@ def colour_index(im) -> int:
     return min(range(len(COLOURS)), key=lambda i: sum((a - b) ** 2 for a, b in zip(px, COLOURS[i])))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):  # noqa: N802
-        body, delay = self.routes.get(self.path, (None, 0))
-        if delay:
-            time.sleep(delay)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        try:
-            self.wfile.write(body)
-        except OSError:
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    for var in PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    _Handler.routes = {}
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", _Handler.routes
-    srv.shutdown()
-    srv.server_close()
+    with local_http_server() as served:
+        yield served
 
 
 def refs1(value):
@@ -271,10 +242,7 @@ def test_http_404(server):
 
 
 def test_http_unreachable():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
+    port = closed_port()
     t0 = time.monotonic()
     with pytest.raises(ValueError, match=r"^image_data\[0\]: unreachable URL http://127\.0\.0\.1"):
         load_image(MediaRef(source=f"http://127.0.0.1:{port}/x.png"), "image_data[0]", timeout=5)

@@ -7,7 +7,6 @@ here on purpose), the batch composition, chunking or prefix reuse.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kernel_helpers import free_port
+from kernel_helpers import Alloc, free_port
 
 from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
@@ -78,18 +77,6 @@ def make_runner(path: str, device: str = "cpu", **kw) -> ModelRunner:
                                     context_len=128, **kw))
 
 
-class Alloc:
-    """Hands out KV locations from a shuffled free list (never contiguous by accident)."""
-
-    def __init__(self, seed: int = 0):
-        self.free = list(range(KV_TOKENS))
-        random.Random(seed).shuffle(self.free)
-
-    def __call__(self, n: int) -> list[int]:
-        out, self.free = self.free[:n], self.free[n:]
-        return out
-
-
 def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -110,7 +97,7 @@ def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_prefill_logits_match_hf(models, name, device):
     hf, path = models[name]
-    runner, alloc = make_runner(path, device), Alloc(1)
+    runner, alloc = make_runner(path, device), Alloc(1, KV_TOKENS)
     prompts = [prompt(n, seed=n) for n in (1, 5, 17, 40)]
     plan = ForwardPlan(step=0, new_slots=[NewSlot(s, GREEDY) for s in range(len(prompts))],
                        rows=[PlanRow(s, p, 0, alloc(len(p))) for s, p in enumerate(prompts)])
@@ -144,7 +131,7 @@ def run_greedy(runner: ModelRunner, alloc: Alloc, prompts: dict[int, list[int]],
 def test_greedy_alone_matches_hf_generate(models, name, device):
     hf, path = models[name]
     p = prompt(9, seed=7)
-    got = run_greedy(make_runner(path, device), Alloc(2), {0: p}, steps=20)[0]
+    got = run_greedy(make_runner(path, device), Alloc(2, KV_TOKENS), {0: p}, steps=20)[0]
     assert got == hf_greedy(hf, p, 20)
 
 
@@ -152,7 +139,7 @@ def test_greedy_batched_matches_hf_generate(models, device):
     hf, path = models["llama"]
     prompts = {0: prompt(3, 1), 3: prompt(12, 2), 5: prompt(25, 3), 6: prompt(1, 4)}
     # Slots 5 and 6 join while the others decode: plans mix prefill and decode rows.
-    got = run_greedy(make_runner(path, device), Alloc(3), prompts, steps=16, join_at={5: 2, 6: 5})
+    got = run_greedy(make_runner(path, device), Alloc(3, KV_TOKENS), prompts, steps=16, join_at={5: 2, 6: 5})
     for s, p in prompts.items():
         assert got[s] == hf_greedy(hf, p, 16), f"slot {s}"
 
@@ -160,7 +147,7 @@ def test_greedy_batched_matches_hf_generate(models, device):
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_chunked_prefill_equals_unchunked(models, name, device):
     _, path = models[name]
-    runner, alloc, p = make_runner(path, device), Alloc(4), prompt(30, seed=11)
+    runner, alloc, p = make_runner(path, device), Alloc(4, KV_TOKENS), prompt(30, seed=11)
     full = runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
                                              rows=[PlanRow(0, p, 0, alloc(30))]))
     runner.forward_logits(ForwardPlan(step=1, new_slots=[NewSlot(1, GREEDY)]))
@@ -177,7 +164,7 @@ def test_chunked_prefill_equals_unchunked(models, name, device):
 # ---------------------------------------------------------------- 3. prefix reuse
 def test_prefix_writes_reuse_kv(models, device):
     hf, path = models["llama"]
-    runner, alloc = make_runner(path, device), Alloc(5)
+    runner, alloc = make_runner(path, device), Alloc(5, KV_TOKENS)
     first = prompt(20, seed=21)
     first_locs = alloc(20)
     runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, first, 0, first_locs)]))
@@ -249,7 +236,7 @@ def test_runner_seeded_sampling_independent_of_batch(models, device):
     spec = SamplingSpec(temperature=1.5, top_p=0.95, seed=42)
 
     def run(with_others: bool) -> list[int]:
-        runner, alloc, p, toks = make_runner(path, device, random_seed=7 * with_others), Alloc(6), prompt(6, 1), []
+        runner, alloc, p, toks = make_runner(path, device, random_seed=7 * with_others), Alloc(6, KV_TOKENS), prompt(6, 1), []
         others = {1: prompt(4, 2), 2: prompt(9, 3)} if with_others else {}
         new = [NewSlot(0, spec)] + [NewSlot(s, SamplingSpec(temperature=1.0)) for s in others]
         rows = [PlanRow(s, q, 0, alloc(len(q))) for s, q in others.items()] + [PlanRow(0, p, 0, alloc(6))]
@@ -266,7 +253,7 @@ def test_dummy_load_format(models, tmp_path, device):
     hf, _ = models["llama"]
     hf.config.save_pretrained(tmp_path)  # config only, no weights
     a, b = (make_runner(str(tmp_path), device, load_format="dummy") for _ in range(2))
-    plan = ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, prompt(8, 1), 0, Alloc(7)(8))])
+    plan = ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, prompt(8, 1), 0, Alloc(7, KV_TOKENS)(8))])
     la, lb = a.forward_logits(plan), b.forward_logits(plan)
     assert torch.equal(la, lb) and torch.isfinite(la).all() and la.std() > 0
     assert 0 <= a.forward(ForwardPlan(step=1, rows=[PlanRow(0, [3], 8, [900])]))[0][0] < VOCAB
@@ -278,7 +265,7 @@ def test_dummy_load_format(models, tmp_path, device):
 def test_bfloat16_runs_close_to_float32(models, device):
     hf, path = models["qwen2"]
     p = prompt(12, 5)
-    plan = ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, Alloc(8)(12))])
+    plan = ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, Alloc(8, KV_TOKENS)(12))])
     runner = make_runner(path, device, dtype="bfloat16")
     assert runner.info()["dtype"] == "bfloat16"
     lb = runner.forward_logits(plan)
@@ -291,7 +278,7 @@ def _tp_worker(rank: int, path: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
     runner = make_runner(path, tp_rank=rank, tp_size=2)
     prompts = [prompt(7, 1), prompt(15, 2)]
-    alloc = Alloc(9)
+    alloc = Alloc(9, KV_TOKENS)
     plan = ForwardPlan(step=0, new_slots=[NewSlot(s, GREEDY) for s in range(2)],
                        rows=[PlanRow(s, p, 0, alloc(len(p))) for s, p in enumerate(prompts)])
     logits = runner.forward_logits(plan)
@@ -321,7 +308,7 @@ def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
 
 def test_output_logprobs_match_hf(models, device):
     hf, path = models["llama"]
-    runner, alloc, t = make_runner(path, device), Alloc(10), tol(device)
+    runner, alloc, t = make_runner(path, device), Alloc(10, KV_TOKENS), tol(device)
     specs = {0: SamplingSpec(temperature=0.0, logprobs=True, top_logprobs_num=5, token_ids_logprob=[3, 999, 17]),
              # Sampled, with a bias and a penalty: logprobs stay those of the raw distribution.
              1: SamplingSpec(temperature=0.7, seed=3, logprobs=True, top_logprobs_num=2, logit_bias={5: 3.0},
@@ -356,13 +343,13 @@ def test_no_asks_no_extras(models):
     _, path = models["llama"]
     runner, p = make_runner(path), prompt(6, 1)
     ids, extras = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, SamplingSpec())],
-                                             rows=[PlanRow(0, p, 0, Alloc(11)(6))]))
+                                             rows=[PlanRow(0, p, 0, Alloc(11, KV_TOKENS)(6))]))
     assert len(ids) == 1 and extras == {}
 
 
 def test_input_logprobs_match_hf(models, device):
     hf, path = models["llama"]
-    runner, alloc, t = make_runner(path, device), Alloc(12), tol(device)
+    runner, alloc, t = make_runner(path, device), Alloc(12, KV_TOKENS), tol(device)
     p, q = prompt(12, 41), prompt(9, 42)
     specs = [SamplingSpec(temperature=0.0, logprobs=True),
              SamplingSpec(temperature=0.0, top_logprobs_num=3, token_ids_logprob=[8, 2])]
@@ -392,7 +379,7 @@ def test_input_logprobs_match_hf(models, device):
 
 def test_hidden_states_match_hf(models, device):
     hf, path = models["llama"]
-    runner, alloc, t = make_runner(path, device), Alloc(13), tol(device)
+    runner, alloc, t = make_runner(path, device), Alloc(13, KV_TOKENS), tol(device)
     p = prompt(10, 51)
     spec = SamplingSpec(temperature=0.0, return_hidden=True)
     with torch.no_grad():
@@ -424,10 +411,10 @@ def test_readmitted_slot_continues_seeded_stream(models):
             ids, out = ids + [tok], out + [tok]
         return out
 
-    runner, alloc = make_runner(path), Alloc(14)
+    runner, alloc = make_runner(path), Alloc(14, KV_TOKENS)
     first = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, spec)], rows=[PlanRow(0, p, 0, alloc(5))]))[0]
     whole = first + decode(runner, alloc, 0, p + first, 5, 11)
-    runner2, alloc2 = make_runner(path, random_seed=3), Alloc(15)
+    runner2, alloc2 = make_runner(path, random_seed=3), Alloc(15, KV_TOKENS)
     seq = p + whole[:6]  # re-admitted after 6 tokens: recompute the whole sequence, then go on
     nxt = runner2.forward(ForwardPlan(step=0, new_slots=[NewSlot(5, spec, prior_output=whole[:6])],
                                       rows=[PlanRow(5, seq, 0, alloc2(len(seq)))]))[0]
@@ -437,7 +424,7 @@ def test_readmitted_slot_continues_seeded_stream(models):
 # ---------------------------------------------------------------- narrow KV caches (kv_cache_dtype)
 def teacher_forced_logits(runner: ModelRunner) -> torch.Tensor:
     """Logits of a 20-token prefill and 4 decode steps after it (fixed tokens), ``[5, vocab]``."""
-    p, alloc = prompt(20, 3), Alloc(4)
+    p, alloc = prompt(20, 3), Alloc(4, KV_TOKENS)
     steps = [runner.forward_logits(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)],
                                                rows=[PlanRow(0, p, 0, alloc(len(p)))]))]
     for k, tok in enumerate(prompt(4, 8)):
