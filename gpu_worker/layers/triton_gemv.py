@@ -27,11 +27,13 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["n", "k"])
 def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, ws_ptr, tickets_ptr, n, k,
-                 K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 ACC_2D: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_2d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     lo = pid_k * K_PER_SPLIT
     hi = tl.minimum(lo + K_PER_SPLIT, k)
     # The trip count is a constexpr, not a runtime argument: Triton 3.6's interpreter holds a
@@ -44,7 +46,12 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, ws_ptr, tickets_ptr, n, k,
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0, eviction_policy="evict_first")
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if ACC_2D:  # elementwise products only; one cross-thread reduction after the loop
+            acc_2d += w.to(tl.float32) * x[None, :]
+        else:
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if ACC_2D:
+        acc = tl.sum(acc_2d, axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
@@ -89,7 +96,7 @@ def gemv_config(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, workspace: GemvWorkspace, config: tuple[int, int, int],
-         num_warps: int = 4) -> torch.Tensor:
+         num_warps: int = 4, acc_2d: bool = False) -> torch.Tensor:
     """``x [1, K] @ w[N, K].T`` -> ``[1, N]`` in ``x``'s dtype (float32 accumulation)."""
     n, k = w.shape
     block_n, block_k, split = config
@@ -99,5 +106,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, workspace: GemvWorkspace, config: tup
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     _gemv_kernel[grid](x, w, w.stride(0), out, workspace.partials, workspace.tickets, n, k, K_PER_SPLIT=k_per_split,
-                       BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps)
+                       BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, ACC_2D=acc_2d,
+                       num_warps=num_warps)
     return out

@@ -26,10 +26,10 @@ def run_cases(device: str, dtype: torch.dtype) -> list[str]:
     g = torch.Generator().manual_seed(0)
     for n, k, cfg in SHAPES:
         w = torch.randn(n, k, generator=g).to(device, dtype)
-        for call in range(2):
+        for call, acc_2d in ((0, False), (1, False), (2, True)):
             x = torch.randn(1, k, generator=g).to(device, dtype)
             want = (x.float() @ w.float().T).to(dtype)
-            got = gemv(x, w, ws, cfg)
+            got = gemv(x, w, ws, cfg, acc_2d=acc_2d)
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             if got.shape != (1, n) or not torch.allclose(got.float(), want.float(), atol=tol * k ** 0.5, rtol=tol):
                 failures.append(f"{n}x{k} {cfg} call {call}: max err {(got.float() - want.float()).abs().max():.3g}")
