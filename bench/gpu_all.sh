@@ -62,7 +62,7 @@ for stage in "$@"; do
     mm_trace) timeout 300 python bench/mm_bench.py --tokenizer-dir $tok --profile-dir $out/traces 2>&1 | grep '^{'
               python bench/trace_summary.py $out/traces/*.trace.json.gz ;;
     ci500) for args in '{}' '{"tp_size": 2}' '{"dp_size": 2}'; do  # the whole CI workload, one GPU / tp 2 / dp 2
-             timeout 190 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
+             timeout 230 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;
     profile_tp) for tp in 1 2; do
