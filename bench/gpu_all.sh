@@ -44,6 +44,7 @@ for stage in "$@"; do
                 --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
             done ;;
     gemv) timeout 330 python bench/gemv_bench.py --shapes "tp1 o,tp1 qkv,tp1 down,tp1 gate_up,tp2 o,tp2 qkv,tp2 down,tp2 gate_up,tp1 lm_head" 2>&1 | grep -v -i warn ;;
+    pdl) timeout 300 python bench/pdl_bench.py 2>&1 | grep -v -i warn ;;
     gemv_layouts) timeout 120 python bench/gemv_layouts.py 2>&1 | grep -v -i warn ;;
     smol_b1) timeout 60 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --parts a --skip-hf 2>&1 | grep '^{' ;;
     b1_8b) timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
@@ -79,7 +80,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, gemv_layouts, smol_b1, b1_8b, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done
