@@ -5,8 +5,8 @@
 Shapes: Llama-3.1-8B's projections at tp 1 and tp 2 (qkv, o, gate_up, down, lm_head). Each
 candidate runs inside one CUDA graph (as in decode, no launch gaps), each call on its own copy of
 the weight (so no call is served from L2), timed with CUDA events; prints microseconds a call and
-the weight bandwidth, for cuBLAS and the best config of each kernel variant. Kernel-level only: the model keeps
-cuBLAS until this shows a shape where the GEMV wins (on an H200 it won none: see docs/perf.md).
+the weight bandwidth, for cuBLAS, ``gemv_config``'s choice and the best of a grid (each kernel
+alone, no PDL: ``pdl_bench.py`` times them in a chain).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from treadle.gpu_worker.layers.triton_gemv import GemvWorkspace, gemv, gemv_config
+from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv, gemv_config
 
 SHAPES = {  # name: (N, K)
     "tp1 qkv": (6144, 4096), "tp1 o": (4096, 4096), "tp1 gate_up": (28672, 4096), "tp1 down": (4096, 14336),
@@ -54,15 +54,10 @@ def time_graph(fn, calls: int = CALLS) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="only cuBLAS and the heuristic config")
+    p.add_argument("--quick", action="store_true", help="only cuBLAS and gemv_config's choice")
     p.add_argument("--shapes", default="", help="comma-separated names from SHAPES (default: all)")
     a = p.parse_args()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    ws = GemvWorkspace(torch.device("cuda"))
-    # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, acc_2d): the per-step reduction (acc_2d False) on a few
-    # configs that won before, the 2-D accumulator on a grid
-    grid = [(16, 512, s, 4, False) for s in (1, 2, 4)] + [(32, 256, 2, 8, False)]
-    grid += [(bn, bk, s, wp, True) for bn, bk, s, wp in itertools.product((8, 16, 32), (256, 512), (1, 2, 4), (4, 8))]
+    grid = [GemvConfig(bn, bk, wp, False) for bn, bk, wp in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
     names = [n for n in a.shapes.split(",") if n] or list(SHAPES)
     print(f"{torch.cuda.get_device_name()}: one-token GEMV, us a call (TB/s of weight read); "
           f"each call reads its own weight copy (>= 1 GiB of copies), as in the model")
@@ -74,24 +69,18 @@ def main() -> None:
         ref = F.linear(x, w[0]).float()
         tb = lambda us: n * k * 2 / us / 1e6  # noqa: E731
         cublas = time_graph(lambda i: F.linear(x, w[i]), copies)
-        heur = gemv_config(n, k, sms)
+        chosen = gemv_config(n, k, False)
         results = {}
-        for cfg in [(*heur, 4, False)] + ([] if a.quick else grid):
-            block_n, block_k, split, warps, acc_2d = cfg
-            if split > 1 and k // split < block_k:
-                continue
-            out = gemv(x, w[0], ws, (block_n, block_k, split), warps, acc_2d)
-            if not torch.allclose(out.float(), ref, atol=0.5, rtol=2e-2):
+        for cfg in [chosen] + ([] if a.quick else grid):
+            if not torch.allclose(gemv(x, w[0], cfg).float(), ref, atol=0.5, rtol=2e-2):
                 print(f"  {name} {cfg}: WRONG RESULT")
                 continue
-            results[cfg] = time_graph(lambda i: gemv(x, w[i], ws, (block_n, block_k, split), warps, acc_2d), copies)
-        line = f"{name:12s} {n}x{k}: cuBLAS {cublas:7.1f} ({tb(cublas):.2f})"
-        for label, acc in (("per-step sum", False), ("2-D acc", True)):
-            mine = {c: t for c, t in results.items() if c[4] == acc}
-            if mine:
-                best = min(mine, key=mine.get)
-                line += f"  {label} best {best[:4]} {mine[best]:7.1f} ({tb(mine[best]):.2f})"
-        print(line, flush=True)
+            results[cfg] = time_graph(lambda i: gemv(x, w[i], cfg), copies)
+        best = min(results, key=results.get)
+        cfg_str = lambda c: f"({c.block_n}, {c.block_k}, {c.num_warps})"  # noqa: E731
+        print(f"{name:12s} {n}x{k}: cuBLAS {cublas:7.1f} ({tb(cublas):.2f})  gemv_config {cfg_str(chosen)} "
+              f"{results[chosen]:7.1f} ({tb(results[chosen]):.2f})  best {cfg_str(best)} {results[best]:7.1f} "
+              f"({tb(results[best]):.2f})", flush=True)
         w = None
         torch.cuda.empty_cache()
 

@@ -31,7 +31,7 @@ for stage in "$@"; do
                timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                  --batch 1 --tp 2 --fusion 2>&1 | grep -v -i warn | head -16 ;;
     layouts) timeout 300 python bench/gpu_layouts_check.py --config-dir $mini 2>&1 | grep "prompts\|FAILED" ;;
-    tp_b1) for args in '{}' '{"tp_size": 2, "enable_allreduce_fusion": false}' '{"tp_size": 2}'; do
+    tp_b1) for args in '{}' '{"gemv_backend": "cublas"}' '{"tp_size": 2, "gemv_backend": "cublas"}' '{"tp_size": 2}'; do
              timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
            done ;;
@@ -43,12 +43,18 @@ for stage in "$@"; do
               timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                 --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
             done ;;
-    gemv) timeout 330 python bench/gemv_bench.py --shapes "tp1 o,tp1 qkv,tp1 down,tp1 gate_up,tp2 o,tp2 qkv,tp2 down,tp2 gate_up,tp1 lm_head" 2>&1 | grep -v -i warn ;;
+    gemv) timeout 330 python bench/gemv_bench.py 2>&1 | grep -v -i warn ;;
     pdl) timeout 300 python bench/pdl_bench.py 2>&1 | grep -v -i warn ;;
     gemv_layouts) timeout 120 python bench/gemv_layouts.py 2>&1 | grep -v -i warn ;;
     smol_b1) timeout 60 python bench/gpu_bench.py --shape smollm2 --tokenizer-dir $tok --parts a --skip-hf 2>&1 | grep '^{' ;;
     b1_8b) timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
              --out $out/bench.jsonl 2>&1 | grep '^{' ;;
+    b1_gemv) for args in '{}' '{"gemv_backend": "cublas"}'; do  # batch 1: the Triton GEMV with PDL (default on Hopper), cuBLAS
+               for shape in llama8b smollm2; do
+                 timeout 100 python bench/gpu_bench.py --shape $shape --tokenizer-dir $tok --parts a --skip-hf \
+                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
+               done
+             done ;;
     ci500_1) for args in '{}' '{"kv_cache_dtype": "fp8_e4m3"}'; do  # the whole CI workload on one GPU, bf16 and FP8 K/V
                timeout 220 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
                  --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
@@ -80,7 +86,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

@@ -27,6 +27,8 @@ from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.host_to_device import to_device, to_device_segments
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.layers.attention import Attention
+from treadle.gpu_worker.layers.linear import use_triton_gemv
+from treadle.gpu_worker.layers.pdl import pdl_supported
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.logits_processing import PendingIds
 from treadle.gpu_worker.logprobs import StepOutput, row_outs
@@ -75,6 +77,7 @@ class RunnerConfig:
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
     allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
+    gemv_backend: Optional[str] = None  # one-token products: "triton", "cublas"; None: triton where PDL exists
     kv_cache_dtype: str = "auto"  # "auto" (the model's), "fp8_e4m3", "fp8_e5m2", "bfloat16", ...
     lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
@@ -156,6 +159,9 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
+        if self.device.type == "cuda" and (cfg.gemv_backend == "triton"
+                                           or cfg.gemv_backend is None and pdl_supported(self.device)):
+            use_triton_gemv(self.model, pdl_supported(self.device))
         # Multimodal models: vision embeddings of prompts being prefilled (first pipeline stage only).
         self.mm: Optional[MmInputs] = None
         if hasattr(self.model, "encode_images") and cfg.pp_rank == 0:

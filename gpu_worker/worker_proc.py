@@ -62,6 +62,7 @@ class WorkerLoop:
             pp_rank=self.pp_rank, pp_size=args.pp_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
             allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
+            gemv_backend=args.gemv_backend,
             lora_slots=args.max_loras_per_batch if args.enable_lora else 0, lora_rank=args.max_lora_rank or 0,
             lora_targets=None if "all" in (args.lora_target_modules or ["all"]) else tuple(args.lora_target_modules),
             cuda_graph_max_bs=0 if args.disable_cuda_graph else (args.cuda_graph_max_bs or min(self.max_slots, 256)),

@@ -23,6 +23,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 ATTENTION_BACKENDS = (None, "torch_native", "triton", "flashinfer")
+GEMV_BACKENDS = (None, "triton", "cublas")
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "lof", "priority")
 GRAMMAR_BACKENDS = (None, "xgrammar", "none")
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "float16", "float32")
@@ -80,6 +81,9 @@ class ServerArgs:
     # TP on one machine: the all-reduce before each RMSNorm, the residual add and the norm in one
     # kernel (on by default: measured faster on two H200s; False keeps the one-shot all-reduce alone)
     enable_allreduce_fusion: bool = True
+    # Treadle's own: one-token products (batch-1 decode) by the Triton GEMV launched with PDL
+    # ("triton"), or by cuBLAS ("cublas"); None: "triton" where PDL exists (Hopper or later)
+    gemv_backend: Optional[str] = None
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True
@@ -117,6 +121,7 @@ class ServerArgs:
         _choice("dtype", self.dtype, DTYPES)
         _choice("load_format", self.load_format, LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("gemv_backend", self.gemv_backend, GEMV_BACKENDS)
         _choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
         _choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)

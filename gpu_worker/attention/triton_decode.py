@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.pdl import allow_dependents, pdl_supported
+
 MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped here)
 
 
@@ -83,7 +85,8 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                    stride_ot, stride_oh, num_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_S: tl.constexpr):
+                   BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    allow_dependents(PDL)  # the output projection's GEMV may start loading its weight
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     mask_s, mask_d = offs_s < num_splits, offs_d < D
@@ -124,5 +127,5 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     _decode_stage2[(bs, h)](
         mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
-        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
+        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), PDL=pdl_supported(q.device),
         num_warps=4 if block_d >= 128 else 2)

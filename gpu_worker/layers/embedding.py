@@ -7,11 +7,14 @@ embeddings the model points ``lm_head.weight`` at ``embed_tokens.weight``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,6 +43,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (padding columns cut off)."""
 
+    gemv_config: Optional[GemvConfig] = None  # set by linear.use_triton_gemv: one token by the Triton GEMV
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(x, self.weight))
+        if self.gemv_config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
+            y = gemv(x, self.weight, self.gemv_config)
+        else:
+            y = F.linear(x, self.weight)
+        logits = all_gather_last_dim(y)
         return logits[..., : self.num_embeddings]

@@ -14,14 +14,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import all_reduce, tp_rank, tp_size
+from treadle.gpu_worker.layers.embedding import ParallelLMHead
+from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv, gemv_config
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            config: Optional[GemvConfig]) -> torch.Tensor:
+    """``x W^T + b``: one token by the Triton GEMV where the layer has a config
+    (``use_triton_gemv``), anything else by cuBLAS."""
+    if config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
+        return gemv(x, weight, config, bias)
+    return F.linear(x, weight, bias)
+
+
+def use_triton_gemv(model: nn.Module, pdl: bool) -> int:
+    """Give every linear layer and LM head of ``model`` with a dense CUDA weight a GEMV config, so
+    their one-token products (batch-1 decode) run on the Triton GEMV, launched with PDL if ``pdl``.
+    Returns how many layers got one."""
+    count = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (isinstance(m, (LinearBase, ParallelLMHead)) and w is not None and w.is_cuda and w.is_contiguous()
+                and w.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+            m.gemv_config = gemv_config(w.shape[0], w.shape[1], pdl)
+            count += 1
+    return count
+
+
 class LinearBase(nn.Module):
     """``y = x W^T + b`` over a [out, in] weight shard; subclasses decide the sharding."""
+
+    gemv_config: Optional[GemvConfig] = None  # set by use_triton_gemv
 
     def __init__(self, in_size: int, out_size: int, bias: bool):
         super().__init__()
@@ -38,7 +65,7 @@ class LinearBase(nn.Module):
         param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = project(x, self.weight, self.bias, self.gemv_config)
         lora = self.__dict__.get("lora")  # lora.LoRAPool's; not getattr: a miss costs nn.Module ~1 us
         return y if lora is None else lora.apply(x, y)
 
@@ -146,7 +173,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(full.narrow(1, self.in_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = project(x, self.weight, None, self.gemv_config)
         lora = self.__dict__.get("lora")
         if lora is not None:  # on the partial sum: the reduce sums the ranks' (x_r A_r^T) B^T into x A^T B^T
             y = lora.apply(x, y)

@@ -1,111 +1,100 @@
-"""A Triton GEMV for one-token decode (``y = x @ W.T`` with ``x [1, K]``), with split-K in one launch.
+"""A Triton GEMV for one-token decode (``y = x @ W.T + b`` with ``x [1, K]``), launched with PDL.
 
-At batch 1 every linear layer is a matrix-vector product bounded by reading ``W`` once, and
-cuBLAS does not always pick a kernel that streams it at full bandwidth (on an H100, Llama-3.1-8B's
-``o_proj`` ran at 1.6 TB/s where the larger projections ran at 2.85). This kernel streams the
-weight tile by tile: program ``(n, s)`` reads ``BLOCK_N`` rows of ``W`` over its ``1 / SPLIT_K``
-share of ``K`` and keeps a float32 dot product per row.
+At batch 1 a decode step is about 130 matrix-vector products in a row, each bounded by reading
+its weight once, and each paying a few microseconds to fill the memory pipe and drain it before
+the next one may start. Two things make this kernel faster than cuBLAS's in that chain (H100,
+``bench/pdl_bench.py``: 32 layers of Llama-3.1-8B's four projections, 4.76 ms against 5.18):
 
-With ``SPLIT_K > 1`` the shares are added without a second launch: each program writes its
-partial sums to a float32 workspace, then takes a ticket from a per-row-block counter; the
-program that draws the last ticket adds the partials (in split order, so the result does not
-depend on which program finished last), writes the output and resets the counter for the next
-call (so a CUDA graph can replay it).
-
-Not used by the models: on two H200s (2026-11-26, ``bench/gemv_bench.py``) cuBLAS beat the best
-config of this kernel on every Llama-3.1-8B projection (3.2-4.4 TB/s against 2.0-3.3), and
-wired into the layers it cut batch-1 decode from 213 to 82 tok/s. Kept with its bench and tests
-as the measured baseline for a next attempt.
+- Program ``n`` streams ``BLOCK_N`` whole rows and keeps a 2-D float32 accumulator of products,
+  reduced across threads once after the K loop (a per-tile reduction cost 10-15%).
+- Programmatic dependent launch (``pdl.py``; Hopper and later): the kernel is launched while its
+  predecessor still runs, loads its first weight tile and its bias (which no kernel writes while
+  the model runs), and only then waits (``gdc_wait``) for the predecessor's output, its input
+  ``x``. The kernels before the model's GEMVs call ``allow_dependents`` first thing, so the GEMV
+  after them starts streaming its weight at once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait
 
-@triton.jit(do_not_specialize=["n", "k"])
-def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, ws_ptr, tickets_ptr, n, k,
-                 K_PER_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                 ACC_2D: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_2d = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    lo = pid_k * K_PER_SPLIT
-    hi = tl.minimum(lo + K_PER_SPLIT, k)
-    # The trip count is a constexpr, not a runtime argument: Triton 3.6's interpreter holds a
-    # runtime scalar as a 1-element array and its ``__index__`` calls ``int()`` on it, which recent
-    # NumPy rejects (2.4 does), so ``range()`` over a runtime bound fails there. It costs one
-    # compile per distinct K share (a few per model); the loop itself is the same.
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        cols = lo + k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < hi
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0, eviction_policy="evict_first")
-        if ACC_2D:  # elementwise products only; one cross-thread reduction after the loop
-            acc_2d += w.to(tl.float32) * x[None, :]
-        else:
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    if ACC_2D:
-        acc = tl.sum(acc_2d, axis=1)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+@triton.jit
+def _load_tile(w_rows, k0, cols, row_mask, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``BLOCK_N x BLOCK_K`` weight tile at column ``k0`` (column masks only where K is not a
+    multiple of the tile)."""
+    if K % BLOCK_K == 0:
+        w = tl.load(w_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
     else:
-        tl.store(ws_ptr + pid_k * n + rows, acc, mask=row_mask)
-        tl.debug_barrier()  # the whole partial is stored before the ticket is drawn
-        ticket = tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(ws_ptr + s * n + rows, mask=row_mask, other=0.0, volatile=True)
-            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_mask)
-            tl.atomic_xchg(tickets_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        col_mask = k0 + cols < K
+        w = tl.load(w_rows + k0 + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")
+    return w
 
 
-class GemvWorkspace:
-    """Float32 partials and zeroed tickets for the split-K path, grown on demand; allocate it
-    before CUDA-graph capture (``reserve``) so captured launches keep pointing at it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.partials = torch.empty(0, dtype=torch.float32, device=device)
-        self.tickets = torch.zeros(0, dtype=torch.int32, device=device)
-
-    def reserve(self, partials: int, tickets: int) -> None:
-        if self.partials.numel() < partials:
-            self.partials = torch.empty(partials, dtype=torch.float32, device=self.device)
-        if self.tickets.numel() < tickets:
-            self.tickets = torch.zeros(tickets, dtype=torch.int32, device=self.device)
+@triton.jit
+def _load_x(x_ptr, k0, cols, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    if K % BLOCK_K == 0:
+        x = tl.load(x_ptr + k0 + cols)
+    else:
+        x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)
+    return x.to(tl.float32)
 
 
-def gemv_config(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K): about four programs per SM, each streaming whole rows
-    (split K only when the rows alone give too few programs)."""
-    block_k = 512 if k >= 512 else triton.next_power_of_2(k)
-    block_n = 16
-    while block_n < 128 and triton.cdiv(n, 2 * block_n) >= 4 * num_sms:
-        block_n *= 2
-    split = 1
-    while split < 8 and triton.cdiv(n, block_n) * split < 2 * num_sms and k // (2 * split) >= 4 * block_k:
-        split *= 2
-    return block_n, block_k, split
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+    allow_dependents(PDL)
+    # the first weight tile and the bias depend on no other kernel: load them before the wait
+    w = _load_tile(w_rows, 0, cols, row_mask, K, BLOCK_K)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()  # the predecessor's writes (our x) are complete and visible from here on
+    acc = w.to(tl.float32) * _load_x(x_ptr, 0, cols, K, BLOCK_K)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_tile(w_rows, k0, cols, row_mask, K, BLOCK_K)
+        acc += w.to(tl.float32) * _load_x(x_ptr, k0, cols, K, BLOCK_K)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += bias
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, workspace: GemvWorkspace, config: tuple[int, int, int],
-         num_warps: int = 4, acc_2d: bool = False) -> torch.Tensor:
-    """``x [1, K] @ w[N, K].T`` -> ``[1, N]`` in ``x``'s dtype (float32 accumulation)."""
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    pdl: bool  # launch with programmatic dependent launch (pdl.pdl_supported)
+
+
+def gemv_config(n: int, k: int, pdl: bool) -> GemvConfig:
+    """The launch config for a weight ``[n, k]``: the best of ``bench/gemv_bench.py``'s grid on an
+    H100 for Llama-3.1-8B's projections at tp 1 and 2 was 8 rows a program (16 for the widest),
+    512-wide K tiles (256 for qkv), 8 warps up to 8,192 rows and 4 above."""
+    block_k = min(512, triton.next_power_of_2(k))
+    return GemvConfig(16 if n >= 28672 else 8, block_k, 8 if n <= 8192 else 4, pdl)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x [1, K] @ w[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, float32 accumulation.
+    ``w`` must be contiguous and ``x``'s last dimension dense."""
     n, k = w.shape
-    block_n, block_k, split = config
-    grid = (triton.cdiv(n, block_n), split)
-    if split > 1:
-        workspace.reserve(split * n, grid[0])
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    _gemv_kernel[grid](x, w, w.stride(0), out, workspace.partials, workspace.tickets, n, k, K_PER_SPLIT=k_per_split,
-                       BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, ACC_2D=acc_2d,
-                       num_warps=num_warps)
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, w, w if bias is None else bias, out, n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None, PDL=config.pdl, num_warps=config.num_warps,
+        **({"launch_pdl": True} if config.pdl else {}))
     return out

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.pdl import allow_dependents, pdl_supported
+
 
 def _num_warps(block: int) -> int:
     return 4 if block < 2048 else 8 if block < 8192 else 16
@@ -37,7 +39,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_out_ptr, w_ptr, n, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    allow_dependents(PDL)  # the next GEMV may start loading its weight
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -73,7 +76,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     if t:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(t,)](x2, x2.stride(0), r2, r2.stride(0), out, res_out, weight, n, eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block))
+                               HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_supported(x.device),
+                               num_warps=_num_warps(block))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -84,7 +88,8 @@ _ACT_BLOCK = 1024  # columns per program: a 14336-wide MLP gives 14 programs eve
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    allow_dependents(PDL)  # the down projection may start loading its weight
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -102,7 +107,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     if t and n:
         _silu_and_mul_kernel[(t, triton.cdiv(n, _ACT_BLOCK))](x2, x2.stride(0), out, n, BLOCK=_ACT_BLOCK,
-                                                              num_warps=4)
+                                                              PDL=pdl_supported(x.device), num_warps=4)
     return out.view(*x.shape[:-1], n)
 
 

@@ -462,3 +462,21 @@ def test_cuda_triton_fp8_kv_cache_stays_close(models, kv_dtype):
               for kv in ("auto", kv_dtype)}
     rel = worst_rel(logits[kv_dtype], logits["auto"])
     assert 0 < rel < 0.2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["llama", "qwen2"])  # qwen2: biased q/k/v projections
+def test_cuda_triton_gemv_matches_cublas(models, name):
+    """Batch-1 decode with the one-token Triton GEMV (PDL where the GPU has it), graphs on: float32
+    greedy tokens as HF's and teacher-forced logits as cuBLAS's; bfloat16 logits near cuBLAS's."""
+    hf, path = models[name]
+    kw = dict(attention_backend="triton", cuda_graph_max_bs=4)
+    runner = make_runner(path, "cuda", gemv_backend="triton", **kw)
+    assert sum(getattr(m, "gemv_config", None) is not None for m in runner.model.modules()) > 0
+    p = prompt(9, seed=7)
+    assert run_greedy(runner, Alloc(2, KV_TOKENS), {0: p}, steps=20)[0] == hf_greedy(hf, p, 20)
+    for dtype, max_rel in (("float32", 1e-4), ("bfloat16", 2e-2)):
+        logits = {b: teacher_forced_logits(make_runner(path, "cuda", dtype=dtype, gemv_backend=b, **kw))
+                  for b in ("triton", "cublas")}
+        assert worst_rel(logits["triton"], logits["cublas"]) < max_rel, dtype
