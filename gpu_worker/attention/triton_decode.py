@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import allow_dependents, pdl_supported
+from treadle.gpu_worker.layers.pdl import launch_kwargs, pdl_start, pdl_supported
 
 MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped here)
 
@@ -32,7 +32,8 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, num_splits,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     b, kvh, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
     slot = tl.load(Slots + b).to(tl.int64)
@@ -86,7 +87,7 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
 def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
                    stride_ot, stride_oh, num_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)  # the output projection's GEMV may start loading its weight
+    pdl_start(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     mask_s, mask_d = offs_s < num_splits, offs_d < D
@@ -114,6 +115,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     mid_o = torch.empty(bs, h, num_splits, d, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bs, h, num_splits, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = pdl_supported(q.device)
     # An FP8 cache moves half the bytes a position: twice the positions a block keep as many in flight.
     block_n = (128 if k_buf.element_size() == 1 else 64) if q.is_cuda else 32
     _decode_stage1[(bs, hkv, num_splits)](
@@ -122,10 +124,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), num_splits,
         G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
-        F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
-        num_warps=4, num_stages=3)
+        F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16, PDL=pdl,
+        num_warps=4, num_stages=3, **launch_kwargs(pdl))
     _decode_stage2[(bs, h)](
         mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
-        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), PDL=pdl_supported(q.device),
-        num_warps=4 if block_d >= 128 else 2)
+        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), PDL=pdl,
+        num_warps=4 if block_d >= 128 else 2, **launch_kwargs(pdl))

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import allow_dependents, pdl_supported
+from treadle.gpu_worker.layers.pdl import launch_kwargs, pdl_start, pdl_supported
 from treadle.gpu_worker.layers.triton_ops import store_rms_norm_row
 
 
@@ -38,7 +38,7 @@ from treadle.gpu_worker.layers.triton_ops import store_rms_norm_row
 def _allreduce_rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_out_ptr, w_ptr,
                                buf_ptrs, flag_ptrs, counters, slot_elems, max_rows, n, eps,
                                RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)  # the next GEMV may start loading its weight (every program is resident by then)
+    pdl_start(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -96,9 +96,9 @@ def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     out = torch.empty((t, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res_out = torch.empty((t, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     if t:
-        block = triton.next_power_of_2(n)
+        block, pdl = triton.next_power_of_2(n), pdl_supported(x.device)
         _allreduce_rms_norm_kernel[(t,)](x, x.stride(0), residual, residual.stride(0), out, res_out, weight,
                                          buf_ptrs, flag_ptrs, counters, slot_elems, max_rows, n, eps,
-                                         RANK=rank, WORLD=world, BLOCK=block, PDL=pdl_supported(x.device),
-                                         num_warps=4 if block < 2048 else 8)
+                                         RANK=rank, WORLD=world, BLOCK=block, PDL=pdl,
+                                         num_warps=4 if block < 2048 else 8, **launch_kwargs(pdl))
     return out, res_out

@@ -2,15 +2,21 @@
 
 A kernel launched with ``launch_pdl=True`` may be placed on the GPU as soon as every program of
 the kernel before it has called ``allow_dependents`` (or exited); it must call ``gdc_wait`` before
-it reads anything an earlier kernel writes. The one-token GEMV (``triton_gemv.py``) is launched
-this way and loads its first weight tile before the wait; the kernels that run right before the
-model's GEMVs (RMSNorm, SiLU-and-mul, the fused all-reduce + norm, decode attention) call
-``allow_dependents`` first thing. For any kernel not launched with PDL the call changes nothing.
+it reads anything an earlier kernel writes. At batch-1 decode a step is a chain of ~400 short
+kernels, and PDL takes the launch gap between each pair off the critical path:
+
+- the one-token GEMV (``triton_gemv.py``) loads its first weight tile before it waits;
+- the other kernels of the decode chain (RMSNorm, SiLU-and-mul, RoPE, the K/V store, decode
+  attention, the fused all-reduce + norm) start with ``pdl_start``: allow, then wait.
+
+A kernel not launched with PDL (cuBLAS, torch ops) still starts only after its predecessor has
+finished, and its own successor then starts at its end: mixing is always correct.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -21,7 +27,10 @@ try:  # grid dependency control; Triton releases without it get no PDL
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["allow_dependents", "gdc_wait", "pdl_supported"]
+__all__ = ["allow_dependents", "gdc_wait", "launch_kwargs", "pdl_start", "pdl_supported"]
+
+# TREADLE_DISABLE_PDL=1 launches every kernel plainly (a check that PDL changes no result)
+ENABLED = os.environ.get("TREADLE_DISABLE_PDL", "") in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,9 +40,26 @@ def _capable(index: int) -> bool:
 
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use PDL: a Hopper-or-later GPU and a Triton that has it."""
-    if device.type != "cuda" or gdc_wait is None:
+    if not ENABLED or device.type != "cuda" or gdc_wait is None:
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_kwargs(pdl: bool) -> dict:
+    """Extra launch options of a kernel launched with PDL (none otherwise: a Triton without PDL
+    does not know the option)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First thing in a kernel launched with PDL that needs its predecessor's output from the
+    start: let the next kernel start, then wait until every earlier kernel's writes are complete
+    and visible. Every program of such a kernel must call it, so the kernel ends only after its
+    predecessor has (which makes the order transitive down the chain)."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit

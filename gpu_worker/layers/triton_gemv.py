@@ -10,8 +10,8 @@ the next one may start. Two things make this kernel faster than cuBLAS's in that
 - Programmatic dependent launch (``pdl.py``; Hopper and later): the kernel is launched while its
   predecessor still runs, loads its first weight tile and its bias (which no kernel writes while
   the model runs), and only then waits (``gdc_wait``) for the predecessor's output, its input
-  ``x``. The kernels before the model's GEMVs call ``allow_dependents`` first thing, so the GEMV
-  after them starts streaming its weight at once.
+  ``x``. The kernels before the model's GEMVs let their dependents start first thing
+  (``pdl_start``), so the GEMV after them streams its weight while they run.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import allow_dependents, pdl_supported
+from treadle.gpu_worker.layers.pdl import launch_kwargs, pdl_start, pdl_supported
 
 
 def _num_warps(block: int) -> int:
@@ -40,7 +40,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_out_ptr, w_ptr, n, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)  # the next GEMV may start loading its weight
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -74,10 +74,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     r2 = x2 if residual is None else _rows(residual)
     res_out = out if residual is None else torch.empty((t, n), dtype=h_dtype, device=x.device)
     if t:
-        block = triton.next_power_of_2(n)
+        block, pdl = triton.next_power_of_2(n), pdl_supported(x.device)
         _rms_norm_kernel[(t,)](x2, x2.stride(0), r2, r2.stride(0), out, res_out, weight, n, eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_supported(x.device),
-                               num_warps=_num_warps(block))
+                               HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
+                               num_warps=_num_warps(block), **launch_kwargs(pdl))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -89,7 +89,7 @@ _ACT_BLOCK = 1024  # columns per program: a 14336-wide MLP gives 14 programs eve
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    allow_dependents(PDL)  # the down projection may start loading its weight
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -106,8 +106,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     t = x2.shape[0]
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     if t and n:
-        _silu_and_mul_kernel[(t, triton.cdiv(n, _ACT_BLOCK))](x2, x2.stride(0), out, n, BLOCK=_ACT_BLOCK,
-                                                              PDL=pdl_supported(x.device), num_warps=4)
+        pdl = pdl_supported(x.device)
+        _silu_and_mul_kernel[(t, triton.cdiv(n, _ACT_BLOCK))](x2, x2.stride(0), out, n, BLOCK=_ACT_BLOCK, PDL=pdl,
+                                                              num_warps=4, **launch_kwargs(pdl))
     return out.view(*x.shape[:-1], n)
 
 
@@ -148,7 +149,8 @@ def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, cs_stride,
                  QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
-                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr):
+                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -176,18 +178,20 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
     q_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k2.shape, dtype=k.dtype, device=k.device)
     if t:
-        block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
+        block_qh, block_d, pdl = triton.next_power_of_2(qh), triton.next_power_of_2(half), pdl_supported(q.device)
         _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), q_out, k_out, cos, sin,
                            cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
                            BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d, BF16=q.dtype == torch.bfloat16,
-                           num_warps=4 if block_qh * block_d < 4096 else 8)
+                           PDL=pdl, num_warps=4 if block_qh * block_d < 4096 else 8, **launch_kwargs(pdl))
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
 # ---- KV-cache store: K and V of the step's tokens in one launch --------------------------------
 
 @triton.jit
-def _store_kv_kernel(loc_ptr, k_ptr, k_stride, v_ptr, v_stride, k_cache_ptr, v_cache_ptr, n, BLOCK: tl.constexpr):
+def _store_kv_kernel(loc_ptr, k_ptr, k_stride, v_ptr, v_stride, k_cache_ptr, v_cache_ptr, n, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     loc = tl.load(loc_ptr + t).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -204,6 +208,6 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
     k2, v2 = _rows(k.flatten(1)), _rows(v.flatten(1))
     t, n = k2.shape
     if t:
-        block = triton.next_power_of_2(n)
-        _store_kv_kernel[(t,)](loc, k2, k2.stride(0), v2, v2.stride(0), k_cache, v_cache, n, BLOCK=block,
-                               num_warps=_num_warps(block))
+        block, pdl = triton.next_power_of_2(n), pdl_supported(k.device)
+        _store_kv_kernel[(t,)](loc, k2, k2.stride(0), v2, v2.stride(0), k_cache, v_cache, n, BLOCK=block, PDL=pdl,
+                               num_warps=_num_warps(block), **launch_kwargs(pdl))

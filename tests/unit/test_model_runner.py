@@ -480,3 +480,17 @@ def test_cuda_triton_gemv_matches_cublas(models, name):
         logits = {b: teacher_forced_logits(make_runner(path, "cuda", dtype=dtype, gemv_backend=b, **kw))
                   for b in ("triton", "cublas")}
         assert worst_rel(logits["triton"], logits["cublas"]) < max_rel, dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pdl_changes_no_bits(models, monkeypatch):
+    """Programmatic dependent launch only moves kernels' start times: bfloat16 prefill and decode
+    logits (graphs on, the Triton GEMV) are bit-identical with every kernel launched plainly."""
+    from treadle.gpu_worker.layers import pdl
+
+    _, path = models["llama"]
+    kw = dict(dtype="bfloat16", attention_backend="triton", cuda_graph_max_bs=4, gemv_backend="triton")
+    with_pdl = teacher_forced_logits(make_runner(path, "cuda", **kw))
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert torch.equal(teacher_forced_logits(make_runner(path, "cuda", **kw)), with_pdl)
