@@ -66,7 +66,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_gemv_matches_matmul(dtype):
-    from treadle.gpu_worker.layers.triton_gemv import pdl_supported
+    from treadle.gpu_worker.layers.pdl import pdl_supported
 
     assert run_cases("cuda", dtype) == []
     if pdl_supported(torch.device("cuda")):
@@ -78,7 +78,8 @@ def test_cuda_gemv_matches_matmul(dtype):
 def test_cuda_graph_replay_after_small_kernel():
     """A norm (which lets dependents start) then the GEMV of its output, captured and replayed:
     with PDL the GEMV must still read the norm's new output on every replay."""
-    from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config, pdl_supported
+    from treadle.gpu_worker.layers.pdl import pdl_supported
+    from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config
     from treadle.gpu_worker.layers.triton_ops import rms_norm
 
     dev = torch.device("cuda")
