@@ -3,7 +3,8 @@
 At batch 1 a decode step is about 130 matrix-vector products in a row, each bounded by reading
 its weight once, and each paying a few microseconds to fill the memory pipe and drain it before
 the next one may start. Two things make this kernel faster than cuBLAS's in that chain (H100,
-``bench/pdl_bench.py``: 32 layers of Llama-3.1-8B's four projections, 4.76 ms against 5.18):
+``bench/pdl_bench.py``: 32 layers of Llama-3.1-8B's four projections, 4.69 ms against 5.18;
+end to end the 8B shape decodes at 181 tok/s against 159):
 
 - Program ``n`` streams ``BLOCK_N`` whole rows and keeps a 2-D float32 accumulator of products,
   reduced across threads once after the K loop (a per-tile reduction cost 10-15%).
