@@ -17,27 +17,20 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from treadle.runtime.hf_config import awq_params
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _UNPACK = torch.tensor([AWQ_ORDER.index(i) for i in range(8)])  # nibble that holds column 8c + i
 _PARTS = ("qweight", "qzeros", "scales")
 
 
 def awq_config(config: Any) -> Optional[dict[str, Any]]:
-    """The checkpoint's AWQ ``quantization_config`` (from an HF config object or dict), checked;
-    None when the checkpoint is not AWQ."""
+    """The checkpoint's AWQ settings (``runtime.hf_config.awq_params``) from an HF config object or
+    a dict; None when the checkpoint is not AWQ."""
     q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     if q is None and not isinstance(config, dict) and getattr(config, "text_config", None) is not None:
         q = getattr(config.text_config, "quantization_config", None)
-    if not isinstance(q, dict) or str(q.get("quant_method", "")).lower() != "awq":
-        return None
-    bits, version = q.get("bits", q.get("w_bit", 4)), str(q.get("version", "gemm")).lower()
-    if bits != 4:
-        raise NotImplementedError(f"AWQ with bits={bits} is not supported (4-bit only).")
-    if version != "gemm":
-        raise NotImplementedError(f"AWQ version={version!r} is not supported (the 'gemm' layout only).")
-    if not q.get("zero_point", True):
-        raise NotImplementedError("AWQ without zero points (zero_point=False) is not supported.")
-    return {"group_size": int(q.get("group_size", q.get("q_group_size", 128)))}
+    return awq_params(q)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:

@@ -51,14 +51,33 @@ def vocab_size(cfg: dict[str, Any], tokenizer: Optional[Any] = None) -> int:
     return int(cfg.get("vocab_size") or len(tokenizer))
 
 
+def awq_params(q: Any) -> Optional[dict[str, int]]:
+    """``{"group_size": N}`` for an AWQ ``quantization_config`` (a dict) that Treadle loads; None
+    for anything that is not AWQ; NotImplementedError for AWQ variants it cannot load. The one
+    parser of AWQ settings: the client checks a checkpoint with it before start-up and the worker
+    reads the group size with it (``gpu_worker/awq.py``)."""
+    if not isinstance(q, dict) or str(q.get("quant_method", "")).lower() != "awq":
+        return None
+    bits, version = q.get("bits", q.get("w_bit", 4)), str(q.get("version", "gemm")).lower()
+    if bits != 4:
+        raise NotImplementedError(f"AWQ with bits={bits} is not supported (4-bit only).")
+    if version != "gemm":
+        raise NotImplementedError(f"AWQ version={version!r} is not supported (the 'gemm' layout only).")
+    if not q.get("zero_point", True):
+        raise NotImplementedError("AWQ without zero points (zero_point=False) is not supported.")
+    return {"group_size": int(q.get("group_size", q.get("q_group_size", 128)))}
+
+
 def check_quantization(model_dir: str, quantization: Optional[str]) -> None:
     """``quantization`` must name what the checkpoint holds: AWQ checkpoints load (dequantized,
     ``gpu_worker/awq.py``) with ``None``, ``"awq"`` or ``"awq_marlin"``; asking for AWQ on another
-    checkpoint is a ValueError, as in SGLang."""
+    checkpoint is a ValueError, as in SGLang; an AWQ variant Treadle cannot load is a
+    NotImplementedError here, before any process starts."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     q = cfg.get("quantization_config") or cfg.get("text_config", {}).get("quantization_config") or {}
     method = str(q.get("quant_method", "")).lower() or None
+    awq_params(q)
     if quantization in ("awq", "awq_marlin") and method != "awq":
         raise ValueError(f"quantization={quantization!r}, but {model_dir} is not an AWQ checkpoint "
                          f"(its config.json has no AWQ quantization_config).")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
-from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv
+from treadle.gpu_worker.layers.triton_gemv import GemvConfig, project
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,9 +46,5 @@ class ParallelLMHead(VocabParallelEmbedding):
     gemv_config: Optional[GemvConfig] = None  # set by linear.use_triton_gemv: one token by the Triton GEMV
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv_config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
-            y = gemv(x, self.weight, self.gemv_config)
-        else:
-            y = F.linear(x, self.weight)
-        logits = all_gather_last_dim(y)
+        logits = all_gather_last_dim(project(x, self.weight, None, self.gemv_config))
         return logits[..., : self.num_embeddings]

@@ -10,25 +10,15 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import all_reduce, tp_rank, tp_size
 from treadle.gpu_worker.layers.embedding import ParallelLMHead
-from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv, gemv_config
+from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv_config, project
 
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            config: Optional[GemvConfig]) -> torch.Tensor:
-    """``x W^T + b``: one token by the Triton GEMV where the layer has a config
-    (``use_triton_gemv``), anything else by cuBLAS."""
-    if config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
-        return gemv(x, weight, config, bias)
-    return F.linear(x, weight, bias)
 
 
 def use_triton_gemv(model: nn.Module, pdl: bool) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -88,6 +89,15 @@ def gemv_config(n: int, k: int, pdl: bool) -> GemvConfig:
     head) and 512 elsewhere; 2.5-3.2 TB/s where cuBLAS reads 1.8-2.9."""
     block_k = min(1024 if n >= 16384 else 512, triton.next_power_of_2(k))
     return GemvConfig(4, block_k, 8, pdl)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            config: Optional[GemvConfig]) -> torch.Tensor:
+    """``x W^T + b`` for a layer: one token by this GEMV where the layer has a config
+    (``linear.use_triton_gemv``), anything else by cuBLAS."""
+    if config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
+        return gemv(x, weight, config, bias)
+    return F.linear(x, weight, bias)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -4,6 +4,10 @@ running the same dequantized weights."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -79,3 +83,18 @@ def test_awq_is_detected_without_asking_and_checked_when_asked(awq_model):
         Engine(model_path="default", quantization="awq")
     with pytest.raises(ValueError, match="is an AWQ checkpoint"):
         Engine(model_path=path, quantization="gguf")
+
+
+def test_unsupported_awq_variant_refused_before_start(awq_model, tmp_path):
+    """An 8-bit AWQ config.json: NotImplementedError from the client, no process started."""
+    path, _ = awq_model
+    for name in os.listdir(path):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(path, name), tmp_path / name)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"]["bits"] = 8
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(NotImplementedError, match="bits=8"):
+        Engine(model_path=str(tmp_path))
