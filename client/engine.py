@@ -363,17 +363,24 @@ class Engine:
 
     def open_session(self, capacity_of_str_len: int, session_id: Optional[str] = None, streaming: bool = False,
                      timeout: Optional[float] = None) -> Optional[str]:
-        """Open a multi-turn session; returns its id, or None if ``session_id`` is already open."""
-        if streaming or timeout is not None:
-            raise NotImplementedError("streaming sessions and session timeouts are not supported yet by Treadle.")
+        """Open a multi-turn session; returns its id, or None if ``session_id`` is already open.
+
+        ``timeout``: close it after that many seconds without a new turn. ``streaming``: one turn at
+        a time, each appended to the latest (needs ``enable_streaming_session``)."""
         if not isinstance(capacity_of_str_len, int) or capacity_of_str_len < 0:
             raise ValueError(f"capacity_of_str_len must be a non-negative int, got {capacity_of_str_len!r}.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}.")
+        if streaming and not self.server_args.enable_streaming_session:
+            raise ValueError("Streaming sessions are disabled. Please relaunch with --enable-streaming-session.")
         sid = session_id or uuid.uuid4().hex
-        if sid in self._session_groups:
-            return None
-        # A session lives in one DP group (its KV stays cached there): the one holding the fewest.
-        g = min(self._sup.live_groups(), key=lambda r: (list(self._session_groups.values()).count(r), r))
-        if not self._control_each("open_session", [g], session_id=sid)[g]:
+        # A session lives in one DP group (its KV stays cached there): the one holding the fewest;
+        # an id seen before asks its own group (which says no while it is open there).
+        g = self._session_groups.get(sid)
+        if g is None or g not in self._sup.live_groups():
+            g = min(self._sup.live_groups(), key=lambda r: (list(self._session_groups.values()).count(r), r))
+        if not self._control_each("open_session", [g], session_id=sid, timeout=timeout, streaming=bool(streaming))[g]:
             return None
         self._session_groups[sid] = g
         return sid

@@ -90,6 +90,7 @@ class ServerArgs:
     random_seed: Optional[int] = None
     # Features
     allow_auto_truncate: bool = False
+    enable_streaming_session: bool = False
     enable_lora: Optional[bool] = None
     lora_paths: Optional[list] = None
     max_loras_per_batch: int = 8

@@ -80,6 +80,7 @@ class SchedulerLoop:
             elif plan is None and not self.sched.is_idle():
                 self.sched.grammars.wait(GRAMMAR_POLL_S)  # only compiling requests wait: sleep, don't spin
             self.flush_outputs()
+            self.sched.expire_sessions()
             for name in self.sched.finished_lora_unloads():
                 self.worker_call("unload_lora", name=name)
             if self.sched.is_idle():
@@ -129,7 +130,9 @@ class SchedulerLoop:
         if msg.method == "flush_cache":
             return ControlReply(call_id=msg.call_id, ok=True, result={"success": self.sched.flush_cache()})
         if msg.method == "open_session":
-            return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.open_session(msg.args["session_id"]))
+            result = self.sched.open_session(msg.args["session_id"], msg.args.get("timeout"),
+                                             bool(msg.args.get("streaming", False)))
+            return ControlReply(call_id=msg.call_id, ok=True, result=result)
         if msg.method == "close_session":
             return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.close_session(msg.args["session_id"]))
         if msg.method == "freeze_gc":

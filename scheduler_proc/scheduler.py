@@ -54,6 +54,7 @@ class Scheduler:
         no_cache = args.disable_radix_cache or self.is_encoder
         self.cache: Optional[RadixCache] = None if no_cache else RadixCache(self.page_size, self.pages)
         self.sessions = SessionTable()
+        self._sessions_checked = 0.0  # when expire_sessions last looked
         self.lora = LoraSlots(args.max_loras_per_batch if args.enable_lora else 0, args.lora_eviction_policy)
         self.priority = args.enable_priority_scheduling or args.schedule_policy == "priority"
         cps = args.chunked_prefill_size
@@ -480,6 +481,9 @@ class Scheduler:
     def _session_turn_done(self, sid: str, req: Req) -> None:
         """Keep the KV of a session's latest turn locked in the cache until the session closes."""
         sess = self.sessions.finish(sid, req.rid, req.output_ids)
+        if sess is not None and sess.closing:  # a close asked while the streaming turn ran
+            self.close_session(sid)
+            return
         if sess is None or self.cache is None:
             return
         _, node = self.cache.match_prefix(req.key_ids(), namespace=req.cache_namespace)
@@ -497,14 +501,24 @@ class Scheduler:
         return out
 
     # ------------------------------------------------------------------ control
-    def open_session(self, sid: str) -> bool:
-        return self.sessions.open(sid)
+    def open_session(self, sid: str, timeout: Optional[float] = None, streaming: bool = False) -> bool:
+        return self.sessions.open(sid, timeout, streaming)
 
     def close_session(self, sid: str) -> bool:
         sess = self.sessions.close(sid)
         if sess is not None and sess.lock_node is not None and self.cache is not None:
             self.cache.unlock(sess.lock_node)
         return sess is not None
+
+    def expire_sessions(self) -> None:
+        """Close sessions idle past their timeout; looks about once a second."""
+        now = time.monotonic()
+        if now - self._sessions_checked < 1.0:
+            return
+        self._sessions_checked = now
+        for sid in self.sessions.expired(now):
+            logger.info("session %s closed after its timeout", sid)
+            self.close_session(sid)
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache, only when nothing runs or waits (as SGLang); sessions lose their KV."""

@@ -3,10 +3,16 @@
 A turn's context is its parent turn's prompt and output plus the new input (API.md part A and
 8.1); the radix cache then finds the parent's KV, and the session keeps the KV of its latest
 turn locked in the cache until it is closed.
+
+A session opened with ``timeout`` closes itself once that many seconds pass without a new turn
+or a turn's end (never while a turn runs). A streaming session (``streaming=True``, with the
+server's ``enable_streaming_session``) is a plain chain: one turn at a time, each appended to the
+latest; a close asked while its turn runs takes effect when the turn ends.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,20 +35,38 @@ class Session:
     turns: dict[str, Turn] = field(default_factory=dict)
     latest: Optional[str] = None  # rid of the latest finished turn
     lock_node: Any = None  # radix node kept locked for the latest turn
+    timeout: Optional[float] = None  # seconds without activity before it closes itself
+    streaming: bool = False
+    last_active: float = field(default_factory=time.monotonic)
+    closing: bool = False  # a close was asked while a streaming turn ran
+
+    def running(self) -> bool:
+        return any(not t.finished for t in self.turns.values())
 
 
 class SessionTable:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
 
-    def open(self, sid: str) -> bool:
+    def open(self, sid: str, timeout: Optional[float] = None, streaming: bool = False) -> bool:
         if sid in self.sessions:
             return False
-        self.sessions[sid] = Session(sid)
+        self.sessions[sid] = Session(sid, timeout=timeout, streaming=streaming)
         return True
 
     def close(self, sid: str) -> Optional[Session]:
+        """Remove the session and return it; a streaming session with a running turn is only
+        marked (``closing``) and returned by ``finish`` when the turn ends."""
+        sess = self.sessions.get(sid)
+        if sess is not None and sess.streaming and sess.running():
+            sess.closing = True
+            return None
         return self.sessions.pop(sid, None)
+
+    def expired(self, now: float) -> list[str]:
+        """Ids of idle sessions whose timeout has passed."""
+        return [s.id for s in self.sessions.values()
+                if s.timeout is not None and now - s.last_active >= s.timeout and not s.running()]
 
     def context(self, sp: SessionParams, rid: str, new_ids: list[int], new_items: list[MmItem] = ()
                 ) -> tuple[list[int], list[MmItem]]:
@@ -53,6 +77,11 @@ class SessionTable:
             raise ValueError(f"Invalid request: session id {sp.id} does not exist")
         if rid in sess.turns:
             raise ValueError(f"Invalid request: rid {rid} is already a turn of session {sp.id}")
+        if sess.closing:
+            raise ValueError(f"Invalid request: close was requested for session {sp.id}")
+        if sess.streaming:
+            _check_streaming_turn(sess, sp)
+        sess.last_active = time.monotonic()
         if sp.replace and sp.rid is None:
             sess.turns.clear()
             sess.latest = None
@@ -79,10 +108,23 @@ class SessionTable:
         return ctx + new_ids, items
 
     def finish(self, sid: str, rid: str, output_ids: list[int]) -> Optional[Session]:
+        """Record a turn's end; returns its session (whose ``closing`` says to close it now)."""
         sess = self.sessions.get(sid)
         if sess is None or rid not in sess.turns:
             return None
         turn = sess.turns[rid]
         turn.output_ids, turn.finished = list(output_ids), True
-        sess.latest = rid
+        sess.latest, sess.last_active = rid, time.monotonic()
         return sess
+
+
+def _check_streaming_turn(sess: Session, sp: SessionParams) -> None:
+    """A streaming session's turns form a chain: one at a time, each a plain append."""
+    if sess.running():
+        raise ValueError("Streaming session already has an active request.")
+    for name in ("replace", "offset", "drop_previous_output"):
+        if getattr(sp, name):
+            raise ValueError(f"Invalid request: {name} is not supported in a streaming session (only plain appends).")
+    if sp.rid is not None and sp.rid != sess.latest:
+        raise ValueError(f"Invalid request: a streaming session appends to its latest turn ({sess.latest}), "
+                         f"not to {sp.rid}.")

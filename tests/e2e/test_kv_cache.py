@@ -7,6 +7,7 @@ prefix cache owns equal the pool, and every request slot is free.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -148,6 +149,62 @@ def test_sessions_reuse_earlier_turns(engine, hf_tokenizer):
     assert integrity(engine)["locked_pages"] == 0
     with pytest.raises(ValueError, match="does not exist"):
         engine.generate(prompt="Hi", session_params={"id": sid})
+
+
+def _wait_sessions(engine, want: int, limit_s: float = 10.0) -> int:
+    deadline = time.monotonic() + limit_s
+    while (n := integrity(engine)["num_sessions"]) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return n
+
+
+def test_session_timeout_closes_it(engine):
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        engine.open_session(4096, timeout=0)
+    with pytest.raises(ValueError, match="Streaming sessions are disabled"):
+        engine.open_session(4096, streaming=True)
+    before = integrity(engine)["num_sessions"]
+    sid = engine.open_session(4096, timeout=2.0)
+    engine.generate(prompt="My name is Alice.", session_params={"id": sid}, sampling_params=GREEDY)
+    assert integrity(engine)["locked_pages"] > 0
+    assert _wait_sessions(engine, before) == before  # closed by the scheduler about a second after the turn
+    assert integrity(engine)["locked_pages"] == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        engine.generate(prompt="Hi", session_params={"id": sid})
+    assert engine.open_session(4096, session_id=sid) == sid  # the id is free again
+    engine.close_session(sid)
+
+
+def test_streaming_session_is_a_chain_of_appends(hf_tokenizer):
+    with Engine(model_path="default", random_seed=0, enable_streaming_session=True) as eng:
+        sid = eng.open_session(4096, streaming=True)
+        t1 = eng.generate(prompt="My name is Alice.", session_params={"id": sid}, sampling_params=GREEDY)
+        t2 = eng.generate(prompt=" What is my name?", session_params={"id": sid, "rid": t1["meta_info"]["id"]},
+                          sampling_params=GREEDY)
+        tok = hf_tokenizer
+        ids = tok("My name is Alice.")["input_ids"] + t1["output_ids"] + tok(" What is my name?")["input_ids"]
+        assert t2["output_ids"] == eng.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+        for extra, msg in (({"offset": 3}, "offset"), ({"replace": True}, "replace"),
+                           ({"drop_previous_output": True}, "drop_previous_output"),
+                           ({"rid": t1["meta_info"]["id"]}, "appends to its latest turn")):
+            with pytest.raises(ValueError, match=msg):
+                eng.generate(prompt="x", session_params={"id": sid, **extra}, sampling_params=GREEDY)
+
+        async def overlapping_turns():
+            long = asyncio.ensure_future(eng.async_generate(
+                prompt=" Tell me a story.", session_params={"id": sid},
+                sampling_params={"max_new_tokens": 64, "ignore_eos": True}))
+            await asyncio.sleep(0.5)
+            with pytest.raises(ValueError, match="already has an active request"):
+                await eng.async_generate(prompt=" And?", session_params={"id": sid}, sampling_params=GREEDY)
+            eng.close_session(sid)  # deferred: the running turn finishes first
+            with pytest.raises(ValueError, match="close was requested"):
+                await eng.async_generate(prompt=" And?", session_params={"id": sid}, sampling_params=GREEDY)
+            return await long
+
+        done = asyncio.run(overlapping_turns())
+        assert done["meta_info"]["completion_tokens"] == 64
+        assert _wait_sessions(eng, 0) == 0 and integrity(eng)["locked_pages"] == 0
 
 
 def test_usage_guide_sessions_and_cache_management(engine):
