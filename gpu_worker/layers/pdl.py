@@ -10,7 +10,8 @@ kernels, and PDL takes the launch gap between each pair off the critical path:
   attention, the fused all-reduce + norm) start with ``pdl_start``: allow, then wait.
 
 A kernel not launched with PDL (cuBLAS, torch ops) still starts only after its predecessor has
-finished, and its own successor then starts at its end: mixing is always correct.
+finished, so mixing is correct as long as nothing a PDL kernel reads before its wait is written
+by a kernel: here that is only the GEMV's weight and bias.
 """
 
 from __future__ import annotations
