@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from local_http import PROXY_VARS, closed_port, local_http_server
+from media_files import write_video
 from treadle import Engine
 
 av = pytest.importorskip("av")
@@ -39,8 +40,6 @@ N = 8
 GREEDY = {"temperature": 0, "max_new_tokens": N, "ignore_eos": True}
 CHUNK = 12
 PER_IMAGE = 16
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
-           (255, 255, 255), (0, 0, 0), (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 128)]
 
 
 # ------------------------------------------------------------------ media
@@ -53,25 +52,6 @@ def png_bytes(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_video(path: pathlib.Path, n: int = 12) -> None:
-    """``n`` frames of distinct solid colours, 32x32, with the first codec this PyAV can encode."""
-    errors = []
-    for codec, fmt in (("mpeg4", "mp4"), ("libx264", "mp4"), ("mjpeg", "avi"), ("libvpx", "webm")):
-        try:
-            with av.open(str(path), mode="w", format=fmt) as c:
-                s = c.add_stream(codec, rate=12)
-                s.width, s.height, s.pix_fmt = 32, 32, "yuvj420p" if codec == "mjpeg" else "yuv420p"
-                for i in range(n):
-                    for pkt in s.encode(av.VideoFrame.from_image(Image.new("RGB", (32, 32), COLOURS[i % 12]))):
-                        c.mux(pkt)
-                for pkt in s.encode():
-                    c.mux(pkt)
-            return
-        except Exception as e:  # this codec is not available here: try the next
-            errors.append(f"{codec}: {e}")
-    raise RuntimeError(f"no usable video encoder: {errors}")
 
 
 def video_frames(path) -> list:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from local_http import PROXY_VARS, closed_port, local_http_server
+from media_files import COLOURS, write_video
 
 av = pytest.importorskip("av")
 Image = pytest.importorskip("PIL.Image")
@@ -21,9 +22,6 @@ from treadle.client.media import to_media_refs  # noqa: E402
 from treadle.runtime.messages import MediaRef  # noqa: E402
 from treadle.tokenizer_proc import media  # noqa: E402
 from treadle.tokenizer_proc.media import load_image, load_video_frames  # noqa: E402
-
-COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
-           (255, 255, 255), (0, 0, 0), (128, 0, 0), (0, 128, 0), (0, 0, 128), (128, 128, 128)]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -46,30 +44,10 @@ def png(tmp_path):
     return p
 
 
-def _encode_video(path: pathlib.Path, n: int) -> None:
-    """``n`` frames of distinct solid colours, 32x32; the first codec this PyAV can encode."""
-    errors = []
-    for codec, fmt in (("mpeg4", "mp4"), ("libx264", "mp4"), ("mjpeg", "avi"), ("libvpx", "webm")):
-        try:
-            with av.open(str(path), mode="w", format=fmt) as c:
-                s = c.add_stream(codec, rate=12)
-                s.width, s.height, s.pix_fmt = 32, 32, "yuvj420p" if codec == "mjpeg" else "yuv420p"
-                for i in range(n):
-                    frame = av.VideoFrame.from_image(Image.new("RGB", (32, 32), COLOURS[i % len(COLOURS)]))
-                    for pkt in s.encode(frame):
-                        c.mux(pkt)
-                for pkt in s.encode():
-                    c.mux(pkt)
-            return
-        except Exception as e:  # this codec is not available: try the next
-            errors.append(f"{codec}: {e}")
-    raise RuntimeError(f"no usable video encoder: {errors}")
-
-
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
     p = tmp_path_factory.mktemp("video") / "clip.mp4"
-    _encode_video(p, 12)
+    write_video(p, 12)
     return p
 
 
