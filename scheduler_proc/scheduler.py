@@ -114,11 +114,14 @@ class Scheduler:
             if not self._queue_has_room(req):
                 rejected.append((tr.rid, "overloaded", "The request queue is full."))
                 continue
+            if tr.session is not None:
+                self.sessions.begin(tr.session, tr.rid, ids, items)
             if self.args.log_requests:
                 logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(ids), max_new)
             if max_new == 0 and not tr.embed:
                 req.finish = FinishReason(type="length", length=0)
                 self._emit(req)
+                self._left_unrun(req)
                 continue
             if gkey is not None:  # compiles off the loop; admitted once compiled (see _admit)
                 self.grammars.attach(req, gkey)
@@ -140,6 +143,7 @@ class Scheduler:
         victim.finish = FinishReason(type="abort", message="The request is aborted by a higher priority request.",
                                      status_code=503)
         self._emit(victim)
+        self._left_unrun(victim)
         return True
 
     def abort(self, rid: str, abort_all: bool) -> None:
@@ -151,6 +155,7 @@ class Scheduler:
                 self.grammars.release(req)
             req.finish = FinishReason(type="abort", message="Abort in waiting queue")
             self._emit(req)
+            self._left_unrun(req)
         for req in self.running:
             if match(req) and req.finish is None:
                 req.finish = FinishReason(type="abort", message="Aborted")
@@ -167,6 +172,8 @@ class Scheduler:
         for req, message in self.grammars.poll():  # compile errors and timeouts fail their request only
             self.waiting.remove(req)
             self.errors.append((req.rid, "value", message))
+            if req.tr.session is not None:  # the turn failed: nothing to continue from
+                self.sessions.drop(req.tr.session.id, req.rid)
         if not self._make_room_for_decodes() or not self._preempt_for_waiting():
             return None  # wait for the steps in flight: their results free memory / the victim
         share = len(self.running)  # pipeline micro-batches: each takes its share of the running requests
@@ -477,6 +484,12 @@ class Scheduler:
             if session is not None:
                 self._session_turn_done(session.id, req)
         self.running = keep
+
+    def _left_unrun(self, req: Req) -> None:
+        """A request that finished from the queue (aborted, displaced, nothing to generate) ends
+        its session turn as a running one does."""
+        if req.tr.session is not None:
+            self._session_turn_done(req.tr.session.id, req)
 
     def _session_turn_done(self, sid: str, req: Req) -> None:
         """Keep the KV of a session's latest turn locked in the cache until the session closes."""

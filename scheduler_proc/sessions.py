@@ -71,7 +71,8 @@ class SessionTable:
     def context(self, sp: SessionParams, rid: str, new_ids: list[int], new_items: list[MmItem] = ()
                 ) -> tuple[list[int], list[MmItem]]:
         """The full input of a turn and its images (the parent's, then the new input's, shifted);
-        raises ValueError for an unknown session or parent, or an offset that cuts an image."""
+        raises ValueError for an unknown session or parent, or an offset that cuts an image. The
+        turn joins the session only with ``begin``, once the scheduler has accepted it."""
         sess = self.sessions.get(sp.id)
         if sess is None:
             raise ValueError(f"Invalid request: session id {sp.id} does not exist")
@@ -81,11 +82,8 @@ class SessionTable:
             raise ValueError(f"Invalid request: close was requested for session {sp.id}")
         if sess.streaming:
             _check_streaming_turn(sess, sp)
-        sess.last_active = time.monotonic()
-        if sp.replace and sp.rid is None:
-            sess.turns.clear()
-            sess.latest = None
-        parent_rid = sp.rid if sp.rid is not None else sess.latest
+        fresh = sp.replace and sp.rid is None  # a fresh start: no parent (``begin`` clears the rest)
+        parent_rid = sp.rid if sp.rid is not None or fresh else sess.latest
         items: list[MmItem] = []
         if parent_rid is None:
             ctx: list[int] = []
@@ -104,8 +102,23 @@ class SessionTable:
                 elif it.offset < len(ctx):
                     raise ValueError(f"Invalid request: offset {sp.offset} cuts an image of the parent turn in two.")
         items += [msgspec.structs.replace(it, offset=it.offset + len(ctx)) for it in new_items]
-        sess.turns[rid] = Turn(input_ids=ctx + new_ids, output_ids=[], mm_items=items)
         return ctx + new_ids, items
+
+    def begin(self, sp: SessionParams, rid: str, input_ids: list[int], mm_items: list[MmItem]) -> None:
+        """An accepted turn (its full input from ``context``) joins its session; ``replace``
+        without a parent clears the session's earlier turns first."""
+        sess = self.sessions[sp.id]
+        if sp.replace and sp.rid is None:
+            sess.turns.clear()
+            sess.latest = None
+        sess.turns[rid] = Turn(input_ids=input_ids, output_ids=[], mm_items=mm_items)
+        sess.last_active = time.monotonic()
+
+    def drop(self, sid: str, rid: str) -> None:
+        """Forget a turn that failed before it ran (it has no output to continue from)."""
+        sess = self.sessions.get(sid)
+        if sess is not None:
+            sess.turns.pop(rid, None)
 
     def finish(self, sid: str, rid: str, output_ids: list[int]) -> Optional[Session]:
         """Record a turn's end; returns its session (whose ``closing`` says to close it now)."""

@@ -189,6 +189,9 @@ def test_streaming_session_is_a_chain_of_appends(hf_tokenizer):
                            ({"rid": t1["meta_info"]["id"]}, "appends to its latest turn")):
             with pytest.raises(ValueError, match=msg):
                 eng.generate(prompt="x", session_params={"id": sid, **extra}, sampling_params=GREEDY)
+        # a turn that ends in the queue (nothing to generate) still ends: the chain goes on from it
+        zero = eng.generate(prompt=" Hm.", session_params={"id": sid}, sampling_params={"max_new_tokens": 0})
+        assert zero["meta_info"]["completion_tokens"] == 0
 
         async def overlapping_turns():
             long = asyncio.ensure_future(eng.async_generate(

@@ -8,18 +8,45 @@ from treadle.runtime.messages import SessionParams
 from treadle.scheduler_proc.sessions import SessionTable
 
 
+def start(t: SessionTable, sp: SessionParams, rid: str, new_ids: list[int]) -> list[int]:
+    """A turn the scheduler accepts: its context, then ``begin``."""
+    ids, items = t.context(sp, rid, new_ids)
+    t.begin(sp, rid, ids, items)
+    return ids
+
+
 def test_turns_continue_from_the_latest_or_a_named_parent():
     t = SessionTable()
     assert t.open("s") and not t.open("s")
-    assert t.context(SessionParams(id="s"), "r1", [1, 2])[0] == [1, 2]
+    assert start(t, SessionParams(id="s"), "r1", [1, 2]) == [1, 2]
     with pytest.raises(ValueError, match="hasn't finished"):
         t.context(SessionParams(id="s", rid="r1"), "r2", [3])
     t.finish("s", "r1", [9])
-    assert t.context(SessionParams(id="s"), "r2", [3])[0] == [1, 2, 9, 3]
+    assert start(t, SessionParams(id="s"), "r2", [3]) == [1, 2, 9, 3]
     t.finish("s", "r2", [8])
-    assert t.context(SessionParams(id="s", rid="r1", drop_previous_output=True), "r3", [4])[0] == [1, 2, 4]
+    assert start(t, SessionParams(id="s", rid="r1", drop_previous_output=True), "r3", [4]) == [1, 2, 4]
     with pytest.raises(ValueError, match="does not exist"):
         t.context(SessionParams(id="nope"), "r4", [1])
+
+
+def test_a_turn_joins_only_once_accepted():
+    """``context`` alone (a request the scheduler then refuses) changes nothing; ``replace`` clears
+    the session only when its turn is accepted; a turn that failed in the queue can be dropped."""
+    t = SessionTable()
+    t.open("s", streaming=True)
+    t.context(SessionParams(id="s"), "refused", [1])
+    assert start(t, SessionParams(id="s"), "r1", [1]) == [1]  # not "already has an active request"
+    t.drop("s", "r1")
+    assert start(t, SessionParams(id="s"), "r2", [2]) == [2]
+    t.finish("s", "r2", [3])
+    t2 = SessionTable()
+    t2.open("s")
+    start(t2, SessionParams(id="s"), "a", [1])
+    t2.finish("s", "a", [2])
+    t2.context(SessionParams(id="s", replace=True), "refused", [7])
+    assert t2.sessions["s"].latest == "a" and "a" in t2.sessions["s"].turns
+    assert start(t2, SessionParams(id="s", replace=True), "b", [7]) == [7]
+    assert list(t2.sessions["s"].turns) == ["b"] and t2.sessions["s"].latest is None
 
 
 def test_timeout_counts_from_the_last_turn_and_spares_running_ones():
@@ -27,7 +54,7 @@ def test_timeout_counts_from_the_last_turn_and_spares_running_ones():
     t.open("idle", timeout=5.0)
     t.open("busy", timeout=5.0)
     t.open("forever")
-    t.context(SessionParams(id="busy"), "r1", [1])
+    start(t, SessionParams(id="busy"), "r1", [1])
     now = t.sessions["idle"].last_active
     assert t.expired(now + 1) == []
     assert t.expired(now + 10) == ["idle"]  # "busy" has a running turn, "forever" no timeout
@@ -39,7 +66,7 @@ def test_timeout_counts_from_the_last_turn_and_spares_running_ones():
 def test_streaming_session_is_one_chain():
     t = SessionTable()
     t.open("s", streaming=True)
-    t.context(SessionParams(id="s"), "r1", [1])
+    start(t, SessionParams(id="s"), "r1", [1])
     with pytest.raises(ValueError, match="already has an active request"):
         t.context(SessionParams(id="s"), "r2", [2])
     assert t.close("s") is None and t.sessions["s"].closing  # deferred while r1 runs
@@ -48,12 +75,12 @@ def test_streaming_session_is_one_chain():
     assert t.finish("s", "r1", [5]).closing
     t2 = SessionTable()
     t2.open("s", streaming=True)
-    t2.context(SessionParams(id="s"), "a", [1])
+    start(t2, SessionParams(id="s"), "a", [1])
     t2.finish("s", "a", [2])
-    t2.context(SessionParams(id="s"), "b", [3])
+    start(t2, SessionParams(id="s"), "b", [3])
     t2.finish("s", "b", [4])
     for sp, msg in ((SessionParams(id="s", offset=1), "offset"), (SessionParams(id="s", replace=True), "replace"),
                     (SessionParams(id="s", rid="a"), "latest turn")):
         with pytest.raises(ValueError, match=msg):
             t2.context(sp, "c", [5])
-    assert t2.context(SessionParams(id="s", rid="b"), "c", [5])[0] == [1, 2, 3, 4, 5]
+    assert start(t2, SessionParams(id="s", rid="b"), "c", [5]) == [1, 2, 3, 4, 5]
