@@ -159,9 +159,9 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load_format {cfg.load_format!r}")
         self.model.eval().requires_grad_(False)
-        if self.device.type == "cuda" and (cfg.gemv_backend == "triton"
-                                           or cfg.gemv_backend is None and pdl_supported(self.device)):
-            use_triton_gemv(self.model, pdl_supported(self.device))
+        pdl = pdl_supported(self.device)
+        if self.device.type == "cuda" and (cfg.gemv_backend == "triton" or cfg.gemv_backend is None and pdl):
+            use_triton_gemv(self.model, pdl)
         # Multimodal models: vision embeddings of prompts being prefilled (first pipeline stage only).
         self.mm: Optional[MmInputs] = None
         if hasattr(self.model, "encode_images") and cfg.pp_rank == 0:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import launch_kwargs, pdl_start, pdl_supported
+from treadle.gpu_worker.layers.pdl import pdl_launch, pdl_start, pdl_supported
 
 MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped here)
 
@@ -115,7 +115,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     mid_o = torch.empty(bs, h, num_splits, d, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bs, h, num_splits, dtype=torch.float32, device=q.device)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    pdl = pdl_supported(q.device)
+    pdl = pdl_launch(pdl_supported(q.device))  # both kernels
     # An FP8 cache moves half the bytes a position: twice the positions a block keep as many in flight.
     block_n = (128 if k_buf.element_size() == 1 else 64) if q.is_cuda else 32
     _decode_stage1[(bs, hkv, num_splits)](
@@ -124,10 +124,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), num_splits,
         G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
-        F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16, PDL=pdl,
-        num_warps=4, num_stages=3, **launch_kwargs(pdl))
+        F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
+        num_warps=4, num_stages=3, **pdl)
     _decode_stage2[(bs, h)](
         mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
-        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), PDL=pdl,
-        num_warps=4 if block_d >= 128 else 2, **launch_kwargs(pdl))
+        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
+        num_warps=4 if block_d >= 128 else 2, **pdl)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import launch_kwargs, pdl_start, pdl_supported
+from treadle.gpu_worker.layers.pdl import pdl_launch, pdl_start, pdl_supported
 from treadle.gpu_worker.layers.triton_ops import store_rms_norm_row
 
 
@@ -96,9 +96,9 @@ def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     out = torch.empty((t, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res_out = torch.empty((t, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     if t:
-        block, pdl = triton.next_power_of_2(n), pdl_supported(x.device)
+        block = triton.next_power_of_2(n)
         _allreduce_rms_norm_kernel[(t,)](x, x.stride(0), residual, residual.stride(0), out, res_out, weight,
                                          buf_ptrs, flag_ptrs, counters, slot_elems, max_rows, n, eps,
-                                         RANK=rank, WORLD=world, BLOCK=block, PDL=pdl,
-                                         num_warps=4 if block < 2048 else 8, **launch_kwargs(pdl))
+                                         RANK=rank, WORLD=world, BLOCK=block, num_warps=4 if block < 2048 else 8,
+                                         **pdl_launch(pdl_supported(x.device)))
     return out, res_out

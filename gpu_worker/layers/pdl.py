@@ -28,7 +28,7 @@ try:  # grid dependency control; Triton releases without it get no PDL
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["allow_dependents", "gdc_wait", "launch_kwargs", "pdl_start", "pdl_supported"]
+__all__ = ["allow_dependents", "gdc_wait", "pdl_launch", "pdl_start", "pdl_supported"]
 
 # TREADLE_DISABLE_PDL=1 launches every kernel plainly (a check that PDL changes no result)
 ENABLED = os.environ.get("TREADLE_DISABLE_PDL", "") in ("", "0")
@@ -46,10 +46,10 @@ def pdl_supported(device: torch.device) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_kwargs(pdl: bool) -> dict:
-    """Extra launch options of a kernel launched with PDL (none otherwise: a Triton without PDL
-    does not know the option)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_launch(pdl: bool) -> dict:
+    """The keyword arguments of a launch, with or without PDL: the kernel's ``PDL`` constexpr and,
+    with PDL, Triton's ``launch_pdl`` option (a Triton without PDL does not know it)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 @triton.jit

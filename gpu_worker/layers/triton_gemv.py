@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, launch_kwargs
+from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, pdl_launch
 
 
 @triton.jit
@@ -107,5 +107,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[to
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, w, w if bias is None else bias, out, n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        HAS_BIAS=bias is not None, PDL=config.pdl, num_warps=config.num_warps, **launch_kwargs(config.pdl))
+        HAS_BIAS=bias is not None, num_warps=config.num_warps, **pdl_launch(config.pdl))
     return out

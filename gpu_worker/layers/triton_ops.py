@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.pdl import launch_kwargs, pdl_start, pdl_supported
+from treadle.gpu_worker.layers.pdl import pdl_launch, pdl_start, pdl_supported
 
 
 def _num_warps(block: int) -> int:
@@ -74,10 +74,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Option
     r2 = x2 if residual is None else _rows(residual)
     res_out = out if residual is None else torch.empty((t, n), dtype=h_dtype, device=x.device)
     if t:
-        block, pdl = triton.next_power_of_2(n), pdl_supported(x.device)
+        block = triton.next_power_of_2(n)
         _rms_norm_kernel[(t,)](x2, x2.stride(0), r2, r2.stride(0), out, res_out, weight, n, eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl,
-                               num_warps=_num_warps(block), **launch_kwargs(pdl))
+                               HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+                               **pdl_launch(pdl_supported(x.device)))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
@@ -106,9 +106,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     t = x2.shape[0]
     out = torch.empty((t, n), dtype=x.dtype, device=x.device)
     if t and n:
-        pdl = pdl_supported(x.device)
-        _silu_and_mul_kernel[(t, triton.cdiv(n, _ACT_BLOCK))](x2, x2.stride(0), out, n, BLOCK=_ACT_BLOCK, PDL=pdl,
-                                                              num_warps=4, **launch_kwargs(pdl))
+        _silu_and_mul_kernel[(t, triton.cdiv(n, _ACT_BLOCK))](x2, x2.stride(0), out, n, BLOCK=_ACT_BLOCK, num_warps=4,
+                                                              **pdl_launch(pdl_supported(x.device)))
     return out.view(*x.shape[:-1], n)
 
 
@@ -178,11 +177,11 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
     q_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k2.shape, dtype=k.dtype, device=k.device)
     if t:
-        block_qh, block_d, pdl = triton.next_power_of_2(qh), triton.next_power_of_2(half), pdl_supported(q.device)
+        block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
         _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), q_out, k_out, cos, sin,
                            cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
                            BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d, BF16=q.dtype == torch.bfloat16,
-                           PDL=pdl, num_warps=4 if block_qh * block_d < 4096 else 8, **launch_kwargs(pdl))
+                           num_warps=4 if block_qh * block_d < 4096 else 8, **pdl_launch(pdl_supported(q.device)))
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
@@ -208,6 +207,6 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
     k2, v2 = _rows(k.flatten(1)), _rows(v.flatten(1))
     t, n = k2.shape
     if t:
-        block, pdl = triton.next_power_of_2(n), pdl_supported(k.device)
-        _store_kv_kernel[(t,)](loc, k2, k2.stride(0), v2, v2.stride(0), k_cache, v_cache, n, BLOCK=block, PDL=pdl,
-                               num_warps=_num_warps(block), **launch_kwargs(pdl))
+        block = triton.next_power_of_2(n)
+        _store_kv_kernel[(t,)](loc, k2, k2.stride(0), v2, v2.stride(0), k_cache, v_cache, n, BLOCK=block,
+                               num_warps=_num_warps(block), **pdl_launch(pdl_supported(k.device)))
