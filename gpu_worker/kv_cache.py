@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import torch
 
-try:  # CUDA only: one launch for K and V instead of two index_copy kernels
-    from treadle.gpu_worker.layers.triton_ops import store_kv
+from typing import TYPE_CHECKING
+
+try:  # CUDA only: one launch for K and V instead of two index_copy kernels (and RoPE in the same one)
+    from treadle.gpu_worker.layers.triton_ops import rotary_store_kv, store_kv
 except ImportError:  # a CPU-only install without triton
-    store_kv = None
+    rotary_store_kv = store_kv = None
+
+if TYPE_CHECKING:
+    from treadle.gpu_worker.layers.rotary import RotaryEmbedding
 
 
 class KVCache:
@@ -42,6 +47,18 @@ class KVCache:
             return
         self.buf[0, layer].index_copy_(0, loc, k.to(self.buf.dtype))
         self.buf[1, layer].index_copy_(0, loc, v.to(self.buf.dtype))
+
+    def rotate_and_store(self, layer: int, loc: torch.Tensor, rotary: "RotaryEmbedding", positions: torch.Tensor,
+                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``q`` and ``k``, then ``k``/``v`` into the cache; returns the rotated ``q``. On CUDA
+        one launch does it all (a decode step saves a launch per layer); the rotated ``k`` exists
+        only in the cache."""
+        if self.buf.is_cuda and rotary_store_kv is not None:
+            return rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, rotary.head_dim,
+                                   self.buf[0, layer], self.buf[1, layer], loc)
+        q_rot, k_rot = rotary(positions, q.flatten(1), k.flatten(1))
+        self.store(layer, loc, k_rot.view(k.shape), v)
+        return q_rot.view(q.shape)
 
     @property
     def nbytes(self) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 if TYPE_CHECKING:
     from treadle.gpu_worker.forward_context import ForwardContext
     from treadle.gpu_worker.layers.attention import Attention
+    from treadle.gpu_worker.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(ABC):
@@ -24,10 +25,14 @@ class AttentionBackend(ABC):
         """Per-step metadata, stored by the runner in ``ctx.attn_meta``."""
         return None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                layer: "Attention", ctx: "ForwardContext") -> torch.Tensor:
-        """``q [T, H, D]``, ``k/v [T, Hkv, D]`` -> ``[T, H, D]``."""
-        ctx.kv_cache.store(layer.layer_id, ctx.out_cache_loc, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "Attention",
+                ctx: "ForwardContext", rotary: Optional["RotaryEmbedding"] = None) -> torch.Tensor:
+        """``q [T, H, D]``, ``k/v [T, Hkv, D]`` -> ``[T, H, D]``; with ``rotary``, q and k are rotated
+        first (at ``ctx.positions``), in the same kernel as the K/V store on CUDA."""
+        if rotary is None:
+            ctx.kv_cache.store(layer.layer_id, ctx.out_cache_loc, k, v)
+        else:
+            q = ctx.kv_cache.rotate_and_store(layer.layer_id, ctx.out_cache_loc, rotary, ctx.positions, q, k, v)
         return self.attend(q, layer, ctx)
 
     @abstractmethod

@@ -6,10 +6,13 @@ and forwards to the backend chosen for this runner through the forward context.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from treadle.gpu_worker.forward_context import get_forward_context
+from treadle.gpu_worker.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -18,13 +21,15 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling, self.layer_id = scaling, layer_id
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Flat ``[T, heads*head_dim]`` in, flat ``[T, heads*head_dim]`` out."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rotary: Optional[RotaryEmbedding] = None) -> torch.Tensor:
+        """Flat ``[T, heads*head_dim]`` in, flat ``[T, heads*head_dim]`` out. ``rotary``: apply RoPE
+        to q and k here, where the backend can fuse it with the K/V store."""
         ctx = get_forward_context()
         t = q.shape[0]
         out = ctx.attn_backend.forward(
             q.view(t, self.num_heads, self.head_dim),
             k.view(t, self.num_kv_heads, self.head_dim),
             v.view(t, self.num_kv_heads, self.head_dim),
-            self, ctx)
+            self, ctx, rotary)
         return out.reshape(t, self.num_heads * self.head_dim)

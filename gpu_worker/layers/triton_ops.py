@@ -1,5 +1,5 @@
 """Fused Triton kernels for the per-token layers: RMSNorm (+ residual add), SiLU-and-mul, RoPE,
-and the KV-cache store (K and V in one launch).
+the KV-cache store (K and V in one launch), and RoPE with the store in one launch.
 
 Each replaces a chain of small torch ops (one launch and one HBM round trip each) with a single
 launch that reads its inputs once; at batch-1 decode these layers are pure launch latency. The
@@ -146,43 +146,70 @@ def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, cs_stride,
-                 QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
-                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr, PDL: tl.constexpr):
+def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, loc_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
+                 cos_ptr, sin_ptr, cs_stride, QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
+                 STORE_KV: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     cs = pos * cs_stride + d
-    dtype = q_out_ptr.dtype.element_ty  # the torch code casts the table to the activation dtype
     cos = tl.load(cos_ptr + cs, mask=d < HALF, other=0.0)
     sin = tl.load(sin_ptr + cs, mask=d < HALF, other=0.0)
-    if BF16:
+    if BF16:  # the torch code casts the table to the activation dtype
         cos, sin = _round_bf16(cos), _round_bf16(sin)
     else:
+        dtype = q_out_ptr.dtype.element_ty
         cos, sin = cos.to(dtype).to(tl.float32), sin.to(dtype).to(tl.float32)
     cos, sin = cos[None, :], sin[None, :]
     _rotate_heads(q_ptr + t * q_stride, q_out_ptr + t * (QH * 2 * HALF), cos, sin, QH, HALF, BLOCK_QH, BLOCK_D, BF16)
-    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + t * (KH * 2 * HALF), cos, sin, KH, HALF, BLOCK_KH, BLOCK_D, BF16)
+    # K goes to its own output row, or (STORE_KV) straight to the token's cache location with V beside it
+    k_row = tl.load(loc_ptr + t).to(tl.int64) if STORE_KV else t
+    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + k_row * (KH * 2 * HALF), cos, sin, KH, HALF, BLOCK_KH, BLOCK_D, BF16)
+    if STORE_KV:
+        h = tl.arange(0, BLOCK_KH)[:, None]
+        dd = tl.arange(0, 2 * BLOCK_D)[None, :]
+        off = h * (2 * HALF) + dd
+        mask = (h < KH) & (dd < 2 * HALF)
+        v = tl.load(v_ptr + t * v_stride + off, mask=mask)
+        tl.store(v_out_ptr + k_row * (KH * 2 * HALF) + off, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_rope(positions: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, loc: torch.Tensor,
+                 q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 head_dim: int, store_kv: bool) -> None:
+    t, qh, kh, half = q2.shape[0], q2.shape[1] // head_dim, k2.shape[1] // head_dim, head_dim // 2
+    if not t:
+        return
+    block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
+    _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), v2, v2.stride(0), loc,
+                       q_out, k_out, v_out, cos, sin, cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
+                       BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d, BF16=q2.dtype == torch.bfloat16,
+                       STORE_KV=store_kv, num_warps=4 if block_qh * block_d < 4096 else 8,
+                       **pdl_launch(pdl_supported(q2.device)))
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``RotaryEmbedding.forward``: new contiguous rotated q and k (the inputs, often strided views
     of the qkv output, are only read). ``cos``/``sin`` are the ``[max_positions, head_dim/2]`` table."""
-    q2, k2 = q.flatten(1), k.flatten(1)
-    q2 = q2 if q2.stride(-1) == 1 else q2.contiguous()
-    k2 = k2 if k2.stride(-1) == 1 else k2.contiguous()
-    t, qh, kh, half = q2.shape[0], q2.shape[1] // head_dim, k2.shape[1] // head_dim, head_dim // 2
-    q_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k2.shape, dtype=k.dtype, device=k.device)
-    if t:
-        block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
-        _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), q_out, k_out, cos, sin,
-                           cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
-                           BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d, BF16=q.dtype == torch.bfloat16,
-                           num_warps=4 if block_qh * block_d < 4096 else 8, **pdl_launch(pdl_supported(q.device)))
+    q2, k2 = _rows(q.flatten(1)), _rows(k.flatten(1))
+    q_out, k_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device), torch.empty(k2.shape, dtype=k.dtype, device=k.device)
+    _launch_rope(positions, q2, k2, k2, positions, q_out, k_out, k_out, cos, sin, head_dim, store_kv=False)
     return q_out.view(q.shape), k_out.view(k.shape)
+
+
+def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    loc: torch.Tensor) -> torch.Tensor:
+    """``rotary`` and ``store_kv`` in one launch: returns the rotated q; the rotated k and the
+    untouched v go only to ``k_cache[loc]``/``v_cache[loc]`` (rounded to the cache dtype), since
+    the attention kernels read every position, the new ones included, from the cache."""
+    q2, k2, v2 = _rows(q.flatten(1)), _rows(k.flatten(1)), _rows(v.flatten(1))
+    q_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device)
+    _launch_rope(positions, q2, k2, v2, loc, q_out, k_cache, v_cache, cos, sin, head_dim, store_kv=True)
+    return q_out.view(q.shape)
 
 
 # ---- KV-cache store: K and V of the step's tokens in one launch --------------------------------

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from treadle.gpu_worker.distributed import pp_rank, pp_size, tp_size
-from treadle.gpu_worker.forward_context import get_forward_context
 from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -56,8 +55,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q, k = self.rotary_emb(get_forward_context().positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, rotary=self.rotary_emb))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -90,6 +90,31 @@ def kv_case(heads: int, head_dim: int, t: int) -> Callable[[str, torch.dtype], P
     return run
 
 
+def rope_kv_case(head_dim: int, qh: int, kh: int, t: int, cache_dtype: torch.dtype | None = None
+                 ) -> Callable[[str, torch.dtype], Pair]:
+    """RoPE fused with the K/V store (``KVCache.rotate_and_store``): the rotated q, and a 40-token
+    cache holding the rotated k and the v at scattered locations, against RoPE's torch code and a
+    byte copy into the cache (also right for an FP8 cache)."""
+    def run(device: str, dtype: torch.dtype) -> Pair:
+        gen = torch.Generator().manual_seed(head_dim * 3 + qh + kh * 5 + t)
+        rope = RotaryEmbedding(head_dim, 4096, DEFAULT).to(device)
+        qkv = _randn(gen, t, (qh + 2 * kh) * head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.split([qh * head_dim, kh * head_dim, kh * head_dim], dim=-1)
+        pos = torch.randint(0, 4096, (t,), generator=gen).to(device)
+        loc = torch.randperm(40, generator=gen)[:t].to(device)
+        cdt = cache_dtype or dtype
+        caches = [torch.zeros(40, kh, head_dim, device=device, dtype=cdt) for _ in range(4)]
+        qkv0 = qkv.clone()
+        got_q = _ops().rotary_store_kv(pos, q, k, v, rope.cos, rope.sin, head_dim, caches[0], caches[1], loc)
+        assert torch.equal(qkv, qkv0), "inputs were modified"
+        want_q, want_k = rope.forward_torch(pos, q, k)
+        for cache, x in ((caches[2], want_k), (caches[3], v)):
+            cache.view(torch.uint8).index_copy_(0, loc, x.reshape(t, kh, head_dim).to(cdt).view(torch.uint8))
+        as_float = (lambda c: c.float()) if cache_dtype else (lambda c: c)
+        return (got_q, *map(as_float, caches[:2])), (want_q, *map(as_float, caches[2:]))
+    return run
+
+
 CASES: dict[str, Callable[[str, torch.dtype], Pair]] = {}
 for _n in (576, 1000, 4096):
     for _t in (0, 1, 7, 64):
@@ -102,6 +127,8 @@ for _hd, _qh, _kh in ((64, 9, 3), (128, 32, 8), (128, 14, 2), (64, 4, 4)):
     for _t in (0, 1, 7, 64):
         CASES[f"rope-d{_hd}-q{_qh}-k{_kh}-T{_t}"] = rope_case(_hd, _qh, _kh, _t, DEFAULT)
 CASES["rope-llama3-d128-q32-k8-T7"] = rope_case(128, 32, 8, 7, LLAMA3)
+for _hd, _qh, _kh, _t in ((64, 9, 3, 1), (128, 32, 8, 7), (128, 4, 1, 33), (64, 4, 4, 0)):
+    CASES[f"rope_kv-d{_hd}-q{_qh}-k{_kh}-T{_t}"] = rope_kv_case(_hd, _qh, _kh, _t)
 for _h, _hd, _t in ((3, 64, 1), (8, 128, 7), (2, 80, 33), (1, 64, 0)):
     CASES[f"store_kv-h{_h}-d{_hd}-T{_t}"] = kv_case(_h, _hd, _t)
 
@@ -140,6 +167,15 @@ _TOL = {torch.float32: {}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 @needs_cuda
 def test_cuda_kernel_matches_torch(name: str, dtype: torch.dtype):
     msg = _check(CASES[name]("cuda", dtype), **_TOL[dtype])
+    assert msg == "", msg
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_rope_kv_into_fp8_cache(cache_dtype: torch.dtype):
+    """An FP8 cache gets the same bytes from the fused kernel as from rounding torch's bf16 K/V."""
+    msg = _check(rope_kv_case(128, 32, 8, 7, cache_dtype)("cuda", torch.bfloat16), atol=0, rtol=0)
     assert msg == "", msg
 
 
