@@ -1,16 +1,13 @@
-"""Paged decode attention (one new token per row) as split-KV flash-decoding in Triton, one launch.
+"""Paged decode attention (one new token per row) as split-KV flash-decoding in Triton.
 
 K/V may be stored narrower than the queries (an FP8 cache): they are widened as they load.
 
-Each (row, KV head, split) program takes one contiguous chunk of the row's positions: it loads
-the chunk's KV locations through ``req_to_token``, scores all query heads that share the KV head
-at once (GQA: K/V are read once, not once per query head) and writes a partial output plus its
-log-sum-exp. The last program of a (row, KV head) to finish, as counted by an atomic counter,
-merges the splits and writes the output; it also zeroes the counter for the next launch. A
-single long row thus still fills the GPU, and the merge costs no second launch (at batch-1
-decode a launch is a few microseconds of a ~20 us layer). A row with one split writes its output
-directly. Nothing depends on host values: sequence lengths are read on the device and the split
-count is a launch constant, so the launch can be captured in a CUDA graph.
+Stage 1 gives each (row, KV head, split) program one contiguous chunk of the row's positions:
+it loads the chunk's KV locations through ``req_to_token``, scores all query heads that share
+the KV head at once (GQA: K/V are read once, not once per query head) and writes a partial
+output plus its log-sum-exp. Stage 2 merges the splits. A single long row thus still fills the
+GPU, and nothing depends on host values: sequence lengths are read on the device and the split
+count is a launch constant, so both launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -31,9 +28,9 @@ _PER_BATCH = ["num_splits", "stride_lb", "stride_lh"]
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def _decode_kernel(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, Counters, O, sm_scale,
+def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
-                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ot, stride_oh, num_splits,
+                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, num_splits,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
@@ -50,9 +47,9 @@ def _decode_kernel(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, Counters, O
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_h, mask_d = offs_h < G, offs_d < D
-    mask_hd = mask_h[:, None] & mask_d[None, :]
     heads = kvh * G + offs_h
-    q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_hd, other=0.0)
+    q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     if F16:  # an FP8 cache: one instruction widens two FP8 values to float16, bfloat16 takes more
         q = q.to(tl.float16)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
@@ -77,54 +74,30 @@ def _decode_kernel(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, Counters, O
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-    out_ptrs = O + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    if num_splits == 1:  # the whole row in this program (large batches): nothing to merge
-        tl.store(out_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_hd)
-    else:
-        # An empty split stores lse = -inf and a zero output; the merge below skips it anyway.
-        nonempty = l_i > 0
-        part = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        mid_o = MidO + b * stride_mb + heads[:, None] * stride_mh + offs_d[None, :]
-        mid_lse = MidLse + b * stride_lb + heads * stride_lh
-        tl.store(mid_o + sp * stride_ms, part, mask=mask_hd)
-        tl.store(mid_lse + sp, lse, mask=mask_h)
-        # Every thread's stores are issued before the release; the last program's acquire then
-        # sees every split's (the pattern of a threadfence reduction).
-        tl.debug_barrier()
-        counter = Counters + b * tl.num_programs(1) + kvh
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            tl.store(counter, 0)
-            m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-            w_sum = tl.zeros([BLOCK_H], tl.float32)
-            merged = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-            for j in range(0, tl.cdiv(seq_len, chunk)):  # the non-empty splits; split 0 always is
-                lse_j = tl.load(mid_lse + j, mask=mask_h, other=0.0, volatile=True)
-                o_j = tl.load(mid_o + j * stride_ms, mask=mask_hd, other=0.0, volatile=True)
-                m_new = tl.maximum(m, lse_j)
-                scale = tl.exp2(m - m_new)
-                w = tl.exp2(lse_j - m_new)
-                merged = merged * scale[:, None] + o_j * w[:, None]
-                w_sum = w_sum * scale + w
-                m = m_new
-            tl.store(out_ptrs, (merged / w_sum[:, None]).to(O.dtype.element_ty), mask=mask_hd)
+    # An empty split stores lse = -inf and a zero output, which stage 2 weighs by exp(-inf) = 0.
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + sp * stride_ms + offs_d[None, :], out,
+             mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(MidLse + b * stride_lb + heads * stride_lh + sp, lse, mask=mask_h)
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _merge_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` zeroed int32 counters on ``device``, one per (row, KV head). Each launch
-    leaves them zero again, so one buffer serves every layer and every CUDA graph. It only grows
-    outside graph capture (the runner warms up each graph's batch size eagerly first), and a
-    grown-out buffer stays alive: graphs captured before still point at it."""
-    bufs = _COUNTERS.setdefault(device, [])
-    if not bufs or bufs[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention needs {n} merge counters, first seen in CUDA-graph capture; "
-                               "run the batch size once eagerly before capturing it")
-        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return bufs[-1]
+@triton.jit(do_not_specialize=_PER_BATCH)
+def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                   stride_ot, stride_oh, num_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    b, h = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    mask_s, mask_d = offs_s < num_splits, offs_d < D
+    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    o = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    t = tl.load(QIdx + b)
+    tl.store(O + t * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=mask_d)
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
@@ -141,15 +114,20 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     block_h = max(16, triton.next_power_of_2(g))  # tl.dot needs M >= 16; the extra rows are masked
     mid_o = torch.empty(bs, h, num_splits, d, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bs, h, num_splits, dtype=torch.float32, device=q.device)
-    counters = _merge_counters(q.device, bs * hkv)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = pdl_launch(pdl_supported(q.device))  # both kernels
     # An FP8 cache moves half the bytes a position: twice the positions a block keep as many in flight.
     block_n = (128 if k_buf.element_size() == 1 else 64) if q.is_cuda else 32
-    _decode_kernel[(bs, hkv, num_splits)](
-        q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, counters, out, scale,
+    _decode_stage1[(bs, hkv, num_splits)](
+        q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
+        mid_lse.stride(0), mid_lse.stride(1), num_splits,
         G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
         F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
-        num_warps=4, num_stages=3, **pdl_launch(pdl_supported(q.device)))
+        num_warps=4, num_stages=3, **pdl)
+    _decode_stage2[(bs, h)](
+        mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
+        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
+        num_warps=4 if block_d >= 128 else 2, **pdl)

@@ -146,16 +146,7 @@ def _interp_main() -> int:
     err = _max_err(got, case.reference())
     fails += err >= 1e-4
     print(f"{'ok  ' if err < 1e-4 else 'FAIL'} graph_meta: max err {err:.2e}", flush=True)
-    left = _counters_left()
-    fails += left != 0
-    print(f"{'ok  ' if left == 0 else 'FAIL'} merge counters back at zero: {left} nonzero", flush=True)
     return fails
-
-
-def _counters_left() -> int:
-    """Non-zero split-merge counters of the decode kernel (each launch must leave none)."""
-    from treadle.gpu_worker.attention import triton_decode
-    return sum(int((c != 0).sum()) for bufs in triton_decode._COUNTERS.values() for c in bufs)
 
 
 def _interpreter_runs_loops() -> bool:
@@ -241,7 +232,6 @@ def test_cuda_graph_decode(device, dtype):
     b.fill(be, 6)
     graph.replay()
     _check(static_out[:4].float().cpu(), b.reference(), dtype)
-    assert _counters_left() == 0
 
 if __name__ == "__main__":
     sys.exit(_interp_main())
