@@ -43,15 +43,16 @@ def symm_max_bytes(world: int) -> int:
 
 class _FusedNormState:
     """Shared buffers of ``layers/allreduce_norm.py``: two slots with a region of rows for every
-    source rank (the peers push their tagged words into theirs), and this rank's per-row call counts."""
+    source rank (the peers push into theirs), per-row ready flags every peer writes into, and
+    this rank's per-row call counts."""
 
     def __init__(self, symm_mem, group_name: str, device: torch.device, dtype: torch.dtype) -> None:
-        from treadle.gpu_worker.layers.allreduce_norm import word_dtype
-
         self.dtype = dtype
         self.slot_elems = symm_max_bytes(_TP_SIZE) // dtype.itemsize
-        self.buf = symm_mem.empty(2 * _TP_SIZE * self.slot_elems, dtype=word_dtype(dtype), device=device).zero_()
+        self.buf = symm_mem.empty(2 * _TP_SIZE * self.slot_elems, dtype=dtype, device=device)
+        self.flags = symm_mem.empty(_TP_SIZE * FUSED_MAX_ROWS, dtype=torch.int32, device=device).zero_()
         self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
+        self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
         self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
 
     @staticmethod
@@ -102,7 +103,7 @@ def _init_symm(device: torch.device, dtype: torch.dtype, fusion: bool) -> None:
         symm_mem.rendezvous(buf, group.group_name)
         fused = _FusedNormState(symm_mem, group.group_name, device, dtype) if fusion else None
         torch.cuda.synchronize(device)
-        dist.barrier(group=group)  # every rank's buffer is zero before any kernel may write a peer's
+        dist.barrier(group=group)  # every rank's flags are zero before any kernel may write a peer's
         _SYMM_BUF, _SYMM_GROUP, _FUSED = buf, group.group_name, fused
     except Exception as e:  # an older torch, or GPUs without peer access: NCCL does it all
         logger.warning("one-shot all-reduce unavailable (%s: %s); using NCCL for every all-reduce",
@@ -176,7 +177,8 @@ def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
         return None
     from treadle.gpu_worker.layers.allreduce_norm import allreduce_rms_norm
 
-    return allreduce_rms_norm(x, residual, weight, eps, f.buf_ptrs, f.counters, f.slot_elems, _TP_RANK, _TP_SIZE)
+    return allreduce_rms_norm(x, residual, weight, eps, f.buf_ptrs, f.flag_ptrs, f.counters, f.slot_elems,
+                              _TP_RANK, _TP_SIZE)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """The fused all-reduce + residual + RMSNorm kernel (``layers/allreduce_norm.py``).
 
 On the CPU it runs in Triton's interpreter (a child process, as in ``test_fused_ops.py``) as
-rank 0 of 2 with the peer simulated: rank 1 has already pushed its partial rows, as words tagged
-with the call count, into rank 0's buffer (next to stale words of the call before in the other
-slot), so rank 0's program finds them, and the test checks what rank 0 computed and what it left
-for rank 1 (its rows, tagged, in its region of rank 1's buffer, in the right slot; its call
-counts). Rows start at different call counts, one at the wrap of the 16-bit count, so both slots are used. The two-GPU test
+rank 0 of 2 with the peer simulated: rank 1 has already pushed its partial rows into rank 0's
+buffer and set its ready flags, so rank 0's program finds them, and the test checks what rank 0
+computed and what it left for rank 1 (its rows in its region of rank 1's buffer, in the right
+slot; its flags in rank 1's array; its call counts). Rows start at different call counts (one at
+the wrap of the 16-bit count, one whose peer flag is already a call further), so both slots are used. The two-GPU test
 runs the real thing through the model's norm against NCCL + the unfused norm, in and out of a
 CUDA graph.
 """
@@ -25,11 +25,6 @@ N, ROWS, MAX_ROWS = 64, 3, 8
 SLOT = MAX_ROWS * N
 
 
-def _words(x: torch.Tensor, c: int) -> torch.Tensor:
-    """float32 values as the kernel's 64-bit words: the bits low, the call count high."""
-    return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (c << 32)
-
-
 def simulate_rank0() -> dict:
     from treadle.gpu_worker.layers.allreduce_norm import allreduce_rms_norm
 
@@ -37,22 +32,24 @@ def simulate_rank0() -> dict:
     x0, x1, res = (torch.randn(ROWS, N, generator=g) for _ in range(3))
     norm = RMSNorm(N, eps=1e-5)
     norm.weight.data = torch.rand(N, generator=g) + 0.5
-    bufs = [torch.zeros(2 * 2 * SLOT, dtype=torch.int64), torch.zeros(2 * 2 * SLOT, dtype=torch.int64)]
+    bufs = [torch.zeros(2 * 2 * SLOT), torch.zeros(2 * 2 * SLOT)]  # [slot, source rank, rows * N]
     region = lambda c, src, row: ((c % 2) * 2 + src) * SLOT + row * N  # noqa: E731
+    flags = [torch.zeros(2 * MAX_ROWS, dtype=torch.int32), torch.zeros(2 * MAX_ROWS, dtype=torch.int32)]
     counters = torch.tensor([4, 0xFFFF, 0] + [0] * (MAX_ROWS - ROWS), dtype=torch.int32)
-    for row in range(ROWS):  # rank 1 is one step ahead: its rows are there; the other slot holds the call before
-        c = (int(counters[row]) + 1) & 0xFFFF
-        bufs[0][region(c, 1, row):][:N] = _words(x1[row], c)
-        bufs[0][region(c + 1, 1, row):][:N] = _words(torch.randn(N, generator=g), (c - 1) & 0xFFFF)
+    for row in range(ROWS):  # rank 1 is one step ahead: its rows are stored and flagged
+        c = (int(counters[row]) + 1) & 0xFFFF  # row 1 wraps to 0
+        bufs[0][region(c, 1, row):][:N] = x1[row]
+        flags[0][1 * MAX_ROWS + row] = (c + 1) & 0xFFFF if row == 2 else c  # row 2: rank 1 already a call further
     ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)  # noqa: E731
-    out, res_out = allreduce_rms_norm(x0, res, norm.weight.data, norm.eps, ptrs(bufs), counters, SLOT, rank=0, world=2)
+    out, res_out = allreduce_rms_norm(x0, res, norm.weight.data, norm.eps, ptrs(bufs), ptrs(flags), counters,
+                                      SLOT, rank=0, world=2)
     ref_out, ref_res = norm.forward_torch(x0 + x1, res)
-    own_rows_ok = all(torch.equal(bufs[1][region(int(counters[r]), 0, r):][:N], _words(x0[r], int(counters[r])))
-                      for r in range(ROWS))
+    own_rows_ok = all(torch.equal(bufs[1][region(int(counters[r]), 0, r):][:N], x0[r]) for r in range(ROWS))
     return {
         "out_err": (out - ref_out).abs().max().item(),
         "res_err": (res_out - ref_res).abs().max().item(),
         "counters": counters[:ROWS].tolist(),
+        "flags_for_rank1": flags[1][:ROWS].tolist(),
         "own_rows_in_slot": own_rows_ok,
     }
 
@@ -65,6 +62,7 @@ def interpreted() -> dict:
 def test_interpreted_rank0_of_2(interpreted):
     assert interpreted["out_err"] < 1e-5 and interpreted["res_err"] < 1e-6
     assert interpreted["counters"] == [5, 0, 1]  # each row counted one call on, modulo 2**16
+    assert interpreted["flags_for_rank1"] == [5, 0, 1]  # and told rank 1 so
     assert interpreted["own_rows_in_slot"]
 
 
