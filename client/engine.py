@@ -77,6 +77,7 @@ class Engine:
         self._preferred: Optional[dict[str, Any]] = json.loads(pref) if pref else None
         self._to_tokenizer = Sender(self._ctx, self._ipc.endpoint("tokenizer"))
         self._session_groups: dict[str, int] = {}  # session id -> the DP group holding its KV
+        self._timed_sessions: set[str] = set()  # of those, the ones a scheduler may close on its own (timeout)
         self._lora = LoraRegistry(bool(self.server_args.enable_lora), self.server_args.max_loaded_loras)
         launch = functools.partial(launch_children, self.server_args, self._files, self._ipc)
         self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), launch,
@@ -375,6 +376,7 @@ class Engine:
         if streaming and not self.server_args.enable_streaming_session:
             raise ValueError("Streaming sessions are disabled. Please relaunch with --enable-streaming-session.")
         sid = session_id or uuid.uuid4().hex
+        self._forget_expired_sessions()
         # A session lives in one DP group (its KV stays cached there): the one holding the fewest;
         # an id seen before asks its own group (which says no while it is open there).
         g = self._session_groups.get(sid)
@@ -383,10 +385,24 @@ class Engine:
         if not self._control_each("open_session", [g], session_id=sid, timeout=timeout, streaming=bool(streaming))[g]:
             return None
         self._session_groups[sid] = g
+        if timeout is not None:
+            self._timed_sessions.add(sid)
         return sid
+
+    def _forget_expired_sessions(self) -> None:
+        """Drop the sessions that their scheduler closed on timeout from the session -> group map
+        (asks the groups, only while such sessions are tracked): otherwise they would count
+        against their group when new sessions are placed, and the map would grow for ever."""
+        if not self._timed_sessions:
+            return
+        open_ids = set().union(*self._control_each("open_session_ids").values())
+        for sid in self._timed_sessions - open_ids:
+            self._session_groups.pop(sid, None)
+        self._timed_sessions &= open_ids
 
     def close_session(self, session_id: str) -> None:
         """Close a session and release the KV it kept cached (an unknown id is ignored)."""
+        self._timed_sessions.discard(session_id)
         g = self._session_groups.pop(session_id, None)
         if g is None or g in self._sup.live_groups():
             self._control_each("close_session", None if g is None else [g], session_id=session_id)

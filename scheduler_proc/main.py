@@ -133,6 +133,8 @@ class SchedulerLoop:
             result = self.sched.open_session(msg.args["session_id"], msg.args.get("timeout"),
                                              bool(msg.args.get("streaming", False)))
             return ControlReply(call_id=msg.call_id, ok=True, result=result)
+        if msg.method == "open_session_ids":
+            return ControlReply(call_id=msg.call_id, ok=True, result=sorted(self.sched.sessions.sessions))
         if msg.method == "close_session":
             return ControlReply(call_id=msg.call_id, ok=True, result=self.sched.close_session(msg.args["session_id"]))
         if msg.method == "freeze_gc":

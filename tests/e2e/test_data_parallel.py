@@ -74,6 +74,15 @@ def test_control_calls_reach_every_group_and_sessions_stick(dp2):
     assert [s["num_sessions"] for s in dp2.get_server_info()["internal_states"]] == [0, 0]
     with pytest.raises(ValueError, match="does not exist"):
         dp2.generate(prompt="Hi", session_params={"id": sids[0]})
+    # a session its scheduler closed on timeout no longer counts against its group
+    timed = dp2.open_session(1000, timeout=0.5)
+    assert dp2._session_groups[timed] == 0
+    deadline = time.monotonic() + 10
+    while sum(s["num_sessions"] for s in dp2.get_server_info()["internal_states"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    fresh = dp2.open_session(1000)
+    assert dp2._session_groups[fresh] == 0 and timed not in dp2._session_groups
+    dp2.close_session(fresh)
 
 
 def test_killing_a_group_worker_fails_its_requests_and_the_rest_serves(dp2):
