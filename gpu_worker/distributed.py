@@ -20,7 +20,8 @@ call inside a decode graph), which is why the reduce can also move into the RMSN
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ _SYMM_BUF: Optional[torch.Tensor] = None  # the one-shot all-reduce's shared buf
 _SYMM_GROUP = ""  # its group's name
 _FUSED: Optional["_FusedNormState"] = None  # all-reduce + residual + RMSNorm in one kernel (None: unfused)
 FUSED_MAX_ROWS = 256  # decode batches up to the largest captured graph
+WORD_ROW_MAX = 16384  # widest row (hidden size) a GEMV may push as tagged words
 
 
 def symm_max_bytes(world: int) -> int:
@@ -54,6 +56,15 @@ class _FusedNormState:
         self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
         self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
         self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
+        # Batch 1: the GEMV pushes its row as tagged words (allreduce_norm.push_words), the norm
+        # pulls it; opt-in (TREADLE_GEMV_PUSH=1) until measured on a GPU pair.
+        from treadle.gpu_worker.layers.allreduce_norm import word_dtype
+
+        self.gemv_push = os.environ.get("TREADLE_GEMV_PUSH", "") == "1"
+        self.words = symm_mem.empty(2 * _TP_SIZE * WORD_ROW_MAX, dtype=word_dtype(dtype), device=device).zero_()
+        self.word_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.words, group_name), self.words, device)
+        self.word_count = torch.zeros(1, dtype=torch.int32, device=device)
+        self.pushed_ptr: Optional[int] = None  # the pushed row that the next fused norm must pull
 
     @staticmethod
     def _peer_ptrs(handle, t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -165,6 +176,32 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class PushTarget(NamedTuple):
+    """Where a one-token GEMV pushes its partial row (``allreduce_norm.push_words``)."""
+    word_ptrs: torch.Tensor
+    word_count: torch.Tensor
+    slot_elems: int
+    rank: int
+    world: int
+
+
+def gemv_push_target(n: int, dtype: torch.dtype) -> Optional[PushTarget]:
+    """The push target for a one-token row-parallel GEMV of ``n`` outputs whose partial sum goes to
+    a fused norm next, or None (push off, no fused state, row too wide, another dtype)."""
+    f = _FUSED
+    if f is None or not f.gemv_push or n > WORD_ROW_MAX or dtype != f.dtype:
+        return None
+    return PushTarget(f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
+
+
+def note_pushed(y: torch.Tensor) -> None:
+    """``y`` (this rank's partial row) went to the peers with its GEMV: the next fused norm pulls
+    it. Every push needs its pull before the next push (the counts must stay in step)."""
+    if _FUSED.pushed_ptr is not None:
+        raise RuntimeError("a GEMV pushed its row while the row pushed before was never reduced")
+    _FUSED.pushed_ptr = y.data_ptr()
+
+
 def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                               eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """``(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual)`` in one kernel on this
@@ -172,6 +209,13 @@ def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
     more rows than ``FUSED_MAX_ROWS``): the caller then all-reduces and normalises itself. Every
     rank sees the same shapes, so every rank takes the same path."""
     f = _FUSED
+    if f is not None and f.pushed_ptr is not None:
+        if x.data_ptr() != f.pushed_ptr or residual is None or x.shape[0] != 1 or residual.stride(-1) != 1:
+            raise RuntimeError("the row a GEMV pushed must go to the next fused norm, with a residual")
+        f.pushed_ptr = None
+        from treadle.gpu_worker.layers.allreduce_norm import pulled_rms_norm
+
+        return pulled_rms_norm(x, residual, weight, eps, f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
     if (f is None or residual is None or x.dim() != 2 or x.dtype != f.dtype or x.shape[0] > FUSED_MAX_ROWS
             or x.numel() > f.slot_elems or x.stride(-1) != 1 or residual.stride(-1) != 1):
         return None

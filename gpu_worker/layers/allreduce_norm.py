@@ -104,3 +104,89 @@ def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                                          RANK=rank, WORLD=world, BLOCK=block, num_warps=4 if block < 2048 else 8,
                                          **pdl_launch(pdl_supported(x.device)))
     return out, res_out
+
+
+# ---- batch 1: the row arrives with the GEMV ---------------------------------------------------
+# At batch-1 decode the row-parallel GEMV before the norm (``triton_gemv.py``) can push its outputs
+# into the peers' word buffers itself, each program as soon as its rows are done, so the NVLink
+# trip overlaps the GEMV's tail instead of following it. Each value then travels in one word
+# together with the call count (a bf16/fp16 value in the low half of a 32-bit word, float32 in a
+# 64-bit one), written whole, so a word that carries ``c`` *is* the peer's value of call ``c``:
+# no flag, no fence; the norm below reads its own buffer until every word carries ``c``.
+# The counts (``word_count``, one, modulo 2**16) are apart from the row counts above, so each
+# protocol's counts run on without gaps; slots alternate as above, for the same reason.
+# (Whole-row polling by hundreds of rows flooded L2 on the CI workload, so larger batches keep
+# the flags.)
+
+@triton.jit
+def pack_words(x, c, WIDE: tl.constexpr):
+    """Values ``x`` (activation dtype) as words tagged with call count ``c`` in the high half."""
+    if WIDE:
+        return x.to(tl.uint32, bitcast=True).to(tl.uint64) | (c.to(tl.uint64) << 32)
+    return x.to(tl.uint16, bitcast=True).to(tl.uint32) | (c.to(tl.uint32) << 16)
+
+
+@triton.jit
+def push_words(y, idx, mask, word_ptrs, word_count, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+               WIDE: tl.constexpr):
+    """Store values ``y`` (elements ``idx`` of this rank's row, activation dtype; ``WIDE``: float32)
+    as call ``word_count + 1``'s words into every peer's buffer; called by the GEMV's programs."""
+    c = (tl.load(word_count) + 1) & 0xFFFF
+    words = pack_words(y, c, WIDE)
+    region = ((c % 2) * WORLD + RANK).to(tl.int64) * slot_elems
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            dst = tl.load(word_ptrs + peer).to(tl.pointer_type(words.dtype))
+            tl.store(dst + region + idx, words, mask=mask)
+
+
+@triton.jit
+def _pull_rms_norm_kernel(x_ptr, r_ptr, out_ptr, res_out_ptr, w_ptr, word_ptrs, word_count, slot_elems, n, eps,
+                          RANK: tl.constexpr, WORLD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl_start(PDL)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    c = (tl.load(word_count) + 1) & 0xFFFF
+    tl.store(word_count, c)
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    word = tl.uint64 if WIDE else tl.uint32
+    own = tl.load(word_ptrs + RANK).to(tl.pointer_type(word))
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == RANK:
+            acc += x.to(tl.float32)
+        else:
+            src = own + ((c % 2) * WORLD + peer).to(tl.int64) * slot_elems + cols
+            w = tl.load(src, mask=mask, volatile=True)
+            while tl.sum((((w >> (32 if WIDE else 16)).to(tl.int32) != c) & mask).to(tl.int32), axis=0) > 0:
+                w = tl.load(src, mask=mask, volatile=True)  # not all of call c yet
+            bits = w.to(tl.uint32) if WIDE else w.to(tl.uint16)
+            acc += bits.to(x.dtype, bitcast=True).to(tl.float32)
+    h = acc.to(x.dtype)  # what the all-reduce would have handed on: the same bits as the flag kernel's
+    r = tl.load(r_ptr + cols, mask=mask, other=0.0)
+    h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + cols, h, mask=mask)
+    store_rms_norm_row(h, cols, mask, n, eps, w_ptr, out_ptr)
+
+
+def pulled_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                    word_ptrs: torch.Tensor, word_count: torch.Tensor, slot_elems: int, rank: int,
+                    world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``allreduce_rms_norm`` for one row ``x [1, n]`` whose GEMV pushed it to the peers already
+    (``push_words``): reads the peers' words from the own buffer (``word_ptrs[rank]``)."""
+    n = x.shape[1]
+    out = torch.empty((1, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    res_out = torch.empty((1, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    block = triton.next_power_of_2(n)
+    _pull_rms_norm_kernel[(1,)](x, residual, out, res_out, weight, word_ptrs, word_count, slot_elems, n, eps,
+                                RANK=rank, WORLD=world, WIDE=x.element_size() == 4, BLOCK=block,
+                                num_warps=4 if block < 2048 else 8, **pdl_launch(pdl_supported(x.device)))
+    return out, res_out
+
+
+def word_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The word buffer's element: a value and its 16-bit tag (float32 values take 64-bit words)."""
+    if dtype.itemsize not in (2, 4):
+        raise ValueError(f"tagged words hold 16- or 32-bit activations, not {dtype}")
+    return torch.int64 if dtype.itemsize == 4 else torch.int32

@@ -12,9 +12,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from treadle.gpu_worker.distributed import all_reduce, tp_rank, tp_size
+from treadle.gpu_worker.distributed import all_reduce, gemv_push_target, note_pushed, tp_rank, tp_size
 from treadle.gpu_worker.layers.embedding import ParallelLMHead
-from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv_config, project
+from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv_config, project, takes_gemv
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -163,8 +163,15 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(full.narrow(1, self.in_start, param.shape[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = project(x, self.weight, None, self.gemv_config)
         lora = self.__dict__.get("lora")
+        # A one-token partial sum that the next norm reduces may travel to the peers with the GEMV
+        # itself (not with LoRA: its delta is added after the GEMV).
+        push = None
+        if not self.reduce_results and lora is None and takes_gemv(x, self.gemv_config):
+            push = gemv_push_target(self.weight.shape[0], x.dtype)
+        y = project(x, self.weight, None, self.gemv_config, push)
+        if push is not None:
+            note_pushed(y)
         if lora is not None:  # on the partial sum: the reduce sums the ranks' (x_r A_r^T) B^T into x A^T B^T
             y = lora.apply(x, y)
         if not self.reduce_results:

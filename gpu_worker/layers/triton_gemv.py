@@ -18,14 +18,18 @@ end to end the 8B shape decodes at 181 tok/s against 159):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.allreduce_norm import push_words
 from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, pdl_launch
+
+if TYPE_CHECKING:
+    from treadle.gpu_worker.distributed import PushTarget
 
 
 @triton.jit
@@ -51,8 +55,9 @@ def _load_x(x_ptr, k0, cols, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n, word_ptrs, word_count, slot_elems, K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PUSH: tl.constexpr,
+                 RANK: tl.constexpr, WORLD: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     cols = tl.arange(0, BLOCK_K)
@@ -71,7 +76,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, n, K: tl.constexpr, BLOCK_N: tl.c
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += bias
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows, y, mask=row_mask)
+    if PUSH:  # this rank's partial sums, straight to the peers (allreduce_norm.pulled_rms_norm sums them)
+        push_words(y, rows, row_mask, word_ptrs, word_count, slot_elems, RANK, WORLD,
+                   out_ptr.dtype.element_ty.primitive_bitwidth == 32)
 
 
 @dataclass(frozen=True)
@@ -91,21 +100,31 @@ def gemv_config(n: int, k: int, pdl: bool) -> GemvConfig:
     return GemvConfig(4, block_k, 8, pdl)
 
 
+def takes_gemv(x: torch.Tensor, config: Optional[GemvConfig]) -> bool:
+    """Whether ``project`` gives ``x`` to this GEMV: one dense token, a layer with a config."""
+    return config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            config: Optional[GemvConfig]) -> torch.Tensor:
+            config: Optional[GemvConfig], push: Optional["PushTarget"] = None) -> torch.Tensor:
     """``x W^T + b`` for a layer: one token by this GEMV where the layer has a config
-    (``linear.use_triton_gemv``), anything else by cuBLAS."""
-    if config is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
-        return gemv(x, weight, config, bias)
+    (``linear.use_triton_gemv``), anything else by cuBLAS. ``push``: the GEMV also sends its
+    outputs to the TP peers (only where ``takes_gemv``)."""
+    if takes_gemv(x, config):
+        return gemv(x, weight, config, bias, push)
     return F.linear(x, weight, bias)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[torch.Tensor] = None,
+         push: Optional["PushTarget"] = None) -> torch.Tensor:
     """``x [1, K] @ w[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, float32 accumulation.
-    ``w`` must be contiguous and ``x``'s last dimension dense."""
+    ``w`` must be contiguous and ``x``'s last dimension dense. ``push`` (``distributed.PushTarget``):
+    also store the outputs as tagged words into the TP peers' buffers."""
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    tgt = (w, w, 0, 0, 1) if push is None else push  # unused pointers when not pushing
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, w, w if bias is None else bias, out, n, K=k, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        HAS_BIAS=bias is not None, num_warps=config.num_warps, **pdl_launch(config.pdl))
+        x, w, w if bias is None else bias, out, n, tgt[0], tgt[1], tgt[2], K=k, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, PUSH=push is not None, RANK=tgt[3], WORLD=tgt[4],
+        num_warps=config.num_warps, **pdl_launch(config.pdl))
     return out

@@ -54,12 +54,51 @@ def simulate_rank0() -> dict:
     }
 
 
+def _words(x: torch.Tensor, c: int) -> torch.Tensor:
+    """float32 values as tagged 64-bit words: the bits low, the call count high."""
+    return x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF | (c << 32)
+
+
+def simulate_gemv_push_and_pull() -> dict:
+    """Batch 1 with the row pushed by the GEMV, rank 0 of 2: its GEMV stores its outputs as words
+    of the next call into rank 1's buffer; its norm finds rank 1's words (and stale ones of the
+    call before in the other slot) in its own. The word count starts at the wrap of 2**16."""
+    from treadle.gpu_worker.distributed import PushTarget
+    from treadle.gpu_worker.layers.allreduce_norm import pulled_rms_norm
+    from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv
+
+    g = torch.Generator().manual_seed(1)
+    k, n, slot = 96, 40, 48
+    x, w = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g)
+    x1, res = torch.randn(1, n, generator=g), torch.randn(1, n, generator=g)
+    norm = RMSNorm(n, eps=1e-5)
+    norm.weight.data = torch.rand(n, generator=g) + 0.5
+    bufs = [torch.zeros(2 * 2 * slot, dtype=torch.int64), torch.zeros(2 * 2 * slot, dtype=torch.int64)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    count = torch.tensor([0xFFFF], dtype=torch.int32)  # the next call is 0
+    y = gemv(x, w, GemvConfig(4, 32, 4, False), push=PushTarget(ptrs, count, slot, 0, 2))
+    pushed_ok = torch.equal(bufs[1][:n], _words(y[0], 0)) and int(count) == 0xFFFF  # slot 0, region of rank 0
+    bufs[0][slot:][:n] = _words(x1[0], 0)  # rank 1's row of call 0: slot 0, region of rank 1
+    bufs[0][3 * slot:][:n] = _words(torch.randn(n, generator=g), 0xFFFF)  # its call before, slot 1
+    out, res_out = pulled_rms_norm(y, res, norm.weight.data, norm.eps, ptrs, count, slot, 0, 2)
+    ref_out, ref_res = norm.forward_torch(y + x1, res)
+    return {"gemv_err": (y - x @ w.T).abs().max().item(), "pushed_ok": pushed_ok, "count": int(count),
+            "out_err": (out - ref_out).abs().max().item(), "res_err": (res_out - ref_res).abs().max().item()}
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     return interpret_script(__file__)
 
 
+def test_interpreted_gemv_push_and_pull(interpreted):
+    got = interpreted["push"]
+    assert got["gemv_err"] < 1e-4 and got["pushed_ok"]
+    assert got["out_err"] < 1e-5 and got["res_err"] < 1e-6 and got["count"] == 0
+
+
 def test_interpreted_rank0_of_2(interpreted):
+    interpreted = interpreted["rank0"]
     assert interpreted["out_err"] < 1e-5 and interpreted["res_err"] < 1e-6
     assert interpreted["counters"] == [5, 0, 1]  # each row counted one call on, modulo 2**16
     assert interpreted["flags_for_rank1"] == [5, 0, 1]  # and told rank 1 so
@@ -119,10 +158,60 @@ def _worker(rank: int, port: int, out: str) -> None:
             wy, wr = reference(wy, wr)
         if not (torch.equal(y, wy) and torch.equal(r, wr)):
             failures.append(f"graph replay {trial}: differs from NCCL + norm")
+    failures += _gemv_push_checks(par, norm, reference, dev, g)
     torch.cuda.synchronize()
     if rank == 0:
         torch.save(failures, out)
     dist.destroy_process_group()
+
+
+def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
+    """Batch 1 with the GEMV pushing its row (TREADLE_GEMV_PUSH's path): the same bits as NCCL +
+    the norm, eagerly (both slots, flag-protocol calls in between) and replayed in a CUDA graph."""
+    from treadle.gpu_worker.layers.pdl import pdl_supported
+    from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config
+
+    failures = []
+    par._FUSED.gemv_push = True
+    w = (torch.randn(4096, 2048, generator=torch.Generator(device=dev).manual_seed(par.tp_rank() + 5), device=dev)
+         / 40).to(torch.bfloat16)
+    cfg = gemv_config(4096, 2048, pdl_supported(dev))
+
+    def pushed(x: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = gemv(x, w, cfg, push=par.gemv_push_target(4096, torch.bfloat16))
+        par.note_pushed(y)
+        return y, *norm(y, res, reduce=True)
+
+    for i in range(3):
+        x = torch.randn(1, 2048, generator=g, device=dev).to(torch.bfloat16)
+        res = torch.randn(1, 4096, generator=g, device=dev).to(torch.bfloat16)
+        y, got_out, got_res = pushed(x, res)
+        want = reference(y.clone(), res.clone())
+        if not (torch.equal(got_out, want[0]) and torch.equal(got_res, want[1])):
+            failures.append(f"GEMV push, eager call {i}: differs from NCCL + norm")
+        norm(torch.randn(3, 4096, generator=g, device=dev).to(torch.bfloat16), res.expand(3, 4096).contiguous(),
+             reduce=True)  # a flag-protocol call in between
+    x_in = torch.zeros(1, 2048, dtype=torch.bfloat16, device=dev)
+    r_in = torch.zeros(1, 4096, dtype=torch.bfloat16, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        pushed(x_in, r_in)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y1, o1, r1 = pushed(x_in, r_in)
+        y2, o2, r2 = pushed(o1[:, :2048], r1)
+    for trial in range(3):
+        x_in.copy_(torch.randn(1, 2048, generator=g, device=dev).to(torch.bfloat16))
+        r_in.copy_(torch.randn(1, 4096, generator=g, device=dev).to(torch.bfloat16))
+        graph.replay()
+        w1 = reference(y1.clone(), r_in.clone())
+        w2 = reference(y2.clone(), w1[1])
+        if not all(torch.equal(a, b) for a, b in ((o1, w1[0]), (r1, w1[1]), (o2, w2[0]), (r2, w2[1]))):
+            failures.append(f"GEMV push, graph replay {trial}: differs from NCCL + norm")
+    par._FUSED.gemv_push = False
+    return failures
 
 
 @pytest.mark.gpu
@@ -133,4 +222,4 @@ def test_two_gpus_match_nccl_and_unfused_norm(tmp_path):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
-    print(json.dumps(simulate_rank0()))
+    print(json.dumps({"rank0": simulate_rank0(), "push": simulate_gemv_push_and_pull()}))
