@@ -75,11 +75,18 @@ def _allreduce_rms_norm_kernel(x_ptr, x_stride, r_ptr, r_stride, out_ptr, res_ou
         else:
             src = own + ((c % 2) * WORLD + peer).to(tl.int64) * slot_elems + row.to(tl.int64) * n
             acc += tl.load(src + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
-    h = acc.to(dtype)  # what the all-reduce would have handed on
-    r = tl.load(r_ptr + row.to(tl.int64) * r_stride + cols, mask=mask, other=0.0)
-    h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row.to(tl.int64) * n + cols, h, mask=mask)
-    store_rms_norm_row(h, cols, mask, n, eps, w_ptr, out_ptr + row.to(tl.int64) * n)
+    _add_and_norm(acc.to(dtype), r_ptr + row.to(tl.int64) * r_stride, res_out_ptr + row.to(tl.int64) * n,
+                  out_ptr + row.to(tl.int64) * n, w_ptr, cols, mask, n, eps)
+
+
+@triton.jit
+def _add_and_norm(h, r_row, res_out_row, out_row, w_ptr, cols, mask, n, eps):
+    """The end of both kernels: ``h`` (the ranks' sum, rounded to the activation dtype as an
+    all-reduce hands it on) plus the residual row, stored, then normalised and stored."""
+    r = tl.load(r_row + cols, mask=mask, other=0.0)
+    h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_row.dtype.element_ty)
+    tl.store(res_out_row + cols, h, mask=mask)
+    store_rms_norm_row(h, cols, mask, n, eps, w_ptr, out_row)
 
 
 def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -163,11 +170,7 @@ def _pull_rms_norm_kernel(x_ptr, r_ptr, out_ptr, res_out_ptr, w_ptr, word_ptrs, 
                 w = tl.load(src, mask=mask, volatile=True)  # not all of call c yet
             bits = w.to(tl.uint32) if WIDE else w.to(tl.uint16)
             acc += bits.to(x.dtype, bitcast=True).to(tl.float32)
-    h = acc.to(x.dtype)  # what the all-reduce would have handed on: the same bits as the flag kernel's
-    r = tl.load(r_ptr + cols, mask=mask, other=0.0)
-    h = (h.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + cols, h, mask=mask)
-    store_rms_norm_row(h, cols, mask, n, eps, w_ptr, out_ptr)
+    _add_and_norm(acc.to(x.dtype), r_ptr, res_out_ptr, out_ptr, w_ptr, cols, mask, n, eps)  # the flag kernel's bits
 
 
 def pulled_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
