@@ -122,9 +122,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[to
     also store the outputs as tagged words into the TP peers' buffers."""
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    tgt = (w, w, 0, 0, 1) if push is None else push  # unused pointers when not pushing
+    word_ptrs, word_count, slot_elems, rank, world = (w, w, 0, 0, 1) if push is None else push  # (w: unused)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, w, w if bias is None else bias, out, n, tgt[0], tgt[1], tgt[2], K=k, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, PUSH=push is not None, RANK=tgt[3], WORLD=tgt[4],
+        x, w, w if bias is None else bias, out, n, word_ptrs, word_count, slot_elems, K=k, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, PUSH=push is not None, RANK=rank, WORLD=world,
         num_warps=config.num_warps, **pdl_launch(config.pdl))
     return out
