@@ -57,14 +57,16 @@ class _FusedNormState:
         self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
         self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
         # Batch 1: the GEMV pushes its row as tagged words (allreduce_norm.push_words), the norm
-        # pulls it; opt-in (TREADLE_GEMV_PUSH=1) until measured on a GPU pair.
-        from treadle.gpu_worker.layers.allreduce_norm import word_dtype
-
+        # pulls it; opt-in (TREADLE_GEMV_PUSH=1, the same on every rank: the children inherit it)
+        # until measured on a GPU pair, and only then are its buffers allocated and mapped.
         self.gemv_push = os.environ.get("TREADLE_GEMV_PUSH", "") == "1"
-        self.words = symm_mem.empty(2 * _TP_SIZE * WORD_ROW_MAX, dtype=word_dtype(dtype), device=device).zero_()
-        self.word_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.words, group_name), self.words, device)
-        self.word_count = torch.zeros(1, dtype=torch.int32, device=device)
         self.pushed_ptr: Optional[int] = None  # the pushed row that the next fused norm must pull
+        if self.gemv_push:
+            from treadle.gpu_worker.layers.allreduce_norm import word_dtype
+
+            self.words = symm_mem.empty(2 * _TP_SIZE * WORD_ROW_MAX, dtype=word_dtype(dtype), device=device).zero_()
+            self.word_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.words, group_name), self.words, device)
+            self.word_count = torch.zeros(1, dtype=torch.int32, device=device)
 
     @staticmethod
     def _peer_ptrs(handle, t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -10,9 +10,9 @@ the req-to-token table.
 
 from __future__ import annotations
 
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 try:  # CUDA only: one launch for K and V instead of two index_copy kernels (and RoPE in the same one)
     from treadle.gpu_worker.layers.triton_ops import rotary_store_kv, store_kv

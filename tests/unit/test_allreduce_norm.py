@@ -114,6 +114,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
+    os.environ["TREADLE_GEMV_PUSH"] = "1"  # the batch-1 push buffers too (_gemv_push_checks)
     par.init_parallel(rank, 2, dev, dtype=torch.bfloat16, custom_all_reduce=True, allreduce_fusion=True)
     failures = [] if par._FUSED is not None else ["fused state not set up"]
     norm = RMSNorm(4096, eps=1e-5).to(dev, torch.bfloat16)
@@ -171,8 +172,9 @@ def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
     from treadle.gpu_worker.layers.pdl import pdl_supported
     from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config
 
+    if not par._FUSED.gemv_push:
+        return ["TREADLE_GEMV_PUSH=1 did not turn the push on"]
     failures = []
-    par._FUSED.gemv_push = True
     w = (torch.randn(4096, 2048, generator=torch.Generator(device=dev).manual_seed(par.tp_rank() + 5), device=dev)
          / 40).to(torch.bfloat16)
     cfg = gemv_config(4096, 2048, pdl_supported(dev))
@@ -210,7 +212,6 @@ def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
         w2 = reference(y2.clone(), w1[1])
         if not all(torch.equal(a, b) for a, b in ((o1, w1[0]), (r1, w1[1]), (o2, w2[0]), (r2, w2[1]))):
             failures.append(f"GEMV push, graph replay {trial}: differs from NCCL + norm")
-    par._FUSED.gemv_push = False
     return failures
 
 
