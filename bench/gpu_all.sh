@@ -76,10 +76,16 @@ for stage in "$@"; do
                timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a --skip-hf \
                  --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
              done ;;
-    tp_push) for push in 0 1; do  # tp 2 at batch 1: the fused all-reduce with flags, then with the GEMV pushing its row
-               TREADLE_GEMV_PUSH=$push timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a \
-                 --skip-hf --engine-args '{"tp_size": 2}' --out $out/bench.jsonl 2>&1 | grep batch1 | sed "s/^/push=$push /"
+    tp_push) for off in 1 0; do  # tp 2 at batch 1: the fused all-reduce with flags, then with the GEMV pushing its row
+               TREADLE_DISABLE_GEMV_PUSH=$off timeout 100 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts a \
+                 --skip-hf --engine-args '{"tp_size": 2}' --out $out/bench.jsonl 2>&1 | grep batch1 | sed "s/^/push_disabled=$off /"
              done ;;
+    tp_cost) prof="timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only --batch 1"
+             $prof 2>&1 | grep "a step ("  # one GPU; then tp 2: default, flags at batch 1, no collectives at all
+             for v in "" "TREADLE_DISABLE_GEMV_PUSH=1" "--no-comm"; do
+               case $v in --*) $prof --tp 2 --fusion $v ;; *) env $v $prof --tp 2 --fusion ;; esac 2>&1 | grep "a step (" | sed "s/^/[$v] /"
+             done
+             TREADLE_DISABLE_PDL=1 $prof --tp 2 --fusion 2>&1 | grep -v -i warn | head -20 ;;
     profile_tp) for tp in 1 2; do
                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                     --batch 1 --tp $tp 2>&1 | grep -v -i warn
@@ -94,7 +100,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_pair, tp_push, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_pair, tp_push, tp_cost, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

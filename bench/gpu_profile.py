@@ -88,8 +88,21 @@ def run(config: str, batch: int, context: int, graphs: bool, device: str = "cuda
     shutil.rmtree(d, ignore_errors=True)
 
 
+def drop_communication(tp_size: int) -> None:
+    """Replace every TP collective of the forward by its local part (wrong sums, right shapes): the
+    step time left is the cost of the ranks' own kernels, so the difference is the communication's."""
+    from treadle.gpu_worker.layers import embedding, linear, norm
+
+    os.environ["TREADLE_DISABLE_GEMV_PUSH"] = "1"
+    norm.fused_all_reduce_rms_norm = lambda *args: None  # the norm then calls all_reduce, which is:
+    norm.all_reduce = embedding.all_reduce = linear.all_reduce = lambda x: x
+    embedding.all_gather_last_dim = lambda x: torch.cat([x] * tp_size, dim=-1)
+
+
 def run_rank(rank: int, a: argparse.Namespace, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if a.no_comm:
+        drop_communication(a.tp)
     for b in a.batch or [1]:
         run(a.config, b, a.context, True, a.device, rank, a.tp, a.fusion, a.kv_cache_dtype)
 
@@ -104,6 +117,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="profile rank 0 of this many TP ranks (graphs only)")
     p.add_argument("--fusion", action="store_true", help="with --tp: all-reduce fused into the RMSNorms")
     p.add_argument("--kv-cache-dtype", default="auto", help="e.g. fp8_e4m3")
+    p.add_argument("--no-comm", action="store_true", help="with --tp: time the step without its collectives")
     a = p.parse_args()
     if a.tp > 1:
         with socket.socket() as s:

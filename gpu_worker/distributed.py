@@ -35,6 +35,7 @@ _SYMM_GROUP = ""  # its group's name
 _FUSED: Optional["_FusedNormState"] = None  # all-reduce + residual + RMSNorm in one kernel (None: unfused)
 FUSED_MAX_ROWS = 256  # decode batches up to the largest captured graph
 WORD_ROW_MAX = 16384  # widest row (hidden size) a GEMV may push as tagged words
+GATHER_WORDS_MAX = 1 << 18  # widest vocab shard the LM head may gather as tagged words
 
 
 def symm_max_bytes(world: int) -> int:
@@ -57,9 +58,10 @@ class _FusedNormState:
         self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
         self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
         # Batch 1: the GEMV pushes its row as tagged words (allreduce_norm.push_words), the norm
-        # pulls it; opt-in (TREADLE_GEMV_PUSH=1, the same on every rank: the children inherit it)
-        # until measured on a GPU pair, and only then are its buffers allocated and mapped.
-        self.gemv_push = os.environ.get("TREADLE_GEMV_PUSH", "") == "1"
+        # pulls it (tp 2 batch 1 on two H200s: 386 tok/s against 372 with flags).
+        # TREADLE_DISABLE_GEMV_PUSH=1 keeps the flags at batch 1 too (the same on every rank: the
+        # children inherit the environment); its buffers are then never allocated.
+        self.gemv_push = os.environ.get("TREADLE_DISABLE_GEMV_PUSH", "") != "1"
         self.pushed_ptr: Optional[int] = None  # the pushed row that the next fused norm must pull
         if self.gemv_push:
             from treadle.gpu_worker.layers.allreduce_norm import word_dtype
@@ -67,6 +69,10 @@ class _FusedNormState:
             self.words = symm_mem.empty(2 * _TP_SIZE * WORD_ROW_MAX, dtype=word_dtype(dtype), device=device).zero_()
             self.word_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.words, group_name), self.words, device)
             self.word_count = torch.zeros(1, dtype=torch.int32, device=device)
+            # the LM head's logits at batch 1 (allreduce_norm.gathered_logits): a channel of their own
+            self.gather = symm_mem.empty(2 * _TP_SIZE * GATHER_WORDS_MAX, dtype=word_dtype(dtype), device=device).zero_()
+            self.gather_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.gather, group_name), self.gather, device)
+            self.gather_count = torch.zeros(2, dtype=torch.int32, device=device)  # the call count, finished programs
 
     @staticmethod
     def _peer_ptrs(handle, t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -165,9 +171,12 @@ def first_failed_rank(failed: bool, device: torch.device) -> Optional[int]:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum partial results of a row-parallel matmul over this stage's TP ranks (a no-op without TP)."""
+    """Sum partial results of a row-parallel matmul over this stage's TP ranks (a no-op without TP).
+    A row its kernel pushed to the peers (``note_pushed``) is summed from the words they pushed."""
     if _TP_SIZE == 1:
         return x
+    if _FUSED is not None and _FUSED.pushed_ptr is not None:
+        return _pull_pushed(x)
     buf = _SYMM_BUF
     if (buf is not None and x.dtype == buf.dtype and x.is_contiguous() and x.numel() <= buf.numel()
             and (x.numel() * x.element_size()) % 16 == 0 and (x.storage_offset() * x.element_size()) % 16 == 0):
@@ -196,12 +205,41 @@ def gemv_push_target(n: int, dtype: torch.dtype) -> Optional[PushTarget]:
     return PushTarget(f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
 
 
+def logits_push_target(n: int, dtype: torch.dtype) -> Optional[PushTarget]:
+    """The push target for the one-token LM head GEMV of ``n`` vocab rows (this rank's shard), or
+    None (push off, no fused state, shard too wide, another dtype); ``gather_logits`` follows."""
+    f = _FUSED
+    if f is None or not f.gemv_push or n > GATHER_WORDS_MAX or dtype != f.dtype:
+        return None
+    return PushTarget(f.gather_ptrs, f.gather_count[:1], GATHER_WORDS_MAX, _TP_RANK, _TP_SIZE)
+
+
+def gather_logits(y: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 logits ``[1, vocab]`` from this rank's shard ``y`` that the LM head's GEMV pushed
+    to the peers (``logits_push_target``): the peers' shards come from the own gather buffer."""
+    from treadle.gpu_worker.layers.allreduce_norm import gathered_logits
+
+    f = _FUSED
+    return gathered_logits(y, vocab, f.gather_ptrs, f.gather_count[:1], f.gather_count[1:], GATHER_WORDS_MAX,
+                           _TP_RANK, _TP_SIZE)
+
+
 def note_pushed(y: torch.Tensor) -> None:
     """``y`` (this rank's partial row) went to the peers with its GEMV: the next fused norm pulls
     it. Every push needs its pull before the next push (the counts must stay in step)."""
     if _FUSED.pushed_ptr is not None:
         raise RuntimeError("a GEMV pushed its row while the row pushed before was never reduced")
     _FUSED.pushed_ptr = y.data_ptr()
+
+
+def _pull_pushed(x: torch.Tensor) -> torch.Tensor:
+    from treadle.gpu_worker.layers.allreduce_norm import pulled_sum
+
+    f = _FUSED
+    if x.data_ptr() != f.pushed_ptr or x.shape[0] != 1:
+        raise RuntimeError("the row a kernel pushed must be the next one reduced")
+    f.pushed_ptr = None
+    return pulled_sum(x, f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
 
 
 def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,

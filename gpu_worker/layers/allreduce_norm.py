@@ -128,9 +128,11 @@ def allreduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 @triton.jit
 def pack_words(x, c, WIDE: tl.constexpr):
     """Values ``x`` (activation dtype) as words tagged with call count ``c`` in the high half."""
-    if WIDE:
-        return x.to(tl.uint32, bitcast=True).to(tl.uint64) | (c.to(tl.uint64) << 32)
-    return x.to(tl.uint16, bitcast=True).to(tl.uint32) | (c.to(tl.uint32) << 16)
+    if WIDE:  # (an else, not a second return: Triton compiles the code after a static if's return)
+        words = x.to(tl.uint32, bitcast=True).to(tl.uint64) | (c.to(tl.uint64) << 32)
+    else:
+        words = x.to(tl.uint16, bitcast=True).to(tl.uint32) | (c.to(tl.uint32) << 16)
+    return words
 
 
 @triton.jit
@@ -148,9 +150,25 @@ def push_words(y, idx, mask, word_ptrs, word_count, slot_elems, RANK: tl.constex
 
 
 @triton.jit
+def _unpack_words(w, WIDE: tl.constexpr, dtype: tl.constexpr):
+    """The values of tagged words (``pack_words``' inverse), in ``dtype``."""
+    bits = w.to(tl.uint32) if WIDE else w.to(tl.uint16)
+    return bits.to(dtype, bitcast=True)
+
+
+@triton.jit
+def _wait_words(src, mask, c, WIDE: tl.constexpr):
+    """Poll the words at ``src`` until every one under ``mask`` carries call count ``c``."""
+    w = tl.load(src, mask=mask, volatile=True)
+    while tl.sum((((w >> (32 if WIDE else 16)).to(tl.int32) != c) & mask).to(tl.int32), axis=0) > 0:
+        w = tl.load(src, mask=mask, volatile=True)  # not all of call c yet
+    return w
+
+
+@triton.jit
 def _pull_rms_norm_kernel(x_ptr, r_ptr, out_ptr, res_out_ptr, w_ptr, word_ptrs, word_count, slot_elems, n, eps,
-                          RANK: tl.constexpr, WORLD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
-                          PDL: tl.constexpr):
+                          RANK: tl.constexpr, WORLD: tl.constexpr, WIDE: tl.constexpr, NORM: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -164,13 +182,12 @@ def _pull_rms_norm_kernel(x_ptr, r_ptr, out_ptr, res_out_ptr, w_ptr, word_ptrs, 
         if peer == RANK:
             acc += x.to(tl.float32)
         else:
-            src = own + ((c % 2) * WORLD + peer).to(tl.int64) * slot_elems + cols
-            w = tl.load(src, mask=mask, volatile=True)
-            while tl.sum((((w >> (32 if WIDE else 16)).to(tl.int32) != c) & mask).to(tl.int32), axis=0) > 0:
-                w = tl.load(src, mask=mask, volatile=True)  # not all of call c yet
-            bits = w.to(tl.uint32) if WIDE else w.to(tl.uint16)
-            acc += bits.to(x.dtype, bitcast=True).to(tl.float32)
-    _add_and_norm(acc.to(x.dtype), r_ptr, res_out_ptr, out_ptr, w_ptr, cols, mask, n, eps)  # the flag kernel's bits
+            w = _wait_words(own + ((c % 2) * WORLD + peer).to(tl.int64) * slot_elems + cols, mask, c, WIDE)
+            acc += _unpack_words(w, WIDE, x.dtype).to(tl.float32)
+    if NORM:
+        _add_and_norm(acc.to(x.dtype), r_ptr, res_out_ptr, out_ptr, w_ptr, cols, mask, n, eps)  # the flag kernel's bits
+    else:  # the sum alone, rounded as an all-reduce hands it on
+        tl.store(out_ptr + cols, acc.to(x.dtype), mask=mask)
 
 
 def pulled_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -181,11 +198,65 @@ def pulled_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     n = x.shape[1]
     out = torch.empty((1, n), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     res_out = torch.empty((1, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-    block = triton.next_power_of_2(n)
-    _pull_rms_norm_kernel[(1,)](x, residual, out, res_out, weight, word_ptrs, word_count, slot_elems, n, eps,
-                                RANK=rank, WORLD=world, WIDE=x.element_size() == 4, BLOCK=block,
-                                num_warps=4 if block < 2048 else 8, **pdl_launch(pdl_supported(x.device)))
+    _pull(x, residual, out, res_out, weight, eps, word_ptrs, word_count, slot_elems, rank, world, norm=True)
     return out, res_out
+
+
+def pulled_sum(x: torch.Tensor, word_ptrs: torch.Tensor, word_count: torch.Tensor, slot_elems: int, rank: int,
+               world: int) -> torch.Tensor:
+    """The all-reduce of one row ``x [1, n]`` that its kernel pushed to the peers already (the
+    vocab-parallel embedding's): ``pulled_rms_norm`` without the residual and the norm."""
+    out = torch.empty_like(x)
+    _pull(x, x, out, out, x, 0.0, word_ptrs, word_count, slot_elems, rank, world, norm=False)
+    return out
+
+
+def _pull(x, residual, out, res_out, weight, eps, word_ptrs, word_count, slot_elems, rank, world, norm):
+    block = triton.next_power_of_2(x.shape[1])
+    _pull_rms_norm_kernel[(1,)](x, residual, out, res_out, weight, word_ptrs, word_count, slot_elems, x.shape[1],
+                                eps, RANK=rank, WORLD=world, WIDE=x.element_size() == 4, NORM=norm, BLOCK=block,
+                                num_warps=4 if block < 2048 else 8, **pdl_launch(pdl_supported(x.device)))
+
+
+# ---- the vocab-parallel LM head at batch 1: logits gathered as tagged words -------------------
+# The head's GEMV pushes its shard of the logits into every peer's gather buffer with
+# ``push_words`` (its own channel and count, so it never meets the rows above); ``gathered_logits``
+# then writes the whole float32 row, many programs each polling one chunk of one peer's words.
+# The last program to finish (an atomic count of finished programs) moves the call count on.
+
+@triton.jit
+def _gather_logits_kernel(y_ptr, out_ptr, word_ptrs, word_count, done, shard, vocab, slot_elems,
+                          RANK: tl.constexpr, WORLD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl_start(PDL)
+    src = tl.program_id(1)  # whose shard
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col = src * shard + j
+    mask = (j < shard) & (col < vocab)
+    c = (tl.load(word_count) + 1) & 0xFFFF
+    if src == RANK:
+        v = tl.load(y_ptr + j, mask=mask, other=0.0).to(tl.float32)
+    else:
+        own = tl.load(word_ptrs + RANK).to(tl.pointer_type(tl.uint64 if WIDE else tl.uint32))
+        w = _wait_words(own + ((c % 2) * WORLD + src).to(tl.int64) * slot_elems + j, mask, c, WIDE)
+        v = _unpack_words(w, WIDE, y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + col, v, mask=mask)
+    if tl.atomic_add(done, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:  # every program has read c
+        tl.store(word_count, c)
+        tl.store(done, 0)
+
+
+def gathered_logits(y: torch.Tensor, vocab: int, word_ptrs: torch.Tensor, word_count: torch.Tensor,
+                    done: torch.Tensor, slot_elems: int, rank: int, world: int) -> torch.Tensor:
+    """float32 logits ``[1, vocab]`` from this rank's shard ``y [1, shard]`` (whose GEMV pushed it
+    to the peers) and the peers' shards in the own gather buffer. ``done``: one int32, zero."""
+    shard = y.shape[1]
+    out = torch.empty((1, vocab), dtype=torch.float32, device=y.device)
+    block = 1024
+    _gather_logits_kernel[(triton.cdiv(shard, block), world)](
+        y, out, word_ptrs, word_count, done, shard, vocab, slot_elems, RANK=rank, WORLD=world,
+        WIDE=y.element_size() == 4, BLOCK=block, num_warps=4, **pdl_launch(pdl_supported(y.device)))
+    return out
 
 
 def word_dtype(dtype: torch.dtype) -> torch.dtype:

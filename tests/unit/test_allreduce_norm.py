@@ -86,9 +86,59 @@ def simulate_gemv_push_and_pull() -> dict:
             "out_err": (out - ref_out).abs().max().item(), "res_err": (res_out - ref_res).abs().max().item()}
 
 
+def simulate_embedding_and_logits() -> dict:
+    """Batch 1's other two trips, rank 0 of 2 (vocab 9, shards of 5): the embedding's kernel pushes
+    its row (zeros for a token of rank 1's) and the all-reduce pulls rank 1's words; the LM head's
+    GEMV pushes its logits shard into rank 1's gather buffer and ``gathered_logits`` writes the
+    whole float32 row from its own shard and rank 1's words (padding column cut off)."""
+    from treadle.gpu_worker.distributed import PushTarget
+    from treadle.gpu_worker.layers.allreduce_norm import gathered_logits, pulled_sum
+    from treadle.gpu_worker.layers.embedding import shard_embedding
+    from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv
+
+    g = torch.Generator().manual_seed(2)
+    vocab, shard, hidden, slot = 9, 5, 24, 32
+    table = torch.randn(2 * shard, hidden, generator=g)
+    table[vocab:] = 0
+    bufs = [torch.zeros(2 * 2 * slot, dtype=torch.int64), torch.zeros(2 * 2 * slot, dtype=torch.int64)]
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    count = torch.tensor([6], dtype=torch.int32)
+    result = {}
+    for tok in (3, 7):  # rank 0's token, then rank 1's
+        c = int(count) + 1
+        y = shard_embedding(torch.tensor([tok]), table[:shard], 0, shard, PushTarget(ptrs, count, slot, 0, 2))
+        pushed = torch.equal(bufs[1][(c % 2) * 2 * slot:][:hidden], _words(y[0], c))
+        other = table[tok] if tok >= shard else torch.zeros(hidden)  # rank 1's part
+        bufs[0][((c % 2) * 2 + 1) * slot:][:hidden] = _words(other, c)
+        got = pulled_sum(y, ptrs, count, slot, 0, 2)
+        result[f"embedding_{tok}"] = pushed and torch.equal(got[0], table[tok]) and int(count) == c
+
+    head = torch.randn(2 * shard, hidden, generator=g)
+    x = torch.randn(1, hidden, generator=g)
+    gbufs = [torch.zeros(2 * 2 * slot, dtype=torch.int64), torch.zeros(2 * 2 * slot, dtype=torch.int64)]
+    gptrs = torch.tensor([b.data_ptr() for b in gbufs], dtype=torch.int64)
+    gcount = torch.tensor([0xFFFF, 0], dtype=torch.int32)  # the next call is 0; no program finished
+    y = gemv(x, head[:shard], GemvConfig(4, 8, 4, False), push=PushTarget(gptrs, gcount[:1], slot, 0, 2))
+    pushed = torch.equal(gbufs[1][:shard], _words(y[0], 0))
+    gbufs[0][slot:][:shard] = _words(x[0] @ head[shard:].T, 0)  # rank 1's shard of call 0
+    gbufs[0][3 * slot:][:shard] = _words(torch.randn(shard, generator=g), 0xFFFF)  # stale, the other slot
+    logits = gathered_logits(y, vocab, gptrs, gcount[:1], gcount[1:], slot, 0, 2)
+    result["logits_err"] = (logits[0] - (x[0] @ head.T)[:vocab]).abs().max().item()
+    result["logits_ok"] = pushed and logits.shape == (1, vocab) and logits.dtype == torch.float32
+    result["gather_count"] = gcount.tolist()
+    return result
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     return interpret_script(__file__)
+
+
+def test_interpreted_embedding_and_logits(interpreted):
+    got = interpreted["embedding_and_logits"]
+    assert got["embedding_3"] and got["embedding_7"]
+    assert got["logits_ok"] and got["logits_err"] < 1e-5
+    assert got["gather_count"] == [0, 0]  # the count moved on to call 0, the finished-programs count reset
 
 
 def test_interpreted_gemv_push_and_pull(interpreted):
@@ -114,7 +164,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
-    os.environ["TREADLE_GEMV_PUSH"] = "1"  # the batch-1 push buffers too (_gemv_push_checks)
+    os.environ.pop("TREADLE_DISABLE_GEMV_PUSH", None)  # the batch-1 push buffers too (_gemv_push_checks)
     par.init_parallel(rank, 2, dev, dtype=torch.bfloat16, custom_all_reduce=True, allreduce_fusion=True)
     failures = [] if par._FUSED is not None else ["fused state not set up"]
     norm = RMSNorm(4096, eps=1e-5).to(dev, torch.bfloat16)
@@ -160,6 +210,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         if not (torch.equal(y, wy) and torch.equal(r, wr)):
             failures.append(f"graph replay {trial}: differs from NCCL + norm")
     failures += _gemv_push_checks(par, norm, reference, dev, g)
+    failures += _embedding_and_head_checks(par, dev, g)
     torch.cuda.synchronize()
     if rank == 0:
         torch.save(failures, out)
@@ -167,13 +218,13 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
-    """Batch 1 with the GEMV pushing its row (TREADLE_GEMV_PUSH's path): the same bits as NCCL +
+    """Batch 1 with the GEMV pushing its row (the default path): the same bits as NCCL +
     the norm, eagerly (both slots, flag-protocol calls in between) and replayed in a CUDA graph."""
     from treadle.gpu_worker.layers.pdl import pdl_supported
     from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config
 
     if not par._FUSED.gemv_push:
-        return ["TREADLE_GEMV_PUSH=1 did not turn the push on"]
+        return ["the batch-1 GEMV push is not on by default"]
     failures = []
     w = (torch.randn(4096, 2048, generator=torch.Generator(device=dev).manual_seed(par.tp_rank() + 5), device=dev)
          / 40).to(torch.bfloat16)
@@ -215,6 +266,58 @@ def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
     return failures
 
 
+def _embedding_and_head_checks(par, dev, g) -> list[str]:
+    """The vocab-parallel embedding (one token: pushed and pulled; three: the all-reduce) against
+    the whole table, and the LM head's one-token logits gathered as words against NCCL's
+    all-gather of the same GEMV's shards; eagerly and replayed in a CUDA graph."""
+    import torch.distributed as dist
+
+    from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+    from treadle.gpu_worker.layers.pdl import pdl_supported
+    from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config
+
+    failures, vocab, hidden = [], 50001, 4096  # an odd vocab: rank 1's shard has a padding row
+    table = torch.randn(vocab, hidden, generator=torch.Generator(device=dev).manual_seed(3), device=dev
+                        ).to(torch.bfloat16)
+    emb, head = VocabParallelEmbedding(vocab, hidden).to(dev), ParallelLMHead(vocab, hidden).to(dev)
+    for m in (emb, head):
+        m.weight.data = m.weight.data.to(torch.bfloat16)
+        m.weight_loader(m.weight, table)
+    head.gemv_config = gemv_config(*head.weight.shape, pdl_supported(dev))
+
+    def want_logits(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty(1, head.per_rank, dtype=torch.bfloat16, device=dev) for _ in range(2)]
+        dist.all_gather(parts, gemv(x, head.weight, head.gemv_config))
+        return torch.cat(parts, dim=-1)[:, :vocab].float()
+
+    for i, ids in enumerate(([5], [vocab - 1], [3, 40000, 25000], [30000])):
+        ids_t = torch.tensor(ids, device=dev)
+        if not torch.equal(emb(ids_t), table[ids_t]):
+            failures.append(f"embedding of {ids}: differs from the table")
+        x = torch.randn(1, hidden, generator=g, device=dev).to(torch.bfloat16)
+        if not torch.equal(head(x), want_logits(x)):
+            failures.append(f"LM head call {i}: differs from NCCL's all-gather")
+    ids_in = torch.zeros(1, dtype=torch.int64, device=dev)
+    x_in = torch.zeros(1, hidden, dtype=torch.bfloat16, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        emb(ids_in), head(x_in)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, logits = emb(ids_in), head(x_in)
+        logits2 = head(y)  # two gathers in one replay
+    for trial, tok in enumerate((7, 26000, vocab - 1)):
+        ids_in.fill_(tok)
+        x_in.copy_(torch.randn(1, hidden, generator=g, device=dev).to(torch.bfloat16))
+        graph.replay()
+        if not (torch.equal(y, table[tok:tok + 1]) and torch.equal(logits, want_logits(x_in))
+                and torch.equal(logits2, want_logits(y))):
+            failures.append(f"embedding + LM head, graph replay {trial}: differs")
+    return failures
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_gpus_match_nccl_and_unfused_norm(tmp_path):
@@ -223,4 +326,5 @@ def test_two_gpus_match_nccl_and_unfused_norm(tmp_path):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
-    print(json.dumps({"rank0": simulate_rank0(), "push": simulate_gemv_push_and_pull()}))
+    print(json.dumps({"rank0": simulate_rank0(), "push": simulate_gemv_push_and_pull(),
+                      "embedding_and_logits": simulate_embedding_and_logits()}))
