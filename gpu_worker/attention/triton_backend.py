@@ -22,6 +22,9 @@ from treadle.gpu_worker.forward_context import ForwardContext
 if TYPE_CHECKING:
     from treadle.gpu_worker.layers.attention import Attention
 
+# A decode batch that fills the GPU by itself still splits its long rows: into at most this many
+# programs a KV head, each of at least this many positions.
+LONG_ROW_SPLITS, LONG_ROW_CHUNK = 4, 512
 
 
 @dataclass
@@ -107,16 +110,21 @@ class TritonBackend(AttentionBackend):
             extend_attention(q, k_buf, v_buf, out, ctx.req_to_token, e.rows, e.items, layer.scaling, e.block_m)
         if meta.decode is not None:
             d = meta.decode
-            splits = self._num_splits(d.q_idx.shape[0], k_buf.shape[1], d.max_len)
+            splits, min_chunk = self._num_splits(d.q_idx.shape[0], k_buf.shape[1], d.max_len)
             decode_attention(q, k_buf, v_buf, out, ctx.req_to_token, d.q_idx, d.slots, d.seq_lens,
-                             layer.scaling, splits)
+                             layer.scaling, splits, min_chunk)
         return out
 
-    def _num_splits(self, bs: int, num_kv_heads: int, max_len: int) -> int:
-        """Enough (row, KV head, split) programs to cover the SMs about twice, but no split
-        shorter than one 64-token block of the longest row."""
+    def _num_splits(self, bs: int, num_kv_heads: int, max_len: int) -> tuple[int, int]:
+        """``(splits, min_chunk)`` of the decode launch. A small batch: enough (row, KV head, split)
+        programs to cover the SMs about twice, no split shorter than one 64-token block. A batch
+        that fills the GPU by itself: up to ``LONG_ROW_SPLITS`` splits, used only by rows of more
+        than ``LONG_ROW_CHUNK`` positions, so a long row is not one program's tail that the rest
+        of the step waits for."""
         want = triton.cdiv(2 * self.num_sms, bs * num_kv_heads)
-        return max(1, min(MAX_SPLITS, want, triton.cdiv(max_len, 64)))
+        if want >= LONG_ROW_SPLITS:
+            return max(1, min(MAX_SPLITS, want, triton.cdiv(max_len, 64))), 64
+        return max(1, min(LONG_ROW_SPLITS, triton.cdiv(max_len, LONG_ROW_CHUNK))), LONG_ROW_CHUNK
 
     # ---- CUDA graphs (decode-only batches) ----
 

@@ -2,7 +2,9 @@
 
 K/V may be stored narrower than the queries (an FP8 cache): they are widened as they load.
 
-Stage 1 gives each (row, KV head, split) program one contiguous chunk of the row's positions:
+Stage 1 gives each (row, KV head, split) program one contiguous chunk of the row's positions
+(a row uses at most ``cdiv(len, min_chunk)`` of the launch's splits, so with a large batch only
+long rows split, which evens out the programs' work; the unused programs store nothing):
 it loads the chunk's KV locations through ``req_to_token``, scores all query heads that share
 the KV head at once (GQA: K/V are read once, not once per query head) and writes a partial
 output plus its log-sum-exp. Stage 2 merges the splits. A single long row thus still fills the
@@ -24,13 +26,13 @@ MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped he
 # The split count and the strides that follow it change with the batch size: as plain runtime
 # values (not constexprs, not specialised on == 1) they leave one compiled kernel per model for
 # every batch size, so capturing 18 graph sizes compiles each kernel once, not once per size.
-_PER_BATCH = ["num_splits", "stride_lb", "stride_lh"]
+_PER_BATCH = ["num_splits", "min_chunk", "stride_lb", "stride_lh"]
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
-                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, num_splits,
+                   stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, num_splits, min_chunk,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
@@ -38,15 +40,17 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
     seq_len = tl.load(SeqLens + b)
     slot = tl.load(Slots + b).to(tl.int64)
     t = tl.load(QIdx + b)
-    # Per-row chunk, rounded up to whole blocks: short rows leave the trailing splits empty.
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # The row's share of the splits, and its chunk rounded up to whole blocks (so the last used
+    # splits may still come out empty); programs past the row's share store nothing.
+    used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+    chunk = tl.cdiv(tl.cdiv(seq_len, used), BLOCK_N) * BLOCK_N
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_h, mask_d = offs_h < G, offs_d < D
+    mask_h, mask_d = offs_h < tl.where(sp < used, G, 0), offs_d < D  # no head of an unused split
     heads = kvh * G + offs_h
     q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
@@ -84,13 +88,14 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
 
 
 @triton.jit(do_not_specialize=_PER_BATCH)
-def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                   stride_ot, stride_oh, num_splits, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _decode_stage2(MidO, MidLse, O, QIdx, SeqLens, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                   stride_ot, stride_oh, num_splits, min_chunk, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    mask_s, mask_d = offs_s < num_splits, offs_d < D
+    used = tl.maximum(tl.minimum(num_splits, tl.cdiv(tl.load(SeqLens + b), min_chunk)), 1)  # as stage 1
+    mask_s, mask_d = offs_s < used, offs_d < D
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
     o = tl.load(MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
@@ -102,11 +107,12 @@ def _decode_stage2(MidO, MidLse, O, QIdx, stride_mb, stride_mh, stride_ms, strid
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, q_idx: torch.Tensor, slots: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, num_splits: int) -> None:
+                     seq_lens: torch.Tensor, scale: float, num_splits: int, min_chunk: int = 64) -> None:
     """Write ``out[q_idx[b]]`` = attention of ``q[q_idx[b]]`` over positions ``[0, seq_lens[b])``.
 
     ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``; ``q_idx/slots/seq_lens [B]`` int
-    device tensors. Host values used: only shapes and ``num_splits``, so graph capture is safe.
+    device tensors. Host values used: only shapes, ``num_splits`` and ``min_chunk`` (the fewest
+    positions a split of a row gets, a multiple of 64), so graph capture is safe.
     """
     bs, (_, h, d), hkv = q_idx.shape[0], q.shape, k_buf.shape[1]
     g = h // hkv
@@ -122,12 +128,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), num_splits,
+        mid_lse.stride(0), mid_lse.stride(1), num_splits, min_chunk,
         G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
         F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
         num_warps=4, num_stages=3, **pdl)
     _decode_stage2[(bs, h)](
-        mid_o, mid_lse, out, q_idx, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits,
+        mid_o, mid_lse, out, q_idx, seq_lens, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits, min_chunk,
         D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
         num_warps=4 if block_d >= 128 else 2, **pdl)

@@ -107,6 +107,8 @@ INTERP_CASES = {  # name: (rows [(start, n)], heads, kv heads, head dim, backend
     "gqa4_d80_prefix": ([(30, 20), (9, 1), (64, 2)], 4, 1, 80, 4),
     "long_decode_16_splits": ([(300, 1), (1000, 1), (2, 1)], 4, 1, 64, 64),
     "long_decode_3_splits": ([(300, 1), (1000, 1), (2, 1)], 2, 1, 64, 4),
+    # a batch that fills the (4-SM) GPU: only rows longer than 512 positions split, up to 4 ways
+    "full_gpu_long_rows": ([(2100, 1), (1700, 1), (40, 1), (600, 1), (511, 1)], 4, 1, 64, 4),
 }
 
 
@@ -204,6 +206,18 @@ def test_cuda_short_extends(device, rows):
     case = Case(rows, 32, 8, 128, device=device, seed=len(rows))
     _check(case.run(TritonBackend(device=device, dtype=torch.bfloat16), torch.bfloat16), case.reference(),
            torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA)])
+def test_cuda_full_batch_decode(device):
+    """A decode batch that fills the GPU by itself (the long-row splits: rows over 512 positions
+    split up to 4 ways, the rest in one program), lengths from 1 to 5,000."""
+    rnd = random.Random(5)
+    rows = [(rnd.choice([0, 3, 511, 512, 513, 1500, 2049, 4999, rnd.randrange(5000)]), 1) for _ in range(96)]
+    case = Case(rows, 32, 8, 128, device=device, seed=96)
+    be = TritonBackend(device=device, dtype=torch.bfloat16)
+    assert be._num_splits(len(rows), 8, 5000) == (4, 512)
+    _check(case.run(be, torch.bfloat16), case.reference(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
