@@ -34,6 +34,20 @@ def interpret_script(test_file: str) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def interpreter_runs_loops() -> bool:
+    """Triton < 3.9's interpreter turns a loop bound into an int with ``int(array)``, which
+    numpy >= 2.4 refuses for its 1-element arrays: every runtime-bounded loop fails there."""
+    import numpy as np
+
+    try:
+        int(np.zeros(1))
+        return True
+    except TypeError:
+        import triton
+
+        return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
 def free_port() -> int:
     """A loopback port for a gloo rendezvous, chosen as the engine chooses its own."""
     return free_loopback_ports(1)[0]

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from kernel_helpers import interpret_script
+from kernel_helpers import interpret_script, interpreter_runs_loops
 
 KINDS = ("randn", "ties", "neg_inf", "nan", "zeros", "strided", "transposed")
 INF, NAN = float("inf"), float("nan")
@@ -98,6 +98,8 @@ def _name(kind, n, v, parts, dtype) -> str:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str]:
+    if not interpreter_runs_loops():  # the chunk loop has runtime bounds
+        pytest.skip("this triton's interpreter fails on numpy >= 2.4")
     return interpret_script(__file__)
 
 

@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_helpers import interpreter_runs_loops  # noqa: E402
 from treadle.gpu_worker.attention.torch_native import TorchNativeBackend  # noqa: E402
 from treadle.gpu_worker.attention.triton_backend import TritonBackend  # noqa: E402
 from treadle.gpu_worker.forward_context import ForwardContext  # noqa: E402
@@ -151,20 +152,7 @@ def _interp_main() -> int:
     return fails
 
 
-def _interpreter_runs_loops() -> bool:
-    """Triton < 3.9's interpreter turns a loop bound into an int with ``int(array)``, which
-    numpy >= 2.4 refuses for its 1-element arrays: every runtime-bounded loop fails there."""
-    import numpy as np
-    import triton
-
-    try:
-        int(np.zeros(1))
-        return True
-    except TypeError:
-        return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
-
-
-@pytest.mark.skipif(not _interpreter_runs_loops(), reason="this triton's interpreter fails on numpy >= 2.4")
+@pytest.mark.skipif(not interpreter_runs_loops(), reason="this triton's interpreter fails on numpy >= 2.4")
 def test_kernels_in_interpreter():
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "1",
