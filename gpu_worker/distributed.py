@@ -57,10 +57,12 @@ class _FusedNormState:
         self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
         self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
         self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
-        # Batch 1: the GEMV pushes its row as tagged words (allreduce_norm.push_words), the norm
-        # pulls it (tp 2 batch 1 on two H200s: 386 tok/s against 372 with flags).
-        # TREADLE_DISABLE_GEMV_PUSH=1 keeps the flags at batch 1 too (the same on every rank: the
-        # children inherit the environment); its buffers are then never allocated.
+        # Batch 1: the row-parallel GEMVs and the embedding push their rows as tagged words
+        # (allreduce_norm.push_words), the next norm or all_reduce pulls them (tp 2 batch 1 on two
+        # H200s: 386 tok/s against 372 with flags); the LM head pushes its logits shard the same
+        # way. TREADLE_DISABLE_GEMV_PUSH=1 keeps the flags, the one-shot all-reduce and NCCL's
+        # all-gather at batch 1 too (the same on every rank: the children inherit the
+        # environment); the word buffers are then never allocated.
         self.gemv_push = os.environ.get("TREADLE_DISABLE_GEMV_PUSH", "") != "1"
         self.pushed_ptr: Optional[int] = None  # the pushed row that the next fused norm must pull
         if self.gemv_push:
@@ -233,6 +235,7 @@ def note_pushed(y: torch.Tensor) -> None:
 
 
 def _pull_pushed(x: torch.Tensor) -> torch.Tensor:
+    """``all_reduce`` of the row ``x`` its kernel pushed (``note_pushed``): the peers' words."""
     from treadle.gpu_worker.layers.allreduce_norm import pulled_sum
 
     f = _FUSED
