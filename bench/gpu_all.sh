@@ -86,6 +86,10 @@ for stage in "$@"; do
                case $v in --*) $prof --tp 2 --fusion $v ;; *) env $v $prof --tp 2 --fusion ;; esac 2>&1 | grep "a step (" | sed "s/^/[$v] /"
              done
              TREADLE_DISABLE_PDL=1 $prof --tp 2 --fusion 2>&1 | grep -v -i warn | head -20 ;;
+    attn_tune) timeout 280 python bench/decode_attn_bench.py --rows 150 --rows 256 2>&1 | grep -v -i warn
+               for layout in contiguous shuffled; do  # what the pool's fragmentation costs, engine config only
+                 timeout 60 python bench/decode_attn_bench.py --rows 150 --layout $layout 2>&1 | grep -E "rows|engine now.* 64 / 4 / 3"
+               done ;;
     profile_tp) for tp in 1 2; do
                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                     --batch 1 --tp $tp 2>&1 | grep -v -i warn
@@ -100,7 +104,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_pair, tp_push, tp_cost, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_pair, tp_push, tp_cost, attn_tune, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

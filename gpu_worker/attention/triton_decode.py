@@ -14,6 +14,8 @@ count is a launch constant, so both launches can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -107,12 +109,15 @@ def _decode_stage2(MidO, MidLse, O, QIdx, SeqLens, stride_mb, stride_mh, stride_
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, q_idx: torch.Tensor, slots: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, num_splits: int, min_chunk: int = 64) -> None:
+                     seq_lens: torch.Tensor, scale: float, num_splits: int, min_chunk: int = 64,
+                     block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 3) -> None:
     """Write ``out[q_idx[b]]`` = attention of ``q[q_idx[b]]`` over positions ``[0, seq_lens[b])``.
 
     ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``; ``q_idx/slots/seq_lens [B]`` int
     device tensors. Host values used: only shapes, ``num_splits`` and ``min_chunk`` (the fewest
-    positions a split of a row gets, a multiple of 64), so graph capture is safe.
+    positions a split of a row gets, a multiple of 64), so graph capture is safe. ``block_n``
+    (positions a loop step), ``num_warps`` and ``num_stages`` of stage 1: the defaults are the
+    engine's, the others are for ``bench/decode_attn_bench.py``.
     """
     bs, (_, h, d), hkv = q_idx.shape[0], q.shape, k_buf.shape[1]
     g = h // hkv
@@ -123,7 +128,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     pdl = pdl_launch(pdl_supported(q.device))  # both kernels
     # An FP8 cache moves half the bytes a position: twice the positions a block keep as many in flight.
-    block_n = (128 if k_buf.element_size() == 1 else 64) if q.is_cuda else 32
+    if block_n is None:
+        block_n = (128 if k_buf.element_size() == 1 else 64) if q.is_cuda else 32
     _decode_stage1[(bs, hkv, num_splits)](
         q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
@@ -131,7 +137,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_lse.stride(0), mid_lse.stride(1), num_splits, min_chunk,
         G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
         F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
-        num_warps=4, num_stages=3, **pdl)
+        num_warps=num_warps, num_stages=num_stages, **pdl)
     _decode_stage2[(bs, h)](
         mid_o, mid_lse, out, q_idx, seq_lens, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits, min_chunk,
