@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import random
 import time
 from typing import Any, Optional
 
@@ -62,6 +63,7 @@ class Scheduler:
         self.init_ratio = min(0.7 * args.schedule_conservativeness, 1.0)
         self.min_ratio = min(0.1 * args.schedule_conservativeness, self.init_ratio)
         self.new_token_ratio = self.init_ratio  # expected share of max_new_tokens still to come (admission)
+        self.rng = random.Random(args.random_seed)  # schedule_policy="random"
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.arrivals = itertools.count()
@@ -229,7 +231,8 @@ class Scheduler:
 
     def _admit(self, budget: int, rows: list[PlanRow], new_slots: list[NewSlot], prefix_writes: list[PrefixWrite]) -> int:
         started = any(pre for _, _, _, pre in self.plan_rows)  # prefill work already in this step
-        for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority, self._prefix_len):
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority, self._prefix_len,
+                                 self._match_node, self.rng):
             if req.grammar is not None and not req.grammar.ready:
                 continue  # still compiling: others go ahead
             if self.slots.free_slots == 0:
@@ -315,6 +318,9 @@ class Scheduler:
 
     def _prefix_len(self, req: Req) -> int:
         return len(self._match(req, req.key_ids())[0]) * self.page_size if self.cache is not None else 0
+
+    def _match_node(self, req: Req) -> Any:
+        return self._match(req, req.key_ids())[1] if self.cache is not None else None
 
     # ------------------------------------------------------------------ memory
     def _available_pages(self) -> int:
