@@ -38,7 +38,8 @@ def detokenize(detok: IncrementalDetokenizer, batch: TokenOutBatch) -> StrOutBat
 
 def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
     args = spec.args
-    detok = IncrementalDetokenizer(load_tokenizer(spec.files.tokenizer_dir, args.trust_remote_code))
+    tokenizer = load_tokenizer(spec.files.tokenizer_dir, args.trust_remote_code, args.tokenizer_mode)
+    detok = IncrementalDetokenizer(tokenizer)
     recv = Receiver(ctx, spec.endpoints["detokenizer"], DETOKENIZER_IN, bind=True)
     inbox.send(ChildReady(name=spec.name))
     while True:

@@ -71,12 +71,16 @@ class _HFTokenizer:
             return self._t.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def load_tokenizer(tokenizer_dir: str, trust_remote_code: bool = False) -> Any:
-    if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not trust_remote_code:
+def load_tokenizer(tokenizer_dir: str, trust_remote_code: bool = False, mode: str = "auto") -> Any:
+    """The Rust tokenizer straight from ``tokenizer.json`` where there is one; else, with remote
+    code, or with ``mode="slow"`` (``tokenizer_mode``: the Python tokenizer, ``use_fast=False``,
+    where the model ships one), transformers' ``AutoTokenizer``."""
+    if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not trust_remote_code and mode != "slow":
         return FastTokenizer(tokenizer_dir)
     from transformers import AutoTokenizer
 
-    return _HFTokenizer(AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code))
+    return _HFTokenizer(AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code,
+                                                      use_fast=mode != "slow"))
 
 
 def _content(tok: Any) -> Any:

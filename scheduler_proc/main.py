@@ -35,7 +35,7 @@ class SchedulerLoop:
         self.to_workers = [Sender(ctx, ep, bind=ep.startswith("tcp://")) for ep in spec.extra["worker_endpoints"]]
         self.to_detok = Sender(ctx, spec.endpoints["detokenizer"])
         self.early_results: dict[int, StepResult] = {}
-        tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code)
+        tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code, self.args.tokenizer_mode)
         worker_info = self.worker_call("info")
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
         self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), worker_info,

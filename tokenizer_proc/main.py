@@ -26,7 +26,7 @@ class TokenizerWorker:
     def __init__(self, spec: ChildSpec) -> None:
         self.args = spec.args
         files = spec.files
-        self.tokenizer = load_tokenizer(files.tokenizer_dir, self.args.trust_remote_code)
+        self.tokenizer = load_tokenizer(files.tokenizer_dir, self.args.trust_remote_code, self.args.tokenizer_mode)
         cfg = load_config(files.model_dir)
         self.context_len = context_length(cfg, self.args, files.model_dir)
         self.vocab = vocab_size(cfg, self.tokenizer)

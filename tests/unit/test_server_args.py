@@ -29,7 +29,7 @@ INVALID = [
     ("chunked_prefill_size", 0), ("chunked_prefill_size", -2), ("chunked_prefill_size", 1.5),
     ("log_level", "loud"), ("log_level", "INFO"), ("log_level", None),
     ("dtype", "float8"), ("dtype", "int4"),
-    ("load_format", "pickle"), ("attention_backend", "fa3"), ("schedule_policy", "lifo"),
+    ("load_format", "pickle"), ("attention_backend", "fa3"), ("schedule_policy", "lifo"), ("tokenizer_mode", "fast"),
     ("grammar_backend", "outlines_x"), ("kv_cache_dtype", "int8"), ("quantization", "magic"),
     ("device", "tpu"), ("device", "gpu"),
     ("page_size", 0), ("page_size", -4), ("page_size", 2.0),

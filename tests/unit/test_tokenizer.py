@@ -65,6 +65,13 @@ def test_load_tokenizer_picks_fast(default_model_dir):
     assert isinstance(load_tokenizer(default_model_dir), FastTokenizer)
 
 
+def test_tokenizer_mode_slow_goes_through_transformers(default_model_dir, fast):
+    slow = load_tokenizer(default_model_dir, mode="slow")  # the model has no Python tokenizer: HF's own choice
+    assert not isinstance(slow, FastTokenizer)
+    for text in TEXTS:
+        assert slow.encode(text) == fast.encode(text)
+
+
 def test_vocab_and_special_ids(fast, hf_tokenizer):
     assert len(fast) == len(hf_tokenizer)
     assert fast.eos_token_id == hf_tokenizer.eos_token_id
