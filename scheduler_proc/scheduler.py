@@ -17,6 +17,7 @@ import random
 import time
 from typing import Any, Optional
 
+import msgspec
 import numpy as np
 
 from treadle.runtime.messages import (
@@ -33,6 +34,7 @@ from treadle.scheduler_proc.sessions import SessionTable
 from treadle.scheduler_proc.stop_checker import check_finish, ends_with_stop_prefix
 
 logger = logging.getLogger("treadle.scheduler")
+LOG_IDS_EDGE = 32  # log_requests_level 2 shows this many ids at each end
 PREEMPTION_GAP = 10  # priority gap that lets a waiting request displace a running one (SGLang's default)
 
 
@@ -119,7 +121,7 @@ class Scheduler:
             if tr.session is not None:
                 self.sessions.begin(tr.session, tr.rid, ids, items)
             if self.args.log_requests:
-                logger.info("receive rid=%s prompt_tokens=%d max_new_tokens=%d", tr.rid, len(ids), max_new)
+                self._log_request("receive", req, ids)
             if max_new == 0 and not tr.embed:
                 req.finish = FinishReason(type="length", length=0)
                 self._emit(req)
@@ -475,6 +477,23 @@ class Scheduler:
     def _emit(self, req: Req) -> None:
         self.outputs.append(req.token_out())
 
+    def _log_request(self, event: str, req: Req, ids: list[int]) -> None:
+        """``log_requests``: the request's sizes (level 0), its sampling parameters (1), the head and
+        tail of its prompt or output ids (2), all of them (3), as SGLang's ``log_requests_level``."""
+        level = self.args.log_requests_level
+        parts = [f"{event} rid={req.rid}"]
+        if event == "receive":
+            parts.append(f"prompt_tokens={len(ids)} max_new_tokens={req.max_new_tokens}")
+        else:
+            parts.append(f"completion_tokens={len(ids)} reason={req.finish.to_json()}")
+        if level >= 1 and event == "receive":
+            parts.append(f"sampling={msgspec.json.encode(req.tr.sampling).decode()}")
+        if level >= 2:
+            shown = ids if level >= 3 or len(ids) <= 2 * LOG_IDS_EDGE else \
+                [*ids[:LOG_IDS_EDGE], "...", *ids[-LOG_IDS_EDGE:]]
+            parts.append(f"{'input' if event == 'receive' else 'output'}_ids={shown}")
+        logger.info(" ".join(parts))
+
     def _release_finished(self) -> None:
         keep = []
         for req in self.running:
@@ -484,7 +503,7 @@ class Scheduler:
             if not req.finish_sent:
                 self._emit(req)
             if self.args.log_requests:
-                logger.info("finish rid=%s completion_tokens=%d reason=%s", req.rid, len(req.output_ids), req.finish.to_json())
+                self._log_request("finish", req, req.output_ids)
             session = req.tr.session
             self._free_kv(req)
             if session is not None:

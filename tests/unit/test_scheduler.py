@@ -685,3 +685,18 @@ def test_chunked_prompts_under_memory_pressure_never_overdraw_pages():
     assert done == {f"r{i}" for i in range(6)}
     assert all(len([o for o in d.outs if o.rid == f"r{i}"]) >= 1 for i in range(6))
     assert s.pages.free_pages == s.pages.num_pages and s.is_idle()
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_log_requests_levels(level, caplog):
+    s = make_sched(log_requests=True, log_requests_level=level)
+    s.add_requests([treq("logged", n_prompt=70, max_new_tokens=3, temperature=0.5)])
+    with caplog.at_level("INFO", logger="treadle.scheduler"):
+        s.add_requests([treq("logged2", n_prompt=70, max_new_tokens=3, temperature=0.5)])
+        Driver(s).run()
+    lines = [r.getMessage() for r in caplog.records if "logged2" in r.getMessage()]
+    receive, finish = (next(m for m in lines if m.startswith(e)) for e in ("receive", "finish"))
+    assert "prompt_tokens=70 max_new_tokens=3" in receive and "completion_tokens=3" in finish
+    assert ('"temperature":0.5' in receive) == (level >= 1)
+    assert ("input_ids=" in receive and "output_ids=" in finish) == (level >= 2)
+    assert ("'...'" in receive) == (level == 2)  # 70 ids: the middle left out at level 2 only
