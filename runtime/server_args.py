@@ -164,6 +164,8 @@ class ServerArgs:
         if self.schedule_conservativeness <= 0:
             raise ValueError("schedule_conservativeness must be positive.")
         _num("watchdog_timeout", self.watchdog_timeout)
+        if not 0 < self.watchdog_timeout < float("inf"):
+            raise ValueError(f"watchdog_timeout must be a positive number of seconds, got {self.watchdog_timeout}.")
         if self.preferred_sampling_params is not None:
             try:
                 if not isinstance(json.loads(self.preferred_sampling_params), dict):

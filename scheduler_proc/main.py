@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -91,10 +92,17 @@ class SchedulerLoop:
         self.to_detok.send(Shutdown())
 
     def wait_step(self, step: int) -> StepResult:
+        """The result of ``step``. Watchdog: a step that takes more than ``watchdog_timeout`` s means
+        a worker is stuck (a hung collective, a processor that never returns); the scheduler then
+        fails, which the client reports as the engine's death, instead of every call hanging."""
         if step in self.early_results:
             return self.early_results.pop(step)
+        deadline = time.monotonic() + self.args.watchdog_timeout
         while True:
-            msg = self.results.recv()
+            msg = self.results.recv(max(1, int((deadline - time.monotonic()) * 1000)))
+            if msg is None:
+                raise RuntimeError(f"step {step} ran for more than watchdog_timeout={self.args.watchdog_timeout:g} s: "
+                                   "a worker is stuck; the engine stops")
             if isinstance(msg, StepResult) and msg.step == step:
                 return msg
             if isinstance(msg, StepResult):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from treadle import Engine, EngineDeadError
+from treadle import CustomLogitProcessor, Engine, EngineDeadError
 
 from e2e_helpers import alive
 
@@ -110,3 +110,25 @@ def test_abort_request(engine):
     res = asyncio.run(run())
     assert res["meta_info"]["finish_reason"]["type"] == "abort"
     assert res["meta_info"]["completion_tokens"] < 3000
+
+
+class Stall(CustomLogitProcessor):
+    """Holds the worker inside a step for ``custom_params["seconds"]``: a stuck worker."""
+
+    def __call__(self, logits, custom_param_list):
+        time.sleep(custom_param_list[0]["seconds"])
+        return logits
+
+
+def test_watchdog_fails_calls_when_a_step_hangs():
+    eng = Engine(model_path="default", watchdog_timeout=2, enable_custom_logit_processor=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match="watchdog_timeout=2"):
+            eng.generate(prompt="Hi", custom_logit_processor=Stall, sampling_params={
+                "max_new_tokens": 4, "custom_params": {"seconds": 60}})
+        assert time.monotonic() - t0 < 10  # the 2 s watchdog, not the 60 s stall
+    finally:
+        pids = eng.get_all_child_pids()
+        eng.shutdown()
+    assert not any(alive(p) for p in pids)  # the stuck worker too

@@ -37,7 +37,7 @@ INVALID = [
     ("max_prefill_tokens", 0), ("cuda_graph_max_bs", 0), ("random_seed", -1), ("base_gpu_id", -1),
     ("gpu_id_step", 0), ("log_requests_level", 4), ("log_requests_level", -1),
     ("schedule_conservativeness", 0), ("schedule_conservativeness", -1.0), ("schedule_conservativeness", "1"),
-    ("watchdog_timeout", "300"),
+    ("watchdog_timeout", "300"), ("watchdog_timeout", 0), ("watchdog_timeout", float("inf")),
     ("preferred_sampling_params", "{not json"), ("preferred_sampling_params", "[1, 2]"),
     ("preferred_sampling_params", "3"), ("preferred_sampling_params", '"str"'),
     ("lora_paths", "a.safetensors"),
