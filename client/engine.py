@@ -293,7 +293,8 @@ class Engine:
         states = []
         for i, r in enumerate(reqs):
             want = (r.return_logprob, r.top_logprobs_num > 0, bool(r.token_ids_logprob), bool(r.return_hidden_states))
-            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None, want=want)
+            st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None, want=want,
+                          weight_version=self.server_args.weight_version)
             states.append((st, r.stream))
         payload = _checked_payload(GenerateBatch(call_id=call_id, reqs=reqs))
         self._sup.register(call_id, states)

@@ -30,8 +30,10 @@ class ReqState:
     """Accumulates one request's outputs; ``deliver`` hands items to whoever waits on it."""
 
     def __init__(self, rid: str, created: float, deliver: Callable[[Any], None], index: Optional[int] = None,
-                 want: tuple[bool, bool, bool, bool] = (False, False, False, False)) -> None:
+                 want: tuple[bool, bool, bool, bool] = (False, False, False, False),
+                 weight_version: str = "default") -> None:
         self.rid = rid
+        self.weight_version = weight_version  # the engine's ``weight_version``, echoed in meta_info
         self.created = created
         self.deliver = deliver
         self.index = index
@@ -49,7 +51,8 @@ class ReqState:
         if out.embedding:
             return {"embedding": np.frombuffer(out.embedding, dtype=np.float32).tolist(), "meta_info": {
                 "id": self.rid, "finish_reason": out.finish.to_json() if out.finish else None,
-                "prompt_tokens": out.prompt_tokens, "e2e_latency": time.time() - self.created}}
+                "prompt_tokens": out.prompt_tokens, "weight_version": self.weight_version,
+                "e2e_latency": time.time() - self.created}}
         self.text += out.text
         self.output_ids.extend(out.new_ids)
         new = self._fold_meta(out.meta)
@@ -61,6 +64,7 @@ class ReqState:
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens,
+            "weight_version": self.weight_version,
         }
         if out.mm_tokens:
             self.mm_tokens = out.mm_tokens

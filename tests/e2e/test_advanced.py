@@ -34,7 +34,8 @@ class Explodes(CustomLogitProcessor):
 
 @pytest.fixture(scope="module")
 def flagged_engine():
-    eng = Engine(model_path="default", enable_return_hidden_states=True, enable_custom_logit_processor=True)
+    eng = Engine(model_path="default", enable_return_hidden_states=True, enable_custom_logit_processor=True,
+                 weight_version="v7")
     yield eng
     eng.shutdown()
 
@@ -89,7 +90,8 @@ def test_bad_processor_fails_only_the_call(flagged_engine):
         flagged_engine.generate(prompt="Hi", custom_logit_processor="no.such.module:Thing")
     with pytest.raises(ValueError, match="registered name"):
         flagged_engine.generate(prompt="Hi", custom_logit_processor="never_registered")
-    assert flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+    meta = flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]
+    assert meta["completion_tokens"] == 2 and meta["weight_version"] == "v7"  # the engine's weight_version
 
 
 def test_a_processor_that_raises_fails_only_its_request(flagged_engine):

@@ -9,7 +9,8 @@ import pytest
 from treadle.client.results import BatchResult, ReqState
 from treadle.runtime.messages import FinishReason, StrOut
 
-FINAL_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"}
+FINAL_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
+              "e2e_latency"}
 
 
 # ------------------------------------------------------------------ BatchResult
