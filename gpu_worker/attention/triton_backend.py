@@ -118,11 +118,11 @@ class TritonBackend(AttentionBackend):
     def _num_splits(self, bs: int, num_kv_heads: int, max_len: int) -> tuple[int, int]:
         """``(splits, min_chunk)`` of the decode launch. A small batch: enough (row, KV head, split)
         programs to cover the SMs about twice, no split shorter than one 64-token block. A batch
-        that fills the GPU by itself: up to ``LONG_ROW_SPLITS`` splits, used only by rows of more
-        than ``LONG_ROW_CHUNK`` positions, so a long row is not one program's tail that the rest
-        of the step waits for."""
+        whose (row, KV head) programs alone cover the SMs twice: up to ``LONG_ROW_SPLITS`` splits,
+        used only by rows of more than ``LONG_ROW_CHUNK`` positions, so a long row is not one
+        program's tail that the rest of the step waits for."""
         want = triton.cdiv(2 * self.num_sms, bs * num_kv_heads)
-        if want >= LONG_ROW_SPLITS:
+        if want > 1:
             return max(1, min(MAX_SPLITS, want, triton.cdiv(max_len, 64))), 64
         return max(1, min(LONG_ROW_SPLITS, triton.cdiv(max_len, LONG_ROW_CHUNK))), LONG_ROW_CHUNK
 

@@ -108,8 +108,8 @@ INTERP_CASES = {  # name: (rows [(start, n)], heads, kv heads, head dim, backend
     "gqa4_d80_prefix": ([(30, 20), (9, 1), (64, 2)], 4, 1, 80, 4),
     "long_decode_16_splits": ([(300, 1), (1000, 1), (2, 1)], 4, 1, 64, 64),
     "long_decode_3_splits": ([(300, 1), (1000, 1), (2, 1)], 2, 1, 64, 4),
-    # a batch that fills the (4-SM) GPU: only rows longer than 512 positions split, up to 4 ways
-    "full_gpu_long_rows": ([(2100, 1), (1700, 1), (40, 1), (600, 1), (511, 1)], 4, 1, 64, 4),
+    # a batch that fills the (2-SM) GPU twice: only rows longer than 512 positions split, up to 4 ways
+    "full_gpu_long_rows": ([(2100, 1), (1700, 1), (40, 1), (600, 1), (511, 1)], 4, 1, 64, 2),
 }
 
 
@@ -159,6 +159,17 @@ def test_kernels_in_interpreter():
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_decode_split_policy():
+    """Small batches split every row to fill the SMs; a batch whose (row, KV head) programs cover
+    the SMs twice splits only rows over 512 positions, at most 4 ways."""
+    be = TritonBackend(device="cpu", dtype=torch.float32)
+    be.num_sms = 132
+    assert be._num_splits(1, 8, 544) == (9, 64)  # batch 1: 64-position splits of the row
+    assert be._num_splits(20, 8, 10_000) == (2, 64)  # 160 programs: two splits each
+    assert be._num_splits(33, 8, 10_000) == (4, 512)
+    assert be._num_splits(96, 8, 300) == (1, 512)
 
 
 # ---- CUDA: bf16 and fp32, bigger shapes, a captured graph ----
