@@ -14,6 +14,7 @@ for stage in "$@"; do
   case $stage in
     tests) timeout 300 python -m pytest tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py tests/unit/test_lora.py \
+             tests/unit/test_triton_argmax.py \
              -p no:cacheprovider -rfE 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     rope_bits) timeout 120 python -m pytest tests/unit/test_fused_ops.py -k same_bits -x -p no:cacheprovider 2>&1 \
                  | grep -E "Mismatch|Greatest|index|passed|failed" | head -12 ;;
