@@ -50,12 +50,15 @@ class _FusedNormState:
     this rank's per-row call counts."""
 
     def __init__(self, symm_mem, group_name: str, device: torch.device, dtype: torch.dtype) -> None:
+        def mapped(numel: int, of: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            """A zeroed symmetric buffer (kept as an attribute) and every rank's address of it."""
+            t = symm_mem.empty(numel, dtype=of, device=device).zero_()
+            return t, self._peer_ptrs(symm_mem.rendezvous(t, group_name), t, device)
+
         self.dtype = dtype
         self.slot_elems = symm_max_bytes(_TP_SIZE) // dtype.itemsize
-        self.buf = symm_mem.empty(2 * _TP_SIZE * self.slot_elems, dtype=dtype, device=device)
-        self.flags = symm_mem.empty(_TP_SIZE * FUSED_MAX_ROWS, dtype=torch.int32, device=device).zero_()
-        self.buf_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.buf, group_name), self.buf, device)
-        self.flag_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.flags, group_name), self.flags, device)
+        self.buf, self.buf_ptrs = mapped(2 * _TP_SIZE * self.slot_elems, dtype)
+        self.flags, self.flag_ptrs = mapped(_TP_SIZE * FUSED_MAX_ROWS, torch.int32)
         self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
         # Batch 1: the row-parallel GEMVs and the embedding push their rows as tagged words
         # (allreduce_norm.push_words), the next norm or all_reduce pulls them (tp 2 batch 1 on two
@@ -68,13 +71,12 @@ class _FusedNormState:
         if self.gemv_push:
             from treadle.gpu_worker.layers.allreduce_norm import word_dtype
 
-            self.words = symm_mem.empty(2 * _TP_SIZE * WORD_ROW_MAX, dtype=word_dtype(dtype), device=device).zero_()
-            self.word_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.words, group_name), self.words, device)
+            self.words, self.word_ptrs = mapped(2 * _TP_SIZE * WORD_ROW_MAX, word_dtype(dtype))
             self.word_count = torch.zeros(1, dtype=torch.int32, device=device)
             # the LM head's logits at batch 1 (allreduce_norm.gathered_logits): a channel of their own
-            self.gather = symm_mem.empty(2 * _TP_SIZE * GATHER_WORDS_MAX, dtype=word_dtype(dtype), device=device).zero_()
-            self.gather_ptrs = self._peer_ptrs(symm_mem.rendezvous(self.gather, group_name), self.gather, device)
-            self.gather_count = torch.zeros(2, dtype=torch.int32, device=device)  # the call count, finished programs
+            self.gather, self.gather_ptrs = mapped(2 * _TP_SIZE * GATHER_WORDS_MAX, word_dtype(dtype))
+            counts = torch.zeros(2, dtype=torch.int32, device=device)
+            self.gather_count, self.gather_done = counts[:1], counts[1:]  # the call count, finished programs
 
     @staticmethod
     def _peer_ptrs(handle, t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -213,7 +215,7 @@ def logits_push_target(n: int, dtype: torch.dtype) -> Optional[PushTarget]:
     f = _FUSED
     if f is None or not f.gemv_push or n > GATHER_WORDS_MAX or dtype != f.dtype:
         return None
-    return PushTarget(f.gather_ptrs, f.gather_count[:1], GATHER_WORDS_MAX, _TP_RANK, _TP_SIZE)
+    return PushTarget(f.gather_ptrs, f.gather_count, GATHER_WORDS_MAX, _TP_RANK, _TP_SIZE)
 
 
 def gather_logits(y: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -222,8 +224,7 @@ def gather_logits(y: torch.Tensor, vocab: int) -> torch.Tensor:
     from treadle.gpu_worker.layers.allreduce_norm import gathered_logits
 
     f = _FUSED
-    return gathered_logits(y, vocab, f.gather_ptrs, f.gather_count[:1], f.gather_count[1:], GATHER_WORDS_MAX,
-                           _TP_RANK, _TP_SIZE)
+    return gathered_logits(y, vocab, f.gather_ptrs, f.gather_count, f.gather_done, GATHER_WORDS_MAX, _TP_RANK, _TP_SIZE)
 
 
 def note_pushed(y: torch.Tensor) -> None:
@@ -234,14 +235,20 @@ def note_pushed(y: torch.Tensor) -> None:
     _FUSED.pushed_ptr = y.data_ptr()
 
 
-def _pull_pushed(x: torch.Tensor) -> torch.Tensor:
-    """``all_reduce`` of the row ``x`` its kernel pushed (``note_pushed``): the peers' words."""
-    from treadle.gpu_worker.layers.allreduce_norm import pulled_sum
-
+def _claim_pushed(x: torch.Tensor) -> "_FusedNormState":
+    """The pushed row (``note_pushed``) is being reduced now: check that ``x`` is it, clear it."""
     f = _FUSED
     if x.data_ptr() != f.pushed_ptr or x.shape[0] != 1:
         raise RuntimeError("the row a kernel pushed must be the next one reduced")
     f.pushed_ptr = None
+    return f
+
+
+def _pull_pushed(x: torch.Tensor) -> torch.Tensor:
+    """``all_reduce`` of the row ``x`` its kernel pushed (``note_pushed``): the peers' words."""
+    from treadle.gpu_worker.layers.allreduce_norm import pulled_sum
+
+    f = _claim_pushed(x)
     return pulled_sum(x, f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
 
 
@@ -253,9 +260,9 @@ def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
     rank sees the same shapes, so every rank takes the same path."""
     f = _FUSED
     if f is not None and f.pushed_ptr is not None:
-        if x.data_ptr() != f.pushed_ptr or residual is None or x.shape[0] != 1 or residual.stride(-1) != 1:
+        if residual is None or residual.stride(-1) != 1:
             raise RuntimeError("the row a GEMV pushed must go to the next fused norm, with a residual")
-        f.pushed_ptr = None
+        _claim_pushed(x)
         from treadle.gpu_worker.layers.allreduce_norm import pulled_rms_norm
 
         return pulled_rms_norm(x, residual, weight, eps, f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)

@@ -32,14 +32,14 @@ def priority_of(req: Req) -> int:
     return LOWEST_PRIORITY if req.tr.priority is None else req.tr.priority
 
 
-def order_waiting(waiting: list[Req], policy: str, priority: bool, prefix_len: Callable[[Req], int],
-                  match_node: Callable[[Req], Any], rng: random.Random) -> list[Req]:
+def order_waiting(waiting: list[Req], policy: str, priority: bool, match: Callable[[Req], tuple[list[int], Any]],
+                  rng: random.Random) -> list[Req]:
     """The queue in admission order (``waiting`` is in arrival order, retracted requests first).
-    ``prefix_len``/``match_node``: a request's cached prefix length / the radix node it ends on
-    (None without a cache)."""
+    ``match``: a request's cached prefix, as ``(its pages, the radix node it ends on)`` (``([],
+    None)`` without a cache)."""
     small = len(waiting) <= LPM_MAX_QUEUE
     if policy == "lpm" and small:
-        lengths = {id(r): prefix_len(r) for r in waiting}
+        lengths = {id(r): len(match(r)[0]) for r in waiting}
         key = (lambda r: -lengths[id(r)])
     elif policy == "lof":
         key = (lambda r: -r.max_new_tokens)
@@ -47,7 +47,7 @@ def order_waiting(waiting: list[Req], policy: str, priority: bool, prefix_len: C
         if policy == "random":
             order = rng.sample(waiting, len(waiting))
         else:
-            order = dfs_weight_order(waiting, match_node)
+            order = dfs_weight_order(waiting, lambda r: match(r)[1])
         rank = {id(r): i for i, r in enumerate(order)}
         key = (lambda r: rank[id(r)])
     else:

@@ -233,8 +233,8 @@ class Scheduler:
 
     def _admit(self, budget: int, rows: list[PlanRow], new_slots: list[NewSlot], prefix_writes: list[PrefixWrite]) -> int:
         started = any(pre for _, _, _, pre in self.plan_rows)  # prefill work already in this step
-        for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority, self._prefix_len,
-                                 self._match_node, self.rng):
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.priority,
+                                 lambda r: self._match(r, r.key_ids()), self.rng):
             if req.grammar is not None and not req.grammar.ready:
                 continue  # still compiling: others go ahead
             if self.slots.free_slots == 0:
@@ -318,11 +318,6 @@ class Scheduler:
             cap = min(cap, req.tr.logprob_start_len)
         return self.cache.match_prefix(ids, max_len=cap, namespace=req.cache_namespace)
 
-    def _prefix_len(self, req: Req) -> int:
-        return len(self._match(req, req.key_ids())[0]) * self.page_size if self.cache is not None else 0
-
-    def _match_node(self, req: Req) -> Any:
-        return self._match(req, req.key_ids())[1] if self.cache is not None else None
 
     # ------------------------------------------------------------------ memory
     def _available_pages(self) -> int:

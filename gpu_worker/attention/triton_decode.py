@@ -31,6 +31,12 @@ MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped he
 _PER_BATCH = ["num_splits", "min_chunk", "stride_lb", "stride_lh"]
 
 
+@triton.jit
+def _splits_used(seq_len, num_splits, min_chunk):
+    """How many of the launch's splits a row of ``seq_len`` positions uses (stage 1 and 2 agree)."""
+    return tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+
+
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
@@ -44,7 +50,7 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
     t = tl.load(QIdx + b)
     # The row's share of the splits, and its chunk rounded up to whole blocks (so the last used
     # splits may still come out empty); programs past the row's share store nothing.
-    used = tl.maximum(tl.minimum(num_splits, tl.cdiv(seq_len, min_chunk)), 1)
+    used = _splits_used(seq_len, num_splits, min_chunk)
     chunk = tl.cdiv(tl.cdiv(seq_len, used), BLOCK_N) * BLOCK_N
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, seq_len)
@@ -96,7 +102,7 @@ def _decode_stage2(MidO, MidLse, O, QIdx, SeqLens, stride_mb, stride_mh, stride_
     pdl_start(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    used = tl.maximum(tl.minimum(num_splits, tl.cdiv(tl.load(SeqLens + b), min_chunk)), 1)  # as stage 1
+    used = _splits_used(tl.load(SeqLens + b), num_splits, min_chunk)
     mask_s, mask_d = offs_s < used, offs_d < D
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite

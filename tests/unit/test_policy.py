@@ -28,9 +28,8 @@ def rids(reqs: list[Req]) -> list[str]:
 
 
 def order(waiting, policy, priority=False, cache=None, seed=0):
-    match = (lambda r: cache.match_prefix(r.tr.input_ids, len(r.tr.input_ids) - 1)[1]) if cache else (lambda r: None)
-    plen = (lambda r: len(cache.match_prefix(r.tr.input_ids, len(r.tr.input_ids) - 1)[0])) if cache else (lambda r: 0)
-    return rids(order_waiting(waiting, policy, priority, plen, match, random.Random(seed)))
+    match = (lambda r: cache.match_prefix(r.tr.input_ids, len(r.tr.input_ids) - 1)) if cache else (lambda r: ([], None))
+    return rids(order_waiting(waiting, policy, priority, match, random.Random(seed)))
 
 
 def test_fcfs_and_lof():
