@@ -10,7 +10,12 @@ drawn as the workload makes them (input uniform in [1, 4096] plus a uniform shar
 uniform in [1, 2048]), over a grid of stage-1 launch configs and split policies, and prints the
 K/V bytes read per second. ``--layout``: where a row's positions live in the pool: ``contiguous``,
 ``runs16`` (runs of 16 locations in random order, the default) or ``shuffled`` (every position
-anywhere), to see what the allocator's fragmentation costs.
+anywhere), to see what the allocator's fragmentation costs. ``--head-major``: each layer's pool
+stored ``[kv_heads, locations, head_dim]`` instead of ``[locations, kv_heads, head_dim]`` (the kernel
+takes strides, so only the buffer changes), which makes a program's reads of one KV head contiguous
+wherever a row's locations are. ``--configs engine`` times only the engine's launch config. Each row
+count also prints the rate of one plain read of the same bytes (``torch.sum``), as the card's
+attainable ceiling.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, action="append")
     p.add_argument("--kv-dtype", default="bfloat16", choices=["bfloat16", "fp8_e4m3"])
     p.add_argument("--layout", default="runs16", choices=["contiguous", "runs16", "shuffled"])
+    p.add_argument("--head-major", action="store_true")
+    p.add_argument("--configs", default="grid", choices=["grid", "engine"])
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     dev = torch.device("cuda")
@@ -77,8 +84,12 @@ def main() -> None:
         lengths = workload_lengths(rows, a.seed)
         locs = locations(lengths, a.layout, a.seed)
         total = sum(lengths)
-        k_buf = torch.randn(total, HKV, D, device=dev).to(kv_dtype)
-        v_buf = torch.randn(total, HKV, D, device=dev).to(kv_dtype)
+        if a.head_major:
+            k_buf = torch.randn(HKV, total, D, device=dev).to(kv_dtype).transpose(0, 1)
+            v_buf = torch.randn(HKV, total, D, device=dev).to(kv_dtype).transpose(0, 1)
+        else:
+            k_buf = torch.randn(total, HKV, D, device=dev).to(kv_dtype)
+            v_buf = torch.randn(total, HKV, D, device=dev).to(kv_dtype)
         r2t = torch.zeros(rows, max(lengths), dtype=torch.int32, device=dev)
         for i, loc in enumerate(locs):
             r2t[i, :len(loc)] = loc.to(dev, torch.int32)
@@ -87,24 +98,27 @@ def main() -> None:
         idx = torch.arange(rows, dtype=torch.int32, device=dev)
         seq_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
         gbytes = total * HKV * D * 2 * k_buf.element_size() / 1e9
-        print(f"{rows} rows, {total:,} positions (longest {max(lengths):,}), {gbytes:.2f} GB of K/V a layer")
+        print(f"{rows} rows, {total:,} positions (longest {max(lengths):,}), {gbytes:.2f} GB of K/V a layer; "
+              f"one plain read of as many bytes: {gbytes / time_ms(lambda: (k_buf.sum(), v_buf.sum())):.2f} TB/s")
         engine = TritonBackend(device=dev, dtype=torch.bfloat16)._num_splits(rows, HKV, max(lengths))
         policies = {"engine now": engine, "one split": (1, 64),
                     "8 x 256": (8, 256), "4 x 1024": (4, 1024)}
+        grid = itertools.product(policies.items(), (32, 64, 128), (4, 8), (2, 3, 4))
+        if a.configs == "engine":
+            grid = [(("engine now", engine), None, 4, 3)]  # the engine's own block size
         ref = None
-        for (name, (splits, chunk)), bn, warps, stages in itertools.product(
-                policies.items(), (32, 64, 128), (4, 8), (2, 3, 4)):
+        for (name, (splits, chunk)), bn, warps, stages in grid:
             def call():
                 decode_attention(q, k_buf, v_buf, out, r2t, idx, idx, seq_lens, D ** -0.5, splits, chunk,
                                  block_n=bn, num_warps=warps, num_stages=stages)
             try:
                 ms = time_ms(call)
             except Exception as e:  # e.g. out of shared memory for the bigger tiles
-                print(f"  {name:10s} {bn:3d} / {warps} / {stages}: {type(e).__name__}")
+                print(f"  {name:10s} {bn or '-':>3} / {warps} / {stages}: {type(e).__name__}")
                 continue
             ref = out.clone() if ref is None else ref
             err = (out.float() - ref.float()).abs().max().item()
-            print(f"  {name:10s} ({splits:2d} x {chunk:4d})  {bn:3d} / {warps} / {stages}: {ms:7.3f} ms  "
+            print(f"  {name:10s} ({splits:2d} x {chunk:4d})  {bn or '-':>3} / {warps} / {stages}: {ms:7.3f} ms  "
                   f"{gbytes / ms:5.2f} TB/s  (max diff to the first config {err:.1e})", flush=True)
 
 

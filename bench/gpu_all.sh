@@ -87,10 +87,22 @@ for stage in "$@"; do
                case $v in --*) $prof --tp 2 --fusion $v ;; *) env $v $prof --tp 2 --fusion ;; esac 2>&1 | grep "a step (" | sed "s/^/[$v] /"
              done
              TREADLE_DISABLE_PDL=1 $prof --tp 2 --fusion 2>&1 | grep -v -i warn | head -20 ;;
-    attn_tune) timeout 280 python bench/decode_attn_bench.py --rows 150 --rows 256 2>&1 | grep -v -i warn
+    attn_tune) for major in "" --head-major; do  # the launch-config grid, token-major and head-major pools
+                 timeout 200 python bench/decode_attn_bench.py --rows 150 --rows 256 $major 2>&1 | grep -v -i warn
+               done
                for layout in contiguous shuffled; do  # what the pool's fragmentation costs, engine config only
-                 timeout 60 python bench/decode_attn_bench.py --rows 150 --layout $layout 2>&1 | grep -E "rows|engine now.* 64 / 4 / 3"
+                 for major in "" --head-major; do
+                   timeout 60 python bench/decode_attn_bench.py --rows 150 --layout $layout --configs engine $major 2>&1 \
+                     | grep -v -i warn | sed "s/^/[$layout $major] /"
+                 done
                done ;;
+    ci_mem) for args in ${CI_ARGS:-'{}'}; do  # the CI workload (one GPU) with the card's memory in use polled each second
+              (while sleep 1; do nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader,nounits; done) > /tmp/mem.txt &
+              poll=$!
+              timeout 230 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf \
+                --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep -E '^\{|KV|pool'
+              kill $poll; sort -t, -k1 -n /tmp/mem.txt | tail -1 | sed "s/^/peak MiB used, total: /"
+            done ;;
     profile_tp) for tp in 1 2; do
                   timeout 100 python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json --graphs-only \
                     --batch 1 --tp $tp 2>&1 | grep -v -i warn
@@ -105,7 +117,7 @@ for stage in "$@"; do
                 timeout 200 python bench/gpu_bench.py --shape llama8b --tokenizer-dir $tok --parts b --skip-hf --ci-prompts 200 \
                   --engine-args "$args" --out $out/bench.jsonl 2>&1 | grep '^{'
               done ;;
-    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_pair, tp_push, tp_cost, attn_tune, tp_bench)" ;;
+    *) echo "unknown stage $stage (tests, check, fp8_ci, gemv, pdl, gemv_layouts, smol_b1, b1_8b, b1_gemv, ci500, ci500_1, tests_log, rope_bits, mm, mm_bench, mm_trace, ci_trace, profile, profile_tp, profile_ci, fp8_profile, bench, tp_tests, tp_check, tp_fusion, layouts, tp_b1, tp_pair, tp_push, tp_cost, attn_tune, ci_mem, tp_bench)" ;;
   esac
   pkill -9 -f multiprocessing.spawn 2>/dev/null  # a stage cut off by its time limit leaves no engine processes behind
 done

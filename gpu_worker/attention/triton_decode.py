@@ -14,6 +14,7 @@ count is a launch constant, so both launches can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +24,13 @@ import triton.language as tl
 from treadle.gpu_worker.layers.pdl import pdl_launch, pdl_start, pdl_supported
 
 MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped here)
+WIDE_BLOCK_SMEM = 200 * 1024  # shared memory a block may take for 128-position bf16 blocks (Hopper, Blackwell DC)
+
+
+@functools.lru_cache(maxsize=None)
+def _fits_wide_blocks(device: torch.device) -> bool:
+    """Whether 128-position bf16 K/V blocks in three pipeline stages (~192 KB) fit a block's shared memory."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) >= WIDE_BLOCK_SMEM
 
 
 # The split count and the strides that follow it change with the batch size: as plain runtime
@@ -124,6 +132,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     positions a split of a row gets, a multiple of 64), so graph capture is safe. ``block_n``
     (positions a loop step), ``num_warps`` and ``num_stages`` of stage 1: the defaults are the
     engine's, the others are for ``bench/decode_attn_bench.py``.
+
+    The default block: 128 positions for an FP8 cache (half the bytes a position), and for a bf16
+    cache when the batch fills the GPU by itself (``min_chunk >= 128``, where splits are whole
+    512-position chunks) on cards with the shared memory for it: an H100 at CI-workload batches
+    reads K/V at 2.80-2.83 TB/s with it against 2.75-2.78 with 64 (``decode_attn_bench.py``; a
+    plain read of the same bytes: 2.95-3.03). Small batches keep 64, so short rows still split.
     """
     bs, (_, h, d), hkv = q_idx.shape[0], q.shape, k_buf.shape[1]
     g = h // hkv
@@ -135,7 +149,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     pdl = pdl_launch(pdl_supported(q.device))  # both kernels
     # An FP8 cache moves half the bytes a position: twice the positions a block keep as many in flight.
     if block_n is None:
-        block_n = (128 if k_buf.element_size() == 1 else 64) if q.is_cuda else 32
+        wide = q.is_cuda and (k_buf.element_size() == 1 or (min_chunk >= 128 and _fits_wide_blocks(q.device)))
+        block_n = 128 if wide else 64 if q.is_cuda else 32
     _decode_stage1[(bs, hkv, num_splits)](
         q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
