@@ -44,6 +44,7 @@ class ReqState:
         self.keys = _wanted_keys(*want)
         self.lists: dict[str, list[Any]] = {k: [] for k in self.keys}
         self.mm_tokens: dict[str, int] = {}  # image / video prompt tokens (sent with the first output)
+        self.time_stats: dict[str, float] = {}  # enable_metrics: sent once, after the prefill
 
     def update(self, out: StrOut, incremental: bool, stream: bool) -> Optional[dict[str, Any]]:
         """Fold one output in; return the chunk to deliver (every update when streaming, else the last)."""
@@ -52,10 +53,11 @@ class ReqState:
             return {"embedding": np.frombuffer(out.embedding, dtype=np.float32).tolist(), "meta_info": {
                 "id": self.rid, "finish_reason": out.finish.to_json() if out.finish else None,
                 "prompt_tokens": out.prompt_tokens, "weight_version": self.weight_version,
-                "e2e_latency": time.time() - self.created}}
+                "num_retractions": out.num_retractions, "e2e_latency": time.time() - self.created}}
         self.text += out.text
         self.output_ids.extend(out.new_ids)
         new = self._fold_meta(out.meta)
+        self.time_stats.update(out.time_stats)
         if not stream and not self.finished:
             return None
         meta: dict[str, Any] = {
@@ -64,8 +66,11 @@ class ReqState:
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens,
+            "reasoning_tokens": 0,  # no reasoning parser: nothing is a reasoning segment
             "weight_version": self.weight_version,
+            "num_retractions": out.num_retractions,
         }
+        meta.update(self.time_stats)
         if out.mm_tokens:
             self.mm_tokens = out.mm_tokens
         for modality, count in self.mm_tokens.items():
@@ -74,8 +79,10 @@ class ReqState:
             meta[k] = new[k] if (stream and incremental and k in _OUTPUT_LISTS) else list(self.lists[k])
         if "output_token_logprobs" in self.keys:
             meta["output_token_logprobs_length"] = len(self.lists["output_token_logprobs"])
+        now = time.time()
         if self.finished:
-            meta["e2e_latency"] = time.time() - self.created
+            meta["e2e_latency"] = now - self.created
+        meta["response_sent_to_client_ts"] = now
         if stream and incremental:
             chunk: dict[str, Any] = {"text": out.text, "output_ids": list(out.new_ids), "meta_info": meta}
         else:

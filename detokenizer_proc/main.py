@@ -31,7 +31,7 @@ def detokenize(detok: IncrementalDetokenizer, batch: TokenOutBatch) -> StrOutBat
         outs.append(StrOut(
             rid=o.rid, text=text, new_ids=o.new_ids, finish=o.finish, prompt_tokens=o.prompt_tokens,
             completion_tokens=o.completion_tokens, cached_tokens=o.cached_tokens, meta=o.meta,
-            embedding=o.embedding, mm_tokens=o.mm_tokens,
+            embedding=o.embedding, mm_tokens=o.mm_tokens, num_retractions=o.num_retractions, time_stats=o.time_stats,
         ))
     return StrOutBatch(outs=outs)
 

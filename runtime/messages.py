@@ -349,6 +349,8 @@ class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
     meta: Optional["MetaDelta"] = None
     embedding: bytes = b""  # float32 vector of an embedding request
     mm_tokens: dict[str, int] = {}  # prompt tokens per modality ("image", "video") of a multimodal request
+    num_retractions: int = 0
+    time_stats: dict[str, float] = {}  # enable_metrics: queue / prefill timings, sent once after the prefill
 
 
 class MetaDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -383,6 +385,8 @@ class StrOut(msgspec.Struct, array_like=True, omit_defaults=True):
     meta: Optional[MetaDelta] = None
     embedding: bytes = b""
     mm_tokens: dict[str, int] = {}
+    num_retractions: int = 0
+    time_stats: dict[str, float] = {}
 
 
 class StrOutBatch(_Msg):

@@ -34,6 +34,9 @@ class Req:
         self.cached_tokens = 0
         self.num_retractions = 0
         self.arrival = 0
+        # monotonic seconds: queued, first admitted into a step, that step planned, first token back (0: not yet)
+        self.t_queued = self.t_admitted = self.t_launched = self.t_prefilled = 0.0
+        self.time_stats_sent = False
         self.finish: Optional[FinishReason] = None
         self.sent = 0  # output ids already emitted to the detokenizer
         self.finish_sent = False  # the finished output went out
@@ -135,8 +138,18 @@ class Req:
             self.meta.add_hidden(extra, prefill and not self.hidden_prefill_done)
             self.hidden_prefill_done = True
 
-    def token_out(self) -> TokenOut:
-        """What the detokenizer gets: the output ids not sent yet (and the finish, if any); marks them sent."""
+    def time_stats(self) -> dict[str, float]:
+        """SGLang's time-stat ``meta_info`` keys (``enable_metrics``), once the prefill is done: seconds
+        in the waiting queue, from admission to the step being planned, and from then to the first token."""
+        if not self.t_prefilled or self.time_stats_sent:
+            return {}
+        self.time_stats_sent = True
+        return {"queue_time": self.t_admitted - self.t_queued, "prefill_launch_delay": self.t_launched - self.t_admitted,
+                "prefill_launch_latency": self.t_prefilled - self.t_launched}
+
+    def token_out(self, metrics: bool = False) -> TokenOut:
+        """What the detokenizer gets: the output ids not sent yet (and the finish, if any); marks them sent.
+        ``metrics``: add the time stats (once)."""
         s, fin = self.sampling, self.finish
         out = TokenOut(
             rid=self.rid, new_ids=self.output_ids[self.sent:], finish=fin,
@@ -147,6 +160,7 @@ class Req:
             trim_last_token=fin is not None and isinstance(fin.matched, int) and not s.no_stop_trim,
             meta=self.meta.delta() if self.meta is not None else None, embedding=self.embedding,
             mm_tokens=self.mm_token_counts() if self.mm_items and self.sent == 0 else {},
+            num_retractions=self.num_retractions, time_stats=self.time_stats() if metrics else {},
         )
         self.sent = len(self.output_ids)
         self.finish_sent = fin is not None

@@ -129,6 +129,7 @@ class Scheduler:
                 continue
             if gkey is not None:  # compiles off the loop; admitted once compiled (see _admit)
                 self.grammars.attach(req, gkey)
+            req.t_queued = time.monotonic()
             self.waiting.append(req)
         return rejected
 
@@ -205,6 +206,10 @@ class Scheduler:
             used = sum(n for _, n, _, pre in self.plan_rows if pre)
             self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
         self.step += 1
+        now = time.monotonic()
+        for req, _, _, prefill in self.plan_rows:
+            if prefill and not req.t_launched:
+                req.t_launched = now
         self.inflight.append((self.step, self.plan_rows))
         self.new_token_ratio = max(self.min_ratio, self.new_token_ratio - (self.init_ratio - self.min_ratio) / 600)
         return ForwardPlan(step=self.step, new_slots=new_slots, prefix_writes=prefix_writes, rows=rows,
@@ -264,6 +269,7 @@ class Scheduler:
                     continue
                 req.lora_slot = slot
             self.waiting.remove(req)
+            req.t_admitted = req.t_admitted or time.monotonic()  # a retracted request keeps its first admission
             req.slot = self.slots.alloc()
             req.pages, req.shared_pages, req.cache_node = list(pages), len(pages), node
             req.num_computed, req.fill_len = matched, len(ids)
@@ -439,6 +445,8 @@ class Scheduler:
                 req.record_meta(prefill, tok, extras[i])
             if tok is None:
                 continue
+            if prefill and not req.t_prefilled:
+                req.t_prefilled = time.monotonic()
             req.output_ids.append(tok)
             if req.grammar is not None:  # a terminated grammar stops, after the length rule (API.md 4.2)
                 fin = self.grammars.advance(req, tok)
@@ -470,7 +478,7 @@ class Scheduler:
         return due and not ends_with_stop_prefix(req, self.tokenizer)
 
     def _emit(self, req: Req) -> None:
-        self.outputs.append(req.token_out())
+        self.outputs.append(req.token_out(self.args.enable_metrics))
 
     def _log_request(self, event: str, req: Req, ids: list[int]) -> None:
         """``log_requests``: the request's sizes (level 0), its sampling parameters (1), the head and

@@ -35,7 +35,7 @@ class Explodes(CustomLogitProcessor):
 @pytest.fixture(scope="module")
 def flagged_engine():
     eng = Engine(model_path="default", enable_return_hidden_states=True, enable_custom_logit_processor=True,
-                 weight_version="v7")
+                 weight_version="v7", enable_metrics=True)
     yield eng
     eng.shutdown()
 
@@ -92,6 +92,18 @@ def test_bad_processor_fails_only_the_call(flagged_engine):
         flagged_engine.generate(prompt="Hi", custom_logit_processor="never_registered")
     meta = flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]
     assert meta["completion_tokens"] == 2 and meta["weight_version"] == "v7"  # the engine's weight_version
+
+
+def test_enable_metrics_time_stats(flagged_engine):
+    """``enable_metrics``: SGLang's time-stat keys in every chunk after the prefill, consistent with
+    the request's own end-to-end latency."""
+    meta = flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 4})["meta_info"]
+    stats = [meta[k] for k in ("queue_time", "prefill_launch_delay", "prefill_launch_latency")]
+    assert all(isinstance(v, float) and v >= 0 for v in stats)
+    assert sum(stats) <= meta["e2e_latency"]
+    assert meta["num_retractions"] == 0 and meta["response_sent_to_client_ts"] > 1.7e9
+    chunks = list(flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 4}, stream=True))
+    assert all("prefill_launch_latency" in c["meta_info"] for c in chunks)
 
 
 def test_a_processor_that_raises_fails_only_its_request(flagged_engine):

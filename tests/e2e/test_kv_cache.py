@@ -68,6 +68,7 @@ def test_retraction_keeps_greedy_outputs(engine):
         state = integrity(small)
         assert state["retractions"] > 0, state
     assert [r["output_ids"] for r in got] == want
+    assert sum(r["meta_info"]["num_retractions"] for r in got) == state["retractions"]  # each request's count
 
 
 def test_chunked_prefill_never_stalls_decodes(engine, hf_tokenizer):

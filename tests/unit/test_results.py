@@ -9,8 +9,9 @@ import pytest
 from treadle.client.results import BatchResult, ReqState
 from treadle.runtime.messages import FinishReason, StrOut
 
-FINAL_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "weight_version",
-              "e2e_latency"}
+FINAL_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
+              "weight_version", "num_retractions", "response_sent_to_client_ts", "e2e_latency"}
+TIME_STATS = {"queue_time": 0.5, "prefill_launch_delay": 0.001, "prefill_launch_latency": 0.2}
 
 
 # ------------------------------------------------------------------ BatchResult
@@ -110,10 +111,36 @@ def test_meta_info_keys(stream, incremental):
     assert final["id"] == "rid-1"
     assert (final["prompt_tokens"], final["completion_tokens"], final["cached_tokens"]) == (4, 4, 1)
     assert isinstance(final["e2e_latency"], float) and final["e2e_latency"] >= 0.01
+    assert final["num_retractions"] == 0 and final["reasoning_tokens"] == 0
+    assert abs(final["response_sent_to_client_ts"] - time.time()) < 5
     for c in chunks[:-1]:
         if c is not None:
             assert set(c["meta_info"]) == FINAL_KEYS - {"e2e_latency"}
             assert c["meta_info"]["finish_reason"] is None
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_time_stats_and_retractions_reach_meta_info(stream):
+    """The scheduler sends the time stats once (enable_metrics); every later chunk keeps them."""
+    outs = [
+        StrOut("rid-1", "Hel", [1, 2], None, 4, 2, 1, num_retractions=1, time_stats=TIME_STATS),
+        StrOut("rid-1", "lo", [3], None, 4, 3, 1, num_retractions=1),
+        StrOut("rid-1", "!", [4], FinishReason(type="stop", matched=4), 4, 4, 1, num_retractions=2),
+    ]
+    _, chunks = collect(stream=stream, incremental=True, outs=outs)
+    for c in chunks:
+        if c is not None:
+            assert set(c["meta_info"]) >= set(TIME_STATS)
+            assert {k: c["meta_info"][k] for k in TIME_STATS} == TIME_STATS
+    assert chunks[-1]["meta_info"]["num_retractions"] == 2
+
+
+def test_embedding_meta_info_keys():
+    st = ReqState("e-1", time.time(), deliver=lambda item: None)
+    out = StrOut("e-1", "", [], FinishReason(type="length", length=0), 3, embedding=b"\0" * 8, num_retractions=1)
+    meta = st.update(out, incremental=False, stream=False)["meta_info"]
+    assert set(meta) == {"id", "finish_reason", "prompt_tokens", "weight_version", "num_retractions", "e2e_latency"}
+    assert meta["num_retractions"] == 1
 
 
 def test_index_only_in_streams():

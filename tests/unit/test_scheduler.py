@@ -700,3 +700,31 @@ def test_log_requests_levels(level, caplog):
     assert ('"temperature":0.5' in receive) == (level >= 1)
     assert ("input_ids=" in receive and "output_ids=" in finish) == (level >= 2)
     assert ("'...'" in receive) == (level == 2)  # 70 ids: the middle left out at level 2 only
+
+
+def test_retractions_and_time_stats_in_the_token_outs():
+    """Each output carries the request's retraction count; with ``enable_metrics`` the first output
+    after the prefill carries the time stats (once), all non-negative."""
+    s = make_sched(kv_tokens=64, max_slots=4, enable_metrics=True, max_prefill_tokens=6)
+    d = Driver(s)
+    assert s.add_requests([treq(f"r{i}", n_prompt=6, max_new_tokens=18, stream=True) for i in range(3)]) == []
+    d.run()
+    assert s.stats["retractions"] > 0
+    finals = {o.rid: o for o in d.outs if o.finish}
+    assert sum(o.num_retractions for o in finals.values()) == s.stats["retractions"]
+    for rid in finals:
+        stats = [o.time_stats for o in d.by_rid(rid) if o.time_stats]
+        assert len(stats) == 1, rid
+        assert set(stats[0]) == {"queue_time", "prefill_launch_delay", "prefill_launch_latency"}
+        assert all(v >= 0 for v in stats[0].values())
+    # the third request waits for a prefill budget of 6 tokens a step: it queued longer than the first
+    first = {rid: next(o.time_stats for o in d.by_rid(rid) if o.time_stats) for rid in finals}
+    assert first["r2"]["queue_time"] >= first["r0"]["queue_time"]
+
+
+def test_no_time_stats_without_enable_metrics():
+    s = make_sched()
+    d = Driver(s)
+    s.add_requests([treq("r0", max_new_tokens=3, stream=True)])
+    d.run()
+    assert all(not o.time_stats and o.num_retractions == 0 for o in d.outs)
