@@ -101,6 +101,11 @@ class Req:
     def remaining_tokens(self) -> int:
         return max(0, self.max_new_tokens - len(self.output_ids) - self.pending)
 
+    def ends_only_by_length(self) -> bool:
+        """Whether it surely makes all of ``max_new_tokens`` (``ignore_eos``, no stop ids or strings, no
+        grammar): its future KV need is known exactly."""
+        return self.sampling.ignore_eos and not self.stop_ids and not self.stop_strs and self.grammar is None
+
     def locs(self, start: int, end: int, page_size: int) -> list[int]:
         """KV-cache token locations of positions ``start .. end-1``."""
         return [self.pages[p // page_size] * page_size + p % page_size for p in range(start, end)]

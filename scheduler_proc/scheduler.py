@@ -38,6 +38,20 @@ LOG_IDS_EDGE = 32  # log_requests_level 2 shows this many ids at each end
 PREEMPTION_GAP = 10  # priority gap that lets a waiting request displace a running one (SGLang's default)
 
 
+def peak_growth(requests: list[tuple[int, int]]) -> int:
+    """The most tokens a set of requests will hold beyond what they hold now, each given as
+    ``(tokens it still makes, tokens it holds)`` and freeing all it holds once done: at step ``t``
+    the ones still running have grown by ``t`` each and the finished ones have freed theirs, so
+    the peak is at some request's last step."""
+    peak, freed, n = 0, 0, len(requests)
+    ordered = sorted(requests)
+    for k, (remaining, held) in enumerate(ordered):
+        if k == 0 or remaining != ordered[k - 1][0]:  # the first of equal lengths: all of them still run
+            peak = max(peak, remaining * (n - k) - freed)
+        freed += held
+    return peak
+
+
 class Scheduler:
     def __init__(self, args: ServerArgs, tokenizer: Any, eos_ids: set[int], worker_info: dict[str, Any],
                  hidden_size: int = 0, tokenizer_dir: Optional[str] = None) -> None:
@@ -257,7 +271,7 @@ class Scheduler:
             if self.cache is not None:
                 self.cache.lock(node)
             need = self.pages.pages_for(matched + n) - len(pages)
-            if need > self._available_pages() - self._decode_reserve():
+            if need > self._available_pages() - self._decode_reserve(req):
                 if self.cache is not None:
                     self.cache.unlock(node)
                 break
@@ -329,11 +343,22 @@ class Scheduler:
     def _available_pages(self) -> int:
         return self.pages.free_pages + (self.cache.evictable_pages if self.cache is not None else 0)
 
-    def _decode_reserve(self) -> int:
-        """Pages the running requests are expected to need (``new_token_ratio`` of what they may still make)."""
-        tokens = sum(max(0, r.fill_len - r.num_computed) + r.remaining_tokens() * self.new_token_ratio
-                     for r in self.running)
-        return int(tokens / self.page_size) + len(self.running)
+    def _decode_reserve(self, candidate: Optional[Req] = None) -> int:
+        """Pages the running requests are expected to still need: the rest of their prompts, and of
+        their outputs ``new_token_ratio`` of what they may still make (SGLang's estimate), except for
+        requests whose length is certain (``Req.ends_only_by_length``): those need the peak of their
+        joint growth over the coming steps, net of what the ones that finish first free. A
+        ``candidate`` for admission counts among those (its prompt is the caller's to charge)."""
+        tokens, certain = 0.0, []
+        if candidate is not None and candidate.ends_only_by_length():
+            certain.append((candidate.remaining_tokens(), len(candidate.all_ids())))
+        for r in self.running:
+            tokens += max(0, r.fill_len - r.num_computed)
+            if r.ends_only_by_length():
+                certain.append((r.remaining_tokens(), r.num_tokens))
+            else:
+                tokens += r.remaining_tokens() * self.new_token_ratio
+        return int((tokens + peak_growth(certain)) / self.page_size) + len(self.running)
 
     def _take_pages(self, n: int) -> list[int]:
         if n > self.pages.free_pages and self.cache is not None:

@@ -728,3 +728,50 @@ def test_no_time_stats_without_enable_metrics():
     s.add_requests([treq("r0", max_new_tokens=3, stream=True)])
     d.run()
     assert all(not o.time_stats and o.num_retractions == 0 for o in d.outs)
+
+
+def test_peak_growth():
+    from treadle.scheduler_proc.scheduler import peak_growth
+
+    assert peak_growth([]) == 0
+    assert peak_growth([(10, 100)]) == 10  # one request: all it still makes
+    # (5 left, holds 100) and (20 left, holds 10): at step 5 both grew 5 (10); then the first frees
+    # 105 and the second grows to 20: the peak is 10
+    assert peak_growth([(5, 100), (20, 10)]) == 10
+    # the first holds little: at step 20 the second has grown 20 and the first freed only 5 + 1
+    assert peak_growth([(5, 1), (20, 10)]) == 20 - 1
+    assert peak_growth([(7, 3), (7, 4), (7, 5)]) == 21  # equal lengths all run to the end
+
+
+def brute_peak(reqs):
+    """Step by step: tokens held beyond now, the finished ones freed after their last step."""
+    best = 0
+    for t in range(max((r for r, _ in reqs), default=0) + 1):
+        best = max(best, sum(t if t <= r else -h for r, h in reqs))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_peak_growth_matches_stepping(seed):
+    import random
+
+    from treadle.scheduler_proc.scheduler import peak_growth
+
+    rng = random.Random(seed)
+    reqs = [(rng.randint(0, 40), rng.randint(1, 60)) for _ in range(rng.randint(1, 12))]
+    assert peak_growth(reqs) == brute_peak(reqs)
+
+
+def test_certain_lengths_fill_the_pool_without_retractions():
+    """ignore_eos requests (their KV need is known) are admitted against the peak of their joint
+    growth: as many run together as the pool holds at that peak, and none is retracted, with the
+    longest-output-first order too (SGLang's ratio estimate retracted there)."""
+    for policy in ("fcfs", "lof"):
+        s = make_sched(kv_tokens=256, max_slots=16, schedule_policy=policy, context_len=256)
+        d = Driver(s)
+        reqs = [treq(f"r{i}", n_prompt=8 + 3 * i, max_new_tokens=10 + (7 * i) % 40, ignore_eos=True) for i in range(12)]
+        assert s.add_requests(reqs) == []
+        d.run()
+        assert s.stats["retractions"] == 0, policy
+        assert {o.rid for o in d.outs if o.finish} == {f"r{i}" for i in range(12)}
+        s.check_integrity()
