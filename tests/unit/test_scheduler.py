@@ -763,10 +763,9 @@ def test_peak_growth_matches_stepping(seed):
 
 
 def test_certain_lengths_fill_the_pool_without_retractions():
-    """ignore_eos requests (their KV need is known) are admitted against the peak of their joint
-    growth: as many run together as the pool holds at that peak, and none is retracted, with the
-    longest-output-first order too (SGLang's ratio estimate retracted there)."""
-    for policy in ("fcfs", "lof"):
+    """With ``lof``, ignore_eos requests (their KV need is known) are admitted against the peak of
+    their joint growth, and none is retracted (SGLang's ratio estimate retracts here)."""
+    for policy in ("lof",):
         s = make_sched(kv_tokens=256, max_slots=16, schedule_policy=policy, context_len=256)
         d = Driver(s)
         reqs = [treq(f"r{i}", n_prompt=8 + 3 * i, max_new_tokens=10 + (7 * i) % 40, ignore_eos=True) for i in range(12)]
