@@ -36,9 +36,7 @@ from treadle.scheduler_proc.stop_checker import check_finish, ends_with_stop_pre
 logger = logging.getLogger("treadle.scheduler")
 LOG_IDS_EDGE = 32  # log_requests_level 2 shows this many ids at each end
 PREEMPTION_GAP = 10  # priority gap that lets a waiting request displace a running one (SGLang's default)
-
-
-FINISH_LAG_STEPS = 2
+FINISH_LAG_STEPS = 2  # steps from a request's last token being planned to its pages coming back (overlap)
 
 
 def peak_growth(requests: list[tuple[int, int]]) -> int:
@@ -371,9 +369,7 @@ class Scheduler:
                 certain.append((r.remaining_tokens(), r.num_tokens))
             else:
                 tokens += r.remaining_tokens() * self.new_token_ratio
-        # a finished request's pages come back a step or two after its last token is planned
-        # (overlap scheduling); meanwhile the others keep growing
-        lag = FINISH_LAG_STEPS * len(certain)
+        lag = FINISH_LAG_STEPS * len(certain)  # the others keep growing while a finisher's pages come back
         return int((tokens + peak_growth(certain) + lag) / self.page_size) + len(self.running)
 
     def _certain(self, req: Req) -> bool:
