@@ -19,6 +19,10 @@ import torch
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
+# Prompt positions projected through the LM head at once for input logprobs: a whole 8,192-token
+# chunk at a 128k vocabulary would be 4.2 GB of float32 logits; 1,024 positions are 0.5 GB.
+INPUT_LOGPROB_CHUNK = 1024
+
 
 @dataclass
 class Gathered:
@@ -58,19 +62,46 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_ks: list[in
     return Gathered(chosen, top_ids, top_lps, ids_lps)
 
 
+def input_logprobs(plan: ForwardPlan, inputs: list[tuple[int, int, int]], hidden: torch.Tensor,
+                   project: Callable[[torch.Tensor], torch.Tensor], spec_of: Callable[[int], SamplingSpec],
+                   report: bool) -> Gathered:
+    """Input logprobs of the positions ``inputs`` name (``(plan row, first, count)``; ``hidden`` holds
+    their final hidden states in that order), projected by ``project`` (the LM head, float32 logits)
+    ``INPUT_LOGPROB_CHUNK`` positions at a time. Every TP rank calls it (the head all-gathers);
+    only a ``report``ing rank gathers, the others get an empty result."""
+    targets, top_ks, id_lists = [], [], []
+    for r, _, count in inputs:
+        row, spec = plan.rows[r], spec_of(plan.rows[r].slot)
+        targets += row.input_ids[row.logprob_from + 1:]
+        top_ks += [spec.top_logprobs_num] * count
+        id_lists += [list(spec.token_ids_logprob or [])] * count
+    out = Gathered([], [], [], [])
+    target_t = to_device(targets, torch.int64, hidden.device) if report and targets else None
+    for a in range(0, hidden.shape[0], INPUT_LOGPROB_CHUNK):
+        b = min(a + INPUT_LOGPROB_CHUNK, hidden.shape[0])
+        logits = project(hidden[a:b])
+        if report:
+            g = gather_logprobs(logits, target_t[a:b], top_ks[a:b], id_lists[a:b])
+            out.chosen += g.chosen
+            out.top_ids += g.top_ids
+            out.top_logprobs += g.top_logprobs
+            out.ids_logprobs += g.ids_logprobs
+    return out
+
+
 @dataclass
 class StepOutput:
     """What one forward produced and where each plan row's part of it lies."""
 
     hidden: torch.Tensor  # [T, hidden] final (normed) hidden states of every token of the step
-    logits: Optional[torch.Tensor]  # [P, V] raw float32 logits of the projected positions
-    sample_at: Optional[torch.Tensor]  # rows of ``logits`` that are sampling rows; None: all of them
+    logits: Optional[torch.Tensor]  # [S, V] raw float32 logits of the sampling rows' last positions
     sample_rows: list[int]  # plan row index of each sampling row
     sample_slots: list[int]
-    inputs: list[tuple[int, int, int]]  # (plan row, first row in ``logits``, count) for input logprobs
+    inputs: list[tuple[int, int, int]]  # (plan row, first entry in ``input_lps``, count) for input logprobs
     hidden_rows: list[tuple[int, int, int]]  # (plan row, first token, count) for hidden states
     report: bool  # build RowOuts (rank 0 of a forward() call)
     sample_slots_t: Optional[torch.Tensor] = None  # ``sample_slots`` on the device
+    input_lps: Optional[Gathered] = None  # the input logprobs of ``inputs`` (reporting rank)
 
 
 def row_outs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], SamplingSpec], want: list[int],
@@ -98,26 +129,13 @@ def row_outs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], Sampl
 
 def _input_logprobs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], SamplingSpec],
                     out: dict[int, RowOut]) -> None:
-    """``input_*`` fields of rows with ``logprob_from >= 0``; their logits rows are contiguous."""
-    sel, targets, top_ks, id_lists = [], [], [], []
+    """``input_*`` fields of rows with ``logprob_from >= 0``, from ``step.input_lps``."""
+    g = step.input_lps or Gathered([], [], [], [])
     for r, first, count in step.inputs:
-        row, spec = plan.rows[r], spec_of(plan.rows[r].slot)
-        sel += range(first, first + count)
-        targets += row.input_ids[row.logprob_from + 1:]
-        top_ks += [spec.top_logprobs_num] * count
-        id_lists += [list(spec.token_ids_logprob or [])] * count
-    if not sel:
-        g = Gathered([], [], [], [])
-    else:
-        host = to_device(sel + targets, torch.int64, step.logits.device)
-        g = gather_logprobs(step.logits[host[: len(sel)]], host[len(sel):], top_ks, id_lists)
-    pos = 0
-    for r, _, count in step.inputs:
         spec, ro = spec_of(plan.rows[r].slot), out.setdefault(r, RowOut())
-        span = slice(pos, pos + count)
+        span = slice(first, first + count)
         ro.input_logprobs = g.chosen[span]
         if spec.top_logprobs_num > 0:
             ro.input_top_ids, ro.input_top_logprobs = g.top_ids[span], g.top_logprobs[span]
         if spec.token_ids_logprob:
             ro.input_ids_logprobs = g.ids_logprobs[span]
-        pos += count

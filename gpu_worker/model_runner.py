@@ -3,7 +3,7 @@
 ``forward(plan)`` runs one scheduler step: it records sampling specs of new slots, writes the
 plan's KV locations into req-to-token, runs all rows as one batch (linear layers see the
 concatenated tokens; only attention is per row), projects the last token of each sampling row
-(plus any positions asked for input logprobs, in the same matmul) to logits and samples. Rows
+(positions asked for input logprobs go through the LM head apart, in bounded chunks) to logits and samples. Rows
 whose slot asked get ``RowOut`` extras (logprobs, hidden states); nobody asking costs nothing.
 No sockets here; ``worker_proc`` wraps this in a process.
 """
@@ -31,7 +31,7 @@ from treadle.gpu_worker.layers.linear import use_triton_gemv
 from treadle.gpu_worker.layers.pdl import pdl_supported
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.logits_processing import PendingIds
-from treadle.gpu_worker.logprobs import StepOutput, row_outs
+from treadle.gpu_worker.logprobs import StepOutput, input_logprobs, row_outs
 from treadle.gpu_worker.lora import LoRAAdapter, LoRAPool, read_adapter
 from treadle.gpu_worker.mm_inputs import MmInputs
 from treadle.gpu_worker.models.registry import get_model_class
@@ -268,7 +268,7 @@ class ModelRunner:
         if step is None:
             return Launched(result=([], {}))
         logits, slots = step.logits, step.sample_slots
-        samples = logits if step.sample_at is None else logits[step.sample_at]
+        samples = logits
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
         raw = samples[to_device(want, torch.int64, self.device)] if want else None
@@ -365,9 +365,10 @@ class ModelRunner:
     def _run(self, plan: ForwardPlan, extras: bool) -> Optional[StepOutput]:
         """Table writes + model forward + LM head on the positions that need logits.
 
-        Those are the last position of each sampling row and, if ``extras``, positions
-        ``logprob_from .. n-2`` of rows asking for input logprobs, all in one matmul. ``None``
-        when the plan runs no token or no position needs logits and none wants hidden states.
+        Those are the last position of each sampling row (one matmul) and, if ``extras``, positions
+        ``logprob_from .. n-2`` of rows asking for input logprobs (``logprobs.input_logprobs``: apart,
+        a bounded number at a time, gathered at once). ``None`` when the plan runs no token or no
+        position needs logits and none wants hidden states.
         """
         cfg = self.cfg
         for ns in plan.new_slots:
@@ -392,7 +393,7 @@ class ModelRunner:
             w_loc += pw.locs
         n_prefix = len(w_loc)
         report = extras and self.reports  # only the reporting rank sends results; the others skip the host work
-        ids, slots, starts, lens, head_idx, sample_at = [], [], [], [], [], []
+        ids, slots, starts, lens, head_idx, in_idx = [], [], [], [], [], []
         sample_rows, sample_slots, inputs, hidden_rows, ph_idx, ph_slot = [], [], [], [], [], []
         mm_rows = []  # (index of the row's first token in the step, row) of rows with images
         for r, row in enumerate(plan.rows):
@@ -411,10 +412,9 @@ class ModelRunner:
                 ph_idx.append(off), ph_slot.append(row.slot)
             if extras and row.logprob_from >= 0:  # every rank: the LM head all-gathers
                 count = max(n - 1 - row.logprob_from, 0)
-                inputs.append((r, len(head_idx), count))
-                head_idx += range(off + row.logprob_from, off + n - 1)
+                inputs.append((r, len(in_idx), count))
+                in_idx += range(off + row.logprob_from, off + n - 1)
             if row.sample:
-                sample_at.append(len(head_idx))
                 head_idx.append(off + n - 1)
                 sample_rows.append(r), sample_slots.append(row.slot)
             spec = self.sampler.spec(row.slot)
@@ -451,11 +451,10 @@ class ModelRunner:
             input_ids[ph_idx_t] = self.last_token[ph_slot_t]
 
         lora_t = None if self.lora is None else torch.tensor(lora_tokens, dtype=torch.int64)
-        plain = len(sample_at) == len(head_idx)  # only sampling rows were projected
-        if self.graphs is not None and t == len(plan.rows) == s and plain and not mm_rows and self.graphs.fits(t):
+        if self.graphs is not None and t == len(plan.rows) == s and not in_idx and not mm_rows and self.graphs.fits(t):
             lora_dev = None if lora_t is None else lora_t.to(self.device, non_blocking=True)
             hidden, logits = self.graphs.replay(input_ids, positions_t, locs_t, w_slot_t[p:], lora_dev)
-            return StepOutput(hidden, logits, None, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
+            return StepOutput(hidden, logits, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
         if lora_t is not None:
             self.lora.set_token_slots(lora_t)
         ctx = ForwardContext(
@@ -471,6 +470,10 @@ class ModelRunner:
             if not head_idx and not hidden_rows and not inputs:
                 return None
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if head_idx else None
-        at = None if plain else to_device(sample_at, torch.int64, self.device)
-        return StepOutput(hidden, logits, at, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t)
+            input_lps = None
+            if in_idx:  # prompt positions asking for input logprobs: projected apart, in chunks
+                input_lps = input_logprobs(plan, inputs, hidden[to_device(in_idx, torch.int64, self.device)],
+                                           self.model.compute_logits, self.sampler.spec, report)
+        return StepOutput(hidden, logits, sample_rows, sample_slots, inputs, hidden_rows, report, sample_slots_t,
+                          input_lps)
 

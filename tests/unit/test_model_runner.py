@@ -282,8 +282,15 @@ def _tp_worker(rank: int, path: str, port: int, out: str) -> None:
     plan = ForwardPlan(step=0, new_slots=[NewSlot(s, GREEDY) for s in range(2)],
                        rows=[PlanRow(s, p, 0, alloc(len(p))) for s, p in enumerate(prompts)])
     logits = runner.forward_logits(plan)
+    # input logprobs through the vocab-parallel head, several chunks (every rank projects each one)
+    import treadle.gpu_worker.logprobs as logprobs_module
+
+    logprobs_module.INPUT_LOGPROB_CHUNK = 4
+    spec = SamplingSpec(temperature=0.0, top_logprobs_num=2)
+    lp_plan = ForwardPlan(step=1, new_slots=[NewSlot(2, spec)], rows=[PlanRow(2, prompts[1], 0, alloc(15), logprob_from=1)])
+    _, extras = runner.forward(lp_plan)
     if rank == 0:
-        torch.save(logits, out)
+        torch.save((logits, extras[0].input_logprobs, extras[0].input_top_ids), out)
     # Leave together: a rank exiting while the other still holds the gloo group can abort it.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -294,9 +301,13 @@ def test_tensor_parallel_2_matches_hf(models, tmp_path):
     port = free_port()
     out = str(tmp_path / "tp.pt")
     mp.start_processes(_tp_worker, args=(path, port, out), nprocs=2, start_method="spawn")
-    logits = torch.load(out)
+    logits, input_lps, input_top = torch.load(out)
     for row, p in zip(logits, [prompt(7, 1), prompt(15, 2)]):
         torch.testing.assert_close(row, hf_last_logits(hf, p), atol=1e-4, rtol=0)
+    q = prompt(15, 2)
+    ref = hf_logprobs(hf, q)[1:14]
+    torch.testing.assert_close(torch.tensor(input_lps), ref[torch.arange(13), torch.tensor(q[2:])], atol=1e-4, rtol=0)
+    assert input_top == ref.topk(2).indices.tolist()
 
 
 # ---------------------------------------------------------------- 6. logprobs and hidden states
@@ -347,7 +358,10 @@ def test_no_asks_no_extras(models):
     assert len(ids) == 1 and extras == {}
 
 
-def test_input_logprobs_match_hf(models, device):
+@pytest.mark.parametrize("chunk", [1024, 4])
+def test_input_logprobs_match_hf(models, device, chunk, monkeypatch):
+    """``chunk``: prompt positions projected at a time (4: both rows' positions span several chunks)."""
+    monkeypatch.setattr("treadle.gpu_worker.logprobs.INPUT_LOGPROB_CHUNK", chunk)
     hf, path = models["llama"]
     runner, alloc, t = make_runner(path, device), Alloc(12, KV_TOKENS), tol(device)
     p, q = prompt(12, 41), prompt(9, 42)
