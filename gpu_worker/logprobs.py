@@ -70,13 +70,13 @@ def input_logprobs(plan: ForwardPlan, inputs: list[tuple[int, int, int]], hidden
     ``INPUT_LOGPROB_CHUNK`` positions at a time. Every TP rank calls it (the head all-gathers);
     only a ``report``ing rank gathers, the others get an empty result."""
     targets, top_ks, id_lists = [], [], []
-    for r, _, count in inputs:
+    for r, _, count in inputs if report else ():
         row, spec = plan.rows[r], spec_of(plan.rows[r].slot)
         targets += row.input_ids[row.logprob_from + 1:]
         top_ks += [spec.top_logprobs_num] * count
         id_lists += [list(spec.token_ids_logprob or [])] * count
     out = Gathered([], [], [], [])
-    target_t = to_device(targets, torch.int64, hidden.device) if report and targets else None
+    target_t = to_device(targets, torch.int64, hidden.device) if targets else None
     for a in range(0, hidden.shape[0], INPUT_LOGPROB_CHUNK):
         b = min(a + INPUT_LOGPROB_CHUNK, hidden.shape[0])
         logits = project(hidden[a:b])

@@ -267,8 +267,7 @@ class ModelRunner:
         step = self._run(plan, extras=True)
         if step is None:
             return Launched(result=([], {}))
-        logits, slots = step.logits, step.sample_slots
-        samples = logits
+        samples, slots = step.logits, step.sample_slots
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
         raw = samples[to_device(want, torch.int64, self.device)] if want else None

@@ -224,10 +224,6 @@ class Scheduler:
             used = sum(n for _, n, _, pre in self.plan_rows if pre)
             self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
         self.step += 1
-        now = time.monotonic()
-        for req, _, _, prefill in self.plan_rows:
-            if prefill and not req.t_launched:
-                req.t_launched = now
         self.inflight.append((self.step, self.plan_rows))
         self.new_token_ratio = max(self.min_ratio, self.new_token_ratio - (self.init_ratio - self.min_ratio) / 600)
         return ForwardPlan(step=self.step, new_slots=new_slots, prefix_writes=prefix_writes, rows=rows,
@@ -325,6 +321,7 @@ class Scheduler:
         rows.append(PlanRow(req.slot, ids, start, req.locs(start, start + n, self.page_size), samples, lp_from,
                             lora_slot=req.lora_slot, mm=req.mm_chunks(start, start + n) if req.mm_items else []))
         self._planned(req, n, samples, True)
+        req.t_launched = req.t_launched or time.monotonic()  # its first chunk's step is being planned
         return n
 
     def _grammar_masks(self, rows: list[PlanRow]) -> None:
