@@ -11,7 +11,7 @@ import zmq
 from treadle.detokenizer_proc.incremental import IncrementalDetokenizer
 from treadle.runtime.hf_config import load_tokenizer
 from treadle.runtime.messages import (
-    DETOKENIZER_IN, ChildReady, FreezeGC, Shutdown, StrOut, StrOutBatch, TokenOutBatch,
+    DETOKENIZER_IN, ChildReady, FreezeGC, OutputFields, Shutdown, StrOut, StrOutBatch, TokenOutBatch, shared_fields,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
@@ -28,11 +28,7 @@ def detokenize(detok: IncrementalDetokenizer, batch: TokenOutBatch) -> StrOutBat
             spaces_between_special_tokens=o.spaces_between_special_tokens,
             trim_stop_str=o.trim_stop_str, trim_last_token=o.trim_last_token,
         )
-        outs.append(StrOut(
-            rid=o.rid, text=text, new_ids=o.new_ids, finish=o.finish, prompt_tokens=o.prompt_tokens,
-            completion_tokens=o.completion_tokens, cached_tokens=o.cached_tokens, meta=o.meta,
-            embedding=o.embedding, mm_tokens=o.mm_tokens, num_retractions=o.num_retractions, time_stats=o.time_stats,
-        ))
+        outs.append(StrOut(**shared_fields(o, OutputFields), text=text))
     return StrOutBatch(outs=outs)
 
 

@@ -65,12 +65,11 @@ def radix_key_ids(ids: list[int], items: list[MmItem]) -> list[int]:
     return ids
 
 
-class GenerateReq(_Msg):
-    """One generation request as the user gave it (text or ids), already shape-normalized."""
+class RequestFields(_Msg):
+    """What a request carries from the client to the scheduler unchanged: the fields
+    ``GenerateReq`` and ``TokenizedReq`` share (the tokenizer copies them with ``shared_fields``)."""
 
     rid: str
-    text: Optional[str] = None
-    input_ids: Optional[list[int]] = None
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     stream: bool = False
     return_logprob: bool = False
@@ -80,16 +79,29 @@ class GenerateReq(_Msg):
     return_hidden_states: bool = False
     priority: Optional[int] = None
     created: float = 0.0
-    max_new_tokens_set: bool = False  # the user named max_new_tokens (else it is clamped silently)
     custom_logit_processor: Optional[str] = None  # import path, resolved by the client
     custom_state: Optional[dict[str, Any]] = None
     session: Optional[SessionParams] = None
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
-    dp_rank: Optional[int] = None  # run on this DP group (a session's group); None: the tokenizer picks
     lora_name: Optional[str] = None  # a loaded LoRA adapter (validated by the client); None: the base model
+    cache_salt: Optional[str] = None  # prefixes are shared only between requests with the same salt
+
+
+def shared_fields(msg: msgspec.Struct, base: type) -> dict[str, Any]:
+    """The values of ``base``'s fields in ``msg`` (an instance of a subclass of ``base``), as
+    keywords for another subclass: how a message is handed on with its common part unchanged."""
+    return {f: getattr(msg, f) for f in base.__struct_fields__}
+
+
+class GenerateReq(RequestFields, kw_only=True):
+    """One generation request as the user gave it (text or ids), already shape-normalized."""
+
+    text: Optional[str] = None
+    input_ids: Optional[list[int]] = None
+    max_new_tokens_set: bool = False  # the user named max_new_tokens (else it is clamped silently)
+    dp_rank: Optional[int] = None  # run on this DP group (a session's group); None: the tokenizer picks
     image_data: list[MediaRef] = []
     video_data: list[MediaRef] = []
-    cache_salt: Optional[str] = None  # prefixes are shared only between requests with the same salt
 
 
 class GenerateBatch(_Msg):
@@ -128,25 +140,11 @@ class GroupDown(_Msg):
 
 
 # ---------------------------------------------------------------- tokenizer -> scheduler
-class TokenizedReq(_Msg):
-    rid: str
+class TokenizedReq(RequestFields, kw_only=True):
+    """A request with its prompt as token ids (and its images processed), ready to schedule."""
+
     input_ids: list[int]
-    sampling: SamplingParams
-    stream: bool = False
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
-    token_ids_logprob: Optional[list[int]] = None
-    return_hidden_states: bool = False
-    priority: Optional[int] = None
-    created: float = 0.0
-    custom_logit_processor: Optional[str] = None
-    custom_state: Optional[dict[str, Any]] = None
-    session: Optional[SessionParams] = None
-    embed: bool = False  # encode(): a prefill-only request whose result is an embedding
-    lora_name: Optional[str] = None
     mm_items: list[MmItem] = []  # images and video frames, in prompt order
-    cache_salt: Optional[str] = None
 
 
 class TokenizedBatch(_Msg):
@@ -328,12 +326,9 @@ class FinishReason(msgspec.Struct, omit_defaults=True):
         return out
 
 
-class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
-    """New output ids of one request since its last emission.
-
-    ``context_ids`` (sent with the first emission only) are the last few prompt tokens, so
-    the first output token is decoded with the spaces it would have inside the sequence.
-    """
+class OutputFields(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What a request's output carries from the scheduler to the client unchanged: the fields
+    ``TokenOut`` and ``StrOut`` share (the detokenizer adds the text)."""
 
     rid: str
     new_ids: list[int]
@@ -341,16 +336,25 @@ class TokenOut(msgspec.Struct, array_like=True, omit_defaults=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    context_ids: list[int] = []
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    trim_stop_str: Optional[str] = None
-    trim_last_token: bool = False
     meta: Optional["MetaDelta"] = None
     embedding: bytes = b""  # float32 vector of an embedding request
     mm_tokens: dict[str, int] = {}  # prompt tokens per modality ("image", "video") of a multimodal request
     num_retractions: int = 0
     time_stats: dict[str, float] = {}  # enable_metrics: queue / prefill timings, sent once after the prefill
+
+
+class TokenOut(OutputFields):
+    """New output ids of one request since its last emission, and how to detokenize them.
+
+    ``context_ids`` (sent with the first emission only) are the last few prompt tokens, so
+    the first output token is decoded with the spaces it would have inside the sequence.
+    """
+
+    context_ids: list[int] = []
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    trim_stop_str: Optional[str] = None
+    trim_last_token: bool = False
 
 
 class MetaDelta(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -374,19 +378,10 @@ class TokenOutBatch(_Msg):
 
 
 # ---------------------------------------------------------------- * -> client inbox
-class StrOut(msgspec.Struct, array_like=True, omit_defaults=True):
-    rid: str
-    text: str
-    new_ids: list[int]
-    finish: Optional[FinishReason] = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    meta: Optional[MetaDelta] = None
-    embedding: bytes = b""
-    mm_tokens: dict[str, int] = {}
-    num_retractions: int = 0
-    time_stats: dict[str, float] = {}
+class StrOut(OutputFields):
+    """A ``TokenOut`` with its new ids turned into text."""
+
+    text: str = ""
 
 
 class StrOutBatch(_Msg):

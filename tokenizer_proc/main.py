@@ -10,8 +10,8 @@ import zmq
 
 from treadle.runtime.hf_config import context_length, load_config, load_tokenizer, vocab_size
 from treadle.runtime.messages import (
-    TOKENIZER_IN, AbortReq, ChildReady, ControlReply, ControlReq, GenerateBatch, GenerateReq, GroupDown, ReqError,
-    ReqsDone, Shutdown, TokenizedBatch, TokenizedReq, radix_key_ids,
+    TOKENIZER_IN, AbortReq, ChildReady, ControlReply, ControlReq, GenerateBatch, GroupDown, ReqError,
+    ReqsDone, RequestFields, Shutdown, TokenizedBatch, TokenizedReq, radix_key_ids, shared_fields,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
@@ -54,19 +54,8 @@ class TokenizerWorker:
                 r, ids, self.context_len, self.args)
             check_items_fit(items, len(ids))
             check_logprob_args(r, len(ids), self.vocab)
-            out.append(self._tokenized(r, ids, items))
+            out.append(TokenizedReq(**shared_fields(r, RequestFields), input_ids=ids, mm_items=items))
         return TokenizedBatch(reqs=out)
-
-    @staticmethod
-    def _tokenized(r: GenerateReq, ids: list[int], items: list) -> TokenizedReq:
-        return TokenizedReq(
-            rid=r.rid, input_ids=ids, sampling=r.sampling, stream=r.stream, return_logprob=r.return_logprob,
-            logprob_start_len=r.logprob_start_len, top_logprobs_num=r.top_logprobs_num,
-            token_ids_logprob=r.token_ids_logprob, return_hidden_states=r.return_hidden_states,
-            priority=r.priority, created=r.created, custom_logit_processor=r.custom_logit_processor,
-            custom_state=r.custom_state, session=r.session, embed=r.embed, lora_name=r.lora_name, mm_items=items,
-            cache_salt=r.cache_salt,
-        )
 
 
 def dispatch(call: GenerateBatch, batch: TokenizedBatch, groups: list[Sender], router: Optional[DpRouter],

@@ -48,7 +48,8 @@ SAMPLES = {
     ],
     "DETOKENIZER_IN": [
         M.TokenOutBatch(outs=[
-            M.TokenOut("a", [1, 2], FIN_STOP, 3, 2, 0, [7, 8], True, True, "\n", False),
+            M.TokenOut("a", [1, 2], FIN_STOP, 3, 2, 0, context_ids=[7, 8], skip_special_tokens=True,
+                       spaces_between_special_tokens=True, trim_stop_str="\n", trim_last_token=False),
             M.TokenOut("b", [5], None, prompt_tokens=1, completion_tokens=1),
             M.TokenOut("c", [], FIN_ABORT),
             M.TokenOut("d", [2], FIN_TOK, trim_last_token=True),
@@ -56,8 +57,8 @@ SAMPLES = {
         M.FreezeGC(), M.Shutdown(),
     ],
     "CLIENT_IN": [
-        M.StrOutBatch(outs=[M.StrOut("a", "hello", [1, 2], FIN_LEN, 3, 2, 1), M.StrOut("b", "", []),
-                            M.StrOut("c", "x", [1], FIN_400)]),
+        M.StrOutBatch(outs=[M.StrOut("a", [1, 2], FIN_LEN, 3, 2, 1, text="hello"), M.StrOut("b", [], text=""),
+                            M.StrOut("c", [1], FIN_400, text="x")]),
         M.ReqError(kind="value", message="bad", call_id=3), M.ReqError(kind="type", message="t", rids=["a", "b"]),
         M.ControlReply(call_id=1, ok=True, result=[1, "two"]), M.ControlReply(call_id=2, ok=False, error="e"),
         M.ChildReady(name="scheduler", info={"max_total_tokens": 512}), M.ChildReady(name="worker0"),

@@ -69,9 +69,9 @@ def test_embedding_column():
 def collect(stream: bool, incremental: bool, index=None, outs=None):
     st = ReqState("rid-1", time.time() - 0.01, deliver=lambda item: None, index=index)
     outs = outs or [
-        StrOut("rid-1", "Hel", [1, 2], None, 4, 2, 1),
-        StrOut("rid-1", "lo", [3], None, 4, 3, 1),
-        StrOut("rid-1", "!", [4], FinishReason(type="stop", matched=4), 4, 4, 1),
+        StrOut("rid-1", [1, 2], None, 4, 2, 1, text="Hel"),
+        StrOut("rid-1", [3], None, 4, 3, 1, text="lo"),
+        StrOut("rid-1", [4], FinishReason(type="stop", matched=4), 4, 4, 1, text="!"),
     ]
     chunks = [st.update(o, incremental=incremental, stream=stream) for o in outs]
     return st, chunks
@@ -123,9 +123,9 @@ def test_meta_info_keys(stream, incremental):
 def test_time_stats_and_retractions_reach_meta_info(stream):
     """The scheduler sends the time stats once (enable_metrics); every later chunk keeps them."""
     outs = [
-        StrOut("rid-1", "Hel", [1, 2], None, 4, 2, 1, num_retractions=1, time_stats=TIME_STATS),
-        StrOut("rid-1", "lo", [3], None, 4, 3, 1, num_retractions=1),
-        StrOut("rid-1", "!", [4], FinishReason(type="stop", matched=4), 4, 4, 1, num_retractions=2),
+        StrOut("rid-1", [1, 2], None, 4, 2, 1, num_retractions=1, time_stats=TIME_STATS, text="Hel"),
+        StrOut("rid-1", [3], None, 4, 3, 1, num_retractions=1, text="lo"),
+        StrOut("rid-1", [4], FinishReason(type="stop", matched=4), 4, 4, 1, num_retractions=2, text="!"),
     ]
     _, chunks = collect(stream=stream, incremental=True, outs=outs)
     for c in chunks:
@@ -137,7 +137,7 @@ def test_time_stats_and_retractions_reach_meta_info(stream):
 
 def test_embedding_meta_info_keys():
     st = ReqState("e-1", time.time(), deliver=lambda item: None)
-    out = StrOut("e-1", "", [], FinishReason(type="length", length=0), 3, embedding=b"\0" * 8, num_retractions=1)
+    out = StrOut("e-1", [], FinishReason(type="length", length=0), 3, embedding=b"\0" * 8, num_retractions=1, text="")
     meta = st.update(out, incremental=False, stream=False)["meta_info"]
     assert set(meta) == {"id", "finish_reason", "prompt_tokens", "weight_version", "num_retractions", "e2e_latency"}
     assert meta["num_retractions"] == 1
@@ -156,13 +156,13 @@ def test_finish_reason_formats_in_meta():
         (FinishReason(type="abort", message="Aborted"), {"type": "abort", "message": "Aborted"}),
         (FinishReason(type="stop", matched="\n"), {"type": "stop", "matched": "\n"}),
     ]:
-        _, chunks = collect(stream=False, incremental=True, outs=[StrOut("rid-1", "x", [1], fin, 1, 1, 0)])
+        _, chunks = collect(stream=False, incremental=True, outs=[StrOut("rid-1", [1], fin, 1, 1, 0, text="x")])
         assert chunks[0]["meta_info"]["finish_reason"] == js
 
 
 def test_single_final_output_with_empty_text():
     _, chunks = collect(stream=True, incremental=True,
-                        outs=[StrOut("rid-1", "", [], FinishReason(type="abort", message="Abort in waiting queue"))])
+                        outs=[StrOut("rid-1", [], FinishReason(type="abort", message="Abort in waiting queue"), text="")])
     (c,) = chunks
     assert c["text"] == "" and c["output_ids"] == []
     assert c["meta_info"]["finish_reason"]["type"] == "abort" and c["meta_info"]["completion_tokens"] == 0
