@@ -29,10 +29,6 @@ def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[st
     return n
 
 
-def is_encoder_config(cfg: dict[str, Any]) -> bool:
-    return cfg.get("model_type") == "bert" or "BertModel" in (cfg.get("architectures") or [])
-
-
 def eos_token_ids(model_dir: str, tokenizer: Any = None) -> set[int]:
     """EOS ids from config.json, generation_config.json and the tokenizer (all of them stop)."""
     ids: set[int] = set()

@@ -20,16 +20,22 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
 LORA_BACKENDS = ("csgmv", "triton", "torch_native")  # accepted for SGLang's sake; one implementation serves all
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16")
+# One dtype vocabulary: SGLang's spellings, each an alias of a canonical name (torch's) that
+# ``resolved()`` writes back, so the processes after it see only canonical names.
+DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+DTYPES = ("auto", "float32", "float16", "bfloat16", *DTYPE_ALIASES)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
-ATTENTION_BACKENDS = (None, "torch_native", "triton", "flashinfer")
+ATTENTION_BACKENDS = (None, "torch_native", "triton", "flashinfer")  # flashinfer: refused by check_supported
 GEMV_BACKENDS = (None, "triton", "cublas")
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight", "lof", "priority")
 TOKENIZER_MODES = ("auto", "slow")
 GRAMMAR_BACKENDS = (None, "xgrammar", "none")
-KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3", "bfloat16", "float16", "float32", *DTYPE_ALIASES)
 QUANTIZATIONS = (None, "awq", "fp8", "gptq", "gguf", "marlin", "awq_marlin", "gptq_marlin", "bitsandbytes", "w8a8_int8", "w8a8_fp8")
 DEVICES = (None, "cpu", "cuda")
+CPU_KV_TOKENS = 16384  # the CPU's KV pool when max_total_tokens is not given (no device memory to size from)
+MEM_FRACTION_STATIC = 0.85  # SGLang's default share of the card for weights + KV pool
+MAX_GRAPH_BS = 256  # the largest decode batch captured in a CUDA graph by default
 
 
 @dataclass
@@ -228,6 +234,18 @@ class ServerArgs:
                 lists = all(isinstance(t, list) and set(t) <= set(LORA_TARGETS) for t in wanted)
                 a.lora_target_modules = [t for t in LORA_TARGETS if any(t in w for w in wanted)] \
                     if configs and lists else ["all"]
+        cuda = a.device.startswith("cuda")
+        # "auto" stays (get_server_info echoes it as SGLang does; the worker reads it against the device)
+        a.dtype = DTYPE_ALIASES.get(a.dtype, a.dtype)
+        a.kv_cache_dtype = DTYPE_ALIASES.get(a.kv_cache_dtype, a.kv_cache_dtype)
+        if a.max_running_requests is None:  # request slots: rows of the workers' req-to-token tables
+            a.max_running_requests = 256 if cuda else 64
+        if a.max_total_tokens is None and not cuda:  # on CUDA None: sized from free memory once the weights load
+            a.max_total_tokens = CPU_KV_TOKENS
+        if a.mem_fraction_static is None:
+            a.mem_fraction_static = MEM_FRACTION_STATIC
+        if a.cuda_graph_max_bs is None:
+            a.cuda_graph_max_bs = min(a.max_running_requests, MAX_GRAPH_BS)
         if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
             a.disable_overlap_schedule = a.disable_cuda_graph = True
         return a
@@ -239,6 +257,7 @@ class ServerArgs:
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
             "skip_tokenizer_init": self.skip_tokenizer_init,
             "cpu_offload_gb": self.cpu_offload_gb > 0,
+            "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves
         }
         names = [k for k, bad in missing.items() if bad]
         if names:

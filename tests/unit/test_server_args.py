@@ -100,6 +100,15 @@ def test_resolved_fills_auto_values():
     assert isinstance(r.random_seed, int) and 0 <= r.random_seed <= 2**30
     assert r.enable_lora is False
     assert r.dtype == "auto"
+    assert r.max_running_requests == 64 and r.max_total_tokens == 16384  # the CPU's defaults, decided here
+    assert r.mem_fraction_static == 0.85 and r.cuda_graph_max_bs == 64
+    assert ServerArgs(device="cpu", dtype="bf16", kv_cache_dtype="fp16").resolved().dtype == "bfloat16"
+    assert ServerArgs(device="cpu", kv_cache_dtype="fp16").resolved().kv_cache_dtype == "float16"
+
+
+def test_unbuilt_attention_backend_refused_before_start():
+    with pytest.raises(NotImplementedError, match="attention_backend='flashinfer'"):
+        ServerArgs(attention_backend="flashinfer").check_supported()
 
 
 def test_resolved_autodetects_device():
