@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -83,15 +84,43 @@ def _resolve_one(path: str, field_name: str) -> str:
     )
 
 
+def _content_digest(path: str, cache: str) -> str:
+    """SHA-256 of the file's bytes, remembered per (path, size, mtime) in the cache's index so a
+    file is read once: the same GGUF installed in another virtualenv (another path) then maps to
+    the conversion already made instead of a new one."""
+    st = os.stat(path)
+    stamp = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = os.path.join(cache, "gguf-digests.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index, dict) and isinstance(index.get(stamp), str):
+        return index[stamp]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    index = index if isinstance(index, dict) else {}
+    index[stamp] = digest
+    tmp = f"{index_path}.{os.getpid()}.tmp"  # written whole, then renamed: readers never see half a file
+    with open(tmp, "w") as f:
+        json.dump(index, f)
+    os.replace(tmp, index_path)  # a concurrent writer may win; the loser's entry is only recomputed later
+    return digest
+
+
 def _converted(gguf_path: str) -> str:
-    """The cached HF directory for a GGUF file, converting it first if needed (process-safe)."""
-    st = os.stat(gguf_path)
-    key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    """The cached HF directory for a GGUF file, converting it first if needed (process-safe).
+    Keyed by the file's content and the converter's version, not by its path."""
     cache = default_cache_dir()
+    os.makedirs(cache, exist_ok=True)
+    key = hashlib.sha256(f"{_content_digest(gguf_path, cache)}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
     out_dir = os.path.join(cache, f"{os.path.basename(gguf_path).removesuffix('.gguf')}-{key}")
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
-    os.makedirs(cache, exist_ok=True)
     with open(os.path.join(cache, f".{key}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another engine may be converting the same file
         if not os.path.exists(os.path.join(out_dir, "config.json")):

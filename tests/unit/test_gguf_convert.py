@@ -124,3 +124,32 @@ def test_llama3_rope_freqs_recovered():
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     with pytest.raises(NotImplementedError):
         _llama3_rope_scaling(np.full(dim // 2, 2.0, dtype=np.float32), theta, dim)
+
+
+def test_conversion_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """The same GGUF at another path (another virtualenv's copy) reuses the conversion; another
+    file's bytes get their own; the digest of a path is read once (the index remembers it)."""
+    from treadle.runtime import gguf_convert, model_files
+
+    made = []
+
+    def fake_convert(path, out_dir, progress=True):
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            f.write("{}")
+        made.append(out_dir)
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
+    monkeypatch.setenv("TREADLE_CACHE_DIR", str(tmp_path / "cache"))
+    paths = []
+    for venv, data in (("a", b"GGUF same"), ("b", b"GGUF same"), ("c", b"GGUF other")):
+        (tmp_path / venv).mkdir()
+        paths.append(str(tmp_path / venv / "m.gguf"))
+        with open(paths[-1], "wb") as f:
+            f.write(data)
+    first, second, other = (model_files._converted(p) for p in paths)
+    assert first == second and first != other and made == [first, other]
+    reads, sha256 = [], model_files.hashlib.sha256
+    monkeypatch.setattr(model_files.hashlib, "sha256", lambda *a: reads.append(a) or sha256(*a))
+    assert model_files._converted(paths[0]) == first
+    assert len(reads) == 1  # only the key of the remembered digest, not the file again
