@@ -2,7 +2,9 @@
 
 Unknown arguments raise ``TypeError`` (dataclass init); out-of-range values raise ``ValueError``
 at construction, so a typo never reaches a child process. ``resolved()`` fills the "auto"
-values that depend on the machine (device, dtype, memory sizes).
+values that depend on the machine (device, dtype, memory sizes). SGLang's fields that Treadle
+does not implement come from ``SGLangOnlyArgs`` (runtime/sglang_compat.py): accepted with no
+effect, or refused by ``check_supported()`` unless left at SGLang's default.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from treadle.runtime.parallel import split_addr
+from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
@@ -39,7 +42,7 @@ MAX_GRAPH_BS = 256  # the largest decode batch captured in a CUDA graph by defau
 
 
 @dataclass
-class ServerArgs:
+class ServerArgs(SGLangOnlyArgs):
     # Model and tokenizer
     model_path: str = "default"
     tokenizer_path: Optional[str] = None
@@ -192,6 +195,7 @@ class ServerArgs:
                                     or any(t not in LORA_TARGETS + ("all",) for t in targets)):
             raise ValueError(f"lora_target_modules must be a list of {', '.join(LORA_TARGETS)} (or 'all'), "
                              f"got {targets!r}.")
+        check_no_effect_values(self)
 
     # -------------------------------------------------------------- resolution
     def resolved(self) -> "ServerArgs":
@@ -259,10 +263,10 @@ class ServerArgs:
             "cpu_offload_gb": self.cpu_offload_gb > 0,
             "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves
         }
-        names = [k for k, bad in missing.items() if bad]
-        if names:
-            shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in names)
-            raise NotImplementedError(f"Not supported yet by Treadle: {shown} (see the README's feature table).")
+        shown = [f"{k}={getattr(self, k)!r}" for k, bad in missing.items() if bad] + refused_settings(self)
+        if shown:
+            shown_all = ", ".join(shown)
+            raise NotImplementedError(f"Not supported yet by Treadle: {shown_all} (see the README's feature table).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

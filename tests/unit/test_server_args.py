@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +166,119 @@ def test_field_names():
     names = ServerArgs.field_names()
     assert names == {f.name for f in dataclasses.fields(ServerArgs)}
     assert {"model_path", "tp_size", "page_size", "max_prefill_tokens", "stream_interval"} <= names
+
+
+# ------------------------------------------------------------------ SGLang's other fields (runtime/sglang_compat.py)
+from treadle.runtime.sglang_compat import NO_EFFECT, REFUSED  # noqa: E402
+
+SGLANG_DEFAULTS = {**NO_EFFECT, **{name: default for name, (default, _) in REFUSED.items()}}
+
+
+def test_sglang_tables_are_disjoint_and_not_treadle_fields():
+    assert not set(NO_EFFECT) & set(REFUSED)
+    own = set(ServerArgs.__annotations__)  # the fields ServerArgs implements itself
+    assert not own & set(SGLANG_DEFAULTS)
+    assert set(SGLANG_DEFAULTS) <= ServerArgs.field_names()
+
+
+def test_sglang_names_from_user_code_are_fields():
+    for name in ("enable_memory_saver", "port", "host", "chat_template", "reasoning_parser", "tool_call_parser",
+                 "json_model_override_args", "enable_torch_compile", "speculative_algorithm", "mm_attention_backend",
+                 "download_dir", "ep_size", "enable_dp_attention", "cuda_graph_bs", "model_impl", "api_key",
+                 "enable_multimodal"):
+        assert name in ServerArgs.field_names(), name
+
+
+def test_sglang_defaults_passed_explicitly_are_accepted():
+    a = ServerArgs(**SGLANG_DEFAULTS)
+    a.check_supported()
+    assert a == ServerArgs()
+
+
+def test_no_effect_sample_constructs_and_round_trips():
+    kw = {"port": 30010, "host": "0.0.0.0", "api_key": "k", "enable_torch_compile": True, "cuda_graph_bs": [1, 2, 4],
+          "mm_attention_backend": "sdpa", "enable_memory_saver": True, "download_dir": "/models",
+          "tokenizer_worker_num": 2, "model_impl": "transformers", "uvicorn_access_log_exclude_prefixes": ["/h"]}
+    a = ServerArgs(device="cpu", **kw)
+    a.check_supported()
+    assert all(getattr(a, k) == v for k, v in kw.items())
+    assert ServerArgs.from_json(a.to_json()) == a == ServerArgs(**a.to_dict())
+    assert "port" not in repr(a) and "device='cpu'" in repr(a)  # the repr stays about what Treadle uses
+    assert ServerArgs().uvicorn_access_log_exclude_prefixes == []  # a fresh list each time, as SGLang's
+    assert ServerArgs().uvicorn_access_log_exclude_prefixes is not ServerArgs().uvicorn_access_log_exclude_prefixes
+
+
+def test_sglang_fields_are_keyword_only():
+    assert ServerArgs("some/model").model_path == "some/model"
+
+
+def test_no_effect_value_must_reach_the_children():
+    with pytest.raises(ValueError, match="warmups"):
+        ServerArgs(warmups=object())
+
+
+def _other_value(default):
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, (int, float)):
+        return default + 2
+    if isinstance(default, str):
+        return default + "_other"
+    if isinstance(default, list):
+        return ["x"]
+    return "x"  # default None
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_names_argument_and_reason(name):
+    default, why = REFUSED[name]
+    a = ServerArgs(**{name: _other_value(default)})  # construction accepts it; the engine refuses it
+    with pytest.raises(NotImplementedError, match=rf"{name}=.*\({re.escape(why)}\)"):
+        a.check_supported()
+    ServerArgs(**{name: default}).check_supported()
+
+
+@pytest.mark.parametrize("kw", [{"enable_multimodal": True}, {"model_config_parser": "hf"}])
+def test_refused_names_accept_what_treadle_does_anyway(kw):
+    ServerArgs(**kw).check_supported()
+
+
+def test_refused_several_named_together():
+    with pytest.raises(NotImplementedError) as e:
+        ServerArgs(ep_size=2, speculative_algorithm="EAGLE", quantization="fp8").check_supported()
+    assert all(s in str(e.value) for s in ("ep_size=2 (", "speculative_algorithm='EAGLE' (", "quantization='fp8'"))
+
+
+@pytest.mark.parametrize("name", ["hf_overrides", "prot", "enable_torch_compiles"])
+def test_unknown_names_still_type_error(name):
+    with pytest.raises(TypeError, match=name):
+        ServerArgs(**{name: 1})
+
+
+def test_engine_refuses_before_starting_anything():
+    from treadle import Engine
+
+    with pytest.raises(NotImplementedError, match="speculative_algorithm"):
+        Engine(speculative_algorithm="EAGLE", speculative_draft_model_path=None)
+    with pytest.raises(TypeError, match="hf_overrides"):
+        Engine(hf_overrides={})
+
+
+def _readme_names(label: str) -> set[str]:
+    """The backticked names on the indented lines under the README bullet that starts with ``label``."""
+    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"- {label}"))
+    while not lines[start].endswith(":"):  # the label may wrap; the names start after its colon
+        start += 1
+    names = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        names += re.findall(r"`([a-z0-9_]+)`", line)
+    assert len(names) == len(set(names)), "a name listed twice"
+    return set(names)
+
+
+def test_readme_lists_match_the_tables():
+    assert _readme_names("refused with") == set(REFUSED)
+    assert _readme_names("accepted with no effect") == set(NO_EFFECT)
