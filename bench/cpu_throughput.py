@@ -1,6 +1,6 @@
 """CPU throughput: Treadle's output tok/s at 1 and 32 concurrent requests beside HF ``generate``.
 
-    python bench/cpu_throughput.py [--new-tokens 64] [--batch 32]
+    python bench/cpu_throughput.py [--new-tokens 64] [--batch 32] [--skip-hf] [--engine-args JSON] [--out FILE]
 
 Same weights (the default SmolLM2-135M-Instruct, float32), same prompts, greedy, every request
 runs exactly ``--new-tokens`` tokens (ignore_eos / min_new_tokens). Prints one table row each.
@@ -8,10 +8,10 @@ runs exactly ``--new-tokens`` tokens (ignore_eos / min_new_tokens). Prints one t
 
 from __future__ import annotations
 
-import argparse
-import json
 import asyncio
 import time
+
+from common import Results, bench_parser, engine_kwargs, model_files_dir
 
 PROMPT = "Write a short story about a robot who learns to paint. Request number {i}."
 
@@ -37,9 +37,7 @@ def bench_hf(n_req: int, new_tokens: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from treadle.runtime.model_files import resolve_model_files
-
-    d = resolve_model_files("default").model_dir
+    d = model_files_dir()
     tok = AutoTokenizer.from_pretrained(d)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
@@ -54,17 +52,18 @@ def bench_hf(n_req: int, new_tokens: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = bench_parser(__doc__, hf=True)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--engine-args", default="{}", help="extra Engine kwargs as JSON")
-    p.add_argument("--skip-hf", action="store_true")
     a = p.parse_args()
+    res = Results("cpu_throughput", a.out, engine_kwargs(a), echo=False, new_tokens=a.new_tokens)
     print("| concurrent requests | Treadle tok/s | HF generate tok/s |")
     print("|---|---|---|")
     for n in (1, a.batch):
-        hf = "-" if a.skip_hf else f"{bench_hf(n, a.new_tokens):.1f}"
-        print(f"| {n} | {bench_treadle(n, a.new_tokens, json.loads(a.engine_args)):.1f} | {hf} |", flush=True)
+        hf = None if a.skip_hf else bench_hf(n, a.new_tokens)
+        ours = bench_treadle(n, a.new_tokens, engine_kwargs(a))
+        print(f"| {n} | {ours:.1f} | {'-' if hf is None else f'{hf:.1f}'} |", flush=True)
+        res.record(f"concurrent_{n}", treadle_tok_s=round(ours, 1), hf_tok_s=None if hf is None else round(hf, 1))
 
 
 if __name__ == "__main__":

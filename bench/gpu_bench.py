@@ -1,7 +1,7 @@
 """GPU benchmarks of issue #6, all in one process run (one device call), with HF transformers on
 the same card as the baseline.
 
-    python bench/gpu_bench.py --shape smollm2 --shape llama8b --tokenizer-dir DIR [--out FILE]
+    python bench/gpu_bench.py --shape smollm2 --shape llama8b [--tokenizer-dir DIR] [--out FILE]
 
 Shapes are random (``load_format="dummy"``) models built from a config: SmolLM2-135M and
 Llama-3.1-8B (bench/configs/). Parts, per shape:
@@ -12,7 +12,7 @@ Llama-3.1-8B (bench/configs/). Parts, per shape:
   (d) time to first token at batch 1 with a 1,024-token prompt (median of 5, distinct prompts)
   (e) engine start-up to first token, and the CUDA-graph capture time the worker logged
   (hf) HF ``generate`` (bf16, eager): batch 1 decode, TTFT, and a left-padded batch of 32 prompts
-Results print as they come and are appended as JSON lines to ``--out``.
+Results print as they come and are appended as JSON lines to ``--out`` (``bench/common.py``).
 """
 
 from __future__ import annotations
@@ -23,62 +23,38 @@ import os
 import random
 import shutil
 import statistics
-import tempfile
 import time
 from typing import Any
 
 import torch
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+from common import (CONFIGS, Results, bench_parser, config_model_dir, engine_kwargs, random_workload,
+                    smollm2_tokenizer_dir, worker_startup_info)
+
 SHAPES = {"smollm2": "smollm2-135m", "llama8b": "llama-3.1-8b"}
 
 
-def model_dir(shape: str, tokenizer_dir: str) -> str:
-    """A config-only model directory (config + tokenizer files) for ``load_format="dummy"``."""
-    d = tempfile.mkdtemp(prefix=f"treadle-{shape}-")
-    shutil.copy(os.path.join(CONFIGS, SHAPES[shape], "config.json"), d)
-    for f in os.listdir(tokenizer_dir):
-        if f.startswith("tokenizer") or f.endswith(".jinja") or f == "generation_config.json":
-            shutil.copy(os.path.join(tokenizer_dir, f), d)
-    return d
-
-
-def workload(n: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int, vocab: int) -> tuple[list, list]:
-    rng = random.Random(seed)
-    ins = [[rng.randrange(100, vocab) for _ in range(rng.randint(*in_range))] for _ in range(n)]
-    outs = [rng.randint(*out_range) for _ in range(n)]
-    return ins, outs
-
-
-def report(out: str, shape: str, part: str, **values: Any) -> None:
-    line = {"shape": shape, "part": part, **values}
-    print(json.dumps(line), flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(json.dumps(line) + "\n")
-
-
-def bench_treadle(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None:
+def bench_treadle(res: Results, d: str, a: argparse.Namespace, vocab: int) -> None:
     from treadle import Engine
 
     t0 = time.perf_counter()
-    eng = Engine(model_path=d, load_format="dummy", random_seed=0, log_level="warning", **json.loads(a.engine_args))
+    eng = Engine(model_path=d, load_format="dummy", random_seed=0, log_level="warning", **engine_kwargs(a))
     eng.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 1})
     startup = time.perf_counter() - t0
-    info = eng._sup.ready_info.get("worker0", {})
-    report(a.out, shape, "e_startup", seconds=round(startup, 2), graph_capture_s=round(info.get("cuda_graph_capture_time", 0), 2),
-           graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2),
-           phases=info.get("startup_phases", {}))
+    info = worker_startup_info(eng)
+    res.record("e_startup", seconds=round(startup, 2), graph_capture_s=round(info.get("cuda_graph_capture_time", 0), 2),
+               graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2),
+               phases=info.get("startup_phases", {}))
     try:
         greedy = {"temperature": 0, "ignore_eos": True}
         prompt = [random.Random(2).randrange(100, vocab) for _ in range(32)]
         eng.generate(input_ids=prompt, sampling_params={**greedy, "max_new_tokens": 64})  # warm up
-        bench_parts(eng, shape, a, vocab, greedy, prompt)
+        bench_parts(eng, res, a, vocab, greedy, prompt)
     finally:
         eng.shutdown()
 
 
-def bench_parts(eng: Any, shape: str, a: argparse.Namespace, vocab: int, greedy: dict, prompt: list[int]) -> None:
+def bench_parts(eng: Any, res: Results, a: argparse.Namespace, vocab: int, greedy: dict, prompt: list[int]) -> None:
     if "a" in a.parts:
         rates = []
         for i in range(3):
@@ -86,7 +62,7 @@ def bench_parts(eng: Any, shape: str, a: argparse.Namespace, vocab: int, greedy:
             t = time.perf_counter()
             r = eng.generate(input_ids=p, sampling_params={**greedy, "max_new_tokens": 512})
             rates.append(len(r["output_ids"]) / (time.perf_counter() - t))
-        report(a.out, shape, "a_batch1_decode", tok_s=round(max(rates), 1), runs=[round(x, 1) for x in rates])
+        res.record("a_batch1_decode", tok_s=round(max(rates), 1), runs=[round(x, 1) for x in rates])
     if "d" in a.parts:
         ttfts = []
         for i in range(5):
@@ -94,30 +70,30 @@ def bench_parts(eng: Any, shape: str, a: argparse.Namespace, vocab: int, greedy:
             t = time.perf_counter()
             eng.generate(input_ids=p, sampling_params={"max_new_tokens": 1})
             ttfts.append(time.perf_counter() - t)
-        report(a.out, shape, "d_ttft_1024", ms=round(1000 * statistics.median(ttfts), 1))
+        res.record("d_ttft_1024", ms=round(1000 * statistics.median(ttfts), 1))
     for part, n, ir, orng in (("c_nanovllm", 256, (100, 1024), (100, 1024)),
                               ("b_sglang_ci", a.ci_prompts, (1, 4096), (1, 2048))):
         if part[0] not in a.parts:
             continue
-        ins, outs = workload(n, ir, orng, seed=1, vocab=vocab)
+        ins, outs = random_workload(n, ir, orng, seed=1, vocab=vocab)
         params = [{**greedy, "max_new_tokens": o} for o in outs]
         eng.flush_cache()
         before = eng.get_server_info()["internal_states"]
         if part == "b_sglang_ci" and a.profile_ci:  # a GPU trace of a window of steps, for trace_summary.py
             start, num = (int(x) for x in a.profile_ci.split(":"))
-            eng.start_profile(output_dir=a.profile_dir, profile_prefix=f"{shape}-ci", start_step=before[0]["step"] + start,
-                              num_steps=num, activities=["GPU"], with_stack=False)
+            eng.start_profile(output_dir=a.profile_dir, profile_prefix=f"{res.labels['shape']}-ci",
+                              start_step=before[0]["step"] + start, num_steps=num, activities=["GPU"], with_stack=False)
         t = time.perf_counter()
-        res = eng.generate(input_ids=ins, sampling_params=params)
+        done = eng.generate(input_ids=ins, sampling_params=params)
         dt = time.perf_counter() - t
         after = eng.get_server_info()["internal_states"]
-        gen = sum(len(r["output_ids"]) for r in res)
+        gen = sum(len(r["output_ids"]) for r in done)
         retracted = sum(x["retractions"] for x in after) - sum(x["retractions"] for x in before)
-        report(a.out, shape, part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1),
-               retractions=retracted, kv_tokens=after[0]["max_total_tokens"])
+        res.record(part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1),
+                   retractions=retracted, kv_tokens=after[0]["max_total_tokens"])
 
 
-def bench_hf(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None:
+def bench_hf(res: Results, d: str, vocab: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(d)
@@ -137,7 +113,7 @@ def bench_hf(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None:
 
     prompt = [random.Random(2).randrange(100, vocab) for _ in range(32)]
     gen([prompt], 8)
-    report(a.out, shape, "hf_a_batch1_decode", tok_s=round(128 / gen([prompt], 128), 1))
+    res.record("hf_a_batch1_decode", tok_s=round(128 / gen([prompt], 128), 1))
     with torch.inference_mode():
         p = torch.tensor([[random.Random(10).randrange(100, vocab) for _ in range(1024)]], device="cuda")
         ts = []
@@ -147,37 +123,32 @@ def bench_hf(shape: str, d: str, a: argparse.Namespace, vocab: int) -> None:
             model(p)
             torch.cuda.synchronize()
             ts.append(time.perf_counter() - t)
-    report(a.out, shape, "hf_d_ttft_1024", ms=round(1000 * statistics.median(ts), 1))
-    ins, outs = workload(32, (100, 1024), (100, 1024), seed=1, vocab=vocab)
+    res.record("hf_d_ttft_1024", ms=round(1000 * statistics.median(ts), 1))
+    ins, outs = random_workload(32, (100, 1024), (100, 1024), seed=1, vocab=vocab)
     new = 256
     dt = gen(ins, new)
-    report(a.out, shape, "hf_batch32_padded", prompts=32, new_tokens_each=new, tok_s=round(32 * new / dt, 1))
+    res.record("hf_batch32_padded", prompts=32, new_tokens_each=new, tok_s=round(32 * new / dt, 1))
     del model
     torch.cuda.empty_cache()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = bench_parser(__doc__, hf=True, tokenizer=True)
     p.add_argument("--shape", action="append", choices=sorted(SHAPES), required=True)
-    p.add_argument("--tokenizer-dir", required=True)
     p.add_argument("--ci-prompts", type=int, default=500)
-    p.add_argument("--engine-args", default="{}", help="extra Engine kwargs as JSON")
-    p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--parts", default="abcde", help="which of the parts a-e to run (e always runs)")
-    p.add_argument("--out", default="")
     p.add_argument("--profile-ci", default="", metavar="START:N",
-                   help="trace N steps of part b from its START-th step (see bench/trace_summary.py)")
+                   help="trace N steps of part b from its START-th step (see bench/tools/trace_summary.py)")
     p.add_argument("--profile-dir", default="/tmp/treadle-traces")
     a = p.parse_args()
+    tokenizer_dir = a.tokenizer_dir or smollm2_tokenizer_dir()
     for shape in a.shape:
-        d = model_dir(shape, a.tokenizer_dir)
+        d = config_model_dir(os.path.join(CONFIGS, SHAPES[shape], "config.json"), tokenizer_dir, f"treadle-{shape}-")
         vocab = json.load(open(os.path.join(d, "config.json")))["vocab_size"]
-        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        report(a.out, shape, "meta", card=card, date=time.strftime("%Y-%m-%d"),
-               torch=torch.__version__, engine_args=a.engine_args)
-        bench_treadle(shape, d, a, vocab)
+        res = Results("gpu_bench", a.out, engine_kwargs(a), shape=shape)
+        bench_treadle(res, d, a, vocab)
         if not a.skip_hf:
-            bench_hf(shape, d, a, vocab)
+            bench_hf(res, d, vocab)
         shutil.rmtree(d, ignore_errors=True)
 
 

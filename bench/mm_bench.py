@@ -1,9 +1,9 @@
 """Image requests on the GPU: a LLaVA-1.5-7B-shaped model (CLIP ViT-L/14 at 336 px + a Llama-7B
 text model), ``load_format="dummy"``.
 
-    python bench/mm_bench.py --tokenizer-dir DIR [--requests 64] [--out FILE]
+    python bench/mm_bench.py [--tokenizer-dir DIR] [--requests 64] [--out FILE] [--profile-dir DIR]
 
-The tokenizer in DIR gets an ``<image>`` token (the config's ``image_token_index`` and vocabulary
+The tokenizer in DIR (default: SmolLM2's) gets an ``<image>`` token (the config's ``image_token_index`` and vocabulary
 are set to match it). Parts, each printed as a JSON line:
   ttft       one 640x480 image + a short prompt, one new token (median of 5 distinct images):
              loading, preprocessing, the vision tower and the 600-token prefill, end to end
@@ -14,7 +14,6 @@ are set to match it). Parts, each printed as a JSON line:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,9 +22,10 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "llava-1.5-7b", "config.json")
+from common import CONFIGS, Results, bench_parser, engine_kwargs, smollm2_tokenizer_dir
+
+CONFIG = os.path.join(CONFIGS, "llava-1.5-7b", "config.json")
 
 
 def model_dir(tokenizer_dir: str) -> str:
@@ -52,31 +52,19 @@ def images(n: int, seed: int) -> list:
     return [Image.fromarray(rng.randint(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def report(out: str, part: str, **values) -> None:
-    line = json.dumps({"shape": "llava-1.5-7b", "part": part, **values})
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
-
-
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokenizer-dir", required=True)
+    p = bench_parser(__doc__, tokenizer=True)
     p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--engine-args", default="{}")
-    p.add_argument("--out", default="")
     p.add_argument("--profile-dir", default="", help="trace the first 12 steps of the 64-image batch here")
     a = p.parse_args()
     from treadle import Engine
 
-    d = model_dir(a.tokenizer_dir)
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    report(a.out, "meta", card=card, date=time.strftime("%Y-%m-%d"), engine_args=a.engine_args)
+    d = model_dir(a.tokenizer_dir or smollm2_tokenizer_dir())
+    res = Results("mm_bench", a.out, engine_kwargs(a), shape="llava-1.5-7b")
     prompt = "Describe this image in detail."
     t0 = time.perf_counter()
-    with Engine(model_path=d, load_format="dummy", random_seed=0, log_level="warning", **json.loads(a.engine_args)) as eng:
-        report(a.out, "startup", seconds=round(time.perf_counter() - t0, 2))
+    with Engine(model_path=d, load_format="dummy", random_seed=0, log_level="warning", **engine_kwargs(a)) as eng:
+        res.record("startup", seconds=round(time.perf_counter() - t0, 2))
         one = {"max_new_tokens": 1, "ignore_eos": True, "temperature": 0}
         eng.generate(prompt=prompt, image_data=images(1, 99)[0], sampling_params=one)  # warm-up
         ttfts = []
@@ -84,12 +72,12 @@ def main() -> None:
             t = time.perf_counter()
             out = eng.generate(prompt=prompt, image_data=img, sampling_params=one)
             ttfts.append(time.perf_counter() - t)
-        report(a.out, "ttft", ms=round(1000 * statistics.median(ttfts), 1), prompt_tokens=out["meta_info"]["prompt_tokens"],
-               image_tokens=out["meta_info"]["image_tokens"])
+        res.record("ttft", ms=round(1000 * statistics.median(ttfts), 1), prompt_tokens=out["meta_info"]["prompt_tokens"],
+                   image_tokens=out["meta_info"]["image_tokens"])
         t = time.perf_counter()
         out = eng.generate(prompt=prompt, image_data=images(1, 2)[0],
                            sampling_params={"max_new_tokens": 256, "ignore_eos": True, "temperature": 0})
-        report(a.out, "batch1", tok_s=round(256 / (time.perf_counter() - t), 1))
+        res.record("batch1", tok_s=round(256 / (time.perf_counter() - t), 1))
         imgs = images(a.requests, 3)
         sp = {"max_new_tokens": 128, "ignore_eos": True, "temperature": 0}
         for part in ("batch", "repeat"):
@@ -98,10 +86,10 @@ def main() -> None:
             t = time.perf_counter()
             outs = eng.generate(prompt=[prompt] * a.requests, image_data=imgs, sampling_params=sp)
             dt = time.perf_counter() - t
-            report(a.out, part, requests=a.requests, seconds=round(dt, 2), tok_s=round(128 * a.requests / dt, 1),
-                   images_s=round(a.requests / dt, 1),
-                   cached_tokens=sum(o["meta_info"]["cached_tokens"] for o in outs),
-                   prompt_tokens=sum(o["meta_info"]["prompt_tokens"] for o in outs))
+            res.record(part, requests=a.requests, seconds=round(dt, 2), tok_s=round(128 * a.requests / dt, 1),
+                       images_s=round(a.requests / dt, 1),
+                       cached_tokens=sum(o["meta_info"]["cached_tokens"] for o in outs),
+                       prompt_tokens=sum(o["meta_info"]["prompt_tokens"] for o in outs))
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Structured-output overhead: decode throughput of json_schema-constrained requests vs unconstrained.
 
-    python bench/structured_output.py [--batch 32] [--new-tokens 64] [--reps 2]
+    python bench/structured_output.py [--batch 32] [--new-tokens 64] [--reps 2] [--out FILE]
 
 The usage guide's JSON schema, the default model on the CPU, ``--batch`` concurrent requests at
 temperature 0.8 with the same prompts. A constrained request ends when its JSON is complete, so
@@ -13,9 +13,10 @@ warm-up. An unconstrained run capped at ``--new-tokens`` is printed for referenc
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+
+from common import Results, bench_parser, engine_kwargs
 
 SCHEMA = {
     "type": "object",
@@ -38,11 +39,13 @@ def run(eng, prompts: list[str], params: list[dict]) -> tuple[float, list[int]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = bench_parser(__doc__)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=2)
     a = p.parse_args()
+    res = Results("structured_output", a.out, engine_kwargs(a), echo=False, batch=a.batch, new_tokens=a.new_tokens,
+                  reps=a.reps)
 
     from treadle import Engine
 
@@ -50,7 +53,7 @@ def main() -> None:
                for i in range(a.batch)]
     base = {"temperature": 0.8, "max_new_tokens": a.new_tokens}
     constrained = [{**base, "json_schema": json.dumps(SCHEMA)}] * a.batch
-    with Engine(model_path="default", random_seed=0) as eng:
+    with Engine(model_path="default", **{"random_seed": 0, **engine_kwargs(a)}) as eng:
         run(eng, prompts[:2], constrained[:2])  # warm-up: compiles the schema
         best_c = best_u = 0.0
         for _ in range(a.reps):
@@ -68,6 +71,9 @@ def main() -> None:
     print(f"| unconstrained, same lengths | {best_u:.1f} |")
     print(f"| unconstrained, up to {a.new_tokens} tokens (reference) | {sum(lens_r) / dt_r:.1f} |")
     print(f"overhead: {100.0 * (1.0 - best_c / best_u):.1f}%")
+    res.record("json_schema", constrained_tok_s=round(best_c, 1), unconstrained_same_lengths_tok_s=round(best_u, 1),
+               unconstrained_reference_tok_s=round(sum(lens_r) / dt_r, 1),
+               overhead_pct=round(100.0 * (1.0 - best_c / best_u), 1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One-token GEMV on the GPU: cuBLAS (``F.linear``) against ``layers/triton_gemv.py``, per weight shape.
 
-    python bench/gemv_bench.py [--quick]
+    python bench/kernels/gemv_bench.py [--quick]
 
 Shapes: Llama-3.1-8B's projections at tp 1 and tp 2 (qkv, o, gate_up, down, lm_head). Each
 candidate runs inside one CUDA graph (as in decode, no launch gaps), each call on its own copy of

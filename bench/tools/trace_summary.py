@@ -1,6 +1,6 @@
 """Summarise GPU traces written by ``start_profile``: is the GPU busy, and with what?
 
-    python bench/trace_summary.py /tmp/treadle-traces/*.trace.json.gz
+    python bench/tools/trace_summary.py /tmp/treadle-traces/*.trace.json.gz
 
 For each trace: the window (first kernel start to last kernel end), the time some kernel ran (the
 union of kernel intervals, so overlapping streams are not counted twice), the idle share (host

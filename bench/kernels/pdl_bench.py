@@ -1,6 +1,6 @@
 """Does programmatic dependent launch (PDL) hide the fixed cost of batch-1 GEMVs?  A probe.
 
-    python bench/pdl_bench.py [--layers 32]
+    python bench/kernels/pdl_bench.py [--layers 32]
 
 At batch 1 an 8B decode step is ~130 GEMVs in a row, each a separate kernel. On an H100 the
 small ones stream their weight at 2.0-2.4 TB/s against 2.86 for the large ones (docs/perf.md):

@@ -1,6 +1,6 @@
 """Decode attention alone at CI-workload batches: how fast each launch config reads the K/V.
 
-    python bench/decode_attn_bench.py [--rows 150 --rows 256] [--kv-dtype fp8_e4m3] [--layout runs16]
+    python bench/kernels/decode_attn_bench.py [--rows 150 --rows 256] [--kv-dtype fp8_e4m3] [--layout runs16]
 
 At the SGLang CI workload's steady state (about 150-250 running rows, contexts of a few
 thousand positions) decode attention is ~70% of a step (docs/perf.md), and the engine's kernel

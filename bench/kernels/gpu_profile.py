@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: per-kernel totals of ``ModelRunner`` decode steps.
 
-    python bench/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024]
+    python bench/kernels/gpu_profile.py --config bench/configs/llama-3.1-8b/config.json [--batch 1 --batch 64] [--context 1024]
         [--tp 2 [--fusion]] [--kv-cache-dtype fp8_e4m3]
 
 Builds the runner in-process (dummy bf16 weights, Triton attention, CUDA graphs), prefills

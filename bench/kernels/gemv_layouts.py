@@ -1,6 +1,6 @@
 """Which cuBLAS call is fastest for a one-token projection: a layout survey, per weight shape.
 
-    python bench/gemv_layouts.py
+    python bench/kernels/gemv_layouts.py
 
 Batch-1 decode spends ~90% of its GPU time in GEMVs (docs/perf.md), and cuBLAS's heuristics pick
 a different kernel for the same product written different ways. For each Llama-3.1-8B shape this

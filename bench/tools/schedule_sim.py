@@ -1,11 +1,12 @@
 """The real scheduler on an offline workload, against a cost model of the GPU: where would the time go?
 
-    python bench/schedule_sim.py [--prompts 200] [--kv-tokens 423330] [--max-running 256] [--chunk 8192]
+    python bench/tools/schedule_sim.py [--prompts 200] [--kv-tokens 423330] [--max-running 256] [--chunk 8192]
 
 Drives ``Scheduler`` (no processes, no model) with SGLang's CI workload (inputs uniform in
-[1, 4096], outputs in [1, 2048], ignore_eos; the same prompts as ``bench/gpu_bench.py`` part b),
-two steps in flight as with overlap scheduling, and prices every planned step with a model of
-Llama-3.1-8B bf16 on one H100, fitted to ``bench/gpu_profile.py`` (2026-11-25):
+[1, 4096], outputs in [1, 2048], ignore_eos; the same prompts as ``bench/gpu_bench.py`` part b,
+both drawn by ``bench/common.py``), two steps in flight as with overlap scheduling, and prices
+every planned step with a model of Llama-3.1-8B bf16 on one H100, fitted to
+``bench/kernels/gpu_profile.py`` (2026-11-25):
 
 - weights: 5.6 ms a step (15 GB at about 2.7 TB/s), or the GEMM FLOPs at 650 TFLOP/s if more;
 - decode attention: the K/V bytes each row reads (131 kB a token) at 2.8 TB/s;
@@ -25,9 +26,9 @@ import collections
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, for common.py
 
-from gpu_bench import workload  # noqa: E402
+from common import random_workload  # noqa: E402
 
 from treadle.runtime.messages import PLACEHOLDER, TokenizedReq  # noqa: E402
 from treadle.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
                       max_prefill_tokens=a.max_prefill_tokens, schedule_policy=a.policy, disable_radix_cache=True,
                       stream_interval=10**6).resolved()
     s = Scheduler(args, Tok(), {0}, {"context_len": 8192, "kv_tokens": a.kv_tokens, "max_slots": a.max_running})
-    ins, outs = workload(a.prompts, (1, 4096), (1, 2048), seed=1, vocab=128256)
+    ins, outs = random_workload(a.prompts, (1, 4096), (1, 2048), seed=1, vocab=128256)
     s.add_requests([TokenizedReq(rid=str(i), input_ids=x, stream=False,
                                  sampling=SamplingParams(max_new_tokens=o, ignore_eos=True, temperature=0.0))
                     for i, (x, o) in enumerate(zip(ins, outs))])
