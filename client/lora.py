@@ -8,8 +8,9 @@ workers hold (``scheduler_proc/lora_slots.py``) and refuses unknown names too.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
+from treadle.client.control import Control
 from treadle.runtime.server_args import LORA_NOT_ENABLED as NOT_ENABLED
 
 
@@ -36,29 +37,28 @@ class LoraRegistry:
         self.max_loaded = max_loaded
         self.paths: dict[str, str] = {}
 
-    def load(self, control_each: Callable[..., dict[int, Any]], lora_name: Any, lora_path: Any,
-             pinned: bool = False) -> LoRAUpdateOutput:
-        """Load on every DP group (``control_each`` is the engine's control call); if one group
-        fails, the groups that loaded it drop it again, so they agree."""
+    def load(self, control: Control, lora_name: Any, lora_path: Any, pinned: bool = False) -> LoRAUpdateOutput:
+        """Load on every DP group (``control``: the engine's control calls); if one group fails,
+        the groups that loaded it drop it again, so they agree."""
         why = self._why_not(lora_name, lora_path)
         if why is not None:
             return LoRAUpdateOutput(False, why)
-        results = control_each("load_lora_adapter", lora_name=lora_name, lora_path=lora_path, pinned=bool(pinned))
+        results = control.load_lora_adapter(lora_name, lora_path, bool(pinned))
         failed = [r for r in results.values() if not r.get("success")]
         if failed:
             ok = [g for g, r in results.items() if r.get("success")]
             if ok:
-                control_each("unload_lora_adapter", ok, lora_name=lora_name)
+                control.unload_lora_adapter(lora_name, ok)
             return LoRAUpdateOutput(False, failed[0].get("error_message"), dict(self.paths))
         self.paths[lora_name] = lora_path
         return LoRAUpdateOutput(True, None, dict(self.paths))
 
-    def unload(self, control_each: Callable[..., dict[int, Any]], lora_name: Any) -> LoRAUpdateOutput:
+    def unload(self, control: Control, lora_name: Any) -> LoRAUpdateOutput:
         if lora_name not in self.paths:
             return LoRAUpdateOutput(False, f"LoRA with name {lora_name} does not exist. Loaded LoRAs: "
                                            f"{sorted(self.paths)}", dict(self.paths))
         del self.paths[lora_name]
-        control_each("unload_lora_adapter", lora_name=lora_name)
+        control.unload_lora_adapter(lora_name)
         return LoRAUpdateOutput(True, None, dict(self.paths))
 
     def _why_not(self, lora_name: Any, lora_path: Any) -> Optional[str]:

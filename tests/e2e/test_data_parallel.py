@@ -61,7 +61,7 @@ def test_routed_dp_rank_pins_requests(dp2):
 def test_control_calls_reach_every_group_and_sessions_stick(dp2):
     assert dp2.flush_cache()
     sids = [dp2.open_session(1000) for _ in range(2)]
-    assert sorted(dp2._session_groups[s] for s in sids) == [0, 1]  # one session per group
+    assert sorted(dp2._sessions.groups[s] for s in sids) == [0, 1]  # one session per group
     assert dp2.open_session(1000, session_id=sids[1]) is None  # duplicate
     for sid in sids:
         m1 = dp2.generate(prompt="My name is Ada.", sampling_params=GREEDY, session_params={"id": sid})["meta_info"]
@@ -76,12 +76,12 @@ def test_control_calls_reach_every_group_and_sessions_stick(dp2):
         dp2.generate(prompt="Hi", session_params={"id": sids[0]})
     # a session its scheduler closed on timeout no longer counts against its group
     timed = dp2.open_session(1000, timeout=0.5)
-    assert dp2._session_groups[timed] == 0
+    assert dp2._sessions.groups[timed] == 0
     deadline = time.monotonic() + 10
     while sum(s["num_sessions"] for s in dp2.get_server_info()["internal_states"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     fresh = dp2.open_session(1000)
-    assert dp2._session_groups[fresh] == 0 and timed not in dp2._session_groups
+    assert dp2._sessions.groups[fresh] == 0 and timed not in dp2._sessions.groups
     dp2.close_session(fresh)
 
 

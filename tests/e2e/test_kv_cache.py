@@ -173,7 +173,7 @@ def test_session_timeout_closes_it(engine):
     with pytest.raises(ValueError, match="does not exist"):
         engine.generate(prompt="Hi", session_params={"id": sid})
     other = engine.open_session(4096)  # placing a session first forgets those closed on timeout
-    assert sid not in engine._session_groups and sid not in engine._timed_sessions
+    assert sid not in engine._sessions.groups and sid not in engine._sessions.timed
     engine.close_session(other)
     assert engine.open_session(4096, session_id=sid) == sid  # the id is free again
     engine.close_session(sid)

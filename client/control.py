@@ -1,0 +1,115 @@
+"""Control calls: the request/reply calls beside generation (flush the cache, sessions, LoRA
+adapters, profiling, server state), each a ``ControlReq`` answered by a ``ControlReply``.
+
+Every call goes to each DP group asked (default: every live one; -1 is the tokenizer's router),
+one ``ControlReq`` with its own call id per group, so a group that dies fails only its own call;
+the replies come back by group. This module is the one place that spells the calls' names and
+arguments: the rest of the client calls the named methods of ``Control``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from treadle.client.calls import Calls
+from treadle.client.supervisor import Supervisor
+from treadle.runtime.messages import ControlReq
+from treadle.runtime.profile_args import check_profile_args
+from treadle.runtime.server_args import ServerArgs
+
+CONTROL_TIMEOUT_S = 60.0
+
+
+class FlushCacheReqOutput:
+    def __init__(self, success: bool, message: str = "") -> None:
+        self.success, self.message = success, message
+
+    def __bool__(self) -> bool:
+        return self.success
+
+    def __repr__(self) -> str:
+        return f"FlushCacheReqOutput(success={self.success}, message={self.message!r})"
+
+
+class Control:
+    def __init__(self, calls: Calls, sup: Supervisor) -> None:
+        self.calls = calls
+        self.sup = sup
+
+    def each(self, method: str, groups: Optional[list[int]] = None, **args: Any) -> dict[int, Any]:
+        """A control call on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
+        results by group. Each group gets its own call id, so a group that dies fails its own call."""
+        self.calls.check_alive()
+        futs = {}
+        for g in self.sup.live_groups() if groups is None else groups:
+            call_id = self.calls.next_id()
+            futs[g] = self.sup.add_control(call_id, g)
+            self.calls.socket.send(ControlReq(call_id=call_id, method=method, args=args, dp_rank=g))
+        return {g: fut.result(timeout=CONTROL_TIMEOUT_S) for g, fut in futs.items()}
+
+    def first(self, method: str, **args: Any) -> Any:
+        """A control call on every live DP group; returns the first group's result."""
+        return next(iter(self.each(method, **args).values()))
+
+    def live_groups(self) -> list[int]:
+        return self.sup.live_groups()
+
+    # ------------------------------------------------------------------ the calls
+    def flush_cache(self) -> FlushCacheReqOutput:
+        ok = all(res.get("success") for res in self.each("flush_cache").values())
+        return FlushCacheReqOutput(ok, "" if ok else "Cache not flushed because there is pending work.")
+
+    def freeze_gc(self) -> None:
+        self.first("freeze_gc")
+
+    def start_profile(self, args: dict[str, Any]) -> None:
+        check_profile_args(args)  # a bad argument fails here, before any worker starts
+        self.first("start_profile", **args)
+
+    def stop_profile(self) -> None:
+        self.first("stop_profile")
+
+    def open_session(self, group: int, session_id: str, timeout: Optional[float], streaming: bool) -> bool:
+        """Open a session in DP group ``group``; False if that id is already open there."""
+        return self.each("open_session", [group], session_id=session_id, timeout=timeout, streaming=streaming)[group]
+
+    def open_session_ids(self) -> set[str]:
+        """The ids of the sessions open in any live group."""
+        return set().union(*self.each("open_session_ids").values())
+
+    def close_session(self, session_id: str, groups: Optional[list[int]] = None) -> None:
+        self.each("close_session", groups, session_id=session_id)
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> dict[int, Any]:
+        """Each live group's answer (``{"success": ..., "error_message": ...}``)."""
+        return self.each("load_lora_adapter", lora_name=lora_name, lora_path=lora_path, pinned=pinned)
+
+    def unload_lora_adapter(self, lora_name: str, groups: Optional[list[int]] = None) -> None:
+        self.each("unload_lora_adapter", groups, lora_name=lora_name)
+
+    def server_info(self, server_args: ServerArgs, model_dir: str, startup_time: float) -> dict[str, Any]:
+        """``get_server_info()``: the engine's arguments plus what the processes report."""
+        states = self.each("get_internal_state")
+        state = next(iter(states.values()))
+        worker = self.sup.ready_info.get("worker0", {})
+        info = dict(server_args.to_dict())
+        info.update({
+            "model_path": server_args.model_path, "resolved_model_dir": model_dir,
+            "tokenizer_path": server_args.tokenizer_path, "max_total_tokens": state["max_total_tokens"],
+            "max_running_requests": state["max_running_requests"], "context_length": state["context_length"],
+            "page_size": state["page_size"], "device": server_args.device, "dtype": worker.get("dtype"),
+            "startup_time": startup_time, "version": _version(),
+            "internal_states": [{**s, "dp_rank": g} for g, s in states.items()],  # one per live DP group
+        })
+        if server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served
+            info["dp_groups"] = self.each("get_load", [-1])[-1]
+        return info
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("treadle")
+    except PackageNotFoundError:
+        return "0.0.0"

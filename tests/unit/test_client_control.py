@@ -1,0 +1,129 @@
+"""The client's control plumbing and session placement, against a fake I/O thread and socket."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+
+import pytest
+
+from treadle.client.calls import Calls, checked_payload
+from treadle.client.control import Control
+from treadle.client.sessions import Sessions
+from treadle.runtime.errors import EngineDeadError
+from treadle.runtime.messages import ControlReq, GenerateBatch, GenerateReq
+from treadle.runtime.profile_args import check_profile_args
+from treadle.runtime.sampling_params import SamplingParams
+from treadle.runtime.server_args import ServerArgs
+
+
+class FakeSocket:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+class FakeSupervisor:
+    """Answers each control call at once with ``answer(method, args, group)``."""
+
+    def __init__(self, groups, answer):
+        self.groups, self.answer, self.dead, self.ready_info = groups, answer, None, {}
+
+    def live_groups(self):
+        return list(self.groups)
+
+    def add_control(self, call_id, dp_rank):
+        fut = concurrent.futures.Future()
+        self.pending = (fut, dp_rank)
+        return fut
+
+
+def control_with(groups, answer, **server_args):
+    """A ``Control`` whose calls are answered as soon as they are sent."""
+    socket, sup = FakeSocket(), FakeSupervisor(groups, answer)
+    calls = Calls(socket, sup, ServerArgs(device="cpu", **server_args).resolved())
+
+    def send(msg):
+        socket.sent.append(msg)
+        fut, g = sup.pending
+        fut.set_result(answer(msg.method, msg.args, g))
+
+    socket.send = send
+    return Control(calls, sup), socket
+
+
+def test_each_sends_one_call_per_group_with_its_own_id():
+    ctl, socket = control_with([0, 1], lambda m, a, g: {"group": g, **a})
+    assert ctl.each("thing", x=1) == {0: {"group": 0, "x": 1}, 1: {"group": 1, "x": 1}}
+    assert all(isinstance(m, ControlReq) and m.method == "thing" for m in socket.sent)
+    assert [m.dp_rank for m in socket.sent] == [0, 1] and len({m.call_id for m in socket.sent}) == 2
+    assert ctl.each("get_load", [-1]) == {-1: {"group": -1}}  # the tokenizer
+    assert ctl.first("thing") == {"group": 0}
+
+
+def test_flush_cache_and_profile_arguments():
+    ctl, socket = control_with([0, 1], lambda m, a, g: {"success": g == 0})
+    res = ctl.flush_cache()
+    assert not res and res.message == "Cache not flushed because there is pending work."
+    n = len(socket.sent)
+    with pytest.raises(TypeError, match="start_profile\\(\\) got unexpected keyword argument\\(s\\): bogus"):
+        ctl.start_profile({"bogus": 1})
+    with pytest.raises(ValueError, match="num_steps must be a positive int"):
+        check_profile_args({"num_steps": 0})
+    assert len(socket.sent) == n  # refused before anything was sent
+
+
+def test_liveness():
+    ctl, _ = control_with([0], lambda m, a, g: None)
+    ctl.calls.closed = True
+    with pytest.raises(EngineDeadError, match="shut down"):
+        ctl.each("thing")
+    worker_node, _ = control_with([0], lambda m, a, g: None, tp_size=2, nnodes=2, node_rank=1,
+                                  dist_init_addr="127.0.0.1:5000")
+    with pytest.raises(RuntimeError, match="node_rank=1 of nnodes=2"):
+        worker_node.calls.check_alive()
+
+
+def test_sessions_go_to_the_group_holding_fewest():
+    opened = {}
+
+    def answer(method, args, g):
+        if method == "open_session":
+            return opened.setdefault(args["session_id"], g) == g and args["session_id"] != "taken"
+        if method == "open_session_ids":
+            return sorted(s for s, h in opened.items() if h == g)
+        if method == "close_session":
+            opened.pop(args["session_id"], None)
+
+    ctl, _ = control_with([0, 1], answer)
+    sessions = Sessions(streaming_enabled=False)
+    assert [sessions.open(ctl, 0, sid, False, None) for sid in ("a", "b", "c")] == ["a", "b", "c"]
+    assert sessions.groups == {"a": 0, "b": 1, "c": 0}
+    assert sessions.open(ctl, 0, "taken", False, None) is None and "taken" not in sessions.groups
+    sessions.open(ctl, 0, "t", False, 5.0)
+    assert sessions.timed == {"t"} and sessions.group_of("t") == 1
+    del opened["t"]  # its scheduler closed it on timeout
+    sessions.open(ctl, 0, "d", False, None)  # placing a session first forgets those closed on timeout
+    assert "t" not in sessions.groups and not sessions.timed
+    sessions.close(ctl, "a")
+    assert "a" not in opened and "a" not in sessions.groups
+    with pytest.raises(ValueError, match="Streaming sessions are disabled"):
+        sessions.open(ctl, 0, None, True, None)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        sessions.open(ctl, 0, None, False, True)
+
+
+def test_checked_payload_names_the_field():
+    req = GenerateReq(rid="r", text="a", sampling=SamplingParams(), return_logprob="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Invalid request: Expected `bool`, got `str` - at `return_logprob`"):
+        checked_payload(GenerateBatch(call_id=1, reqs=[req]))
+
+
+def test_client_does_not_import_torch():
+    code = "import sys; from treadle import Engine; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
