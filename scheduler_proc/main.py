@@ -64,18 +64,18 @@ class SchedulerLoop:
         # Overlap scheduling keeps two steps in flight: step N+1 is planned and sent before the
         # result of step N is applied (its decode inputs are placeholders the worker fills).
         # Pipeline parallelism keeps pp_size micro-batches in flight, one per stage.
-        depth = self.sched.max_inflight
+        depth = self.sched.max_plans_in_flight
         while self.running:
-            self.drain_inputs(block=self.sched.is_idle() and not self.sched.inflight)
-            plan = self.sched.schedule() if len(self.sched.inflight) < depth else None
+            self.drain_inputs(block=self.sched.is_idle() and not self.sched.plans_in_flight)
+            plan = self.sched.schedule() if len(self.sched.plans_in_flight) < depth else None
             if plan is not None:
                 for w in self.to_workers:
                     w.send(plan)
-            if self.sched.inflight and (plan is None or len(self.sched.inflight) >= depth):
+            if self.sched.plans_in_flight and (plan is None or len(self.sched.plans_in_flight) >= depth):
                 if plan is None:  # nothing to queue behind the last step: ask for its result now
                     for w in self.to_workers:
                         w.send(SyncStep())
-                oldest = self.sched.inflight[0][0]
+                oldest = self.sched.plans_in_flight[0].step
                 result = self.wait_step(oldest)
                 self.sched.apply_result(result.next_token_ids, result.extras, step=oldest)
             elif plan is None and not self.sched.is_idle():

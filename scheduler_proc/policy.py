@@ -29,7 +29,7 @@ LOWEST_PRIORITY = -(2**62)
 
 
 def priority_of(req: Req) -> int:
-    return LOWEST_PRIORITY if req.tr.priority is None else req.tr.priority
+    return LOWEST_PRIORITY if req.tokenized.priority is None else req.tokenized.priority
 
 
 def order_waiting(waiting: list[Req], policy: str, priority: bool, match: Callable[[Req], tuple[list[int], Any]],

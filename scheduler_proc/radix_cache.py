@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from typing import Union
 
 from treadle.scheduler_proc.kv_pool import PageAllocator
 
@@ -226,3 +227,41 @@ class RadixCache:
         assert len(owned) == len(set(owned)) == self._cached, "page owned twice or cached count off"
         assert self._locked == sum(len(n.pages) for n in nodes if n.lock_ref > 0), "locked count off"
         assert self._nodes == len(nodes), "node count off"
+
+
+class NoPrefixCache:
+    """The prefix cache when none is wanted (``disable_radix_cache``, or a bidirectional encoder, whose
+    KV no later request can reuse): ``RadixCache``'s interface caching nothing, so the scheduler has no
+    ``cache is None`` branches. Every lookup misses, and inserted pages go straight back to the
+    allocator, as ``RadixCache.insert`` frees the duplicates it already holds."""
+
+    cached_pages = locked_pages = evictable_pages = 0
+
+    def __init__(self, allocator: PageAllocator) -> None:
+        self.allocator = allocator
+
+    def match_prefix(self, ids: list[int], max_len: int | None = None, namespace: str = ""
+                     ) -> tuple[list[int], None]:
+        return [], None  # no node: ``dfs_weight_order`` then keeps arrival order
+
+    def insert(self, ids: list[int], pages: list[int], namespace: str = "") -> int:
+        self.allocator.free(pages)
+        return 0
+
+    def lock(self, node: None) -> None:
+        pass
+
+    def unlock(self, node: None) -> None:
+        pass
+
+    def evict(self, num_pages: int) -> int:
+        return 0
+
+    def reset(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+
+PrefixCache = Union[RadixCache, NoPrefixCache]

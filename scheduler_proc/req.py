@@ -13,11 +13,11 @@ DETOKENIZE_CONTEXT = 5  # trailing prompt tokens sent with the first output, for
 
 
 class Req:
-    def __init__(self, tr: TokenizedReq, max_new_tokens: int, eos_ids: set[int], hidden_size: int = 0) -> None:
-        self.rid = tr.rid
-        self.tr = tr
-        self.sampling = tr.sampling
-        self.input_ids = tr.input_ids
+    def __init__(self, tokenized: TokenizedReq, max_new_tokens: int, eos_ids: set[int], hidden_size: int = 0) -> None:
+        self.rid = tokenized.rid
+        self.tokenized = tokenized  # the request as the tokenizer sent it
+        self.sampling = tokenized.sampling
+        self.input_ids = tokenized.input_ids
         self.output_ids: list[int] = []
         self.max_new_tokens = max_new_tokens
         self.stop_ids = set() if self.sampling.ignore_eos else eos_ids | set(self.sampling.stop_token_ids or ())
@@ -28,9 +28,9 @@ class Req:
         self.shared_pages = 0
         self.cache_node: Any = None  # locked radix node of the matched prefix
         self.num_computed = 0  # positions whose KV is computed (or being computed by a step in flight)
-        self.pending = 0  # tokens sampled by steps in flight, not known here yet (overlap scheduling)
-        self.inflight = 0  # steps in flight that contain this request (its KV and slot stay until 0)
-        self.fill_len = 0  # positions to compute before the next sample (set at admission)
+        self.samples_in_flight = 0  # tokens sampled by steps in flight, not known here yet (overlap scheduling)
+        self.steps_in_flight = 0  # steps in flight that contain this request (its KV and slot stay until 0)
+        self.prefill_end = 0  # positions to compute before the next sample (set at admission)
         self.cached_tokens = 0
         self.num_retractions = 0
         self.arrival = 0
@@ -41,13 +41,14 @@ class Req:
         self.sent = 0  # output ids already emitted to the detokenizer
         self.finish_sent = False  # the finished output went out
         self.eos_ids = eos_ids
-        wants_meta = tr.return_logprob or tr.return_hidden_states
-        self.meta = OutputMeta(tr.top_logprobs_num, tr.token_ids_logprob, hidden_size) if wants_meta else None
-        self.input_logprobs_done = not (tr.return_logprob and tr.logprob_start_len >= 0)
+        wants_meta = tokenized.return_logprob or tokenized.return_hidden_states
+        self.meta = (OutputMeta(tokenized.top_logprobs_num, tokenized.token_ids_logprob, hidden_size)
+                     if wants_meta else None)
+        self.input_logprobs_done = not self.wants_input_logprobs
         self.hidden_prefill_done = False
         self.grammar: Any = None  # grammar.ReqGrammar of a json_schema / regex / ebnf request
         self.embedding = b""
-        self.mm_items: list[MmItem] = tr.mm_items  # images / video frames (a session turn: its context's too)
+        self.mm_items: list[MmItem] = tokenized.mm_items  # images / video frames (a session turn: its context's too)
         self.mm_sent: set[int] = set()  # items whose pixels the worker got for the current slot
 
     @property
@@ -57,15 +58,20 @@ class Req:
     @property
     def num_tokens(self) -> int:
         """Tokens of the sequence, the ones still being sampled included."""
-        return self.seq_len + self.pending
+        return self.seq_len + self.samples_in_flight
 
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
     @property
+    def wants_input_logprobs(self) -> bool:
+        """Logprobs of prompt positions from ``logprob_start_len`` on were asked for."""
+        return self.tokenized.return_logprob and self.tokenized.logprob_start_len >= 0
+
+    @property
     def cache_namespace(self) -> str:
         """The radix-cache tree this request shares prefixes in: one per (LoRA adapter, cache_salt)."""
-        tr = self.tr
+        tr = self.tokenized
         return (tr.lora_name or "") if tr.cache_salt is None else f"{tr.lora_name or ''}\x00salt:{tr.cache_salt}"
 
     def key_ids(self) -> list[int]:
@@ -96,10 +102,10 @@ class Req:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.fill_len
+        return self.num_computed < self.prefill_end
 
     def remaining_tokens(self) -> int:
-        return max(0, self.max_new_tokens - len(self.output_ids) - self.pending)
+        return max(0, self.max_new_tokens - len(self.output_ids) - self.samples_in_flight)
 
     def ends_only_by_length(self) -> bool:
         """Whether it surely makes all of ``max_new_tokens`` (``ignore_eos``, no stop ids or strings, no
@@ -113,7 +119,7 @@ class Req:
     def sampling_spec(self, vocab_size: int) -> SamplingSpec:
         """The worker's view of this request; stop ids beyond the vocabulary never occur, so they are
         not sent (the usage guide's Llama-3 ids on a smaller model are legal, as in SGLang)."""
-        s, tr = self.sampling, self.tr
+        s, tr = self.sampling, self.tokenized
         greedy = s.temperature < 1e-6
         bias = {int(k): float(v) for k, v in s.logit_bias.items()} if s.logit_bias else None
         return SamplingSpec(
@@ -133,8 +139,8 @@ class Req:
 
     def record_meta(self, prefill: bool, tok: Optional[int], extra: RowOut) -> None:
         """Keep a step's logprobs / hidden states for the output (``meta`` exists: the request asked)."""
-        tr = self.tr
-        if prefill and not self.input_logprobs_done and tr.return_logprob and tr.logprob_start_len >= 0:
+        tr = self.tokenized
+        if prefill and not self.input_logprobs_done and self.wants_input_logprobs:
             self.meta.add_input(self.input_ids, tr.logprob_start_len, extra)
             self.input_logprobs_done = True
         if tr.return_logprob and tok is not None:

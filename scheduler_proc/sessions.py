@@ -8,10 +8,14 @@ A session opened with ``timeout`` closes itself once that many seconds pass with
 or a turn's end (never while a turn runs). A streaming session (``streaming=True``, with the
 server's ``enable_streaming_session``) is a plain chain: one turn at a time, each appended to the
 latest; a close asked while its turn runs takes effect when the turn ends.
+
+``SessionTable`` holds the turns (no KV); ``Sessions`` is the scheduler's side: the table plus the
+prefix-cache lock on each session's latest turn, and the timeouts.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,6 +23,11 @@ from typing import Any, Optional
 import msgspec
 
 from treadle.runtime.messages import MmItem, SessionParams
+from treadle.scheduler_proc.radix_cache import PrefixCache
+from treadle.scheduler_proc.req import Req
+
+logger = logging.getLogger("treadle.scheduler")
+EXPIRY_CHECK_S = 1.0  # how often expire() looks for idle sessions
 
 
 @dataclass
@@ -129,6 +138,66 @@ class SessionTable:
         turn.output_ids, turn.finished = list(output_ids), True
         sess.latest, sess.last_active = rid, time.monotonic()
         return sess
+
+
+class Sessions:
+    """The session half of the scheduler: the table, and the prefix-cache lock that keeps the KV of
+    each session's latest turn until the session closes (so the next turn finds it)."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self.table = SessionTable()
+        self.cache = cache
+        self._expiry_checked = 0.0  # when expire() last looked
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """The open sessions by id."""
+        return self.table.sessions
+
+    def open(self, sid: str, timeout: Optional[float] = None, streaming: bool = False) -> bool:
+        return self.table.open(sid, timeout, streaming)
+
+    def close(self, sid: str) -> bool:
+        sess = self.table.close(sid)
+        if sess is not None and sess.lock_node is not None:
+            self.cache.unlock(sess.lock_node)
+        return sess is not None
+
+    def turn_done(self, req: Req) -> None:
+        """A turn ended (finished, aborted, or never run): keep the KV of a session's latest turn
+        locked in the cache until the session closes; a close asked meanwhile happens now. Call it
+        after the request's pages went into the cache."""
+        if req.tokenized.session is None:
+            return
+        sid = req.tokenized.session.id
+        sess = self.table.finish(sid, req.rid, req.output_ids)
+        if sess is not None and sess.closing:  # a close asked while the streaming turn ran
+            self.close(sid)
+            return
+        if sess is None:
+            return
+        _, node = self.cache.match_prefix(req.key_ids(), namespace=req.cache_namespace)
+        self.cache.lock(node)
+        if sess.lock_node is not None:
+            self.cache.unlock(sess.lock_node)
+        sess.lock_node = node
+
+    def expire(self) -> None:
+        """Close sessions idle past their timeout; looks about once a second."""
+        now = time.monotonic()
+        if now - self._expiry_checked < EXPIRY_CHECK_S:
+            return
+        self._expiry_checked = now
+        for sid in self.table.expired(now):
+            logger.info("session %s closed after its timeout", sid)
+            self.close(sid)
+
+    def unlock_all(self) -> None:
+        """Before the prefix cache is emptied (``flush_cache``): the sessions lose their KV."""
+        for sess in self.table.sessions.values():
+            if sess.lock_node is not None:
+                self.cache.unlock(sess.lock_node)
+                sess.lock_node = None
 
 
 def _check_streaming_turn(sess: Session, sp: SessionParams) -> None:

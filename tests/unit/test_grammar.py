@@ -228,7 +228,7 @@ def test_scheduler_constrained_beside_unconstrained(model_dir, shared):
     s.grammars._compile = lambda key: gate.wait(10) and real(key)
     assert s.add_requests([treq("c", regex=PHONE, max_new_tokens=30), treq("u", max_new_tokens=3)]) == []
     plan = s.schedule()
-    assert [r.rid for r, *_ in s.plan_rows] == ["u"] and plan.rows[0].token_bitmask == b""
+    assert [b.req.rid for b in s.plan_rows] == ["u"] and plan.rows[0].token_bitmask == b""
     s.apply_result([9])
     gate.set()
     s.grammars.wait(10)
@@ -236,10 +236,10 @@ def test_scheduler_constrained_beside_unconstrained(model_dir, shared):
     while not s.is_idle():
         plan = s.schedule()
         picks = []
-        for row, (req, _, samples, _) in zip(plan.rows, s.plan_rows):
-            if not samples:
+        for row, booked in zip(plan.rows, s.plan_rows):
+            if not booked.samples:
                 continue
-            if req.rid == "c":
+            if booked.req.rid == "c":
                 assert row.token_bitmask
                 picks.append(allowed_ids(row.token_bitmask)[-1])  # the highest id: often a multi-char token
             else:
@@ -248,7 +248,7 @@ def test_scheduler_constrained_beside_unconstrained(model_dir, shared):
         s.apply_result(picks)
         c = next((r for r in s.running if r.rid == "c"), None)
         if c is not None and len(c.output_ids) == 2 and not retracted:
-            s._retract(c)
+            s.retraction.retract(c)
             retracted = True
     s.check_integrity()
     outs = [o for o in s.take_outputs() if o.rid == "c"]

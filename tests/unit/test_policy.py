@@ -24,11 +24,11 @@ def req(rid: str, ids: list[int], max_new: int = 8, priority=None) -> Req:
 
 
 def rids(reqs: list[Req]) -> list[str]:
-    return [r.tr.rid for r in reqs]
+    return [r.tokenized.rid for r in reqs]
 
 
 def order(waiting, policy, priority=False, cache=None, seed=0):
-    match = (lambda r: cache.match_prefix(r.tr.input_ids, len(r.tr.input_ids) - 1)) if cache else (lambda r: ([], None))
+    match = (lambda r: cache.match_prefix(r.tokenized.input_ids, len(r.tokenized.input_ids) - 1)) if cache else (lambda r: ([], None))
     return rids(order_waiting(waiting, policy, priority, match, random.Random(seed)))
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from treadle.scheduler_proc.kv_pool import PageAllocator
-from treadle.scheduler_proc.radix_cache import RadixCache
+from treadle.scheduler_proc.radix_cache import NoPrefixCache, RadixCache
 
 
 def make(page_size: int, num_pages: int = 64) -> tuple[RadixCache, PageAllocator]:
@@ -235,3 +235,20 @@ def test_namespaces_keep_adapters_apart(ps):
     assert_conserved(cache, alloc)
     cache.reset()
     assert cache.cached_pages == 0 and alloc.free_pages == alloc.num_pages
+
+
+def test_no_prefix_cache_misses_and_gives_inserted_pages_back():
+    """``NoPrefixCache`` (caching off): every lookup misses with no node (so ``dfs-weight`` keeps
+    arrival order), an insert frees its pages in order, and locks and eviction do nothing."""
+    alloc = PageAllocator(16, 4)
+    cache = NoPrefixCache(alloc)
+    assert cache.match_prefix(list(range(12)), max_len=8, namespace="x") == ([], None)
+    pages = alloc.alloc(3)
+    assert cache.insert(list(range(12)), pages) == 0
+    assert alloc.free_pages == 4 and list(alloc._free)[-3:] == pages
+    cache.lock(None)
+    cache.unlock(None)
+    assert cache.evict(2) == 0 and alloc.free_pages == 4
+    assert cache.cached_pages == cache.locked_pages == cache.evictable_pages == 0
+    cache.reset()
+    cache.check()

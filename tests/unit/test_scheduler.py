@@ -84,7 +84,7 @@ class Driver:
 
     def check_plan(self, plan: ForwardPlan) -> None:
         s, ps = self.s, self.s.page_size
-        reqs = [r for r, _, _, _ in s.plan_rows]
+        reqs = [b.req for b in s.plan_rows]
         assert len(plan.rows) == len(reqs) <= s.max_running
         assert len({r.slot for r in plan.rows}) == len(plan.rows)
         for slot in (ns.slot for ns in plan.new_slots):
@@ -617,7 +617,7 @@ def test_many_requests_random_lengths_no_leak():
             return False
         d.check_plan(plan)
         toks = []
-        for req in [r for r, _, samples, _ in s.plan_rows if samples]:
+        for req in [b.req for b in s.plan_rows if b.samples]:
             _, at = expected[req.rid]
             toks.append(EOS if at is not None and len(req.output_ids) + 1 == at else 5)
         s.apply_result(toks)
@@ -731,7 +731,7 @@ def test_no_time_stats_without_enable_metrics():
 
 
 def test_peak_growth():
-    from treadle.scheduler_proc.scheduler import peak_growth
+    from treadle.scheduler_proc.memory import peak_growth
 
     assert peak_growth([]) == 0
     assert peak_growth([(10, 100)]) == 10  # one request: all it still makes
@@ -755,7 +755,7 @@ def brute_peak(reqs):
 def test_peak_growth_matches_stepping(seed):
     import random
 
-    from treadle.scheduler_proc.scheduler import peak_growth
+    from treadle.scheduler_proc.memory import peak_growth
 
     rng = random.Random(seed)
     reqs = [(rng.randint(0, 40), rng.randint(1, 60)) for _ in range(rng.randint(1, 12))]

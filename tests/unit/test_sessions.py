@@ -1,11 +1,16 @@
-"""The scheduler's session table (``scheduler_proc/sessions.py``): contexts, timeouts, streaming."""
+"""The scheduler's session table (``scheduler_proc/sessions.py``): contexts, timeouts, streaming; and
+the prefix-cache locks ``Sessions`` keeps for each session's latest turn."""
 
 from __future__ import annotations
 
 import pytest
 
-from treadle.runtime.messages import SessionParams
-from treadle.scheduler_proc.sessions import SessionTable
+from treadle.runtime.messages import SessionParams, TokenizedReq
+from treadle.runtime.sampling_params import SamplingParams
+from treadle.scheduler_proc.kv_pool import PageAllocator
+from treadle.scheduler_proc.radix_cache import RadixCache
+from treadle.scheduler_proc.req import Req
+from treadle.scheduler_proc.sessions import Sessions, SessionTable
 
 
 def start(t: SessionTable, sp: SessionParams, rid: str, new_ids: list[int]) -> list[int]:
@@ -84,3 +89,32 @@ def test_streaming_session_is_one_chain():
         with pytest.raises(ValueError, match=msg):
             t2.context(sp, "c", [5])
     assert start(t2, SessionParams(id="s", rid="b"), "c", [5]) == [1, 2, 3, 4, 5]
+
+
+def test_sessions_keep_the_latest_turn_locked_in_the_prefix_cache():
+    """``Sessions``, the scheduler's half: a finished turn's KV stays locked (the next turn finds
+    it), a later turn moves the lock, and closing or flushing unlocks it."""
+    alloc = PageAllocator(64, 1)
+    cache = RadixCache(1, alloc)
+    sessions = Sessions(cache)
+    assert sessions.open("s") and not sessions.open("s")
+
+    def turn(rid: str, sp: SessionParams, new_ids: list[int], out: list[int]) -> None:
+        ids, items = sessions.table.context(sp, rid, new_ids)
+        sessions.table.begin(sp, rid, ids, items)
+        req = Req(TokenizedReq(rid=rid, input_ids=ids, sampling=SamplingParams(), session=sp), 8, set())
+        req.output_ids = out
+        cache.insert(req.all_ids(), alloc.alloc(len(req.all_ids())))  # the request's release cached its KV
+        sessions.turn_done(req)
+
+    turn("r1", SessionParams(id="s"), [1, 2], [3])
+    assert cache.locked_pages == 3 and sessions.sessions["s"].latest == "r1"
+    turn("r2", SessionParams(id="s"), [4], [5])
+    assert cache.locked_pages == 5  # r2's path (r1's prefix included) only
+    sessions.unlock_all()
+    assert cache.locked_pages == 0 and sessions.sessions["s"].lock_node is None
+    turn("r3", SessionParams(id="s"), [6], [])
+    assert cache.locked_pages == 6
+    assert sessions.close("s") and not sessions.close("s")
+    assert cache.locked_pages == 0 and "s" not in sessions.sessions
+    cache.check()
