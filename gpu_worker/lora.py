@@ -10,6 +10,8 @@ few slots and small ranks this serves (a grouped kernel can replace ``_ModuleLoR
 Tensor parallelism follows the weights: column-parallel layers shard B along its rows (A full),
 row-parallel layers shard A along its columns (B full) and add their delta to the partial sum
 before the all-reduce, since ``sum_r (x_r A_r^T) B^T = (x A^T) B^T``.
+
+Reading adapter files and keeping them in host memory: ``lora_adapter``.
 """
 
 from __future__ import annotations

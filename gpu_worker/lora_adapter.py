@@ -24,7 +24,7 @@ from treadle.runtime.server_args import LORA_NOT_ENABLED, LORA_TARGETS as TARGET
 if TYPE_CHECKING:
     from treadle.gpu_worker.lora import LoRAPool
 
-# Config fields whose non-empty value changes the math or adds weights this module does not apply.
+# Config fields whose non-empty value changes the math or adds weights that LoRAPool does not apply.
 _UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "rank_pattern": "per-module ranks (rank_pattern)",
                 "alpha_pattern": "per-module alphas (alpha_pattern)", "modules_to_save": "modules_to_save",
                 "lora_bias": "LoRA bias (lora_bias)", "layer_replication": "layer_replication",

@@ -1,8 +1,8 @@
 """What the model runner asks of a model class, declared once instead of probed with ``hasattr``.
 
 ``Model`` is the interface: a few capability flags the runner reads at start-up and the methods
-it calls. ``ModelBase`` gives the flags their defaults (a decoder-only text model that loads
-whole tensors and runs as a single pipeline stage); each model class states only what differs.
+it calls. ``ModelBase`` gives them their defaults (a decoder-only text model that loads whole
+tensors and runs as a single pipeline stage); each model class states only what differs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Model(Protocol):
 
 
 class ModelBase(nn.Module):
-    """The defaults of ``Model`` for the model classes of this package."""
+    """``Model`` with its defaults, the base of this package's model classes. The flags say which
+    of the optional methods a class has; the others fail loudly if called anyway."""
 
     is_encoder: ClassVar[bool] = False
     supports_pp: ClassVar[bool] = False
@@ -49,3 +50,12 @@ class ModelBase(nn.Module):
 
     def wants_tensor(self, name: str) -> bool:
         return True
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no LM head")
+
+    def encode(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} is not an encoder")
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} takes text only")
