@@ -1,4 +1,4 @@
 from treadle.runtime.procs import run_child
-from treadle.gpu_worker.worker_proc import main
+from treadle.gpu_worker.main import main
 
 run_child(main)

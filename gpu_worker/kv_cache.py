@@ -63,3 +63,23 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.buf.numel() * self.buf.element_size()
+
+
+def kv_tokens_from_memory(device: torch.device, kv_dtype: torch.dtype, num_layers: int, kv_width: int,
+                          mem_fraction_static: float, context_len: int, world_size: int) -> int:
+    """KV pool size after the weights are loaded: what ``mem_fraction_static`` of the card
+    leaves free, identical on every rank (the smallest one wins). ``kv_width``: K (or V) elements
+    a token takes per layer; ``world_size``: all ranks of all pipeline stages."""
+    if device.type != "cuda":
+        raise ValueError("kv_tokens must be given on the CPU (there is no device memory to size from)")
+    free, total = torch.cuda.mem_get_info(device)
+    per_token = 2 * num_layers * kv_width * torch.empty((), dtype=kv_dtype).element_size()
+    tokens = int((free - total * (1.0 - mem_fraction_static)) // per_token)
+    if tokens < context_len:
+        raise ValueError(f"only {max(tokens, 0)} KV-cache tokens fit in mem_fraction_static="
+                         f"{mem_fraction_static}; the context needs {context_len}")
+    if world_size > 1:  # every rank of every stage
+        t = torch.tensor([tokens], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        tokens = int(t.item())
+    return tokens

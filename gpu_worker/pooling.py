@@ -3,6 +3,7 @@
 ``modules.json`` lists the pipeline (Transformer, Pooling, maybe Normalize) and
 ``1_Pooling/config.json`` the mode. Without those files: CLS and normalized for encoders,
 last token and normalized for decoders (SGLang's defaults for BERT and for e5-mistral style models).
+``encode_plan`` runs an encoder model's step: each row a whole sequence, pooled.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from treadle.gpu_worker.step_inputs import check_slot
+from treadle.runtime.messages import ForwardPlan, RowOut
+
+if TYPE_CHECKING:
+    from treadle.gpu_worker.models.base import Model
 
 
 @dataclass
@@ -49,3 +57,18 @@ def pool(hidden: torch.Tensor, cfg: PoolingConfig) -> torch.Tensor:
     h = hidden.float()
     v = {"cls": lambda: h[0], "last": lambda: h[-1], "mean": lambda: h.mean(0), "max": lambda: h.max(0).values}[cfg.mode]()
     return torch.nn.functional.normalize(v, dim=-1) if cfg.normalize else v
+
+
+def encode_plan(model: "Model", plan: ForwardPlan, cfg: PoolingConfig, max_slots: int, vocab_size: int,
+                tp_rank: int) -> dict[int, RowOut]:
+    """Encoder models: every row is a whole sequence; return its pooled embedding (float32 bytes)."""
+    for ns in plan.new_slots:
+        check_slot(ns.slot, max_slots)
+    for row in plan.rows:
+        if (row.start_pos != 0 or not row.input_ids or max(row.input_ids) >= vocab_size
+                or min(row.input_ids) < 0 or row.mm):
+            raise ValueError(f"encoder row of slot {row.slot} must be a whole in-vocabulary sequence")
+    if not plan.rows or tp_rank != 0:
+        return {}
+    hidden = model.encode([row.input_ids for row in plan.rows])
+    return {r: RowOut(hidden=pool(h, cfg).cpu().numpy().tobytes()) for r, h in enumerate(hidden)}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import tp_size
+from treadle.gpu_worker.models.base import ModelBase
 
 
 class BertLayer(nn.Module):
@@ -35,7 +36,7 @@ class BertLayer(nn.Module):
         return self.out_norm(x + self.down(self.act(self.up(x))))
 
 
-class BertModel(nn.Module):
+class BertModel(ModelBase):
     is_encoder = True
 
     def __init__(self, config, max_positions: int = 512) -> None:

@@ -20,6 +20,7 @@ from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVPara
 from treadle.gpu_worker.layers.norm import RMSNorm
 from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle.gpu_worker.loader import default_weight_loader
+from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
 
 
@@ -117,7 +118,7 @@ class LlamaModel(nn.Module):
         return self.norm(x, residual, reduce=self.defer_reduce)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(ModelBase):
     supports_pp = True  # builds only its pipeline stage's part (see LlamaModel)
     lazy_weights = True  # load_weights takes loader.CheckpointTensors: each TP rank reads only its shard
     qkv_bias: Optional[bool] = None  # None: follow config.attention_bias (which also covers o_proj)

@@ -24,6 +24,7 @@ from torch import nn
 from treadle.gpu_worker.distributed import pp_rank
 from treadle.gpu_worker.forward_context import get_forward_context
 from treadle.gpu_worker.loader import default_weight_loader
+from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.clip import CLIPVisionModel, activation, hidden_state_index
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.pipeline import owns_layer_tensor
@@ -57,14 +58,15 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(ModelBase):
     supports_pp = True
+    takes_images = True
 
     def __init__(self, config, max_positions: Optional[int] = None):
         super().__init__()
         self.config, text, vision = config, config.text_config, config.vision_config
         self.language_model = get_model_class(text)(text, max_positions=max_positions)
-        self.lazy_weights = getattr(self.language_model, "lazy_weights", False)
+        self.lazy_weights = self.language_model.lazy_weights
         layers = config.vision_feature_layer
         self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
         self.select = getattr(config, "vision_feature_select_strategy", "default")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from treadle.gpu_worker.models.base import ModelBase
 
 _MODELS = {
     "LlamaForCausalLM": "llama",
@@ -18,7 +22,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
                   "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
 
 
-def get_model_class(config) -> type:
+def get_model_class(config) -> type[ModelBase]:
     archs = list(getattr(config, "architectures", None) or [])
     archs += [_BY_MODEL_TYPE[t] for t in [getattr(config, "model_type", None)] if t in _BY_MODEL_TYPE]
     for arch in archs:
@@ -26,7 +30,3 @@ def get_model_class(config) -> type:
             module = importlib.import_module(f"treadle.gpu_worker.models.{_MODELS[arch]}")
             return getattr(module, arch)
     raise ValueError(f"unsupported architectures {archs}; supported: {sorted(_MODELS)}")
-
-
-def supported_architectures() -> list[str]:
-    return sorted(_MODELS)

@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernel_helpers import free_port
 
-from treadle.gpu_worker.lora import LoRAAdapter, LoRAPool, read_adapter
+from treadle.gpu_worker.lora import LoRAPool
+from treadle.gpu_worker.lora_adapter import LoRAAdapter, read_adapter
 from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
 from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
 

@@ -1,0 +1,90 @@
+"""Building the model on its device and filling its weights: element types, the model class, the
+checkpoint (plain or AWQ, which is dequantized while read) or seeded random weights, and the
+choice of the Triton GEMV for one-token products."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+
+from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
+from treadle.gpu_worker.layers.linear import use_triton_gemv
+from treadle.gpu_worker.layers.pdl import pdl_supported
+from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
+from treadle.gpu_worker.models.base import ModelBase
+from treadle.gpu_worker.models.registry import get_model_class
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+_KV_DTYPES = {**_DTYPES, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: ``auto`` is the model's."""
+    if name == "auto":
+        return model_dtype
+    if name not in _KV_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; use auto or one of {sorted(_KV_DTYPES)}")
+    return _KV_DTYPES[name]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@contextmanager
+def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Create parameters directly in the target dtype on the target device (no fp32 detour)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int) -> ModelBase:
+    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized."""
+    with _building(dtype, device):
+        return get_model_class(model_config)(model_config, max_positions=context_len)
+
+
+def load_weights(model: ModelBase, model_dir: str, load_format: str, model_config: Any, seed: int,
+                 init_std: float) -> None:
+    """Fill ``model``: the checkpoint's safetensors (``auto``/``safetensors``; AWQ layers arrive
+    dequantized) or seeded random weights (``dummy``, N(0, ``init_std``)); then inference mode."""
+    if load_format == "dummy":
+        init_dummy_weights(model, seed, init_std)
+    elif load_format in ("auto", "safetensors"):
+        keep, awq = model.wants_tensor, awq_config(model_config)
+        weights = iter_safetensors(model_dir, keep=keep if awq is None else awq_keeps(keep), lazy=model.lazy_weights)
+        model.load_weights(weights if awq is None else awq_dequantized(weights, awq["group_size"]))
+    else:
+        raise ValueError(f"unknown load_format {load_format!r}")
+    model.eval().requires_grad_(False)
+
+
+def select_gemv(model: ModelBase, device: torch.device, gemv_backend: Optional[str]) -> None:
+    """One-token products on the Triton GEMV (``gemv_backend="triton"``, or by default where PDL
+    exists, i.e. Hopper and later) instead of cuBLAS; CUDA only."""
+    pdl = pdl_supported(device)
+    if device.type == "cuda" and (gemv_backend == "triton" or gemv_backend is None and pdl):
+        use_triton_gemv(model, pdl)
+
+
+def claim_device(name: str) -> torch.device:
+    """``name`` as a device; a CUDA one with its index, made the current device."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device

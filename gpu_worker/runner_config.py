@@ -1,0 +1,33 @@
+"""What a ``ModelRunner`` is built with: the checkpoint, device and dtypes, table sizes, parallel
+layout and optional features. ``gpu_worker.main`` fills it from the server arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class RunnerConfig:
+    model_dir: str  # HF-format directory: config.json + *.safetensors
+    load_format: str = "auto"  # "auto"/"safetensors": read weights; "dummy": seeded random weights
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    kv_tokens: int = 4096  # KV-cache capacity in tokens
+    max_slots: int = 64  # rows of the req-to-token table (max running requests)
+    context_len: int = 2048  # columns of the req-to-token table (max positions per request)
+    attention_backend: str = "torch_native"
+    random_seed: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
+    mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
+    custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
+    allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
+    gemv_backend: Optional[str] = None  # one-token products: "triton", "cublas"; None: triton where PDL exists
+    kv_cache_dtype: str = "auto"  # "auto" (the model's), "fp8_e4m3", "fp8_e5m2", "bfloat16", ...
+    lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
+    lora_rank: int = 0  # the device slots' rank (max_lora_rank)
+    lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
