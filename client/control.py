@@ -1,19 +1,23 @@
 """Control calls: the request/reply calls beside generation (flush the cache, sessions, LoRA
-adapters, profiling, server state), each a ``ControlReq`` answered by a ``ControlReply``.
+adapters, profiling, server state), each a typed ``Call`` (runtime/messages.py) answered by a ``Reply``.
 
 Every call goes to each DP group asked (default: every live one; -1 is the tokenizer's router),
-one ``ControlReq`` with its own call id per group, so a group that dies fails only its own call;
-the replies come back by group. This module is the one place that spells the calls' names and
-arguments: the rest of the client calls the named methods of ``Control``.
+one copy of the call with its own call id per group, so a group that dies fails only its own call;
+the replies come back by group. The rest of the client calls the named methods of ``Control``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import msgspec
+
 from treadle.client.calls import Calls
 from treadle.client.supervisor import Supervisor
-from treadle.runtime.messages import ControlReq
+from treadle.runtime.messages import (
+    Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
+    OpenSession, StartProfile, StopProfile, UnloadLoraAdapter,
+)
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
@@ -36,60 +40,64 @@ class Control:
         self.calls = calls
         self.sup = sup
 
-    def each(self, method: str, groups: Optional[list[int]] = None, **args: Any) -> dict[int, Any]:
-        """A control call on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
+    def each(self, call: Call, groups: Optional[list[int]] = None) -> dict[int, Any]:
+        """``call`` on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
         results by group. Each group gets its own call id, so a group that dies fails its own call."""
         self.calls.check_alive()
         futs = {}
         for g in self.sup.live_groups() if groups is None else groups:
             call_id = self.calls.next_id()
             futs[g] = self.sup.add_control(call_id, g)
-            self.calls.socket.send(ControlReq(call_id=call_id, method=method, args=args, dp_rank=g))
+            self.calls.socket.send(msgspec.structs.replace(call, call_id=call_id, dp_rank=g))
         return {g: fut.result(timeout=CONTROL_TIMEOUT_S) for g, fut in futs.items()}
 
-    def first(self, method: str, **args: Any) -> Any:
-        """A control call on every live DP group; returns the first group's result."""
-        return next(iter(self.each(method, **args).values()))
+    def first(self, call: Call) -> Any:
+        """``call`` on every live DP group; returns the first group's result."""
+        return next(iter(self.each(call).values()))
 
     def live_groups(self) -> list[int]:
         return self.sup.live_groups()
 
     # ------------------------------------------------------------------ the calls
     def flush_cache(self) -> FlushCacheReqOutput:
-        ok = all(res.get("success") for res in self.each("flush_cache").values())
+        ok = all(res.get("success") for res in self.each(FlushCache()).values())
         return FlushCacheReqOutput(ok, "" if ok else "Cache not flushed because there is pending work.")
 
     def freeze_gc(self) -> None:
-        self.first("freeze_gc")
+        self.first(FreezeGC())
 
     def start_profile(self, args: dict[str, Any]) -> None:
         check_profile_args(args)  # a bad argument fails here, before any worker starts
-        self.first("start_profile", **args)
+        self.first(StartProfile(options=args))
 
     def stop_profile(self) -> None:
-        self.first("stop_profile")
+        self.first(StopProfile())
 
     def open_session(self, group: int, session_id: str, timeout: Optional[float], streaming: bool) -> bool:
         """Open a session in DP group ``group``; False if that id is already open there."""
-        return self.each("open_session", [group], session_id=session_id, timeout=timeout, streaming=streaming)[group]
+        return self.each(OpenSession(session_id=session_id, timeout=timeout, streaming=streaming), [group])[group]
 
     def open_session_ids(self) -> set[str]:
         """The ids of the sessions open in any live group."""
-        return set().union(*self.each("open_session_ids").values())
+        return set().union(*self.each(ListSessions()).values())
 
     def close_session(self, session_id: str, groups: Optional[list[int]] = None) -> None:
-        self.each("close_session", groups, session_id=session_id)
+        self.each(CloseSession(session_id=session_id), groups)
 
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool) -> dict[int, Any]:
         """Each live group's answer (``{"success": ..., "error_message": ...}``)."""
-        return self.each("load_lora_adapter", lora_name=lora_name, lora_path=lora_path, pinned=pinned)
+        return self.each(LoadLoraAdapter(lora_name=lora_name, lora_path=lora_path, pinned=pinned))
 
     def unload_lora_adapter(self, lora_name: str, groups: Optional[list[int]] = None) -> None:
-        self.each("unload_lora_adapter", groups, lora_name=lora_name)
+        self.each(UnloadLoraAdapter(lora_name=lora_name), groups)
+
+    def check_integrity(self) -> dict[str, Any]:
+        """The first group's internal state, after it asserted that nothing leaked (tests use it)."""
+        return self.first(CheckIntegrity())
 
     def server_info(self, server_args: ServerArgs, model_dir: str, startup_time: float) -> dict[str, Any]:
         """``get_server_info()``: the engine's arguments plus what the processes report."""
-        states = self.each("get_internal_state")
+        states = self.each(GetInternalState())
         state = next(iter(states.values()))
         worker = self.sup.ready_info.get("worker0", {})
         info = dict(server_args.to_dict())
@@ -102,7 +110,7 @@ class Control:
             "internal_states": [{**s, "dp_rank": g} for g, s in states.items()],  # one per live DP group
         })
         if server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served
-            info["dp_groups"] = self.each("get_load", [-1])[-1]
+            info["dp_groups"] = self.each(GetLoad(), [-1])[-1]
         return info
 
 

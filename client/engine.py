@@ -223,10 +223,10 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         return self._control_calls.server_info(self.server_args, self._files.model_dir, self._startup_time)
 
-    def _control(self, method: str, **args: Any) -> Any:
-        """A control call by name on every live DP group, the first group's result (tests use it
-        for calls with no public method, such as ``check_integrity``)."""
-        return self._control_calls.first(method, **args)
+    def _check_integrity(self) -> dict[str, Any]:
+        """The scheduler's internal state after it asserted that nothing leaked (no public SGLang
+        method; the tests call it at idle)."""
+        return self._control_calls.check_integrity()
 
     # ------------------------------------------------------------------ LoRA
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:

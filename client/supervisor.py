@@ -23,7 +23,7 @@ import zmq
 from treadle.client.results import ReqState
 from treadle.runtime.errors import EngineDeadError, EngineOverloadedError
 from treadle.runtime.messages import (
-    CLIENT_IN, ChildFailed, ChildReady, ControlReply, GroupDown, ReqError, ReqsDone, StrOutBatch,
+    CLIENT_IN, ChildFailed, ChildReady, GroupDown, Reply, ReqError, ReqsDone, StrOutBatch,
 )
 from treadle.runtime.procs import kill_child
 from treadle.runtime.zmq_utils import Receiver
@@ -153,7 +153,7 @@ class Supervisor:
                 found = [self.states.pop(r)[0] for r in rids if r in self.states]
             for st in found:
                 self._deliver(st, err)
-        elif isinstance(msg, ControlReply):
+        elif isinstance(msg, Reply):
             with self.lock:
                 fut, _ = self.controls.pop(msg.call_id, (None, None))
             if fut is not None:

@@ -13,24 +13,14 @@ import zmq
 from treadle.gpu_worker.profiler import Profiler
 from treadle.runtime.hf_config import context_length, load_config
 from treadle.runtime.messages import (
-    WORKER_IN, ChildReady, ForwardPlan, Shutdown, StepResult, WorkerControl, WorkerControlReply,
+    WORKER_IN, Call, ChildReady, DropLoraAdapter, ForwardPlan, GetWorkerInfo, ReadLoraAdapter, Reply, Shutdown,
+    StartProfile, StepResult, StopProfile, WorkerInfo,
 )
 from treadle.runtime.parallel import exit_when_disconnected
 from treadle.runtime.procs import ChildSpec
-from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import Receiver, Sender
 
 logger = logging.getLogger("treadle.worker")
-CPU_DEFAULT_KV_TOKENS = 16384
-
-
-def kv_budget(args: ServerArgs) -> tuple[int, int]:
-    """(KV pool size in tokens, request slots). On CUDA without ``max_total_tokens`` the pool is
-    sized from free memory after the weights load (0 asks the runner to do that)."""
-    slots = args.max_running_requests or (256 if args.device.startswith("cuda") else 64)
-    if args.max_total_tokens is not None:
-        return args.max_total_tokens, slots
-    return (0 if args.device.startswith("cuda") else CPU_DEFAULT_KV_TOKENS), slots
 
 
 class WorkerLoop:
@@ -53,19 +43,19 @@ class WorkerLoop:
         device = args.device
         if device == "cuda":
             device = f"cuda:{args.base_gpu_id + spec.extra.get('local_rank', global_rank) * args.gpu_id_step}"
-        kv_tokens, self.max_slots = kv_budget(args)
+        self.max_slots = args.max_running_requests  # ServerArgs.resolved() decided the defaults
         self.runner = ModelRunner(RunnerConfig(
             model_dir=spec.files.model_dir, load_format=args.load_format, dtype=args.dtype, device=device,
-            kv_tokens=kv_tokens, max_slots=self.max_slots, context_len=self.context_len,
-            attention_backend=args.attention_backend or "torch_native", random_seed=args.random_seed or 0,
-            tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static or 0.85,
+            kv_tokens=args.max_total_tokens or 0, max_slots=self.max_slots, context_len=self.context_len,
+            attention_backend=args.attention_backend, random_seed=args.random_seed,
+            tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static,
             pp_rank=self.pp_rank, pp_size=args.pp_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
             allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
             gemv_backend=args.gemv_backend,
             lora_slots=args.max_loras_per_batch if args.enable_lora else 0, lora_rank=args.max_lora_rank or 0,
             lora_targets=None if "all" in (args.lora_target_modules or ["all"]) else tuple(args.lora_target_modules),
-            cuda_graph_max_bs=0 if args.disable_cuda_graph else (args.cuda_graph_max_bs or min(self.max_slots, 256)),
+            cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.
@@ -82,13 +72,18 @@ class WorkerLoop:
         if self.runner.graphs is not None:
             logger.info("CUDA graphs captured for %d batch sizes (up to %d) in %.1f s", len(self.runner.graphs.sizes),
                         self.runner.graphs.max_bs, self.runner.graph_capture_time)
-        inbox.send(ChildReady(name=spec.name, info=self.info()))
-
-    def info(self) -> dict[str, Any]:
-        return {
-            **self.runner.info(), "kv_tokens": self.kv_tokens, "max_slots": self.max_slots,
-            "context_len": self.context_len, "load_time": self.load_time, "pid": os.getpid(),
+        inbox.send(ChildReady(name=spec.name, info=msgspec.structs.asdict(self.info())))
+        self.handlers: dict[type, Any] = {
+            GetWorkerInfo: lambda c: self.info(),
+            StartProfile: lambda c: self.profiler.start(c.options),
+            StopProfile: lambda c: self.profiler.stop(),
+            ReadLoraAdapter: lambda c: self.runner.load_lora(c.name, c.path),
+            DropLoraAdapter: lambda c: self.runner.unload_lora(c.name),
         }
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(**{**self.runner.info(), "kv_tokens": self.kv_tokens, "max_slots": self.max_slots,
+                             "context_len": self.context_len, "load_time": self.load_time, "pid": os.getpid()})
 
     def serve(self) -> None:
         held = None  # (step, Launched) launched but not answered yet
@@ -108,7 +103,7 @@ class WorkerLoop:
                     continue
             elif isinstance(msg, Shutdown):
                 return
-            elif isinstance(msg, WorkerControl):
+            elif isinstance(msg, Call):
                 if held is not None:
                     self.answer(*held)
                     held = None
@@ -124,23 +119,13 @@ class WorkerLoop:
         if self.to_scheduler is not None:
             self.to_scheduler.send(StepResult(step=step, next_token_ids=ids, extras=extras))
 
-    def control(self, msg: WorkerControl) -> WorkerControlReply:
+    def control(self, call: Call) -> Reply:
         try:
-            if msg.method == "info":
-                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.info())
-            if msg.method == "start_profile":
-                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.profiler.start(msg.args))
-            if msg.method == "stop_profile":
-                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.profiler.stop())
-            if msg.method == "load_lora":
-                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.runner.load_lora(**msg.args))
-            if msg.method == "unload_lora":
-                return WorkerControlReply(call_id=msg.call_id, ok=True, result=self.runner.unload_lora(**msg.args))
-            raise ValueError(f"unknown worker method {msg.method!r}")
+            return Reply(call_id=call.call_id, ok=True, result=self.handlers[type(call)](call))
         except Exception as e:  # a failed control call is reported, it does not kill the worker
             if self.to_scheduler is None:  # only the reporting rank's error reaches the user: log the others
-                logger.warning("control call %s failed on this rank: %s", msg.method, e)
-            return WorkerControlReply(call_id=msg.call_id, ok=False, error=str(e))
+                logger.warning("control call %s failed on this rank: %s", type(call).__name__, e)
+            return Reply(call_id=call.call_id, ok=False, error=str(e))
 
 
 def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:

@@ -116,15 +116,6 @@ class AbortReq(_Msg):
     abort_all: bool = False
 
 
-class ControlReq(_Msg):
-    """A request/reply control call (flush_cache, get_server_info, ...), answered by ControlReply."""
-
-    call_id: int
-    method: str
-    args: dict[str, Any] = {}
-    dp_rank: int = 0  # the DP group that answers (one call per group asked); -1: the tokenizer (get_load)
-
-
 class ReqsDone(_Msg):
     """Requests that finished or failed, reported by the client so the tokenizer's DP router
     knows each group's load (sent only with ``dp_size > 1``)."""
@@ -292,19 +283,6 @@ class SyncStep(_Msg):
     worker on CUDA answers a step only when the next plan or this message arrives)."""
 
 
-class WorkerControl(_Msg):
-    call_id: int
-    method: str
-    args: dict[str, Any] = {}
-
-
-class WorkerControlReply(_Msg):
-    call_id: int
-    ok: bool
-    result: Any = None
-    error: str = ""
-
-
 # ---------------------------------------------------------------- scheduler -> detokenizer
 class FinishReason(msgspec.Struct, omit_defaults=True):
     """SGLang's finish_reason JSON: ``{"type": "stop"|"length"|"abort", ...}``."""
@@ -377,6 +355,128 @@ class TokenOutBatch(_Msg):
     outs: list[TokenOut]
 
 
+# ---------------------------------------------------------------- control calls
+class Call(_Msg):
+    """A request/reply control call beside generation, answered by a ``Reply`` with its
+    ``call_id``. The client sends one per DP group it asks (``dp_rank``; -1: the tokenizer's
+    router); the scheduler forwards the worker's calls to every rank of its group."""
+
+    call_id: int = 0
+    dp_rank: int = 0
+
+
+class GetInternalState(Call):
+    """The scheduler's state: pool sizes, queue lengths, cache and counters (get_server_info)."""
+
+
+class CheckIntegrity(Call):
+    """GetInternalState, after asserting that an idle scheduler holds no leaked page, slot or lock."""
+
+
+class FlushCache(Call):
+    pass
+
+
+class OpenSession(Call, kw_only=True):
+    session_id: str
+    timeout: Optional[float] = None
+    streaming: bool = False
+
+
+class ListSessions(Call):
+    """The ids of the sessions open in the group (the client forgets the ones closed on timeout)."""
+
+
+class CloseSession(Call, kw_only=True):
+    session_id: str
+
+
+class FreezeGC(Call):
+    """``gc.freeze()`` after warm-up (the scheduler does it and hands it on to the detokenizer)."""
+
+
+class LoadLoraAdapter(Call, kw_only=True):
+    lora_name: str
+    lora_path: str
+    pinned: bool = False
+
+
+class UnloadLoraAdapter(Call, kw_only=True):
+    lora_name: str
+
+
+class StartProfile(Call):
+    options: dict[str, Any] = {}  # start_profile's keyword arguments (runtime/profile_args.py checks them)
+
+
+class StopProfile(Call):
+    pass
+
+
+class GetLoad(Call):
+    """The tokenizer's view of the DP groups (alive, requests in flight); sent with ``dp_rank=-1``."""
+
+
+class GetWorkerInfo(Call):
+    """Scheduler -> workers at start-up: the reporting rank answers with a ``WorkerInfo``."""
+
+
+class ReadLoraAdapter(Call, kw_only=True):
+    """Scheduler -> workers: read a PEFT adapter into host memory (every rank, or none)."""
+
+    name: str
+    path: str
+
+
+class DropLoraAdapter(Call, kw_only=True):
+    name: str
+
+
+class Reply(_Msg):
+    """The answer to a ``Call``: ``result`` when ``ok``, else ``error``."""
+
+    call_id: int
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+class WorkerInfo(msgspec.Struct):
+    """What the reporting worker tells the scheduler (and get_server_info) once it has loaded: the
+    first four size the scheduler's pools; the rest describe the model and the rank."""
+
+    context_len: int
+    kv_tokens: int  # KV pool capacity in tokens
+    max_slots: int  # request slots (rows of the req-to-token table)
+    vocab_size: int
+    is_encoder: bool = False  # bidirectional (BERT): whole sequences, no prefix reuse
+    normalize: bool = False  # embeddings are L2-normalized (the checkpoint's sentence-transformers files say)
+    pooling_mode: str = ""
+    architecture: str = ""
+    dtype: str = ""
+    device: str = ""
+    num_params: int = 0  # this rank's shard
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    kv_cache_dtype: str = ""
+    attention_backend: str = ""
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    kv_layers: int = 0  # this stage's layers
+    cuda_graph_bs: list[int] = []
+    cuda_graph_capture_time: float = 0.0
+    startup_phases: dict[str, float] = {}
+    load_time: float = 0.0
+    pid: int = 0
+
+
+CLIENT_CALLS = (GetInternalState, CheckIntegrity, FlushCache, OpenSession, ListSessions, CloseSession, FreezeGC,
+                LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad)
+WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter)
+
+
 # ---------------------------------------------------------------- * -> client inbox
 class StrOut(OutputFields):
     """A ``TokenOut`` with its new ids turned into text."""
@@ -397,13 +497,6 @@ class ReqError(_Msg):
     rids: list[str] = []
 
 
-class ControlReply(_Msg):
-    call_id: int
-    ok: bool
-    result: Any = None
-    error: str = ""
-
-
 class ChildReady(_Msg):
     """Sent once by each child when it is ready to serve; ``info`` feeds get_server_info()."""
 
@@ -422,12 +515,8 @@ class Shutdown(_Msg):
     """Asks a child to leave its loop (sent by the parent on shutdown)."""
 
 
-class FreezeGC(_Msg):
-    """``gc.freeze()`` after warm-up (forwarded by the scheduler to the detokenizer)."""
-
-
-TOKENIZER_IN = Union[GenerateBatch, AbortReq, ControlReq, Shutdown, ReqsDone, GroupDown]
-SCHEDULER_IN = Union[TokenizedBatch, AbortReq, ControlReq, Shutdown, StepResult, WorkerControlReply]
-WORKER_IN = Union[ForwardPlan, SyncStep, WorkerControl, Shutdown]
+TOKENIZER_IN = Union[(GenerateBatch, AbortReq, Shutdown, ReqsDone, GroupDown, *CLIENT_CALLS)]
+SCHEDULER_IN = Union[(TokenizedBatch, AbortReq, Shutdown, StepResult, Reply, *CLIENT_CALLS)]
+WORKER_IN = Union[(ForwardPlan, SyncStep, Shutdown, *WORKER_CALLS)]
 DETOKENIZER_IN = Union[TokenOutBatch, FreezeGC, Shutdown]
-CLIENT_IN = Union[StrOutBatch, ReqError, ControlReply, ChildReady, ChildFailed]
+CLIENT_IN = Union[StrOutBatch, ReqError, Reply, ChildReady, ChildFailed]

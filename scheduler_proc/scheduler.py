@@ -21,7 +21,7 @@ import time
 from typing import Any, Optional
 
 from treadle.runtime.messages import (
-    PLACEHOLDER, FinishReason, ForwardPlan, MmItem, PlanRow, RowOut, TokenizedReq, TokenOut,
+    PLACEHOLDER, FinishReason, ForwardPlan, MmItem, PlanRow, RowOut, TokenizedReq, TokenOut, WorkerInfo,
 )
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.admission import Admission
@@ -40,17 +40,17 @@ class Scheduler:
     """One scheduler per DP rank: its loop (``main.SchedulerLoop``) feeds it requests and step
     results and sends the plans it makes and the outputs it collects."""
 
-    def __init__(self, args: ServerArgs, tokenizer: Any, eos_ids: set[int], worker_info: dict[str, Any],
+    def __init__(self, args: ServerArgs, tokenizer: Any, eos_ids: set[int], worker: WorkerInfo,
                  hidden_size: int = 0, tokenizer_dir: Optional[str] = None) -> None:
         self.args = args
         self.hidden_size = hidden_size
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.context_len: int = worker_info["context_len"]
-        self.max_total_tokens: int = worker_info["kv_tokens"]
-        self.max_running: int = worker_info["max_slots"]
-        self.vocab_size: int = worker_info.get("vocab_size", 1 << 62)
-        is_encoder = bool(worker_info.get("is_encoder"))  # bidirectional: no prefix can be reused
+        self.context_len = worker.context_len
+        self.max_total_tokens = worker.kv_tokens
+        self.max_running = worker.max_slots
+        self.vocab_size = worker.vocab_size
+        is_encoder = worker.is_encoder  # bidirectional: no prefix can be reused
         self.lora = LoraSlots(args.max_loras_per_batch if args.enable_lora else 0, args.lora_eviction_policy)
         self.kv = KvBudget(args, self.max_total_tokens, self.max_running, self.lora,
                            prefix_caching=not (args.disable_radix_cache or is_encoder))
@@ -74,7 +74,7 @@ class Scheduler:
         self.grammars = GrammarManager(args.grammar_backend or "xgrammar", tokenizer_dir, self.vocab_size, eos_ids,
                                        args.trust_remote_code)
         self.sessions = Sessions(self.cache)
-        normalize = bool(worker_info.get("pooling", {}).get("normalize")) and not is_encoder
+        normalize = worker.normalize and not is_encoder
         self.outputs = Outputs(args, tokenizer, self.kv, self.sessions, self.running, normalize)
         self.admission = Admission(args, self.kv, self.lora, self.outputs, self.waiting, self.running, self.stats,
                                    self.vocab_size, self.priority)
@@ -248,15 +248,6 @@ class Scheduler:
         return self.outputs.take_errors()
 
     # ------------------------------------------------------------------ control
-    def open_session(self, sid: str, timeout: Optional[float] = None, streaming: bool = False) -> bool:
-        return self.sessions.open(sid, timeout, streaming)
-
-    def close_session(self, sid: str) -> bool:
-        return self.sessions.close(sid)
-
-    def expire_sessions(self) -> None:
-        self.sessions.expire()
-
     def flush_cache(self) -> bool:
         """Empty the prefix cache, only when nothing runs or waits (as SGLang); sessions lose their KV."""
         if not self.is_idle():

@@ -10,7 +10,7 @@ import zmq
 
 from treadle.runtime.hf_config import context_length, load_config, load_tokenizer, vocab_size
 from treadle.runtime.messages import (
-    TOKENIZER_IN, AbortReq, ChildReady, ControlReply, ControlReq, GenerateBatch, GroupDown, ReqError,
+    TOKENIZER_IN, AbortReq, Call, ChildReady, GenerateBatch, GetLoad, GroupDown, Reply, ReqError,
     ReqsDone, RequestFields, Shutdown, TokenizedBatch, TokenizedReq, radix_key_ids, shared_fields,
 )
 from treadle.runtime.procs import ChildSpec
@@ -101,13 +101,13 @@ def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
         elif isinstance(msg, AbortReq):
             for g in router.live() if router else [0]:
                 groups[g].send(msg)
-        elif isinstance(msg, ControlReq):
-            if msg.dp_rank == -1 and msg.method == "get_load":  # asked of the tokenizer: the router's view
-                inbox.send(ControlReply(call_id=msg.call_id, ok=True, result=router.state() if router else []))
+        elif isinstance(msg, Call):
+            if isinstance(msg, GetLoad):  # asked of the tokenizer: the router's view
+                inbox.send(Reply(call_id=msg.call_id, ok=True, result=router.state() if router else []))
             elif 0 <= msg.dp_rank < len(groups):
                 groups[msg.dp_rank].send(msg)
             else:
-                inbox.send(ControlReply(call_id=msg.call_id, ok=False, error=f"no DP group {msg.dp_rank}"))
+                inbox.send(Reply(call_id=msg.call_id, ok=False, error=f"no DP group {msg.dp_rank}"))
         elif isinstance(msg, ReqsDone) and router is not None:
             router.done(msg.rids)
         elif isinstance(msg, GroupDown) and router is not None:

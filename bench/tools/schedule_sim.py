@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from common import random_workload  # noqa: E402
 
-from treadle.runtime.messages import PLACEHOLDER, TokenizedReq  # noqa: E402
+from treadle.runtime.messages import PLACEHOLDER, TokenizedReq, WorkerInfo  # noqa: E402
 from treadle.runtime.sampling_params import SamplingParams  # noqa: E402
 from treadle.runtime.server_args import ServerArgs  # noqa: E402
 from treadle.scheduler_proc.scheduler import Scheduler  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
     args = ServerArgs(model_path="sim", device="cpu", random_seed=0, page_size=1, chunked_prefill_size=a.chunk,
                       max_prefill_tokens=a.max_prefill_tokens, schedule_policy=a.policy, disable_radix_cache=True,
                       stream_interval=10**6).resolved()
-    s = Scheduler(args, Tok(), {0}, {"context_len": 8192, "kv_tokens": a.kv_tokens, "max_slots": a.max_running})
+    s = Scheduler(args, Tok(), {0}, WorkerInfo(context_len=8192, kv_tokens=a.kv_tokens, max_slots=a.max_running, vocab_size=1 << 62))
     ins, outs = random_workload(a.prompts, (1, 4096), (1, 2048), seed=1, vocab=128256)
     s.add_requests([TokenizedReq(rid=str(i), input_ids=x, stream=False,
                                  sampling=SamplingParams(max_new_tokens=o, ignore_eos=True, temperature=0.0))

@@ -122,4 +122,4 @@ def test_a_processor_that_raises_fails_only_its_request(flagged_engine):
     assert isinstance(bad, RuntimeError) and "Explodes failed: ZeroDivisionError: user bug" in str(bad), bad
     assert good["meta_info"]["completion_tokens"] == 12
     assert flagged_engine.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
-    assert flagged_engine._control("check_integrity")["num_running"] == 0
+    assert flagged_engine._check_integrity()["num_running"] == 0

@@ -19,7 +19,7 @@ GREEDY = {"temperature": 0, "max_new_tokens": 16}
 
 
 def integrity(engine) -> dict:
-    return engine._control("check_integrity")
+    return engine._check_integrity()
 
 
 @pytest.fixture(scope="module")

@@ -433,7 +433,7 @@ def test_session_turns_carry_the_image(mm_engine, ref):
         mm_engine.generate(prompt=turn2, sampling_params=GREEDY,
                            session_params={"id": sid, "rid": t1["meta_info"]["id"], "offset": s + 3})
     mm_engine.close_session(sid)
-    assert mm_engine._control("check_integrity")["locked_pages"] == 0
+    assert mm_engine._check_integrity()["locked_pages"] == 0
 
 
 # ------------------------------------------------------------------ 9. async and streaming
@@ -559,5 +559,5 @@ def test_chunked_images_under_memory_pressure(tiny_llava_dir, ref):
         assert not errors, f"{type(errors[0]).__name__}: {errors[0]}"
         for res, text, im in zip(results, texts, ims):
             assert res["output_ids"] == ref.greedy(ref.ids(text), [im], n=40)[0], text
-        state = eng._control("check_integrity")
+        state = eng._check_integrity()
         assert state["retractions"] > 0 and state["num_running"] == 0

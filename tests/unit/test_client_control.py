@@ -12,7 +12,9 @@ from treadle.client.calls import Calls, checked_payload
 from treadle.client.control import Control
 from treadle.client.sessions import Sessions
 from treadle.runtime.errors import EngineDeadError
-from treadle.runtime.messages import ControlReq, GenerateBatch, GenerateReq
+from treadle.runtime.messages import (
+    CloseSession, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions, OpenSession,
+)
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.sampling_params import SamplingParams
 from treadle.runtime.server_args import ServerArgs
@@ -27,7 +29,7 @@ class FakeSocket:
 
 
 class FakeSupervisor:
-    """Answers each control call at once with ``answer(method, args, group)``."""
+    """Answers each control call at once with ``answer(call, group)``."""
 
     def __init__(self, groups, answer):
         self.groups, self.answer, self.dead, self.ready_info = groups, answer, None, {}
@@ -49,23 +51,24 @@ def control_with(groups, answer, **server_args):
     def send(msg):
         socket.sent.append(msg)
         fut, g = sup.pending
-        fut.set_result(answer(msg.method, msg.args, g))
+        fut.set_result(answer(msg, g))
 
     socket.send = send
     return Control(calls, sup), socket
 
 
 def test_each_sends_one_call_per_group_with_its_own_id():
-    ctl, socket = control_with([0, 1], lambda m, a, g: {"group": g, **a})
-    assert ctl.each("thing", x=1) == {0: {"group": 0, "x": 1}, 1: {"group": 1, "x": 1}}
-    assert all(isinstance(m, ControlReq) and m.method == "thing" for m in socket.sent)
+    ctl, socket = control_with([0, 1], lambda c, g: {"group": g, "session": c.session_id})
+    assert ctl.each(CloseSession(session_id="s")) == {0: {"group": 0, "session": "s"}, 1: {"group": 1, "session": "s"}}
+    assert all(isinstance(m, CloseSession) and m.session_id == "s" for m in socket.sent)
     assert [m.dp_rank for m in socket.sent] == [0, 1] and len({m.call_id for m in socket.sent}) == 2
-    assert ctl.each("get_load", [-1]) == {-1: {"group": -1}}  # the tokenizer
-    assert ctl.first("thing") == {"group": 0}
+    ctl, socket = control_with([0, 1], lambda c, g: {"group": g})
+    assert ctl.each(GetLoad(), [-1]) == {-1: {"group": -1}}  # the tokenizer
+    assert ctl.first(GetInternalState()) == {"group": 0}
 
 
 def test_flush_cache_and_profile_arguments():
-    ctl, socket = control_with([0, 1], lambda m, a, g: {"success": g == 0})
+    ctl, socket = control_with([0, 1], lambda c, g: {"success": g == 0})
     res = ctl.flush_cache()
     assert not res and res.message == "Cache not flushed because there is pending work."
     n = len(socket.sent)
@@ -77,11 +80,11 @@ def test_flush_cache_and_profile_arguments():
 
 
 def test_liveness():
-    ctl, _ = control_with([0], lambda m, a, g: None)
+    ctl, _ = control_with([0], lambda c, g: None)
     ctl.calls.closed = True
     with pytest.raises(EngineDeadError, match="shut down"):
-        ctl.each("thing")
-    worker_node, _ = control_with([0], lambda m, a, g: None, tp_size=2, nnodes=2, node_rank=1,
+        ctl.each(GetInternalState())
+    worker_node, _ = control_with([0], lambda c, g: None, tp_size=2, nnodes=2, node_rank=1,
                                   dist_init_addr="127.0.0.1:5000")
     with pytest.raises(RuntimeError, match="node_rank=1 of nnodes=2"):
         worker_node.calls.check_alive()
@@ -90,13 +93,13 @@ def test_liveness():
 def test_sessions_go_to_the_group_holding_fewest():
     opened = {}
 
-    def answer(method, args, g):
-        if method == "open_session":
-            return opened.setdefault(args["session_id"], g) == g and args["session_id"] != "taken"
-        if method == "open_session_ids":
+    def answer(call, g):
+        if isinstance(call, OpenSession):
+            return opened.setdefault(call.session_id, g) == g and call.session_id != "taken"
+        if isinstance(call, ListSessions):
             return sorted(s for s, h in opened.items() if h == g)
-        if method == "close_session":
-            opened.pop(args["session_id"], None)
+        if isinstance(call, CloseSession):
+            opened.pop(call.session_id, None)
 
     ctl, _ = control_with([0, 1], answer)
     sessions = Sessions(streaming_enabled=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from treadle.gpu_worker.logits_processing import apply_token_bitmasks
-from treadle.runtime.messages import TokenizedReq
+from treadle.runtime.messages import TokenizedReq, WorkerInfo
 from treadle.runtime.sampling_params import SamplingParams
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc import grammar as gmod
@@ -207,7 +207,7 @@ def test_apply_token_bitmasks_matches_bits_and_masks_padding():
 def make_sched(model_dir, **kw) -> Scheduler:
     args = ServerArgs(device="cpu", random_seed=0, page_size=4, disable_radix_cache=True, **kw).resolved()
     tok = SimpleNamespace(decode=lambda ids, **_: "")
-    return Scheduler(args, tok, {EOS}, {"context_len": 256, "kv_tokens": 1024, "max_slots": 4, "vocab_size": VOCAB},
+    return Scheduler(args, tok, {EOS}, WorkerInfo(context_len=256, kv_tokens=1024, max_slots=4, vocab_size=VOCAB),
                      tokenizer_dir=model_dir)
 
 

@@ -17,6 +17,11 @@ FIN_TOK = M.FinishReason(type="stop", matched=2)
 FIN_LEN = M.FinishReason(type="length", length=7)
 FIN_ABORT = M.FinishReason(type="abort", message="Aborted")
 FIN_400 = M.FinishReason(type="abort", message="bad", status_code=400)
+CLIENT_CALLS = [  # what the client asks the tokenizer and the schedulers
+    M.GetInternalState(call_id=8), M.CheckIntegrity(call_id=9, dp_rank=2), M.FlushCache(), M.ListSessions(),
+    M.CloseSession(session_id="s"), M.FreezeGC(), M.UnloadLoraAdapter(call_id=10, lora_name="a"), M.StopProfile(),
+    M.OpenSession(session_id="t"), M.LoadLoraAdapter(lora_name="b", lora_path="/q"), M.StartProfile(), M.GetLoad(),
+]
 
 SAMPLES = {
     "TOKENIZER_IN": [
@@ -26,25 +31,28 @@ SAMPLES = {
         ]),
         M.GenerateBatch(call_id=2, reqs=[]),
         M.AbortReq(rid="a"), M.AbortReq(abort_all=True),
-        M.ControlReq(call_id=3, method="flush_cache"),
-        M.ControlReq(call_id=4, method="x", args={"a": [1, 2.5, None, "s", {"n": True}]}),
-        M.ControlReq(call_id=5, method="get_load", dp_rank=-1), M.ReqsDone(rids=["a", "b"]),
-        M.GroupDown(dp_rank=1, message="The dp1_worker0 process exited"), M.Shutdown(),
+        M.FlushCache(call_id=3),
+        M.StartProfile(call_id=4, options={"a": [1, 2.5, None, "s", {"n": True}]}),
+        M.GetLoad(call_id=5, dp_rank=-1), M.ReqsDone(rids=["a", "b"]),
+        M.OpenSession(call_id=6, dp_rank=1, session_id="s", timeout=2.5, streaming=True),
+        M.LoadLoraAdapter(call_id=7, lora_name="a", lora_path="/p", pinned=True),
+        M.GroupDown(dp_rank=1, message="The dp1_worker0 process exited"), M.Shutdown(), *CLIENT_CALLS,
     ],
     "SCHEDULER_IN": [
         M.TokenizedBatch(reqs=[M.TokenizedReq(rid="a", input_ids=[1, 2], sampling=SP, stream=True, created=3.0),
                                M.TokenizedReq(rid="b", input_ids=[9], sampling=SamplingParams())]),
-        M.AbortReq(rid="zz"), M.ControlReq(call_id=1, method="get_internal_state"), M.Shutdown(),
+        M.AbortReq(rid="zz"), M.GetInternalState(call_id=1), M.CloseSession(call_id=2, session_id="s"), M.Shutdown(),
         M.StepResult(step=5, next_token_ids=[1, 2, 3]), M.StepResult(step=0),
-        M.WorkerControlReply(call_id=1, ok=True, result={"context_len": 256, "kv_tokens": 512}),
-        M.WorkerControlReply(call_id=2, ok=False, error="boom"),
+        M.Reply(call_id=1, ok=True, result={"context_len": 256, "kv_tokens": 512}),
+        M.Reply(call_id=2, ok=False, error="boom"), *CLIENT_CALLS,
     ],
     "WORKER_IN": [
         M.ForwardPlan(step=1, new_slots=[M.NewSlot(0, M.SamplingSpec(temperature=0.0, top_k=1, seed=3))],
                       prefix_writes=[M.PrefixWrite(0, [0, 1])],
                       rows=[M.PlanRow(0, [1, 2, 3], 0, [0, 1, 2]), M.PlanRow(1, [4], 9, [17], sample=False)]),
         M.ForwardPlan(step=2), M.SyncStep(),
-        M.WorkerControl(call_id=1, method="info"), M.Shutdown(),
+        M.GetWorkerInfo(call_id=1), M.ReadLoraAdapter(call_id=2, name="a", path="/p"), M.StopProfile(), M.Shutdown(),
+        M.StartProfile(options={"num_steps": 3}), M.DropLoraAdapter(name="a"),
     ],
     "DETOKENIZER_IN": [
         M.TokenOutBatch(outs=[
@@ -60,7 +68,7 @@ SAMPLES = {
         M.StrOutBatch(outs=[M.StrOut("a", [1, 2], FIN_LEN, 3, 2, 1, text="hello"), M.StrOut("b", [], text=""),
                             M.StrOut("c", [1], FIN_400, text="x")]),
         M.ReqError(kind="value", message="bad", call_id=3), M.ReqError(kind="type", message="t", rids=["a", "b"]),
-        M.ControlReply(call_id=1, ok=True, result=[1, "two"]), M.ControlReply(call_id=2, ok=False, error="e"),
+        M.Reply(call_id=1, ok=True, result=[1, "two"]), M.Reply(call_id=2, ok=False, error="e"),
         M.ChildReady(name="scheduler", info={"max_total_tokens": 512}), M.ChildReady(name="worker0"),
         M.ChildFailed(name="worker0", error="Traceback ..."),
     ],
@@ -147,10 +155,10 @@ def test_garbage_rejected_never_executed(union, raw):
 def test_any_fields_keep_ext_inert():
     """An Ext inside an ``Any`` field decodes to an inert Ext object, not to what its bytes describe."""
     payload = pickle.dumps(_Evil())
-    raw = msgspec.msgpack.encode({"type": "ControlReq", "call_id": 1, "method": "m",
-                                  "args": {"x": msgspec.msgpack.Ext(1, payload)}})
+    raw = msgspec.msgpack.encode({"type": "StartProfile", "call_id": 1,
+                                  "options": {"x": msgspec.msgpack.Ext(1, payload)}})
     got = msgspec.msgpack.Decoder(M.TOKENIZER_IN).decode(raw)
-    assert isinstance(got.args["x"], msgspec.msgpack.Ext) and got.args["x"].data == payload
+    assert isinstance(got.options["x"], msgspec.msgpack.Ext) and got.options["x"].data == payload
 
 
 def test_defaults_omitted_on_wire():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from treadle.runtime.messages import FinishReason, ForwardPlan, TokenizedReq, TokenOut
+from treadle.runtime.messages import FinishReason, ForwardPlan, TokenizedReq, TokenOut, WorkerInfo
 from treadle.runtime.sampling_params import SamplingParams
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.kv_pool import PageAllocator, SlotAllocator
@@ -45,8 +45,8 @@ def make_sched(page_size=4, max_prefill_tokens=16384, stream_interval=1, context
     features turn them on."""
     args = make_args(page_size=page_size, max_prefill_tokens=max_prefill_tokens, stream_interval=stream_interval,
                      disable_radix_cache=not radix, chunked_prefill_size=chunk, **kw)
-    return Scheduler(args, TOK, set(eos_ids), {"context_len": context_len, "kv_tokens": kv_tokens,
-                                                "max_slots": max_slots})
+    return Scheduler(args, TOK, set(eos_ids), WorkerInfo(context_len=context_len, kv_tokens=kv_tokens,
+                                                          max_slots=max_slots, vocab_size=1 << 62))
 
 
 def treq(rid: str, n_prompt: int = 6, stream: bool = False, **sampling) -> TokenizedReq:
