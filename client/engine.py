@@ -33,7 +33,8 @@ from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.messages import Shutdown
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.procs import kill_child
-from treadle.runtime.server_args import ServerArgs, parse_lora_paths
+from treadle.runtime.lora_args import parse_lora_paths
+from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import IpcDir
 
 __all__ = ["Engine", "FlushCacheReqOutput"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from treadle.client.control import Control
-from treadle.runtime.server_args import LORA_NOT_ENABLED as NOT_ENABLED
+from treadle.runtime.lora_args import LORA_NOT_ENABLED as NOT_ENABLED
 
 
 class LoRAUpdateOutput:

@@ -25,7 +25,7 @@ from torch import nn
 
 from treadle.gpu_worker.distributed import tp_rank, tp_size
 from treadle.gpu_worker.lora_adapter import LoRAAdapter
-from treadle.runtime.server_args import LORA_TARGETS as TARGETS
+from treadle.runtime.lora_args import LORA_TARGETS as TARGETS
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from treadle.gpu_worker.distributed import first_failed_rank
 from treadle.runtime.messages import LoraLoad
-from treadle.runtime.server_args import LORA_NOT_ENABLED, LORA_TARGETS as TARGETS
+from treadle.runtime.lora_args import LORA_NOT_ENABLED, LORA_TARGETS as TARGETS
 
 if TYPE_CHECKING:
     from treadle.gpu_worker.lora import LoRAPool

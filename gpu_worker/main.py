@@ -16,7 +16,7 @@ from treadle.runtime.messages import (
     WORKER_IN, Call, ChildReady, DropLoraAdapter, ForwardPlan, GetWorkerInfo, ReadLoraAdapter, Reply, Shutdown,
     StartProfile, StepResult, StopProfile, WorkerInfo,
 )
-from treadle.runtime.parallel import exit_when_disconnected
+from treadle.runtime.parallel import exit_when_disconnected, is_reporting
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
 
@@ -35,7 +35,7 @@ class WorkerLoop:
         self.recv = Receiver(ctx, endpoint, WORKER_IN, bind=not endpoint.startswith("tcp://"))
         if endpoint.startswith("tcp://"):
             exit_when_disconnected(self.recv.sock, "the scheduler on node 0")
-        reports = self.rank == 0 and self.pp_rank == args.pp_size - 1  # the reporting rank: TP 0 of the last stage
+        reports = is_reporting(self.rank, self.pp_rank, args.pp_size)  # TP rank 0 of the last stage
         self.to_scheduler = Sender(ctx, spec.endpoints["scheduler_results"]) if reports else None
         cfg = load_config(spec.files.model_dir)
         self.context_len = context_length(cfg, args, spec.files.model_dir)

@@ -15,10 +15,10 @@ from treadle.gpu_worker.layers.pdl import pdl_supported
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.registry import get_model_class
+from treadle.runtime.server_args import DTYPE_ALIASES
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+# torch's names; SGLang's other spellings are aliases of them (runtime/server_args.DTYPE_ALIASES)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KV_DTYPES = {**_DTYPES, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
@@ -26,6 +26,7 @@ def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type: ``auto`` is the model's."""
     if name == "auto":
         return model_dtype
+    name = DTYPE_ALIASES.get(name, name)
     if name not in _KV_DTYPES:
         raise ValueError(f"unknown kv_cache_dtype {name!r}; use auto or one of {sorted(_KV_DTYPES)}")
     return _KV_DTYPES[name]
@@ -34,6 +35,7 @@ def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = DTYPE_ALIASES.get(name, name)
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto or one of {sorted(_DTYPES)}")
     return _DTYPES[name]

@@ -41,6 +41,7 @@ from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
 from treadle.runtime.messages import ForwardPlan, RowOut
+from treadle.runtime.parallel import is_reporting
 
 __all__ = ["Launched", "ModelRunner", "RunnerConfig", "resolve_dtype", "resolve_kv_dtype"]
 
@@ -71,7 +72,7 @@ class ModelRunner:
                       cfg.allreduce_fusion)
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
-        self.reports = cfg.tp_rank == 0 and cfg.pp_rank == cfg.pp_size - 1
+        self.reports = is_reporting(cfg.tp_rank, cfg.pp_rank, cfg.pp_size)
         self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
         # The language model's config: the model's own, or the text part of a multimodal one (LLaVA).
         self.text_config = getattr(self.model_config, "text_config", None) or self.model_config

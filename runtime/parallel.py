@@ -64,6 +64,11 @@ def reporting_rank(args: "ServerArgs") -> int:
     return (args.pp_size - 1) * args.tp_size
 
 
+def is_reporting(tp_rank: int, pp_rank: int, pp_size: int) -> bool:
+    """Whether a worker is the reporting rank (``reporting_rank``), from its own coordinates."""
+    return tp_rank == 0 and pp_rank == pp_size - 1
+
+
 def _tcp(args: "ServerArgs", offset: int) -> str:
     host, port = split_addr(args.dist_init_addr or "")
     return f"tcp://{socket.gethostbyname(host)}:{port + offset}"

@@ -16,12 +16,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
 from treadle.runtime.parallel import split_addr
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
-LORA_BACKENDS = ("csgmv", "triton", "torch_native")  # accepted for SGLang's sake; one implementation serves all
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # One dtype vocabulary: SGLang's spellings, each an alias of a canonical name (torch's) that
 # ``resolved()`` writes back, so the processes after it see only canonical names.
@@ -230,14 +228,8 @@ class ServerArgs(SGLangOnlyArgs):
         if a.enable_lora is None:
             a.enable_lora = bool(a.lora_paths)
         if a.enable_lora:
-            configs = [_adapter_config(path) for _, path, _ in parse_lora_paths(a.lora_paths)]
-            if a.max_lora_rank is None:  # the device slots' rank: the largest initial adapter's, else 64
-                a.max_lora_rank = max([c["r"] for c in configs if isinstance(c.get("r"), int)] or [64])
-            if a.lora_target_modules is None:  # the device slots' projections: the initial adapters', else all
-                wanted = [c.get("target_modules") for c in configs]
-                lists = all(isinstance(t, list) and set(t) <= set(LORA_TARGETS) for t in wanted)
-                a.lora_target_modules = [t for t in LORA_TARGETS if any(t in w for w in wanted)] \
-                    if configs and lists else ["all"]
+            a.max_lora_rank, a.lora_target_modules = device_slot_shape(a.lora_paths, a.max_lora_rank,
+                                                                       a.lora_target_modules)
         cuda = a.device.startswith("cuda")
         # "auto" stays (get_server_info echoes it as SGLang does; the worker reads it against the device)
         a.dtype = DTYPE_ALIASES.get(a.dtype, a.dtype)
@@ -283,16 +275,6 @@ class ServerArgs(SGLangOnlyArgs):
         return {f.name for f in dataclasses.fields(cls)}
 
 
-def _adapter_config(path: str) -> dict:
-    """A PEFT adapter directory's ``adapter_config.json`` ({} if unreadable: loading it reports why)."""
-    try:
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            cfg = json.load(f)
-        return cfg if isinstance(cfg, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _choice(name: str, v: Any, choices: tuple) -> None:
     if v not in choices:
         shown = [c for c in choices if c is not None]
@@ -317,30 +299,3 @@ def _num(name: str, v: Any) -> None:
 
 def default_cache_dir() -> str:
     return os.environ.get("TREADLE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "treadle")
-
-
-def parse_lora_paths(lora_paths: Union[list, tuple, dict, None]) -> list[tuple[str, str, bool]]:
-    """``lora_paths`` as SGLang takes it, as ``(name, path, pinned)``: each item is ``PATH`` (the
-    name is the path), ``NAME=PATH``, a dict ``{"lora_name", "lora_path", "pinned"}`` or its JSON
-    string; a dict ``{name: path}`` is accepted as well."""
-    if lora_paths is None:
-        return []
-    if isinstance(lora_paths, dict):
-        return [(str(k), str(v), False) for k, v in lora_paths.items()]
-    out = []
-    for item in lora_paths:
-        if isinstance(item, str) and item.lstrip().startswith("{"):
-            item = json.loads(item)
-        if isinstance(item, dict):
-            if not isinstance(item.get("lora_name"), str) or not isinstance(item.get("lora_path"), str):
-                raise ValueError(f"lora_paths entry {item!r} needs string lora_name and lora_path.")
-            out.append((item["lora_name"], item["lora_path"], bool(item.get("pinned", False))))
-        elif isinstance(item, str) and item:
-            name, _, path = item.partition("=") if "=" in item else (item, "", item)
-            out.append((name, path, False))
-        else:
-            raise ValueError(f"lora_paths entries must be PATH or NAME=PATH strings or dicts, got {item!r}.")
-    names = [n for n, _, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"lora_paths names an adapter twice: {names}")
-    return out

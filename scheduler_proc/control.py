@@ -11,7 +11,7 @@ from treadle.runtime.messages import (
     Call, CheckIntegrity, CloseSession, DropLoraAdapter, FlushCache, FreezeGC, GetInternalState, ListSessions,
     LoadLoraAdapter, OpenSession, ReadLoraAdapter, Reply, StartProfile, StopProfile, UnloadLoraAdapter,
 )
-from treadle.runtime.server_args import LORA_NOT_ENABLED
+from treadle.runtime.lora_args import LORA_NOT_ENABLED
 from treadle.runtime.zmq_utils import Sender
 from treadle.scheduler_proc.scheduler import Scheduler
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from treadle.runtime.messages import LoraLoad
-from treadle.runtime.server_args import ServerArgs, parse_lora_paths
+from treadle.runtime.lora_args import parse_lora_paths
+from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.lora_slots import LoraSlots
 
 
