@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import subprocess
 import threading
+import time
 from typing import Any, Callable, Iterable, Optional
 
 import msgspec
@@ -23,13 +25,19 @@ import zmq
 from treadle.client.results import ReqState
 from treadle.runtime.errors import EngineDeadError, EngineOverloadedError
 from treadle.runtime.messages import (
-    CLIENT_IN, ChildFailed, ChildReady, GroupDown, Reply, ReqError, ReqsDone, StrOutBatch,
+    CLIENT_IN, ChildFailed, ChildReady, GroupDown, Heartbeat, Reply, ReqError, ReqsDone, StrOutBatch,
 )
 from treadle.runtime.procs import kill_child
 from treadle.runtime.zmq_utils import Receiver
 
 logger = logging.getLogger("treadle.engine")
 POLL_MS = 100
+# A child whose heartbeats (runtime/procs.py, one a second) stop for this long is declared frozen:
+# its pending calls fail with EngineDeadError naming it. The beats come from a thread of their own,
+# so a long step never delays them; only a stopped or wedged process does. The environment
+# variable TREADLE_HEARTBEAT_TIMEOUT_S overrides it (read when an engine starts).
+HEARTBEAT_TIMEOUT_S = 10.0
+IO_STALL_S = 1.0  # this thread itself did not run for this long: the beats may be waiting unread
 ERRORS = {"value": ValueError, "type": TypeError, "overloaded": EngineOverloadedError, "runtime": RuntimeError,
           "dead": EngineDeadError}
 
@@ -64,6 +72,9 @@ class Supervisor:
         self.dead_groups: dict[int, str] = {}  # dp rank -> why it is out of service
         self.stopping = False
         self.workers_only = False  # node_rank > 0: node 0 stops these workers, so a clean exit is no failure
+        self.beats: dict[str, float] = {}  # child name -> when its last heartbeat was read
+        self.heartbeat_timeout = float(os.environ.get("TREADLE_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S))
+        self.last_loop = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="treadle-io", daemon=True)
 
     # ------------------------------------------------------------------ registration
@@ -125,10 +136,22 @@ class Supervisor:
     def _check_children(self) -> None:
         if self.stopping or self.dead is not None:
             return
+        now = time.monotonic()
+        if now - self.last_loop > IO_STALL_S:  # this thread was starved: queued beats are not late ones
+            self.beats = dict.fromkeys(self.beats, now)
+        self.last_loop = now
         for name, proc in self.procs.items():
-            code = None if dp_rank_of(name) in self.dead_groups else proc.poll()
+            if dp_rank_of(name) in self.dead_groups:
+                continue
+            code = proc.poll()
             if code is not None and not (code == 0 and self.workers_only):
                 self._child_died(name, f"The {name} process exited unexpectedly (exit code {code}).")
+                return
+            silent = now - self.beats.get(name, now)
+            if code is None and silent > self.heartbeat_timeout:
+                kill_child(proc, grace_s=0)  # frozen: it would never answer, and SIGKILL reaches a stopped process
+                self._child_died(name, f"The {name} process stopped responding (no heartbeat for {silent:.1f} s; "
+                                       f"frozen or deadlocked) and was killed.")
                 return
 
     def _dispatch(self, msg: Any) -> None:
@@ -161,6 +184,8 @@ class Supervisor:
                     fut.set_result(msg.result)
                 else:
                     fut.set_exception(RuntimeError(msg.error))
+        elif isinstance(msg, Heartbeat):
+            self.beats[msg.name] = time.monotonic()
         elif isinstance(msg, ChildReady):
             self.ready_info[msg.name] = msg.info
             logger.info("%s ready", msg.name)

@@ -511,6 +511,13 @@ class ChildFailed(_Msg):
     error: str
 
 
+class Heartbeat(_Msg):
+    """Sent by every child about once a second from a thread of its own: the client's I/O thread
+    declares a child that falls silent frozen (SIGSTOP, a deadlock that holds the interpreter)."""
+
+    name: str
+
+
 class Shutdown(_Msg):
     """Asks a child to leave its loop (sent by the parent on shutdown)."""
 
@@ -519,4 +526,4 @@ TOKENIZER_IN = Union[(GenerateBatch, AbortReq, Shutdown, ReqsDone, GroupDown, *C
 SCHEDULER_IN = Union[(TokenizedBatch, AbortReq, Shutdown, StepResult, Reply, *CLIENT_CALLS)]
 WORKER_IN = Union[(ForwardPlan, SyncStep, Shutdown, *WORKER_CALLS)]
 DETOKENIZER_IN = Union[TokenOutBatch, FreezeGC, Shutdown]
-CLIENT_IN = Union[StrOutBatch, ReqError, Reply, ChildReady, ChildFailed]
+CLIENT_IN = Union[StrOutBatch, ReqError, Reply, ChildReady, ChildFailed, Heartbeat]

@@ -23,16 +23,18 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
 import zmq
 
 from treadle.runtime.logging_utils import configure_logging
-from treadle.runtime.messages import ChildFailed
+from treadle.runtime.messages import ChildFailed, Heartbeat
 from treadle.runtime.model_files import ModelFiles
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import Sender
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+HEARTBEAT_S = 1.0  # how often every child tells the client it is alive (client/supervisor.py checks)
 
 
 @dataclass
@@ -101,6 +103,20 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
+def _beat(ctx: zmq.Context, endpoint: str, name: str) -> None:
+    """Tell the client every ``HEARTBEAT_S`` that this process runs. A thread of its own, with its
+    own socket (ZeroMQ sockets are not shared between threads): the beats go on during a long
+    step, and stop only when the whole process stops (SIGSTOP) or never lets the thread run."""
+    sender, beat = Sender(ctx, endpoint), msgspec.msgpack.encode(Heartbeat(name=name))
+
+    def loop() -> None:
+        while True:
+            sender.send_bytes(beat)
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=loop, name="heartbeat", daemon=True).start()
+
+
 def run_child(main: Callable[[ChildSpec, zmq.Context, Sender], None]) -> None:
     """Entry point of every child: ``main(spec, zmq_context, client_inbox)`` runs its loop."""
     with open(sys.argv[1]) as f:
@@ -110,6 +126,7 @@ def run_child(main: Callable[[ChildSpec, zmq.Context, Sender], None]) -> None:
     configure_logging(spec.server_args.get("log_level", "error"), spec.name)
     ctx = zmq.Context()
     inbox = Sender(ctx, spec.endpoints["client"])
+    _beat(ctx, spec.endpoints["client"], spec.name)
     code = 0
     try:
         main(spec, ctx, inbox)

@@ -132,3 +132,51 @@ def test_watchdog_fails_calls_when_a_step_hangs():
         pids = eng.get_all_child_pids()
         eng.shutdown()
     assert not any(alive(p) for p in pids)  # the stuck worker too
+
+
+@pytest.mark.parametrize("victim", ["tokenizer", "scheduler", "worker0", "detokenizer"])
+def test_a_frozen_child_fails_pending_and_new_calls(victim, monkeypatch):
+    """SIGSTOP: the process lives on but never answers. Its heartbeats stop, and within the
+    heartbeat timeout (2 s here, 10 s by default) every pending call fails with EngineDeadError
+    naming it, new calls fail at once, and shutdown leaves nothing behind."""
+    monkeypatch.setenv("TREADLE_HEARTBEAT_TIMEOUT_S", "2")
+    eng = Engine(model_path="default")
+    try:
+        assert eng.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+        errors: list[BaseException] = []
+        started = threading.Event()
+
+        def long_call():
+            started.set()
+            try:
+                eng.generate(prompt="Tell me a story", sampling_params={"max_new_tokens": 4000, "ignore_eos": True})
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=long_call)
+        t.start()
+        started.wait()
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        os.kill(eng._sup.procs[victim].pid, signal.SIGSTOP)
+        t.join(timeout=15)
+        assert not t.is_alive(), "the pending call hung"
+        assert time.monotonic() - stopped_at < 2 + 3  # the timeout, a beat's interval and a poll
+        assert errors and isinstance(errors[0], EngineDeadError), errors
+        assert victim in str(errors[0]) and "stopped responding" in str(errors[0])
+        with pytest.raises(EngineDeadError, match=victim):
+            eng.generate(prompt="Hi", sampling_params={"max_new_tokens": 2})
+    finally:
+        pids = eng.get_all_child_pids()
+        eng.shutdown()
+    assert not any(alive(p) for p in pids)
+
+
+def test_a_long_step_is_not_a_frozen_process(monkeypatch):
+    """Liveness does not depend on how long a step takes: a 3 s step under a 1 s heartbeat timeout
+    finishes, because the beats come from their own thread."""
+    monkeypatch.setenv("TREADLE_HEARTBEAT_TIMEOUT_S", "1")
+    with Engine(model_path="default", enable_custom_logit_processor=True) as eng:
+        out = eng.generate(prompt="Hi", custom_logit_processor=Stall, sampling_params={
+            "max_new_tokens": 1, "custom_params": {"seconds": 3}})
+        assert out["meta_info"]["completion_tokens"] == 1

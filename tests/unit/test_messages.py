@@ -67,7 +67,7 @@ SAMPLES = {
     "CLIENT_IN": [
         M.StrOutBatch(outs=[M.StrOut("a", [1, 2], FIN_LEN, 3, 2, 1, text="hello"), M.StrOut("b", [], text=""),
                             M.StrOut("c", [1], FIN_400, text="x")]),
-        M.ReqError(kind="value", message="bad", call_id=3), M.ReqError(kind="type", message="t", rids=["a", "b"]),
+        M.ReqError(kind="value", message="bad", call_id=3), M.Heartbeat(name="scheduler"), M.ReqError(kind="type", message="t", rids=["a", "b"]),
         M.Reply(call_id=1, ok=True, result=[1, "two"]), M.Reply(call_id=2, ok=False, error="e"),
         M.ChildReady(name="scheduler", info={"max_total_tokens": 512}), M.ChildReady(name="worker0"),
         M.ChildFailed(name="worker0", error="Traceback ..."),
