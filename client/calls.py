@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import queue
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 import msgspec
 import zmq
@@ -180,10 +180,38 @@ _WIRE_CHECK = msgspec.msgpack.Decoder(GenerateBatch)
 
 def checked_payload(batch: GenerateBatch) -> bytes:
     """Encode a call and check it decodes as the tokenizer will: a wrong type anywhere (say a str
-    where a bool belongs) is this call's ``ValueError``, never a frame the tokenizer must drop."""
-    payload = msgspec.msgpack.encode(batch)
+    where a bool belongs), an int beyond 64 bits or text that is not valid Unicode is this call's
+    ``ValueError`` naming the field, never an encoder's error or a frame the tokenizer must drop."""
+    try:
+        payload = msgspec.msgpack.encode(batch)
+    except (OverflowError, UnicodeEncodeError, TypeError) as e:
+        raise ValueError(f"Invalid request: {_unencodable(batch.reqs, 'reqs') or 'a value'} cannot be sent: {e}") \
+            from None
     try:
         _WIRE_CHECK.decode(payload)
     except msgspec.ValidationError as e:
         raise ValueError(f"Invalid request: {e}".replace("$.reqs[0].", "").replace("$.reqs", "reqs")) from None
     return payload
+
+
+def _unencodable(value: Any, path: str) -> Optional[str]:
+    """The path of the first part of ``value`` msgpack cannot encode (None: it all encodes), so
+    the error names ``sampling.top_k`` or ``input_ids[3]``, not just the whole call."""
+    try:
+        msgspec.msgpack.encode(value)
+        return None
+    except (OverflowError, UnicodeEncodeError, TypeError):
+        pass
+    if isinstance(value, msgspec.Struct):
+        parts = [(f"{path}.{f}", getattr(value, f)) for f in value.__struct_fields__]
+    elif isinstance(value, (list, tuple)):
+        parts = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        parts = [(f"{path}[{k!r}]", v) for k, v in value.items()]
+    else:
+        return path
+    for sub, v in parts:
+        found = _unencodable(v, sub)
+        if found is not None:
+            return found.replace("reqs[0].", "") if path == "reqs" and len(value) == 1 else found
+    return path

@@ -13,7 +13,7 @@ import warnings
 from typing import Any, Optional, Sequence, Union
 
 from treadle.runtime.messages import GenerateReq
-from treadle.runtime.sampling_params import SamplingParams
+from treadle.runtime.sampling_params import SamplingParams, check_text
 
 Prompt = Union[str, list[str], None]
 InputIds = Union[list[int], list[list[int]], None]
@@ -66,6 +66,7 @@ def normalize_generate(
         for t in texts:
             if not t:
                 raise ValueError("prompt cannot be empty.")
+            check_text("prompt", t)
         items: list[tuple[Optional[str], Optional[list[int]]]] = [(t, None) for t in texts]
     else:
         ids_list, is_batch = _split_ids(input_ids)
@@ -137,6 +138,11 @@ def _is_int(t: Any) -> bool:
 def _rids(rid: Union[str, Sequence[str], None], n: int, is_batch: bool) -> list[str]:
     if rid is None:
         return [uuid.uuid4().hex for _ in range(n)]
+    if isinstance(rid, str) or (isinstance(rid, (list, tuple)) and all(isinstance(r, str) for r in rid)):
+        for r in [rid] if isinstance(rid, str) else rid:
+            if not r:  # an empty rid could never be aborted (abort_request's "" means no rid)
+                raise ValueError("rid cannot be an empty string.")
+            check_text("rid", r)
     if isinstance(rid, str):
         return [rid] if not is_batch else [f"{rid}_{i}" for i in range(n)]
     if isinstance(rid, (list, tuple)) and all(isinstance(r, str) for r in rid):

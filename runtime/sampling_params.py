@@ -13,6 +13,7 @@ import msgspec
 
 TOP_K_ALL = -1
 MAX_N = 1024
+INT64 = 1 << 63  # every int on the wire fits a signed 64-bit word (msgpack cannot carry more)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -76,15 +77,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
         for s in self.stop_strs():
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
+            check_text("stop", s)
         grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
         if len(grammars) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
         for k in grammars:
             if not isinstance(getattr(self, k), str):
                 raise ValueError(f"{k} must be a string.")
+            check_text(k, getattr(self, k))
         _check_int("stream_interval", self.stream_interval, lo=1, optional=True)
         _check_int("sampling_seed", self.sampling_seed, optional=True)
         if self.stop_token_ids is not None:
@@ -101,8 +106,17 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_un
                 except (TypeError, ValueError):
                     raise ValueError(f"logit_bias keys must be token ids, got {k!r}.") from None
                 if tid < 0 or (vocab_size is not None and tid >= vocab_size):
-                    raise ValueError(f"logit_bias must has keys in [0, {vocab_size}), got {k!r}.")
+                    limit = f"token ids in [0, {vocab_size})" if vocab_size is not None else "non-negative token ids"
+                    raise ValueError(f"logit_bias keys must be {limit}, got {k!r}.")
                 _check_float("logit_bias", v)
+        if self.custom_params is not None:
+            if not isinstance(self.custom_params, dict):
+                raise ValueError(f"custom_params must be a dict, got {type(self.custom_params).__name__}.")
+            try:
+                msgspec.msgpack.encode(self.custom_params)
+            except (TypeError, OverflowError, UnicodeEncodeError, ValueError) as e:
+                raise ValueError(f"custom_params must hold only dicts, lists, strings, numbers, bools and None "
+                                 f"(it travels to the worker process): {e}") from None
 
 
 def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None, optional: bool = False) -> None:
@@ -110,6 +124,8 @@ def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = 
         return
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an int, got {v!r}.")
+    if not -INT64 <= v < INT64:
+        raise ValueError(f"{name} must fit in a signed 64-bit integer, got {v}.")
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be at least {lo}, got {v}.")
     if hi is not None and v > hi:
@@ -119,9 +135,20 @@ def _check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = 
 def _check_float(name: str, v: Any, lo: Optional[float] = None, hi: Optional[float] = None) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"{name} must be a number, got {v!r}.")
+    if isinstance(v, int) and not -INT64 <= v < INT64:
+        raise ValueError(f"{name} is out of range, got {v}.")
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}.")
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be at least {lo}, got {v}.")
     if hi is not None and v > hi:
         raise ValueError(f"{name} must be at most {hi}, got {v}.")
+
+
+def check_text(name: str, text: str) -> None:
+    """A string that must cross a process boundary as UTF-8: a lone surrogate (say, half of an
+    emoji cut by a slice) cannot, so it is this field's ``ValueError``, not an encoder's error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text: {e.reason} at position {e.start}.") from None

@@ -313,3 +313,41 @@ def test_token_ids_logprob_nested_length_mismatch():
 def test_unbuilt_sampling_features_are_refused_not_ignored(key, value):
     with pytest.raises(NotImplementedError, match=key):
         norm("p", sampling_params={key: value})
+
+
+# ------------------------------------------------------------------ values that cannot cross a process boundary
+@pytest.mark.parametrize("params, field", [
+    ({"sampling_seed": 2**64}, "sampling_seed"), ({"max_new_tokens": 2**64}, "max_new_tokens"),
+    ({"top_k": 2**70}, "top_k"), ({"temperature": 2**64}, "temperature"), ({"min_new_tokens": -2**64}, "min_new_tokens"),
+    ({"stop_token_ids": [2**70]}, "stop_token_ids"), ({"stop": 5}, "stop"), ({"stop": ["ok", "\ud800"]}, "stop"),
+    ({"regex": "a\udfff"}, "regex"), ({"custom_params": {"x": object()}}, "custom_params"),
+    ({"custom_params": {"x": 2**70}}, "custom_params"), ({"logit_bias": {"-3": 1.0}}, "logit_bias"),
+])
+def test_unsendable_sampling_values_name_their_field(params, field):
+    with pytest.raises(ValueError, match=field):
+        norm("p", sampling_params=params)
+
+
+def test_prompt_and_rid_text_must_be_unicode_and_rid_non_empty():
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        norm("half an emoji \ud83d")
+    with pytest.raises(ValueError, match="rid is not valid Unicode"):
+        norm("p", rid="r\ud800")
+    with pytest.raises(ValueError, match="rid cannot be an empty string"):
+        norm("p", rid="")
+    with pytest.raises(ValueError, match="rid cannot be an empty string"):
+        norm(["a", "b"], rid=["x", ""])
+
+
+@pytest.mark.parametrize("req, field", [
+    (GenerateReq(rid="a", input_ids=[1, 2**70]), "input_ids\\[1\\]"),
+    (GenerateReq(rid="a", text="x", priority=2**70), "priority"),
+    (GenerateReq(rid="a", text="x", logprob_start_len=-2**70), "logprob_start_len"),
+    (GenerateReq(rid="a", text="x", token_ids_logprob=[3, 2**64]), "token_ids_logprob\\[1\\]"),
+])
+def test_the_wire_check_names_an_unsendable_field(req, field):
+    from treadle.client.calls import checked_payload
+    from treadle.runtime.messages import GenerateBatch
+
+    with pytest.raises(ValueError, match=f"Invalid request: {field} cannot be sent"):
+        checked_payload(GenerateBatch(call_id=1, reqs=[req]))
