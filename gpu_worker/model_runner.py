@@ -35,8 +35,8 @@ from treadle.gpu_worker.model_loader import (
 )
 from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import encode_plan, load_pooling_config
-from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.runner_config import RunnerConfig
+from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
