@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from typing import Any, Optional
 
@@ -13,17 +14,34 @@ import zmq
 _ENCODER = msgspec.msgpack.Encoder()
 
 
+# Waits for the owner to die, then removes the directory. A shell loop, not a Python process: it
+# costs nothing while it waits. ($0: the owner's pid, $1: the directory.)
+_JANITOR = 'while kill -0 "$0" 2>/dev/null; do sleep 0.2; done; rm -rf -- "$1"'
+
+
 class IpcDir:
-    """A private temp directory holding one engine's ``ipc://`` endpoints (two engines never collide)."""
+    """A private temp directory (mode 0700: only its owner can connect) holding one engine's
+    ``ipc://`` endpoints, so two engines never collide.
+
+    ``shutdown()`` removes it. If the user's process dies without one (SIGKILL, SIGTERM with no
+    handler), its children die with it (parent-death signal) and cannot clean up either; so a
+    janitor, a shell loop started with the directory, removes it within 0.2 s of the owner's death.
+    """
 
     def __init__(self, path: Optional[str] = None) -> None:
         self.path = path or tempfile.mkdtemp(prefix="treadle-")
+        self._janitor = subprocess.Popen(["sh", "-c", _JANITOR, str(os.getpid()), self.path],
+                                         start_new_session=True, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{os.path.join(self.path, name)}"
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._janitor.poll() is None:
+            self._janitor.kill()
+            self._janitor.wait()
 
 
 def make_socket(ctx: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:

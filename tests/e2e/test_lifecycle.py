@@ -180,3 +180,29 @@ def test_a_long_step_is_not_a_frozen_process(monkeypatch):
         out = eng.generate(prompt="Hi", custom_logit_processor=Stall, sampling_params={
             "max_new_tokens": 1, "custom_params": {"seconds": 3}})
         assert out["meta_info"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_socket_directory_goes_with_a_killed_user_process(sig):
+    """The user's process dies without shutdown(): its children exit, and the private socket
+    directory (sockets and spec files) is removed by the last process out, not left in /tmp."""
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, time\nfrom treadle import Engine\ne = Engine(model_path='default')\n"
+              "print(json.dumps({'dir': e._ipc.path, 'pids': e.get_all_child_pids()}), flush=True)\ntime.sleep(600)\n")
+    user = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(user.stdout.readline())
+        assert os.path.isdir(info["dir"])
+        user.send_signal(sig)
+        user.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (os.path.exists(info["dir"]) or any(alive(p) for p in info["pids"])):
+            time.sleep(0.05)
+        assert not any(alive(p) for p in info["pids"]), "a child outlived the user's process"
+        assert not os.path.exists(info["dir"]), "the socket directory was left behind"
+    finally:
+        user.kill()
+        user.wait()
