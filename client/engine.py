@@ -29,6 +29,7 @@ from treadle.client.results import BatchResult
 from treadle.client.sessions import Sessions
 from treadle.client.supervisor import Supervisor
 from treadle.runtime.hf_config import check_quantization
+from treadle.runtime.model_check import check_model
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.messages import Shutdown
 from treadle.runtime.model_files import resolve_model_files
@@ -59,6 +60,7 @@ class Engine:
         self.server_args = a = server_args.resolved()
         self._files = resolve_model_files(a.model_path, server_args.tokenizer_path)
         check_quantization(self._files.model_dir, a.quantization)
+        check_model(self._files.model_dir, a)
         self._ipc = IpcDir()
         self._ctx = zmq.Context()
         self._lora = LoraRegistry(bool(a.enable_lora), a.max_loaded_loras)

@@ -37,6 +37,7 @@ POLL_MS = 100
 # so a long step never delays them; only a stopped or wedged process does. The environment
 # variable TREADLE_HEARTBEAT_TIMEOUT_S overrides it (read when an engine starts).
 HEARTBEAT_TIMEOUT_S = 10.0
+LAST_WORDS_S = 0.5  # how long a child's exit waits for its failure report before it counts as unexplained
 IO_STALL_S = 1.0  # this thread itself did not run for this long: the beats may be waiting unread
 ERRORS = {"value": ValueError, "type": TypeError, "overloaded": EngineOverloadedError, "runtime": RuntimeError,
           "dead": EngineDeadError}
@@ -145,7 +146,9 @@ class Supervisor:
                 continue
             code = proc.poll()
             if code is not None and not (code == 0 and self.workers_only):
-                self._child_died(name, f"The {name} process exited unexpectedly (exit code {code}).")
+                self._read_last_words()  # its ChildFailed (the cause) may still be on its way
+                if self.dead is None and dp_rank_of(name) not in self.dead_groups:
+                    self._child_died(name, f"The {name} process exited unexpectedly (exit code {code}).")
                 return
             silent = now - self.beats.get(name, now)
             if code is None and silent > self.heartbeat_timeout:
@@ -153,6 +156,19 @@ class Supervisor:
                 self._child_died(name, f"The {name} process stopped responding (no heartbeat for {silent:.1f} s; "
                                        f"frozen or deadlocked) and was killed.")
                 return
+
+    def _read_last_words(self) -> None:
+        """A child that fails sends ``ChildFailed`` (with its traceback) just before it exits, but the
+        exit may be seen first: read what is in flight for a moment, so the caller gets the cause
+        rather than only an exit code."""
+        deadline = time.monotonic() + LAST_WORDS_S
+        while time.monotonic() < deadline and self.dead is None:
+            try:
+                msg = self.inbox.recv(10)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if msg is not None:
+                self._dispatch(msg)
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, StrOutBatch):

@@ -11,6 +11,7 @@ parent-death signal plus a ppid watchdog), and reports an exception to the clien
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import logging
 import os
@@ -117,8 +118,10 @@ def _beat(ctx: zmq.Context, endpoint: str, name: str) -> None:
     threading.Thread(target=loop, name="heartbeat", daemon=True).start()
 
 
-def run_child(main: Callable[[ChildSpec, zmq.Context, Sender], None]) -> None:
-    """Entry point of every child: ``main(spec, zmq_context, client_inbox)`` runs its loop."""
+def run_child(module: str) -> None:
+    """Entry point of every child: ``module.main(spec, zmq_context, client_inbox)`` runs its loop.
+    The module is imported here, after the inbox is connected, so that an import error (a missing
+    package, a broken install) reaches the client as this child's ``ChildFailed`` too."""
     with open(sys.argv[1]) as f:
         spec = ChildSpec(**json.load(f))
     _watch_parent(spec.parent_pid)
@@ -129,6 +132,7 @@ def run_child(main: Callable[[ChildSpec, zmq.Context, Sender], None]) -> None:
     _beat(ctx, spec.endpoints["client"], spec.name)
     code = 0
     try:
+        main: Callable[[ChildSpec, zmq.Context, Sender], None] = importlib.import_module(module).main
         main(spec, ctx, inbox)
     except Exception:
         code = 1

@@ -1,4 +1,3 @@
 from treadle.runtime.procs import run_child
-from treadle.scheduler_proc.main import main
 
-run_child(main)
+run_child("treadle.scheduler_proc.main")  # imported inside, so an import error reaches the client too

@@ -15,6 +15,7 @@ from torch import nn
 from treadle.gpu_worker.distributed import all_reduce, gemv_push_target, note_pushed, tp_rank, tp_size
 from treadle.gpu_worker.layers.embedding import ParallelLMHead
 from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv_config, project, takes_gemv
+from treadle.runtime.model_check import head_split_error
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -100,16 +101,15 @@ def head_partition(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tup
     the query heads of its KV heads, so models whose head counts do not divide ``tp_size`` (like
     SmolLM2-135M's 9/3) still shard. With fewer KV heads than ranks, KV heads are replicated.
     """
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    problem = head_split_error(num_heads, num_kv_heads, tp)  # also checked before any process starts
+    if problem:
+        raise ValueError(problem)
     group = num_heads // num_kv_heads
     if num_kv_heads >= tp:
         base, extra = divmod(num_kv_heads, tp)
         kv_count = base + (rank < extra)
         kv_start = rank * base + min(rank, extra)
         return kv_start * group, kv_count * group, kv_start, kv_count
-    if tp % num_kv_heads or num_heads % tp:
-        raise ValueError(f"heads {num_heads}/{num_kv_heads} cannot be split over tp_size {tp}")
     q_count = num_heads // tp
     return rank * q_count, q_count, rank // (tp // num_kv_heads), 1
 

@@ -6,7 +6,6 @@ Module names mirror the HF checkpoints (``model.layers.N.self_attn...``) except 
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Optional, Union
 
 import torch
@@ -22,9 +21,9 @@ from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
 from treadle.gpu_worker.loader import default_weight_loader
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
+from treadle.runtime.hf_config import sliding_window
 
 
-logger = logging.getLogger(__name__)
 
 
 def head_dim_of(config) -> int:
@@ -130,9 +129,10 @@ class LlamaForCausalLM(ModelBase):
     def __init__(self, config, max_positions: Optional[int] = None):
         super().__init__()
         self.config = config
-        window = getattr(config, "sliding_window", None)
-        if window and window < (max_positions or config.max_position_embeddings):
-            logger.warning("sliding_window=%d is not implemented: attention spans the whole context", window)
+        window = sliding_window(config.to_dict())
+        if window is not None and window < (max_positions or config.max_position_embeddings):
+            raise NotImplementedError(f"sliding_window={window} attention is not built: serve at most {window} "
+                                      "positions (the context length is capped there by default)")
         attn_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attn_bias if self.o_bias is None else self.o_bias

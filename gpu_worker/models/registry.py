@@ -5,28 +5,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from treadle.runtime.model_check import ARCHITECTURES, architecture
+
 if TYPE_CHECKING:
     from treadle.gpu_worker.models.base import ModelBase
 
-_MODELS = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "BertModel": "bert",
-    "LlavaForConditionalGeneration": "llava",
-}
-
-
-# For configs without ``architectures`` (e.g. written by a converter).
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
-
 
 def get_model_class(config) -> type[ModelBase]:
-    archs = list(getattr(config, "architectures", None) or [])
-    archs += [_BY_MODEL_TYPE[t] for t in [getattr(config, "model_type", None)] if t in _BY_MODEL_TYPE]
-    for arch in archs:
-        if arch in _MODELS:
-            module = importlib.import_module(f"treadle.gpu_worker.models.{_MODELS[arch]}")
-            return getattr(module, arch)
-    raise ValueError(f"unsupported architectures {archs}; supported: {sorted(_MODELS)}")
+    """The class of the config's architecture (the names live in runtime/model_check.py, which
+    refuses an unbuilt one before any process starts)."""
+    arch = architecture({"architectures": getattr(config, "architectures", None),
+                         "model_type": getattr(config, "model_type", None)})
+    if arch is None:
+        raise ValueError(f"unsupported architectures {getattr(config, 'architectures', None)}; "
+                         f"supported: {sorted(ARCHITECTURES)}")
+    return getattr(importlib.import_module(f"treadle.gpu_worker.models.{ARCHITECTURES[arch]}"), arch)

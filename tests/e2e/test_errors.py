@@ -71,3 +71,33 @@ def test_unbuilt_arguments_at_their_defaults_are_accepted(engine):
     out = engine.generate(prompt="Hello", sampling_params=OK, require_reasoning=False, return_routed_experts=False,
                           external_trace_header=None, bootstrap_host=None, routed_dp_rank=0)
     assert out["meta_info"]["completion_tokens"] == 3
+
+
+@pytest.fixture(scope="module")
+def broken_weights_dir(tmp_path_factory):
+    """The default model's config and tokenizer beside a safetensors file that is not one: the
+    worker fails while loading, after the other processes have started."""
+    import os
+    import shutil
+
+    from treadle.runtime.model_files import resolve_model_files
+
+    src, out = resolve_model_files("default").model_dir, tmp_path_factory.mktemp("broken")
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(src, name), out)
+    (out / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    return str(out)
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_a_worker_failing_at_start_reports_its_cause(broken_weights_dir, attempt):
+    """The worker's exception, not only its exit code, reaches the caller, every time (the exit
+    used to race its failure report)."""
+    from treadle import Engine
+
+    with pytest.raises(RuntimeError) as info:
+        Engine(model_path=broken_weights_dir)
+    text = str(info.value)
+    assert "worker0" in text and "exit code" not in text.splitlines()[0], text
+    assert "safetensors" in text.lower() or "header" in text.lower(), text

@@ -1,0 +1,70 @@
+"""What config.json says about a model that can be checked before any process starts: is the
+architecture built, does ``context_length`` fit, do the heads split over ``tp_size``. A model
+Treadle cannot serve exactly is refused here, in the user's process, with the reason, instead of
+failing in a worker after every process has started (or, worse, running and differing)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from treadle.runtime.hf_config import context_length, load_config
+from treadle.runtime.server_args import ServerArgs
+
+# HF ``architectures`` name -> the gpu_worker/models module that builds it
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "BertModel": "bert",
+    "LlavaForConditionalGeneration": "llava",
+}
+# For configs without ``architectures`` (e.g. written by a converter).
+ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
+
+
+def architecture(cfg: dict[str, Any]) -> Optional[str]:
+    """The first architecture of the config that Treadle builds (None: none is)."""
+    names = list(cfg.get("architectures") or [])
+    names += [ARCH_BY_MODEL_TYPE[t] for t in [cfg.get("model_type")] if t in ARCH_BY_MODEL_TYPE]
+    return next((n for n in names if n in ARCHITECTURES), None)
+
+
+def check_model(model_dir: str, args: ServerArgs) -> None:
+    """Raise ``ValueError`` / ``NotImplementedError`` naming what cannot be served as asked."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    if architecture(raw) is None:
+        shown = raw.get("architectures") or raw.get("model_type")
+        raise NotImplementedError(f"Not supported yet by Treadle: model architecture {shown} ({model_dir}); "
+                                  f"supported: {', '.join(sorted(ARCHITECTURES))}.")
+    cfg = load_config(model_dir)
+    longest = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0)
+    asked = args.context_length
+    allowed = any(os.environ.get(v, "").lower() in ("1", "true") for v in ALLOW_LONGER_CONTEXT)
+    if asked is not None and longest and asked > longest and not allowed:
+        raise ValueError(f"context_length={asked} is longer than the model's max_position_embeddings={longest}. "
+                         f"Set {ALLOW_LONGER_CONTEXT[0]}=1 (or SGLang's variable) to allow it anyway.")
+    context_length(cfg, args, model_dir)  # a sliding window shorter than the asked context is refused there
+    heads = cfg.get("num_attention_heads")
+    if isinstance(heads, int) and args.tp_size > 1:
+        head_split_problem = head_split_error(heads, cfg.get("num_key_value_heads") or heads, args.tp_size)
+        if head_split_problem:
+            raise ValueError(head_split_problem)
+
+
+def head_split_error(num_heads: int, num_kv_heads: int, tp: int) -> str:
+    """Why ``num_heads`` query heads over ``num_kv_heads`` KV heads cannot be split over ``tp``
+    ranks ("" if they can). KV heads are split unevenly when there are at least ``tp`` of them
+    (each rank takes the query heads of its KV heads); with fewer, each is replicated over
+    ``tp / num_kv_heads`` ranks, which needs ``tp`` to be a multiple of them and to divide the
+    query heads (gpu_worker/layers/linear.head_partition)."""
+    if num_heads % num_kv_heads:
+        return f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+    if num_kv_heads < tp and (tp % num_kv_heads or num_heads % tp):
+        return (f"heads {num_heads}/{num_kv_heads} cannot be split over tp_size {tp}: with fewer KV heads than "
+                f"ranks, tp_size must be a multiple of num_key_value_heads and divide num_attention_heads")
+    return ""
