@@ -63,9 +63,7 @@ class Engine:
         check_model(self._files.model_dir, a)
         self._ipc = IpcDir()
         self._ctx = zmq.Context()
-        self._lora = LoraRegistry(bool(a.enable_lora), a.max_loaded_loras)
         self._sessions = Sessions(bool(a.enable_streaming_session))
-        self._requests = RequestBuilder(a, self._lora, self._sessions.group_of)
         self._socket = TokenizerSocket(self._ctx, self._ipc.endpoint("tokenizer"))
         launch = functools.partial(launch_children, a, self._files, self._ipc)
         self._sup = Supervisor(self._ctx, self._ipc.endpoint("client"), launch, a.incremental_streaming_output,
@@ -73,6 +71,8 @@ class Engine:
         self._sup.workers_only = a.node_rank > 0
         self._calls = Calls(self._socket, self._sup, a)
         self._control_calls = Control(self._calls, self._sup)
+        self._lora = LoraRegistry(bool(a.enable_lora), a.max_loaded_loras, self._control_calls)
+        self._requests = RequestBuilder(a, self._lora, self._sessions.group_of)
         self._shut_down = False
         ref = weakref.ref(self)
         atexit.register(lambda: (e := ref()) is not None and e.shutdown())
@@ -147,6 +147,7 @@ class Engine:
     ) -> Union[dict, BatchResult, AsyncIterator[dict]]:
         """The async twin of ``generate``; runs on the caller's own event loop."""
         self._calls.check_alive()
+        await self._lora.reload_evicted_async(lora_path)  # a reload waits on the workers: not on this loop
         reqs, is_batch = self._requests.generate(
             prompt=prompt, sampling_params=sampling_params, input_ids=input_ids, image_data=image_data,
             audio_data=audio_data, video_data=video_data, return_logprob=return_logprob,
@@ -178,6 +179,7 @@ class Engine:
                            ) -> Union[dict, BatchResult]:
         """The async twin of ``encode``; runs on the caller's own event loop."""
         self._calls.check_alive()
+        await self._lora.reload_evicted_async(lora_path)
         reqs, is_batch = self._requests.encode(prompt, image_data, rid, lora_path, unsupported)
         return await self._calls.run_async(reqs, is_batch)
 
@@ -235,12 +237,12 @@ class Engine:
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
         """Load a PEFT adapter directory on every worker and serve it as ``lora_path=lora_name``;
         failures are returned (``success=False`` with a message), as SGLang's."""
-        return self._lora.load(self._control_calls, lora_name, lora_path, pinned)
+        return self._lora.load(lora_name, lora_path, pinned)
 
     def unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
         """New requests naming the adapter fail from now on; the workers drop it once the requests
         already using it have finished."""
-        return self._lora.unload(self._control_calls, lora_name)
+        return self._lora.unload(lora_name)
 
     async def async_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
         return await asyncio.to_thread(self.load_lora_adapter, lora_name, lora_path, pinned)

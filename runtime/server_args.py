@@ -188,6 +188,9 @@ class ServerArgs(SGLangOnlyArgs):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        initial = len(parse_lora_paths(self.lora_paths))
+        if self.max_loaded_loras is not None and initial > self.max_loaded_loras:  # as SGLang: none evicted at start
+            raise ValueError(f"lora_paths names {initial} adapters, more than max_loaded_loras={self.max_loaded_loras}.")
         targets = self.lora_target_modules
         if targets is not None and (not isinstance(targets, (list, tuple))
                                     or any(t not in LORA_TARGETS + ("all",) for t in targets)):

@@ -64,20 +64,27 @@ class SchedulerControl:
 
     def load_lora(self, call: LoadLoraAdapter) -> dict[str, Any]:
         """Every worker reads the adapter into host memory (the reporting one answers for all: the
-        ranks read the same files); errors are returned, not raised, as SGLang's LoRAUpdateOutput."""
+        ranks read the same files); errors are returned, not raised, as SGLang's LoRAUpdateOutput.
+        An adapter being unloaded but still held is served again without a read (same path)."""
         lora, name = self.sched.lora, call.lora_name
         if lora.num_slots == 0:
             return {"success": False, "error_message": LORA_NOT_ENABLED}
         if lora.serves(name):
             return {"success": False, "error_message": f"The LoRA adapter {name} is already loaded. "
                                                        "Unload it first or use another name."}
-        if call.pinned and len(lora.pinned) + 1 >= lora.num_slots:
+        if call.pinned and len(lora.pinned - {name}) + 1 >= lora.num_slots:
             return {"success": False, "error_message": f"At most max_loras_per_batch - 1 = {lora.num_slots - 1} "
                                                        "adapters can be pinned."}
-        try:
-            self.worker_call(ReadLoraAdapter(name=name, path=call.lora_path))
-        except WorkerCallError as e:
-            return {"success": False, "error_message": str(e)}
+        held = lora.still_held(name)
+        if held is not None and held != call.lora_path:  # its requests run on the old weights, in its slot
+            return {"success": False, "error_message": f"The LoRA adapter {name} is still being unloaded (requests "
+                                                       f"that use {held} are running). Load {call.lora_path} under "
+                                                       "another name, or once they finish."}
+        if held is None:
+            try:
+                self.worker_call(ReadLoraAdapter(name=name, path=call.lora_path))
+            except WorkerCallError as e:
+                return {"success": False, "error_message": str(e)}
         lora.load(name, call.lora_path, call.pinned)
         return {"success": True, "loaded_adapters": lora.serving()}
 

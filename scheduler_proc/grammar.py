@@ -16,39 +16,37 @@ exactly them.
 JSON schemas compile with compact separators (``any_whitespace=False``): with free whitespace a
 small model at temperature can emit newlines and spaces until the length cap, never finishing.
 
-The tokenizer (transformers, for ``TokenizerInfo.from_huggingface``) and xgrammar are loaded on the
-first grammar request, in the pool, so engines that never constrain pay nothing at start-up.
+Memory: the compile cache is an LRU bounded twice, by ``CACHE_ENTRIES`` grammars and by
+``CACHE_BYTES`` of compiled grammars (xgrammar's ``memory_size_bytes``: a small JSON schema takes
+about 50 KB on a 49k vocabulary, a large one megabytes), checked whenever a new grammar enters;
+xgrammar's own cache stays off (SGLang leaves it unbounded; vLLM bounds it by bytes). A matcher
+(a few KB) lives on its request and goes with it, finished, aborted or failed: the manager holds
+a request only while its grammar compiles. The first grammar request costs once what
+loading xgrammar costs: it imports torch, about 200 MB of the process's RSS (see
+``grammar_compiler.py`` for the tokenizer info). Both load in the pool, so engines that never
+constrain pay nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from treadle.runtime.messages import FinishReason
 from treadle.runtime.sampling_params import SamplingParams
+from treadle.scheduler_proc.grammar_compiler import Invalid, Key, build_compiler, compile_key
 
 logger = logging.getLogger("treadle.scheduler")
 COMPILE_TIMEOUT_S = 30.0  # a request whose grammar is not compiled by then fails
-CACHE_ENTRIES = 512  # distinct compiled grammars kept (valid or not)
+CACHE_ENTRIES = 512  # distinct compiled grammars kept (valid or not), least recently used out first
+CACHE_BYTES = 128 << 20  # and at most this much of compiled grammars (the newest always stays)
 COMPILE_THREADS = 2
 KINDS = ("json_schema", "regex", "ebnf")
-_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[14:02:23] /project/cpp/x.cc:83: " on xgrammar errors
-
-Key = tuple[str, str]
-
-
-@dataclass
-class Invalid:
-    """A failed compile, cached like a success."""
-
-    message: str
 
 
 @dataclass
@@ -74,6 +72,9 @@ class GrammarManager:
         self.eos_ids = eos_ids
         self.trust_remote_code = trust_remote_code
         self.cache: OrderedDict[Key, Future] = OrderedDict()
+        self._sizes: dict[Key, int] = {}  # bytes of each cached grammar whose compile finished
+        self._bytes = 0  # their sum
+        self._compiled: deque[tuple[Key, Future]] = deque()  # done, not yet counted
         self.pending: list[Any] = []  # waiting requests whose grammar is compiling
         self._pool: Optional[ThreadPoolExecutor] = None
         self._compiler: Any = None
@@ -101,17 +102,37 @@ class GrammarManager:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
             fut = self._pool.submit(self._compile, key)
+            fut.add_done_callback(lambda f, k=key: self._compiled.append((k, f)))  # a pool thread; deque is safe
             self.cache[key] = fut
-            while len(self.cache) > CACHE_ENTRIES:
-                self.cache.popitem(last=False)
+            self._bound_cache()
         else:
             self.cache.move_to_end(key)
         req.grammar = ReqGrammar(key, fut, time.monotonic() + COMPILE_TIMEOUT_S)
         self.pending.append(req)
         self._resolve(req)
 
+    def _bound_cache(self) -> None:
+        """Count the compiles finished since the last call, then drop least recently used grammars
+        until the cache holds at most ``CACHE_ENTRIES`` of them and ``CACHE_BYTES``. A request
+        holding an evicted grammar keeps it until it ends; a compile still running counts no bytes
+        until it finishes, so the bound holds again at the next ``attach`` or ``poll``."""
+        while self._compiled:
+            key, fut = self._compiled.popleft()
+            if self.cache.get(key) is fut and key not in self._sizes:
+                self._sizes[key] = _size_of(fut)
+                self._bytes += self._sizes[key]
+        while len(self.cache) > 1 and (len(self.cache) > CACHE_ENTRIES or self._bytes > CACHE_BYTES):
+            key, _ = self.cache.popitem(last=False)
+            self._bytes -= self._sizes.pop(key, 0)
+
+    def cached_bytes(self) -> int:
+        """The size of the compiled grammars the cache holds (as of the last ``attach`` or ``poll``)."""
+        return self._bytes
+
     def poll(self) -> list[tuple[Any, str]]:
         """Resolve finished compiles; returns ``(request, message)`` for requests that failed."""
+        if self._compiled:
+            self._bound_cache()
         if not self.pending:
             return []
         failed, still, now = [], [], time.monotonic()
@@ -151,7 +172,7 @@ class GrammarManager:
         self.pending.remove(req)
         key = req.grammar.key
         if all(r.grammar.key != key for r in self.pending) and req.grammar.future.cancel():
-            self.cache.pop(key, None)
+            self.cache.pop(key, None)  # never started: no bytes counted
 
     def wait(self, timeout: float) -> None:
         """Sleep until a pending compile finishes (or ``timeout``), instead of spinning."""
@@ -161,48 +182,23 @@ class GrammarManager:
 
     # ------------------------------------------------------------------ compile (pool threads)
     def _compile(self, key: Key) -> Any:
-        kind, text = key
         compiler = self._get_compiler()
         if compiler is None:
-            return Invalid(f"Failed to compile {kind} grammar: {self._init_error}")
-        try:
-            if kind == "json_schema":
-                if text == "$$ANY$$":
-                    return compiler.compile_builtin_json_grammar()
-                return compiler.compile_json_schema(text, any_whitespace=False)
-            if kind == "regex":
-                return compiler.compile_regex(text)
-            return compiler.compile_grammar(text)
-        except Exception as e:  # xgrammar raises RuntimeError (sometimes ValueError) with the parser's message
-            msg = _CPP_PREFIX.sub("", str(e).strip())
-            return Invalid(f"Failed to compile {kind} grammar: {msg}")
+            return Invalid(f"Failed to compile {key[0]} grammar: {self._init_error}")
+        return compile_key(compiler, key)
 
     def _get_compiler(self) -> Any:
         with self._init_lock:
             if self._compiler is None and self._init_error is None:
                 try:
-                    self._compiler = self._build_compiler()
+                    t0 = time.monotonic()
+                    self._compiler, self._vocab = build_compiler(self.tokenizer_dir, self.vocab_size, self.eos_ids,
+                                                                 self.trust_remote_code, COMPILE_THREADS)
+                    logger.info("xgrammar ready (vocab %d) in %.1f s", self._vocab, time.monotonic() - t0)
                 except Exception as e:
                     self._init_error = f"cannot build the tokenizer info for xgrammar: {e}"
                     logger.error(self._init_error)
             return self._compiler
-
-    def _build_compiler(self) -> Any:
-        if self.tokenizer_dir is None:
-            raise ValueError("no tokenizer directory")
-        import xgrammar as xgr
-        from transformers import AutoTokenizer
-
-        t0 = time.monotonic()
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=self.trust_remote_code)
-        vocab = self.vocab_size or len(tok)
-        info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab,
-                                                  stop_token_ids=sorted(t for t in self.eos_ids if t < vocab))
-        # Our LRU bounds memory; xgrammar's own cache would be unbounded.
-        compiler = xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_enabled=False)
-        self._vocab = vocab
-        logger.info("xgrammar ready (vocab %d, %s) in %.1f s", vocab, info.vocab_type, time.monotonic() - t0)
-        return compiler
 
     # ------------------------------------------------------------------ per step
     def fill(self, reqs: list[Any]) -> list[bytes]:
@@ -231,3 +227,11 @@ class GrammarManager:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _size_of(fut: Future) -> int:
+    """Bytes a cached compile holds (0 while it runs or when it failed)."""
+    if not fut.done() or fut.cancelled():
+        return 0
+    result = fut.result()
+    return 0 if isinstance(result, Invalid) else int(result.memory_size_bytes)

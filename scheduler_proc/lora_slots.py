@@ -9,7 +9,9 @@ of the step that needs the slot carries a ``LoraLoad``, which the worker applies
 that step (in stream order, so steps already launched still see the old adapter).
 
 Unloading is deferred as SGLang's is: the client stops sending requests for the name at once,
-and the workers drop the adapter once no queued or running request refers to it.
+and the workers drop the adapter once no queued or running request refers to it. Loading it again
+from the same path before then (the client reloads an adapter that ``max_loaded_loras`` evicted
+when a request names it) only cancels the unloading: the workers still hold it.
 """
 
 from __future__ import annotations
@@ -35,10 +37,18 @@ class LoraSlots:
         self._tick = itertools.count()
 
     def load(self, name: str, path: str, pinned: bool = False) -> None:
+        """The workers hold ``name`` now (read, or still held while it was being unloaded)."""
         self.loaded[name] = path
         self.unloading.discard(name)
         if pinned:
             self.pinned.add(name)
+        else:
+            self.pinned.discard(name)
+
+    def still_held(self, name: str) -> Optional[str]:
+        """The path of ``name`` if it is being unloaded but the workers still hold it (requests
+        that use it have not finished): loading it again from that path needs no read."""
+        return self.loaded.get(name) if name in self.unloading else None
 
     def serves(self, name: str) -> bool:
         """Loaded and not being unloaded: new requests may name it."""

@@ -170,3 +170,41 @@ def test_encode_through_an_adapter_matches_peft(adapters, default_model_dir, hf_
                     h = peft(**ids, output_hidden_states=True).hidden_states[-1][0, -1]
         want = torch.nn.functional.normalize(h, dim=0)
         assert float((torch.tensor(vec) - want).norm() / want.norm()) < 1e-5, text
+
+
+def test_max_loaded_loras_evicts_the_least_recently_used_and_reloads_on_demand(adapters):
+    """Loading past ``max_loaded_loras`` unloads the least recently used unpinned adapter (SGLang's
+    rule); a request naming it loads it again from its path; a request running on an adapter that
+    gets evicted finishes on it; with every other adapter pinned a load fails and nothing changes."""
+    paths, refs = adapters
+    with Engine(model_path="default", random_seed=0, max_loaded_loras=2, max_loras_per_batch=3,
+                lora_target_modules=["all"],
+                lora_paths=[{"lora_name": "math", "lora_path": paths["math"], "pinned": True}]) as eng:
+        assert eng.load_lora_adapter(lora_name="code", lora_path=paths["code"]).success
+        res = eng.load_lora_adapter(lora_name="chat", lora_path=paths["chat"])
+        assert res.success and res.loaded_adapters == {"math": paths["math"], "chat": paths["chat"]}
+        # code was evicted (math is pinned): this call loads it again, and chat goes
+        names = ["code", "math", None, "code"]
+        out = eng.generate(prompt=PROMPTS, sampling_params=PARAMS, lora_path=names)
+        assert [r["output_ids"] for r in out] == [refs[n][i] for i, n in enumerate(names)]
+        assert set(eng._lora.paths) == {"math", "code"}
+        # chat comes back while a request of code runs; code is evicted under it and still serves it
+        long = {**PARAMS, "max_new_tokens": 40}
+        stream = eng.generate(prompt=PROMPTS[1], sampling_params=long, lora_path="code", stream=True)
+        first = next(stream)
+        chat = eng.generate(prompt=PROMPTS[2], sampling_params=PARAMS, lora_path="chat")
+        assert chat["output_ids"] == refs["chat"][2] and set(eng._lora.paths) == {"math", "chat"}
+        ids = [t for chunk in [first, *stream] for t in chunk["output_ids"]]  # incremental chunks
+        assert ids[:12] == refs["code"][1] and len(ids) == 40
+        assert eng.generate(prompt=PROMPTS[3], sampling_params=PARAMS, lora_path="code")["output_ids"] == \
+            refs["code"][3]
+        # pin the other one too: nothing can make room any more
+        assert eng.unload_lora_adapter("chat").success  # evicted: forgotten
+        assert eng.unload_lora_adapter("code").success
+        assert eng.load_lora_adapter(lora_name="code", lora_path=paths["code"], pinned=True).success
+        full = eng.load_lora_adapter(lora_name="chat", lora_path=paths["chat"])
+        assert not full.success and "max_loaded_loras=2" in full.error_message
+        assert full.loaded_adapters == {"math": paths["math"], "code": paths["code"]}
+        with pytest.raises(ValueError, match="never been loaded: chat"):
+            eng.generate(prompt=PROMPTS[0], sampling_params=PARAMS, lora_path="chat")
+        assert eng._check_integrity()["num_running"] == 0

@@ -3,9 +3,12 @@ bitmask application, and the scheduler hooks (admission while compiling, masks, 
 
 from __future__ import annotations
 
+import gc
+import json
 import re
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -146,6 +149,58 @@ def test_release_cancels_a_queued_compile(fresh, monkeypatch):
     assert settle(m) == []
 
 
+def test_cache_is_an_lru_bounded_by_entries(fresh, monkeypatch):
+    monkeypatch.setattr(gmod, "CACHE_ENTRIES", 3)
+    m = fresh()
+    keys = [("regex", f"[0-9]{{{i}}}") for i in range(1, 6)]
+    for key in keys[:3]:
+        m.attach(fake_req(), key)
+    settle(m)
+    m.attach(fake_req(), keys[0])  # a hit makes keys[0] the most recently used
+    for key in keys[3:]:
+        m.attach(fake_req(), key)
+    settle(m)
+    assert list(m.cache) == [keys[0], keys[3], keys[4]]
+
+
+def test_cache_is_bounded_by_compiled_bytes(fresh, monkeypatch):
+    """Each compiled grammar counts its xgrammar size; past ``CACHE_BYTES`` the least recently used
+    go, but never the newest, and a request keeps the grammar it holds."""
+    m = fresh()
+    schemas = [json.dumps({"type": "object", "properties": {f"f{i}": {"type": "string"}}, "required": [f"f{i}"]})
+               for i in range(6)]
+    first = fake_req()
+    m.attach(first, ("json_schema", schemas[0]))
+    settle(m)
+    one = m.cached_bytes()
+    assert one > 1000
+    monkeypatch.setattr(gmod, "CACHE_BYTES", int(2.5 * one))
+    for text in schemas[1:]:
+        m.attach(fake_req(), ("json_schema", text))
+        settle(m)
+        assert m.cached_bytes() <= 2.5 * one
+    assert list(m.cache) == [("json_schema", t) for t in schemas[-2:]]
+    assert first.grammar.ready and m.fill([first])[0]  # evicted from the cache, still the request's
+    monkeypatch.setattr(gmod, "CACHE_BYTES", 1)
+    m.attach(fake_req(), ("json_schema", schemas[0]))
+    settle(m)
+    assert list(m.cache) == [("json_schema", schemas[0])]  # alone over the bound: the newest stays
+
+
+def test_tokenizer_info_from_tokenizer_json_is_transformers_one(model_dir):
+    """The tokenizer info read with ``tokenizers`` is the one ``from_huggingface`` builds (same
+    serialization: vocabulary, encoding, prefix space, stop and special ids)."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from treadle.scheduler_proc.grammar_compiler import tokenizer_info_from_json
+
+    ours = tokenizer_info_from_json(model_dir, VOCAB, {EOS})
+    theirs = xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(model_dir), vocab_size=VOCAB,
+                                                stop_token_ids=[EOS])
+    assert ours.serialize_json() == theirs.serialize_json()
+
+
 def test_backend_none_refuses_grammars():
     m = GrammarManager("none", None, VOCAB, {EOS})
     assert m.key_of(SamplingParams()) is None
@@ -273,3 +328,54 @@ def test_scheduler_compile_error_reported_once(model_dir, shared):
     (rid, kind, msg), = s.take_errors()
     assert rid == "bad" and kind == "value" and msg.startswith("Failed to compile regex grammar")
     assert s.take_errors() == []
+
+
+def test_scheduler_frees_matchers_with_their_requests(model_dir, shared):
+    """Finished (by the grammar or by length), failed, and aborted (compiling, waiting, running)
+    requests leave nothing behind: once the scheduler is idle no request, grammar or matcher of
+    theirs is alive. A retracted request keeps its matcher until it ends."""
+    s = make_sched(model_dir)
+    s.grammars._compiler, s.grammars._vocab = shared._compiler, shared._vocab
+    gate = threading.Event()
+    real = s.grammars._compile
+    s.grammars._compile = lambda key: (gate.wait(10) if key[1] == "gated" else True) and real(key)
+    s.add_requests([treq("fin", regex="[0-9]", max_new_tokens=5), treq("len", regex="[0-9]+", max_new_tokens=2),
+                    treq("run", regex="[a-z]+", max_new_tokens=50), treq("bad", regex="(ab"),
+                    treq("compiling", regex="gated"), treq("waiting", regex="[0-9]+", max_new_tokens=50)])
+    refs = {r.rid: weakref.ref(r) for r in s.waiting}
+    while not all(r.grammar.ready for r in s.waiting if r.rid not in ("bad", "compiling")):
+        s.grammars.wait(0.1)
+        [s.grammars._resolve(r) for r in s.waiting]  # (a comprehension keeps no request in this frame)
+    grammars = {r.rid: weakref.ref(r.grammar) for r in s.waiting}
+    matchers = {r.rid: weakref.ref(r.grammar.matcher) for r in s.waiting if r.grammar.ready}
+    s.abort("compiling", False)
+    s.abort("waiting", False)
+    steps, retracted = 0, False
+    while not s.is_idle():
+        plan = s.schedule()
+        if plan is None:
+            s.grammars.wait(0.1)
+            continue
+        picks = [allowed_ids(row.token_bitmask)[-1] if row.token_bitmask else 9
+                 for row, b in zip(plan.rows, s.plan_rows) if b.samples]
+        s.apply_result(picks)
+        steps += 1
+        run = next((r for r in s.running if r.rid == "run"), None)
+        if steps == 2 and run is not None:
+            s.retraction.retract(run)
+            retracted = run.grammar.matcher is not None  # its outputs are kept, and so is its matcher
+        elif steps == 5:
+            s.abort("run", False)
+        del run
+    assert retracted
+    gate.set()
+    s.schedule()  # the loop plans again at idle: the last plan's rows are let go
+    finish = {o.rid: o.finish.type for o in s.take_outputs() if o.finish is not None}
+    assert finish == {"fin": "stop", "len": "length", "run": "abort", "compiling": "abort", "waiting": "abort"}
+    assert [e[0] for e in s.take_errors()] == ["bad"]
+    gc.collect()
+    alive = [(what, rid) for what, table in (("request", refs), ("grammar", grammars), ("matcher", matchers))
+             for rid, ref in table.items() if ref() is not None]
+    assert alive == []
+    s.check_integrity()
+    s.grammars.shutdown()

@@ -65,7 +65,7 @@ def test_parse_lora_paths_forms():
 @pytest.mark.parametrize("kw, field", [
     ({"lora_backend": "cuda"}, "lora_backend"), ({"lora_target_modules": ["lm_head"]}, "lora_target_modules"),
     ({"max_lora_rank": 0}, "max_lora_rank"), ({"max_loaded_loras": -1}, "max_loaded_loras"),
-    ({"lora_paths": [3]}, "lora_paths"),
+    ({"lora_paths": [3]}, "lora_paths"), ({"lora_paths": ["a=/x", "b=/y"], "max_loaded_loras": 1}, "max_loaded_loras"),
 ])
 def test_bad_lora_server_args_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -97,3 +97,33 @@ def test_fifo_policy_evicts_the_longest_resident():
     t.release("a"), t.release("b")
     t.acquire("a"), t.release("a")  # a used last, but resident longest
     assert t.acquire("c") == 0 and "a" not in t.slot_of and "b" in t.slot_of
+
+
+def test_an_adapter_being_unloaded_is_served_again_from_the_same_path_without_a_read():
+    """The client reloads an adapter that max_loaded_loras evicted as soon as a request names it;
+    while requests still use it the workers hold it, so the load only cancels the unloading. Another
+    path under that name must wait: the running requests compute with the old weights in its slot."""
+    from types import SimpleNamespace
+
+    from treadle.runtime.messages import LoadLoraAdapter, ReadLoraAdapter, UnloadLoraAdapter
+    from treadle.scheduler_proc.control import SchedulerControl
+
+    t, reads = LoraSlots(2), []
+    ctl = SchedulerControl(SimpleNamespace(lora=t), lambda call: reads.append(call) or {"rank": 4}, to_detok=None)
+
+    def load(path: str) -> dict:
+        return ctl.load_lora(LoadLoraAdapter(lora_name="a", lora_path=path))
+
+    assert load("/a")["success"] and reads == [ReadLoraAdapter(name="a", path="/a")]
+    t.acquire("a")  # a running request
+    assert ctl.unload_lora(UnloadLoraAdapter(lora_name="a"))["success"]
+    assert t.still_held("a") == "/a" and not t.serves("a")
+    other = load("/elsewhere")
+    assert not other["success"] and "still being unloaded" in other["error_message"]
+    again = load("/a")
+    assert again["success"] and again["loaded_adapters"] == {"a": "/a"} and len(reads) == 1
+    assert t.serves("a") and t.slot_of["a"] == 0 and t.finish_unloads([None]) == []
+    t.release("a")
+    t.unload("a")
+    assert t.finish_unloads([None]) == ["a"] and t.still_held("a") is None
+    assert load("/elsewhere")["success"] and reads[-1] == ReadLoraAdapter(name="a", path="/elsewhere")
