@@ -4,16 +4,24 @@ adapters, profiling, server state), each a typed ``Call`` (runtime/messages.py) 
 Every call goes to each DP group asked (default: every live one; -1 is the tokenizer's router),
 one copy of the call with its own call id per group, so a group that dies fails only its own call;
 the replies come back by group. The rest of the client calls the named methods of ``Control``.
+
+Each call waits ``CONTROL_TIMEOUT_S`` for its answer (the processes answer between steps), except
+those that answer only when their work is done, however long it takes (``stop_profile`` writes the
+traces first). Those wait without a deadline: the heartbeats prove the processes alive meanwhile,
+and one that dies or freezes fails the call with ``EngineDeadError`` naming it (client/supervisor.py).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import re
+import time
 from typing import Any, Optional
 
 import msgspec
 
 from treadle.client.calls import Calls
-from treadle.client.supervisor import Supervisor
+from treadle.client.supervisor import Supervisor, group_name
 from treadle.runtime.messages import (
     Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
     OpenSession, StartProfile, StopProfile, UnloadLoraAdapter,
@@ -22,6 +30,30 @@ from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
+UNBOUNDED_CALLS = (StopProfile,)  # answered once their work is done: no deadline (see above)
+WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter)  # the scheduler waits on its workers to answer
+
+
+class ControlTimeoutError(TimeoutError):
+    """A control call that got no answer in time; the message names the call and the process."""
+
+
+def call_name(call: Call) -> str:
+    """The call's name as the user knows it: ``StopProfile`` -> ``stop_profile``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(call).__name__).lower()
+
+
+def timeout_message(call: Call, group: int, timeout: float) -> str:
+    """Why a call failed: which call, which process did not answer (it is alive: a dead or silent
+    one fails the call with ``EngineDeadError`` instead), and for how long."""
+    if group == -1:
+        who = "the tokenizer process"
+    else:
+        who = f"the {group_name(group, 'scheduler')} process (DP group {group})"
+        if isinstance(call, WORKER_CALLS):
+            who += " or the worker processes it waits on for this call"
+    return (f"{call_name(call)}: no answer from {who} within {timeout:g} s; the processes are alive "
+            "(their heartbeats go on), so it is busy or stuck")
 
 
 class FlushCacheReqOutput:
@@ -42,14 +74,25 @@ class Control:
 
     def each(self, call: Call, groups: Optional[list[int]] = None) -> dict[int, Any]:
         """``call`` on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
-        results by group. Each group gets its own call id, so a group that dies fails its own call."""
+        results by group. Each group gets its own call id, so a group that dies fails its own call.
+        A group that does not answer in time raises ``ControlTimeoutError`` naming the call and process."""
         self.calls.check_alive()
         futs = {}
         for g in self.sup.live_groups() if groups is None else groups:
             call_id = self.calls.next_id()
             futs[g] = self.sup.add_control(call_id, g)
             self.calls.socket.send(msgspec.structs.replace(call, call_id=call_id, dp_rank=g))
-        return {g: fut.result(timeout=CONTROL_TIMEOUT_S) for g, fut in futs.items()}
+        if isinstance(call, UNBOUNDED_CALLS):
+            return {g: fut.result() for g, fut in futs.items()}
+        timeout = CONTROL_TIMEOUT_S
+        deadline = time.monotonic() + timeout  # one bound for the whole call, not one per group
+        results = {}
+        for g, fut in futs.items():
+            try:
+                results[g] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                raise ControlTimeoutError(timeout_message(call, g, timeout)) from None
+        return results
 
     def first(self, call: Call) -> Any:
         """``call`` on every live DP group; returns the first group's result."""

@@ -222,7 +222,8 @@ class Engine:
         self._control_calls.start_profile(kwargs)
 
     def stop_profile(self) -> None:
-        """Stop profiling and write each worker's trace (``RuntimeError`` if none was started)."""
+        """Stop profiling and write each worker's trace; returns once the traces are on disk, however
+        long that takes (``RuntimeError`` if none was started)."""
         self._control_calls.stop_profile()
 
     def get_server_info(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import msgspec
 import zmq
 
 from treadle.gpu_worker.profiler import Profiler
+from treadle.gpu_worker.proxy_heartbeat import beats_while_busy
 from treadle.runtime.hf_config import context_length, load_config
 from treadle.runtime.messages import (
     WORKER_IN, Call, ChildReady, DropLoraAdapter, ForwardPlan, GetWorkerInfo, ReadLoraAdapter, Reply, Shutdown,
@@ -63,7 +64,8 @@ class WorkerLoop:
         tag = f"TP-{self.rank}"  # trace-file names as SGLang's
         tag += f"-DP-{spec.extra.get('dp_rank', 0)}" if args.dp_size > 1 else ""
         tag += f"-PP-{self.pp_rank}" if args.pp_size > 1 else ""
-        self.profiler = Profiler(tag, self.runner.device.type == "cuda")
+        self.profiler = Profiler(tag, self.runner.device.type == "cuda",
+                                 busy=lambda: beats_while_busy(spec.endpoints["client"], spec.name))
         self.kv_tokens = self.runner.cfg.kv_tokens
         self.load_time = time.perf_counter() - t0
         phases = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in self.runner.startup_phases.items())

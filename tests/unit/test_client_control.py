@@ -5,15 +5,18 @@ from __future__ import annotations
 import concurrent.futures
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from treadle.client.calls import Calls, checked_payload
-from treadle.client.control import Control
+import treadle.client.control as control_module
+from treadle.client.control import Control, ControlTimeoutError
 from treadle.client.sessions import Sessions
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.messages import (
-    CloseSession, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions, OpenSession,
+    CloseSession, FlushCache, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions, OpenSession,
+    StopProfile,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.sampling_params import SamplingParams
@@ -77,6 +80,57 @@ def test_flush_cache_and_profile_arguments():
     with pytest.raises(ValueError, match="num_steps must be a positive int"):
         check_profile_args({"num_steps": 0})
     assert len(socket.sent) == n  # refused before anything was sent
+
+
+def test_a_call_that_times_out_names_the_call_and_the_process(monkeypatch):
+    """No answer within CONTROL_TIMEOUT_S: a TimeoutError that says which call and which process,
+    not a bare one; one deadline for the whole call, however many groups it went to."""
+    monkeypatch.setattr(control_module, "CONTROL_TIMEOUT_S", 0.2)
+    ctl, _ = control_with([0, 1], None)
+
+    def send(msg):  # only group 0 answers
+        fut, g = ctl.sup.pending
+        if g == 0:
+            fut.set_result({"success": True})
+
+    ctl.calls.socket.send = send
+    with pytest.raises(ControlTimeoutError) as err:
+        ctl.flush_cache()
+    assert isinstance(err.value, TimeoutError)
+    assert str(err.value) == ("flush_cache: no answer from the dp1_scheduler process (DP group 1) within 0.2 s; "
+                              "the processes are alive (their heartbeats go on), so it is busy or stuck")
+    with pytest.raises(TimeoutError, match="^get_load: no answer from the tokenizer process within 0.2 s"):
+        ctl.each(GetLoad(), [-1])
+    ctl.calls.socket.send = lambda msg: None
+    with pytest.raises(TimeoutError, match="^start_profile: no answer from the scheduler process \\(DP group 0\\) or "
+                                           "the worker processes it waits on"):
+        ctl.start_profile({})
+
+
+def test_stop_profile_waits_as_long_as_the_export_takes(monkeypatch):
+    """stop_profile returns when the workers answer (the trace is written), with no deadline; a
+    process that dies meanwhile fails it with EngineDeadError (the supervisor sets it on the future)."""
+    monkeypatch.setattr(control_module, "CONTROL_TIMEOUT_S", 0.05)
+    ctl, socket = control_with([0], None)
+    sent = []
+
+    def send(msg):
+        sent.append(msg)
+        fut, _ = ctl.sup.pending
+        threading.Timer(0.5, fut.set_result, [{"trace": "/tmp/t.trace.json.gz"}]).start()  # 10x the timeout
+
+    ctl.calls.socket.send = send
+    ctl.stop_profile()
+    assert isinstance(sent[0], StopProfile)
+
+    def die(msg):
+        fut, _ = ctl.sup.pending
+        threading.Timer(0.2, fut.set_exception, [EngineDeadError("The worker0 process exited unexpectedly")]).start()
+
+    ctl.calls.socket.send = die
+    with pytest.raises(EngineDeadError, match="worker0"):
+        ctl.stop_profile()
+    assert control_module.call_name(FlushCache()) == "flush_cache"
 
 
 def test_liveness():
