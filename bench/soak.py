@@ -4,13 +4,14 @@
 
 Each round starts an engine, runs sync and async calls (single, batch, streamed, closed half-read,
 with logprobs, aborted, control calls) from seven clients (``bench/chaos.py``), and a random time
-(``--fault-after``) after the first result SIGKILLs or SIGSTOPs one child (tokenizer, scheduler, worker0 or detokenizer). Every call must end
-with a result of the right shape or ``EngineDeadError`` (no other exception, no hang), a new call
-must fail at once, and after ``shutdown()`` no process of the engine may be alive, its socket
-directory gone and no Unix socket bound under it. Between rounds it records this process's RSS,
-open fds and threads, so a leak in the client shows up as a trend over rounds. One JSON line per
-round (``part: "round"``) and a ``summary`` line go to ``--out`` (bench/common.py's schema); the
-exit status is 1 if any round broke a rule or fds or threads grew. docs/soak.md has a run's figures.
+(``--fault-after``) after the first result SIGKILLs or SIGSTOPs one child (tokenizer, scheduler,
+worker0 or detokenizer). Every call must end with a result of the right shape or
+``EngineDeadError`` (no other exception, no hang), a new call must fail at once, and after
+``shutdown()`` no process of the engine may be alive, its socket directory gone and no Unix socket
+bound under it. Between rounds it records this process's RSS, open fds and threads, so a leak in
+the client shows up as a trend over rounds. One JSON line per round (``part: "round"``) and a
+``summary`` line go to ``--out`` (bench/common.py's schema); the exit status is 1 if any round
+broke a rule or fds or threads grew. docs/soak.md has a run's figures.
 
 ``tests/e2e/test_chaos.py`` runs a few short rounds of the same (``run_round``) in the suite.
 """
@@ -217,7 +218,8 @@ def main() -> None:
     p = bench_parser(__doc__)
     p.add_argument("--minutes", type=float, default=60.0, help="how long to run (rounds start until then)")
     p.add_argument("--seed", type=int, default=None, help="replay a run (default: a random seed, printed)")
-    p.add_argument("--fault-after", default="60,240", help="seconds of load after the first result before a round's fault: MIN,MAX")
+    p.add_argument("--fault-after", default="60,240",
+                   help="seconds of load after the first result before a round's fault: MIN,MAX")
     p.add_argument("--heartbeat-timeout", type=float, default=None,
                    help="TREADLE_HEARTBEAT_TIMEOUT_S for the engines (default: the engine's, 10 s)")
     a = p.parse_args()
