@@ -33,14 +33,22 @@ class TokenizerSocket:
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self._sender = Sender(ctx, endpoint)
         self._lock = threading.Lock()
+        self._closed = False
 
     def send(self, msg: Any) -> None:
         with self._lock:
+            self._check_open()
             self._sender.send(msg)
 
     def send_bytes(self, payload: bytes) -> None:
         with self._lock:
+            self._check_open()
             self._sender.send_bytes(payload)
+
+    def _check_open(self) -> None:
+        """A call that got past its liveness check just before ``shutdown()`` closed the socket."""
+        if self._closed:
+            raise EngineDeadError("The engine has been shut down.")
 
     def send_quietly(self, msg: Any) -> None:
         """Send unless the socket is already gone (shutting down): the I/O thread's DP bookkeeping
@@ -51,7 +59,9 @@ class TokenizerSocket:
             pass
 
     def close(self) -> None:
-        self._sender.close()
+        with self._lock:  # a send in progress finishes first; later ones raise EngineDeadError
+            self._closed = True
+            self._sender.close()
 
 
 class Calls:

@@ -38,7 +38,10 @@ POLL_MS = 100
 # variable TREADLE_HEARTBEAT_TIMEOUT_S overrides it (read when an engine starts).
 HEARTBEAT_TIMEOUT_S = 10.0
 LAST_WORDS_S = 0.5  # how long a child's exit waits for its failure report before it counts as unexplained
-IO_STALL_S = 1.0  # this thread itself did not run for this long: the beats may be waiting unread
+IO_STALL_S = 1.0
+# A child's first beat comes once its bootstrap runs (runtime/procs.run_child, before its heavy
+# imports); one silent this much longer than the timeout after it was started is frozen too.
+FIRST_BEAT_GRACE_S = 10.0  # this thread itself did not run for this long: the beats may be waiting unread
 ERRORS = {"value": ValueError, "type": TypeError, "overloaded": EngineOverloadedError, "runtime": RuntimeError,
           "dead": EngineDeadError}
 
@@ -76,6 +79,7 @@ class Supervisor:
         self.beats: dict[str, float] = {}  # child name -> when its last heartbeat was read
         self.heartbeat_timeout = float(os.environ.get("TREADLE_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S))
         self.last_loop = time.monotonic()
+        self.launched_at = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="treadle-io", daemon=True)
 
     # ------------------------------------------------------------------ registration
@@ -116,6 +120,7 @@ class Supervisor:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         try:
+            self.launched_at = time.monotonic()
             self.procs = self.launch()
         except BaseException as e:  # noqa: BLE001 - handed to the constructor's thread
             self.started.set_exception(e)
@@ -150,7 +155,7 @@ class Supervisor:
                 if self.dead is None and dp_rank_of(name) not in self.dead_groups:
                     self._child_died(name, f"The {name} process exited unexpectedly (exit code {code}).")
                 return
-            silent = now - self.beats.get(name, now)
+            silent = now - self.beats.get(name, self.launched_at + FIRST_BEAT_GRACE_S)
             if code is None and silent > self.heartbeat_timeout:
                 kill_child(proc, grace_s=0)  # frozen: it would never answer, and SIGKILL reaches a stopped process
                 self._child_died(name, f"The {name} process stopped responding (no heartbeat for {silent:.1f} s; "

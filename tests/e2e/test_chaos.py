@@ -106,11 +106,6 @@ def test_shutdown_under_mixed_load_ends_every_call(soak):
     assert not os.path.exists(path) and not soak.unix_sockets_under(path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a call that registered before shutdown() and sends after it closed the tokenizer socket gets "
-    "zmq.ZMQError('Socket operation on non-socket'), not EngineDeadError (client/calls.py: "
-    "TokenizerSocket.send/send_bytes do not know the socket was closed; Engine.shutdown closes it "
-    "while calls may be between Supervisor.register and the send)"))
 def test_a_call_racing_shutdown_gets_engine_dead_error(monkeypatch):
     """The window is tiny in real use (a thread descheduled between registering its requests and
     sending them); holding the caller there makes it certain."""
@@ -161,11 +156,6 @@ def _child_running(module: str) -> int:
     return 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a child frozen before its first heartbeat is never found frozen: Supervisor._check_children "
-    "counts silence from the last beat read (beats.get(name, now)), and a child that never beat has "
-    "none, so Engine() waits for TREADLE_STARTUP_TIMEOUT (900 s). The beats start in run_child, "
-    "after the child's imports (torch, for the worker), so the window is seconds long"))
 def test_a_child_frozen_before_its_first_heartbeat_fails_start_up(monkeypatch, soak):
     """SIGSTOP of the worker right after its exec, while it imports: ``Engine()`` should fail
     within the heartbeat timeout, as it does for a child frozen later in start-up."""
