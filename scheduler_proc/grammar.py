@@ -231,7 +231,7 @@ class GrammarManager:
 
 def _size_of(fut: Future) -> int:
     """Bytes a cached compile holds (0 while it runs or when it failed)."""
-    if not fut.done() or fut.cancelled():
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
         return 0
     result = fut.result()
     return 0 if isinstance(result, Invalid) else int(result.memory_size_bytes)
