@@ -71,8 +71,8 @@ def _plan(seed: int, rounds: int) -> list[tuple[str, str, float, int]]:
 def test_a_random_child_fault_under_mixed_load(n, soak, monkeypatch):
     monkeypatch.setenv("TREADLE_HEARTBEAT_TIMEOUT_S", str(HEARTBEAT_TIMEOUT_S))
     victim, fault, load_s, round_seed = _plan(SEED, ROUNDS)[n]
-    where = f"chaos seed {SEED} (TREADLE_CHAOS_SEED={SEED} replays it), round {n}: {fault} of {victim} " \
-            f"{load_s:.2f} s after the first result"
+    where = (f"chaos seed {SEED} (TREADLE_CHAOS_SEED={SEED} replays it), round {n}: {fault} of {victim} "
+             f"{load_s:.2f} s after the first result")
     print(where)
     fig = soak.run_round(round_seed, victim, fault, load_s, HEARTBEAT_TIMEOUT_S, longest=LONGEST, log=print)
     print({k: v for k, v in fig.items() if k not in ("dead_messages",)})
@@ -91,6 +91,7 @@ def test_a_random_child_fault_under_mixed_load(n, soak, monkeypatch):
 def test_shutdown_under_mixed_load_ends_every_call(soak):
     """The parent's own ending: ``shutdown()`` while calls of every kind run ends each with a
     result or ``EngineDeadError``, and leaves nothing behind."""
+    before = soak.client_figures()
     eng = Engine(model_path="default")
     pids, path = eng.get_all_child_pids(), eng._ipc.path
     load = soak.Load(eng, SEED, LONGEST)
@@ -104,6 +105,8 @@ def test_shutdown_under_mixed_load_ends_every_call(soak):
     time.sleep(0.2)
     assert not any(soak.alive(p) for p in pids)
     assert not os.path.exists(path) and not soak.unix_sockets_under(path)
+    after = soak.client_figures()
+    assert after["fds"] <= before["fds"] and after["threads"] <= before["threads"], (before, after)
 
 
 def test_a_call_racing_shutdown_gets_engine_dead_error(monkeypatch):
