@@ -104,18 +104,23 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
-def _beat(ctx: zmq.Context, endpoint: str, name: str) -> None:
+def _beat(ctx: zmq.Context, endpoint: str, name: str) -> Callable[[], None]:
     """Tell the client every ``HEARTBEAT_S`` that this process runs. A thread of its own, with its
     own socket (ZeroMQ sockets are not shared between threads): the beats go on during a long
-    step, and stop only when the whole process stops (SIGSTOP) or never lets the thread run."""
+    step, and stop only when the whole process stops (SIGSTOP) or never lets the thread run.
+    Returns how to stop it (the thread closes its socket, so the context can be terminated)."""
     sender, beat = Sender(ctx, endpoint), msgspec.msgpack.encode(Heartbeat(name=name))
+    stopping = threading.Event()
 
     def loop() -> None:
-        while True:
+        while not stopping.is_set():
             sender.send_bytes(beat)
-            time.sleep(HEARTBEAT_S)
+            stopping.wait(HEARTBEAT_S)
+        sender.close()
 
-    threading.Thread(target=loop, name="heartbeat", daemon=True).start()
+    thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+    thread.start()
+    return lambda: (stopping.set(), thread.join(timeout=2 * HEARTBEAT_S))
 
 
 def run_child(module: str) -> None:
@@ -129,7 +134,7 @@ def run_child(module: str) -> None:
     configure_logging(spec.server_args.get("log_level", "error"), spec.name)
     ctx = zmq.Context()
     inbox = Sender(ctx, spec.endpoints["client"])
-    _beat(ctx, spec.endpoints["client"], spec.name)
+    stop_beats = _beat(ctx, spec.endpoints["client"], spec.name)
     code = 0
     try:
         main: Callable[[ChildSpec, zmq.Context, Sender], None] = importlib.import_module(module).main
@@ -139,5 +144,10 @@ def run_child(module: str) -> None:
         text = traceback.format_exc()
         logging.getLogger("treadle").error("%s failed:\n%s", spec.name, text)
         inbox.send(ChildFailed(name=spec.name, error=text))
-    inbox.sock.close(linger=2000 if code else 0)  # let a failure report reach the client
+    # A failure report must reach the client before the exit: ZeroMQ sends from its own I/O thread,
+    # and only terminating the context waits for it (closing the socket with a linger does not,
+    # when os._exit follows). Every socket is closed first (the beat thread closes its own), so the
+    # wait is for pending messages only, at most 2 s.
+    stop_beats()
+    ctx.destroy(linger=2000 if code else 0)
     os._exit(code)
