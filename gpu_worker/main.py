@@ -84,8 +84,8 @@ class WorkerLoop:
         }
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(**{**self.runner.info(), "kv_tokens": self.kv_tokens, "max_slots": self.max_slots,
-                             "context_len": self.context_len, "load_time": self.load_time, "pid": os.getpid()})
+        # the runner's info already holds the pool size, slots and context length this loop gave it
+        return WorkerInfo(**self.runner.info(), load_time=self.load_time, pid=os.getpid())
 
     def serve(self) -> None:
         held = None  # (step, Launched) launched but not answered yet

@@ -21,7 +21,7 @@ def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[st
     ``max_seq_length`` (what it was trained to embed) caps an encoder's positions, and a
     sliding attention window (Mistral) caps a decoder's: within the window full attention is the
     same attention, so every request stays exact (windowed attention is not built)."""
-    n = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    n = model_positions(cfg) or 2048
     st = os.path.join(model_dir, "sentence_bert_config.json") if model_dir else ""
     if st and os.path.exists(st):
         with open(st) as f:
@@ -35,6 +35,12 @@ def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[st
                 f"context and differ from the model; use context_length <= {window}.")
         return args.context_length
     return n if window is None else min(n, window)
+
+
+def model_positions(cfg: dict[str, Any]) -> Optional[int]:
+    """The most positions the model was built for (None: its config does not say)."""
+    n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(n) if n else None
 
 
 def sliding_window(cfg: dict[str, Any]) -> Optional[int]:

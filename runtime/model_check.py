@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any, Optional
 
-from treadle.runtime.hf_config import context_length, load_config
+from treadle.runtime.hf_config import context_length, load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
 
 # HF ``architectures`` name -> the gpu_worker/models module that builds it
@@ -42,7 +42,7 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
         raise NotImplementedError(f"Not supported yet by Treadle: model architecture {shown} ({model_dir}); "
                                   f"supported: {', '.join(sorted(ARCHITECTURES))}.")
     cfg = load_config(model_dir)
-    longest = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0)
+    longest = model_positions(cfg)
     asked = args.context_length
     allowed = any(os.environ.get(v, "").lower() in ("1", "true") for v in ALLOW_LONGER_CONTEXT)
     if asked is not None and longest and asked > longest and not allowed:

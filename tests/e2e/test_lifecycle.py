@@ -173,12 +173,13 @@ def test_a_frozen_child_fails_pending_and_new_calls(victim, monkeypatch):
 
 
 def test_a_long_step_is_not_a_frozen_process(monkeypatch):
-    """Liveness does not depend on how long a step takes: a 3 s step under a 1 s heartbeat timeout
-    finishes, because the beats come from their own thread."""
-    monkeypatch.setenv("TREADLE_HEARTBEAT_TIMEOUT_S", "1")
+    """Liveness does not depend on how long a step takes: a 6 s step under a 2 s heartbeat timeout
+    finishes, because the beats come from their own thread. (The timeout must exceed the 1 s beat
+    interval, or one beat's jitter reads as silence.)"""
+    monkeypatch.setenv("TREADLE_HEARTBEAT_TIMEOUT_S", "2")
     with Engine(model_path="default", enable_custom_logit_processor=True) as eng:
         out = eng.generate(prompt="Hi", custom_logit_processor=Stall, sampling_params={
-            "max_new_tokens": 1, "custom_params": {"seconds": 3}})
+            "max_new_tokens": 1, "custom_params": {"seconds": 6}})
         assert out["meta_info"]["completion_tokens"] == 1
 
 
