@@ -70,7 +70,8 @@ class Scheduler:
         self.running: list[Req] = []
         self.arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "retractions": 0, "preemptions": 0,
-                      "max_prefill_tokens_beside_decode": 0}
+                      "max_prefill_tokens_beside_decode": 0, "max_step_prefill_tokens": 0,
+                      "last_step_ms": 0, "longest_step_ms": 0}  # step times: measured by main.SchedulerLoop
         self.grammars = GrammarManager(args.grammar_backend or "xgrammar", tokenizer_dir, self.vocab_size, eos_ids,
                                        args.trust_remote_code)
         self.sessions = Sessions(self.cache)
@@ -180,8 +181,9 @@ class Scheduler:
         if not draft.rows:
             return None
         self._grammar_masks(draft)
+        used = draft.prefill_tokens()
+        self.stats["max_step_prefill_tokens"] = max(self.stats["max_step_prefill_tokens"], used)
         if decoding:
-            used = draft.prefill_tokens()
             self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
         self.step += 1
         self.plans_in_flight.append(PlannedStep(self.step, draft.booked))
