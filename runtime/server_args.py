@@ -35,6 +35,7 @@ KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3", "bfloat16", "float16", "float
 QUANTIZATIONS = (None, "awq", "fp8", "gptq", "gguf", "marlin", "awq_marlin", "gptq_marlin", "bitsandbytes", "w8a8_int8", "w8a8_fp8")
 DEVICES = (None, "cpu", "cuda")
 CPU_KV_TOKENS = 16384  # the CPU's KV pool when max_total_tokens is not given (no device memory to size from)
+CPU_CHUNKED_PREFILL = 512  # the CPU's chunked_prefill_size: bounds one step's time (see resolved())
 MEM_FRACTION_STATIC = 0.85  # SGLang's default share of the card for weights + KV pool
 MAX_GRAPH_BS = 256  # the largest decode batch captured in a CUDA graph by default
 
@@ -227,7 +228,11 @@ class ServerArgs(SGLangOnlyArgs):
         if a.tokenizer_path is None:
             a.tokenizer_path = a.model_path
         if a.chunked_prefill_size is None:
-            a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else 2048
+            # One step's prefill work: 8192 tokens are tens of ms on a GPU. A CPU core computes a token
+            # of SmolLM2-135M (float32) in ~1.7 ms, so 2048 made a step ~3.5 s of one core and ~40 s
+            # on a busy machine; 512 keeps it under a second of one core, and the work per token is
+            # the same (one thread: 8.2 CPU-s for 4 x 1,200 tokens with 2048, 512 or 256).
+            a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else CPU_CHUNKED_PREFILL
         if a.enable_lora is None:
             a.enable_lora = bool(a.lora_paths)
         if a.enable_lora:

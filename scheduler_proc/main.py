@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any
@@ -35,6 +36,9 @@ class SchedulerLoop:
         self.to_workers = [Sender(ctx, ep, bind=ep.startswith("tcp://")) for ep in spec.extra["worker_endpoints"]]
         self.to_detok = Sender(ctx, spec.endpoints["detokenizer"])
         self.early_results: dict[int, StepResult] = {}
+        self.sent_at: dict[int, float] = {}  # step -> when its plan left (for the step-time stats)
+        self.last_result_at = 0.0
+        self.deferred: collections.deque[Any] = collections.deque()  # inputs that wait for the step's end
         tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code, self.args.tokenizer_mode)
         self.worker_info = msgspec.convert(self.worker_call(GetWorkerInfo()), WorkerInfo)
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
@@ -66,16 +70,19 @@ class SchedulerLoop:
         depth = self.sched.max_plans_in_flight
         while self.running:
             self.drain_inputs(block=self.sched.is_idle() and not self.sched.plans_in_flight)
+            self.flush_outputs()  # answers to aborts and refusals go now, not after the next step
             plan = self.sched.schedule() if len(self.sched.plans_in_flight) < depth else None
             if plan is not None:
                 for w in self.to_workers:
                     w.send(plan)
+                self.sent_at[plan.step] = time.monotonic()
             if self.sched.plans_in_flight and (plan is None or len(self.sched.plans_in_flight) >= depth):
                 if plan is None:  # nothing to queue behind the last step: ask for its result now
                     for w in self.to_workers:
                         w.send(SyncStep())
                 oldest = self.sched.plans_in_flight[0].step
                 result = self.wait_step(oldest)
+                self.time_step(oldest)
                 self.sched.apply_result(result.next_token_ids, result.extras, step=oldest)
             elif plan is None and not self.sched.is_idle():
                 self.sched.grammars.wait(GRAMMAR_POLL_S)  # only compiling requests wait: sleep, don't spin
@@ -90,24 +97,66 @@ class SchedulerLoop:
         self.to_detok.send(Shutdown())
 
     def wait_step(self, step: int) -> StepResult:
-        """The result of ``step``. Watchdog: a step that takes more than ``watchdog_timeout`` s means
-        a worker is stuck (a hung collective, a processor that never returns); the scheduler then
-        fails, which the client reports as the engine's death, instead of every call hanging."""
+        """The result of ``step``. Meanwhile aborts and new requests are taken in as they come (an
+        abort is answered now, not when the step ends: the step may be long, a CPU prefill chunk
+        takes seconds); any other input ends that until the step is over (``take_inputs_in_step``).
+        Watchdog: a step that takes more than ``watchdog_timeout`` s means a worker is stuck (a
+        hung collective, a processor that never returns); the scheduler then fails, which the
+        client reports as the engine's death, instead of every call hanging."""
         if step in self.early_results:
             return self.early_results.pop(step)
         deadline = time.monotonic() + self.args.watchdog_timeout
+        poller = zmq.Poller()
+        poller.register(self.results.sock, zmq.POLLIN)
+        if not self.deferred:  # else the kept input's followers stay queued: nothing to watch
+            poller.register(self.recv.sock, zmq.POLLIN)
         while True:
-            msg = self.results.recv(max(1, int((deadline - time.monotonic()) * 1000)))
-            if msg is None:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            ready = dict(poller.poll(max(1, left_ms))) if left_ms > 0 else {}
+            if not ready:
                 raise RuntimeError(f"step {step} ran for more than watchdog_timeout={self.args.watchdog_timeout:g} s: "
                                    "a worker is stuck; the engine stops")
+            if self.recv.sock in ready and not self.take_inputs_in_step():
+                poller.unregister(self.recv.sock)
+            msg = self.results.recv_nowait() if self.results.sock in ready else None
             if isinstance(msg, StepResult) and msg.step == step:
                 return msg
             if isinstance(msg, StepResult):
                 raise RuntimeError(f"the worker answered step {msg.step} while step {step} was expected")
 
+    def take_inputs_in_step(self) -> bool:
+        """Handle the queued inputs that are safe while a step runs: new requests and aborts (answered
+        at once). The first other one (a control call, shutdown) is kept for ``drain_inputs`` and
+        stops this, so inputs keep their order; returns False then (and while one is kept)."""
+        while not self.deferred:
+            try:
+                msg = self.recv.recv_nowait()
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.error("dropped a malformed message: %s", e)
+                continue
+            if msg is None:
+                return True
+            if not isinstance(msg, (TokenizedBatch, AbortReq)):
+                self.deferred.append(msg)
+                return False
+            self.handle(msg)
+            self.flush_outputs()
+        return False
+
+    def time_step(self, step: int) -> None:
+        """How long the worker spent on ``step``: from its plan leaving (or the previous result, if
+        the worker was still busy then) to its result; internal_state reports the last and longest."""
+        now = time.monotonic()
+        took_ms = int(1000 * (now - max(self.sent_at.pop(step), self.last_result_at)))
+        self.last_result_at = now
+        stats = self.sched.stats
+        stats["last_step_ms"], stats["longest_step_ms"] = took_ms, max(stats["longest_step_ms"], took_ms)
+        logger.debug("step %d took %d ms", step, took_ms)
+
     def drain_inputs(self, block: bool) -> None:
-        first = True
+        first = not self.deferred  # an input kept during the step comes first (and there is work: no block)
+        while self.deferred:
+            self.handle(self.deferred.popleft())
         while True:
             try:
                 msg = self.recv.recv(IDLE_POLL_MS) if (block and first) else self.recv.recv_nowait()

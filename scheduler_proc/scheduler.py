@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from treadle.runtime.messages import (
     PLACEHOLDER, FinishReason, ForwardPlan, MmItem, PlanRow, RowOut, TokenizedReq, TokenOut, WorkerInfo,
@@ -70,7 +70,8 @@ class Scheduler:
         self.running: list[Req] = []
         self.arrivals = itertools.count()
         self.stats = {"prompt_tokens": 0, "cached_tokens": 0, "retractions": 0, "preemptions": 0,
-                      "max_prefill_tokens_beside_decode": 0}
+                      "max_prefill_tokens_beside_decode": 0, "max_step_prefill_tokens": 0,
+                      "last_step_ms": 0, "longest_step_ms": 0}  # step times: measured by main.SchedulerLoop
         self.grammars = GrammarManager(args.grammar_backend or "xgrammar", tokenizer_dir, self.vocab_size, eos_ids,
                                        args.trust_remote_code)
         self.sessions = Sessions(self.cache)
@@ -104,7 +105,10 @@ class Scheduler:
                 rejected.append((tokenized.rid, "overloaded", "The request queue is full."))
                 continue
             if tokenized.session is not None:
-                self.sessions.table.begin(tokenized.session, tokenized.rid, ids, items)
+                deleted = self.sessions.table.begin(tokenized.session, tokenized.rid, ids, items)
+                if deleted:  # turns of the branch ``replace`` cut off that still run or wait
+                    self._abort_where(lambda r: r.rid in deleted, f"Aborted: a replace=True turn of session "
+                                      f"{tokenized.session.id} deleted this turn")
             if self.args.log_requests:
                 self.outputs.log_request("receive", req, ids)
             if max_new == 0 and not tokenized.embed:
@@ -125,6 +129,10 @@ class Scheduler:
         ids, items = tokenized.input_ids, tokenized.mm_items
         if tokenized.session is not None:
             ids, items = self.sessions.table.context(tokenized.session, tokenized.rid, ids, items)
+            # the tokenizer saw only the new text: a turn's logprob_start_len counts its whole context
+            if tokenized.return_logprob and tokenized.logprob_start_len > len(ids):
+                raise ValueError(f"logprob_start_len ({tokenized.logprob_start_len}) is larger than the prompt "
+                                 f"length ({len(ids)}: the session turn's whole context, earlier turns included).")
         if len(ids) + 1 > pool:
             raise ValueError(f"Input length ({len(ids)} tokens) exceeds the KV cache capacity "
                              f"({self.max_total_tokens} tokens). Use a shorter input or a larger max_total_tokens.")
@@ -135,7 +143,10 @@ class Scheduler:
 
     def abort(self, rid: str, abort_all: bool) -> None:
         """Abort by rid prefix (SGLang's rule, so ``rid`` also aborts ``rid_0``, ``rid_1``...)."""
-        match = (lambda r: True) if abort_all else (lambda r: r.rid == rid or r.rid.startswith(rid + "_"))
+        self._abort_where((lambda r: True) if abort_all else (lambda r: r.rid == rid or r.rid.startswith(rid + "_")))
+
+    def _abort_where(self, match: Callable[[Req], bool], why: str = "Aborted") -> None:
+        """Abort the waiting and running requests ``match`` picks; ``why`` is a running one's message."""
         for req in [r for r in self.waiting if match(r)]:
             self.waiting.remove(req)
             if req.grammar is not None:
@@ -143,7 +154,7 @@ class Scheduler:
             self.outputs.finish_unrun(req, FinishReason(type="abort", message="Abort in waiting queue"))
         for req in self.running:
             if match(req) and req.finish is None:
-                req.finish = FinishReason(type="abort", message="Aborted")
+                req.finish = FinishReason(type="abort", message=why)
                 self.outputs.emit(req)  # answered now; the KV goes once no step in flight uses it
         self.outputs.release_finished()
 
@@ -170,8 +181,9 @@ class Scheduler:
         if not draft.rows:
             return None
         self._grammar_masks(draft)
+        used = draft.prefill_tokens()
+        self.stats["max_step_prefill_tokens"] = max(self.stats["max_step_prefill_tokens"], used)
         if decoding:
-            used = draft.prefill_tokens()
             self.stats["max_prefill_tokens_beside_decode"] = max(self.stats["max_prefill_tokens_beside_decode"], used)
         self.step += 1
         self.plans_in_flight.append(PlannedStep(self.step, draft.booked))

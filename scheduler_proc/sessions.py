@@ -4,6 +4,11 @@ A turn's context is its parent turn's prompt and output plus the new input (API.
 8.1); the radix cache then finds the parent's KV, and the session keeps the KV of its latest
 turn locked in the cache until it is closed.
 
+The turns form a tree, as SGLang's: a turn names its parent with ``rid`` (default: the latest
+finished turn). A turn with ``replace=True`` starts a new branch at its parent and deletes every
+turn after that parent (all turns, without ``rid``); deleted turns that still run are aborted,
+and a later turn naming one is refused (SGLang's "Invalid request session id").
+
 A session opened with ``timeout`` closes itself once that many seconds pass without a new turn
 or a turn's end (never while a turn runs). A streaming session (``streaming=True``, with the
 server's ``enable_streaming_session``) is a plain chain: one turn at a time, each appended to the
@@ -36,6 +41,7 @@ class Turn:
     output_ids: list[int]
     finished: bool = False
     mm_items: list[MmItem] = field(default_factory=list)  # images of its whole context
+    parent: Optional[str] = None  # rid of the turn it continues; None: the session's start
 
 
 @dataclass
@@ -99,7 +105,8 @@ class SessionTable:
         else:
             parent = sess.turns.get(parent_rid)
             if parent is None:
-                raise ValueError(f"Invalid request: rid {parent_rid} is not a turn of session {sp.id}")
+                raise ValueError(f"Invalid request session id: rid {parent_rid} is not a turn of session {sp.id} "
+                                 "(a turn with replace=True deletes the turns after its parent)")
             if not parent.finished:
                 raise ValueError("Session request is appending to a request that hasn't finished.")
             ctx = parent.input_ids + ([] if sp.drop_previous_output else parent.output_ids)
@@ -113,15 +120,24 @@ class SessionTable:
         items += [msgspec.structs.replace(it, offset=it.offset + len(ctx)) for it in new_items]
         return ctx + new_ids, items
 
-    def begin(self, sp: SessionParams, rid: str, input_ids: list[int], mm_items: list[MmItem]) -> None:
-        """An accepted turn (its full input from ``context``) joins its session; ``replace``
-        without a parent clears the session's earlier turns first."""
+    def begin(self, sp: SessionParams, rid: str, input_ids: list[int], mm_items: list[MmItem]) -> list[str]:
+        """An accepted turn (its full input from ``context``) joins its session. With ``replace`` it
+        first deletes the turns after its parent (every turn, without ``rid``); returns the deleted
+        turns that have not finished, which the scheduler aborts (SGLang's ``clear_children``)."""
         sess = self.sessions[sp.id]
-        if sp.replace and sp.rid is None:
-            sess.turns.clear()
-            sess.latest = None
-        sess.turns[rid] = Turn(input_ids=input_ids, output_ids=[], mm_items=mm_items)
+        fresh = sp.replace and sp.rid is None
+        parent = None if fresh else (sp.rid if sp.rid is not None else sess.latest)
+        unfinished: list[str] = []
+        if sp.replace:
+            gone = list(sess.turns) if fresh else _descendants(sess, parent)
+            unfinished = [r for r in gone if not sess.turns[r].finished]
+            for r in gone:
+                del sess.turns[r]
+            if sess.latest not in sess.turns:
+                sess.latest = parent  # the branch point is the latest finished turn left
+        sess.turns[rid] = Turn(input_ids=input_ids, output_ids=[], mm_items=mm_items, parent=parent)
         sess.last_active = time.monotonic()
+        return unfinished
 
     def drop(self, sid: str, rid: str) -> None:
         """Forget a turn that failed before it ran (it has no output to continue from)."""
@@ -198,6 +214,17 @@ class Sessions:
             if sess.lock_node is not None:
                 self.cache.unlock(sess.lock_node)
                 sess.lock_node = None
+
+
+def _descendants(sess: Session, rid: Optional[str]) -> list[str]:
+    """The turns after ``rid`` in the session's tree (children, their children, ...)."""
+    found: list[str] = []
+    frontier = {rid}
+    while frontier:
+        children = [r for r, t in sess.turns.items() if t.parent in frontier and r not in found]
+        found += children
+        frontier = set(children)
+    return found
 
 
 def _check_streaming_turn(sess: Session, sp: SessionParams) -> None:

@@ -40,7 +40,8 @@ def check_logprob_args(req: GenerateReq, prompt_len: int, vocab: int) -> None:
         return
     if isinstance(req.logprob_start_len, bool) or not isinstance(req.logprob_start_len, int):
         raise ValueError(f"logprob_start_len must be an int, got {req.logprob_start_len!r}.")
-    if req.logprob_start_len > prompt_len:
+    # a session turn's start counts its whole context, which only the scheduler knows (it checks it there)
+    if req.logprob_start_len > prompt_len and req.session is None:
         raise ValueError(
             f"logprob_start_len ({req.logprob_start_len}) is larger than the prompt length ({prompt_len})."
         )

@@ -93,6 +93,39 @@ def test_chunked_prefill_never_stalls_decodes(engine, hf_tokenizer):
     assert 0 < state["max_prefill_tokens_beside_decode"] <= 64
 
 
+ABORT_BOUND_S = 2.0  # README: an abort does not wait for the step in progress
+
+
+def test_abort_during_a_long_cpu_prefill_is_answered_at_once(hf_tokenizer):
+    """Issue 21: a CPU step is at most 512 prefill tokens (2048 made one ~40 s on a busy machine),
+    and an abort is answered while the step runs, not after it: the running request whose
+    prompt is being prefilled and one still waiting both end within ABORT_BOUND_S."""
+    ids = long_prefix(hf_tokenizer, 1199)
+    prompts = [[i + 5] + ids for i in range(8)]  # ~9,600 prompt tokens, no shared prefix
+    with Engine(model_path="default", random_seed=0) as eng:
+        assert eng.get_server_info()["chunked_prefill_size"] == 512  # the CPU's default
+
+        async def run():
+            tasks = [asyncio.ensure_future(eng.async_generate(
+                input_ids=p, rid=f"long{i}", sampling_params={"temperature": 0, "max_new_tokens": 64 if i == 0 else 4,
+                                                              "ignore_eos": True})) for i, p in enumerate(prompts)]
+            await asyncio.sleep(1.0)  # long0's prefill (or first decodes) runs; long7 waits
+            latencies = {}
+            for i in (0, 7):
+                t0 = time.monotonic()
+                eng.abort_request(f"long{i}")
+                res = await tasks[i]
+                latencies[i] = time.monotonic() - t0
+                assert res["meta_info"]["finish_reason"]["type"] == "abort", res["meta_info"]
+            return latencies, await asyncio.gather(*tasks)
+
+        latencies, results = asyncio.run(run())
+        state = integrity(eng)
+    assert all(lat < ABORT_BOUND_S for lat in latencies.values()), (latencies, state["longest_step_ms"])
+    assert [r["meta_info"]["finish_reason"]["type"] for r in results[1:7]] == ["length"] * 6
+    assert 0 < state["max_step_prefill_tokens"] <= 512 and state["longest_step_ms"] > 0
+
+
 def test_priority_request_starts_before_queued_low_ones():
     with Engine(model_path="default", enable_priority_scheduling=True, max_running_requests=2) as eng:
         order: list[str] = []

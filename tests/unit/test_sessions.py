@@ -3,14 +3,19 @@ the prefix-cache locks ``Sessions`` keeps for each session's latest turn."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from treadle.runtime.messages import SessionParams, TokenizedReq
+from treadle.runtime.messages import FinishReason, GenerateReq, SessionParams, TokenizedReq, WorkerInfo
 from treadle.runtime.sampling_params import SamplingParams
+from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.kv_pool import PageAllocator
 from treadle.scheduler_proc.radix_cache import RadixCache
 from treadle.scheduler_proc.req import Req
+from treadle.scheduler_proc.scheduler import Scheduler
 from treadle.scheduler_proc.sessions import Sessions, SessionTable
+from treadle.tokenizer_proc.validate import check_logprob_args
 
 
 def start(t: SessionTable, sp: SessionParams, rid: str, new_ids: list[int]) -> list[int]:
@@ -52,6 +57,41 @@ def test_a_turn_joins_only_once_accepted():
     assert t2.sessions["s"].latest == "a" and "a" in t2.sessions["s"].turns
     assert start(t2, SessionParams(id="s", replace=True), "b", [7]) == [7]
     assert list(t2.sessions["s"].turns) == ["b"] and t2.sessions["s"].latest is None
+
+
+def test_replace_from_a_turn_deletes_the_turns_after_it():
+    """SGLang's tree: ``replace=True`` with ``rid`` branches at that turn and deletes its
+    descendants (a later turn naming one is refused); the unfinished ones are returned to abort."""
+    t = SessionTable()
+    t.open("s")
+    start(t, SessionParams(id="s"), "a", [1])
+    t.finish("s", "a", [2])
+    start(t, SessionParams(id="s"), "b", [3])
+    t.finish("s", "b", [4])
+    start(t, SessionParams(id="s", rid="a"), "c", [5])  # a second branch from "a"
+    t.finish("s", "c", [6])
+    start(t, SessionParams(id="s", rid="b"), "d", [7])  # still running
+    start(t, SessionParams(id="s"), "x", [9])  # an unrelated fresh-from-latest turn ("c"), still running
+    sp = SessionParams(id="s", rid="b", replace=True)
+    ids, items = t.context(sp, "e", [8])
+    assert ids == [1, 2, 3, 4, 8]
+    assert t.begin(sp, "e", ids, items) == ["d"]  # "d" ran after "b": deleted, and running
+    assert sorted(t.sessions["s"].turns) == ["a", "b", "c", "e", "x"]
+    sp = SessionParams(id="s", rid="a", replace=True)
+    ids, items = t.context(sp, "f", [0])
+    assert ids == [1, 2, 0]
+    assert sorted(t.begin(sp, "f", ids, items)) == ["e", "x"]  # "b" and "c" had finished
+    assert sorted(t.sessions["s"].turns) == ["a", "f"] and t.sessions["s"].latest == "a"
+    for gone in ("b", "c", "d", "e"):
+        with pytest.raises(ValueError, match=f"Invalid request session id: rid {gone} is not a turn of session s"):
+            t.context(SessionParams(id="s", rid=gone), "g", [1])
+    assert t.finish("s", "e", [5]) is None  # a deleted turn's end changes nothing
+    t.finish("s", "f", [3])
+    assert start(t, SessionParams(id="s"), "g", [4]) == [1, 2, 0, 3, 4]
+    sp = SessionParams(id="s", replace=True)  # without rid: a fresh start, every turn deleted
+    ids, items = t.context(sp, "h", [6])
+    assert ids == [6] and t.begin(sp, "h", ids, items) == ["g"]
+    assert list(t.sessions["s"].turns) == ["h"] and t.sessions["s"].latest is None
 
 
 def test_timeout_counts_from_the_last_turn_and_spares_running_ones():
@@ -118,3 +158,62 @@ def test_sessions_keep_the_latest_turn_locked_in_the_prefix_cache():
     assert sessions.close("s") and not sessions.close("s")
     assert cache.locked_pages == 0 and "s" not in sessions.sessions
     cache.check()
+
+
+def _scheduler() -> Scheduler:
+    args = ServerArgs(device="cpu", random_seed=0, page_size=1, chunked_prefill_size=-1).resolved()
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "x" * len(ids))
+    return Scheduler(args, tok, {0}, WorkerInfo(context_len=256, kv_tokens=512, max_slots=4, vocab_size=100))
+
+
+def _run(s: Scheduler, steps: int) -> None:
+    for _ in range(steps):
+        plan = s.schedule()
+        if plan is None:
+            return
+        s.apply_result([7] * sum(r.sample for r in plan.rows))
+
+
+def test_scheduler_aborts_deleted_turns_and_counts_logprob_start_len_in_the_whole_context():
+    s = _scheduler()
+    assert s.sessions.open("s")
+
+    def turn(name: str, new_ids: list[int], max_new: int, **kw) -> list[tuple[str, str, str]]:
+        sp = SessionParams(id="s", **{k: kw.pop(k) for k in ("rid", "replace") if k in kw})
+        return s.add_requests([TokenizedReq(rid=name, input_ids=new_ids, session=sp,
+                                            sampling=SamplingParams(max_new_tokens=max_new, ignore_eos=True), **kw)])
+
+    assert turn("a", [1, 2, 3], 2) == []
+    _run(s, 10)
+    s.take_outputs()
+    # the context is a's 3 + 2 tokens plus 2 new ones: position 6 is the new text's second token
+    assert turn("b", [4, 5], 20, return_logprob=True, logprob_start_len=6) == []
+    assert turn("late", [4], 5, return_logprob=True, logprob_start_len=8) == [
+        ("late", "value", "logprob_start_len (8) is larger than the prompt length (6: the session turn's whole "
+                          "context, earlier turns included).")]
+    _run(s, 3)
+    assert [r.rid for r in s.running] == ["b"]
+    s.take_outputs()
+    assert turn("c", [9], 2, rid="a", replace=True) == []  # branches at "a": "b" (running) is deleted
+    (out,) = s.take_outputs()
+    assert out.rid == "b" and out.finish == FinishReason(
+        type="abort", message="Aborted: a replace=True turn of session s deleted this turn")
+    _run(s, 10)
+    assert s.is_idle() and sorted(s.sessions.sessions["s"].turns) == ["a", "c"]
+    (err,) = turn("d", [1], 2, rid="b")
+    assert err[:2] == ("d", "value") and err[2].startswith("Invalid request session id: rid b is not a turn")
+    assert s.sessions.close("s")
+    s.check_integrity()
+
+
+def test_tokenizer_leaves_a_turns_logprob_start_len_bound_to_the_scheduler():
+    """The tokenizer sees only a turn's new text; the bound against the whole context is the
+    scheduler's (above). Other checks, and a plain request's bound, stay in the tokenizer."""
+    def req(**kw) -> GenerateReq:
+        return GenerateReq(rid="r", input_ids=[1, 2], return_logprob=True, **kw)
+
+    check_logprob_args(req(logprob_start_len=40, session=SessionParams(id="s")), 2, 100)
+    with pytest.raises(ValueError, match=r"logprob_start_len \(40\) is larger than the prompt length \(2\)"):
+        check_logprob_args(req(logprob_start_len=40), 2, 100)
+    with pytest.raises(ValueError, match="must be -1"):
+        check_logprob_args(req(logprob_start_len=-2, session=SessionParams(id="s")), 2, 100)
