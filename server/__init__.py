@@ -1,0 +1,1 @@
+"""``treadle serve``: an HTTP server (OpenAI's API and SGLang's native routes) over one Engine."""

@@ -1,0 +1,134 @@
+"""SGLang's native routes: ``/generate``, ``/encode``, health, server info and control calls."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+
+from treadle.server.errors import APIError, error_response
+from treadle.server.http_utils import SSE_DONE, json_response, read_json, sse_event, sse_response, unless_disconnected
+from treadle.server.metrics import RequestTimer
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 while the engine runs; 503 once it died or the server is draining (SIGTERM)."""
+    state = request.app.state
+    if state.engine_dead is not None:
+        return error_response(503, f"The engine is not running: {state.engine_dead}", code="engine_dead")
+    if state.draining:
+        return error_response(503, "The server is shutting down.", code="draining")
+    return Response(status_code=200)
+
+
+# SGLang's HTTP field names that differ from the Engine's keyword arguments
+_HTTP_NAMES = {"text": "prompt"}
+
+
+def _engine_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    """``/generate``'s JSON is ``Engine.generate``'s keyword arguments (``text`` is ``prompt``);
+    unknown fields reach the engine, which names them in its ``ValueError``."""
+    kwargs = {_HTTP_NAMES.get(k, k): v for k, v in body.items()}
+    if "text" in body and "prompt" in body:
+        raise APIError(400, "Give the prompt as either 'text' or 'prompt', not both.", "text")
+    return kwargs
+
+
+def _results(out: Any) -> list[dict[str, Any]]:
+    return list(out) if isinstance(out, list) else [out]
+
+
+def _outcome(results: list[dict[str, Any]]) -> str:
+    reasons = [((r.get("meta_info") or {}).get("finish_reason") or {}) for r in results]
+    return "abort" if any(isinstance(f, dict) and f.get("type") == "abort" for f in reasons) else "success"
+
+
+def _count(results: list[dict[str, Any]], key: str) -> int:
+    return sum(int((r.get("meta_info") or {}).get(key, 0) or 0) for r in results)
+
+
+@router.post("/generate")
+async def generate(request: Request) -> Response:
+    """SGLang's ``/generate``: the body is ``Engine.generate``'s arguments as JSON; the answer is
+    its result (an object, or a list for a batch), or with ``"stream": true`` its chunks as
+    server-sent events ending in ``data: [DONE]``."""
+    state = request.app.state
+    kwargs = _engine_kwargs(await read_json(request))
+    _check_serving(state)
+    timer = state.metrics.timer()
+    try:
+        if kwargs.get("stream"):
+            chunks = await state.engine.async_generate(**kwargs)
+            return sse_response(_stream_events(chunks, timer))
+        out = await unless_disconnected(request, state.engine.async_generate(**kwargs))
+    except BaseException:
+        timer.done("error")
+        raise
+    if out is None:  # the client went away: its request was aborted
+        timer.done("abort")
+        return Response(status_code=499)
+    results = _results(out)
+    timer.tokens(_count(results, "completion_tokens"))
+    timer.done(_outcome(results), _count(results, "prompt_tokens"), _count(results, "completion_tokens"),
+               _count(results, "cached_tokens"))
+    return json_response(out)
+
+
+async def _stream_events(chunks: AsyncIterator[dict[str, Any]], timer: RequestTimer) -> AsyncIterator[bytes]:
+    """Each chunk as an SSE event, timing tokens as they come. Closing this generator (the client
+    disconnected) closes the engine's stream, which aborts the request."""
+    totals: dict[Any, dict[str, Any]] = {}  # per batch index: the last meta_info
+    outcome = "error"
+    try:
+        async for chunk in chunks:
+            meta = chunk.get("meta_info") or {}
+            before = (totals.get(chunk.get("index")) or {}).get("completion_tokens", 0)
+            totals[chunk.get("index")] = meta
+            timer.tokens(int(meta.get("completion_tokens", 0) or 0) - before)
+            yield sse_event(chunk)
+        outcome = _outcome([{"meta_info": m} for m in totals.values()])
+        yield SSE_DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome = "abort"
+        raise
+    finally:
+        await chunks.aclose()
+        metas = [{"meta_info": m} for m in totals.values()]
+        timer.done(outcome, _count(metas, "prompt_tokens"), _count(metas, "completion_tokens"),
+                   _count(metas, "cached_tokens"))
+
+
+@router.post("/encode")
+async def encode(request: Request) -> Response:
+    """SGLang's ``/encode``: ``Engine.encode``'s arguments as JSON (``text`` is ``prompt``)."""
+    state = request.app.state
+    kwargs = _engine_kwargs(await read_json(request))
+    _check_serving(state)
+    if "prompt" not in kwargs and "input_ids" in kwargs:
+        kwargs["prompt"] = kwargs.pop("input_ids")
+    if "prompt" not in kwargs:
+        raise APIError(400, "'text' (or 'input_ids') is required.", "text")
+    timer = state.metrics.timer()
+    try:
+        out = await unless_disconnected(request, state.engine.async_encode(**kwargs))
+    except BaseException:
+        timer.done("error")
+        raise
+    if out is None:
+        timer.done("abort")
+        return Response(status_code=499)
+    results = _results(out)
+    timer.done("success", _count(results, "prompt_tokens"))
+    return json_response(out)
+
+
+def _check_serving(state: Any) -> None:
+    """New work is refused once the engine died or the server drains (SIGTERM)."""
+    if state.engine_dead is not None:
+        raise APIError(503, f"The engine is not running: {state.engine_dead}", code="engine_dead")
+    if state.draining:
+        raise APIError(503, "The server is shutting down.", code="draining")
