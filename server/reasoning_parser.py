@@ -114,6 +114,12 @@ class ReasoningStreamer:
             self.pending_ws += text
 
 
+def opens_reasoning(prompt: str) -> bool:
+    """Whether a rendered chat prompt ends inside a reasoning block (Qwen3-Thinking's template
+    ends with ``<think>\\n``): the output then starts in it, so pass ``force_reasoning=True``."""
+    return prompt.rstrip().endswith(OPEN)
+
+
 class ReasoningParser:
     """One reasoning format by name; ``parse`` for a whole text, ``streamer()`` per streamed request."""
 

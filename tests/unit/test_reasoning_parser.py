@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from treadle.server.reasoning_parser import ReasoningParser
+from treadle.server.reasoning_parser import ReasoningParser, opens_reasoning
 
 
 @pytest.mark.parametrize("name,force,text,expected", [
@@ -86,3 +86,23 @@ def test_finish_flushes_what_was_held():
     s = ReasoningParser("deepseek-r1").streamer()
     assert s.feed("a </") == ("a", "")
     assert s.finish() == (" </", "")  # the cut tag was reasoning text after all
+
+
+def test_random_texts_stream_like_they_parse():
+    """Seeded fuzz over tag fragments: whatever the text and its cuts, stream == parse."""
+    frags = ["<think>", "</think>", "<", "</", "think", ">", " ", "\n", "a", "b c", "<thi", "nk>"]
+    rng = random.Random(0)
+    parsers = [ReasoningParser("qwen3"), ReasoningParser("qwen3", True), ReasoningParser("deepseek-r1")]
+    for _ in range(1000):
+        text = "".join(rng.choice(frags) for _ in range(rng.randint(0, 10)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(rng.randint(0, 6), len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        for parser in parsers:
+            reasoning, content = parser.parse(text)
+            assert stream(parser, pieces)[:2] == (reasoning or "", content), (parser.name, pieces)
+
+
+def test_opens_reasoning():
+    assert opens_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not opens_reasoning("<|im_start|>assistant\n")

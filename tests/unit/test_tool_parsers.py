@@ -191,3 +191,23 @@ def test_tool_choice_auto_none_and_errors():
         parser.constraint({"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="^tool_choice 'required' needs"):
         ToolCallParser("llama3", []).constraint("required")
+
+
+def test_random_texts_stream_like_they_parse():
+    """Seeded fuzz over call fragments: whatever the text and its cuts, stream == parse, and
+    every call's arguments are a JSON object."""
+    frags = ["<tool_call>", "</tool_call>", "<|python_tag|>", "{", "}", '"', ";", " ", "\n", "x", "\\", "[", "]",
+             '{"name": "ping", "arguments": {}}', '{"name": "ping", "parameters": {"a": "}"}}', "<tool_", "call>"]
+    rng = random.Random(0)
+    parsers = [ToolCallParser("qwen25", TOOLS), ToolCallParser("llama3", TOOLS)]
+    found = 0
+    for _ in range(1000):
+        text = "".join(rng.choice(frags) for _ in range(rng.randint(0, 10)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(rng.randint(0, 6), len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        for parser in parsers:
+            expected = parser.parse(text)
+            assert stream(parser, pieces) == expected, (parser.name, pieces)
+            assert all(isinstance(json.loads(c["arguments"]), dict) for c in expected[1])
+            found += len(expected[1])
+    assert found > 50  # the fuzz does reach calls
