@@ -211,3 +211,17 @@ def test_random_texts_stream_like_they_parse():
             assert all(isinstance(json.loads(c["arguments"]), dict) for c in expected[1])
             found += len(expected[1])
     assert found > 50  # the fuzz does reach calls
+
+
+def test_grammar_compiles_for_the_default_models_tokenizer():
+    """The scheduler's own compile path (grammar_compiler.compile_key) on a real vocabulary."""
+    from treadle.runtime.model_files import resolve_model_files
+    from treadle.scheduler_proc.grammar_compiler import Invalid, build_compiler, compile_key
+
+    import xgrammar as xgr
+
+    compiler, _ = build_compiler(resolve_model_files("default").model_dir, None, {2}, False, 1)
+    parser = ToolCallParser("qwen25", TOOLS + [RICH])
+    compiled = compile_key(compiler, ("ebnf", parser.constraint("required")["ebnf"]))
+    assert not isinstance(compiled, Invalid), compiled
+    assert xgr.GrammarMatcher(compiled).accept_string(as_call("qwen25", "get_weather", {"city": "Rome"}, "arguments"))
