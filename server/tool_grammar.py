@@ -5,7 +5,8 @@ function is enforced (SGLang builds an EBNF or a structural tag per detector for
 A JSON schema alone cannot say "inside ``<tool_call>`` tags", so the arguments' schema is turned
 into EBNF rules here. Supported: ``type`` (one or a list), ``properties`` / ``required`` (in the
 declared order), ``items``, ``minItems`` >= 1, ``enum``, ``const``, ``anyOf`` / ``oneOf``, a
-one-item ``allOf``. Other keywords (``pattern``, ``minimum``, ``$ref`` ...) are not enforced: such a
+one-item ``allOf``, ``additionalProperties: false`` on an object without properties (only ``{}``);
+a function without ``parameters`` takes no arguments (``{}``). Other keywords (``pattern``, ``minimum``, ``$ref`` ...) are not enforced: such a
 part of the schema accepts any JSON value of its type, so the grammar is looser than the schema,
 never stricter. JSON is written the way ``json.dumps`` writes it (``", "`` and ``": "``).
 """
@@ -74,6 +75,8 @@ class SchemaGrammar:
             return self.add(" | ".join(self.rule_for({**rest, "type": t}) for t in kind), "types")
         if kind == "object" and isinstance(schema.get("properties"), dict) and schema["properties"]:
             return self._object(schema["properties"], schema.get("required") or [])
+        if kind == "object" and schema.get("additionalProperties") is False:
+            return '"{}"'  # no properties (those were handled above) and no others allowed
         if kind == "array" and "items" in schema:
             item = self.rule_for(schema["items"])
             seq = f"{item} ( \", \" {item} )*"
@@ -110,7 +113,7 @@ def tool_call_grammar(call_open: str, call_close: str, separator: str, arg_key: 
     calls = []
     for name, params in functions.items():
         head = literal(call_open + json.dumps({"name": name}, ensure_ascii=False)[:-1] + f', "{arg_key}": ')
-        args = g.rule_for(params if params else {"type": "object"})
+        args = g.rule_for(params) if params else '"{}"'  # no parameters: a function of no arguments
         if args == "value":  # arguments are an object whatever the schema says
             args = "object_any"
         calls.append(g.add(f"{head} {args} {literal('}' + call_close)}", "call"))

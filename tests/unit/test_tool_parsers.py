@@ -140,7 +140,8 @@ RICH = {"type": "function", "function": {"name": "book", "parameters": {"type": 
     "who": {"type": "object", "properties": {"first": {"type": "string"}, "age": {"type": ["integer", "null"]}},
             "required": ["first"]},
     "seats": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"const": "any"}]}, "minItems": 1},
-    "vip": {"type": "boolean"}, "note": {"type": "string", "pattern": "^x"}}}}}
+    "vip": {"type": "boolean"}, "note": {"type": "string", "pattern": "^x"},
+    "none": {"type": "object", "additionalProperties": False}, "extra": {"type": "object"}}}}}
 
 
 @pytest.mark.parametrize("name,key", [("qwen25", "arguments"), ("llama3", "parameters")])
@@ -165,8 +166,9 @@ def test_named_tool_choice_forces_exactly_that_call(compiler, name, key):
 def test_required_tool_choice_forces_one_call_or_more(compiler, name, key):
     parser = ToolCallParser(name, TOOLS + [RICH])
     ebnf = parser.constraint("required")["ebnf"]
-    rich = {"who": {"first": "Ada", "age": None}, "seats": [3, "any"], "vip": True, "note": "y"}
-    calls = [("ping", {"any": {"thing": [1, None]}}), ("book", rich), ("book", {}), ("get_weather", {"city": "é"})]
+    rich = {"who": {"first": "Ada", "age": None}, "seats": [3, "any"], "vip": True, "note": "y (not enforced)",
+            "none": {}, "extra": {"k": [1.5, {"n": None}]}}
+    calls = [("ping", {}), ("book", rich), ("book", {}), ("get_weather", {"city": "é"})]
     texts = [as_call(name, n, a, key) for n, a in calls]
     joined = ("\n" if name == "qwen25" else "; ").join(texts)
     assert accepts(compiler, ebnf, joined)
@@ -174,9 +176,12 @@ def test_required_tool_choice_forces_one_call_or_more(compiler, name, key):
     for text in texts:
         assert accepts(compiler, ebnf, text)
     for bad in ["", "I will not call anything.", as_call(name, "nope", {}, key),
+                as_call(name, "ping", {"x": 1}, key),  # a function without parameters takes no arguments
                 as_call(name, "book", {"seats": []}, key),  # minItems 1
                 as_call(name, "book", {"who": {"age": 3}}, key),  # who.first required
-                as_call(name, "book", {"vip": "yes"}, key)]:
+                as_call(name, "book", {"vip": "yes"}, key),
+                as_call(name, "book", {"none": {"a": 1}}, key),  # additionalProperties false
+                as_call(name, "book", {"vip": True, "who": {"first": "A"}}, key)]:  # out of declared order
         assert not accepts(compiler, ebnf, bad), bad
 
 
