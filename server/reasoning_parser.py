@@ -6,7 +6,7 @@ SGLang's ``--reasoning-parser``). Two formats, after SGLang's detectors:
 - ``qwen3``: reasoning only inside an explicit ``<think>`` block at the start of the output
   (leading whitespace allowed). Qwen3's chat template puts ``<think>`` into the *prompt* when
   thinking is on, so the output starts inside the block: pass ``force_reasoning=True`` then
-  (SGLang's serving layer does the same from ``enable_thinking``).
+  (``opens_reasoning(prompt)`` tells; SGLang's serving layer sets it from ``enable_thinking``).
 - ``deepseek-r1``: the output always starts inside the block (R1 emits no ``<think>``, R1-0528
   does; both are handled) and reasoning ends at ``</think>``.
 
