@@ -126,7 +126,7 @@ def test_a_killed_worker_makes_health_503_and_the_server_exit_non_zero() -> None
 def _stream(url: str, prompt: str, out: dict, key: int) -> None:
     text, last, done = "", None, False
     with httpx.stream("POST", f"{url}/generate", timeout=300, json={
-            "text": prompt, "stream": True, "sampling_params": {"max_new_tokens": 48, "temperature": 0,
+            "text": prompt, "stream": True, "sampling_params": {"max_new_tokens": 32, "temperature": 0,
                                                                 "ignore_eos": True}}) as r:
         for line in r.iter_lines():
             if line == "data: [DONE]":
@@ -166,7 +166,7 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0() -> None:
         for last, done in out.values():
             assert done and last is not None
             assert last["meta_info"]["finish_reason"]["type"] == "length", last
-            assert last["meta_info"]["completion_tokens"] == 48
+            assert last["meta_info"]["completion_tokens"] == 32
         assert wait_no_children(kids) == []
     finally:
         server.kill()
