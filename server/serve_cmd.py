@@ -27,6 +27,7 @@ from treadle.server.serve_args import parse_args
 READY_LINE = "Serving {model} on http://{host}:{port}"
 DEAD_EXIT_DELAY_S = 1.0  # /health answers 503 this long before the process goes (a probe sees why)
 DEAD_EXIT_CODE = 1
+START_FAILED_EXIT_CODE = 1
 ABORTED_DRAIN_S = 5.0  # after the grace period: time for the aborted requests' last events to go out
 
 
@@ -117,6 +118,10 @@ def engine_death(engine: Any) -> Optional[BaseException]:
     return getattr(sup, "dead", None) if sup is not None and not getattr(engine, "_shut_down", False) else None
 
 
+def _interrupt(sig: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(argv: Optional[list[str]] = None) -> int:
     """Run the server until it drains or the engine dies; the process's exit code."""
     server_args, ns = parse_args(argv)
@@ -125,7 +130,15 @@ def serve(argv: Optional[list[str]] = None) -> int:
     name = server_args.served_model_name or server_args.model_path
     say(f"starting the engine (model {server_args.model_path})")
     t0 = time.perf_counter()
-    engine = Engine(server_args=server_args)
+    # SIGTERM while the engine starts: stop the start (Engine.__init__ cleans up its children)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        engine = Engine(server_args=server_args)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, OSError) as e:
+        say(f"the engine failed to start: {type(e).__name__}: {e}")
+        return START_FAILED_EXIT_CODE
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
         say(f"engine started in {time.perf_counter() - t0:.1f} s "
             f"(device {engine.server_args.device}, {len(engine.get_all_child_pids())} child processes)")
