@@ -66,8 +66,13 @@ class Metrics:
         self.running.labels(m).set(running)
         self.waiting.labels(m).set(waiting)
         self.token_usage.labels(m).set(used / pages if pages else 0.0)
-        prompt = self.prompt_tokens.labels(m)._value.get()
-        self.cache_hit_rate.labels(m).set(self.cached_tokens / prompt if prompt else 0.0)
+        # the schedulers count every prompt token they admitted and how many the prefix cache held
+        # (all routes, the engine's whole life); the routes' own count is the fallback
+        prompt = sum(s.get("prompt_tokens", 0) for s in states)
+        cached = sum(s.get("cached_tokens", 0) for s in states)
+        if not prompt:
+            prompt, cached = self.prompt_tokens.labels(m)._value.get(), self.cached_tokens
+        self.cache_hit_rate.labels(m).set(cached / prompt if prompt else 0.0)
 
 
 class RequestTimer:

@@ -1,6 +1,8 @@
 """``python -m treadle [question]``: answer one question with the default model, chat template applied.
 
 This is the README's first command: it proves the whole engine works on a fresh machine.
+``treadle serve ...`` (or ``python -m treadle serve ...``) starts the HTTP server instead
+(``server/serve_cmd.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["serve"]:
+        from treadle.server.serve_cmd import main as serve_main
+
+        return serve_main(args[1:])
     p = argparse.ArgumentParser(prog="treadle", description=__doc__)
     p.add_argument("question", nargs="?", default="What is the capital of France?")
     p.add_argument("--model-path", default="default")
