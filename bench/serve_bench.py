@@ -18,6 +18,7 @@ over the tokens the later one carries. Requests go to SGLang's native ``/generat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -153,10 +154,20 @@ def cli_flags(kwargs: dict[str, Any]) -> list[str]:
     return flags
 
 
+def _die_with_parent() -> None:
+    """In the server's child before exec: SIGTERM it when this benchmark dies (a ``timeout`` kill
+    must not leave a server holding the card for the next run; Linux's parent-death signal)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(model_dir: str, kwargs: dict[str, Any], port: int, log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "treadle.serve", "--model-path", model_dir, "--port", str(port), *cli_flags(kwargs)]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent)
     import httpx
 
     deadline = time.monotonic() + 600
@@ -210,6 +221,7 @@ def prompt_vocab(model_dir: str) -> int:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends us through the finally blocks
     p = bench_parser(__doc__, tokenizer=True)
     p.add_argument("--shape", choices=sorted(SHAPES), help="a config-only shape with dummy weights")
     p.add_argument("--model-path", default="", help="a real model instead of --shape")
