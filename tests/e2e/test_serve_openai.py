@@ -1,0 +1,189 @@
+"""Issue 22, acceptance 1 and 3 for OpenAI's API: the official ``openai`` client against the
+server (``serve_in_thread``) over the module's default-model engine; greedy HTTP output equal
+to the in-process engine's, token for token; bad requests -> OpenAI's error shape, and the
+server keeps serving."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from serve_helpers import serve_in_thread
+from treadle import Engine
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smol"
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(model_path="default", random_seed=0)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with serve_in_thread(engine, MODEL) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def chat_ids(url):
+    """The prompt ids the server's chat template gives (the transformers tokenizer of the model)."""
+    from transformers import AutoTokenizer
+
+    from treadle.runtime.model_files import resolve_model_files
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_files("default").tokenizer_dir)
+    return lambda messages: list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=False))
+
+
+def test_models_list(client, engine):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert models[0].model_extra["max_model_len"] == engine.get_server_info()["context_length"]
+
+
+def test_completion_equals_in_process_greedy_token_for_token(client, engine):
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, logprobs=0, **GREEDY)
+    ref = engine.generate(prompt=prompt, sampling_params={"max_new_tokens": 12, **GREEDY}, return_logprob=True)
+    choice = out.choices[0]
+    assert choice.text == ref["text"]
+    ref_lps = [lp for lp, _, _ in ref["meta_info"]["output_token_logprobs"]]
+    assert choice.logprobs.token_logprobs == pytest.approx(ref_lps, abs=1e-4)
+    assert "".join(choice.logprobs.tokens) == ref["text"]
+    assert out.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
+    assert out.usage.completion_tokens == ref["meta_info"]["completion_tokens"] == 12
+    assert choice.finish_reason == "length" and out.id.startswith("cmpl-") and out.model == MODEL
+
+
+def test_completion_token_prompts_batch_and_echo(client, engine):
+    ids = [[1, 504, 3458, 282], [1, 2, 3]]
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, echo=True, **GREEDY)
+    ref = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 4, **GREEDY})
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice, r in zip(out.choices, ref):
+        assert choice.text.endswith(r["text"]) and len(choice.text) > len(r["text"])
+    assert out.usage.prompt_tokens == 7
+
+
+def test_completion_top_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, logprobs=2, **GREEDY)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    for tok, top, value in zip(lp.tokens, lp.top_logprobs, lp.token_logprobs):
+        assert len(top) == 2 and tok in top and top[tok] == pytest.approx(value)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_chat_equals_in_process_greedy(client, engine, chat_ids):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, logprobs=True,
+                                         top_logprobs=2, **GREEDY)
+    ref = engine.generate(input_ids=chat_ids(messages), sampling_params={"max_new_tokens": 10, **GREEDY},
+                          return_logprob=True)
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and msg.content == ref["text"]
+    content = out.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(
+        [lp for lp, _, _ in ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
+    assert all(len(c.top_logprobs) == 2 for c in content)
+    assert out.usage.prompt_tokens == len(chat_ids(messages))
+    assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
+
+
+def test_chat_stream_with_usage(client):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=8, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=8,
+                                                 stream=True, stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_completion_stream_matches_whole(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, **GREEDY)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_samples(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                         max_tokens=5, **GREEDY)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content == out.choices[1].message.content  # greedy: the same
+    single = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                            **GREEDY)
+    assert out.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counted once
+    assert out.usage.completion_tokens == 2 * single.usage.completion_tokens
+    sampled = client.completions.create(model=MODEL, prompt="Hi", n=2, max_tokens=5, temperature=1.0, seed=3)
+    again = client.completions.create(model=MODEL, prompt="Hi", n=2, max_tokens=5, temperature=1.0, seed=3)
+    assert len(sampled.choices) == 2 and [c.text for c in sampled.choices] == [c.text for c in again.choices]
+
+
+def test_json_schema_response_format(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=48,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}, **GREEDY)
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    obj = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                         max_tokens=24, response_format={"type": "json_object"}, **GREEDY)
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:
+        assert obj.choices[0].message.content.lstrip().startswith("{")
+
+
+def _error(r: httpx.Response, status: int, param) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    return err
+
+
+def test_bad_requests_name_the_field_and_the_server_keeps_serving(url, client):
+    post = lambda path, body: httpx.post(f"{url}/v1/{path}", json=body, timeout=30)  # noqa: E731
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    _error(post("chat/completions", {**chat, "model": "gpt-4"}), 404, "model")
+    _error(post("completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}), 400, "max_tokens")
+    _error(post("chat/completions", {**chat, "max_completion_tokens": -5}), 400, "max_completion_tokens")
+    _error(post("completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}), 400, "max_tokens")
+    _error(post("chat/completions", {**chat, "temperature": "hot"}), 400, "temperature")
+    _error(post("chat/completions", {**chat, "messages": [{"role": "robot", "content": "x"}]}), 400, "messages.0.role")
+    _error(post("completions", {"model": MODEL}), 400, "prompt")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
+    _error(post("chat/completions", {**chat, "response_format": bad_schema}), 400, "response_format")
+    _error(post("chat/completions", {**chat, "top_p": 7}), 400, "top_p")  # the engine's own check
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    # still serving, and SGLang's extras are accepted, unknown fields ignored
+    ok = post("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "top_k": 5, "min_p": 0.1,
+                              "repetition_penalty": 1.1, "priority": 0, "no_such_field": 1, "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
