@@ -59,15 +59,15 @@ def test_models_list(client, engine):
 
 def test_completion_equals_in_process_greedy_token_for_token(client, engine):
     prompt = "The capital of France is"
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, logprobs=0, **GREEDY)
-    ref = engine.generate(prompt=prompt, sampling_params={"max_new_tokens": 12, **GREEDY}, return_logprob=True)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=0, **GREEDY)
+    ref = engine.generate(prompt=prompt, sampling_params={"max_new_tokens": 8, **GREEDY}, return_logprob=True)
     choice = out.choices[0]
     assert choice.text == ref["text"]
     ref_lps = [lp for lp, _, _ in ref["meta_info"]["output_token_logprobs"]]
     assert choice.logprobs.token_logprobs == pytest.approx(ref_lps, abs=1e-4)
     assert "".join(choice.logprobs.tokens) == ref["text"]
     assert out.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
-    assert out.usage.completion_tokens == ref["meta_info"]["completion_tokens"] == 12
+    assert out.usage.completion_tokens == ref["meta_info"]["completion_tokens"] == 8
     assert choice.finish_reason == "length" and out.id.startswith("cmpl-") and out.model == MODEL
 
 
@@ -92,9 +92,9 @@ def test_completion_top_logprobs(client):
 
 def test_chat_equals_in_process_greedy(client, engine, chat_ids):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, logprobs=True,
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, logprobs=True,
                                          top_logprobs=2, **GREEDY)
-    ref = engine.generate(input_ids=chat_ids(messages), sampling_params={"max_new_tokens": 10, **GREEDY},
+    ref = engine.generate(input_ids=chat_ids(messages), sampling_params={"max_new_tokens": 6, **GREEDY},
                           return_logprob=True)
     msg = out.choices[0].message
     assert msg.role == "assistant" and msg.content == ref["text"]
@@ -108,8 +108,8 @@ def test_chat_equals_in_process_greedy(client, engine, chat_ids):
 
 def test_chat_stream_with_usage(client):
     messages = [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]
-    whole = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=8, **GREEDY)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=8,
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6,
                                                  stream=True, stream_options={"include_usage": True}, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -121,41 +121,36 @@ def test_chat_stream_with_usage(client):
 
 
 def test_completion_stream_matches_whole(client):
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, **GREEDY)
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=5, **GREEDY)
     whole = client.completions.create(**kw)
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_n_samples(client):
-    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
-                                         max_tokens=5, **GREEDY)
+def test_n_samples(client, chat_ids):
+    messages = [{"role": "user", "content": "Hi"}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=4, **GREEDY)
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[0].message.content == out.choices[1].message.content  # greedy: the same
-    single = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-                                            **GREEDY)
-    assert out.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counted once
-    assert out.usage.completion_tokens == 2 * single.usage.completion_tokens
-    sampled = client.completions.create(model=MODEL, prompt="Hi", n=2, max_tokens=5, temperature=1.0, seed=3)
-    again = client.completions.create(model=MODEL, prompt="Hi", n=2, max_tokens=5, temperature=1.0, seed=3)
+    assert out.usage.prompt_tokens == len(chat_ids(messages))  # the prompt counted once
+    assert out.usage.completion_tokens == 2 * 4
+    kw = dict(model=MODEL, prompt="Hi", n=2, max_tokens=3, temperature=1.0, seed=3)
+    sampled, again = client.completions.create(**kw), client.completions.create(**kw)
     assert len(sampled.choices) == 2 and [c.text for c in sampled.choices] == [c.text for c in again.choices]
 
 
 def test_json_schema_response_format(client):
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["name", "age"], "additionalProperties": False}
     out = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=48,
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=32,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}, **GREEDY)
     jsonschema.validate(json.loads(out.choices[0].message.content), schema)
-    obj = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
-                                         max_tokens=24, response_format={"type": "json_object"}, **GREEDY)
-    if obj.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(obj.choices[0].message.content), dict)
-    else:
-        assert obj.choices[0].message.content.lstrip().startswith("{")
+    obj = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=4,
+                                    extra_body={"response_format": {"type": "json_object"}}, **GREEDY)  # not an OpenAI field of completions, but SGLang takes it
+    assert obj.choices[0].text.lstrip().startswith("{")
 
 
 def _error(r: httpx.Response, status: int, param) -> dict:
