@@ -22,6 +22,8 @@ from treadle.server.openai_sampling import (check_model, check_serving, check_to
                                             matched_stop, new_id, now, outcome_of, sampling_params, timer_done,
                                             usage)
 
+PROMPT_TAIL = 8  # tokens at the end of a rendered prompt in which a template may open <think>
+
 
 def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """OpenAI's messages as Hugging Face chat templates expect them: text parts joined into one
@@ -80,16 +82,16 @@ async def create_chat_completion(request: Request, req: ChatCompletionRequest) -
     params = sampling_params(req, req.max_completion_tokens if req.max_completion_tokens is not None
                              else req.max_tokens, max_field)
     tools = _tools(req)
-    parsers = ChatParsers.for_request(state.engine.server_args, req, tools)
+    check_serving(state)
+    tok = await server_tokenizer(state)
+    ids = tok.render(template_messages(req), tools, req.add_generation_prompt, req.continue_final_message,
+                     req.chat_template_kwargs)
+    parsers = ChatParsers.for_request(state.engine.server_args, req, tools, tok.decode(ids[-PROMPT_TAIL:]))
     if req.tool_choice not in (None, "auto", "none") and tools:
         if parsers.tools is None:
             raise APIError(400, "tool_choice 'required' or a named function needs the server's --tool-call-parser.",
                            "tool_choice")
         params.update(parsers.tools.constraint(req.tool_choice) or {})
-    check_serving(state)
-    tok = await server_tokenizer(state)
-    ids = tok.render(template_messages(req), tools, req.add_generation_prompt, req.continue_final_message,
-                     req.chat_template_kwargs)
     kwargs: dict[str, Any] = {"input_ids": [ids], "sampling_params": params}
     if req.logprobs:
         kwargs.update(return_logprob=True, top_logprobs_num=req.top_logprobs or 0)

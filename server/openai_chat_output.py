@@ -22,13 +22,16 @@ class ChatParsers:
         self.reasoning, self.tools = reasoning, tools
 
     @classmethod
-    def for_request(cls, server_args: Any, req: Any, tools: Optional[list[dict[str, Any]]]) -> "ChatParsers":
+    def for_request(cls, server_args: Any, req: Any, tools: Optional[list[dict[str, Any]]],
+                    prompt_tail: str = "") -> "ChatParsers":
+        """``prompt_tail``: the end of the rendered prompt; a template that opened ``<think>`` there
+        (Qwen3 with thinking on) makes the output start inside the reasoning block."""
         reasoning = tool_parser = None
         name = getattr(server_args, "reasoning_parser", None)
         if name and req.separate_reasoning:
-            from treadle.server.reasoning_parser import ReasoningParser
+            from treadle.server.reasoning_parser import ReasoningParser, opens_reasoning
 
-            reasoning = ReasoningParser(name)
+            reasoning = ReasoningParser(name, True if opens_reasoning(prompt_tail) else None)
         name = getattr(server_args, "tool_call_parser", None)
         if name and tools and req.tool_choice != "none":
             from treadle.server.tool_parsers import ToolCallParser
