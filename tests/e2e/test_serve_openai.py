@@ -23,7 +23,8 @@ GREEDY = {"temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine(model_path="default", random_seed=0)
+    # the chat parsers are server arguments the Engine accepts and leaves to `treadle serve`
+    eng = Engine(model_path="default", random_seed=0, tool_call_parser="hermes", reasoning_parser="qwen3")
     yield eng
     eng.shutdown()
 
@@ -182,3 +183,21 @@ def test_bad_requests_name_the_field_and_the_server_keeps_serving(url, client):
     ok = post("completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "top_k": 5, "min_p": 0.1,
                               "repetition_penalty": 1.1, "priority": 0, "no_such_field": 1, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
+
+
+PING = [{"type": "function", "function": {"name": "ping", "description": "Check the network"}}]
+
+
+def test_tool_choice_forces_a_call_streamed_as_tool_call_deltas(client):
+    """The named function's grammar (C's parser) forces the call; the hermes parser turns the
+    streamed text into OpenAI tool-call deltas (the whole-message path: tests/unit/test_openai_chat.py).
+    SmolLM2 spells the call nearly a character a token: about 42 tokens."""
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Is the network up?"}], tools=PING,
+        tool_choice={"type": "function", "function": {"name": "ping"}}, max_tokens=64, stream=True, **GREEDY))
+    calls = [c for ch in chunks if ch.choices for c in (ch.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].id.startswith("call_") and calls[0].type == "function"
+    assert "".join(c.function.name or "" for c in calls) == "ping"
+    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {}
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
