@@ -58,10 +58,25 @@ def test_models_list(client, engine):
     assert models[0].model_extra["max_model_len"] == engine.get_server_info()["context_length"]
 
 
-def test_completion_equals_in_process_greedy_token_for_token(client, engine):
-    prompt = "The capital of France is"
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=0, **GREEDY)
-    ref = engine.generate(prompt=prompt, sampling_params={"max_new_tokens": 8, **GREEDY}, return_logprob=True)
+PROMPT = "The capital of France is"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+
+
+@pytest.fixture(scope="module")
+def completion_ref(engine):
+    """The in-process engine's greedy answer the HTTP answers must equal (one run for the module)."""
+    return engine.generate(prompt=PROMPT, sampling_params={"max_new_tokens": 8, **GREEDY}, return_logprob=True)
+
+
+@pytest.fixture(scope="module")
+def chat_ref(engine, chat_ids):
+    return engine.generate(input_ids=chat_ids(CHAT), sampling_params={"max_new_tokens": 6, **GREEDY},
+                           return_logprob=True)
+
+
+def test_completion_equals_in_process_greedy_token_for_token(client, completion_ref):
+    ref = completion_ref
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, logprobs=0, **GREEDY)
     choice = out.choices[0]
     assert choice.text == ref["text"]
     ref_lps = [lp for lp, _, _ in ref["meta_info"]["output_token_logprobs"]]
@@ -70,6 +85,13 @@ def test_completion_equals_in_process_greedy_token_for_token(client, engine):
     assert out.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
     assert out.usage.completion_tokens == ref["meta_info"]["completion_tokens"] == 8
     assert choice.finish_reason == "length" and out.id.startswith("cmpl-") and out.model == MODEL
+
+
+def test_completion_stream_equals_in_process(client, completion_ref):
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, stream=True, **GREEDY))
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == completion_ref["text"]
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_completion_token_prompts_batch_and_echo(client, engine):
@@ -91,42 +113,31 @@ def test_completion_top_logprobs(client):
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
 
 
-def test_chat_equals_in_process_greedy(client, engine, chat_ids):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, logprobs=True,
-                                         top_logprobs=2, **GREEDY)
-    ref = engine.generate(input_ids=chat_ids(messages), sampling_params={"max_new_tokens": 6, **GREEDY},
-                          return_logprob=True)
+def test_chat_equals_in_process_greedy(client, chat_ref, chat_ids):
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, logprobs=True, top_logprobs=2,
+                                         **GREEDY)
     msg = out.choices[0].message
-    assert msg.role == "assistant" and msg.content == ref["text"]
+    assert msg.role == "assistant" and msg.content == chat_ref["text"]
     content = out.choices[0].logprobs.content
     assert [c.logprob for c in content] == pytest.approx(
-        [lp for lp, _, _ in ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
+        [lp for lp, _, _ in chat_ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
     assert all(len(c.top_logprobs) == 2 for c in content)
-    assert out.usage.prompt_tokens == len(chat_ids(messages))
+    assert out.usage.prompt_tokens == len(chat_ids(CHAT))
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
 
 
-def test_chat_stream_with_usage(client):
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]
-    whole = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6, **GREEDY)
+def test_chat_stream_with_usage(client, chat_ref):
+    messages = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": CHAT[1]["content"]}]}]  # text parts
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6,
                                                  stream=True, stream_options={"include_usage": True}, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert text == chat_ref["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     last = chunks[-1]
-    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
-    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
-
-
-def test_completion_stream_matches_whole(client):
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=5, **GREEDY)
-    whole = client.completions.create(**kw)
-    chunks = list(client.completions.create(stream=True, **kw))
-    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert last.choices == [] and last.usage.completion_tokens == 6
+    assert last.usage.prompt_tokens == chat_ref["meta_info"]["prompt_tokens"]
 
 
 def test_n_samples(client, chat_ids):
