@@ -6,6 +6,7 @@ server keeps serving."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
@@ -212,3 +213,27 @@ def test_tool_choice_forces_a_call_streamed_as_tool_call_deltas(client):
     assert json.loads("".join(c.function.arguments or "" for c in calls)) == {}
     assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def _running(engine) -> int:
+    return sum(s.get("num_running", 0) + s.get("num_waiting", 0)
+               for s in engine.get_server_info().get("internal_states") or [])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_aborts_its_request(url, engine, stream):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": stream}
+    with httpx.Client(timeout=30) as http:
+        if stream:
+            with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert all(next(lines) is not None for _ in range(6))  # the role chunk and some tokens came
+                assert _running(engine) == 1  # still generating while the client reads
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(f"{url}/v1/chat/completions", json=body, timeout=3)
+    deadline = time.monotonic() + 10
+    while _running(engine) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _running(engine) == 0
