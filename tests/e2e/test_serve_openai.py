@@ -161,8 +161,9 @@ def test_json_schema_response_format(client):
         model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=32,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}, **GREEDY)
     jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    # response_format is not OpenAI's field of completions, but SGLang's server takes it there too
     obj = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=4,
-                                    extra_body={"response_format": {"type": "json_object"}}, **GREEDY)  # not an OpenAI field of completions, but SGLang takes it
+                                    extra_body={"response_format": {"type": "json_object"}}, **GREEDY)
     assert obj.choices[0].text.lstrip().startswith("{")
 
 

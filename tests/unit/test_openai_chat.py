@@ -105,7 +105,8 @@ def test_reasoning_and_tool_calls_in_the_whole_message():
     off = ChatParsers.for_request(_args(tools="hermes"), _req(tools=TOOLS, tool_choice="none"), TOOLS)
     assert off.tools is None
     # a template that opened <think> in the prompt: the output starts inside the block
-    forced = ChatParsers.for_request(_args(reasoning="qwen3"), _req(), None, prompt_tail="<|im_start|>assistant\n<think>\n")
+    forced = ChatParsers.for_request(_args(reasoning="qwen3"), _req(), None,
+                                     prompt_tail="<|im_start|>assistant\n<think>\n")
     assert forced.message("hmm</think>Hi")[0] == {"role": "assistant", "content": "Hi", "reasoning_content": "hmm"}
 
 
