@@ -18,9 +18,9 @@ from treadle.server.metrics import RequestTimer
 from treadle.server.openai_chat_output import ChatParsers
 from treadle.server.openai_logprobs import chat_logprobs
 from treadle.server.openai_protocol import ChatCompletionRequest
-from treadle.server.openai_sampling import (check_model, check_serving, check_top_logprobs, finish_reason,
-                                            matched_stop, new_id, now, outcome_of, sampling_params, timer_done,
-                                            usage)
+from treadle.server.openai_sampling import (as_openai_error, check_model, check_serving, check_top_logprobs,
+                                            finish_reason, matched_stop, new_id, now, outcome_of, sampling_params,
+                                            timer_done, usage)
 
 PROMPT_TAIL = 8  # tokens at the end of a rendered prompt in which a template may open <think>
 
@@ -104,6 +104,9 @@ async def create_chat_completion(request: Request, req: ChatCompletionRequest) -
             chunks = await state.engine.async_generate(stream=True, **kwargs)
             return sse_response(_stream(chunks, req, parsers, tok, timer, state.served_model_name))
         out = await unless_disconnected(request, state.engine.async_generate(**kwargs))
+    except (ValueError, TypeError) as e:
+        timer.done("error")
+        raise as_openai_error(e) from None
     except BaseException:
         timer.done("error")
         raise

@@ -18,9 +18,9 @@ from treadle.server.http_utils import SSE_DONE, json_response, sse_event, sse_re
 from treadle.server.metrics import RequestTimer
 from treadle.server.openai_logprobs import completion_logprobs, merge_completion_logprobs
 from treadle.server.openai_protocol import CompletionRequest
-from treadle.server.openai_sampling import (check_model, check_serving, check_top_logprobs, finish_reason,
-                                            matched_stop, new_id, now, outcome_of, sampling_params, timer_done,
-                                            usage)
+from treadle.server.openai_sampling import (as_openai_error, check_model, check_serving, check_top_logprobs,
+                                            finish_reason, matched_stop, new_id, now, outcome_of, sampling_params,
+                                            timer_done, usage)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's default for completions
 
@@ -68,6 +68,9 @@ async def create_completion(request: Request, req: CompletionRequest) -> Respons
             chunks = await state.engine.async_generate(stream=True, **kwargs)
             return sse_response(_stream(chunks, req, prompts, tok, timer, state.served_model_name))
         out = await unless_disconnected(request, state.engine.async_generate(**kwargs))
+    except (ValueError, TypeError) as e:
+        timer.done("error")
+        raise as_openai_error(e) from None
     except BaseException:
         timer.done("error")
         raise

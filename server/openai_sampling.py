@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from treadle.server.errors import APIError
+from treadle.server.errors import APIError, body_of
 
 # the schema OpenAI's "json_object" mode promises: some JSON object
 JSON_OBJECT_SCHEMA = {"type": "object"}
@@ -122,6 +122,23 @@ def usage(metas: list[dict[str, Any]], n: int) -> dict[str, int]:
     if cached:
         out["prompt_tokens_details"] = {"cached_tokens": cached}
     return out
+
+
+# the engine's names for fields OpenAI's clients send under another name
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
+                "top_logprobs_num": "logprobs"}
+
+
+def as_openai_error(exc: Exception) -> APIError:
+    """The engine's ValueError/TypeError (which names its own field first) as a 400 naming the
+    field the client sent: ``max_new_tokens`` is the client's ``max_tokens``."""
+    body = body_of(exc)["error"]
+    param = body["param"]
+    message = body["message"]
+    if param in OPENAI_NAMES:
+        message = message.replace(param, OPENAI_NAMES[param], 1)
+        param = OPENAI_NAMES[param]
+    return APIError(400, message, param)
 
 
 def check_top_logprobs(value: Optional[int], field: str) -> None:

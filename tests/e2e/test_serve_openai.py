@@ -188,6 +188,8 @@ def test_bad_requests_name_the_field_and_the_server_keeps_serving(url, client):
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}
     _error(post("chat/completions", {**chat, "response_format": bad_schema}), 400, "response_format")
     _error(post("chat/completions", {**chat, "top_p": 7}), 400, "top_p")  # the engine's own check
+    # the engine's min_new_tokens check, named as the client sent it
+    _error(post("completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 5}), 400, "min_tokens")
     r = httpx.post(f"{url}/v1/completions", content=b"{not json", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):

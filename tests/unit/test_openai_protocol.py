@@ -13,7 +13,7 @@ from treadle.server.errors import APIError
 from treadle.server.openai_completions import engine_kwargs
 from treadle.server.openai_logprobs import chat_logprobs, completion_logprobs, merge_completion_logprobs
 from treadle.server.openai_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_body
-from treadle.server.openai_sampling import check_model, finish_reason, sampling_params, usage
+from treadle.server.openai_sampling import as_openai_error, check_model, finish_reason, sampling_params, usage
 
 
 def _err(model, body) -> APIError:
@@ -116,3 +116,11 @@ def test_logprob_shapes():
     chat = chat_logprobs(toks, tops, names)
     assert chat["content"][0] == {"token": "Hello", "logprob": -0.1, "bytes": list(b"Hello"), "top_logprobs": [
         {"token": "Hello", "logprob": -0.1, "bytes": list(b"Hello")}, {"token": "!", "logprob": -2.0, "bytes": [33]}]}
+
+
+def test_engine_errors_name_the_clients_field():
+    e = as_openai_error(ValueError("max_new_tokens must be at least 0, got -3."))
+    assert (e.status, e.param, e.message) == (400, "max_tokens", "max_tokens must be at least 0, got -3.")
+    assert as_openai_error(ValueError("sampling_seed must be an int")).param == "seed"
+    assert as_openai_error(ValueError("top_p must be in (0, 1], got 7.")).param == "top_p"
+    assert as_openai_error(TypeError("Unexpected keyword argument 'x'")).param is None
