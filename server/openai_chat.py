@@ -25,21 +25,20 @@ from treadle.server.openai_sampling import (as_openai_error, check_model, check_
 PROMPT_TAIL = 8  # tokens at the end of a rendered prompt in which a template may open <think>
 
 
-def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """OpenAI's messages as Hugging Face chat templates expect them: text parts joined into one
-    string, tool-call arguments as dicts, ``developer`` as ``system``."""
-    out = []
+def template_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[str]]:
+    """OpenAI's messages as Hugging Face chat templates expect them, and the images they hold.
+
+    Text parts are joined into one string (text-only templates take a string); a message with
+    ``image_url`` parts keeps its parts, each image as ``{"type": "image"}`` (what multimodal
+    templates such as LLaVA's render as the ``<image>`` placeholder the engine expands) and its
+    URL (http, file or base64 data URL) into the returned list, the engine's ``image_data``.
+    Tool-call arguments become dicts, ``developer`` becomes ``system``."""
+    out, images = [], []
     for i, m in enumerate(req.messages):
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
         content = m.content
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(400, f"messages.{i}.content: only text parts are supported, got "
-                                        f"{part.get('type')!r}.", f"messages.{i}.content")
-                texts.append(part["text"])
-            content = "\n".join(texts)
+            content = _content_parts(content, f"messages.{i}.content", images)
         msg["content"] = content if content is not None else ""
         if m.name is not None:
             msg["name"] = m.name
@@ -50,7 +49,23 @@ def template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         out.append(msg)
     if not out:
         raise APIError(400, "messages must not be empty.", "messages")
-    return out
+    return out, images
+
+
+def _content_parts(parts: list[dict[str, Any]], where: str, images: list[str]) -> Any:
+    texts, with_images = [], []
+    for j, part in enumerate(parts):
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            with_images.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url" and isinstance((part.get("image_url") or {}).get("url"), str):
+            images.append(part["image_url"]["url"])
+            with_images.append({"type": "image"})
+        else:
+            raise APIError(400, f"{where}.{j}: a content part must be {{'type': 'text', 'text': str}} or "
+                                f"{{'type': 'image_url', 'image_url': {{'url': str}}}}, got {kind!r}.", f"{where}.{j}")
+    return with_images if len(with_images) > len(texts) else "\n".join(texts)
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +99,8 @@ async def create_chat_completion(request: Request, req: ChatCompletionRequest) -
     tools = _tools(req)
     check_serving(state)
     tok = await server_tokenizer(state)
-    ids = tok.render(template_messages(req), tools, req.add_generation_prompt, req.continue_final_message,
-                     req.chat_template_kwargs)
+    messages, images = template_messages(req)
+    ids = tok.render(messages, tools, req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs)
     parsers = ChatParsers.for_request(state.engine.server_args, req, tools, tok.decode(ids[-PROMPT_TAIL:]))
     if req.tool_choice not in (None, "auto", "none") and tools:
         if parsers.tools is None:
@@ -93,6 +108,8 @@ async def create_chat_completion(request: Request, req: ChatCompletionRequest) -
                            "tool_choice")
         params.update(parsers.tools.constraint(req.tool_choice) or {})
     kwargs: dict[str, Any] = {"input_ids": [ids], "sampling_params": params}
+    if images:
+        kwargs["image_data"] = [images]
     if req.logprobs:
         kwargs.update(return_logprob=True, top_logprobs_num=req.top_logprobs or 0)
     for name in ("lora_path", "priority", "rid"):

@@ -43,14 +43,24 @@ def test_template_messages_flatten_parts_and_tool_calls():
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "42"}])
-    msgs = template_messages(req)
+    msgs, images = template_messages(req)
+    assert images == []
     assert msgs[0] == {"role": "system", "content": "Be terse."}
     assert msgs[1]["content"] == "a\nb" and msgs[2]["content"] == ""
     assert msgs[2]["tool_calls"][0]["function"]["arguments"] == {"x": 1}
     assert msgs[3] == {"role": "tool", "content": "42", "tool_call_id": "call_1"}
     with pytest.raises(APIError) as e:
-        template_messages(_req(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]))
-    assert e.value.param == "messages.0.content"
+        template_messages(_req(messages=[{"role": "user", "content": [{"type": "text", "text": "x"},
+                                                                       {"type": "image_url", "image_url": {}}]}]))
+    assert e.value.param == "messages.0.content.1"
+
+
+def test_image_parts_become_placeholders_and_image_data():
+    url = "data:image/png;base64,iVBORw0KGgo="
+    msgs, images = template_messages(_req(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]))
+    assert images == [url]
+    assert msgs[0]["content"] == [{"type": "text", "text": "What is this?"}, {"type": "image"}]
 
 
 def test_render_is_the_models_template(server_tok, tok_dir):
