@@ -16,7 +16,7 @@ from treadle.server.errors import APIError
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), strict=True)
 
 
 class StreamOptions(_Body):

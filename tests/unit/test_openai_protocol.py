@@ -34,6 +34,11 @@ def test_wrong_types_name_the_field():
     assert _err(ChatCompletionRequest, {"messages": [], "response_format": {"type": "xml"}}).param \
         == "response_format.type"
     assert _err(EmbeddingRequest, {"input": 3.5}).param == "input"
+    # strict types, as OpenAI's own server: no quietly converted strings or bools
+    assert _err(CompletionRequest, {"prompt": "x", "max_tokens": "5"}).param == "max_tokens"
+    assert _err(CompletionRequest, {"prompt": "x", "stream": "yes"}).param == "stream"
+    assert _err(CompletionRequest, {"prompt": "x", "n": True}).param == "n"
+    assert parse_body(CompletionRequest, {"prompt": "x", "temperature": 1}).temperature == 1.0  # an int is a number
 
 
 def test_unknown_fields_are_ignored_and_prompt_forms_accepted():
