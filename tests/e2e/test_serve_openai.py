@@ -89,9 +89,14 @@ def test_completion_equals_in_process_greedy_token_for_token(client, completion_
 
 
 def test_completion_stream_equals_in_process(client, completion_ref):
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, stream=True, **GREEDY))
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, stream=True, logprobs=0,
+                                            **GREEDY))
     assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == completion_ref["text"]
+    lps = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
+    assert lps == pytest.approx([lp for lp, _, _ in completion_ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
@@ -130,11 +135,14 @@ def test_chat_equals_in_process_greedy(client, chat_ref, chat_ids):
 def test_chat_stream_with_usage(client, chat_ref):
     messages = [CHAT[0], {"role": "user", "content": [{"type": "text", "text": CHAT[1]["content"]}]}]  # text parts
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6,
-                                                 stream=True, stream_options={"include_usage": True}, **GREEDY))
+                                                 stream=True, stream_options={"include_usage": True}, logprobs=True,
+                                                 **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat_ref["text"]
+    lps = [t.logprob for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert lps == pytest.approx([lp for lp, _, _ in chat_ref["meta_info"]["output_token_logprobs"]], abs=1e-4)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == 6
