@@ -248,3 +248,22 @@ def test_a_client_that_goes_away_aborts_its_request(url, engine, stream):
     while _running(engine) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _running(engine) == 0
+
+
+def test_requests_are_timed_in_the_apps_metrics(engine):
+    from fastapi.testclient import TestClient
+
+    from treadle.server.app import create_app
+
+    app = create_app(engine, MODEL)
+    with TestClient(app) as http:
+        r1 = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0})
+        r2 = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3, "temperature": 0, "n": 2,
+                                                     "messages": [{"role": "user", "content": "Hi"}]})
+        assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": 9}).status_code == 400
+    assert r1.status_code == r2.status_code == 200
+    value = app.state.metrics.registry.get_sample_value
+    assert value("treadle:num_requests_total", {"model_name": MODEL, "outcome": "success"}) == 2
+    assert value("treadle:num_requests_total", {"model_name": MODEL, "outcome": "error"}) == 1
+    assert value("treadle:generation_tokens_total", {"model_name": MODEL}) == 2 + r2.json()["usage"]["completion_tokens"]
+    assert value("treadle:time_to_first_token_seconds_count", {"model_name": MODEL}) == 2
