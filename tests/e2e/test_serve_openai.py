@@ -268,3 +268,16 @@ def test_requests_are_timed_in_the_apps_metrics(engine):
     generated = 2 + r2.json()["usage"]["completion_tokens"]
     assert value("treadle:generation_tokens_total", {"model_name": MODEL}) == generated
     assert value("treadle:time_to_first_token_seconds_count", {"model_name": MODEL}) == 2
+
+
+def test_reasoning_parser_after_a_prefilled_think_tag(client):
+    """The engine has reasoning_parser="qwen3"; an assistant turn continued from ``<think>``
+    (continue_final_message) leaves the output inside the block, so it all goes to
+    reasoning_content, and ``separate_reasoning: false`` keeps it in content instead."""
+    kw = dict(model=MODEL, max_tokens=4, **GREEDY, messages=[
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "<think>"}])
+    raw = client.chat.completions.create(**kw, extra_body={"continue_final_message": True,
+                                                           "separate_reasoning": False}).choices[0].message
+    split = client.chat.completions.create(**kw, extra_body={"continue_final_message": True}).choices[0].message
+    assert raw.content and not getattr(raw, "reasoning_content", None)
+    assert split.model_extra["reasoning_content"] == raw.content.strip() and not split.content
