@@ -13,7 +13,7 @@ default, and so of ``ServerArgs`` (SGLang's one private field, its bookkeeping
   only act on model kinds Treadle does not serve (MoE, Mamba, DeepSeek sparse attention). Lossy
   speed-ups (TF32, INT8 all-reduce) are here too: without them results are exact, not wrong.
 * ``REFUSED``: features not built, whose silent absence would change results or break a promise
-  (speculative decoding, expert/context parallelism, chat templates, parsers, dumps). Their
+  (speculative decoding, expert/context parallelism, template names, dumps). Their
   defaults pass; another value makes ``ServerArgs.check_supported()`` raise
   ``NotImplementedError`` naming the argument and why, before any child process starts.
 
@@ -180,6 +180,8 @@ NO_EFFECT: dict[str, Any] = {
     "dynamic_batch_tokenizer_batch_timeout": 0.002, "enable_tokenizer_batch_encode": False,
     "disable_tokenizer_batch_decode": False, "enable_memory_saver": False, "enable_weights_cpu_backup": False,
     "enable_draft_weights_cpu_backup": False,
+    # chat: `treadle serve` reads them (its OpenAI routes); the Engine itself takes prompts and ignores them
+    "chat_template": None, "reasoning_parser": None, "tool_call_parser": None, "default_chat_template_kwargs": None,
     # names of late-2025 releases that commit 001067ff renamed or dropped
     "cuda_graph_bs": None, "enable_piecewise_cuda_graph": False, "piecewise_cuda_graph_max_tokens": 4096,
     "piecewise_cuda_graph_tokens": None, "piecewise_cuda_graph_compiler": "eager", "enable_nan_detection": False,
@@ -196,7 +198,7 @@ NO_EFFECT: dict[str, Any] = {
 # ------------------------------------------------------------------ refused unless at SGLang's default
 SPEC, EP, CP = ("speculative decoding is not built yet", "expert parallelism is not built yet",
                 "context parallelism is not built yet")
-CHAT = "the Engine takes prompts; chat templates and parsers belong to SGLang's OpenAI server, not built here"
+CHAT = "this chat-template or parser option is not built (treadle serve reads chat_template and the parsers)"
 PD, EPD = "PD disaggregation is not built yet", "encoder disaggregation is not built yet"
 PRIORITY = "priority scheduling is fixed: higher values first, preemption at a gap of 10"
 DUMP, WEIGHTS, MIS = ("this debug output is not built yet", "weight updates are not built yet",
@@ -227,9 +229,7 @@ REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another 
     "enable_dp_attention": (False, "DP attention is not built yet"),
     "use_ray": (False, "child processes are plain subprocesses; Ray actors are not built"),
     "custom_sigquit_handler": (None, "a failed child process fails pending calls with EngineDeadError instead"),
-    "chat_template": (None, CHAT), "hf_chat_template_name": (None, CHAT), "completion_template": (None, CHAT),
-    "reasoning_parser": (None, CHAT), "tool_call_parser": (None, CHAT), "tool_server": (None, CHAT),
-    "default_chat_template_kwargs": (None, CHAT),
+    "hf_chat_template_name": (None, CHAT), "completion_template": (None, CHAT), "tool_server": (None, CHAT),
     "enable_strict_thinking": (False, "thinking-phase token filtering is not built yet"),
     "log_requests_target": (None, "request logs go to the logger only"),
     "crash_dump_folder": (None, DUMP), "kv_events_config": (None, "KV event publishing is not built yet"),
