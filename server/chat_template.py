@@ -98,11 +98,12 @@ async def server_tokenizer(state: Any) -> ServerTokenizer:
         lock = state.openai_tokenizer_lock = asyncio.Lock()
     async with lock:
         if getattr(state, "openai_tokenizer", None) is None:
-            state.openai_tokenizer = await run_in_threadpool(_load, state.engine.server_args)
+            state.openai_tokenizer = await run_in_threadpool(load_server_tokenizer, state.engine.server_args)
     return state.openai_tokenizer
 
 
-def _load(args: Any) -> ServerTokenizer:
+def load_server_tokenizer(args: Any) -> ServerTokenizer:
+    """The tokenizer and chat template ``args`` name (the serve command loads it before listening)."""
     from treadle.runtime.model_files import resolve_model_files
 
     files = resolve_model_files(args.model_path, getattr(args, "tokenizer_path", None))

@@ -23,7 +23,9 @@ GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 ALIASES = {"model_path": ["--model"], "tp_size": ["--tensor-parallel-size"], "dp_size": ["--data-parallel-size"],
            "pp_size": ["--pipeline-parallel-size"]}
 # the server's own flags that are ServerArgs fields: listed first in --help
-SERVER_FIELDS = ("model_path", "host", "port", "api_key", "served_model_name", "log_level")
+SERVER_FIELDS = ("model_path", "host", "port", "api_key", "served_model_name", "log_level", "chat_template",
+                 "reasoning_parser", "tool_call_parser", "default_chat_template_kwargs")
+CLI_LOG_LEVEL = "info"  # SGLang's CLI default (the in-process Engine's is "error")
 
 
 def json_value(text: str) -> Any:
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(ServerArgs)}
     for name in SERVER_FIELDS:
         _add(serving, fields[name], hints[name], "")
+    for action in serving._group_actions:
+        if action.dest == "log_level":
+            action.help = f"(default: {CLI_LOG_LEVEL!r})"
     serving.add_argument("--graceful-shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_TIMEOUT_S,
                          help="seconds in-flight requests get to finish after SIGTERM before they are aborted "
                               f"(default: {GRACEFUL_SHUTDOWN_TIMEOUT_S})")
@@ -107,11 +112,22 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[ServerArgs, argparse.N
     ns = p.parse_args(argv)
     names = {f.name for f in dataclasses.fields(ServerArgs)}
     given = {k: v for k, v in vars(ns).items() if k in names}
-    given.setdefault("log_level", "info")  # SGLang's CLI default (the in-process Engine's is "error")
+    given.setdefault("log_level", CLI_LOG_LEVEL)
     if ns.graceful_shutdown_timeout < 0:
         p.error("--graceful-shutdown-timeout must be >= 0")
     try:
         server_args = ServerArgs(**given)
+        check_parsers(server_args)
     except (TypeError, ValueError) as e:
         p.error(str(e))
     return server_args, ns
+
+
+def check_parsers(server_args: ServerArgs) -> None:
+    """A misspelt ``--reasoning-parser`` / ``--tool-call-parser`` stops the start, not every chat request."""
+    from treadle.server import reasoning_parser, tool_parsers
+
+    for flag, value, known in (("--reasoning-parser", server_args.reasoning_parser, reasoning_parser.KNOWN),
+                               ("--tool-call-parser", server_args.tool_call_parser, tool_parsers.KNOWN)):
+        if value is not None and value not in known:
+            raise ValueError(f"{flag} {value!r} is unknown; known: {', '.join(known)}")

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import uvicorn
 
 from treadle.server.app import create_app
+from treadle.server.chat_template import load_server_tokenizer
 from treadle.server.serve_args import parse_args
 
 READY_LINE = "Serving {model} on http://{host}:{port}"
@@ -143,6 +144,14 @@ def serve(argv: Optional[list[str]] = None) -> int:
         say(f"engine started in {time.perf_counter() - t0:.1f} s "
             f"(device {engine.server_args.device}, {len(engine.get_all_child_pids())} child processes)")
         app = create_app(engine, name, api_key=server_args.api_key)
+        if not server_args.is_embedding and not server_args.skip_tokenizer_init:
+            # the chat template and tokenizer now, not on the first chat request (and a bad
+            # --chat-template fails the start)
+            try:
+                app.state.openai_tokenizer = load_server_tokenizer(server_args)
+            except (OSError, ValueError) as e:
+                say(f"the chat template failed to load: {type(e).__name__}: {e}")
+                return START_FAILED_EXIT_CODE
         inflight = InFlight(app)
         config = uvicorn.Config(inflight, host=server_args.host, port=int(server_args.port), loop="uvloop",
                                 log_level=server_args.log_level_http or "warning", timeout_graceful_shutdown=5,

@@ -51,6 +51,8 @@ def test_values_of_each_kind_round_trip() -> None:
     assert args.cuda_graph_bs == [1, 2, 4] and args.nccl_port == 1234 and args.enable_torch_compile is True
     assert ns.graceful_shutdown_timeout == 5.0
     assert parse_args(["--model", "other"])[0].model_path == "other"  # SGLang's alias
+    chat = parse_args(["--reasoning-parser", "qwen3", "--tool-call-parser", "hermes", "--chat-template", "t.jinja"])[0]
+    assert (chat.reasoning_parser, chat.tool_call_parser, chat.chat_template) == ("qwen3", "hermes", "t.jinja")
 
 
 @pytest.mark.parametrize("argv", [
@@ -60,6 +62,8 @@ def test_values_of_each_kind_round_trip() -> None:
     ["--no-such-flag"],                     # unknown
     ["--cuda-graph-bs", "[1, 2"],           # a JSON value that does not parse
     ["--graceful-shutdown-timeout", "-1"],
+    ["--reasoning-parser", "qwen4"],        # a parser Treadle does not have: the start fails, not each request
+    ["--tool-call-parser", "mistral"],
 ])
 def test_bad_flags_are_argparse_errors(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
