@@ -21,6 +21,15 @@ from treadle.runtime.sampling_params import SamplingParams  # noqa: E402
 from treadle.runtime.server_args import ServerArgs  # noqa: E402
 
 __all__ = [
-    "Engine", "ServerArgs", "SamplingParams", "BatchResult", "FlushCacheReqOutput",
+    "Engine", "RemoteEngine", "ServerArgs", "SamplingParams", "BatchResult", "FlushCacheReqOutput",
     "EngineDeadError", "EngineOverloadedError", "CustomLogitProcessor", "DisallowedTokensLogitsProcessor",
 ]
+
+
+def __getattr__(name: str):
+    """``treadle.RemoteEngine`` needs httpx (the ``serve`` extra): imported on first use only."""
+    if name == "RemoteEngine":
+        from treadle.client.remote import RemoteEngine
+
+        return RemoteEngine
+    raise AttributeError(f"module 'treadle' has no attribute {name!r}")
