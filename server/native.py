@@ -1,15 +1,18 @@
-"""SGLang's native routes: ``/generate``, ``/encode``, health, server info and control calls."""
+"""SGLang's native routes that run requests: ``/health``, ``/generate``, ``/encode``. The control
+routes (server info, cache, sessions, LoRA, profiling, metrics) are in ``native_control.py``."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Request, Response
 
+from treadle.server import native_control
 from treadle.server.errors import APIError, error_response
 from treadle.server.http_utils import SSE_DONE, json_response, read_json, sse_event, sse_response, unless_disconnected
 from treadle.server.metrics import RequestTimer
+from treadle.server.native_control import check_serving, unknown_field
 
 router = APIRouter()
 
@@ -38,6 +41,17 @@ def _engine_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+async def call_engine(call: Awaitable[Any]) -> Any:
+    """Await an engine call; an unknown JSON field becomes a 400 that names it."""
+    try:
+        return await call
+    except (TypeError, ValueError) as e:
+        err = unknown_field(e)
+        if err is None:
+            raise
+        raise err from None
+
+
 def _results(out: Any) -> list[dict[str, Any]]:
     return list(out) if isinstance(out, list) else [out]
 
@@ -58,13 +72,13 @@ async def generate(request: Request) -> Response:
     server-sent events ending in ``data: [DONE]``."""
     state = request.app.state
     kwargs = _engine_kwargs(await read_json(request))
-    _check_serving(state)
+    check_serving(state)
     timer = state.metrics.timer()
     try:
         if kwargs.get("stream"):
-            chunks = await state.engine.async_generate(**kwargs)
+            chunks = await call_engine(state.engine.async_generate(**kwargs))
             return sse_response(_stream_events(chunks, timer))
-        out = await unless_disconnected(request, state.engine.async_generate(**kwargs))
+        out = await unless_disconnected(request, call_engine(state.engine.async_generate(**kwargs)))
     except BaseException:
         timer.done("error")
         raise
@@ -107,14 +121,14 @@ async def encode(request: Request) -> Response:
     """SGLang's ``/encode``: ``Engine.encode``'s arguments as JSON (``text`` is ``prompt``)."""
     state = request.app.state
     kwargs = _engine_kwargs(await read_json(request))
-    _check_serving(state)
+    check_serving(state)
     if "prompt" not in kwargs and "input_ids" in kwargs:
         kwargs["prompt"] = kwargs.pop("input_ids")
     if "prompt" not in kwargs:
         raise APIError(400, "'text' (or 'input_ids') is required.", "text")
     timer = state.metrics.timer()
     try:
-        out = await unless_disconnected(request, state.engine.async_encode(**kwargs))
+        out = await unless_disconnected(request, call_engine(state.engine.async_encode(**kwargs)))
     except BaseException:
         timer.done("error")
         raise
@@ -126,9 +140,5 @@ async def encode(request: Request) -> Response:
     return json_response(out)
 
 
-def _check_serving(state: Any) -> None:
-    """New work is refused once the engine died or the server drains (SIGTERM)."""
-    if state.engine_dead is not None:
-        raise APIError(503, f"The engine is not running: {state.engine_dead}", code="engine_dead")
-    if state.draining:
-        raise APIError(503, "The server is shutting down.", code="draining")
+# the control routes answer under the same router (create_app includes this one)
+router.include_router(native_control.router)
