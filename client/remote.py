@@ -9,15 +9,14 @@ The calls take the same arguments and return the same shapes (dicts, ``BatchResu
 the same chunk dicts when streaming, ``FlushCacheReqOutput``, ``LoRAUpdateOutput``) and raise the
 same exceptions: the server's 400 is a ``ValueError`` (also a ``TypeError``) with the server's
 message, an overloaded engine ``EngineOverloadedError``, a dead engine, a 5xx or an unreachable
-server ``EngineDeadError`` naming the URL. ``remote_wire.py`` holds that mapping and the argument
-conversion; ``remote_stream.py`` the streams. httpx does the HTTP: one sync client, and one async
+server ``EngineDeadError`` naming the URL. ``remote_wire.py`` holds that mapping, ``remote_args.py`` the argument
+conversion, ``remote_stream.py`` the streams. httpx does the HTTP: one sync client, and one async
 client per event loop (an httpx ``AsyncClient`` belongs to the loop it first ran on).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import threading
 import weakref
@@ -28,9 +27,8 @@ import httpx
 from treadle.client.control import FlushCacheReqOutput
 from treadle.client.lora import LoRAUpdateOutput
 from treadle.client.remote_stream import AsyncRemoteStream, RemoteStream
-from treadle.client.remote_wire import (
-    connection_error, decode_json, encode_body, error_of, media_json, processor_json, result_of,
-)
+from treadle.client.remote_args import encode_body, encode_body_of, generate_body, server_args_of
+from treadle.client.remote_wire import connection_error, decode_json, error_of, result_of
 from treadle.client.results import BatchResult
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.server_args import ServerArgs
@@ -43,9 +41,11 @@ CONNECT_TIMEOUT_S = 30.0
 class RemoteEngine:
     """The ``Engine`` API of a ``treadle serve`` server at ``url``. ``api_key``: the server's
     ``--api-key``. ``timeout``: seconds to wait for any answer (None: as long as generation takes).
-    ``shutdown()`` closes the HTTP connections; it never stops the server."""
+    ``shutdown()`` closes the HTTP connections; it never stops the server. ``transport``: an httpx
+    transport for both clients instead of the network (the unit tests' ``httpx.MockTransport``)."""
 
-    def __init__(self, url: str, api_key: Optional[str] = None, timeout: Optional[float] = None) -> None:
+    def __init__(self, url: str, api_key: Optional[str] = None, timeout: Optional[float] = None, *,
+                 transport: Any = None) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"url must be an http:// or https:// URL, got {url!r}.")
         if api_key is not None and not isinstance(api_key, str):
@@ -56,6 +56,7 @@ class RemoteEngine:
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._transport = transport
         self._client: Optional[httpx.Client] = None
         self._async: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = \
             weakref.WeakKeyDictionary()
@@ -242,7 +243,8 @@ class RemoteEngine:
         with self._lock:
             self._check_open()
             if self._client is None:
-                self._client = httpx.Client(headers=self._headers, timeout=self._timeout)
+                self._client = httpx.Client(headers=self._headers, timeout=self._timeout,
+                                            transport=self._transport)
             return self._client
 
     def _async_client(self) -> httpx.AsyncClient:
@@ -251,7 +253,8 @@ class RemoteEngine:
             self._check_open()
             client = self._async.get(loop)
             if client is None:
-                client = self._async[loop] = httpx.AsyncClient(headers=self._headers, timeout=self._timeout)
+                client = self._async[loop] = httpx.AsyncClient(
+                    headers=self._headers, timeout=self._timeout, transport=self._transport)
             return client
 
     def _check_open(self) -> None:
@@ -297,34 +300,6 @@ class RemoteEngine:
         return f"RemoteEngine({self.url!r})"
 
 
-# ---------------------------------------------------------------------- request bodies
-def generate_body(args: dict[str, Any]) -> dict[str, Any]:
-    """``generate``'s arguments as ``/generate``'s JSON: ``prompt`` is ``text``, media and logit
-    processors become strings, arguments left at None are left out."""
-    unsupported = args.pop("unsupported", {}) or {}
-    if args.get("prompt") is not None and args.get("input_ids") is not None:
-        raise ValueError("Give either prompt or input_ids, not both.")
-    if args.get("prompt") is None and args.get("input_ids") is None:
-        raise ValueError("Either prompt or input_ids should be provided.")
-    if not isinstance(args.get("stream"), bool):
-        raise TypeError(f"stream must be a bool, got {type(args.get('stream')).__name__}.")
-    args["text"] = args.pop("prompt")
-    for field in ("image_data", "video_data", "audio_data"):
-        args[field] = media_json(field, args.get(field))
-    args["custom_logit_processor"] = processor_json(args.get("custom_logit_processor"))
-    body = {k: v for k, v in args.items() if v is not None}
-    body.update(unsupported)  # the server names them in its error, as the Engine does
-    return body
-
-
-def encode_body_of(prompt: Any, image_data: Any, rid: Any, lora_path: Any, unsupported: dict[str, Any]
-                   ) -> dict[str, Any]:
-    args = {"text": prompt, "image_data": media_json("image_data", image_data), "rid": rid, "lora_path": lora_path}
-    body = {k: v for k, v in args.items() if v is not None}
-    body.update(unsupported)
-    return body
-
-
 def _says_already_open(content: bytes) -> bool:
     """Whether ``/open_session``'s 400 says the id is already open (``Engine.open_session`` returns
     None then, rather than raising)."""
@@ -339,20 +314,3 @@ def _says_already_open(content: bytes) -> bool:
 
 def _lora_output(out: dict[str, Any]) -> LoRAUpdateOutput:
     return LoRAUpdateOutput(bool(out["success"]), out.get("error_message"), out.get("loaded_adapters"))
-
-
-def server_args_of(info: dict[str, Any]) -> ServerArgs:
-    """The ``ServerArgs`` a server reports (its effective values; not checked again here: the server
-    checked them, and a path in them names a file on the server's machine)."""
-    args = ServerArgs.__new__(ServerArgs)
-    for f in dataclasses.fields(ServerArgs):
-        if f.name in info:
-            value = info[f.name]
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            value = f.default_factory()  # type: ignore[misc]
-        else:
-            value = None
-        object.__setattr__(args, f.name, value)
-    return args

@@ -1,6 +1,6 @@
-"""The wire side of ``RemoteEngine``: turning a call's arguments into JSON, an HTTP error into the
-exception the in-process ``Engine`` would raise, server-sent events into chunk dicts, and the
-JSON results back into the in-process result shapes.
+"""The wire side of ``RemoteEngine``: an HTTP error into the exception the in-process ``Engine``
+would raise, server-sent events into chunk dicts, and the JSON results back into the in-process
+result shapes (the request bodies are ``remote_args.py``'s).
 
 Kept apart from ``remote.py`` so that each piece can be tested without a server (the unit tests
 feed these functions by hand and through ``httpx.MockTransport``).
@@ -8,21 +8,13 @@ feed these functions by hand and through ``httpx.MockTransport``).
 
 from __future__ import annotations
 
-import base64
-import io
-import mimetypes
-import os
-import pathlib
-import sys
 from typing import Any, Iterable, Iterator, Union
 
 import msgspec
 
 from treadle.client.results import BatchResult
 from treadle.runtime.errors import EngineDeadError, EngineOverloadedError
-from treadle.runtime.logit_processor import CustomLogitProcessor
 
-_encoder = msgspec.json.Encoder(enc_hook=lambda obj: _plain(obj))
 _decoder = msgspec.json.Decoder()
 
 # meta_info keys holding SGLang's ``(logprob, token_id, text)`` tuples, which JSON turns into lists
@@ -35,89 +27,6 @@ class InvalidRequestError(ValueError, TypeError):
     (an unknown key, a wrong type), and HTTP carries both as one status, so this is both: code
     written against the in-process ``Engine`` catches it either way. The message is the server's,
     which names the field."""
-
-
-# ---------------------------------------------------------------------------------------- arguments
-def _plain(obj: Any) -> Any:
-    """What msgspec cannot encode itself: numpy arrays and scalars, torch tensors, paths."""
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
-
-
-def encode_body(body: dict[str, Any]) -> bytes:
-    """The request body as JSON; a value JSON cannot carry is a ``TypeError`` naming its field."""
-    try:
-        return _encoder.encode(body)
-    except (TypeError, OverflowError, msgspec.EncodeError):
-        pass
-    for key, value in body.items():  # find the field at fault, for the message
-        try:
-            _encoder.encode(value)
-        except (TypeError, OverflowError, msgspec.EncodeError) as e:
-            raise TypeError(f"{key}: cannot be sent to the server as JSON ({e}).") from None
-    raise TypeError("The request cannot be sent to the server as JSON.")
-
-
-def media_json(field: str, value: Any) -> Any:
-    """``image_data`` / ``video_data`` as JSON strings: URLs and base64 stay as they are; bytes, a
-    PIL image and a local file become base64 data URLs, so a server on another machine gets the
-    content, not a path it cannot read. Lists (per prompt, several per prompt) keep their shape."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [media_json(f"{field}[{i}]", v) for i, v in enumerate(value)]
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        if not len(value):
-            raise ValueError(f"{field}: empty bytes")
-        return data_url(bytes(value), "application/octet-stream")
-    if isinstance(value, pathlib.PurePath):
-        value = os.path.expanduser(str(value))
-        if not os.path.isfile(value):
-            raise ValueError(f"{field}: file not found: {value}")
-        return _file_url(value)
-    if isinstance(value, str):
-        local = value[len("file://"):] if value.startswith("file://") else value
-        if "://" not in local and not local.startswith("data:") and os.path.isfile(local):
-            return _file_url(local)
-        return value
-    pil = sys.modules.get("PIL.Image")  # no PIL loaded means this cannot be a PIL image
-    if pil is not None and isinstance(value, pil.Image):
-        buf = io.BytesIO()
-        value.save(buf, format="PNG")  # lossless: the server decodes the same pixels
-        return data_url(buf.getvalue(), "image/png")
-    raise TypeError(f"{field}: expected a path, URL, base64 string, bytes or PIL image, got {type(value).__name__}")
-
-
-def _file_url(path: str) -> str:
-    with open(path, "rb") as f:
-        return data_url(f.read(), mimetypes.guess_type(path)[0] or "application/octet-stream")
-
-
-def data_url(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def processor_json(value: Any) -> Any:
-    """``custom_logit_processor`` as the string the server takes: a class (or an instance without
-    attributes) becomes its ``to_str()`` import path. An instance's attributes cannot ride in that
-    string, so such an instance is refused (put per-request data in ``custom_params``)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return [processor_json(v) for v in value]
-    if isinstance(value, type) and issubclass(value, CustomLogitProcessor):
-        return value.to_str()
-    if isinstance(value, CustomLogitProcessor):
-        if vars(value):
-            raise TypeError(f"custom_logit_processor: an instance of {type(value).__qualname__} with attributes "
-                            "cannot be sent over HTTP; pass the class (or 'package.module:Name') and put "
-                            "per-request data in sampling_params['custom_params'].")
-        return type(value).to_str()
-    raise TypeError("custom_logit_processor must be a CustomLogitProcessor subclass or instance, or a string, "
-                    f"got {type(value).__name__}.")
 
 
 # ---------------------------------------------------------------------------------------- errors
