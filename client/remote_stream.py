@@ -78,39 +78,35 @@ class RemoteStream(Iterator[dict]):
 
 
 class AsyncRemoteStream(AsyncIterator[dict]):
-    """The async twin of ``RemoteStream``; ``aclose()`` closes the response."""
+    """The async twin of ``RemoteStream``; ``aclose()`` closes the response. The reading is an
+    async generator underneath, so a stream dropped half-read (``async for ...: break``) is closed
+    by the event loop's async-generator finalizer, as an in-process stream is."""
 
     def __init__(self, response: httpx.Response, url: str) -> None:
         self._resp = response
         self._url = url
-        self._lines = response.aiter_lines()
-        self._open = True
+        self._chunks = self._read()
 
     def __aiter__(self) -> "AsyncRemoteStream":
         return self
 
     async def __anext__(self) -> dict[str, Any]:
-        if not self._open:
-            raise StopAsyncIteration
+        return await self._chunks.__anext__()
+
+    async def _read(self) -> AsyncIterator[dict[str, Any]]:
         try:
-            async for line in self._lines:
+            async for line in self._resp.aiter_lines():
                 chunk = sse_line(line, self._url)
                 if chunk is _DONE:
-                    break
+                    return
                 if chunk is not None:
-                    return chunk
-            else:
-                raise _ended_early(self._url)
+                    yield chunk
+            raise _ended_early(self._url)
         except httpx.TransportError as e:
-            await self.aclose()
             raise _transport_error(self._url, e) from None
-        except BaseException:
-            await self.aclose()
-            raise
-        await self.aclose()
-        raise StopAsyncIteration
+        finally:
+            await self._resp.aclose()
 
     async def aclose(self) -> None:
-        if self._open:
-            self._open = False
-            await self._resp.aclose()
+        await self._chunks.aclose()  # a generator never started skips its finally: close the response too
+        await self._resp.aclose()

@@ -167,6 +167,35 @@ def test_closing_a_stream_early_closes_the_response():
     assert unread.closed
 
 
+class TrackedAsyncStream(httpx.AsyncByteStream):
+    def __init__(self):
+        self.closed = False
+
+    async def __aiter__(self):
+        yield b'data: {"text": "a", "meta_info": {"finish_reason": null}}\n\n'
+        await asyncio.sleep(3600)  # a long generation the client stops reading
+        yield b""
+
+    async def aclose(self):
+        self.closed = True
+
+
+def test_an_async_stream_left_half_read_closes_its_response():
+    async def break_out(eng):
+        async for chunk in await eng.async_generate(prompt="Hi", stream=True):
+            assert chunk["text"] == "a"
+            break
+
+    async def close_unread(eng):
+        await (await eng.async_generate(prompt="Hi", stream=True)).aclose()
+
+    for use in (break_out, close_unread):
+        body = TrackedAsyncStream()
+        eng, _ = remote(lambda r: httpx.Response(200, stream=body))
+        asyncio.run(asyncio.wait_for(use(eng), 10))
+        assert body.closed, use.__name__
+
+
 def test_async_generate_whole_and_streamed():
     chunks = [{"text": "x", "index": 0, "meta_info": {"finish_reason": None}},
               {"text": "y", "index": 1, "meta_info": {"finish_reason": {"type": "stop"}}}]
