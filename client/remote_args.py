@@ -107,8 +107,6 @@ def processor_json(value: Any) -> Any:
                     f"got {type(value).__name__}.")
 
 
-
-
 def generate_body(args: dict[str, Any]) -> dict[str, Any]:
     """``generate``'s arguments as ``/generate``'s JSON: ``prompt`` is ``text``, media and logit
     processors become strings, arguments left at None are left out."""
