@@ -21,7 +21,7 @@ from treadle.runtime.sampling_params import SamplingParams  # noqa: E402
 from treadle.runtime.server_args import ServerArgs  # noqa: E402
 
 __all__ = [
-    "Engine", "RemoteEngine", "ServerArgs", "SamplingParams", "BatchResult", "FlushCacheReqOutput",
+    "Engine", "ServerArgs", "SamplingParams", "BatchResult", "FlushCacheReqOutput",
     "EngineDeadError", "EngineOverloadedError", "CustomLogitProcessor", "DisallowedTokensLogitsProcessor",
 ]
 
