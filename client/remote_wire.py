@@ -54,6 +54,8 @@ def exception_for(status: int, code: Any, message: str, url: str, api_key_set: b
         return NotImplementedError(message)
     if status == 504:
         return TimeoutError(message)
+    if status == 500:  # the engine raised something the server has no status for: it is alive
+        return RuntimeError(message.split(": ", 1)[1] if message.startswith("RuntimeError: ") else message)
     if status >= 500:
         return EngineDeadError(f"The engine behind {url} is not serving (HTTP {status}): {message}")
     return RuntimeError(f"{url} answered HTTP {status}: {message}")

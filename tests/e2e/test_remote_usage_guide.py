@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import time
@@ -155,6 +156,18 @@ def test_error_handling(eng):
     with pytest.raises(TypeError, match="bogus"):
         eng.generate(prompt="test", sampling_params={"bogus": 1})
     assert eng.generate(prompt="test", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] <= 2
+
+
+def test_profiling(eng, tmp_path):
+    with pytest.raises(TypeError, match="profile_nmae"):
+        eng.start_profile(profile_nmae="typo")
+    with pytest.raises(RuntimeError, match="not in progress"):
+        eng.stop_profile()
+    eng.start_profile(profile_name="my_profile", profile_dir=str(tmp_path / "profiles"), activities=["CPU"])
+    eng.generate(prompt="Request 0", sampling_params={"max_new_tokens": 2})
+    eng.stop_profile()
+    files = os.listdir(tmp_path / "profiles")
+    assert len(files) == 1 and files[0].startswith("my_profile-")
 
 
 def test_abort_request(eng):

@@ -220,18 +220,22 @@ def test_async_generate_whole_and_streamed():
     (400, None, TypeError, "sampling_params.top_k"),
     (503, "overloaded", EngineOverloadedError, "queue"),
     (503, "engine_dead", EngineDeadError, URL),
-    (500, None, EngineDeadError, URL),
+    (500, None, RuntimeError, "not in progress"),
+    (503, None, EngineDeadError, URL),
     (502, None, EngineDeadError, URL),
     (501, None, NotImplementedError, "not supported"),
     (401, "invalid_api_key", PermissionError, "api_key"),
 ])
 def test_error_statuses_become_the_engine_exceptions(status, code, exc, words):
-    message = {400: "sampling_params.top_k must be -1 or positive", 503: "The request queue is full.",
-               501: "video is not supported"}.get(status, "it failed")
+    message = {400: "sampling_params.top_k must be -1 or positive", "overloaded": "The request queue is full.",
+               501: "video is not supported", 500: "RuntimeError: Profiling is not in progress"}.get(
+        code if code == "overloaded" else status, "it failed")
     eng, _ = remote(lambda r: error(status, message, code))
     with pytest.raises(exc) as info:
         eng.generate(prompt="Hi")
     assert words in str(info.value)
+    if status == 500:  # alive, unlike the statuses that say the engine is gone
+        assert not isinstance(info.value, EngineDeadError) and str(info.value) == "Profiling is not in progress"
 
 
 def test_an_unreachable_server_is_a_dead_engine_naming_the_url():
