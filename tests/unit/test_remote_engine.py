@@ -289,6 +289,8 @@ def test_control_calls_and_their_result_objects():
     n = len(server.requests)
     eng.abort_request(rid="r1")
     assert len(server.requests) == n + 1 and server.body == {"rid": "r1", "abort_all": False}
+    asyncio.run(eng.async_abort_request(abort_all=True))
+    assert server.requests[-1].url.path == "/abort_request" and server.body == {"rid": None, "abort_all": True}
     eng.start_profile(output_dir="/tmp/p", num_steps=2)
     assert server.body == {"output_dir": "/tmp/p", "num_steps": 2}
     assert eng.server_args.context_length == 8192 and eng.server_args.model_path == "default"
