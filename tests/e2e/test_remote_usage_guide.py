@@ -218,6 +218,19 @@ def test_closing_a_stream_early_aborts_it_on_the_server(engine, remote):
     next(stream)
     assert running(engine) == 1
     stream.close()
+    wait_idle(engine)
+
+    async def read_one_and_leave():  # left half-read: the loop's finalizer closes the stream
+        async for _ in await remote.async_generate(prompt="Tell me a long story", stream=True,
+                                                   sampling_params={"max_new_tokens": 2000, "ignore_eos": True}):
+            assert running(engine) == 1
+            break
+
+    asyncio.run(read_one_and_leave())
+    wait_idle(engine)
+
+
+def wait_idle(engine) -> None:
     deadline = time.monotonic() + 10
     while running(engine) and time.monotonic() < deadline:
         time.sleep(0.1)
