@@ -133,4 +133,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return error_response(500, f"{type(exc).__name__}: {exc}")
+        # Starlette re-raises the exception after this answer and uvicorn then drops the connection:
+        # "close" tells a keep-alive client (httpx, RemoteEngine) not to send its next request on it
+        return error_response(500, f"{type(exc).__name__}: {exc}", headers={"Connection": "close"})

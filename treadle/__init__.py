@@ -24,3 +24,12 @@ __all__ = [
     "Engine", "ServerArgs", "SamplingParams", "BatchResult", "FlushCacheReqOutput",
     "EngineDeadError", "EngineOverloadedError", "CustomLogitProcessor", "DisallowedTokensLogitsProcessor",
 ]
+
+
+def __getattr__(name: str):
+    """``treadle.RemoteEngine`` needs httpx (the ``serve`` extra): imported on first use only."""
+    if name == "RemoteEngine":
+        from treadle.client.remote import RemoteEngine
+
+        return RemoteEngine
+    raise AttributeError(f"module 'treadle' has no attribute {name!r}")

@@ -1,0 +1,316 @@
+"""``RemoteEngine``: the ``Engine`` API over HTTP, against ``treadle serve`` (SGLang's native routes).
+
+Code switches between in-process and remote by one line::
+
+    engine = Engine(model_path="default")           # in this process
+    engine = RemoteEngine("http://127.0.0.1:30000")  # behind `treadle serve`
+
+The calls take the same arguments and return the same shapes (dicts, ``BatchResult`` for batches,
+the same chunk dicts when streaming, ``FlushCacheReqOutput``, ``LoRAUpdateOutput``) and raise the
+same exceptions: the server's 400 is a ``ValueError`` (also a ``TypeError``) with the server's
+message, an overloaded engine ``EngineOverloadedError``, a dead engine, a 5xx or an unreachable
+server ``EngineDeadError`` naming the URL. ``remote_wire.py`` holds that mapping, ``remote_args.py`` the argument
+conversion, ``remote_stream.py`` the streams. httpx does the HTTP: one sync client, and one async
+client per event loop (an httpx ``AsyncClient`` belongs to the loop it first ran on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from typing import Any, AsyncIterator, Iterator, Optional, Union
+
+import httpx
+
+from treadle.client.control import FlushCacheReqOutput
+from treadle.client.lora import LoRAUpdateOutput
+from treadle.client.remote_stream import AsyncRemoteStream, RemoteStream
+from treadle.client.remote_args import encode_body, encode_body_of, generate_body, server_args_of
+from treadle.client.remote_wire import connection_error, decode_json, error_of, result_of
+from treadle.client.results import BatchResult
+from treadle.runtime.errors import EngineDeadError
+from treadle.runtime.server_args import ServerArgs
+
+__all__ = ["RemoteEngine"]
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+class RemoteEngine:
+    """The ``Engine`` API of a ``treadle serve`` server at ``url``. ``api_key``: the server's
+    ``--api-key``. ``timeout``: seconds to wait for any answer (None: as long as generation takes).
+    ``shutdown()`` closes the HTTP connections; it never stops the server. ``transport``: an httpx
+    transport for both clients instead of the network (the unit tests' ``httpx.MockTransport``)."""
+
+    def __init__(self, url: str, api_key: Optional[str] = None, timeout: Optional[float] = None, *,
+                 transport: Any = None) -> None:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be an http:// or https:// URL, got {url!r}.")
+        if api_key is not None and not isinstance(api_key, str):
+            raise TypeError("api_key must be a string or None.")
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout or CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._transport = transport
+        self._client: Optional[httpx.Client] = None
+        self._async: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = \
+            weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._server_args: Optional[ServerArgs] = None
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
+        input_ids: Union[list[int], list[list[int]], None] = None, image_data: Any = None,
+        audio_data: Any = None, video_data: Any = None, return_logprob: Union[bool, list[bool]] = False,
+        logprob_start_len: Union[int, list[int], None] = None,
+        top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
+        lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
+        stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
+        priority: Optional[int] = None, routed_dp_rank: Optional[int] = None, data_parallel_rank: Optional[int] = None,
+        cache_salt: Union[str, list[str], None] = None, **unsupported: Any,
+    ) -> Union[dict, BatchResult, Iterator[dict]]:
+        """``Engine.generate`` over ``POST /generate``: a dict, a ``BatchResult``, or (``stream=True``)
+        an iterator of chunks whose ``close()`` aborts the request on the server."""
+        body = generate_body({k: v for k, v in locals().items() if k != "self"})  # the arguments, as given
+        if stream:
+            return RemoteStream(self._send("POST", "/generate", body, stream=True), self.url)
+        return result_of(self._call("POST", "/generate", body))
+
+    async def async_generate(
+        self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
+        input_ids: Union[list[int], list[list[int]], None] = None, image_data: Any = None,
+        audio_data: Any = None, video_data: Any = None, return_logprob: Union[bool, list[bool]] = False,
+        logprob_start_len: Union[int, list[int], None] = None,
+        top_logprobs_num: Union[int, list[int], None] = None, token_ids_logprob: Optional[list] = None,
+        lora_path: Any = None, custom_logit_processor: Any = None, return_hidden_states: Any = False,
+        stream: bool = False, rid: Union[str, list[str], None] = None, session_params: Optional[dict] = None,
+        priority: Optional[int] = None, routed_dp_rank: Optional[int] = None, data_parallel_rank: Optional[int] = None,
+        cache_salt: Union[str, list[str], None] = None, **unsupported: Any,
+    ) -> Union[dict, BatchResult, AsyncIterator[dict]]:
+        """The async twin of ``generate``, on the caller's event loop (``aclose()`` aborts a stream)."""
+        body = generate_body({k: v for k, v in locals().items() if k != "self"})
+        if stream:
+            return AsyncRemoteStream(await self._asend("POST", "/generate", body, stream=True), self.url)
+        return result_of(await self._acall("POST", "/generate", body))
+
+    def encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
+               rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
+               ) -> Union[dict, BatchResult]:
+        """``Engine.encode`` over ``POST /encode``: ``{"embedding", "meta_info"}`` or a ``BatchResult``."""
+        return result_of(self._call("POST", "/encode", encode_body_of(prompt, image_data, rid, lora_path, unsupported)))
+
+    async def async_encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
+                           rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
+                           ) -> Union[dict, BatchResult]:
+        body = encode_body_of(prompt, image_data, rid, lora_path, unsupported)
+        return result_of(await self._acall("POST", "/encode", body))
+
+    # ------------------------------------------------------------------ control
+    def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        """Abort by request id (also a batch's ``rid_0``...) or everything; the aborted calls return
+        normally with ``finish_reason["type"] == "abort"``."""
+        if rid or abort_all:
+            self._call("POST", "/abort_request", {"rid": rid, "abort_all": bool(abort_all)})
+
+    async def async_abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        if rid or abort_all:
+            await self._acall("POST", "/abort_request", {"rid": rid, "abort_all": bool(abort_all)})
+
+    def flush_cache(self) -> FlushCacheReqOutput:
+        out = self._call("POST", "/flush_cache", None, ok=(200, 400), outcome="success")
+        return FlushCacheReqOutput(bool(out["success"]), out.get("message", ""))
+
+    def open_session(self, capacity_of_str_len: int, session_id: Optional[str] = None, streaming: bool = False,
+                     timeout: Optional[float] = None) -> Optional[str]:
+        """Open a multi-turn session; returns its id, or None if ``session_id`` is already open."""
+        if not isinstance(capacity_of_str_len, int) or isinstance(capacity_of_str_len, bool) \
+                or capacity_of_str_len < 0:
+            raise ValueError(f"capacity_of_str_len must be a non-negative int, got {capacity_of_str_len!r}.")
+        body: dict[str, Any] = {"capacity_of_str_len": capacity_of_str_len, "streaming": bool(streaming)}
+        if session_id is not None:
+            body["session_id"] = session_id
+        if timeout is not None:
+            body["timeout"] = timeout
+        resp = self._send("POST", "/open_session", body)
+        if resp.status_code == 400 and session_id is not None and _says_already_open(resp.content):
+            return None
+        return self._answer(resp)
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session and release the KV it kept cached (an unknown id is ignored)."""
+        self._call("POST", "/close_session", {"session_id": session_id})
+
+    def start_profile(self, **kwargs: Any) -> None:
+        """``Engine.start_profile`` on the server (``output_dir``/``profile_dir``, ``num_steps``, ...)."""
+        self._call("POST", "/start_profile", kwargs)
+
+    def stop_profile(self) -> None:
+        self._call("POST", "/stop_profile", {})
+
+    def get_server_info(self) -> dict[str, Any]:
+        return self._call("GET", "/get_server_info")
+
+    @property
+    def server_args(self) -> ServerArgs:
+        """The server's effective ``ServerArgs``, read once from ``/get_server_info``."""
+        if self._server_args is None:
+            self._server_args = server_args_of(self.get_server_info())
+        return self._server_args
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
+        """Load an adapter directory on the server (a path that exists here is sent absolute: a server
+        on this machine resolves it from its own working directory). Failures are returned."""
+        if isinstance(lora_path, str) and os.path.isdir(lora_path):
+            lora_path = os.path.abspath(lora_path)
+        body = {"lora_name": lora_name, "lora_path": lora_path, "pinned": bool(pinned)}
+        return _lora_output(self._call("POST", "/load_lora_adapter", body, ok=(200, 400), outcome="success"))
+
+    def unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
+        body = {"lora_name": lora_name}
+        return _lora_output(self._call("POST", "/unload_lora_adapter", body, ok=(200, 400), outcome="success"))
+
+    async def async_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
+        return await asyncio.to_thread(self.load_lora_adapter, lora_name, lora_path, pinned)
+
+    async def async_unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
+        return await asyncio.to_thread(self.unload_lora_adapter, lora_name)
+
+    # ------------------------------------------------------------------ HTTP
+    def _call(self, method: str, path: str, body: Optional[dict[str, Any]] = None, ok: tuple[int, ...] = (200,),
+              outcome: Optional[str] = None) -> Any:
+        return self._answer(self._send(method, path, body), ok, outcome)
+
+    async def _acall(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
+        return self._answer(await self._asend(method, path, body))
+
+    def _answer(self, resp: httpx.Response, ok: tuple[int, ...] = (200,), outcome: Optional[str] = None) -> Any:
+        """The decoded JSON of an answer whose status is in ``ok`` (a result-shaped answer, one with
+        the ``outcome`` key, when that is given); any other answer raises its exception."""
+        if resp.status_code in ok:
+            out = decode_json(resp.content) if resp.content else None
+            if outcome is None or (isinstance(out, dict) and outcome in out):
+                return out
+        raise error_of(resp.status_code, resp.content, self.url, bool(self.api_key))
+
+    def _send(self, method: str, path: str, body: Optional[dict[str, Any]] = None,
+              stream: bool = False) -> httpx.Response:
+        client = self._sync_client()
+        content = None if body is None else encode_body(body)
+        try:
+            req = client.build_request(method, self.url + path, content=content)
+            resp = client.send(req, stream=stream)
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from None
+        if stream and resp.status_code != 200:
+            try:
+                resp.read()
+            finally:
+                resp.close()
+            self._answer(resp)
+        return resp
+
+    async def _asend(self, method: str, path: str, body: Optional[dict[str, Any]] = None,
+                     stream: bool = False) -> httpx.Response:
+        client = self._async_client()
+        content = None if body is None else encode_body(body)
+        try:
+            req = client.build_request(method, self.url + path, content=content)
+            resp = await client.send(req, stream=stream)
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from None
+        if stream and resp.status_code != 200:
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+            self._answer(resp)
+        return resp
+
+    def _transport_error(self, exc: httpx.TransportError) -> BaseException:
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return TimeoutError(f"{self.url} did not answer within the RemoteEngine's timeout: {exc}")
+        return connection_error(self.url, exc)
+
+    def _sync_client(self) -> httpx.Client:
+        with self._lock:
+            self._check_open()
+            if self._client is None:
+                self._client = httpx.Client(headers=self._headers, timeout=self._timeout,
+                                            transport=self._transport)
+            return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._check_open()
+            client = self._async.get(loop)
+            if client is None:
+                client = self._async[loop] = httpx.AsyncClient(
+                    headers=self._headers, timeout=self._timeout, transport=self._transport)
+            return client
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineDeadError(f"This RemoteEngine ({self.url}) has been shut down.")
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        """Close the HTTP connections (the server keeps running). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            client, self._client = self._client, None
+            clients, self._async = list(self._async.items()), weakref.WeakKeyDictionary()
+        if client is not None:
+            client.close()
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, aclient in clients:  # an async client closes on its own loop, if that still runs
+            if loop.is_closed() or not loop.is_running():
+                continue
+            if loop is current:
+                loop.create_task(aclient.aclose())
+            else:
+                asyncio.run_coroutine_threadsafe(aclient.aclose(), loop)
+
+    def __enter__(self) -> "RemoteEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"RemoteEngine({self.url!r})"
+
+
+def _says_already_open(content: bytes) -> bool:
+    """Whether ``/open_session``'s 400 says the id is already open (``Engine.open_session`` returns
+    None then, rather than raising)."""
+    try:
+        body = decode_json(content) if content else None
+    except ValueError:  # msgspec's DecodeError is a ValueError
+        return False
+    err = body.get("error") if isinstance(body, dict) else None
+    return isinstance(err, dict) and ("already" in str(err.get("message", "")).lower()
+                                      or err.get("code") in ("session_exists", "already_open"))
+
+
+def _lora_output(out: dict[str, Any]) -> LoRAUpdateOutput:
+    return LoRAUpdateOutput(bool(out["success"]), out.get("error_message"), out.get("loaded_adapters"))
