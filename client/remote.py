@@ -27,7 +27,7 @@ import httpx
 from treadle.client.control import FlushCacheReqOutput
 from treadle.client.lora import LoRAUpdateOutput
 from treadle.client.remote_stream import AsyncRemoteStream, RemoteStream
-from treadle.client.remote_args import encode_body, encode_body_of, generate_body, server_args_of
+from treadle.client.remote_args import encode_body, encode_body_of, generate_body, processor_json, server_args_of
 from treadle.client.remote_wire import connection_error, decode_json, error_of, result_of
 from treadle.client.results import BatchResult
 from treadle.runtime.errors import EngineDeadError
@@ -63,6 +63,7 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._server_args: Optional[ServerArgs] = None
+        self._processor_names: dict[str, str] = {}  # register_custom_logit_processor's names
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -78,6 +79,7 @@ class RemoteEngine:
     ) -> Union[dict, BatchResult, Iterator[dict]]:
         """``Engine.generate`` over ``POST /generate``: a dict, a ``BatchResult``, or (``stream=True``)
         an iterator of chunks whose ``close()`` aborts the request on the server."""
+        custom_logit_processor = self._processor_named(custom_logit_processor)
         body = generate_body({k: v for k, v in locals().items() if k != "self"})  # the arguments, as given
         if stream:
             return RemoteStream(self._send("POST", "/generate", body, stream=True), self.url)
@@ -95,6 +97,7 @@ class RemoteEngine:
         cache_salt: Union[str, list[str], None] = None, **unsupported: Any,
     ) -> Union[dict, BatchResult, AsyncIterator[dict]]:
         """The async twin of ``generate``, on the caller's event loop (``aclose()`` aborts a stream)."""
+        custom_logit_processor = self._processor_named(custom_logit_processor)
         body = generate_body({k: v for k, v in locals().items() if k != "self"})
         if stream:
             return AsyncRemoteStream(await self._asend("POST", "/generate", body, stream=True), self.url)
@@ -112,7 +115,24 @@ class RemoteEngine:
         body = encode_body_of(prompt, image_data, rid, lora_path, unsupported)
         return result_of(await self._acall("POST", "/encode", body))
 
+    def register_custom_logit_processor(self, name: str, processor: Any) -> None:
+        """Make ``custom_logit_processor=name`` refer to a processor class or import path, as the
+        Engine's: kept in this client (the name becomes the import path the server loads, so the
+        processor's module must be importable on the server too)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError("register_custom_logit_processor: name must be a non-empty string.")
+        self._processor_names[name] = processor if isinstance(processor, str) else processor_json(processor)
+
+    def _processor_named(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self._processor_names.get(v, v) if isinstance(v, str) else v for v in value]
+        return self._processor_names.get(value, value) if isinstance(value, str) else value
+
     # ------------------------------------------------------------------ control
+    def freeze_gc(self) -> None:
+        """``gc.freeze()`` in the server's processes (SGLang's ``/freeze_gc``; call after warm-up)."""
+        self._call("POST", "/freeze_gc", {})
+
     def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
         """Abort by request id (also a batch's ``rid_0``...) or everything; the aborted calls return
         normally with ``finish_reason["type"] == "abort"``."""

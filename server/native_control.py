@@ -110,6 +110,13 @@ async def flush_cache(request: Request) -> Response:
     return json_response({"success": bool(out.success), "message": out.message or ""}, 200 if out.success else 400)
 
 
+@router.api_route("/freeze_gc", methods=["GET", "POST"])
+async def freeze_gc(request: Request) -> Response:
+    """``gc.freeze()`` in the engine's processes and the server's (SGLang's route; call after warm-up)."""
+    await _control(request.app.state.engine.freeze_gc)
+    return json_response({})
+
+
 @router.post("/abort_request")
 async def abort_request(request: Request) -> Response:
     body = fields(await read_json(request), {"rid": "string", "abort_all": "boolean"})

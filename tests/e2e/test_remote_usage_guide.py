@@ -158,6 +158,14 @@ def test_error_handling(eng):
     assert eng.generate(prompt="test", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] <= 2
 
 
+def test_memory_optimization_freeze_gc(eng):
+    # the guide's "Memory Optimization" example: warm up, freeze GC, go on
+    for _ in range(2):
+        eng.generate(prompt="warmup", sampling_params={"max_new_tokens": 2})
+    eng.freeze_gc()
+    assert eng.generate(prompt="after", sampling_params={"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
 def test_profiling(eng, tmp_path):
     with pytest.raises(TypeError, match="profile_nmae"):
         eng.start_profile(profile_nmae="typo")

@@ -304,3 +304,18 @@ def test_shutdown_closes_the_client_and_refuses_later_calls():
         eng.generate(prompt="a")
     eng.shutdown()  # idempotent
     assert len(server.requests) == 1
+
+
+def test_registered_processor_names_become_import_paths_and_freeze_gc_posts():
+    from treadle import DisallowedTokensLogitsProcessor as Shout  # any importable processor class
+
+    eng, server = remote(lambda r: httpx.Response(200, json=result() if r.url.path == "/generate" else {}))
+    eng.register_custom_logit_processor("my_processor_function", Shout)
+    eng.generate(prompt="Generate a number", custom_logit_processor="my_processor_function")
+    assert server.body["custom_logit_processor"] == Shout.to_str()
+    eng.generate(prompt=["a", "b"], custom_logit_processor=["my_processor_function", "pkg.mod:Other"])
+    assert server.body["custom_logit_processor"] == [Shout.to_str(), "pkg.mod:Other"]
+    eng.freeze_gc()
+    assert server.requests[-1].method == "POST" and server.requests[-1].url.path == "/freeze_gc"
+    with pytest.raises(TypeError, match="name"):
+        eng.register_custom_logit_processor("", Shout)
