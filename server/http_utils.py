@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 import msgspec
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from treadle.server.errors import APIError, body_of
+
+if TYPE_CHECKING:
+    from treadle.server.metrics import RequestTimer
 
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
@@ -86,3 +89,26 @@ async def unless_disconnected(request: Request, call: Awaitable[T]) -> Optional[
     finally:
         if not task.done():
             task.cancel()
+
+
+async def timed_engine_call(request: Request, timer: "RequestTimer", call: Awaitable[T],
+                            map_error: Optional[Callable[[Exception], Exception]] = None) -> Optional[T]:
+    """The answer of an engine call (a result, or a stream's iterator) for one route, timed: None,
+    and an "abort" on the timer, when the client went away first (which aborted the request); an
+    exception marks the timer "error" and goes on, the engine's ValueError/TypeError through
+    ``map_error`` (which renames a field to the client's spelling). A success is the caller's to
+    record: it knows the token counts."""
+    try:
+        out = await unless_disconnected(request, call)
+    except (ValueError, TypeError) as e:
+        timer.done("error")
+        if map_error is None:
+            raise
+        raise map_error(e) from None
+    except BaseException:
+        timer.done("error")
+        raise
+    if out is None:
+        timer.done("abort")
+    return out
+

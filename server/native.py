@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from treadle.server import native_control
 from treadle.server.errors import APIError, error_response
-from treadle.server.http_utils import SSE_DONE, json_response, read_json, sse_event, sse_response, unless_disconnected
+from treadle.server.http_utils import SSE_DONE, json_response, read_json, sse_event, sse_response, timed_engine_call
 from treadle.server.metrics import RequestTimer
 from treadle.server.native_control import check_serving, unknown_field
 
@@ -74,17 +74,11 @@ async def generate(request: Request) -> Response:
     kwargs = _engine_kwargs(await read_json(request))
     check_serving(state)
     timer = state.metrics.timer()
-    try:
-        if kwargs.get("stream"):
-            chunks = await call_engine(state.engine.async_generate(**kwargs))
-            return sse_response(_stream_events(chunks, timer))
-        out = await unless_disconnected(request, call_engine(state.engine.async_generate(**kwargs)))
-    except BaseException:
-        timer.done("error")
-        raise
+    out = await timed_engine_call(request, timer, call_engine(state.engine.async_generate(**kwargs)))
     if out is None:  # the client went away: its request was aborted
-        timer.done("abort")
         return Response(status_code=499)
+    if kwargs.get("stream"):
+        return sse_response(_stream_events(out, timer))
     results = _results(out)
     timer.tokens(_count(results, "completion_tokens"))
     timer.done(_outcome(results), _count(results, "prompt_tokens"), _count(results, "completion_tokens"),
@@ -127,13 +121,8 @@ async def encode(request: Request) -> Response:
     if "prompt" not in kwargs:
         raise APIError(400, "'text' (or 'input_ids') is required.", "text")
     timer = state.metrics.timer()
-    try:
-        out = await unless_disconnected(request, call_engine(state.engine.async_encode(**kwargs)))
-    except BaseException:
-        timer.done("error")
-        raise
+    out = await timed_engine_call(request, timer, call_engine(state.engine.async_encode(**kwargs)))
     if out is None:
-        timer.done("abort")
         return Response(status_code=499)
     results = _results(out)
     timer.done("success", _count(results, "prompt_tokens"))

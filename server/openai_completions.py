@@ -14,7 +14,7 @@ from fastapi import Request, Response
 
 from treadle.server.chat_template import ServerTokenizer, server_tokenizer
 from treadle.server.errors import APIError
-from treadle.server.http_utils import SSE_DONE, json_response, sse_event, sse_response, unless_disconnected
+from treadle.server.http_utils import SSE_DONE, json_response, sse_event, sse_response, timed_engine_call
 from treadle.server.metrics import RequestTimer
 from treadle.server.openai_logprobs import completion_logprobs, merge_completion_logprobs
 from treadle.server.openai_protocol import CompletionRequest
@@ -63,20 +63,12 @@ async def create_completion(request: Request, req: CompletionRequest) -> Respons
     check_serving(state)
     tok = await server_tokenizer(state) if (req.logprobs is not None or req.echo) else None
     timer = state.metrics.timer()
-    try:
-        if req.stream:
-            chunks = await state.engine.async_generate(stream=True, **kwargs)
-            return sse_response(_stream(chunks, req, prompts, tok, timer, state.served_model_name))
-        out = await unless_disconnected(request, state.engine.async_generate(**kwargs))
-    except (ValueError, TypeError) as e:
-        timer.done("error")
-        raise as_openai_error(e) from None
-    except BaseException:
-        timer.done("error")
-        raise
-    if out is None:
-        timer.done("abort")
+    out = await timed_engine_call(request, timer, state.engine.async_generate(stream=req.stream, **kwargs),
+                                  as_openai_error)
+    if out is None:  # the client went away: its request was aborted
         return Response(status_code=499)
+    if req.stream:
+        return sse_response(_stream(out, req, prompts, tok, timer, state.served_model_name))
     results = list(out)
     metas = [r["meta_info"] for r in results]
     timer.tokens(sum(int(m.get("completion_tokens", 0)) for m in metas))

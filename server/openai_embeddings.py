@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import Request, Response
 
 from treadle.server.errors import APIError
-from treadle.server.http_utils import json_response, unless_disconnected
+from treadle.server.http_utils import json_response, timed_engine_call
 from treadle.server.openai_protocol import EmbeddingRequest
 from treadle.server.openai_sampling import check_model, check_serving
 
@@ -34,13 +34,8 @@ async def create_embeddings(request: Request, req: EmbeddingRequest) -> Response
     batch = _batch(req.input)
     check_serving(state)
     timer = state.metrics.timer()
-    try:
-        out = await unless_disconnected(request, state.engine.async_encode(prompt=batch))
-    except BaseException:
-        timer.done("error")
-        raise
-    if out is None:
-        timer.done("abort")
+    out = await timed_engine_call(request, timer, state.engine.async_encode(prompt=batch))
+    if out is None:  # the client went away: its request was aborted
         return Response(status_code=499)
     results = list(out) if isinstance(out, list) else [out]
     prompt_tokens = sum(int((r.get("meta_info") or {}).get("prompt_tokens", 0) or 0) for r in results)
