@@ -159,7 +159,10 @@ ROUTES = [("GET", "/get_server_info", None), ("GET", "/get_model_info", None), (
           ("POST", "/open_session", {"capacity_of_str_len": 10}), ("POST", "/close_session", {"session_id": "s"}),
           ("POST", "/start_profile", {}), ("POST", "/stop_profile", None), ("GET", "/metrics", None),
           ("POST", "/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"}),
-          ("POST", "/unload_lora_adapter", {"lora_name": "a"}), ("GET", "/v1/models", None)]
+          ("POST", "/unload_lora_adapter", {"lora_name": "a"}), ("POST", "/freeze_gc", None), ("GET", "/v1/models", None),
+          ("POST", "/v1/completions", {"model": "default", "prompt": "x", "max_tokens": 1}),
+          ("POST", "/v1/chat/completions", {"model": "default", "messages": [{"role": "user", "content": "x"}]}),
+          ("POST", "/v1/embeddings", {"model": "default", "input": "x"})]
 
 
 @pytest.mark.parametrize("method,path,body", ROUTES, ids=[r[1] for r in ROUTES])
