@@ -28,6 +28,7 @@ from treadle.client.prepare import RequestBuilder
 from treadle.client.results import BatchResult
 from treadle.client.sessions import Sessions
 from treadle.client.supervisor import Supervisor
+from treadle.client.tokenizer_manager import TokenizerManager
 from treadle.runtime.hf_config import check_quantization
 from treadle.runtime.model_check import check_model
 from treadle.runtime.logging_utils import configure_logging
@@ -252,6 +253,16 @@ class Engine:
         return await asyncio.to_thread(self.unload_lora_adapter, lora_name)
 
     # ------------------------------------------------------------------ lifecycle
+    @functools.cached_property
+    def tokenizer_manager(self) -> TokenizerManager:
+        """What frameworks read off SGLang's ``engine.tokenizer_manager``: ``tokenizer``,
+        ``context_len``, ``server_args`` (client/tokenizer_manager.py)."""
+        return TokenizerManager(self.server_args, self._files.tokenizer_dir, self.get_server_info)
+
+    def get_tokenizer(self) -> Any:
+        """The served model's Hugging Face tokenizer, loaded in this process on first use."""
+        return self.tokenizer_manager.tokenizer
+
     def get_all_child_pids(self) -> list[int]:
         return [p.pid for p in self._sup.procs.values()]
 
