@@ -31,8 +31,9 @@ class ReqState:
 
     def __init__(self, rid: str, created: float, deliver: Callable[[Any], None], index: Optional[int] = None,
                  want: tuple[bool, bool, bool, bool] = (False, False, False, False),
-                 weight_version: str = "default") -> None:
+                 weight_version: str = "default", with_text: bool = True) -> None:
         self.rid = rid
+        self.with_text = with_text  # False with skip_tokenizer_init: results carry output_ids only, as SGLang's
         self.weight_version = weight_version  # the engine's ``weight_version``, echoed in meta_info
         self.created = created
         self.deliver = deliver
@@ -87,6 +88,8 @@ class ReqState:
             chunk: dict[str, Any] = {"text": out.text, "output_ids": list(out.new_ids), "meta_info": meta}
         else:
             chunk = {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
+        if not self.with_text:
+            del chunk["text"]
         if self.index is not None and stream:
             chunk["index"] = self.index
         return chunk

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Optional
 
 import msgspec
 import zmq
 
 from treadle.detokenizer_proc.incremental import IncrementalDetokenizer
-from treadle.runtime.hf_config import load_tokenizer
 from treadle.runtime.messages import (
     DETOKENIZER_IN, ChildReady, FreezeGC, OutputFields, Shutdown, StrOut, StrOutBatch, TokenOutBatch, shared_fields,
 )
 from treadle.runtime.procs import ChildSpec
+from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.zmq_utils import Receiver, Sender
 
 logger = logging.getLogger("treadle.detokenizer")
 
 
-def detokenize(detok: IncrementalDetokenizer, batch: TokenOutBatch) -> StrOutBatch:
+def detokenize(detok: Optional[IncrementalDetokenizer], batch: TokenOutBatch) -> StrOutBatch:
+    """Each output's new text; with no tokenizer (``skip_tokenizer_init``) the ids pass through as
+    they are and the client leaves ``text`` out of its results."""
+    if detok is None:
+        return StrOutBatch(outs=[StrOut(**shared_fields(o, OutputFields)) for o in batch.outs])
     outs = []
     for o in batch.outs:
         text = detok.add(
@@ -34,8 +39,8 @@ def detokenize(detok: IncrementalDetokenizer, batch: TokenOutBatch) -> StrOutBat
 
 def main(spec: ChildSpec, ctx: zmq.Context, inbox: Sender) -> None:
     args = spec.args
-    tokenizer = load_tokenizer(spec.files.tokenizer_dir, args.trust_remote_code, args.tokenizer_mode)
-    detok = IncrementalDetokenizer(tokenizer)
+    tokenizer = load_tokenizer_of(spec.files, args)
+    detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
     recv = Receiver(ctx, spec.endpoints["detokenizer"], DETOKENIZER_IN, bind=True)
     inbox.send(ChildReady(name=spec.name))
     while True:

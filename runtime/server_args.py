@@ -259,7 +259,6 @@ class ServerArgs(SGLangOnlyArgs):
         missing = {
             "quantization": self.quantization not in (None, "gguf", "awq", "awq_marlin"),
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
-            "skip_tokenizer_init": self.skip_tokenizer_init,
             "cpu_offload_gb": self.cpu_offload_gb > 0,
             "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves
         }

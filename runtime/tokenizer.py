@@ -71,6 +71,14 @@ class _HFTokenizer:
             return self._t.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+def load_tokenizer_of(files: Any, args: Any) -> Any:
+    """The served model's tokenizer for a child process, or None when the engine was started with
+    ``skip_tokenizer_init`` (token ids in and out: the model may ship no tokenizer files)."""
+    if args.skip_tokenizer_init:
+        return None
+    return load_tokenizer(files.tokenizer_dir, args.trust_remote_code, args.tokenizer_mode)
+
+
 def load_tokenizer(tokenizer_dir: str, trust_remote_code: bool = False, mode: str = "auto") -> Any:
     """The Rust tokenizer straight from ``tokenizer.json`` where there is one; else, with remote
     code, or with ``mode="slow"`` (``tokenizer_mode``: the Python tokenizer, ``use_fast=False``,

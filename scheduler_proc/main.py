@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from treadle.runtime.hf_config import eos_token_ids, load_config, load_tokenizer
+from treadle.runtime.hf_config import eos_token_ids, load_config
+from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.messages import (
     SCHEDULER_IN, AbortReq, Call, ChildReady, GetWorkerInfo, Reply, ReqError, Shutdown, StepResult, SyncStep,
     TokenizedBatch, TokenOutBatch, WorkerInfo,
@@ -39,7 +40,7 @@ class SchedulerLoop:
         self.sent_at: dict[int, float] = {}  # step -> when its plan left (for the step-time stats)
         self.last_result_at = 0.0
         self.deferred: collections.deque[Any] = collections.deque()  # inputs that wait for the step's end
-        tokenizer = load_tokenizer(spec.files.tokenizer_dir, self.args.trust_remote_code, self.args.tokenizer_mode)
+        tokenizer = load_tokenizer_of(spec.files, self.args)  # None with skip_tokenizer_init (no stop strings then)
         self.worker_info = msgspec.convert(self.worker_call(GetWorkerInfo()), WorkerInfo)
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
         self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), self.worker_info,

@@ -8,16 +8,19 @@ from typing import Optional
 import msgspec
 import zmq
 
-from treadle.runtime.hf_config import context_length, load_config, load_tokenizer, vocab_size
+from treadle.runtime.hf_config import context_length, load_config, vocab_size
 from treadle.runtime.messages import (
     TOKENIZER_IN, AbortReq, Call, ChildReady, GenerateBatch, GetLoad, GroupDown, Reply, ReqError,
     ReqsDone, RequestFields, Shutdown, TokenizedBatch, TokenizedReq, radix_key_ids, shared_fields,
 )
 from treadle.runtime.procs import ChildSpec
+from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.zmq_utils import Receiver, Sender
 from treadle.tokenizer_proc.multimodal import check_items_fit, load_multimodal, reject_media
 from treadle.tokenizer_proc.router import DpRouter
-from treadle.tokenizer_proc.validate import check_embed_length, check_input_ids, check_lengths, check_logprob_args
+from treadle.tokenizer_proc.validate import (
+    check_embed_length, check_input_ids, check_lengths, check_logprob_args, check_token_only,
+)
 
 logger = logging.getLogger("treadle.tokenizer")
 
@@ -26,15 +29,18 @@ class TokenizerWorker:
     def __init__(self, spec: ChildSpec) -> None:
         self.args = spec.args
         files = spec.files
-        self.tokenizer = load_tokenizer(files.tokenizer_dir, self.args.trust_remote_code, self.args.tokenizer_mode)
+        self.tokenizer = load_tokenizer_of(files, self.args)  # None with skip_tokenizer_init
         cfg = load_config(files.model_dir)
         self.context_len = context_length(cfg, self.args, files.model_dir)
         self.vocab = vocab_size(cfg, self.tokenizer)
-        self.mm = load_multimodal(files.model_dir, self.tokenizer)
+        self.mm = load_multimodal(files.model_dir, self.tokenizer) if self.tokenizer is not None else None
         self.arch = (cfg.get("architectures") or [None])[0]
 
     def tokenize_batch(self, batch: GenerateBatch) -> TokenizedBatch:
         """Raises ValueError/TypeError naming the field of the first bad item; nothing is sent then."""
+        if self.tokenizer is None:
+            for r in batch.reqs:
+                check_token_only(r)
         texts = [r.text for r in batch.reqs if r.input_ids is None]
         encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
         out = []

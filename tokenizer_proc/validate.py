@@ -63,3 +63,23 @@ def check_embed_length(ids: list[int], limit: int, args: ServerArgs) -> list[int
         return ids[:limit]
     raise ValueError(f"The input ({len(ids)} tokens) is longer than the embedding model's limit of {limit} tokens. "
                      f"Shorten it or start the engine with allow_auto_truncate=True.")
+
+
+def check_token_only(req: GenerateReq) -> None:
+    """An engine started with ``skip_tokenizer_init=True`` has no tokenizer: ids in, ids out. What
+    needs text is refused, as SGLang's engine refuses it."""
+    if req.input_ids is None:
+        raise ValueError("The engine initialized with skip_tokenizer_init=True cannot accept text prompts. "
+                         "Please provide input_ids or re-initialize the engine with skip_tokenizer_init=False.")
+    s = req.sampling
+    if s.stop_strs():
+        raise ValueError("stop strings need a tokenizer: the engine was started with skip_tokenizer_init=True "
+                         "(use stop_token_ids).")
+    for name in ("json_schema", "regex", "ebnf"):
+        if getattr(s, name) is not None:
+            raise ValueError(f"{name} needs a tokenizer (grammars are compiled against the vocabulary's text): "
+                             "the engine was started with skip_tokenizer_init=True.")
+    if req.image_data or req.video_data:
+        raise ValueError("image_data and video_data need the model's processor: the engine was started with "
+                         "skip_tokenizer_init=True.")
+
