@@ -168,7 +168,8 @@ class Calls:
             want = (r.return_logprob, r.top_logprobs_num > 0, bool(r.token_ids_logprob), bool(r.return_hidden_states))
             st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None, want=want,
                           weight_version=self.server_args.weight_version,
-                          with_text=not self.server_args.skip_tokenizer_init)
+                          with_text=not self.server_args.skip_tokenizer_init,
+                          version_of=lambda: self.server_args.weight_version)
             states.append((st, r.stream))
         payload = checked_payload(GenerateBatch(call_id=call_id, reqs=reqs))
         self.sup.register(call_id, states)

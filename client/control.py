@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgspec
 
@@ -24,13 +24,13 @@ from treadle.client.calls import Calls
 from treadle.client.supervisor import Supervisor, group_name
 from treadle.runtime.messages import (
     Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
-    OpenSession, StartProfile, StopProfile, UnloadLoraAdapter,
+    OpenSession, StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
-UNBOUNDED_CALLS = (StopProfile,)  # answered once their work is done: no deadline (see above)
+UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk)  # answered once their work is done: no deadline (see above)
 WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter)  # the scheduler waits on its workers to answer
 
 
@@ -72,7 +72,8 @@ class Control:
         self.calls = calls
         self.sup = sup
 
-    def each(self, call: Call, groups: Optional[list[int]] = None) -> dict[int, Any]:
+    def each(self, call: Call, groups: Optional[list[int]] = None,
+             on_answer: Optional[Callable[[Any], None]] = None) -> dict[int, Any]:
         """``call`` on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
         results by group. Each group gets its own call id, so a group that dies fails its own call.
         A group that does not answer in time raises ``ControlTimeoutError`` naming the call and process."""
@@ -81,6 +82,8 @@ class Control:
         for g in self.sup.live_groups() if groups is None else groups:
             call_id = self.calls.next_id()
             futs[g] = self.sup.add_control(call_id, g)
+            if on_answer is not None:  # runs on the I/O thread, before any output that follows the answer
+                futs[g].add_done_callback(lambda f: f.exception() is None and on_answer(f.result()))
             self.calls.socket.send(msgspec.structs.replace(call, call_id=call_id, dp_rank=g))
         if isinstance(call, UNBOUNDED_CALLS):
             return {g: fut.result() for g, fut in futs.items()}
@@ -133,6 +136,15 @@ class Control:
 
     def unload_lora_adapter(self, lora_name: str, groups: Optional[list[int]] = None) -> None:
         self.each(UnloadLoraAdapter(lora_name=lora_name), groups)
+
+    def update_weights_from_disk(self, model_dir: str, load_format: Optional[str],
+                                 on_success: Callable[[], None]) -> tuple[bool, str]:
+        """Each live group's workers load ``model_dir`` once their running requests end; ``on_success``
+        runs (on the I/O thread) as soon as a group answers that its weights changed."""
+        results = self.each(UpdateWeightsFromDisk(model_dir=model_dir, load_format=load_format),
+                            on_answer=lambda res: res.get("success") and on_success())
+        ok = all(r["success"] for r in results.values())
+        return ok, next((r["message"] for r in results.values() if not r["success"]), next(iter(results.values()))["message"])
 
     def check_integrity(self) -> dict[str, Any]:
         """The first group's internal state, after it asserted that nothing leaked (tests use it)."""

@@ -29,6 +29,7 @@ from treadle.client.results import BatchResult
 from treadle.client.sessions import Sessions
 from treadle.client.supervisor import Supervisor
 from treadle.client.tokenizer_manager import TokenizerManager
+from treadle.client.weights import WeightUpdates
 from treadle.runtime.hf_config import check_quantization
 from treadle.runtime.model_check import check_model
 from treadle.runtime.logging_utils import configure_logging
@@ -74,6 +75,7 @@ class Engine:
         self._control_calls = Control(self._calls, self._sup)
         self._lora = LoraRegistry(bool(a.enable_lora), a.max_loaded_loras, self._control_calls)
         self._requests = RequestBuilder(a, self._lora, self._sessions.group_of)
+        self._weights = WeightUpdates(self._control_calls, a)
         self._shut_down = False
         ref = weakref.ref(self)
         atexit.register(lambda: (e := ref()) is not None and e.shutdown())
@@ -234,6 +236,17 @@ class Engine:
         """The scheduler's internal state after it asserted that nothing leaked (no public SGLang
         method; the tests call it at idle)."""
         return self._control_calls.check_integrity()
+
+    # ------------------------------------------------------------------ weights
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
+                                 weight_version: Optional[str] = None) -> tuple[bool, str, int]:
+        """A new checkpoint of the served model, in place: ``(success, message, num_paused_requests)``.
+        Running requests finish first; a bad checkpoint changes nothing (client/weights.py)."""
+        return self._weights.from_disk(model_path, load_format, weight_version)
+
+    async def async_update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
+                                             weight_version: Optional[str] = None) -> tuple[bool, str, int]:
+        return await asyncio.to_thread(self.update_weights_from_disk, model_path, load_format, weight_version)
 
     # ------------------------------------------------------------------ LoRA
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:

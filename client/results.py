@@ -31,10 +31,13 @@ class ReqState:
 
     def __init__(self, rid: str, created: float, deliver: Callable[[Any], None], index: Optional[int] = None,
                  want: tuple[bool, bool, bool, bool] = (False, False, False, False),
-                 weight_version: str = "default", with_text: bool = True) -> None:
+                 weight_version: str = "default", with_text: bool = True,
+                 version_of: Optional[Callable[[], str]] = None) -> None:
         self.rid = rid
         self.with_text = with_text  # False with skip_tokenizer_init: results carry output_ids only, as SGLang's
         self.weight_version = weight_version  # the engine's ``weight_version``, echoed in meta_info
+        # read again at the first output: a request queued while the weights changed runs on the new ones
+        self.version_of = version_of
         self.created = created
         self.deliver = deliver
         self.index = index
@@ -50,6 +53,8 @@ class ReqState:
     def update(self, out: StrOut, incremental: bool, stream: bool) -> Optional[dict[str, Any]]:
         """Fold one output in; return the chunk to deliver (every update when streaming, else the last)."""
         self.finished = out.finish is not None
+        if self.version_of is not None:
+            self.weight_version, self.version_of = self.version_of(), None
         if out.embedding:
             return {"embedding": np.frombuffer(out.embedding, dtype=np.float32).tolist(), "meta_info": {
                 "id": self.rid, "finish_reason": out.finish.to_json() if out.finish else None,

@@ -15,7 +15,7 @@ from treadle.gpu_worker.proxy_heartbeat import beats_while_busy
 from treadle.runtime.hf_config import context_length, load_config
 from treadle.runtime.messages import (
     WORKER_IN, Call, ChildReady, DropLoraAdapter, ForwardPlan, GetWorkerInfo, ReadLoraAdapter, Reply, Shutdown,
-    StartProfile, StepResult, StopProfile, WorkerInfo,
+    StartProfile, StepResult, StopProfile, UpdateWeightsFromDisk, WorkerInfo,
 )
 from treadle.runtime.parallel import exit_when_disconnected, is_reporting
 from treadle.runtime.procs import ChildSpec
@@ -81,6 +81,7 @@ class WorkerLoop:
             StopProfile: lambda c: self.profiler.stop(),
             ReadLoraAdapter: lambda c: self.runner.load_lora(c.name, c.path),
             DropLoraAdapter: lambda c: self.runner.unload_lora(c.name),
+            UpdateWeightsFromDisk: lambda c: self.runner.update_weights_from_disk(c.model_dir, c.load_format),
         }
 
     def info(self) -> WorkerInfo:

@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from treadle.gpu_worker.distributed import first_failed_rank
 from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
 from treadle.gpu_worker.layers.linear import use_triton_gemv
 from treadle.gpu_worker.layers.pdl import pdl_supported
@@ -72,6 +73,28 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
     model.eval().requires_grad_(False)
+
+
+def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str], model_config: Any,
+                   context_len: int, device: torch.device) -> None:
+    """Copy a new checkpoint of the same model into ``model``'s parameters, in place (so CUDA
+    graphs and every view of them stay valid). The checkpoint is first loaded into a copy of the
+    model on the meta device, which runs every name, shape and completeness check of a real load
+    without memory: a checkpoint that fails them raises here and the old weights keep serving."""
+    error = ""
+    try:
+        load_format = load_format or "auto"
+        if load_format not in ("auto", "safetensors"):
+            raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
+        probe = build_model(model_config, next(model.parameters()).dtype, torch.device("meta"), context_len)
+        load_weights(probe, model_dir, load_format, model_config, 0, 0.0)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        error = f"{type(e).__name__}: {e}"
+    # every tensor-parallel rank copies, or none does: the ranks never serve different weights
+    failed = first_failed_rank(bool(error), device)
+    if failed is not None:
+        raise ValueError(error or f"the new weights failed their check on worker rank {failed} (its log says why)")
+    load_weights(model, model_dir, load_format, model_config, 0, 0.0)
 
 
 def select_gemv(model: ModelBase, device: torch.device, gemv_backend: Optional[str]) -> None:

@@ -413,6 +413,16 @@ class StopProfile(Call):
     pass
 
 
+class UpdateWeightsFromDisk(Call, kw_only=True):
+    """Client -> scheduler -> every worker rank: copy a checkpoint of the same model (an HF-format
+    directory the client resolved) into the running weights. The scheduler waits until nothing
+    runs; the workers check the whole checkpoint against the model first, so a bad one changes
+    nothing."""
+
+    model_dir: str
+    load_format: Optional[str] = None
+
+
 class GetLoad(Call):
     """The tokenizer's view of the DP groups (alive, requests in flight); sent with ``dp_rank=-1``."""
 
@@ -473,8 +483,8 @@ class WorkerInfo(msgspec.Struct):
 
 
 CLIENT_CALLS = (GetInternalState, CheckIntegrity, FlushCache, OpenSession, ListSessions, CloseSession, FreezeGC,
-                LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad)
-WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter)
+                LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad, UpdateWeightsFromDisk)
+WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter, UpdateWeightsFromDisk)
 
 
 # ---------------------------------------------------------------- * -> client inbox

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import msgspec
 import zmq
@@ -14,7 +14,7 @@ from treadle.runtime.hf_config import eos_token_ids, load_config
 from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.messages import (
     SCHEDULER_IN, AbortReq, Call, ChildReady, GetWorkerInfo, Reply, ReqError, Shutdown, StepResult, SyncStep,
-    TokenizedBatch, TokenOutBatch, WorkerInfo,
+    TokenizedBatch, TokenOutBatch, WorkerInfo, UpdateWeightsFromDisk,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
@@ -40,6 +40,7 @@ class SchedulerLoop:
         self.sent_at: dict[int, float] = {}  # step -> when its plan left (for the step-time stats)
         self.last_result_at = 0.0
         self.deferred: collections.deque[Any] = collections.deque()  # inputs that wait for the step's end
+        self.weight_update: Optional[UpdateWeightsFromDisk] = None  # waits for the running requests to end
         tokenizer = load_tokenizer_of(spec.files, self.args)  # None with skip_tokenizer_init (no stop strings then)
         self.worker_info = msgspec.convert(self.worker_call(GetWorkerInfo()), WorkerInfo)
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
@@ -72,6 +73,8 @@ class SchedulerLoop:
         while self.running:
             self.drain_inputs(block=self.sched.is_idle() and not self.sched.plans_in_flight)
             self.flush_outputs()  # answers to aborts and refusals go now, not after the next step
+            if self.weight_update is not None and not self.sched.running and not self.sched.plans_in_flight:
+                self.update_weights()
             plan = self.sched.schedule() if len(self.sched.plans_in_flight) < depth else None
             if plan is not None:
                 for w in self.to_workers:
@@ -175,10 +178,30 @@ class SchedulerLoop:
                 self.inbox.send(ReqError(kind=kind, message=message, rids=[rid]))
         elif isinstance(msg, AbortReq):
             self.sched.abort(msg.rid, msg.abort_all)
+        elif isinstance(msg, UpdateWeightsFromDisk):
+            if self.weight_update is not None:
+                self.inbox.send(Reply(call_id=msg.call_id, ok=True, result={
+                    "success": False, "message": "Another weight update is in progress."}))
+            else:  # answered once the running requests end (update_weights); new ones wait meanwhile
+                self.weight_update, self.sched.admission_paused = msg, True
         elif isinstance(msg, Call):
             self.inbox.send(self.control.answer(msg))
         elif isinstance(msg, Shutdown):
             self.running = False
+
+    def update_weights(self) -> None:
+        """The weight update, now that no request runs (as SGLang's default: new requests waited,
+        running ones finished on the old weights): every worker copies the checkpoint in, the
+        prefix cache built with the old weights is dropped, and admission resumes."""
+        call, self.weight_update = self.weight_update, None
+        try:
+            self.worker_call(call)
+            self.sched.drop_cache_for_new_weights()
+            result = {"success": True, "message": "Succeeded to update model weights."}
+        except WorkerCallError as e:
+            result = {"success": False, "message": f"Failed to update weights: {e}. The old weights are still served."}
+        self.sched.admission_paused = False
+        self.inbox.send(Reply(call_id=call.call_id, ok=True, result=result))
 
     def flush_outputs(self) -> None:
         for rid, kind, message in self.sched.take_errors():

@@ -64,6 +64,7 @@ class Scheduler:
         self.pipelined = self.micro_batches > 1
         self.max_plans_in_flight = args.pp_size if args.pp_size > 1 else (1 if args.disable_overlap_schedule else 2)
         self.plans_in_flight: collections.deque[PlannedStep] = collections.deque()  # results not applied yet
+        self.admission_paused = False  # a weight update waits for the running requests: none is admitted
         self.plan_rows: list[PlannedRow] = []  # the latest plan's rows, as its ForwardPlan.rows
         self.step = 0
         self.waiting: list[Req] = []
@@ -176,7 +177,8 @@ class Scheduler:
         prefill_budget = self.admission.step_prefill_tokens
         for req in [r for r in self.running if continues_prefill(r, self.pipelined)]:  # a chunked prompt goes first
             prefill_budget -= self.admission.prefill_row(req, prefill_budget, draft)
-        if prefill_budget > 0 and not any(r.prefilling and r.finish is None for r in self.running):
+        if prefill_budget > 0 and not self.admission_paused \
+                and not any(r.prefilling and r.finish is None for r in self.running):
             self.admission.admit(draft, prefill_budget)
         if not draft.rows:
             return None
@@ -260,6 +262,13 @@ class Scheduler:
         return self.outputs.take_errors()
 
     # ------------------------------------------------------------------ control
+    def drop_cache_for_new_weights(self) -> None:
+        """Empty the prefix cache (and sessions' KV) computed with the old weights. Waiting requests
+        hold no cache node until admitted, so only running ones must be gone."""
+        assert not self.running, "weights change only while no request runs"
+        self.sessions.unlock_all()
+        self.cache.reset()
+
     def flush_cache(self) -> bool:
         """Empty the prefix cache, only when nothing runs or waits (as SGLang); sessions lose their KV."""
         if not self.is_idle():

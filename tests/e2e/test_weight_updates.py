@@ -1,0 +1,115 @@
+"""``update_weights_from_disk`` (issue 26): a trainer's new checkpoint into the running engine.
+
+The trainer's part is played by plain torch: every weight of the default model perturbed and
+saved as a new checkpoint. After the update the engine's greedy tokens must be transformers' on
+the perturbed weights; a broken checkpoint must leave the old weights serving; a request running
+during the update finishes, and ``meta_info.weight_version`` says which weights served it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytestmark = pytest.mark.e2e
+GREEDY = {"temperature": 0, "max_new_tokens": 8}
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+CONFIGS = ("config.json", "generation_config.json")
+
+
+def checkpoint(src: str, dst, change) -> str:
+    """A copy of ``src``'s model with its tensors passed through ``change`` (a trainer's step)."""
+    os.makedirs(dst, exist_ok=True)
+    for name in CONFIGS:
+        os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    save_file(change(tensors), os.path.join(dst, "model.safetensors"))
+    return str(dst)
+
+
+def perturbed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {k: (v.float() * (1 + 0.05 * torch.randn(v.shape, generator=g))).to(v.dtype).contiguous()
+            for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def updatable(default_model_dir):
+    """An engine of its own: these tests change its weights."""
+    from treadle import Engine
+
+    eng = Engine(model_path=default_model_dir, random_seed=0)
+    yield eng
+    eng.shutdown()
+
+
+def hf_greedy(model_dir: str, hf_tokenizer) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for p in PROMPTS:
+        ids = hf_tokenizer(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def ids_of(engine) -> list[list[int]]:
+    return [r["output_ids"] for r in engine.generate(prompt=PROMPTS, sampling_params=GREEDY)]
+
+
+def test_new_weights_give_transformers_tokens_and_the_old_ones_come_back(updatable, default_model_dir,
+                                                                          hf_tokenizer, tmp_path):
+    before = ids_of(updatable)
+    new_dir = checkpoint(default_model_dir, tmp_path / "step1", perturbed)
+    ok, message, paused = updatable.update_weights_from_disk(new_dir)
+    assert (ok, paused) == (True, 0), message
+    after = updatable.generate(prompt=PROMPTS, sampling_params=GREEDY)
+    assert [r["output_ids"] for r in after] == hf_greedy(new_dir, hf_tokenizer)
+    assert [r["output_ids"] for r in after] != before
+    assert {r["meta_info"]["weight_version"] for r in after} == {"1"}
+    ok, message, _ = updatable.update_weights_from_disk(default_model_dir, weight_version="base")
+    assert ok, message
+    res = updatable.generate(prompt=PROMPTS, sampling_params=GREEDY)
+    assert [r["output_ids"] for r in res] == before  # the prefix cache held no stale KV either
+    assert res[0]["meta_info"]["weight_version"] == "base"
+
+
+@pytest.mark.parametrize("broken,words", [
+    (lambda t: {k: v for k, v in t.items() if "layers.3.mlp.down_proj" not in k}, "lacks"),
+    (lambda t: {**t, "model.layers.0.self_attn.q_proj.weight": t["model.layers.0.self_attn.q_proj.weight"][:8]},
+     "shape|size"),
+])
+def test_a_broken_checkpoint_leaves_the_old_weights_serving(updatable, default_model_dir, tmp_path, broken, words):
+    before = ids_of(updatable)
+    version = updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"]
+    ok, message, _ = updatable.update_weights_from_disk(checkpoint(default_model_dir, tmp_path / "bad", broken))
+    assert not ok and "old weights are still served" in message
+    import re
+    assert re.search(words, message), message
+    assert ids_of(updatable) == before
+    assert updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"] == version
+    with pytest.raises(ValueError, match="load_format"):
+        updatable.update_weights_from_disk(default_model_dir, load_format="gguf")
+
+
+def test_a_running_request_finishes_on_the_old_weights(updatable, default_model_dir, tmp_path):
+    new_dir = checkpoint(default_model_dir, tmp_path / "step2", perturbed)
+    old = updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"]
+    results = {}
+    t = threading.Thread(target=lambda: results.update(long=updatable.generate(
+        prompt="Tell me a long story", sampling_params={"temperature": 0, "max_new_tokens": 48, "ignore_eos": True})))
+    t.start()
+    time.sleep(1.0)  # the long request is running
+    ok, message, _ = updatable.update_weights_from_disk(new_dir, weight_version="step2")
+    t.join(timeout=120)
+    assert ok, message
+    assert results["long"]["meta_info"]["completion_tokens"] == 48
+    assert results["long"]["meta_info"]["weight_version"] == old
+    assert updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"] == "step2"
