@@ -129,6 +129,14 @@ class RemoteEngine:
         return self._processor_names.get(value, value) if isinstance(value, str) else value
 
     # ------------------------------------------------------------------ control
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
+                                 weight_version: Optional[str] = None) -> tuple[bool, str, int]:
+        """``Engine.update_weights_from_disk`` on the server (the path is the server's)."""
+        body = {"model_path": model_path, "load_format": load_format, "weight_version": weight_version}
+        out = self._call("POST", "/update_weights_from_disk", {k: v for k, v in body.items() if v is not None},
+                         ok=(200, 400), outcome="success")
+        return bool(out["success"]), out.get("message", ""), int(out.get("num_paused_requests", 0))
+
     def freeze_gc(self) -> None:
         """``gc.freeze()`` in the server's processes (SGLang's ``/freeze_gc``; call after warm-up)."""
         self._call("POST", "/freeze_gc", {})

@@ -162,6 +162,18 @@ async def unload_lora_adapter(request: Request) -> Response:
     return _lora_answer(await request.app.state.engine.async_unload_lora_adapter(body["lora_name"]))
 
 
+@router.post("/update_weights_from_disk")
+async def update_weights_from_disk(request: Request) -> Response:
+    """SGLang's route: ``{"success", "message", "num_paused_requests"}``, 200 if the weights changed,
+    else 400 (the old weights still serve)."""
+    body = fields(await read_json(request), {"model_path": "string", "load_format": "string",
+                                             "weight_version": "string"}, required=("model_path",))
+    check_serving(request.app.state)
+    ok, message, paused = await request.app.state.engine.async_update_weights_from_disk(
+        body["model_path"], body.get("load_format"), body.get("weight_version"))
+    return json_response({"success": ok, "message": message, "num_paused_requests": paused}, 200 if ok else 400)
+
+
 @router.post("/open_session")
 async def open_session(request: Request) -> Response:
     """The new session's id as a JSON string; 400 if ``session_id`` names one already open."""

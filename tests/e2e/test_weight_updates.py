@@ -113,3 +113,21 @@ def test_a_running_request_finishes_on_the_old_weights(updatable, default_model_
     assert results["long"]["meta_info"]["completion_tokens"] == 48
     assert results["long"]["meta_info"]["weight_version"] == old
     assert updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"] == "step2"
+
+
+def test_the_http_route_and_remote_engine(updatable, default_model_dir, tmp_path):
+    from serve_helpers import serve_in_thread
+    from treadle import RemoteEngine
+
+    before = ids_of(updatable)
+    broken = checkpoint(default_model_dir, tmp_path / "bad",
+                        lambda t: {k: v for k, v in t.items() if "layers.0.input_layernorm" not in k})
+    with serve_in_thread(updatable) as url, RemoteEngine(url) as remote:
+        ok, message, paused = remote.update_weights_from_disk(default_model_dir, weight_version="http")
+        assert (ok, paused) == (True, 0), message
+        assert remote.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"] == "http"
+        ok, message, _ = remote.update_weights_from_disk(broken)
+        assert not ok and "lacks" in message
+        with pytest.raises(ValueError, match="model_path"):
+            remote.update_weights_from_disk(str(tmp_path / "no-such-dir"))
+    assert ids_of(updatable) == before
