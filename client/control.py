@@ -24,14 +24,14 @@ from treadle.client.calls import Calls
 from treadle.client.supervisor import Supervisor, group_name
 from treadle.runtime.messages import (
     Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
-    OpenSession, StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk,
+    GetWeightsByName, OpenSession, StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
 UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk)  # answered once their work is done: no deadline (see above)
-WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter)  # the scheduler waits on its workers to answer
+WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName)  # the scheduler waits on its workers to answer
 
 
 class ControlTimeoutError(TimeoutError):

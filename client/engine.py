@@ -244,6 +244,10 @@ class Engine:
         Running requests finish first; a bad checkpoint changes nothing (client/weights.py)."""
         return self._weights.from_disk(model_path, load_format, weight_version)
 
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """A weight by its checkpoint (Hugging Face) name: its first ``truncate_size`` rows as lists."""
+        return self._weights.by_name(name, truncate_size)
+
     async def async_update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
                                              weight_version: Optional[str] = None) -> tuple[bool, str, int]:
         return await asyncio.to_thread(self.update_weights_from_disk, model_path, load_format, weight_version)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 from treadle.client.control import Control
+from treadle.runtime.messages import GetWeightsByName
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.server_args import ServerArgs
 
@@ -42,3 +43,14 @@ class WeightUpdates:
 
         ok, message = self.control.update_weights_from_disk(files.model_dir, load_format, changed)
         return ok, message, 0
+
+    def by_name(self, name: str, truncate_size: int) -> list:
+        """The checkpoint tensor ``name``'s first ``truncate_size`` rows, as float32 lists."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}.")
+        if isinstance(truncate_size, bool) or not isinstance(truncate_size, int) or truncate_size < 1:
+            raise ValueError(f"truncate_size must be a positive int, got {truncate_size!r}.")
+        out = self.control.first(GetWeightsByName(name=name, truncate_size=truncate_size))
+        if "error" in out:
+            raise (NotImplementedError if out["kind"] == "not_implemented" else ValueError)(out["error"])
+        return out["weights"]

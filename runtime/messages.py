@@ -423,6 +423,13 @@ class UpdateWeightsFromDisk(Call, kw_only=True):
     load_format: Optional[str] = None
 
 
+class GetWeightsByName(Call, kw_only=True):
+    """Client -> scheduler -> workers: a weight by its checkpoint name, its first rows as lists."""
+
+    name: str
+    truncate_size: int = 100
+
+
 class GetLoad(Call):
     """The tokenizer's view of the DP groups (alive, requests in flight); sent with ``dp_rank=-1``."""
 
@@ -483,8 +490,10 @@ class WorkerInfo(msgspec.Struct):
 
 
 CLIENT_CALLS = (GetInternalState, CheckIntegrity, FlushCache, OpenSession, ListSessions, CloseSession, FreezeGC,
-                LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad, UpdateWeightsFromDisk)
-WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter, UpdateWeightsFromDisk)
+                LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad, UpdateWeightsFromDisk,
+                GetWeightsByName)
+WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter, UpdateWeightsFromDisk,
+                GetWeightsByName)
 
 
 # ---------------------------------------------------------------- * -> client inbox

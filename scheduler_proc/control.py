@@ -8,7 +8,8 @@ import gc
 from typing import Any, Callable
 
 from treadle.runtime.messages import (
-    Call, CheckIntegrity, CloseSession, DropLoraAdapter, FlushCache, FreezeGC, GetInternalState, ListSessions,
+    Call, CheckIntegrity, CloseSession, DropLoraAdapter, FlushCache, FreezeGC, GetInternalState, GetWeightsByName,
+    ListSessions,
     LoadLoraAdapter, OpenSession, ReadLoraAdapter, Reply, StartProfile, StopProfile, UnloadLoraAdapter,
 )
 from treadle.runtime.lora_args import LORA_NOT_ENABLED
@@ -36,6 +37,7 @@ class SchedulerControl:
             LoadLoraAdapter: self.load_lora,
             UnloadLoraAdapter: self.unload_lora,
             StartProfile: worker_call,
+            GetWeightsByName: worker_call,
             StopProfile: worker_call,
         }
 

@@ -119,15 +119,35 @@ def test_the_http_route_and_remote_engine(updatable, default_model_dir, tmp_path
     from serve_helpers import serve_in_thread
     from treadle import RemoteEngine
 
-    before = ids_of(updatable)
     broken = checkpoint(default_model_dir, tmp_path / "bad",
                         lambda t: {k: v for k, v in t.items() if "layers.0.input_layernorm" not in k})
     with serve_in_thread(updatable) as url, RemoteEngine(url) as remote:
         ok, message, paused = remote.update_weights_from_disk(default_model_dir, weight_version="http")
         assert (ok, paused) == (True, 0), message
         assert remote.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"] == "http"
+        before = ids_of(updatable)
         ok, message, _ = remote.update_weights_from_disk(broken)
         assert not ok and "lacks" in message
         with pytest.raises(ValueError, match="model_path"):
             remote.update_weights_from_disk(str(tmp_path / "no-such-dir"))
     assert ids_of(updatable) == before
+
+
+def test_get_weights_by_name_reads_the_checkpoint_back(updatable, default_model_dir, tmp_path):
+    new_dir = checkpoint(default_model_dir, tmp_path / "step3", perturbed)
+    ok, message, _ = updatable.update_weights_from_disk(new_dir)
+    assert ok, message
+    saved = load_file(os.path.join(new_dir, "model.safetensors"))
+    for name in ("model.layers.2.self_attn.k_proj.weight", "model.layers.2.self_attn.q_proj.weight",
+                 "model.layers.5.mlp.up_proj.weight", "model.layers.5.mlp.gate_proj.weight",
+                 "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        got = torch.tensor(updatable.get_weights_by_name(name, truncate_size=7))
+        ref = saved.get(name, saved["model.embed_tokens.weight"])[:7].float()  # a tied head is the embedding
+        assert torch.equal(got, ref), name
+    assert len(updatable.get_weights_by_name("model.norm.weight")) == 100  # truncate_size defaults to 100
+    with pytest.raises(ValueError, match="no weight named"):
+        updatable.get_weights_by_name("model.layers.99.mlp.up_proj.weight")
+    with pytest.raises(ValueError, match="truncate_size"):
+        updatable.get_weights_by_name("model.norm.weight", truncate_size=0)
+    ok, message, _ = updatable.update_weights_from_disk(default_model_dir)
+    assert ok, message
