@@ -25,12 +25,13 @@ from treadle.client.supervisor import Supervisor, group_name
 from treadle.runtime.messages import (
     Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
     GetWeightsByName, OpenSession, StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk,
+    UpdateWeightsFromTensor,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
-UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk)  # answered once their work is done: no deadline (see above)
+UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor)  # answered once their work is done: no deadline (see above)
 WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName)  # the scheduler waits on its workers to answer
 
 
@@ -137,12 +138,11 @@ class Control:
     def unload_lora_adapter(self, lora_name: str, groups: Optional[list[int]] = None) -> None:
         self.each(UnloadLoraAdapter(lora_name=lora_name), groups)
 
-    def update_weights_from_disk(self, model_dir: str, load_format: Optional[str],
-                                 on_success: Callable[[], None]) -> tuple[bool, str]:
-        """Each live group's workers load ``model_dir`` once their running requests end; ``on_success``
-        runs (on the I/O thread) as soon as a group answers that its weights changed."""
-        results = self.each(UpdateWeightsFromDisk(model_dir=model_dir, load_format=load_format),
-                            on_answer=lambda res: res.get("success") and on_success())
+    def update_weights(self, call: Call, on_success: Callable[[], None]) -> tuple[bool, str]:
+        """An ``UpdateWeightsFrom*`` call on each live group: its workers take the new weights once
+        its running requests end; ``on_success`` runs (on the I/O thread) as soon as a group answers
+        that its weights changed."""
+        results = self.each(call, on_answer=lambda res: res.get("success") and on_success())
         ok = all(r["success"] for r in results.values())
         return ok, next((r["message"] for r in results.values() if not r["success"]), next(iter(results.values()))["message"])
 

@@ -237,15 +237,19 @@ class Engine:
         method; the tests call it at idle)."""
         return self._control_calls.check_integrity()
 
-    # ------------------------------------------------------------------ weights
+    # ------------------------------------------------------------------ weights (client/weights.py)
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
                                  weight_version: Optional[str] = None) -> tuple[bool, str, int]:
-        """A new checkpoint of the served model, in place: ``(success, message, num_paused_requests)``.
-        Running requests finish first; a bad checkpoint changes nothing (client/weights.py)."""
+        """A new checkpoint of the served model, in place: ``(success, message, num_paused_requests)``."""
         return self._weights.from_disk(model_path, load_format, weight_version)
 
+    def update_weights_from_tensor(self, named_tensors: list, load_format: Optional[str] = None,
+                                   flush_cache: bool = True) -> tuple[bool, str]:
+        """``[(checkpoint name, tensor), ...]``, all or part of the model's, in place: ``(success, message)``."""
+        return self._weights.from_tensors(named_tensors, load_format, flush_cache)
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        """A weight by its checkpoint (Hugging Face) name: its first ``truncate_size`` rows as lists."""
+        """A weight by its checkpoint name: its first ``truncate_size`` rows as lists."""
         return self._weights.by_name(name, truncate_size)
 
     async def async_update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,

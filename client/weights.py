@@ -1,20 +1,24 @@
-"""Weight updates of a running engine (the RL loop's "push the trained weights in"), SGLang's
-calls and return shapes: ``update_weights_from_disk`` so far.
+"""Weight updates of a running engine (the RL loop's "push the trained weights in") with SGLang's
+calls and return shapes: ``update_weights_from_disk``, ``update_weights_from_tensor``,
+``get_weights_by_name``.
 
-The work is the scheduler's and the workers' (``UpdateWeightsFromDisk``): the scheduler stops
-admitting, lets the running requests finish on the old weights, then every worker checks the
-whole checkpoint against the model and copies it in place; the prefix cache is dropped. Here:
-argument checks, the checkpoint's path, and the engine's ``weight_version``, which results
-report in ``meta_info`` and which changes on the I/O thread the moment the workers answer, so a
-request queued during the update reports the new version.
+The work is the scheduler's and the workers' (``UpdateWeightsFrom*``): the scheduler stops
+admitting, lets the running requests finish on the old weights, then every worker checks the new
+tensors against the model (on a meta-device copy) and copies them in place; the prefix cache is
+dropped. Tensors from ``update_weights_from_tensor`` travel in a POSIX shared-memory segment this
+side creates and removes; only their names, dtypes, shapes and offsets cross the socket. Here:
+argument checks, the segment, and the engine's ``weight_version``, which results report in
+``meta_info`` and which changes on the I/O thread the moment the workers answer, so a request
+queued during the update reports the new version.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from multiprocessing import shared_memory
+from typing import Any, Callable, Optional
 
 from treadle.client.control import Control
-from treadle.runtime.messages import GetWeightsByName
+from treadle.runtime.messages import GetWeightsByName, TensorRef, UpdateWeightsFromDisk, UpdateWeightsFromTensor
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.server_args import ServerArgs
 
@@ -35,14 +39,52 @@ class WeightUpdates:
         if weight_version is not None and not isinstance(weight_version, str):
             raise TypeError(f"weight_version must be a string, got {type(weight_version).__name__}.")
         files = resolve_model_files(model_path)  # a GGUF file is converted here, as at start-up
+        call = UpdateWeightsFromDisk(model_dir=files.model_dir, load_format=load_format)
+        ok, message = self.control.update_weights(call, self._bump(weight_version))
+        return ok, message, 0
+
+    def from_tensors(self, named_tensors: Any, load_format: Optional[str], flush_cache: bool) -> tuple[bool, str]:
+        """``(success, message)``: named tensors (all or part of the model's, checkpoint names) into
+        the weights. Their bytes go into one shared-memory segment the workers read, removed after."""
+        import torch
+
+        if load_format not in (None, "direct"):
+            raise ValueError(f"load_format must be None or 'direct' (named tensors), got {load_format!r}.")
+        if not isinstance(flush_cache, bool):
+            raise TypeError(f"flush_cache must be a bool, got {type(flush_cache).__name__}.")
+        if not isinstance(named_tensors, (list, tuple)) or not named_tensors:
+            raise ValueError("named_tensors must be a non-empty list of (name, torch.Tensor) pairs.")
+        tensors = []
+        for i, pair in enumerate(named_tensors):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], torch.Tensor)):
+                raise TypeError(f"named_tensors[{i}] must be a (name, torch.Tensor) pair.")
+            tensors.append((pair[0], pair[1].detach().to("cpu").contiguous()))
+        refs, offset = [], 0
+        for name, t in tensors:
+            refs.append(TensorRef(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+                                  offset=offset))
+            offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned starts
+        shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
+        try:
+            for ref, (_, t) in zip(refs, tensors):
+                raw = t.reshape(-1).view(torch.uint8).numpy()  # any dtype's bytes (bfloat16 has no numpy type)
+                shm.buf[ref.offset:ref.offset + raw.size] = raw
+            call = UpdateWeightsFromTensor(shm_name=shm.name, tensors=refs, flush_cache=flush_cache)
+            return self.control.update_weights(call, self._bump(None))
+        finally:
+            shm.close()
+            shm.unlink()
+
+    def _bump(self, weight_version: Optional[str]) -> Callable[[], None]:
+        """The callback that sets the engine's next ``weight_version`` (given, or the update count)."""
         self.count += 1
         version = weight_version if weight_version is not None else str(self.count)
 
         def changed() -> None:
             self.server_args.weight_version = version
 
-        ok, message = self.control.update_weights_from_disk(files.model_dir, load_format, changed)
-        return ok, message, 0
+        return changed
 
     def by_name(self, name: str, truncate_size: int) -> list:
         """The checkpoint tensor ``name``'s first ``truncate_size`` rows, as float32 lists."""

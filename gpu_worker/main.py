@@ -12,11 +12,13 @@ import zmq
 
 from treadle.gpu_worker.profiler import Profiler
 from treadle.gpu_worker.proxy_heartbeat import beats_while_busy
+from treadle.gpu_worker.weight_transfer import update_from_shared_memory
 from treadle.gpu_worker.weights_by_name import weights_by_name
 from treadle.runtime.hf_config import context_length, load_config
 from treadle.runtime.messages import (
     WORKER_IN, Call, ChildReady, DropLoraAdapter, ForwardPlan, GetWorkerInfo, ReadLoraAdapter, Reply, Shutdown,
-    GetWeightsByName, StartProfile, StepResult, StopProfile, UpdateWeightsFromDisk, WorkerInfo,
+    GetWeightsByName, StartProfile, StepResult, StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor,
+    WorkerInfo,
 )
 from treadle.runtime.parallel import exit_when_disconnected, is_reporting
 from treadle.runtime.procs import ChildSpec
@@ -83,6 +85,8 @@ class WorkerLoop:
             ReadLoraAdapter: lambda c: self.runner.load_lora(c.name, c.path),
             DropLoraAdapter: lambda c: self.runner.unload_lora(c.name),
             UpdateWeightsFromDisk: lambda c: self.runner.update_weights_from_disk(c.model_dir, c.load_format),
+            UpdateWeightsFromTensor: lambda c: update_from_shared_memory(
+                self.runner.model, c, self.runner.model_config, self.runner.cfg.context_len, self.runner.device),
             GetWeightsByName: lambda c: weights_by_name(self.runner.model, c.name, c.truncate_size),  # {"weights"|"error"}
         }
 

@@ -423,6 +423,25 @@ class UpdateWeightsFromDisk(Call, kw_only=True):
     load_format: Optional[str] = None
 
 
+class TensorRef(msgspec.Struct, array_like=True):
+    """Where one named tensor's bytes lie in a shared-memory segment (C order)."""
+
+    name: str
+    dtype: str  # torch's name: "float32", "bfloat16", ...
+    shape: list[int]
+    offset: int
+
+
+class UpdateWeightsFromTensor(Call, kw_only=True):
+    """Client -> scheduler -> workers: named tensors (all or part of the model's) into the running
+    weights. The bytes travel in the POSIX shared-memory segment ``shm_name`` that the client
+    owns and removes after the answer; only this description crosses the socket."""
+
+    shm_name: str
+    tensors: list[TensorRef]
+    flush_cache: bool = True
+
+
 class GetWeightsByName(Call, kw_only=True):
     """Client -> scheduler -> workers: a weight by its checkpoint name, its first rows as lists."""
 
@@ -491,9 +510,9 @@ class WorkerInfo(msgspec.Struct):
 
 CLIENT_CALLS = (GetInternalState, CheckIntegrity, FlushCache, OpenSession, ListSessions, CloseSession, FreezeGC,
                 LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad, UpdateWeightsFromDisk,
-                GetWeightsByName)
+                UpdateWeightsFromTensor, GetWeightsByName)
 WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter, UpdateWeightsFromDisk,
-                GetWeightsByName)
+                UpdateWeightsFromTensor, GetWeightsByName)
 
 
 # ---------------------------------------------------------------- * -> client inbox

@@ -14,7 +14,7 @@ from treadle.runtime.hf_config import eos_token_ids, load_config
 from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.messages import (
     SCHEDULER_IN, AbortReq, Call, ChildReady, GetWorkerInfo, Reply, ReqError, Shutdown, StepResult, SyncStep,
-    TokenizedBatch, TokenOutBatch, WorkerInfo, UpdateWeightsFromDisk,
+    TokenizedBatch, TokenOutBatch, WorkerInfo, UpdateWeightsFromDisk, UpdateWeightsFromTensor,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
@@ -40,7 +40,7 @@ class SchedulerLoop:
         self.sent_at: dict[int, float] = {}  # step -> when its plan left (for the step-time stats)
         self.last_result_at = 0.0
         self.deferred: collections.deque[Any] = collections.deque()  # inputs that wait for the step's end
-        self.weight_update: Optional[UpdateWeightsFromDisk] = None  # waits for the running requests to end
+        self.weight_update: Optional[Call] = None  # UpdateWeightsFrom*: waits for the running requests to end
         tokenizer = load_tokenizer_of(spec.files, self.args)  # None with skip_tokenizer_init (no stop strings then)
         self.worker_info = msgspec.convert(self.worker_call(GetWorkerInfo()), WorkerInfo)
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
@@ -178,7 +178,7 @@ class SchedulerLoop:
                 self.inbox.send(ReqError(kind=kind, message=message, rids=[rid]))
         elif isinstance(msg, AbortReq):
             self.sched.abort(msg.rid, msg.abort_all)
-        elif isinstance(msg, UpdateWeightsFromDisk):
+        elif isinstance(msg, (UpdateWeightsFromDisk, UpdateWeightsFromTensor)):
             if self.weight_update is not None:
                 self.inbox.send(Reply(call_id=msg.call_id, ok=True, result={
                     "success": False, "message": "Another weight update is in progress."}))
@@ -196,7 +196,8 @@ class SchedulerLoop:
         call, self.weight_update = self.weight_update, None
         try:
             self.worker_call(call)
-            self.sched.drop_cache_for_new_weights()
+            if getattr(call, "flush_cache", True):
+                self.sched.drop_cache_for_new_weights()
             result = {"success": True, "message": "Succeeded to update model weights."}
         except WorkerCallError as e:
             result = {"success": False, "message": f"Failed to update weights: {e}. The old weights are still served."}

@@ -152,8 +152,9 @@ class LlamaForCausalLM(ModelBase):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into (sharded, fused) params; returns the param names filled."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], complete: bool = True) -> set[str]:
+        """Copy HF-named tensors into (sharded, fused) params; returns the param names filled.
+        ``complete``: every param must be filled (a checkpoint); False for a partial weight update."""
         params, loaded = dict(self.named_parameters(remove_duplicate=False)), set()
         tied = self.tied
         for name, tensor in weights:
@@ -173,7 +174,7 @@ class LlamaForCausalLM(ModelBase):
             loaded.add(name)
         shared = tied and self.model.embed_tokens is not None
         missing = {n for n in params if n not in loaded and not (shared and n == "lm_head.weight")}
-        if missing:
+        if missing and complete:
             raise ValueError(f"checkpoint lacks {sorted(missing)[:8]} ({len(missing)} params)")
         return loaded
 

@@ -151,3 +151,34 @@ def test_get_weights_by_name_reads_the_checkpoint_back(updatable, default_model_
         updatable.get_weights_by_name("model.norm.weight", truncate_size=0)
     ok, message, _ = updatable.update_weights_from_disk(default_model_dir)
     assert ok, message
+
+
+def test_update_from_tensors_whole_and_in_parts(updatable, default_model_dir, hf_tokenizer, tmp_path):
+    """As a trainer process would push them: the whole state dict, then one bucket at a time."""
+    new_dir = checkpoint(default_model_dir, tmp_path / "step4", perturbed)
+    new = load_file(os.path.join(new_dir, "model.safetensors"))
+    old = load_file(os.path.join(default_model_dir, "model.safetensors"))
+    expected = hf_greedy(new_dir, hf_tokenizer)
+    ok, message = updatable.update_weights_from_tensor(list(new.items()))
+    assert ok, message
+    assert ids_of(updatable) == expected
+    ok, message = updatable.update_weights_from_tensor(list(old.items()))  # back to the old weights
+    assert ok, message
+    names = sorted(new)
+    for i in range(0, len(names), 50):  # buckets of 50 tensors, as verl sends them
+        ok, message = updatable.update_weights_from_tensor([(n, new[n]) for n in names[i:i + 50]])
+        assert ok, message
+    assert ids_of(updatable) == expected
+    got = torch.tensor(updatable.get_weights_by_name("model.layers.4.self_attn.v_proj.weight", truncate_size=3))
+    assert torch.equal(got, new["model.layers.4.self_attn.v_proj.weight"][:3].float())
+    ok, message = updatable.update_weights_from_tensor([("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3))])
+    assert not ok and "old weights are still served" in message, message
+    assert "shape" in message.lower() or "size" in message, message
+    ok, message = updatable.update_weights_from_tensor([("model.layers.0.mlp.nonsense.weight", torch.zeros(3))])
+    assert not ok and "nonsense" in message, message
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("psm_")], "a shared-memory segment was left"
+    assert ids_of(updatable) == expected
+    with pytest.raises(TypeError, match=r"named_tensors\[0\]"):
+        updatable.update_weights_from_tensor([("x", [1, 2])])
+    ok, message, _ = updatable.update_weights_from_disk(default_model_dir)
+    assert ok, message
