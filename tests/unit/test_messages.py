@@ -22,6 +22,14 @@ CLIENT_CALLS = [  # what the client asks the tokenizer and the schedulers
     M.CloseSession(session_id="s"), M.FreezeGC(), M.UnloadLoraAdapter(call_id=10, lora_name="a"), M.StopProfile(),
     M.OpenSession(session_id="t"), M.LoadLoraAdapter(lora_name="b", lora_path="/q"), M.StartProfile(), M.GetLoad(),
 ]
+WEIGHT_CALLS = [  # client -> scheduler -> workers
+    M.UpdateWeightsFromDisk(call_id=11, model_dir="/ckpt/step1", load_format="safetensors"),
+    M.UpdateWeightsFromTensor(call_id=12, shm_name="psm_1", flush_cache=False, tensors=[
+        M.TensorRef(name="model.norm.weight", dtype="bfloat16", shape=[576], offset=0),
+        M.TensorRef(name="lm_head.weight", dtype="float32", shape=[49152, 576], offset=1152)]),
+    M.GetWeightsByName(call_id=13, name="model.embed_tokens.weight", truncate_size=5),
+]
+CLIENT_CALLS += WEIGHT_CALLS
 
 SAMPLES = {
     "TOKENIZER_IN": [
@@ -52,7 +60,7 @@ SAMPLES = {
                       rows=[M.PlanRow(0, [1, 2, 3], 0, [0, 1, 2]), M.PlanRow(1, [4], 9, [17], sample=False)]),
         M.ForwardPlan(step=2), M.SyncStep(),
         M.GetWorkerInfo(call_id=1), M.ReadLoraAdapter(call_id=2, name="a", path="/p"), M.StopProfile(), M.Shutdown(),
-        M.StartProfile(options={"num_steps": 3}), M.DropLoraAdapter(name="a"),
+        M.StartProfile(options={"num_steps": 3}), M.DropLoraAdapter(name="a"), *WEIGHT_CALLS,
     ],
     "DETOKENIZER_IN": [
         M.TokenOutBatch(outs=[
