@@ -22,7 +22,7 @@ import zmq
 
 from treadle.client.calls import Calls, TokenizerSocket
 from treadle.client.control import Control, FlushCacheReqOutput
-from treadle.client.launch import launch_children
+from treadle.client.launch import launch_children, serve_worker_node
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.client.prepare import RequestBuilder
 from treadle.client.results import BatchResult
@@ -95,21 +95,7 @@ class Engine:
         self._startup_time = time.perf_counter() - t0
         logger.info("engine ready in %.1f s (model %s, device %s)", self._startup_time, a.model_path, a.device)
         if a.node_rank > 0:
-            self._serve_worker_node()
-
-    def _serve_worker_node(self) -> None:
-        """``node_rank > 0`` runs only its worker ranks, which node 0's scheduler drives. As SGLang,
-        block until they exit (node 0 shut down, or a rank failed), then clean up; with
-        ``TREADLE_BLOCK_NONZERO_RANK_CHILDREN=0`` (or SGLang's variable) return at once and keep the
-        workers until ``shutdown()``."""
-        block = [os.environ.get(f"{p}_BLOCK_NONZERO_RANK_CHILDREN") for p in ("TREADLE", "SGLANG")]
-        if next((b for b in block if b is not None), "1") == "0":
-            return
-        try:
-            while all(p.poll() is None for p in self._sup.procs.values()):
-                time.sleep(0.2)
-        finally:
-            self.shutdown()
+            serve_worker_node(self._sup.procs, self.shutdown)
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 from treadle.client.supervisor import group_name
 from treadle.runtime.model_files import ModelFiles
@@ -50,3 +51,18 @@ def launch_children(a: ServerArgs, files: ModelFiles, ipc: IpcDir) -> dict[str, 
             launches.append((spec(group_name(g, "scheduler"), "treadle.scheduler_proc", eps, ga,
                                   worker_endpoints=[w.endpoint for w in workers]), env))
     return {s.name: launch_child(s, ipc.path, e) for s, e in launches}
+
+
+def serve_worker_node(procs: dict[str, Any], shutdown: Callable[[], None]) -> None:
+    """``node_rank > 0`` runs only its worker ranks, which node 0's scheduler drives. As SGLang,
+    block until they exit (node 0 shut down, or a rank failed), then clean up; with
+    ``TREADLE_BLOCK_NONZERO_RANK_CHILDREN=0`` (or SGLang's variable) return at once and keep the
+    workers until ``shutdown()``."""
+    block = [os.environ.get(f"{p}_BLOCK_NONZERO_RANK_CHILDREN") for p in ("TREADLE", "SGLANG")]
+    if next((b for b in block if b is not None), "1") == "0":
+        return
+    try:
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(0.2)
+    finally:
+        shutdown()

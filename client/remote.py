@@ -9,34 +9,28 @@ The calls take the same arguments and return the same shapes (dicts, ``BatchResu
 the same chunk dicts when streaming, ``FlushCacheReqOutput``, ``LoRAUpdateOutput``) and raise the
 same exceptions: the server's 400 is a ``ValueError`` (also a ``TypeError``) with the server's
 message, an overloaded engine ``EngineOverloadedError``, a dead engine, a 5xx or an unreachable
-server ``EngineDeadError`` naming the URL. ``remote_wire.py`` holds that mapping, ``remote_args.py`` the argument
-conversion, ``remote_stream.py`` the streams. httpx does the HTTP: one sync client, and one async
-client per event loop (an httpx ``AsyncClient`` belongs to the loop it first ran on).
+server ``EngineDeadError`` naming the URL. ``remote_http.py`` holds the connection (httpx clients), ``remote_wire.py``
+the status-to-exception mapping, ``remote_args.py`` the argument conversion, ``remote_stream.py``
+the streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
-import weakref
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
-import httpx
 
 from treadle.client.control import FlushCacheReqOutput
 from treadle.client.lora import LoRAUpdateOutput
 from treadle.client.remote_stream import AsyncRemoteStream, RemoteStream
-from treadle.client.remote_args import encode_body, encode_body_of, generate_body, processor_json, server_args_of
-from treadle.client.remote_wire import connection_error, decode_json, error_of, result_of
+from treadle.client.remote_args import encode_body_of, generate_body, processor_json, server_args_of
+from treadle.client.remote_http import HttpConnection
+from treadle.client.remote_wire import decode_json, result_of
 from treadle.client.results import BatchResult
-from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.server_args import ServerArgs
 
 __all__ = ["RemoteEngine"]
-
-CONNECT_TIMEOUT_S = 30.0
-
 
 class RemoteEngine:
     """The ``Engine`` API of a ``treadle serve`` server at ``url``. ``api_key``: the server's
@@ -52,16 +46,7 @@ class RemoteEngine:
             raise TypeError("api_key must be a string or None.")
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout or CONNECT_TIMEOUT_S, CONNECT_TIMEOUT_S))
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._transport = transport
-        self._client: Optional[httpx.Client] = None
-        self._async: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = \
-            weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._http = HttpConnection(self.url, api_key, timeout, transport)
         self._server_args: Optional[ServerArgs] = None
         self._processor_names: dict[str, str] = {}  # register_custom_logit_processor's names
 
@@ -82,8 +67,8 @@ class RemoteEngine:
         custom_logit_processor = self._processor_named(custom_logit_processor)
         body = generate_body({k: v for k, v in locals().items() if k != "self"})  # the arguments, as given
         if stream:
-            return RemoteStream(self._send("POST", "/generate", body, stream=True), self.url)
-        return result_of(self._call("POST", "/generate", body))
+            return RemoteStream(self._http.send("POST", "/generate", body, stream=True), self.url)
+        return result_of(self._http.call("POST", "/generate", body))
 
     async def async_generate(
         self, prompt: Union[str, list[str], None] = None, sampling_params: Union[dict, list[dict], None] = None,
@@ -100,20 +85,20 @@ class RemoteEngine:
         custom_logit_processor = self._processor_named(custom_logit_processor)
         body = generate_body({k: v for k, v in locals().items() if k != "self"})
         if stream:
-            return AsyncRemoteStream(await self._asend("POST", "/generate", body, stream=True), self.url)
-        return result_of(await self._acall("POST", "/generate", body))
+            return AsyncRemoteStream(await self._http.asend("POST", "/generate", body, stream=True), self.url)
+        return result_of(await self._http.acall("POST", "/generate", body))
 
     def encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
                rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
                ) -> Union[dict, BatchResult]:
         """``Engine.encode`` over ``POST /encode``: ``{"embedding", "meta_info"}`` or a ``BatchResult``."""
-        return result_of(self._call("POST", "/encode", encode_body_of(prompt, image_data, rid, lora_path, unsupported)))
+        return result_of(self._http.call("POST", "/encode", encode_body_of(prompt, image_data, rid, lora_path, unsupported)))
 
     async def async_encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
                            rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
                            ) -> Union[dict, BatchResult]:
         body = encode_body_of(prompt, image_data, rid, lora_path, unsupported)
-        return result_of(await self._acall("POST", "/encode", body))
+        return result_of(await self._http.acall("POST", "/encode", body))
 
     def register_custom_logit_processor(self, name: str, processor: Any) -> None:
         """Make ``custom_logit_processor=name`` refer to a processor class or import path, as the
@@ -133,26 +118,26 @@ class RemoteEngine:
                                  weight_version: Optional[str] = None) -> tuple[bool, str, int]:
         """``Engine.update_weights_from_disk`` on the server (the path is the server's)."""
         body = {"model_path": model_path, "load_format": load_format, "weight_version": weight_version}
-        out = self._call("POST", "/update_weights_from_disk", {k: v for k, v in body.items() if v is not None},
+        out = self._http.call("POST", "/update_weights_from_disk", {k: v for k, v in body.items() if v is not None},
                          ok=(200, 400), outcome="success")
         return bool(out["success"]), out.get("message", ""), int(out.get("num_paused_requests", 0))
 
     def freeze_gc(self) -> None:
         """``gc.freeze()`` in the server's processes (SGLang's ``/freeze_gc``; call after warm-up)."""
-        self._call("POST", "/freeze_gc", {})
+        self._http.call("POST", "/freeze_gc", {})
 
     def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
         """Abort by request id (also a batch's ``rid_0``...) or everything; the aborted calls return
         normally with ``finish_reason["type"] == "abort"``."""
         if rid or abort_all:
-            self._call("POST", "/abort_request", {"rid": rid, "abort_all": bool(abort_all)})
+            self._http.call("POST", "/abort_request", {"rid": rid, "abort_all": bool(abort_all)})
 
     async def async_abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
         if rid or abort_all:
-            await self._acall("POST", "/abort_request", {"rid": rid, "abort_all": bool(abort_all)})
+            await self._http.acall("POST", "/abort_request", {"rid": rid, "abort_all": bool(abort_all)})
 
     def flush_cache(self) -> FlushCacheReqOutput:
-        out = self._call("POST", "/flush_cache", None, ok=(200, 400), outcome="success")
+        out = self._http.call("POST", "/flush_cache", None, ok=(200, 400), outcome="success")
         return FlushCacheReqOutput(bool(out["success"]), out.get("message", ""))
 
     def open_session(self, capacity_of_str_len: int, session_id: Optional[str] = None, streaming: bool = False,
@@ -166,24 +151,24 @@ class RemoteEngine:
             body["session_id"] = session_id
         if timeout is not None:
             body["timeout"] = timeout
-        resp = self._send("POST", "/open_session", body)
+        resp = self._http.send("POST", "/open_session", body)
         if resp.status_code == 400 and session_id is not None and _says_already_open(resp.content):
             return None
-        return self._answer(resp)
+        return self._http.answer(resp)
 
     def close_session(self, session_id: str) -> None:
         """Close a session and release the KV it kept cached (an unknown id is ignored)."""
-        self._call("POST", "/close_session", {"session_id": session_id})
+        self._http.call("POST", "/close_session", {"session_id": session_id})
 
     def start_profile(self, **kwargs: Any) -> None:
         """``Engine.start_profile`` on the server (``output_dir``/``profile_dir``, ``num_steps``, ...)."""
-        self._call("POST", "/start_profile", kwargs)
+        self._http.call("POST", "/start_profile", kwargs)
 
     def stop_profile(self) -> None:
-        self._call("POST", "/stop_profile", {})
+        self._http.call("POST", "/stop_profile", {})
 
     def get_server_info(self) -> dict[str, Any]:
-        return self._call("GET", "/get_server_info")
+        return self._http.call("GET", "/get_server_info")
 
     @property
     def server_args(self) -> ServerArgs:
@@ -199,11 +184,11 @@ class RemoteEngine:
         if isinstance(lora_path, str) and os.path.isdir(lora_path):
             lora_path = os.path.abspath(lora_path)
         body = {"lora_name": lora_name, "lora_path": lora_path, "pinned": bool(pinned)}
-        return _lora_output(self._call("POST", "/load_lora_adapter", body, ok=(200, 400), outcome="success"))
+        return _lora_output(self._http.call("POST", "/load_lora_adapter", body, ok=(200, 400), outcome="success"))
 
     def unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
         body = {"lora_name": lora_name}
-        return _lora_output(self._call("POST", "/unload_lora_adapter", body, ok=(200, 400), outcome="success"))
+        return _lora_output(self._http.call("POST", "/unload_lora_adapter", body, ok=(200, 400), outcome="success"))
 
     async def async_load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
         return await asyncio.to_thread(self.load_lora_adapter, lora_name, lora_path, pinned)
@@ -211,106 +196,10 @@ class RemoteEngine:
     async def async_unload_lora_adapter(self, lora_name: str) -> LoRAUpdateOutput:
         return await asyncio.to_thread(self.unload_lora_adapter, lora_name)
 
-    # ------------------------------------------------------------------ HTTP
-    def _call(self, method: str, path: str, body: Optional[dict[str, Any]] = None, ok: tuple[int, ...] = (200,),
-              outcome: Optional[str] = None) -> Any:
-        return self._answer(self._send(method, path, body), ok, outcome)
-
-    async def _acall(self, method: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
-        return self._answer(await self._asend(method, path, body))
-
-    def _answer(self, resp: httpx.Response, ok: tuple[int, ...] = (200,), outcome: Optional[str] = None) -> Any:
-        """The decoded JSON of an answer whose status is in ``ok`` (a result-shaped answer, one with
-        the ``outcome`` key, when that is given); any other answer raises its exception."""
-        if resp.status_code in ok:
-            out = decode_json(resp.content) if resp.content else None
-            if outcome is None or (isinstance(out, dict) and outcome in out):
-                return out
-        raise error_of(resp.status_code, resp.content, self.url, bool(self.api_key))
-
-    def _send(self, method: str, path: str, body: Optional[dict[str, Any]] = None,
-              stream: bool = False) -> httpx.Response:
-        client = self._sync_client()
-        content = None if body is None else encode_body(body)
-        try:
-            req = client.build_request(method, self.url + path, content=content)
-            resp = client.send(req, stream=stream)
-        except httpx.TransportError as e:
-            raise self._transport_error(e) from None
-        if stream and resp.status_code != 200:
-            try:
-                resp.read()
-            finally:
-                resp.close()
-            self._answer(resp)
-        return resp
-
-    async def _asend(self, method: str, path: str, body: Optional[dict[str, Any]] = None,
-                     stream: bool = False) -> httpx.Response:
-        client = self._async_client()
-        content = None if body is None else encode_body(body)
-        try:
-            req = client.build_request(method, self.url + path, content=content)
-            resp = await client.send(req, stream=stream)
-        except httpx.TransportError as e:
-            raise self._transport_error(e) from None
-        if stream and resp.status_code != 200:
-            try:
-                await resp.aread()
-            finally:
-                await resp.aclose()
-            self._answer(resp)
-        return resp
-
-    def _transport_error(self, exc: httpx.TransportError) -> BaseException:
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-            return TimeoutError(f"{self.url} did not answer within the RemoteEngine's timeout: {exc}")
-        return connection_error(self.url, exc)
-
-    def _sync_client(self) -> httpx.Client:
-        with self._lock:
-            self._check_open()
-            if self._client is None:
-                self._client = httpx.Client(headers=self._headers, timeout=self._timeout,
-                                            transport=self._transport)
-            return self._client
-
-    def _async_client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            self._check_open()
-            client = self._async.get(loop)
-            if client is None:
-                client = self._async[loop] = httpx.AsyncClient(
-                    headers=self._headers, timeout=self._timeout, transport=self._transport)
-            return client
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineDeadError(f"This RemoteEngine ({self.url}) has been shut down.")
-
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:
         """Close the HTTP connections (the server keeps running). Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            client, self._client = self._client, None
-            clients, self._async = list(self._async.items()), weakref.WeakKeyDictionary()
-        if client is not None:
-            client.close()
-        try:
-            current = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        for loop, aclient in clients:  # an async client closes on its own loop, if that still runs
-            if loop.is_closed() or not loop.is_running():
-                continue
-            if loop is current:
-                loop.create_task(aclient.aclose())
-            else:
-                asyncio.run_coroutine_threadsafe(aclient.aclose(), loop)
+        self._http.close()
 
     def __enter__(self) -> "RemoteEngine":
         return self

@@ -11,6 +11,7 @@ import msgspec
 import zmq
 
 from treadle.gpu_worker.profiler import Profiler
+from treadle.gpu_worker.model_loader import reload_weights
 from treadle.gpu_worker.proxy_heartbeat import beats_while_busy
 from treadle.gpu_worker.weight_transfer import update_from_shared_memory
 from treadle.gpu_worker.weights_by_name import weights_by_name
@@ -84,7 +85,9 @@ class WorkerLoop:
             StopProfile: lambda c: self.profiler.stop(),
             ReadLoraAdapter: lambda c: self.runner.load_lora(c.name, c.path),
             DropLoraAdapter: lambda c: self.runner.unload_lora(c.name),
-            UpdateWeightsFromDisk: lambda c: self.runner.update_weights_from_disk(c.model_dir, c.load_format),
+            UpdateWeightsFromDisk: lambda c: reload_weights(
+                self.runner.model, c.model_dir, c.load_format, self.runner.model_config, self.runner.cfg.context_len,
+                self.runner.device),
             UpdateWeightsFromTensor: lambda c: update_from_shared_memory(
                 self.runner.model, c, self.runner.model_config, self.runner.cfg.context_len, self.runner.device),
             GetWeightsByName: lambda c: weights_by_name(self.runner.model, c.name, c.truncate_size),  # {"weights"|"error"}

@@ -76,7 +76,7 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
 
 
 def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str], model_config: Any,
-                   context_len: int, device: torch.device) -> None:
+                   context_len: int, device: torch.device) -> bool:
     """Copy a new checkpoint of the same model into ``model``'s parameters, in place (so CUDA
     graphs and every view of them stay valid). The checkpoint is first loaded into a copy of the
     model on the meta device, which runs every name, shape and completeness check of a real load
@@ -95,6 +95,7 @@ def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str],
     if failed is not None:
         raise ValueError(error or f"the new weights failed their check on worker rank {failed} (its log says why)")
     load_weights(model, model_dir, load_format, model_config, 0, 0.0)
+    return True
 
 
 def select_gemv(model: ModelBase, device: torch.device, gemv_backend: Optional[str]) -> None:

@@ -31,7 +31,7 @@ from treadle.gpu_worker.lora import LoRAPool
 from treadle.gpu_worker.lora_adapter import LoRAAdapter, load_planned, read_on_all_ranks
 from treadle.gpu_worker.mm_inputs import MmInputs
 from treadle.gpu_worker.model_loader import (
-    build_model, claim_device, load_weights, reload_weights, resolve_dtype, resolve_kv_dtype, select_gemv,
+    build_model, claim_device, load_weights, resolve_dtype, resolve_kv_dtype, select_gemv,
 )
 from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import encode_plan, load_pooling_config
@@ -238,11 +238,6 @@ class ModelRunner:
 
     def unload_lora(self, name: str) -> bool:
         return self.lora_adapters.pop(name, None) is not None
-
-    def update_weights_from_disk(self, model_dir: str, load_format: Optional[str]) -> bool:
-        """A new checkpoint of this model into the weights, in place (model_loader.reload_weights)."""
-        reload_weights(self.model, model_dir, load_format, self.model_config, self.cfg.context_len, self.device)
-        return True
 
     def _run(self, plan: ForwardPlan, extras: bool) -> Optional[StepOutput]:
         """Table writes + model forward + LM head on the positions that need logits.
