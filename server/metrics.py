@@ -110,3 +110,21 @@ class RequestTimer:
         m.generation_tokens.labels(m.model_name).inc(completion_tokens)
         m.cached_tokens += cached_tokens
         m.e2e.labels(m.model_name).observe(time.perf_counter() - self.start)
+
+    def done_with(self, outcome: str, metas: list[dict[str, Any]]) -> None:
+        """``done`` with the token counts of the results' ``meta_info``s (one per item or choice)."""
+        def total(key: str) -> int:
+            return sum(int(m.get(key, 0) or 0) for m in metas)
+        self.done(outcome, total("prompt_tokens"), total("completion_tokens"), total("cached_tokens"))
+
+    def whole_result(self, metas: list[dict[str, Any]]) -> None:
+        """A whole (not streamed) answer: its output tokens arrived at once, then it is done."""
+        self.tokens(sum(int(m.get("completion_tokens", 0) or 0) for m in metas))
+        self.done_with(outcome_of(metas), metas)
+
+
+def outcome_of(metas: list[dict[str, Any]]) -> str:
+    """``abort`` if any item was aborted (the engine's ``finish_reason`` type), else ``success``."""
+    reasons = [m.get("finish_reason") for m in metas]
+    return "abort" if any(isinstance(r, dict) and r.get("type") == "abort" for r in reasons) else "success"
+

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from treadle.server import native_control
 from treadle.server.errors import APIError, error_response
 from treadle.server.http_utils import SSE_DONE, json_response, read_json, sse_event, sse_response, timed_engine_call
-from treadle.server.metrics import RequestTimer
+from treadle.server.metrics import RequestTimer, outcome_of
 from treadle.server.native_control import check_serving, unknown_field
 
 router = APIRouter()
@@ -52,17 +52,9 @@ async def call_engine(call: Awaitable[Any]) -> Any:
         raise err from None
 
 
-def _results(out: Any) -> list[dict[str, Any]]:
-    return list(out) if isinstance(out, list) else [out]
-
-
-def _outcome(results: list[dict[str, Any]]) -> str:
-    reasons = [((r.get("meta_info") or {}).get("finish_reason") or {}) for r in results]
-    return "abort" if any(isinstance(f, dict) and f.get("type") == "abort" for f in reasons) else "success"
-
-
-def _count(results: list[dict[str, Any]], key: str) -> int:
-    return sum(int((r.get("meta_info") or {}).get(key, 0) or 0) for r in results)
+def _metas(out: Any) -> list[dict[str, Any]]:
+    """The ``meta_info`` of each item of a result (an object, or a list for a batch)."""
+    return [r.get("meta_info") or {} for r in (out if isinstance(out, list) else [out])]
 
 
 @router.post("/generate")
@@ -79,10 +71,7 @@ async def generate(request: Request) -> Response:
         return Response(status_code=499)
     if kwargs.get("stream"):
         return sse_response(_stream_events(out, timer))
-    results = _results(out)
-    timer.tokens(_count(results, "completion_tokens"))
-    timer.done(_outcome(results), _count(results, "prompt_tokens"), _count(results, "completion_tokens"),
-               _count(results, "cached_tokens"))
+    timer.whole_result(_metas(out))
     return json_response(out)
 
 
@@ -98,16 +87,14 @@ async def _stream_events(chunks: AsyncIterator[dict[str, Any]], timer: RequestTi
             totals[chunk.get("index")] = meta
             timer.tokens(int(meta.get("completion_tokens", 0) or 0) - before)
             yield sse_event(chunk)
-        outcome = _outcome([{"meta_info": m} for m in totals.values()])
+        outcome = outcome_of(list(totals.values()))
         yield SSE_DONE
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "abort"
         raise
     finally:
         await chunks.aclose()
-        metas = [{"meta_info": m} for m in totals.values()]
-        timer.done(outcome, _count(metas, "prompt_tokens"), _count(metas, "completion_tokens"),
-                   _count(metas, "cached_tokens"))
+        timer.done_with(outcome, list(totals.values()))
 
 
 @router.post("/encode")
@@ -124,8 +111,7 @@ async def encode(request: Request) -> Response:
     out = await timed_engine_call(request, timer, call_engine(state.engine.async_encode(**kwargs)))
     if out is None:
         return Response(status_code=499)
-    results = _results(out)
-    timer.done("success", _count(results, "prompt_tokens"))
+    timer.done("success", sum(int(m.get("prompt_tokens", 0) or 0) for m in _metas(out)))
     return json_response(out)
 
 

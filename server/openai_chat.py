@@ -14,13 +14,12 @@ from fastapi import Request, Response
 from treadle.server.chat_template import ServerTokenizer, server_tokenizer
 from treadle.server.errors import APIError
 from treadle.server.http_utils import SSE_DONE, json_response, sse_event, sse_response, timed_engine_call
-from treadle.server.metrics import RequestTimer
+from treadle.server.metrics import RequestTimer, outcome_of
 from treadle.server.openai_chat_output import ChatParsers
 from treadle.server.openai_logprobs import chat_logprobs
 from treadle.server.openai_protocol import ChatCompletionRequest
 from treadle.server.openai_sampling import (as_openai_error, check_model, check_serving, check_top_logprobs,
-                                            finish_reason, matched_stop, new_id, now, outcome_of, sampling_params,
-                                            timer_done, usage)
+                                            finish_reason, matched_stop, new_id, now, sampling_params, usage)
 
 PROMPT_TAIL = 8  # tokens at the end of a rendered prompt in which a template may open <think>
 
@@ -124,8 +123,7 @@ async def create_chat_completion(request: Request, req: ChatCompletionRequest) -
         return sse_response(_stream(out, req, parsers, tok, timer, state.served_model_name))
     results = list(out)
     metas = [r["meta_info"] for r in results]
-    timer.tokens(sum(int(m.get("completion_tokens", 0)) for m in metas))
-    timer_done(timer, outcome_of(metas), metas)
+    timer.whole_result(metas)
     choices = []
     for i, r in enumerate(results):
         message, has_calls = parsers.message(r["text"])
@@ -183,4 +181,4 @@ async def _stream(chunks: AsyncIterator[dict[str, Any]], req: ChatCompletionRequ
         raise
     finally:
         await chunks.aclose()
-        timer_done(timer, outcome, list(metas.values()))
+        timer.done_with(outcome, list(metas.values()))

@@ -15,12 +15,11 @@ from fastapi import Request, Response
 from treadle.server.chat_template import ServerTokenizer, server_tokenizer
 from treadle.server.errors import APIError
 from treadle.server.http_utils import SSE_DONE, json_response, sse_event, sse_response, timed_engine_call
-from treadle.server.metrics import RequestTimer
+from treadle.server.metrics import RequestTimer, outcome_of
 from treadle.server.openai_logprobs import completion_logprobs, merge_completion_logprobs
 from treadle.server.openai_protocol import CompletionRequest
 from treadle.server.openai_sampling import (as_openai_error, check_model, check_serving, check_top_logprobs,
-                                            finish_reason, matched_stop, new_id, now, outcome_of, sampling_params,
-                                            timer_done, usage)
+                                            finish_reason, matched_stop, new_id, now, sampling_params, usage)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's default for completions
 
@@ -71,8 +70,7 @@ async def create_completion(request: Request, req: CompletionRequest) -> Respons
         return sse_response(_stream(out, req, prompts, tok, timer, state.served_model_name))
     results = list(out)
     metas = [r["meta_info"] for r in results]
-    timer.tokens(sum(int(m.get("completion_tokens", 0)) for m in metas))
-    timer_done(timer, outcome_of(metas), metas)
+    timer.whole_result(metas)
     choices = [_choice(i, r, req, prompts[i // req.n], tok) for i, r in enumerate(results)]
     return json_response({"id": new_id("cmpl"), "object": "text_completion", "created": now(),
                           "model": state.served_model_name, "choices": choices, "usage": usage(metas, req.n)})
@@ -141,4 +139,4 @@ async def _stream(chunks: AsyncIterator[dict[str, Any]], req: CompletionRequest,
         raise
     finally:
         await chunks.aclose()
-        timer_done(timer, outcome, list(metas.values()))
+        timer.done_with(outcome, list(metas.values()))

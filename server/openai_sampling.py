@@ -146,12 +146,3 @@ def check_top_logprobs(value: Optional[int], field: str) -> None:
         raise APIError(400, f"{field} must be in [0, {MAX_TOP_LOGPROBS}], got {value}.", field)
 
 
-def timer_done(timer: Any, outcome: str, metas: list[dict[str, Any]]) -> None:
-    """Close a request's metrics timer with its token counts."""
-    def total(key: str) -> int:
-        return sum(int(m.get(key, 0) or 0) for m in metas)
-    timer.done(outcome, total("prompt_tokens"), total("completion_tokens"), total("cached_tokens"))
-
-
-def outcome_of(metas: list[dict[str, Any]]) -> str:
-    return "abort" if any(finish_reason(m) == "abort" for m in metas) else "success"
