@@ -167,7 +167,6 @@ class Calls:
         for i, r in enumerate(reqs):
             want = (r.return_logprob, r.top_logprobs_num > 0, bool(r.token_ids_logprob), bool(r.return_hidden_states))
             st = ReqState(r.rid, r.created, lambda item, i=i: put((i, item)), index=i if is_batch else None, want=want,
-                          weight_version=self.server_args.weight_version,
                           with_text=not self.server_args.skip_tokenizer_init,
                           version_of=lambda: self.server_args.weight_version)
             states.append((st, r.stream))

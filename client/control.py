@@ -31,7 +31,8 @@ from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
-UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor)  # answered once their work is done: no deadline (see above)
+# answered once their work is done (a weight update waits for the running requests): no deadline
+UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor)
 WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName)  # the scheduler waits on its workers to answer
 
 
@@ -142,9 +143,9 @@ class Control:
         """An ``UpdateWeightsFrom*`` call on each live group: its workers take the new weights once
         its running requests end; ``on_success`` runs (on the I/O thread) as soon as a group answers
         that its weights changed."""
-        results = self.each(call, on_answer=lambda res: res.get("success") and on_success())
-        ok = all(r["success"] for r in results.values())
-        return ok, next((r["message"] for r in results.values() if not r["success"]), next(iter(results.values()))["message"])
+        results = list(self.each(call, on_answer=lambda res: res.get("success") and on_success()).values())
+        failed = [r["message"] for r in results if not r["success"]]
+        return not failed, failed[0] if failed else results[0]["message"]
 
     def check_integrity(self) -> dict[str, Any]:
         """The first group's internal state, after it asserted that nothing leaked (tests use it)."""
