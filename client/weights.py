@@ -59,7 +59,7 @@ class WeightUpdates:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
                     and isinstance(pair[1], torch.Tensor)):
                 raise TypeError(f"named_tensors[{i}] must be a (name, torch.Tensor) pair.")
-            tensors.append((pair[0], pair[1].detach().to("cpu").contiguous()))
+            tensors.append((pair[0], pair[1].detach()))
         refs, offset = [], 0
         for name, t in tensors:
             refs.append(TensorRef(name=name, dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
@@ -68,8 +68,9 @@ class WeightUpdates:
         shm = shared_memory.SharedMemory(create=True, size=max(offset, 1))
         try:
             for ref, (_, t) in zip(refs, tensors):
-                raw = t.reshape(-1).view(torch.uint8).numpy()  # any dtype's bytes (bfloat16 has no numpy type)
-                shm.buf[ref.offset:ref.offset + raw.size] = raw
+                if t.numel():  # one copy, from any device and layout, straight into the segment
+                    torch.frombuffer(shm.buf, dtype=torch.uint8, count=t.numel() * t.element_size(),
+                                     offset=ref.offset).view(t.dtype).view(t.shape).copy_(t)
             call = UpdateWeightsFromTensor(shm_name=shm.name, tensors=refs, flush_cache=flush_cache)
             return self.control.update_weights(call, self._bump(None))
         finally:

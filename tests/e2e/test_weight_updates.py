@@ -171,6 +171,11 @@ def test_update_from_tensors_whole_and_in_parts(updatable, default_model_dir, hf
     assert ids_of(updatable) == expected
     got = torch.tensor(updatable.get_weights_by_name("model.layers.4.self_attn.v_proj.weight", truncate_size=3))
     assert torch.equal(got, new["model.layers.4.self_attn.v_proj.weight"][:3].float())
+    w = new["model.layers.1.mlp.down_proj.weight"]
+    ok, message = updatable.update_weights_from_tensor([("model.layers.1.mlp.down_proj.weight", w.t().contiguous().t())])
+    assert ok, message  # a non-contiguous view arrives with its values
+    got = torch.tensor(updatable.get_weights_by_name("model.layers.1.mlp.down_proj.weight", truncate_size=3))
+    assert torch.equal(got, w[:3].float())
     ok, message = updatable.update_weights_from_tensor([("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3))])
     assert not ok and "old weights are still served" in message, message
     assert "shape" in message.lower() or "size" in message, message
