@@ -5,7 +5,7 @@ choice of the Triton GEMV for one-token products."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -75,26 +75,31 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
     model.eval().requires_grad_(False)
 
 
-def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str], model_config: Any,
-                   context_len: int, device: torch.device) -> bool:
-    """Copy a new checkpoint of the same model into ``model``'s parameters, in place (so CUDA
-    graphs and every view of them stay valid). The checkpoint is first loaded into a copy of the
-    model on the meta device, which runs every name, shape and completeness check of a real load
-    without memory: a checkpoint that fails them raises here and the old weights keep serving."""
+def load_checked(model: ModelBase, model_config: Any, context_len: int, device: torch.device,
+                 load: Callable[[ModelBase], Any]) -> None:
+    """``load(model)`` of new weights, in place (so CUDA graphs and every view of the weights stay
+    valid), after ``load`` ran on a copy of the model on the meta device: every name, shape and
+    completeness check of a real load, without memory. New weights that fail them raise here on
+    every tensor-parallel rank (the ranks never serve different weights), and the old ones serve on."""
     error = ""
     try:
-        load_format = load_format or "auto"
-        if load_format not in ("auto", "safetensors"):
-            raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
-        probe = build_model(model_config, next(model.parameters()).dtype, torch.device("meta"), context_len)
-        load_weights(probe, model_dir, load_format, model_config, 0, 0.0)
+        load(build_model(model_config, next(model.parameters()).dtype, torch.device("meta"), context_len))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         error = f"{type(e).__name__}: {e}"
-    # every tensor-parallel rank copies, or none does: the ranks never serve different weights
     failed = first_failed_rank(bool(error), device)
     if failed is not None:
         raise ValueError(error or f"the new weights failed their check on worker rank {failed} (its log says why)")
-    load_weights(model, model_dir, load_format, model_config, 0, 0.0)
+    load(model)
+
+
+def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str], model_config: Any,
+                   context_len: int, device: torch.device) -> bool:
+    """A new checkpoint of the same model into ``model``'s parameters (``load_checked``)."""
+    load_format = load_format or "auto"
+    if load_format not in ("auto", "safetensors"):
+        raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
+    load_checked(model, model_config, context_len, device,
+                 lambda m: load_weights(m, model_dir, load_format, model_config, 0, 0.0))
     return True
 
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from treadle.gpu_worker.distributed import first_failed_rank
-from treadle.gpu_worker.model_loader import build_model
+from treadle.gpu_worker.model_loader import load_checked
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.runtime.messages import UpdateWeightsFromTensor
 
@@ -47,14 +46,4 @@ def _load(model: ModelBase, named: list[tuple[str, torch.Tensor]], model_config:
           device: torch.device) -> None:
     if "complete" not in model.load_weights.__code__.co_varnames:
         raise NotImplementedError(f"update_weights_from_tensor is not built for {type(model).__name__}")
-    error = ""
-    try:
-        probe = build_model(model_config, next(model.parameters()).dtype, torch.device("meta"), context_len)
-        probe.load_weights(named, complete=False)
-        del probe
-    except (ValueError, KeyError, RuntimeError) as e:
-        error = f"{type(e).__name__}: {e}"
-    failed = first_failed_rank(bool(error), device)  # every rank copies, or none does
-    if failed is not None:
-        raise ValueError(error or f"the new weights failed their check on worker rank {failed} (its log says why)")
-    model.load_weights(named, complete=False)
+    load_checked(model, model_config, context_len, device, lambda m: m.load_weights(named, complete=False))
