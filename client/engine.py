@@ -26,12 +26,13 @@ from treadle.client.launch import launch_children, serve_worker_node
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.client.prepare import RequestBuilder
 from treadle.client.results import BatchResult
+from treadle.client.scoring import ScoringCalls
 from treadle.client.sessions import Sessions
 from treadle.client.supervisor import Supervisor
 from treadle.client.tokenizer_manager import TokenizerManager
 from treadle.client.weights import WeightUpdates
 from treadle.runtime.hf_config import check_quantization
-from treadle.runtime.model_check import check_model
+from treadle.runtime.model_check import check_model, serves_scores
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.messages import Shutdown
 from treadle.runtime.model_files import resolve_model_files
@@ -46,7 +47,7 @@ logger = logging.getLogger("treadle.engine")
 STARTUP_TIMEOUT_S = float(os.environ.get("TREADLE_STARTUP_TIMEOUT", "900"))
 
 
-class Engine:
+class Engine(ScoringCalls):  # rerank / score: client/scoring.py
     """An in-process LLM engine: ``Engine(model_path=...)`` starts the tokenizer, scheduler,
     GPU-worker and detokenizer processes and blocks until the model is loaded."""
 
@@ -63,6 +64,7 @@ class Engine:
         self._files = resolve_model_files(a.model_path, server_args.tokenizer_path)
         check_quantization(self._files.model_dir, a.quantization)
         check_model(self._files.model_dir, a)
+        a.is_embedding = a.is_embedding or serves_scores(self._files.model_dir)  # no LM head: encode only
         self._ipc = IpcDir()
         self._ctx = zmq.Context()
         self._sessions = Sessions(bool(a.enable_streaming_session))

@@ -34,7 +34,7 @@ from treadle.gpu_worker.model_loader import (
     build_model, claim_device, load_weights, resolve_dtype, resolve_kv_dtype, select_gemv,
 )
 from treadle.gpu_worker.pipeline import Stage
-from treadle.gpu_worker.pooling import encode_plan, load_pooling_config
+from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.step_inputs import (
@@ -103,13 +103,15 @@ class ModelRunner:
         self.graph_capture_time = 0.0
         self.is_encoder = self.model.is_encoder
         self.pooling = load_pooling_config(cfg.model_dir, self.is_encoder)
+        if self.model.scores_head:  # class scores: the [CLS] / last token's, never normalized
+            self.pooling = PoolingConfig("cls" if self.is_encoder else "last", False)
         if self.is_encoder:  # bidirectional: whole sequences each step, no KV cache to keep
             self.kv_cache, self.sampler = None, Sampler(cfg.max_slots, self.device, cfg.random_seed)
             cfg.kv_tokens = cfg.kv_tokens if cfg.kv_tokens > 0 else cfg.max_slots * cfg.context_len
             return
         self._init_kv_cache_and_buffers()
         phase("kv_cache_and_buffers")
-        if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda":
+        if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda" and not self.model.scores_head:
             self._capture_graphs(phase)
 
     def _init_kv_cache_and_buffers(self) -> None:

@@ -19,7 +19,15 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
     "BertModel": "bert",
     "LlavaForConditionalGeneration": "llava",
+    # classification / reward heads and cross-encoders: served by encode / rerank / score as scores
+    "LlamaForSequenceClassification": "classification",
+    "MistralForSequenceClassification": "classification",
+    "Qwen2ForSequenceClassification": "classification",
+    "Qwen2ForRewardModel": "classification",
+    "BertForSequenceClassification": "cross_encoder",
+    "XLMRobertaForSequenceClassification": "cross_encoder",
 }
+SCORE_MODULES = ("classification", "cross_encoder")  # no LM head: encode only (is_embedding is implied)
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
@@ -68,3 +76,12 @@ def head_split_error(num_heads: int, num_kv_heads: int, tp: int) -> str:
         return (f"heads {num_heads}/{num_kv_heads} cannot be split over tp_size {tp}: with fewer KV heads than "
                 f"ranks, tp_size must be a multiple of num_key_value_heads and divide num_attention_heads")
     return ""
+
+
+def serves_scores(model_dir: str) -> bool:
+    """Whether the checkpoint is a classification / reward / cross-encoder model: it has no LM
+    head, so it serves ``encode`` (and ``rerank`` / ``score``) only, as SGLang treats these
+    architectures as non-generation models without ``is_embedding``."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        arch = architecture(json.load(f))
+    return arch is not None and ARCHITECTURES[arch] in SCORE_MODULES
