@@ -88,6 +88,7 @@ def build_cross_encoder(path: str, tokenizer_dir: str, kind: str = "bert", seed:
 
     @torch.no_grad()
     def reference(ids: list[int], types: list[int]) -> list[float]:
+        types = types if kind == "bert" else [0] * len(ids)  # XLM-R has one segment
         out = model(torch.tensor([ids]), token_type_ids=torch.tensor([types])).logits[0]
         name = getattr(cfg, "sbert_ce_default_activation_function", None)
         return (torch.sigmoid(out) if name and name.endswith("Sigmoid") else out).tolist()
