@@ -144,3 +144,36 @@ def test_score_and_rerank_errors(engine):
     with pytest.raises(ValueError, match="cross-encoder"):
         engine.rerank([["q", "d"]])
     assert not math.isnan(engine.score(query="a", items="b", label_token_ids=[1]).scores[0][0])
+
+
+def test_http_rerank_and_score_routes(cross_encoder, engine, hf_tokenizer):
+    import httpx
+    from serve_helpers import serve_in_thread
+
+    eng, ref, tok = cross_encoder
+    docs = [d for _, d in PAIRS[:2]]
+    with serve_in_thread(eng) as url:
+        r = httpx.post(f"{url}/v1/rerank", json={"query": PAIRS[0][0], "documents": docs}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [x["score"] for x in body] == sorted((x["score"] for x in body), reverse=True)
+        for x in body:
+            enc = tok(PAIRS[0][0], docs[x["index"]])
+            assert x["document"] == docs[x["index"]]
+            _close(x["score"], ref(enc["input_ids"], enc["token_type_ids"]))
+        top = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": docs, "top_n": 1,
+                                                   "return_documents": False}, timeout=60).json()
+        assert len(top) == 1 and "document" not in top[0]
+        bad = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": []}, timeout=60)
+        assert bad.status_code == 400 and "documents" in bad.text
+    labels = [hf_tokenizer.encode(w, add_special_tokens=False)[0] for w in (" Yes", " No")]
+    want = engine.score(query="Is Paris in France?", items=[" Answer:"], label_token_ids=labels, apply_softmax=True)
+    with serve_in_thread(engine) as url:
+        r = httpx.post(f"{url}/v1/score", json={"query": "Is Paris in France?", "items": [" Answer:"],
+                                                 "label_token_ids": labels, "apply_softmax": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "scoring" and body["usage"]["prompt_tokens"] == want.prompt_tokens
+        _close(body["scores"][0], want.scores[0], 1e-6)
+        bad = httpx.post(f"{url}/v1/score", json={"query": "a", "items": ["b"]}, timeout=60)
+        assert bad.status_code == 400 and "label_token_ids" in bad.text
