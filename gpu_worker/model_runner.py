@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from transformers import AutoConfig
 
 from treadle.gpu_worker.attention.base import create_backend
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
@@ -40,6 +39,7 @@ from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
+from treadle.runtime.llava_layout import load_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
 
@@ -73,7 +73,7 @@ class ModelRunner:
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = is_reporting(cfg.tp_rank, cfg.pp_rank, cfg.pp_size)
-        self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
+        self.model_config = load_model_config(cfg.model_dir)  # AutoConfig's; the original LLaVA layout mapped
         # The language model's config: the model's own, or the text part of a multimodal one (LLaVA).
         self.text_config = getattr(self.model_config, "text_config", None) or self.model_config
         phase("device_and_parallel_init")

@@ -19,6 +19,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
     "BertModel": "bert",
     "LlavaForConditionalGeneration": "llava",
+    "LlavaLlamaForCausalLM": "llava_llama",  # the original (liuhaotian) LLaVA layout
     # classification / reward heads and cross-encoders: served by encode / rerank / score as scores
     "LlamaForSequenceClassification": "classification",
     "MistralForSequenceClassification": "classification",
