@@ -40,6 +40,9 @@ def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[st
 def model_positions(cfg: dict[str, Any]) -> Optional[int]:
     """The most positions the model was built for (None: its config does not say)."""
     n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if n and cfg.get("model_type") in ("roberta", "xlm-roberta"):  # positions count from pad_token_id + 1
+        pad = cfg.get("pad_token_id")
+        n -= (1 if pad is None else int(pad)) + 1
     return int(n) if n else None
 
 

@@ -144,7 +144,7 @@ def serve(argv: Optional[list[str]] = None) -> int:
         say(f"engine started in {time.perf_counter() - t0:.1f} s "
             f"(device {engine.server_args.device}, {len(engine.get_all_child_pids())} child processes)")
         app = create_app(engine, name, api_key=server_args.api_key)
-        if not server_args.is_embedding and not server_args.skip_tokenizer_init:
+        if not engine.server_args.is_embedding and not server_args.skip_tokenizer_init:  # resolved: score models too
             # the chat template and tokenizer now, not on the first chat request (and a bad
             # --chat-template fails the start)
             try:

@@ -102,6 +102,13 @@ def test_rerank_matches_hf(cross_encoder):
     for bad in ([["only one"]], "q", [["q", 3]], []):
         with pytest.raises(TypeError, match="pairs"):
             eng.rerank(bad)
+    limit = eng.get_server_info()["context_length"]  # XLM-R: its position table less the padding offset
+    long_doc = " ".join(["word"] * limit)
+    with pytest.raises(ValueError, match="longer than"):
+        eng.rerank([["q", long_doc]])
+    fits = tok("q", long_doc, truncation="only_second", max_length=limit)  # every position of the table
+    _close(eng.rerank([["q", tok.decode(fits["input_ids"][3:-1])]])[0]["embedding"],
+           ref(fits["input_ids"], fits["token_type_ids"]))
 
 
 def test_http_rerank_route(cross_encoder):

@@ -102,3 +102,11 @@ def test_expand_to_square_centres_on_the_mean_colour():
     assert sq.size == (4, 4) and sq.getpixel((0, 0)) == (1, 2, 3) and sq.getpixel((0, 1)) == (255, 0, 0)
     assert sq.getpixel((0, 3)) == (1, 2, 3)
     assert expand_to_square(Image.new("RGB", (3, 3)), (0, 0, 0)).size == (3, 3)
+
+
+def test_roberta_positions_leave_room_for_the_padding_offset():
+    from treadle.runtime.hf_config import model_positions
+
+    assert model_positions({"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1}) == 512
+    assert model_positions({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 0}) == 513
+    assert model_positions({"model_type": "bert", "max_position_embeddings": 512}) == 512
