@@ -22,6 +22,7 @@ import zmq
 
 from treadle.client.calls import Calls, TokenizerSocket
 from treadle.client.control import Control, FlushCacheReqOutput
+from treadle.client.engine_rl import RLMethods
 from treadle.client.launch import launch_children, serve_worker_node
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
 from treadle.client.prepare import RequestBuilder
@@ -46,7 +47,7 @@ logger = logging.getLogger("treadle.engine")
 STARTUP_TIMEOUT_S = float(os.environ.get("TREADLE_STARTUP_TIMEOUT", "900"))
 
 
-class Engine:
+class Engine(RLMethods):
     """An in-process LLM engine: ``Engine(model_path=...)`` starts the tokenizer, scheduler,
     GPU-worker and detokenizer processes and blocks until the model is loaded."""
 
@@ -222,25 +223,6 @@ class Engine:
         """The scheduler's internal state after it asserted that nothing leaked (no public SGLang
         method; the tests call it at idle)."""
         return self._control_calls.check_integrity()
-
-    # ------------------------------------------------------------------ weights (client/weights.py)
-    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
-                                 weight_version: Optional[str] = None) -> tuple[bool, str, int]:
-        """A new checkpoint of the served model, in place: ``(success, message, num_paused_requests)``."""
-        return self._weights.from_disk(model_path, load_format, weight_version)
-
-    def update_weights_from_tensor(self, named_tensors: list, load_format: Optional[str] = None,
-                                   flush_cache: bool = True) -> tuple[bool, str]:
-        """``[(checkpoint name, tensor), ...]``, all or part of the model's, in place: ``(success, message)``."""
-        return self._weights.from_tensors(named_tensors, load_format, flush_cache)
-
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        """A weight by its checkpoint name: its first ``truncate_size`` rows as lists."""
-        return self._weights.by_name(name, truncate_size)
-
-    async def async_update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
-                                             weight_version: Optional[str] = None) -> tuple[bool, str, int]:
-        return await asyncio.to_thread(self.update_weights_from_disk, model_path, load_format, weight_version)
 
     # ------------------------------------------------------------------ LoRA
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:
