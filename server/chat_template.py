@@ -107,6 +107,7 @@ def load_server_tokenizer(args: Any) -> ServerTokenizer:
     from treadle.runtime.model_files import resolve_model_files
 
     files = resolve_model_files(args.model_path, getattr(args, "tokenizer_path", None), need_weights=False,
-                                revision=getattr(args, "revision", None), download_dir=getattr(args, "download_dir", None))
+                                revision=getattr(args, "revision", None),
+                                download_dir=getattr(args, "download_dir", None))
     return ServerTokenizer(files.tokenizer_dir, getattr(args, "chat_template", None),
                            template_kwargs_default(getattr(args, "default_chat_template_kwargs", None)))

@@ -45,9 +45,10 @@ class FakeHub:
                     files[os.path.relpath(full, model_dir)] = f.read()
         self.add(repo_id, {**files, **(extra or {})}, **kw)
 
-    def gets(self, suffix: str = "") -> int:
-        """How many GETs of a file ending in ``suffix`` were served."""
-        return sum(1 for m, p in self.requests if m == "GET" and "/resolve/" in p and p.endswith(suffix))
+    def gets(self, file: str) -> int:
+        """How many GETs of ``file`` (its path in the repository) were served."""
+        return sum(1 for m, p in self.requests if m == "GET" and "/resolve/" in p
+                   and p.split("/resolve/", 1)[1].split("/", 1)[1] == file)
 
     def _find(self, repo_id: str, rev: str) -> tuple[str, dict] | None:
         repo = self.repos.get(repo_id)
