@@ -68,7 +68,11 @@ def resolve_hub(repo_id: str, revision: Optional[str], download_dir: Optional[st
         state = f"the cached snapshot {found} lacks {lacks}" if found else "not in the cache"
         raise ValueError(f"{where}: {state}, and HF_HUB_OFFLINE is set, so nothing is downloaded. Download it "
                          f"where the hub is reachable (same revision and cache), or pass a local path.")
-    with _repo_lock(cache, repo_id):  # engines starting together: one downloads, the others find it cached
+    try:
+        lock = _repo_lock(cache, repo_id)
+    except OSError as e:  # a read-only shared cache that lacks the model
+        raise ValueError(f"{where}: not in the cache, and the cache cannot be written ({e}).") from None
+    with lock:  # engines starting together: one downloads, the others find it cached
         found, lacks = _cached(repo_id, rev, cache, kind, need_weights)
         if found and not lacks:
             return found
@@ -150,10 +154,9 @@ class _repo_lock:
     def __init__(self, cache: str, repo_id: str) -> None:
         locks = os.path.join(cache, ".locks")
         os.makedirs(locks, exist_ok=True)
-        self.path = os.path.join(locks, "models--" + repo_id.replace("/", "--") + ".treadle.lock")
+        self.file = open(os.path.join(locks, "models--" + repo_id.replace("/", "--") + ".treadle.lock"), "w")
 
     def __enter__(self) -> "_repo_lock":
-        self.file = open(self.path, "w")
         fcntl.flock(self.file, fcntl.LOCK_EX)
         return self
 

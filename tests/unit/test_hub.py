@@ -101,6 +101,10 @@ def test_the_hub_download_is_made_once_and_only_of_what_is_read(hub_env, monkeyp
             resolve_model_files("org/sharded", revision="v9")
         with pytest.raises(ValueError, match="'org/absent'.*no such repository on the hub"):
             resolve_model_files("org/absent")
+        hub.add("org/bin-only", {"config.json": CONFIG, "tokenizer.json": b"{}", "pytorch_model.bin": b"pickle"})
+        with pytest.raises(ValueError, match=r"'org/bin-only'.*has no \*\.safetensors weights"):
+            resolve_model_files("org/bin-only")
+        assert hub.gets("pytorch_model.bin") == 0
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model_files("org/sharded").model_dir == path
 
