@@ -57,8 +57,8 @@ def resolve_model_files(model_path: str, tokenizer_path: Optional[str] = None, *
     merged into the config.json every process reads."""
     hub = {"revision": revision, "download_dir": download_dir}
     model_dir = _resolve_one(model_path, "model_path", need_weights=need_weights, **hub)
-    tok_dir = model_dir if tokenizer_path in (None, model_path) else _resolve_one(tokenizer_path, "tokenizer_path",
-                                                                                  **hub)
+    tok_dir = (model_dir if tokenizer_path in (None, model_path)
+               else _resolve_one(tokenizer_path, "tokenizer_path", **hub))
     if config_overrides:
         model_dir = overridden_dir(model_dir, config_overrides)
     return ModelFiles(model_dir=model_dir, tokenizer_dir=tok_dir, source=model_path)
