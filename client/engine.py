@@ -25,6 +25,7 @@ from treadle.client.control import Control, FlushCacheReqOutput
 from treadle.client.engine_rl import RLMethods
 from treadle.client.launch import launch_children, serve_worker_node
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
+from treadle.client.model_info import model_info
 from treadle.client.prepare import RequestBuilder
 from treadle.client.results import BatchResult
 from treadle.client.sessions import Sessions
@@ -32,10 +33,10 @@ from treadle.client.supervisor import Supervisor
 from treadle.client.tokenizer_manager import TokenizerManager
 from treadle.client.weights import WeightUpdates
 from treadle.runtime.hf_config import check_quantization
-from treadle.runtime.model_check import check_model
+from treadle.runtime.model_check import check_model, is_embedding_model
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.messages import Shutdown
-from treadle.runtime.model_files import resolve_model_files
+from treadle.runtime.model_files import model_files_of
 from treadle.runtime.procs import kill_child
 from treadle.runtime.lora_args import parse_lora_paths
 from treadle.runtime.server_args import ServerArgs
@@ -61,9 +62,10 @@ class Engine(RLMethods):
         configure_logging(server_args.log_level, "engine")
         t0 = time.perf_counter()
         self.server_args = a = server_args.resolved()
-        self._files = resolve_model_files(a.model_path, server_args.tokenizer_path)
+        self._files = model_files_of(a)  # a hub id is downloaded here, once, before any child starts
         check_quantization(self._files.model_dir, a.quantization)
         check_model(self._files.model_dir, a)
+        a.is_embedding = a.is_embedding or is_embedding_model(self._files.model_dir)
         self._ipc = IpcDir()
         self._ctx = zmq.Context()
         self._sessions = Sessions(bool(a.enable_streaming_session))
@@ -218,6 +220,10 @@ class Engine(RLMethods):
 
     def get_server_info(self) -> dict[str, Any]:
         return self._control_calls.server_info(self.server_args, self._files.model_dir, self._startup_time)
+
+    def get_model_info(self) -> dict[str, Any]:
+        """SGLang's model facts: path, ``is_generation``, current ``weight_version``... (client/model_info.py)."""
+        return model_info(self.server_args, self._files.model_dir)
 
     def _check_integrity(self) -> dict[str, Any]:
         """The scheduler's internal state after it asserted that nothing leaked (no public SGLang

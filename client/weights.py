@@ -75,7 +75,8 @@ class WeightUpdates:
             raise ValueError(f"load_format must be None, 'auto' or 'safetensors', got {load_format!r}.")
         if weight_version is not None and not isinstance(weight_version, str):
             raise TypeError(f"weight_version must be a string, got {type(weight_version).__name__}.")
-        files = resolve_model_files(model_path)  # a GGUF file is converted here, as at start-up
+        # a GGUF file is converted here, a hub id downloaded (into the engine's download_dir), as at start-up
+        files = resolve_model_files(model_path, download_dir=self.server_args.download_dir)
         call = UpdateWeightsFromDisk(model_dir=files.model_dir, load_format=load_format)
         ok, message = self.control.update_weights(call, self._bump(weight_version))
         return ok, message, 0

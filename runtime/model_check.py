@@ -23,6 +23,11 @@ ARCHITECTURES = {
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+# Encoder-only architectures: no LM head, so they can only embed (SGLang's non-generation models).
+ENCODER_ONLY = ("BertModel",)
+# A sentence-transformers checkpoint declares its pooling in one of these (1_Pooling/config.json...).
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                               os.path.join("1_Pooling", "config.json"))
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
@@ -31,6 +36,15 @@ def architecture(cfg: dict[str, Any]) -> Optional[str]:
     names = list(cfg.get("architectures") or [])
     names += [ARCH_BY_MODEL_TYPE[t] for t in [cfg.get("model_type")] if t in ARCH_BY_MODEL_TYPE]
     return next((n for n in names if n in ARCHITECTURES), None)
+
+
+def is_embedding_model(model_dir: str) -> bool:
+    """Whether the checkpoint is an embedding model by its files, so it needs no ``is_embedding=True``:
+    an encoder-only architecture, or the files sentence-transformers writes beside the weights."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        if architecture(json.load(f)) in ENCODER_ONLY:
+            return True
+    return any(os.path.exists(os.path.join(model_dir, name)) for name in SENTENCE_TRANSFORMERS_FILES)
 
 
 def check_model(model_dir: str, args: ServerArgs) -> None:
