@@ -112,7 +112,7 @@ class ModelRunner:
         self._init_kv_cache_and_buffers()
         phase("kv_cache_and_buffers")
         if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda" and not self.model.scores_head:
-            self._capture_graphs(phase)
+            self.capture_graphs(phase)  # a score model never decodes: no graphs
 
     def _init_kv_cache_and_buffers(self) -> None:
         """The KV pool (sized from free memory when ``kv_tokens <= 0``), the req-to-token table, the
@@ -132,7 +132,7 @@ class ModelRunner:
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
         self._host_ids = HostIdRing(cfg.max_slots) if self.device.type == "cuda" else None
 
-    def _capture_graphs(self, phase: Callable[[str], None]) -> None:
+    def capture_graphs(self, phase: Callable[[str], None] = lambda name: None) -> None:
         if not hasattr(self.attn_backend, "init_cuda_graph_state"):
             logger.warning("attention backend %s cannot run in CUDA graphs; decoding runs eagerly",
                            self.cfg.attention_backend)

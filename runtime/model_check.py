@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Optional
 
+from treadle.runtime.llava_layout import is_llava_llama, vision_tower_dir
 from treadle.runtime.hf_config import context_length, load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
 
@@ -32,6 +33,11 @@ SCORE_MODULES = ("classification", "cross_encoder")  # no LM head: encode only (
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+# Encoder-only architectures: no LM head, so they can only embed (SGLang's non-generation models).
+ENCODER_ONLY = ("BertModel",)
+# A sentence-transformers checkpoint declares its pooling in one of these (1_Pooling/config.json...).
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                               os.path.join("1_Pooling", "config.json"))
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
@@ -42,6 +48,16 @@ def architecture(cfg: dict[str, Any]) -> Optional[str]:
     return next((n for n in names if n in ARCHITECTURES), None)
 
 
+def is_embedding_model(model_dir: str) -> bool:
+    """Whether the checkpoint is an embedding model by its files, so it needs no ``is_embedding=True``:
+    an encoder-only architecture, or the files sentence-transformers writes beside the weights."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        arch = architecture(json.load(f))
+    if arch in ENCODER_ONLY or (arch is not None and ARCHITECTURES[arch] in SCORE_MODULES):
+        return True  # classification / reward heads and cross-encoders have no LM head (SGLang's non-generation list)
+    return any(os.path.exists(os.path.join(model_dir, name)) for name in SENTENCE_TRANSFORMERS_FILES)
+
+
 def check_model(model_dir: str, args: ServerArgs) -> None:
     """Raise ``ValueError`` / ``NotImplementedError`` naming what cannot be served as asked."""
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -50,6 +66,8 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
         shown = raw.get("architectures") or raw.get("model_type")
         raise NotImplementedError(f"Not supported yet by Treadle: model architecture {shown} ({model_dir}); "
                                   f"supported: {', '.join(sorted(ARCHITECTURES))}.")
+    if is_llava_llama(raw):  # the original LLaVA layout: its CLIP tower found (or downloaded) before any child starts
+        vision_tower_dir(raw, model_dir)
     cfg = load_config(model_dir)
     longest = model_positions(cfg)
     asked = args.context_length
@@ -77,12 +95,3 @@ def head_split_error(num_heads: int, num_kv_heads: int, tp: int) -> str:
         return (f"heads {num_heads}/{num_kv_heads} cannot be split over tp_size {tp}: with fewer KV heads than "
                 f"ranks, tp_size must be a multiple of num_key_value_heads and divide num_attention_heads")
     return ""
-
-
-def serves_scores(model_dir: str) -> bool:
-    """Whether the checkpoint is a classification / reward / cross-encoder model: it has no LM
-    head, so it serves ``encode`` (and ``rerank`` / ``score``) only, as SGLang treats these
-    architectures as non-generation models without ``is_embedding``."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        arch = architecture(json.load(f))
-    return arch is not None and ARCHITECTURES[arch] in SCORE_MODULES

@@ -11,7 +11,7 @@ from treadle.client.scoring import check_labels, class_scores, label_scores, sco
 from treadle.gpu_worker.models.cross_encoder import pair_token_types, score_activation
 from treadle.gpu_worker.models.llava_llama import hf_name
 from treadle.runtime.llava_layout import hf_llava_dict, is_llava_llama
-from treadle.runtime.model_check import ARCHITECTURES, serves_scores
+from treadle.runtime.model_check import ARCHITECTURES, is_embedding_model
 
 
 def test_pair_token_types_match_berts_pair_encoding():
@@ -65,9 +65,9 @@ def test_registry_and_score_detection(tmp_path):
                  "XLMRobertaForSequenceClassification", "LlavaLlamaForCausalLM"):
         assert arch in ARCHITECTURES
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForRewardModel"]}))
-    assert serves_scores(str(tmp_path))
+    assert is_embedding_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    assert not serves_scores(str(tmp_path))
+    assert not is_embedding_model(str(tmp_path))
 
 
 def test_original_llava_names_and_config(tmp_path):
