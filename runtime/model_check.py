@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any, Optional
 
-from treadle.runtime.hf_config import context_length, load_config, model_positions
+from treadle.runtime.hf_config import load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
 
 # HF ``architectures`` name -> the gpu_worker/models module that builds it
@@ -19,10 +19,15 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "llama",
     "BertModel": "bert",
     "LlavaForConditionalGeneration": "llava",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # its language model, text only
 }
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration",
+                      "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                      "gemma3": "Gemma3ForConditionalGeneration"}
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
@@ -48,7 +53,6 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
     if asked is not None and longest and asked > longest and not allowed:
         raise ValueError(f"context_length={asked} is longer than the model's max_position_embeddings={longest}. "
                          f"Set {ALLOW_LONGER_CONTEXT[0]}=1 (or SGLang's variable) to allow it anyway.")
-    context_length(cfg, args, model_dir)  # a sliding window shorter than the asked context is refused there
     heads = cfg.get("num_attention_heads")
     if isinstance(heads, int) and args.tp_size > 1:
         head_split_problem = head_split_error(heads, cfg.get("num_key_value_heads") or heads, args.tp_size)

@@ -1,4 +1,4 @@
-"""SiLU-and-mul: the gated MLP activation on a fused [gate | up] projection."""
+"""The gated MLP activations on a fused [gate | up] projection: SiLU (Llama) and GELU (Gemma)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,18 @@ class SiluAndMul(nn.Module):
         """The reference: the CPU path, and what the fused kernel is tested against."""
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluAndMul(nn.Module):
+    """GELU-and-mul (GeGLU, Gemma's MLP) on a fused [gate | up] projection; ``approximate="tanh"``
+    is transformers' ``gelu_pytorch_tanh``, ``"none"`` the exact GELU."""
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up

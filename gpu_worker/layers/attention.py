@@ -16,6 +16,20 @@ from torch import nn
 
 from treadle.gpu_worker.forward_context import get_forward_context
 from treadle.gpu_worker.layers.rotary import RotaryEmbedding
+from treadle.runtime.hf_config import sliding_window
+
+
+def layer_windows(config) -> list[Optional[int]]:
+    """Each layer's attention window (None: full), as transformers assigns them: by
+    ``config.layer_types`` where the config has them (Gemma 2/3 alternate, Qwen2 with
+    ``use_sliding_window``), else the config's one ``sliding_window`` on every layer (Mistral)."""
+    n, types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if types:
+        if len(types) != n:
+            raise ValueError(f"config.layer_types has {len(types)} entries for num_hidden_layers={n}")
+        return [window if t == "sliding_attention" and window else None for t in types]
+    return [sliding_window(config.to_dict())] * n
 
 
 class Attention(nn.Module):

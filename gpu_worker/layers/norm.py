@@ -50,3 +50,24 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the gain is ``1 + w`` and it multiplies the float32 statistics before the
+    cast back (Llama casts first), exactly as transformers' Gemma2/Gemma3 RMSNorm. The torch path
+    on every device: the fused kernel multiplies by ``w`` in the activation dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()  # ``1 + 0``: the identity gain, as HF initializes it
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, reduce: bool = False
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if reduce:
+            x = all_reduce(x)
+        return self.forward_torch(x, residual)
