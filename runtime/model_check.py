@@ -23,6 +23,8 @@ ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its language model, text only
 }
+# Multimodal checkpoints whose language model alone is served (text only: no image processing).
+TEXT_ONLY = {"Gemma3ForConditionalGeneration"}
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "bert": "BertModel", "llava": "LlavaForConditionalGeneration",

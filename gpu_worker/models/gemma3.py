@@ -4,7 +4,8 @@ Sliding layers (``layer_types``, every sixth layer global in the released models
 local base (``rope_local_base_freq``, 10k), global layers with ``rope_theta`` and its scaling.
 transformers' Gemma 3 does not apply ``attn_logit_softcapping`` (only the final soft-cap), so
 neither does this. ``Gemma3ForConditionalGeneration`` checkpoints serve their language model
-(text only): the vision tower's and projector's tensors are not read.
+(text only): the vision tower's and projector's tensors are not read, and (as in transformers'
+class) the final logits are not soft-capped.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
         text = getattr(config, "text_config", None) or config
         text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         super().__init__(text, max_positions)
+        self.final_cap = None  # transformers soft-caps the final logits in Gemma3ForCausalLM only
 
     @classmethod
     def text_name(cls, name: str) -> Optional[str]:

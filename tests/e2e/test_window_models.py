@@ -2,7 +2,8 @@
 transformers on the same tiny random weights (float32, CPU): greedy tokens of 8 prompts x 48
 tokens identical to ``generate``, prompt and output logprobs within 1e-4. One engine per family
 covers the acceptance's variants at once: ``tp_size=2`` (gloo), chunked prefill of 16 tokens
-(longer prompts than that), and every prompt run twice, the second time from the prefix cache."""
+(longer prompts than that), and every prompt run twice, the second time from the prefix cache.
+A multimodal Gemma 3 checkpoint serves its language model for text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from treadle import Engine
-from window_models import hf_greedy_and_logprobs, make_window_model
+from window_models import hf_greedy_and_logprobs, make_gemma3_multimodal, make_window_model
 
 pytestmark = pytest.mark.e2e
 
@@ -58,3 +59,17 @@ def test_greedy_tokens_and_logprobs_match_hf(family, run):
         torch.testing.assert_close(got, want_lp[-len(got):], atol=1e-4, rtol=0, msg=lambda m: f"{name} prompt {i}: {m}")
     if run == 1:  # the second run reused the first's pages
         assert sum(o["meta_info"]["cached_tokens"] for o in runs[1]) >= sum(len(i) - 1 for i in ids) // 2
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path, default_model_dir):
+    hf = make_gemma3_multimodal(str(tmp_path), default_model_dir)
+    from transformers import AutoTokenizer
+
+    ids = [AutoTokenizer.from_pretrained(str(tmp_path))(p).input_ids for p in PROMPTS[2:4]]
+    want = [hf_greedy_and_logprobs(hf, i, 16) for i in ids]
+    with Engine(model_path=str(tmp_path), random_seed=0) as engine:
+        outs = engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 16,
+                                                                "ignore_eos": True}, return_logprob=True)
+    for out, (tokens, lps) in zip(outs, want):
+        assert out["output_ids"] == tokens
+        torch.testing.assert_close(_logprobs(out["meta_info"], prompt=False), lps[-16:], atol=1e-4, rtol=0)

@@ -76,3 +76,29 @@ def _greedy_and_logprobs(hf, ids, x, max_new_tokens):
         full = torch.tensor([ids + out])
         logp = torch.log_softmax(hf(full).logits[0, :-1].float(), -1).gather(1, full[0, 1:, None])[:, 0]
     return out, logp
+
+
+def make_gemma3_multimodal(out_dir: str, tokenizer_dir: str, seed: int = 0):
+    """A tiny ``Gemma3ForConditionalGeneration`` (SigLIP tower, projector, Gemma 3 text model
+    with a window of 8) saved as transformers saves it; returns HF's float32 model."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers.models.gemma3 import Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 2}, vocab_size=len(tok), head_dim=16, sliding_window=8,
+                            query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+                            layer_types=["sliding_attention", "full_attention"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    n = len(tok)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       image_token_index=n - 1, boi_token_index=n - 3, eoi_token_index=n - 2)
+    torch.manual_seed(seed)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return hf
