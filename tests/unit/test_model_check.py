@@ -25,8 +25,8 @@ def test_a_built_model_passes(tmp_path):
 
 
 def test_unbuilt_architecture_is_refused_by_name(tmp_path):
-    with pytest.raises(NotImplementedError, match="Gemma2ForCausalLM.*supported: .*LlamaForCausalLM"):
-        check_model(model_dir(tmp_path, architectures=["Gemma2ForCausalLM"], model_type="gemma2"), ServerArgs())
+    with pytest.raises(NotImplementedError, match="MambaForCausalLM.*supported: .*LlamaForCausalLM"):
+        check_model(model_dir(tmp_path, architectures=["MambaForCausalLM"], model_type="mamba"), ServerArgs())
 
 
 def test_model_type_alone_names_the_architecture(tmp_path):
