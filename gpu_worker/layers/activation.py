@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # fused kernel for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
-    from treadle.gpu_worker.layers import triton_ops
+try:  # fused kernels for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
+    from treadle.gpu_worker.layers import triton_gemma, triton_ops
 except ImportError:
-    triton_ops = None
+    triton_gemma = triton_ops = None
 
 
 class SiluAndMul(nn.Module):
@@ -35,5 +35,11 @@ class GeluAndMul(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.approximate == "tanh" and triton_gemma is not None:
+            return triton_gemma.gelu_tanh_and_mul(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference: the CPU path, and what the fused kernel is tested against."""
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate=self.approximate) * up
