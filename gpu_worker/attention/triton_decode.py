@@ -174,7 +174,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), num_splits, min_chunk, window or 0, float(logit_cap or 0.0),
-        SLIDING=bool(window), SOFTCAP=bool(logit_cap), G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
+        SLIDING=bool(window), SOFTCAP=bool(logit_cap),
+        G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
         F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages, **pdl)
     _decode_stage2[(bs, h)](

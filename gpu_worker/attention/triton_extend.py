@@ -155,6 +155,7 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q, k_buf, v_buf, out, req_to_token, rows, items, scale, rows.shape[1], items.shape[1],
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1), req_to_token.stride(0), window or 0, float(logit_cap or 0.0),
-        SLIDING=bool(window), SOFTCAP=bool(logit_cap), G=h // hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        SLIDING=bool(window), SOFTCAP=bool(logit_cap),
+        G=h // hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
         num_stages=3 if block_d <= 128 else 2)

@@ -16,8 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
-
 import pytest
 import torch
 
