@@ -95,7 +95,8 @@ class GemmaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, carry=None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        x = x * torch.tensor(self.hidden ** 0.5, dtype=x.dtype)  # rounded to the activation dtype, as HF
+        # sqrt(hidden) rounded to the activation dtype, as HF; a host float, so graph capture copies nothing
+        x = x * torch.tensor(self.hidden ** 0.5, dtype=x.dtype, device="cpu").item()
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual)
