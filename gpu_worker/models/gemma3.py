@@ -33,6 +33,12 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     qk_norm = True
     attn_softcap = False
 
+    def __init__(self, config, max_positions: Optional[int] = None):
+        if getattr(config, "use_bidirectional_attention", False):
+            raise NotImplementedError("Gemma 3 with use_bidirectional_attention=True (EmbeddingGemma) is not built: "
+                                      "its attention is not causal")
+        super().__init__(config, max_positions)
+
     @staticmethod
     def rotaries(config, positions: int) -> dict[str, RotaryEmbedding]:
         hd = head_dim_of(config)
