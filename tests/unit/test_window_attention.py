@@ -108,6 +108,27 @@ def test_window_and_cap_are_checked():
         Attention(2, 2, 16, 0.25, 0, logit_cap=-1.0)
 
 
+def test_layer_windows_follow_transformers():
+    """Which layers get a window: ``layer_types`` where the config has them, else every layer."""
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+    from transformers.models.gemma3 import Gemma3TextConfig
+
+    from treadle.gpu_worker.layers.attention import layer_windows
+
+    small = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4)
+    assert layer_windows(MistralConfig(**small, sliding_window=16)) == [16] * 4
+    assert layer_windows(MistralConfig(**small, sliding_window=None)) == [None] * 4
+    assert layer_windows(Gemma2Config(**small, sliding_window=8)) == [8, None, 8, None]
+    assert layer_windows(Gemma3TextConfig(**{**small, "num_hidden_layers": 7}, sliding_window=8)) == [8] * 5 + [None, 8]
+    assert layer_windows(Qwen2Config(**small, sliding_window=8)) == [None] * 4  # named, not used
+    assert layer_windows(Qwen2Config(**small, sliding_window=8, use_sliding_window=True, max_window_layers=2)) == [
+        None, None, 8, 8]
+    cfg = Gemma2Config(**small)
+    cfg.layer_types = cfg.layer_types[:3]
+    with pytest.raises(ValueError, match="layer_types"):
+        layer_windows(cfg)
+
+
 def _interp_main() -> int:
     """Every case through the Triton backend in the interpreter; exit status = failures."""
     from treadle.gpu_worker.attention.triton_backend import TritonBackend
