@@ -1,6 +1,7 @@
 """Gemma's fused kernels (``triton_gemma.py``) against the layers' torch code: the ``(1 + w)``
 RMSNorm with and without the residual add (also on q/k heads cut from a strided qkv output) and
-GELU(tanh)-and-mul, in Triton's CPU interpreter (a subprocess, float32) and on CUDA."""
+GELU(tanh)-and-mul, in Triton's CPU interpreter (a subprocess, float32) and on CUDA; and the
+fused RoPE + K/V store at Gemma 3's head dim of 256."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 import pytest
 import torch
 
+from test_fused_ops import rope_kv_case
 from treadle.gpu_worker.layers.activation import GeluAndMul
 from treadle.gpu_worker.layers.norm import GemmaRMSNorm
 
@@ -56,6 +58,8 @@ for _n in (64, 3840):
         CASES[f"norm_add-{_n}-T{_t}"] = norm_case(_n, _t, True)
         CASES[f"gelu_mul-{_n}-T{_t}"] = gelu_case(_n, _t)
 CASES["qk_norm-256-h16-T5"] = norm_case(256, 5, False, heads=16)
+# Gemma 3's heads of 256 through the fused RoPE + K/V store (test_fused_ops covers 64 and 128)
+CASES["rope_kv-d256-q16-k8-T5"] = rope_kv_case(256, 16, 8, 5)
 CASES["gelu_mul-15360-T2"] = gelu_case(15360, 2)
 
 
