@@ -62,7 +62,16 @@ class Step:
         return backend.forward(q, k, v, self.layer, ctx).float().cpu()
 
     def reference(self) -> torch.Tensor:
-        """The definition, query by query, in float64."""
+        """The definition, query by query, in float64 (one thread: hundreds of tiny ops, which
+        thread hand-offs slow tenfold on a busy machine)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._reference()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _reference(self) -> torch.Tensor:
         kc, vc = self.kv[0, LAYER].double().clone(), self.kv[1, LAYER].double().clone()
         kc[self.out_loc], vc[self.out_loc] = self.k.double(), self.v.double()
         h, hkv, d = self.q.shape[1], kc.shape[1], kc.shape[2]
@@ -152,7 +161,7 @@ def test_triton_kernels_in_interpreter():
     if not interpreter_runs_loops():
         pytest.skip("this triton's interpreter fails on numpy >= 2.4")
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
