@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from treadle import Engine
-from window_models import hf_greedy_and_logprobs, make_gemma3_multimodal, make_window_model
+from window_models import hf_greedy_and_logprobs, make_gemma3_multimodal, make_window_model, one_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n      
 @pytest.fixture(scope="module", params=["gemma2", "gemma3", "mistral"])
 def family(request, tmp_path_factory, default_model_dir):
     path = str(tmp_path_factory.mktemp(request.param))
-    hf = make_window_model(request.param, path, default_model_dir)
+    with one_thread():
+        hf = make_window_model(request.param, path, default_model_dir)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -62,7 +63,8 @@ def test_greedy_tokens_and_logprobs_match_hf(family, run):
 
 
 def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path, default_model_dir):
-    hf = make_gemma3_multimodal(str(tmp_path), default_model_dir)
+    with one_thread():
+        hf = make_gemma3_multimodal(str(tmp_path), default_model_dir)
     from transformers import AutoTokenizer
 
     ids = [AutoTokenizer.from_pretrained(str(tmp_path))(p).input_ids for p in PROMPTS[2:4]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from contextlib import contextmanager
 
 import torch
 
@@ -57,20 +58,23 @@ def make_window_model(family: str, out_dir: str, tokenizer_dir: str, seed: int =
     return hf
 
 
-def hf_greedy_and_logprobs(hf, ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """HF ``generate``'s greedy tokens, and the log-probabilities of every token of prompt + output
-    after the first (teacher-forced, one forward over the whole sequence)."""
-    x = torch.tensor([ids])
+@contextmanager
+def one_thread():
+    """Tiny models in this process on one thread: ~10x faster than two on a busy 2-core machine
+    (each op is too small to split, and the threads wait on each other)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is ~10x faster on a loaded 2-core machine
+    torch.set_num_threads(1)
     try:
-        return _greedy_and_logprobs(hf, ids, x, max_new_tokens)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _greedy_and_logprobs(hf, ids, x, max_new_tokens):
-    with torch.no_grad():
+def hf_greedy_and_logprobs(hf, ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """HF ``generate``'s greedy tokens, and the log-probabilities of every token of prompt + output
+    after the first (teacher-forced, one forward over the whole sequence)."""
+    x = torch.tensor([ids])
+    with one_thread(), torch.no_grad():
         out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens,
                           min_new_tokens=max_new_tokens)[0, len(ids):].tolist()
         full = torch.tensor([ids + out])
