@@ -10,7 +10,7 @@ import os
 from typing import Any, Optional
 
 from treadle.runtime.llava_layout import is_llava_llama, vision_tower_dir
-from treadle.runtime.hf_config import context_length, load_config, model_positions
+from treadle.runtime.hf_config import load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
 
 # HF ``architectures`` name -> the gpu_worker/models module that builds it
@@ -28,11 +28,18 @@ ARCHITECTURES = {
     "Qwen2ForRewardModel": "classification",
     "BertForSequenceClassification": "cross_encoder",
     "XLMRobertaForSequenceClassification": "cross_encoder",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # its language model, text only
 }
+# Multimodal checkpoints whose language model alone is served (text only: no image processing).
+TEXT_ONLY = {"Gemma3ForConditionalGeneration"}
 SCORE_MODULES = ("classification", "cross_encoder")  # no LM head: encode only (is_embedding is implied)
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration",
+                      "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                      "gemma3": "Gemma3ForConditionalGeneration"}
 # Encoder-only architectures: no LM head, so they can only embed (SGLang's non-generation models).
 ENCODER_ONLY = ("BertModel",)
 # A sentence-transformers checkpoint declares its pooling in one of these (1_Pooling/config.json...).
@@ -75,7 +82,6 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
     if asked is not None and longest and asked > longest and not allowed:
         raise ValueError(f"context_length={asked} is longer than the model's max_position_embeddings={longest}. "
                          f"Set {ALLOW_LONGER_CONTEXT[0]}=1 (or SGLang's variable) to allow it anyway.")
-    context_length(cfg, args, model_dir)  # a sliding window shorter than the asked context is refused there
     heads = cfg.get("num_attention_heads")
     if isinstance(heads, int) and args.tp_size > 1:
         head_split_problem = head_split_error(heads, cfg.get("num_key_value_heads") or heads, args.tp_size)

@@ -21,6 +21,7 @@ import numpy as np
 
 from treadle.runtime.llava_layout import is_llava_llama
 from treadle.runtime.messages import GenerateReq, MediaRef, MmItem
+from treadle.runtime.model_check import TEXT_ONLY, architecture
 from treadle.tokenizer_proc.media import load_image, load_video_frames
 
 VIDEO_FRAMES = 4  # frames per video: 4 x 576 tokens fit LLaVA-1.5's 4,096-token context with room to answer
@@ -35,6 +36,8 @@ def load_multimodal(model_dir: str, tokenizer: Any) -> Optional["MultimodalProce
 
         return LlavaPadProcessor(model_dir, cfg, tokenizer)
     if "vision_config" not in cfg or not ("image_token_index" in cfg or "image_token_id" in cfg):
+        return None
+    if architecture(cfg) in TEXT_ONLY:  # served for its text (Gemma 3): images are refused as for any text model
         return None
     return MultimodalProcessor(model_dir, cfg, tokenizer)
 
