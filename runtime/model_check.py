@@ -17,12 +17,16 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3Model": "qwen3",
+    "Phi3ForCausalLM": "phi3",
     "BertModel": "bert",
     "LlavaForConditionalGeneration": "llava",
 }
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+ARCH_BY_MODEL_TYPE.update({"qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"})
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
