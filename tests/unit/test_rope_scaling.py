@@ -90,3 +90,17 @@ def test_partial_rotary_leaves_the_rest_of_each_head():
     assert torch.allclose(got_q, want_q.transpose(1, 2).reshape(5, -1), atol=1e-6)
     assert torch.allclose(got_k, want_k.transpose(1, 2).reshape(5, -1), atol=1e-6)
     assert torch.equal(got_q.view(5, 4, 32)[..., 16:], q.view(5, 4, 32)[..., 16:])
+
+
+def test_scaled_context_is_counted_as_sglang_does():
+    from treadle.runtime.hf_config import model_positions
+
+    base = {"max_position_embeddings": 4096}
+    assert model_positions(base) == 4096
+    assert model_positions({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}) == 8192
+    assert model_positions({**base, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}) == 16384
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    assert model_positions({**base, "rope_scaling": yarn}) == 4096  # the max is already the stretched length
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    assert model_positions({**base, "rope_scaling": llama3}) == 4096
+    assert model_positions({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}) == 4096
