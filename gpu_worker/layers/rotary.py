@@ -149,11 +149,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * attention).to(dev), persistent=False)
         self.register_buffer("sin", (freqs.sin() * attention).to(dev), persistent=False)
 
-    @property
-    def fusable(self) -> bool:
-        """Whether the fused Triton kernels apply (they rotate whole heads)."""
-        return self.rot_dim == self.head_dim
-
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         heads = x.unflatten(-1, (-1, self.head_dim))  # unflatten: also fine for T = 0
@@ -164,9 +159,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New rotated ``(q, k)``, same shapes; q and k may be strided views of the qkv output."""
-        if q.is_cuda and triton_ops is not None and self.fusable:
-            return triton_ops.rotary(positions, q, k, self.cos, self.sin, self.head_dim)
+        if q.is_cuda and triton_ops is not None:
+            return triton_ops.rotary(positions, q, k, self.cos, self.sin, self.head_dim, self.rot_dim)
         return self.forward_torch(positions, q, k)
+
+    def rotate_and_store_cuda(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        """``KVCache.rotate_and_store`` on CUDA: one launch; returns the rotated q."""
+        return triton_ops.rotary_store_kv(positions, q, k, v, self.cos, self.sin, self.head_dim, k_cache, v_cache,
+                                          loc, self.rot_dim)
 
     def forward_torch(self, positions: torch.Tensor, q: torch.Tensor,
                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,3 +175,37 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+
+class QKNormRotary(nn.Module):
+    """Qwen3's RMSNorm over each head of q and k, then RoPE: where the attention applies the
+    rotary, so on CUDA the norms ride in the RoPE kernel (no launches of their own). The norms
+    are the attention layer's (their weights load under its names); only referenced here."""
+
+    def __init__(self, rotary: RotaryEmbedding, q_norm: nn.Module, k_norm: nn.Module):
+        super().__init__()
+        self.rotary = rotary
+        self.norms = (q_norm, k_norm)  # a tuple: not submodules, so no second name for their weights
+        self.head_dim, self.rot_dim = rotary.head_dim, rotary.rot_dim
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda and triton_ops is not None:
+            (qn, kn), r = self.norms, self.rotary
+            return triton_ops.rotary(positions, q, k, r.cos, r.sin, self.head_dim, self.rot_dim, qn.weight, kn.weight,
+                                     qn.eps)
+        return self.forward_torch(positions, q, k)
+
+    def forward_torch(self, positions: torch.Tensor, q: torch.Tensor,
+                      k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qn, kn = self.norms
+        hd = self.head_dim
+        q = qn.forward_torch(q.reshape(-1, hd)).view(q.shape)  # rows of one head each: [T * heads, head_dim]
+        k = kn.forward_torch(k.reshape(-1, hd)).view(k.shape)
+        return self.rotary.forward_torch(positions, q, k)
+
+    def rotate_and_store_cuda(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        (qn, kn), r = self.norms, self.rotary
+        return triton_ops.rotary_store_kv(positions, q, k, v, r.cos, r.sin, self.head_dim, k_cache, v_cache, loc,
+                                          self.rot_dim, qn.weight, kn.weight, qn.eps)

@@ -21,7 +21,7 @@ from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from treadle.gpu_worker.layers.norm import RMSNorm
-from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle.gpu_worker.layers.rotary import QKNormRotary, RotaryEmbedding, rope_parameters
 from treadle.gpu_worker.loader import default_weight_loader
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
@@ -55,17 +55,14 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj
         self.o_proj = RowParallelLinear(heads * hd, config.hidden_size, o_bias, in_split=(qkv.q_start, qkv.q_size))
         self.split = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
-        self.rotary_emb = rotary
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, hd, hd**-0.5, layer_id)
-        self.head_dim = hd
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if qk_norm else None
+        if qk_norm:  # applied with the rotary (one kernel on CUDA)
+            self.q_norm, self.k_norm = RMSNorm(hd, config.rms_norm_eps), RMSNorm(hd, config.rms_norm_eps)
+            rotary = QKNormRotary(rotary, self.q_norm, self.k_norm)
+        self.rotary_emb = rotary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        if self.q_norm is not None:  # rows of one head each: [T * heads, head_dim]
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         return self.o_proj(self.attn(q, k, v, rotary=self.rotary_emb))
 
 
