@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Optional
 
+from treadle.runtime.checkpoint_names import headless_error
 from treadle.runtime.hf_config import context_length, load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
 
@@ -27,6 +28,7 @@ ARCHITECTURES = {
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
 ARCH_BY_MODEL_TYPE.update({"qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"})
+DECODERS = ("llama", "qwen3", "phi3")  # modules of decoders with an LM head (a bare backbone may lack it)
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
@@ -46,6 +48,10 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
         raise NotImplementedError(f"Not supported yet by Treadle: model architecture {shown} ({model_dir}); "
                                   f"supported: {', '.join(sorted(ARCHITECTURES))}.")
     cfg = load_config(model_dir)
+    if args.load_format != "dummy" and ARCHITECTURES[architecture(raw)] in DECODERS:
+        headless = headless_error(model_dir, cfg, args.is_embedding)
+        if headless:
+            raise ValueError(headless)
     longest = model_positions(cfg)
     asked = args.context_length
     allowed = any(os.environ.get(v, "").lower() in ("1", "true") for v in ALLOW_LONGER_CONTEXT)
