@@ -36,16 +36,18 @@ def save_tiny(config_cls: Any, model_cls: Any, out_dir: str, tokenizer_dir: str,
 
 @torch.no_grad()
 def hf_greedy(hf: Any, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], torch.Tensor]]:
-    """Per prompt: HF ``generate``'s greedy tokens (EOS ignored) and the log-softmax of HF's logits
-    over the whole sequence (row p: the distribution of token p + 1)."""
+    """Per prompt: HF ``generate``'s greedy tokens (EOS ignored; all prompts in one left-padded
+    batch, several times faster than one call each) and the log-softmax of HF's logits over the
+    whole unpadded sequence (row p: the distribution of token p + 1)."""
     hf.generation_config.eos_token_id = None
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    gen = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     out = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        gen = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                          min_new_tokens=0)[0, len(ids):].tolist()
-        logits = hf(torch.tensor([ids + gen])).logits[0].float()
-        out.append((gen, torch.log_softmax(logits, dim=-1)))
+    for p, row in zip(prompts, gen[:, width:].tolist()):
+        logits = hf(torch.tensor([p + row])).logits[0].float()
+        out.append((row, torch.log_softmax(logits, dim=-1)))
     return out
 
 

@@ -38,7 +38,7 @@ def embedder(tmp_path_factory, default_model_dir, hf_tokenizer):
     prompts = [hf_tokenizer(t)["input_ids"] for t in TEXTS]
     with torch.no_grad():
         want = [hf(torch.tensor([ids])).last_hidden_state[0, -1] for ids in prompts]
-    with Engine(model_path=path, is_embedding=True, tp_size=2, random_seed=0) as engine:
+    with Engine(model_path=path, is_embedding=True, random_seed=0) as engine:
         yield engine, prompts, want
 
 

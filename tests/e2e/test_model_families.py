@@ -68,5 +68,7 @@ def test_family_matches_hf(family):
         res = engine.generate(input_ids=prompts, sampling_params=params, **kw)
         for r, ids, (want, ref) in zip(res, prompts, refs):
             check_result(r, ids, want, ref, inputs="logprob_start_len" in kw)
+        if i == 0:  # every prefill ran in chunks of at most 16 tokens
+            assert engine.get_server_info()["internal_states"][0]["max_step_prefill_tokens"] <= 16
         if i == 2:
             assert all(r["meta_info"]["cached_tokens"] >= len(ids) - 1 for r, ids in zip(res, prompts)), name
