@@ -38,8 +38,9 @@ def rope_parameters(config) -> dict:
     params = dict(params)
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-    if params.get("original_max_position_embeddings") is None and getattr(config, "original_max_position_embeddings", None):
-        params["original_max_position_embeddings"] = config.original_max_position_embeddings  # Phi-3 keeps it outside
+    outside = getattr(config, "original_max_position_embeddings", None)  # where Phi-3 keeps it
+    if params.get("original_max_position_embeddings") is None and outside:
+        params["original_max_position_embeddings"] = outside
     params["max_position_embeddings"] = getattr(config, "max_position_embeddings", None)
     return params
 

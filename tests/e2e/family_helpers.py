@@ -15,7 +15,8 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_att
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.12, tie_word_embeddings=False)
 
 
-def save_tiny(config_cls: Any, model_cls: Any, out_dir: str, tokenizer_dir: str, seed: int = 0, **overrides: Any) -> Any:
+def save_tiny(config_cls: Any, model_cls: Any, out_dir: str, tokenizer_dir: str, seed: int = 0,
+              **overrides: Any) -> Any:
     """Save a random ``model_cls(config_cls(...))`` (safetensors) with the tokenizer beside it;
     returns the float32 HF model, the reference."""
     from transformers import AutoTokenizer
@@ -51,7 +52,8 @@ def hf_greedy(hf: Any, prompts: list[list[int]], new_tokens: int) -> list[tuple[
     return out
 
 
-def check_result(res: dict, ids: list[int], want: list[int], ref: torch.Tensor, inputs: bool, tol: float = 1e-4) -> None:
+def check_result(res: dict, ids: list[int], want: list[int], ref: torch.Tensor, inputs: bool,
+                 tol: float = 1e-4) -> None:
     """The engine's result equals HF's tokens; its output (and with ``inputs`` prompt) logprobs
     are HF's within ``tol``."""
     assert res["output_ids"] == want

@@ -134,8 +134,8 @@ def rope_variant_case(head_dim: int, qh: int, kh: int, t: int, partial: float, n
         pos = torch.randint(0, 4096, (t,), generator=gen).to(device)
         want_q, want_k = rope.forward_torch(pos, q, k)
         if not store:
-            return _ops().rotary(pos, q, k, rope.rotary.cos if norm else rope.cos, rope.rotary.sin if norm else rope.sin,
-                                 head_dim, rope.rot_dim, **extra), (want_q, want_k)
+            table = rope.rotary if norm else rope
+            return _ops().rotary(pos, q, k, table.cos, table.sin, head_dim, rope.rot_dim, **extra), (want_q, want_k)
         loc = torch.randperm(40, generator=gen)[:t].to(device)
         caches = [torch.zeros(40, kh, head_dim, device=device, dtype=dtype) for _ in range(4)]
         got_q = rope.rotate_and_store_cuda(pos, q, k, v, caches[0], caches[1], loc)
@@ -160,7 +160,8 @@ CASES["rope-llama3-d128-q32-k8-T7"] = rope_case(128, 32, 8, 7, LLAMA3)
 for _hd, _qh, _kh, _t in ((64, 9, 3, 1), (128, 32, 8, 7), (128, 4, 1, 33), (64, 4, 4, 0)):
     CASES[f"rope_kv-d{_hd}-q{_qh}-k{_kh}-T{_t}"] = rope_kv_case(_hd, _qh, _kh, _t)
 for _hd, _qh, _kh, _t, _partial, _norm in ((128, 8, 2, 7, 0.75, False), (64, 9, 3, 1, 0.5, False),
-                                         (128, 32, 8, 7, 1.0, True), (128, 4, 1, 0, 1.0, True), (64, 4, 2, 33, 0.5, True)):
+                                         (128, 32, 8, 7, 1.0, True), (128, 4, 1, 0, 1.0, True),
+                                         (64, 4, 2, 33, 0.5, True)):
     for _store in (False, True):
         _kind = ("qknorm_" if _norm else "") + ("rope_kv" if _store else "rope") + ("" if _norm else "_partial")
         CASES[f"{_kind}-d{_hd}-q{_qh}-k{_kh}-T{_t}-p{_partial}"] = rope_variant_case(_hd, _qh, _kh, _t, _partial, _norm,

@@ -3,6 +3,8 @@ for each position equal what HF computes for a sequence ending there (float32)."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, Phi3Config
@@ -51,7 +53,8 @@ def test_dynamic_ntk_past_the_limit_uses_hf_base_for_that_length():
     rope = ours(cfg, 300)
     for n in (257, 300):  # HF recomputes the base for the whole sequence; our row n-1 holds the same
         cos, sin = hf_cos_sin(LlamaRotaryEmbedding(cfg), n)
-        assert torch.allclose(rope.cos[n - 1], cos[-1], atol=1e-5) and torch.allclose(rope.sin[n - 1], sin[-1], atol=1e-5)
+        assert torch.allclose(rope.cos[n - 1], cos[-1], atol=1e-5)
+        assert torch.allclose(rope.sin[n - 1], sin[-1], atol=1e-5)
     default = ours(LlamaConfig(**LLAMA), 300)
     assert torch.equal(rope.cos[:256], default.cos[:256]) and not torch.allclose(rope.cos[299], default.cos[299])
 
@@ -73,7 +76,8 @@ def test_longrope_short_then_long_factors_and_attention_factor(partial):
     assert torch.equal(rope.cos[:128], cos) and torch.equal(rope.sin[:128], sin)
     cos, sin = hf_cos_sin(Phi3RotaryEmbedding(cfg), 300)  # past it HF takes the long factors everywhere
     assert torch.equal(rope.cos[128:300], cos[128:]) and torch.equal(rope.sin[128:300], sin[128:])
-    assert abs(float(rope.cos[0, 0]) - (1 + torch.log(torch.tensor(4.0)) / torch.log(torch.tensor(128.0))).sqrt()) < 1e-6
+    attention = math.sqrt(1 + math.log(512 / 128) / math.log(128))  # HF's LongRoPE factor on cos/sin
+    assert abs(float(rope.cos[0, 0]) - attention) < 1e-6
 
 
 def test_partial_rotary_leaves_the_rest_of_each_head():
@@ -86,7 +90,8 @@ def test_partial_rotary_leaves_the_rest_of_each_head():
     pos = torch.tensor([0, 3, 7, 100, 127])
     got_q, got_k = rope(pos, q, k)
     cos, sin = Phi3RotaryEmbedding(cfg)(q[None], pos[None])
-    want_q, want_k = apply_rotary_pos_emb(q.view(1, 5, 4, 32).transpose(1, 2), k.view(1, 5, 2, 32).transpose(1, 2), cos, sin)
+    want_q, want_k = apply_rotary_pos_emb(q.view(1, 5, 4, 32).transpose(1, 2), k.view(1, 5, 2, 32).transpose(1, 2),
+                                          cos, sin)
     assert torch.allclose(got_q, want_q.transpose(1, 2).reshape(5, -1), atol=1e-6)
     assert torch.allclose(got_k, want_k.transpose(1, 2).reshape(5, -1), atol=1e-6)
     assert torch.equal(got_q.view(5, 4, 32)[..., 16:], q.view(5, 4, 32)[..., 16:])
@@ -98,7 +103,8 @@ def test_scaled_context_is_counted_as_sglang_does():
     base = {"max_position_embeddings": 4096}
     assert model_positions(base) == 4096
     assert model_positions({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}) == 8192
-    assert model_positions({**base, "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}) == 16384
+    linear = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}
+    assert model_positions({**base, "rope_parameters": linear}) == 16384
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
     assert model_positions({**base, "rope_scaling": yarn}) == 4096  # the max is already the stretched length
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
