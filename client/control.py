@@ -24,16 +24,20 @@ from treadle.client.calls import Calls
 from treadle.client.supervisor import Supervisor, group_name
 from treadle.runtime.messages import (
     Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
-    GetWeightsByName, OpenSession, StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk,
+    GetWeightsByName, InitWeightsUpdateGroup, OpenSession, ReleaseMemoryOccupation, ResumeMemoryOccupation,
+    StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk, UpdateWeightsFromDistributed,
     UpdateWeightsFromTensor,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
-# answered once their work is done (a weight update waits for the running requests): no deadline
-UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor)
-WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName)  # the scheduler waits on its workers to answer
+# answered once their work is done (a weight update waits for the running requests, a group waits for the
+# trainer to join, a resume may capture CUDA graphs again): no deadline
+UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor, UpdateWeightsFromDistributed,
+                   InitWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation)
+WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName, InitWeightsUpdateGroup,
+                ReleaseMemoryOccupation, ResumeMemoryOccupation)  # the scheduler waits on its workers to answer
 
 
 class ControlTimeoutError(TimeoutError):

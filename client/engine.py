@@ -22,19 +22,22 @@ import zmq
 
 from treadle.client.calls import Calls, TokenizerSocket
 from treadle.client.control import Control, FlushCacheReqOutput
+from treadle.client.engine_rl import RLMethods
 from treadle.client.launch import launch_children, serve_worker_node
 from treadle.client.lora import LoraRegistry, LoRAUpdateOutput
+from treadle.client.model_info import model_info
 from treadle.client.prepare import RequestBuilder
 from treadle.client.results import BatchResult
+from treadle.client.scoring import ScoringCalls
 from treadle.client.sessions import Sessions
 from treadle.client.supervisor import Supervisor
 from treadle.client.tokenizer_manager import TokenizerManager
 from treadle.client.weights import WeightUpdates
 from treadle.runtime.hf_config import check_quantization, load_config
-from treadle.runtime.model_check import check_model
+from treadle.runtime.model_check import check_model, is_embedding_model
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.messages import Shutdown
-from treadle.runtime.model_files import resolve_model_files
+from treadle.runtime.model_files import model_files_of
 from treadle.runtime.procs import kill_child
 from treadle.runtime.lora_args import parse_lora_paths
 from treadle.runtime.server_args import ServerArgs
@@ -46,7 +49,7 @@ logger = logging.getLogger("treadle.engine")
 STARTUP_TIMEOUT_S = float(os.environ.get("TREADLE_STARTUP_TIMEOUT", "900"))
 
 
-class Engine:
+class Engine(RLMethods, ScoringCalls):  # rerank / score: client/scoring.py
     """An in-process LLM engine: ``Engine(model_path=...)`` starts the tokenizer, scheduler,
     GPU-worker and detokenizer processes and blocks until the model is loaded."""
 
@@ -60,9 +63,10 @@ class Engine:
         configure_logging(server_args.log_level, "engine")
         t0 = time.perf_counter()
         self.server_args = a = server_args.resolved()
-        self._files = resolve_model_files(a.model_path, server_args.tokenizer_path)
+        self._files = model_files_of(a)  # a hub id is downloaded here, once, before any child starts
         check_quantization(self._files.model_dir, a.quantization)
         check_model(self._files.model_dir, a)
+        a.is_embedding = a.is_embedding or is_embedding_model(self._files.model_dir)
         self._ipc = IpcDir()
         self._ctx = zmq.Context()
         self._sessions = Sessions(bool(a.enable_streaming_session))
@@ -219,29 +223,14 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         return self._control_calls.server_info(self.server_args, self._files.model_dir, self._startup_time)
 
+    def get_model_info(self) -> dict[str, Any]:
+        """SGLang's model facts: path, ``is_generation``, current ``weight_version``... (client/model_info.py)."""
+        return model_info(self.server_args, self._files.model_dir)
+
     def _check_integrity(self) -> dict[str, Any]:
         """The scheduler's internal state after it asserted that nothing leaked (no public SGLang
         method; the tests call it at idle)."""
         return self._control_calls.check_integrity()
-
-    # ------------------------------------------------------------------ weights (client/weights.py)
-    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
-                                 weight_version: Optional[str] = None) -> tuple[bool, str, int]:
-        """A new checkpoint of the served model, in place: ``(success, message, num_paused_requests)``."""
-        return self._weights.from_disk(model_path, load_format, weight_version)
-
-    def update_weights_from_tensor(self, named_tensors: list, load_format: Optional[str] = None,
-                                   flush_cache: bool = True) -> tuple[bool, str]:
-        """``[(checkpoint name, tensor), ...]``, all or part of the model's, in place: ``(success, message)``."""
-        return self._weights.from_tensors(named_tensors, load_format, flush_cache)
-
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        """A weight by its checkpoint name: its first ``truncate_size`` rows as lists."""
-        return self._weights.by_name(name, truncate_size)
-
-    async def async_update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
-                                             weight_version: Optional[str] = None) -> tuple[bool, str, int]:
-        return await asyncio.to_thread(self.update_weights_from_disk, model_path, load_format, weight_version)
 
     # ------------------------------------------------------------------ LoRA
     def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> LoRAUpdateOutput:

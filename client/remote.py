@@ -170,6 +170,9 @@ class RemoteEngine:
     def get_server_info(self) -> dict[str, Any]:
         return self._http.call("GET", "/get_server_info")
 
+    def get_model_info(self) -> dict[str, Any]:
+        return self._http.call("GET", "/get_model_info")
+
     @property
     def server_args(self) -> ServerArgs:
         """The server's effective ``ServerArgs``, read once from ``/get_server_info``."""

@@ -1,6 +1,8 @@
 """Weight updates of a running engine (the RL loop's "push the trained weights in") with SGLang's
 calls and return shapes: ``update_weights_from_disk``, ``update_weights_from_tensor``,
-``get_weights_by_name``.
+``init_weights_update_group`` / ``update_weights_from_distributed`` / ``destroy_weights_update_group``
+(a trainer's rank 0 broadcasts into the workers: gpu_worker/weight_group.py), ``get_weights_by_name``,
+and ``release_memory_occupation`` / ``resume_memory_occupation`` (gpu_worker/memory_occupation.py).
 
 The work is the scheduler's and the workers' (``UpdateWeightsFrom*``): the scheduler stops
 admitting, lets the running requests finish on the old weights, then every worker checks the new
@@ -18,9 +20,44 @@ from multiprocessing import shared_memory
 from typing import Any, Callable, Optional
 
 from treadle.client.control import Control
-from treadle.runtime.messages import GetWeightsByName, TensorRef, UpdateWeightsFromDisk, UpdateWeightsFromTensor
+from treadle.runtime.errors import EngineDeadError
+from treadle.runtime.messages import (
+    Call, DestroyWeightsUpdateGroup, GetWeightsByName, InitWeightsUpdateGroup, ReleaseMemoryOccupation,
+    ResumeMemoryOccupation, TensorRef, UpdateWeightsFromDisk, UpdateWeightsFromDistributed, UpdateWeightsFromTensor,
+)
 from treadle.runtime.model_files import resolve_model_files
 from treadle.runtime.server_args import ServerArgs
+
+
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+
+def _memory_tags(tags: Optional[list[str]]) -> list[str]:
+    if tags is None:
+        return list(MEMORY_TAGS)
+    if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+        raise TypeError(f"tags must be None or a list of strings, got {tags!r}.")
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise ValueError(f"tags: unknown memory tag(s) {unknown}; use {list(MEMORY_TAGS)} (None: all).")
+    return list(dict.fromkeys(tags))
+
+
+def _dtype_name(dtype: Any, i: int) -> str:
+    """``torch.bfloat16``, ``"torch.bfloat16"`` or ``"bfloat16"`` -> ``"bfloat16"``."""
+    import torch
+
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(dtype, (str, torch.dtype)) or not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"dtypes[{i}] must be a torch dtype or its name, got {dtype!r}.")
+    return name
+
+
+def _int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}.")
+    return value
 
 
 class WeightUpdates:
@@ -38,7 +75,8 @@ class WeightUpdates:
             raise ValueError(f"load_format must be None, 'auto' or 'safetensors', got {load_format!r}.")
         if weight_version is not None and not isinstance(weight_version, str):
             raise TypeError(f"weight_version must be a string, got {type(weight_version).__name__}.")
-        files = resolve_model_files(model_path)  # a GGUF file is converted here, as at start-up
+        # a GGUF file is converted here, a hub id downloaded (into the engine's download_dir), as at start-up
+        files = resolve_model_files(model_path, download_dir=self.server_args.download_dir)
         call = UpdateWeightsFromDisk(model_dir=files.model_dir, load_format=load_format)
         ok, message = self.control.update_weights(call, self._bump(weight_version))
         return ok, message, 0
@@ -76,6 +114,72 @@ class WeightUpdates:
         finally:
             shm.close()
             shm.unlink()
+
+    def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                   group_name: str, backend: str) -> tuple[bool, str]:
+        """Every worker joins the trainer's group as ``rank_offset + its rank``; blocks until the
+        trainer's rank 0 has joined too."""
+        if not isinstance(master_address, str) or not master_address:
+            raise ValueError(f"master_address must be a non-empty string, got {master_address!r}.")
+        _int(master_port, "master_port", 1, 65535)
+        _int(rank_offset, "rank_offset", 1)
+        workers = self.server_args.dp_size * self.server_args.tp_size * self.server_args.pp_size
+        _int(world_size, "world_size", rank_offset + workers)
+        if not isinstance(group_name, str) or not group_name:
+            raise ValueError(f"group_name must be a non-empty string, got {group_name!r}.")
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}.")
+        if backend == "nccl" and self.server_args.device != "cuda":
+            raise ValueError(f"backend='nccl' needs the engine on CUDA (device={self.server_args.device!r}); "
+                             "use backend='gloo'.")
+        call = InitWeightsUpdateGroup(master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+                                      world_size=world_size, group_name=group_name, backend=backend)
+        return self._answered(call, "Succeeded to initialize custom process group.")
+
+    def from_distributed(self, names: list[str], dtypes: list[Any], shapes: list[list[int]], group_name: str,
+                         flush_cache: bool, load_format: Optional[str]) -> tuple[bool, str]:
+        """Tensors the trainer's rank 0 broadcasts (in ``names`` order) into the weights."""
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("names must be a non-empty list of checkpoint tensor names.")
+        if not isinstance(dtypes, (list, tuple)) or not isinstance(shapes, (list, tuple)) \
+                or not len(names) == len(dtypes) == len(shapes):
+            raise ValueError(f"names, dtypes and shapes must be lists of one length, got {len(names)} names.")
+        dtype_names = [_dtype_name(d, i) for i, d in enumerate(dtypes)]
+        for i, shape in enumerate(shapes):
+            if not isinstance(shape, (list, tuple)) or not all(not isinstance(n, bool) and isinstance(n, int)
+                                                               and n >= 0 for n in shape):
+                raise ValueError(f"shapes[{i}] must be a list of non-negative ints, got {shape!r}.")
+        if not isinstance(flush_cache, bool):
+            raise TypeError(f"flush_cache must be a bool, got {type(flush_cache).__name__}.")
+        if load_format is not None:
+            raise ValueError(f"load_format must be None (tensors are broadcast one by one), got {load_format!r}.")
+        call = UpdateWeightsFromDistributed(names=list(names), dtypes=dtype_names, shapes=[list(s) for s in shapes],
+                                            group_name=group_name, flush_cache=flush_cache)
+        return self.control.update_weights(call, self._bump(None))
+
+    def destroy_group(self, group_name: str) -> tuple[bool, str]:
+        return self._answered(DestroyWeightsUpdateGroup(group_name=group_name),
+                              f"Succeeded to destroy custom process group {group_name}.")
+
+    def release_memory(self, tags: Optional[list[str]]) -> None:
+        """Waits for the running requests, then frees the tagged device memory; requests sent
+        until ``resume_memory`` are refused with a ``RuntimeError``."""
+        for result in self.control.each(ReleaseMemoryOccupation(tags=_memory_tags(tags))).values():
+            if not result["success"]:
+                raise RuntimeError(result["message"])
+
+    def resume_memory(self, tags: Optional[list[str]]) -> None:
+        self.control.each(ResumeMemoryOccupation(tags=_memory_tags(tags)))
+
+    def _answered(self, call: Call, message: str) -> tuple[bool, str]:
+        """``(success, message)`` of a call the workers run: their error becomes ``(False, error)``."""
+        try:
+            self.control.each(call)
+        except EngineDeadError:
+            raise
+        except RuntimeError as e:
+            return False, str(e)
+        return True, message
 
     def _bump(self, weight_version: Optional[str]) -> Callable[[], None]:
         """The callback that sets the engine's next ``weight_version`` (given, or the update count)."""

@@ -10,16 +10,19 @@ from typing import Any
 import msgspec
 import zmq
 
+from treadle.gpu_worker.memory_occupation import MemoryOccupation
 from treadle.gpu_worker.profiler import Profiler
 from treadle.gpu_worker.model_loader import reload_weights
 from treadle.gpu_worker.proxy_heartbeat import beats_while_busy
+from treadle.gpu_worker.weight_group import WeightGroups
 from treadle.gpu_worker.weight_transfer import update_from_shared_memory
 from treadle.gpu_worker.weights_by_name import weights_by_name
 from treadle.runtime.hf_config import context_length, load_config
 from treadle.runtime.messages import (
-    WORKER_IN, Call, ChildReady, DropLoraAdapter, ForwardPlan, GetWorkerInfo, ReadLoraAdapter, Reply, Shutdown,
-    GetWeightsByName, StartProfile, StepResult, StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor,
-    WorkerInfo,
+    WORKER_IN, Call, ChildReady, DestroyWeightsUpdateGroup, DropLoraAdapter, ForwardPlan, GetWeightsByName,
+    GetWorkerInfo, InitWeightsUpdateGroup, ReadLoraAdapter, ReleaseMemoryOccupation, Reply, ResumeMemoryOccupation,
+    Shutdown, StartProfile, StepResult, StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor, WorkerInfo,
 )
 from treadle.runtime.parallel import exit_when_disconnected, is_reporting
 from treadle.runtime.procs import ChildSpec
@@ -79,6 +82,10 @@ class WorkerLoop:
             logger.info("CUDA graphs captured for %d batch sizes (up to %d) in %.1f s", len(self.runner.graphs.sizes),
                         self.runner.graphs.max_bs, self.runner.graph_capture_time)
         inbox.send(ChildReady(name=spec.name, info=msgspec.structs.asdict(self.info())))
+        engine_rank = spec.extra.get("dp_rank", 0) * args.tp_size * args.pp_size + global_rank
+        self.weight_groups = WeightGroups(engine_rank, self.runner.device)
+        self.memory = MemoryOccupation(self.runner)
+        runner = self.runner
         self.handlers: dict[type, Any] = {
             GetWorkerInfo: lambda c: self.info(),
             StartProfile: lambda c: self.profiler.start(c.options),
@@ -90,7 +97,14 @@ class WorkerLoop:
                 self.runner.device),
             UpdateWeightsFromTensor: lambda c: update_from_shared_memory(
                 self.runner.model, c, self.runner.model_config, self.runner.cfg.context_len, self.runner.device),
-            GetWeightsByName: lambda c: weights_by_name(self.runner.model, c.name, c.truncate_size),  # {"weights"|"error"}
+            GetWeightsByName: lambda c: weights_by_name(runner.model, c.name, c.truncate_size,
+                                                        runner.model_config),  # {"weights"|"error"}
+            InitWeightsUpdateGroup: self.weight_groups.init,
+            UpdateWeightsFromDistributed: lambda c: self.weight_groups.update(
+                runner.model, c, runner.model_config, runner.cfg.context_len),
+            DestroyWeightsUpdateGroup: lambda c: self.weight_groups.destroy(c.group_name),
+            ReleaseMemoryOccupation: lambda c: self.memory.release(c.tags),
+            ResumeMemoryOccupation: lambda c: self.memory.resume(c.tags),
         }
 
     def info(self) -> WorkerInfo:

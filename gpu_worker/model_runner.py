@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-from transformers import AutoConfig
 
 from treadle.gpu_worker.attention.base import create_backend
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
@@ -34,12 +33,13 @@ from treadle.gpu_worker.model_loader import (
     build_model, claim_device, load_weights, resolve_dtype, resolve_kv_dtype, select_gemv,
 )
 from treadle.gpu_worker.pipeline import Stage
-from treadle.gpu_worker.pooling import encode_plan, load_pooling_config
+from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
+from treadle.runtime.llava_layout import load_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
 
@@ -73,7 +73,7 @@ class ModelRunner:
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = is_reporting(cfg.tp_rank, cfg.pp_rank, cfg.pp_size)
-        self.model_config = AutoConfig.from_pretrained(cfg.model_dir)
+        self.model_config = load_model_config(cfg.model_dir)  # AutoConfig's; the original LLaVA layout mapped
         # The language model's config: the model's own, or the text part of a multimodal one (LLaVA).
         self.text_config = getattr(self.model_config, "text_config", None) or self.model_config
         phase("device_and_parallel_init")
@@ -103,14 +103,16 @@ class ModelRunner:
         self.graph_capture_time = 0.0
         self.is_encoder = self.model.is_encoder
         self.pooling = load_pooling_config(cfg.model_dir, self.is_encoder)
+        if self.model.scores_head:  # class scores: the [CLS] / last token's, never normalized
+            self.pooling = PoolingConfig("cls" if self.is_encoder else "last", False)
         if self.is_encoder:  # bidirectional: whole sequences each step, no KV cache to keep
             self.kv_cache, self.sampler = None, Sampler(cfg.max_slots, self.device, cfg.random_seed)
             cfg.kv_tokens = cfg.kv_tokens if cfg.kv_tokens > 0 else cfg.max_slots * cfg.context_len
             return
         self._init_kv_cache_and_buffers()
         phase("kv_cache_and_buffers")
-        if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda":
-            self._capture_graphs(phase)
+        if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda" and not self.model.scores_head:
+            self.capture_graphs(phase)  # a score model never decodes: no graphs
 
     def _init_kv_cache_and_buffers(self) -> None:
         """The KV pool (sized from free memory when ``kv_tokens <= 0``), the req-to-token table, the
@@ -130,7 +132,7 @@ class ModelRunner:
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
         self._host_ids = HostIdRing(cfg.max_slots) if self.device.type == "cuda" else None
 
-    def _capture_graphs(self, phase: Callable[[str], None]) -> None:
+    def capture_graphs(self, phase: Callable[[str], None] = lambda name: None) -> None:
         if not hasattr(self.attn_backend, "init_cuda_graph_state"):
             logger.warning("attention backend %s cannot run in CUDA graphs; decoding runs eagerly",
                            self.cfg.attention_backend)

@@ -18,23 +18,14 @@ def load_config(model_dir: str) -> dict[str, Any]:
 
 def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[str] = None) -> int:
     """``context_length`` if given, else the model's; a sentence-transformers checkpoint's
-    ``max_seq_length`` (what it was trained to embed) caps an encoder's positions, and a
-    sliding attention window (Mistral) caps a decoder's: within the window full attention is the
-    same attention, so every request stays exact (windowed attention is not built)."""
+    ``max_seq_length`` (what it was trained to embed) caps an encoder's positions. A sliding
+    attention window does not cap the context: the attention backends mask by it."""
     n = model_positions(cfg) or 2048
     st = os.path.join(model_dir, "sentence_bert_config.json") if model_dir else ""
     if st and os.path.exists(st):
         with open(st) as f:
             n = min(n, int(json.load(f).get("max_seq_length") or n))
-    window = sliding_window(cfg)
-    if args.context_length is not None:
-        if window is not None and args.context_length > window:
-            raise NotImplementedError(
-                f"context_length={args.context_length} is longer than the model's sliding_window={window}: "
-                f"sliding-window attention is not built yet, so positions past {window} would attend to the whole "
-                f"context and differ from the model; use context_length <= {window}.")
-        return args.context_length
-    return n if window is None else min(n, window)
+    return args.context_length if args.context_length is not None else n
 
 
 def model_positions(cfg: dict[str, Any]) -> Optional[int]:
@@ -48,6 +39,9 @@ def model_positions(cfg: dict[str, Any]) -> Optional[int]:
     kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     if n and factor and "original_max_position_embeddings" not in rope and kind != "llama3":
         n = n * factor
+    if n and cfg.get("model_type") in ("roberta", "xlm-roberta"):  # positions count from pad_token_id + 1
+        pad = cfg.get("pad_token_id")
+        n -= (1 if pad is None else int(pad)) + 1
     return int(n) if n else None
 
 

@@ -450,6 +450,45 @@ class GetWeightsByName(Call, kw_only=True):
     truncate_size: int = 100
 
 
+class InitWeightsUpdateGroup(Call, kw_only=True):
+    """Client -> scheduler -> every worker: join the process group a trainer opens at
+    ``master_address:master_port`` (its rank 0 broadcasts weights); worker rank ``r`` of the engine
+    joins as ``rank_offset + r``. Answered once every member has joined."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateWeightsFromDistributed(Call, kw_only=True):
+    """Client -> scheduler -> workers: receive tensors broadcast by the group's rank 0 (the
+    trainer), in this order, and load them like a checkpoint's (checked first)."""
+
+    names: list[str]
+    dtypes: list[str]  # torch's names: "bfloat16", ...
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+
+
+class DestroyWeightsUpdateGroup(Call, kw_only=True):
+    group_name: str = "weight_update_group"
+
+
+class ReleaseMemoryOccupation(Call, kw_only=True):
+    """Client -> scheduler -> workers: give the device memory of ``tags`` back (weights go to host
+    memory first; the KV cache's contents are dropped). Requests are refused until resumed."""
+
+    tags: list[str]
+
+
+class ResumeMemoryOccupation(Call, kw_only=True):
+    tags: list[str]
+
+
 class GetLoad(Call):
     """The tokenizer's view of the DP groups (alive, requests in flight); sent with ``dp_rank=-1``."""
 
@@ -511,9 +550,11 @@ class WorkerInfo(msgspec.Struct):
 
 CLIENT_CALLS = (GetInternalState, CheckIntegrity, FlushCache, OpenSession, ListSessions, CloseSession, FreezeGC,
                 LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad, UpdateWeightsFromDisk,
-                UpdateWeightsFromTensor, GetWeightsByName)
+                UpdateWeightsFromTensor, GetWeightsByName, InitWeightsUpdateGroup, UpdateWeightsFromDistributed,
+                DestroyWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation)
 WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter, UpdateWeightsFromDisk,
-                UpdateWeightsFromTensor, GetWeightsByName)
+                UpdateWeightsFromTensor, GetWeightsByName, InitWeightsUpdateGroup, UpdateWeightsFromDistributed,
+                DestroyWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation)
 
 
 # ---------------------------------------------------------------- * -> client inbox

@@ -10,7 +10,8 @@ import os
 from typing import Any, Optional
 
 from treadle.runtime.checkpoint_names import headless_error
-from treadle.runtime.hf_config import context_length, load_config, model_positions
+from treadle.runtime.llava_layout import is_llava_llama, vision_tower_dir
+from treadle.runtime.hf_config import load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
 
 # HF ``architectures`` name -> the gpu_worker/models module that builds it
@@ -23,10 +24,31 @@ ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "BertModel": "bert",
     "LlavaForConditionalGeneration": "llava",
+    "LlavaLlamaForCausalLM": "llava_llama",  # the original (liuhaotian) LLaVA layout
+    # classification / reward heads and cross-encoders: served by encode / rerank / score as scores
+    "LlamaForSequenceClassification": "classification",
+    "MistralForSequenceClassification": "classification",
+    "Qwen2ForSequenceClassification": "classification",
+    "Qwen2ForRewardModel": "classification",
+    "BertForSequenceClassification": "cross_encoder",
+    "XLMRobertaForSequenceClassification": "cross_encoder",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",  # its language model, text only
 }
+# Multimodal checkpoints whose language model alone is served (text only: no image processing).
+TEXT_ONLY = {"Gemma3ForConditionalGeneration"}
+SCORE_MODULES = ("classification", "cross_encoder")  # no LM head: encode only (is_embedding is implied)
 # For configs without ``architectures`` (e.g. written by a converter).
 ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration"}
+                      "bert": "BertModel", "llava": "LlavaForConditionalGeneration",
+                      "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                      "gemma3": "Gemma3ForConditionalGeneration"}
+# Encoder-only architectures: no LM head, so they can only embed (SGLang's non-generation models).
+ENCODER_ONLY = ("BertModel",)
+# A sentence-transformers checkpoint declares its pooling in one of these (1_Pooling/config.json...).
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                               os.path.join("1_Pooling", "config.json"))
 ARCH_BY_MODEL_TYPE.update({"qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"})
 DECODERS = ("llama", "qwen3", "phi3")  # modules of decoders with an LM head (a bare backbone may lack it)
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
@@ -39,6 +61,16 @@ def architecture(cfg: dict[str, Any]) -> Optional[str]:
     return next((n for n in names if n in ARCHITECTURES), None)
 
 
+def is_embedding_model(model_dir: str) -> bool:
+    """Whether the checkpoint is an embedding model by its files, so it needs no ``is_embedding=True``:
+    an encoder-only architecture, or the files sentence-transformers writes beside the weights."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        arch = architecture(json.load(f))
+    if arch in ENCODER_ONLY or (arch is not None and ARCHITECTURES[arch] in SCORE_MODULES):
+        return True  # classification / reward heads and cross-encoders have no LM head (SGLang's non-generation list)
+    return any(os.path.exists(os.path.join(model_dir, name)) for name in SENTENCE_TRANSFORMERS_FILES)
+
+
 def check_model(model_dir: str, args: ServerArgs) -> None:
     """Raise ``ValueError`` / ``NotImplementedError`` naming what cannot be served as asked."""
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -47,9 +79,11 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
         shown = raw.get("architectures") or raw.get("model_type")
         raise NotImplementedError(f"Not supported yet by Treadle: model architecture {shown} ({model_dir}); "
                                   f"supported: {', '.join(sorted(ARCHITECTURES))}.")
+    if is_llava_llama(raw):  # the original LLaVA layout: its CLIP tower found (or downloaded) before any child starts
+        vision_tower_dir(raw, model_dir)
     cfg = load_config(model_dir)
     if args.load_format != "dummy" and ARCHITECTURES[architecture(raw)] in DECODERS:
-        headless = headless_error(model_dir, cfg, args.is_embedding)
+        headless = headless_error(model_dir, cfg, args.is_embedding or is_embedding_model(model_dir))
         if headless:
             raise ValueError(headless)
     longest = model_positions(cfg)
@@ -58,7 +92,6 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
     if asked is not None and longest and asked > longest and not allowed:
         raise ValueError(f"context_length={asked} is longer than the model's max_position_embeddings={longest}. "
                          f"Set {ALLOW_LONGER_CONTEXT[0]}=1 (or SGLang's variable) to allow it anyway.")
-    context_length(cfg, args, model_dir)  # a sliding window shorter than the asked context is refused there
     heads = cfg.get("num_attention_heads")
     if isinstance(heads, int) and args.tp_size > 1:
         head_split_problem = head_split_error(heads, cfg.get("num_key_value_heads") or heads, args.tp_size)

@@ -1,9 +1,11 @@
 """Resolve ``model_path`` to files on disk, converting a GGUF file once into a cached HF directory.
 
 Every process reads the same resolved directory: the worker loads its safetensors, the
-tokenizer, scheduler and detokenizer load its tokenizer files. Converting the packaged
-SmolLM2 GGUF (dequantize + tokenizer build) takes several seconds, so it runs once per file
-and is cached under ``~/.cache/treadle`` (``TREADLE_CACHE_DIR`` overrides).
+tokenizer, scheduler and detokenizer load its tokenizer files. A hub id (``org/name``) is found
+in the HF cache or downloaded (runtime/hub.py). Converting the packaged SmolLM2 GGUF
+(dequantize + tokenizer build) takes several seconds, so it runs once per file and is cached
+under ``~/.cache/treadle`` (``TREADLE_CACHE_DIR`` overrides). Config overrides
+(``json_model_override_args``) become a directory beside it (runtime/config_overrides.py).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
+from treadle.runtime.config_overrides import overridden_dir, parse_overrides
+from treadle.runtime.hub import is_hub_id, resolve_hub
 from treadle.runtime.server_args import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ALIASES = ("default", "smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+# The packaged Q4_1 GGUF. Not its hub id: ``HuggingFaceTB/SmolLM2-135M-Instruct`` is the hub's model.
+DEFAULT_ALIASES = ("default", "smollm2")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = "1"
 
@@ -43,11 +48,28 @@ def default_gguf_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
 
 
-def resolve_model_files(model_path: str, tokenizer_path: Optional[str] = None) -> ModelFiles:
-    """Map a user's ``model_path`` (alias, directory, ``.gguf`` file) to an HF-format directory."""
-    model_dir = _resolve_one(model_path, "model_path")
-    tok_dir = model_dir if tokenizer_path in (None, model_path) else _resolve_one(tokenizer_path, "tokenizer_path")
+def resolve_model_files(model_path: str, tokenizer_path: Optional[str] = None, *, revision: Optional[str] = None,
+                        download_dir: Optional[str] = None, need_weights: bool = True,
+                        config_overrides: Optional[dict[str, Any]] = None) -> ModelFiles:
+    """Map a user's ``model_path`` (alias, directory, ``.gguf`` file, hub id) to an HF-format
+    directory. ``revision`` and ``download_dir`` (SGLang's) apply to hub ids; ``need_weights=False``
+    (``load_format="dummy"``, a tokenizer alone) fetches no weights; ``config_overrides`` are
+    merged into the config.json every process reads."""
+    hub = {"revision": revision, "download_dir": download_dir}
+    model_dir = _resolve_one(model_path, "model_path", need_weights=need_weights, **hub)
+    tok_dir = (model_dir if tokenizer_path in (None, model_path)
+               else _resolve_one(tokenizer_path, "tokenizer_path", **hub))
+    if config_overrides:
+        model_dir = overridden_dir(model_dir, config_overrides)
     return ModelFiles(model_dir=model_dir, tokenizer_dir=tok_dir, source=model_path)
+
+
+def model_files_of(args: Any) -> ModelFiles:
+    """The files a (resolved) ``ServerArgs`` names: its model and tokenizer paths, hub ``revision``
+    and ``download_dir``, no weights for ``load_format="dummy"``, ``json_model_override_args``."""
+    return resolve_model_files(args.model_path, args.tokenizer_path, revision=args.revision,
+                               download_dir=args.download_dir, need_weights=args.load_format != "dummy",
+                               config_overrides=parse_overrides(args.json_model_override_args))
 
 
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -61,11 +83,14 @@ def minilm_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
-def _resolve_one(path: str, field_name: str) -> str:
+def _resolve_one(path: str, field_name: str, revision: Optional[str] = None, download_dir: Optional[str] = None,
+                 need_weights: bool = True) -> str:
     if path in DEFAULT_ALIASES:
         return _converted(default_gguf_path())
     if path in MINILM_ALIASES:
         return minilm_dir()
+    if is_hub_id(path):
+        return resolve_hub(path, revision, download_dir, field_name, need_weights)
     path = os.path.expanduser(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         return _converted(os.path.abspath(path))
@@ -79,8 +104,8 @@ def _resolve_one(path: str, field_name: str) -> str:
             raise ValueError(f"{field_name}={path!r} holds several .gguf files ({ggufs}); name one of them.")
         raise ValueError(f"{field_name}={path!r} has neither a config.json nor a .gguf file.")
     raise ValueError(
-        f"{field_name}={path!r} is not a local directory or .gguf file (Treadle loads local files only; "
-        f"use 'default' for the packaged SmolLM2-135M-Instruct)."
+        f"{field_name}={path!r} is not a local directory, a .gguf file or a hub id ('org/name'); "
+        f"'default' names the packaged SmolLM2-135M-Instruct GGUF."
     )
 
 

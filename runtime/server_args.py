@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from treadle.runtime.config_overrides import parse_overrides
 from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
 from treadle.runtime.parallel import split_addr
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
@@ -51,7 +52,9 @@ class ServerArgs(SGLangOnlyArgs):
     trust_remote_code: bool = False
     context_length: Optional[int] = None
     is_embedding: bool = False
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # a hub id's branch, tag or commit (runtime/hub.py)
+    download_dir: Optional[str] = None  # the hub cache for hub ids (default: HF_HUB_CACHE / HF_HOME)
+    json_model_override_args: Union[str, dict] = "{}"  # merged into config.json (runtime/config_overrides.py)
     dtype: str = "auto"
     quantization: Optional[str] = None
     kv_cache_dtype: str = "auto"
@@ -127,6 +130,10 @@ class ServerArgs(SGLangOnlyArgs):
     def _check(self) -> None:
         if not isinstance(self.model_path, str) or not self.model_path:
             raise ValueError(f"model_path must be a non-empty string, got {self.model_path!r}.")
+        for name in ("tokenizer_path", "revision", "download_dir"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise ValueError(f"{name} must be a non-empty string or None, got {getattr(self, name)!r}.")
+        parse_overrides(self.json_model_override_args)
         _choice("log_level", self.log_level, LOG_LEVELS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("load_format", self.load_format, LOAD_FORMATS)

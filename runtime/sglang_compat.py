@@ -165,8 +165,8 @@ NO_EFFECT: dict[str, Any] = {
     "disaggregation_decode_polling_interval": 1, "optimistic_prefill_attempts": 0,
     "encoder_transfer_backend": "auto", "encoder_bootstrap_port": 8997, "encoder_register_urls": [],
     "enable_adaptive_dispatch_to_encoder": False, "dllm_algorithm_config": None, "dllm_fdfo": True,
-    # weight loading: nothing is downloaded (a model not found fails loudly); remote / cached loaders
-    "download_dir": None, "startup_weight_load_mode": "serial", "weight_loader_disable_mmap": False,
+    # weight loading: remote / cached loaders
+    "startup_weight_load_mode": "serial", "weight_loader_disable_mmap": False,
     "weight_loader_prefetch_checkpoints": False, "weight_loader_prefetch_num_threads": 4,
     "weight_loader_drop_cache_after_load": False, "remote_instance_weight_loader_seed_instance_ip": None,
     "remote_instance_weight_loader_seed_instance_service_port": None,
@@ -210,7 +210,6 @@ IMAGE_PROC, INVARIANT = "the image processor is the one Transformers picks", "ba
 REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another value is refused)
     "enable_multimodal": (None, "multimodal input follows the model: LLaVA always takes it"),
     "model_config_parser": ("auto", "config.json is always read (Hugging Face format)"),
-    "json_model_override_args": ("{}", "model config overrides are not built yet"),
     "quantization_param_path": (None, "KV-cache scaling factors are not loaded"),
     "enable_fp32_lm_head": (False, "the LM head runs in the model dtype"),
     "modelopt_quant": (None, MODELOPT), "modelopt_checkpoint_restore_path": (None, MODELOPT),

@@ -46,6 +46,12 @@ class FastTokenizer:
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
         return [self._tok.id_to_token(i) for i in ids]
 
+    def add_special_token(self, token: str) -> int:
+        """``token``'s id, added as a special token first if the vocabulary lacks it."""
+        if self._tok.token_to_id(token) is None:
+            self._tok.add_special_tokens([token])
+        return self._tok.token_to_id(token)
+
 
 class _HFTokenizer:
     """Adapter giving an ``AutoTokenizer`` the same ``encode_batch`` as ``FastTokenizer``."""
@@ -63,6 +69,12 @@ class _HFTokenizer:
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return self._t(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def add_special_token(self, token: str) -> int:
+        """``token``'s id, added as a special token first if the vocabulary lacks it."""
+        if token not in self._t.get_vocab():
+            self._t.add_tokens([token], special_tokens=True)
+        return self._t.convert_tokens_to_ids(token)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False, **kw: Any) -> str:
         try:

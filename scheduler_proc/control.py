@@ -8,9 +8,8 @@ import gc
 from typing import Any, Callable
 
 from treadle.runtime.messages import (
-    Call, CheckIntegrity, CloseSession, DropLoraAdapter, FlushCache, FreezeGC, GetInternalState, GetWeightsByName,
-    ListSessions,
-    LoadLoraAdapter, OpenSession, ReadLoraAdapter, Reply, StartProfile, StopProfile, UnloadLoraAdapter,
+    Call, CheckIntegrity, CloseSession, DestroyWeightsUpdateGroup, DropLoraAdapter, FlushCache, FreezeGC,
+    GetInternalState, GetWeightsByName, InitWeightsUpdateGroup, ListSessions, LoadLoraAdapter, OpenSession, ReadLoraAdapter, Reply, StartProfile, StopProfile, UnloadLoraAdapter,
 )
 from treadle.runtime.lora_args import LORA_NOT_ENABLED
 from treadle.runtime.zmq_utils import Sender
@@ -38,6 +37,8 @@ class SchedulerControl:
             UnloadLoraAdapter: self.unload_lora,
             StartProfile: worker_call,
             GetWeightsByName: worker_call,
+            InitWeightsUpdateGroup: worker_call,  # blocks this loop until the trainer has joined too
+            DestroyWeightsUpdateGroup: worker_call,
             StopProfile: worker_call,
         }
 

@@ -15,6 +15,7 @@ from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.messages import (
     SCHEDULER_IN, AbortReq, Call, ChildReady, GetWorkerInfo, Reply, ReqError, Shutdown, StepResult, SyncStep,
     TokenizedBatch, TokenOutBatch, WorkerInfo, UpdateWeightsFromDisk, UpdateWeightsFromTensor,
+    UpdateWeightsFromDistributed, ReleaseMemoryOccupation, ResumeMemoryOccupation,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
@@ -23,6 +24,9 @@ from treadle.scheduler_proc.scheduler import Scheduler
 
 logger = logging.getLogger("treadle.scheduler")
 IDLE_POLL_MS = 1000
+WEIGHT_UPDATES = (UpdateWeightsFromDisk, UpdateWeightsFromTensor, UpdateWeightsFromDistributed)
+# calls that run only once no request runs: new requests wait, running ones finish first
+DRAINING_CALLS = (*WEIGHT_UPDATES, ReleaseMemoryOccupation)
 GRAMMAR_POLL_S = 0.01
 
 
@@ -40,7 +44,7 @@ class SchedulerLoop:
         self.sent_at: dict[int, float] = {}  # step -> when its plan left (for the step-time stats)
         self.last_result_at = 0.0
         self.deferred: collections.deque[Any] = collections.deque()  # inputs that wait for the step's end
-        self.weight_update: Optional[Call] = None  # UpdateWeightsFrom*: waits for the running requests to end
+        self.weight_update: Optional[Call] = None  # a DRAINING_CALLS call: waits for the running requests to end
         tokenizer = load_tokenizer_of(spec.files, self.args)  # None with skip_tokenizer_init (no stop strings then)
         self.worker_info = msgspec.convert(self.worker_call(GetWorkerInfo()), WorkerInfo)
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
@@ -74,7 +78,7 @@ class SchedulerLoop:
             self.drain_inputs(block=self.sched.is_idle() and not self.sched.plans_in_flight)
             self.flush_outputs()  # answers to aborts and refusals go now, not after the next step
             if self.weight_update is not None and not self.sched.running and not self.sched.plans_in_flight:
-                self.update_weights()
+                self.run_drained_call()
             plan = self.sched.schedule() if len(self.sched.plans_in_flight) < depth else None
             if plan is not None:
                 for w in self.to_workers:
@@ -178,31 +182,65 @@ class SchedulerLoop:
                 self.inbox.send(ReqError(kind=kind, message=message, rids=[rid]))
         elif isinstance(msg, AbortReq):
             self.sched.abort(msg.rid, msg.abort_all)
-        elif isinstance(msg, (UpdateWeightsFromDisk, UpdateWeightsFromTensor)):
-            if self.weight_update is not None:
-                self.inbox.send(Reply(call_id=msg.call_id, ok=True, result={
-                    "success": False, "message": "Another weight update is in progress."}))
-            else:  # answered once the running requests end (update_weights); new ones wait meanwhile
+        elif isinstance(msg, DRAINING_CALLS):
+            refusal = self.refusal(msg)
+            if refusal:
+                self.inbox.send(Reply(call_id=msg.call_id, ok=True, result={"success": False, "message": refusal}))
+            else:  # answered once the running requests end (run_drained_call); new ones wait meanwhile
                 self.weight_update, self.sched.admission_paused = msg, True
+        elif isinstance(msg, ResumeMemoryOccupation):
+            self.inbox.send(self.resume_memory(msg))
         elif isinstance(msg, Call):
             self.inbox.send(self.control.answer(msg))
         elif isinstance(msg, Shutdown):
             self.running = False
 
-    def update_weights(self) -> None:
-        """The weight update, now that no request runs (as SGLang's default: new requests waited,
-        running ones finished on the old weights): every worker copies the checkpoint in, the
-        prefix cache built with the old weights is dropped, and admission resumes."""
+    def refusal(self, call: Call) -> str:
+        """Why a draining call cannot run now ("" if it can)."""
+        if self.weight_update is not None:
+            return "Another weight update or memory release is in progress."
+        if isinstance(call, WEIGHT_UPDATES) and "weights" in self.sched.released:
+            return "The weights are released (release_memory_occupation): resume_memory_occupation first."
+        return ""
+
+    def run_drained_call(self) -> None:
+        """A weight update or memory release, now that no request runs (as SGLang's default: new
+        requests waited, running ones finished on the old weights)."""
         call, self.weight_update = self.weight_update, None
+        result = self.release_memory(call) if isinstance(call, ReleaseMemoryOccupation) else self.update_weights(call)
+        self.sched.admission_paused = bool(self.sched.released)
+        self.inbox.send(Reply(call_id=call.call_id, ok=True, result=result))
+
+    def update_weights(self, call: Call) -> dict[str, Any]:
+        """Every worker copies the new weights in, and the prefix cache built with the old ones is dropped."""
         try:
             self.worker_call(call)
             if getattr(call, "flush_cache", True):
                 self.sched.drop_cache_for_new_weights()
-            result = {"success": True, "message": "Succeeded to update model weights."}
+            return {"success": True, "message": "Succeeded to update model weights."}
         except WorkerCallError as e:
-            result = {"success": False, "message": f"Failed to update weights: {e}. The old weights are still served."}
-        self.sched.admission_paused = False
-        self.inbox.send(Reply(call_id=call.call_id, ok=True, result=result))
+            return {"success": False, "message": f"Failed to update weights: {e}. The old weights are still served."}
+
+    def release_memory(self, call: ReleaseMemoryOccupation) -> dict[str, Any]:
+        """The workers free the tagged memory; a released KV pool takes the prefix cache with it.
+        New requests are refused until everything is resumed (``Scheduler.released``)."""
+        try:
+            freed = self.worker_call(call)
+        except WorkerCallError as e:
+            return {"success": False, "message": f"Failed to release memory: {e}"}
+        if "kv_cache" in call.tags:
+            self.sched.drop_cache_for_new_weights()
+        self.sched.released |= set(call.tags) & {"weights", "kv_cache", "cuda_graph"}
+        return {"success": True, "message": "", **freed}
+
+    def resume_memory(self, call: ResumeMemoryOccupation) -> Reply:
+        try:
+            result = self.worker_call(call)
+        except WorkerCallError as e:
+            return Reply(call_id=call.call_id, ok=False, error=f"Failed to resume memory: {e}")
+        self.sched.released -= set(call.tags)
+        self.sched.admission_paused = bool(self.sched.released) or self.weight_update is not None
+        return Reply(call_id=call.call_id, ok=True, result=result)
 
     def flush_outputs(self) -> None:
         for rid, kind, message in self.sched.take_errors():

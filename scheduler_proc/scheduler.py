@@ -36,6 +36,10 @@ from treadle.scheduler_proc.sessions import Sessions
 from treadle.scheduler_proc.stop_checker import check_finish
 
 
+RELEASED_MESSAGE = ("The engine's memory ({}) is released (release_memory_occupation): call "
+                    "resume_memory_occupation() before sending requests.")
+
+
 class Scheduler:
     """One scheduler per DP rank: its loop (``main.SchedulerLoop``) feeds it requests and step
     results and sends the plans it makes and the outputs it collects."""
@@ -65,6 +69,7 @@ class Scheduler:
         self.max_plans_in_flight = args.pp_size if args.pp_size > 1 else (1 if args.disable_overlap_schedule else 2)
         self.plans_in_flight: collections.deque[PlannedStep] = collections.deque()  # results not applied yet
         self.admission_paused = False  # a weight update waits for the running requests: none is admitted
+        self.released: set[str] = set()  # memory tags given back (release_memory_occupation): requests refused
         self.plan_rows: list[PlannedRow] = []  # the latest plan's rows, as its ForwardPlan.rows
         self.step = 0
         self.waiting: list[Req] = []
@@ -90,6 +95,9 @@ class Scheduler:
         rejected = []
         pool = self.pages.num_pages * self.page_size
         for tokenized in reqs:
+            if self.released:
+                rejected.append((tokenized.rid, "runtime", RELEASED_MESSAGE.format(", ".join(sorted(self.released)))))
+                continue
             try:
                 ids, items, grammar_key = self._checked_input(tokenized, pool)
             except ValueError as e:

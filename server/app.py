@@ -27,7 +27,7 @@ OPEN_PATHS = frozenset({"/health"})
 
 def create_app(engine: Any, served_model_name: str, api_key: Optional[str] = None,
                on_engine_dead: Optional[Callable[[BaseException], None]] = None) -> FastAPI:
-    from treadle.server import native, openai_api
+    from treadle.server import native, openai_api, scoring_routes
 
     app = FastAPI(title="Treadle", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -48,6 +48,7 @@ def create_app(engine: Any, served_model_name: str, api_key: Optional[str] = Non
         _require_api_key(app, api_key)
     app.include_router(native.router)
     app.include_router(openai_api.router)
+    app.include_router(scoring_routes.router)  # /v1/rerank, /v1/score
     return app
 
 

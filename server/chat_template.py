@@ -106,6 +106,8 @@ def load_server_tokenizer(args: Any) -> ServerTokenizer:
     """The tokenizer and chat template ``args`` name (the serve command loads it before listening)."""
     from treadle.runtime.model_files import resolve_model_files
 
-    files = resolve_model_files(args.model_path, getattr(args, "tokenizer_path", None))
+    files = resolve_model_files(args.model_path, getattr(args, "tokenizer_path", None), need_weights=False,
+                                revision=getattr(args, "revision", None),
+                                download_dir=getattr(args, "download_dir", None))
     return ServerTokenizer(files.tokenizer_dir, getattr(args, "chat_template", None),
                            template_kwargs_default(getattr(args, "default_chat_template_kwargs", None)))

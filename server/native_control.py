@@ -96,12 +96,8 @@ async def get_server_info(request: Request) -> Response:
 
 @router.get("/get_model_info")
 async def get_model_info(request: Request) -> Response:
-    state = request.app.state
-    a = state.engine.server_args
-    return json_response({"model_path": a.model_path, "tokenizer_path": a.tokenizer_path,
-                          "is_generation": not a.is_embedding,
-                          "preferred_sampling_params": a.preferred_sampling_params,
-                          "weight_version": a.weight_version, "served_model_name": state.served_model_name})
+    state = request.app.state  # the engine's facts, with the name this server answers to
+    return json_response({**state.engine.get_model_info(), "served_model_name": state.served_model_name})
 
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])

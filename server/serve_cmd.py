@@ -144,11 +144,11 @@ def serve(argv: Optional[list[str]] = None) -> int:
         say(f"engine started in {time.perf_counter() - t0:.1f} s "
             f"(device {engine.server_args.device}, {len(engine.get_all_child_pids())} child processes)")
         app = create_app(engine, name, api_key=server_args.api_key)
-        if not server_args.is_embedding and not server_args.skip_tokenizer_init:
+        if not engine.server_args.is_embedding and not server_args.skip_tokenizer_init:  # (detected too)
             # the chat template and tokenizer now, not on the first chat request (and a bad
             # --chat-template fails the start)
             try:
-                app.state.openai_tokenizer = load_server_tokenizer(server_args)
+                app.state.openai_tokenizer = load_server_tokenizer(engine.server_args)
             except (OSError, ValueError) as e:
                 say(f"the chat template failed to load: {type(e).__name__}: {e}")
                 return START_FAILED_EXIT_CODE

@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _treadle_logger_as_found():
+    """An Engine built in this process (even one refused at its checks) gives the ``treadle`` logger
+    a handler of its own and stops propagation; put it back so later tests' ``caplog`` sees records."""
+    import logging
+
+    logger = logging.getLogger("treadle")
+    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
     from treadle.runtime.model_files import resolve_model_files

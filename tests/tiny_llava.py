@@ -63,6 +63,45 @@ def build_tiny_llava(path: str, tokenizer_dir: str, seed: int = 0) -> str:
     return path
 
 
+def build_tiny_llava_original(path: str, tokenizer_dir: str, seed: int = 0):
+    """The same tiny model in the original LLaVA layout (``liuhaotian/llava-v1.5-*``): a Llama
+    checkpoint with ``model.mm_projector.{0,2}`` inside and ``mm_*`` fields, the tokenizer without
+    ``<image>``, and the vision tower as a separate CLIPModel checkpoint (``path/clip``, with its
+    image processor) that ``mm_vision_tower`` names. Returns ``(path, hf)``: HF's
+    ``LlavaForConditionalGeneration`` holding the same weights (``image_token_index`` 0, the
+    config's ``pad_token_id``), the reference."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, LlavaForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = tiny_llava_config(len(tok), 0)
+    torch.manual_seed(seed)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    state = hf.state_dict()
+    clip_dir = os.path.join(path, "clip")
+    clip = CLIPModel(CLIPConfig(vision_config=cfg.vision_config.to_dict(), text_config=dict(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))).eval()
+    clip.load_state_dict({**clip.state_dict(), **{"vision_model." + k[len("model.vision_tower."):]: v
+                                                  for k, v in state.items() if k.startswith("model.vision_tower.")}})
+    clip.save_pretrained(clip_dir)
+    side = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=side).save_pretrained(clip_dir)
+    renames = (("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+               ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."), ("lm_head.", "lm_head."))
+    tensors = {new + k[len(old):]: v.contiguous() for k, v in state.items() for old, new in renames if k.startswith(old)}
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    config = {**cfg.text_config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
+              "mm_vision_tower": clip_dir, "mm_hidden_size": cfg.vision_config.hidden_size,
+              "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+              "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    tok.save_pretrained(path)
+    return path, hf
+
+
 if __name__ == "__main__":
     from treadle.runtime.model_files import resolve_model_files
 

@@ -49,13 +49,13 @@ class TokenizerWorker:
             ids = list(next(encoded)) if r.input_ids is None else r.input_ids
             if r.input_ids is None and not ids:
                 raise ValueError("prompt cannot be empty: it tokenizes to no tokens.")
-            check_input_ids(ids, self.vocab)
             r.sampling.verify(self.vocab)
             items = []
             if r.image_data or r.video_data:
                 if self.mm is None:
                     reject_media(r, self.arch)
                 ids, items = self.mm.expand(r, ids, futures)
+            check_input_ids(ids, self.vocab)  # after expansion: a marker outside the vocabulary is gone
             ids = check_embed_length(ids, self.context_len, self.args) if r.embed else check_lengths(
                 r, ids, self.context_len, self.args)
             check_items_fit(items, len(ids))

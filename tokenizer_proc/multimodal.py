@@ -19,7 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from treadle.runtime.llava_layout import is_llava_llama
 from treadle.runtime.messages import GenerateReq, MediaRef, MmItem
+from treadle.runtime.model_check import TEXT_ONLY, architecture
 from treadle.tokenizer_proc.media import load_image, load_video_frames
 
 VIDEO_FRAMES = 4  # frames per video: 4 x 576 tokens fit LLaVA-1.5's 4,096-token context with room to answer
@@ -29,7 +31,13 @@ def load_multimodal(model_dir: str, tokenizer: Any) -> Optional["MultimodalProce
     """The model's multimodal processor, or None for a text-only model (no vision config)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
+    if is_llava_llama(cfg):  # the original LLaVA layout: its own marker and padded images
+        from treadle.tokenizer_proc.llava_pad import LlavaPadProcessor
+
+        return LlavaPadProcessor(model_dir, cfg, tokenizer)
     if "vision_config" not in cfg or not ("image_token_index" in cfg or "image_token_id" in cfg):
+        return None
+    if architecture(cfg) in TEXT_ONLY:  # served for its text (Gemma 3): images are refused as for any text model
         return None
     return MultimodalProcessor(model_dir, cfg, tokenizer)
 
@@ -38,11 +46,13 @@ class MultimodalProcessor:
     """The model's image preprocessing and placeholder layout (one per tokenizer process)."""
 
     def __init__(self, model_dir: str, cfg: dict[str, Any], tokenizer: Any) -> None:
-        """``cfg``: the model's config.json, as read."""
+        """``cfg``: the model's config.json, as read (HF LLaVA fields); ``model_dir``: where the
+        image processor's settings are."""
         from transformers import AutoImageProcessor
 
         vision = cfg["vision_config"]
         self.image_token = int(cfg.get("image_token_index", cfg.get("image_token_id")))  # either spelling
+        self.marker = self.image_token  # the id that marks an image in the tokenized prompt
         patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))) ** 2
         self.tokens_per_image = patches + (cfg.get("vision_feature_select_strategy", "default") == "full")
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
@@ -73,7 +83,7 @@ class MultimodalProcessor:
         images = [x for f in media for x in f.result()]
         if not images:
             return ids, []
-        marks = [i for i, t in enumerate(ids) if t == self.image_token]
+        marks = [i for i, t in enumerate(ids) if t == self.marker]
         if not marks:  # no placeholders: one per image at the start of the prompt
             ids = [self.image_token] * len(images) + list(self.newline) + ids
             marks = list(range(len(images)))

@@ -4,6 +4,10 @@ Rows with several new tokens (prefill, chunked prefill, extend after a prefix hi
 SDPA each with a causal mask offset by the row's cached prefix. Single-token rows (decode) run
 together as one padded SDPA. Slow for big batches but simple and exact; the yardstick for
 faster backends.
+
+A layer's ``sliding_window`` narrows the masks (built once per step and window, shared by the
+layers of that window); a layer's ``logit_cap`` takes the explicit path (scores, cap, mask,
+float32 softmax: transformers' eager attention), since SDPA has no soft-capping.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class _Extend:
     n: int
     kv_locs: torch.Tensor  # [start+n]
     mask: Optional[torch.Tensor]  # [n, start+n] bool, None when start == 0 (plain causal)
+    start: int = 0
 
 
 @dataclass
@@ -37,12 +42,36 @@ class _Decode:
     q_index: torch.Tensor  # [B] token index of each decode row
     kv_locs: torch.Tensor  # [B, max_len], padded with location 0
     mask: torch.Tensor  # [B, 1, 1, max_len] bool
+    lens: Optional[torch.Tensor] = None  # [B] positions of each row (the new one included)
 
 
 @dataclass
 class _Meta:
     extends: list[_Extend]
     decode: Optional[_Decode]
+    windowed: Optional[dict] = None  # window -> (extend masks, decode mask), built on first use
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """``[len(q_pos), len(k_pos)]`` bool: causal, and with ``window`` W only keys at positions
+    ``> q - W`` (transformers' ``sliding_window_overlay``: W keys, the query's own included)."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def _eager(q, k, v, scale, mask, cap):
+    """Attention with soft-capped scores, as transformers' eager attention computes it: scores,
+    ``cap * tanh(s / cap)``, mask, float32 softmax. q ``[B, H, n, D]``, k/v ``[B, Hkv, L, D]``,
+    mask ``[n, L]`` or ``[B, 1, 1, L]`` bool."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if cap is not None:
+        s = torch.tanh(s / cap) * cap
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _sdpa(q, k, v, scale, mask=None, causal=False):
@@ -74,7 +103,7 @@ class TorchNativeBackend(AttentionBackend):
                 if start > 0:
                     kpos = torch.arange(start + n, device=dev)
                     mask = kpos[None, :] <= (start + torch.arange(n, device=dev))[:, None]
-                extends.append(_Extend(off, n, r2t[slot, : start + n], mask))
+                extends.append(_Extend(off, n, r2t[slot, : start + n], mask, start))
             off += n
         decode = None
         if dec_rows:
@@ -83,23 +112,54 @@ class TorchNativeBackend(AttentionBackend):
             max_len = max(l for _, l in dec_rows)
             valid = torch.arange(max_len, device=dev)[None, :] < lens[:, None]
             locs = r2t[slots, :max_len].masked_fill(~valid, 0)
-            decode = _Decode(torch.tensor(dec_q, device=dev), locs, valid[:, None, None, :])
+            decode = _Decode(torch.tensor(dec_q, device=dev), locs, valid[:, None, None, :], lens)
         return _Meta(extends, decode)
+
+    @staticmethod
+    def _masks(meta: _Meta, window: Optional[int]) -> tuple[list[Optional[torch.Tensor]], Optional[torch.Tensor]]:
+        """The step's masks for layers of ``window`` (None: the causal ones of ``init_forward``)."""
+        if window is None:
+            return [e.mask for e in meta.extends], meta.decode.mask if meta.decode is not None else None
+        if meta.windowed is None:
+            meta.windowed = {}
+        if window not in meta.windowed:
+            ext = []
+            for e in meta.extends:
+                dev = e.kv_locs.device
+                ext.append(window_mask(e.start + torch.arange(e.n, device=dev), torch.arange(e.start + e.n, device=dev),
+                                       window))
+            dec = None
+            if meta.decode is not None:
+                d = meta.decode
+                kpos = torch.arange(d.kv_locs.shape[1], device=d.kv_locs.device)[None, :]
+                dec = (d.mask[:, 0, 0] & (kpos >= (d.lens - window)[:, None]))[:, None, None, :]
+            meta.windowed[window] = (ext, dec)
+        return meta.windowed[window]
 
     def attend(self, q: torch.Tensor, layer, ctx: ForwardContext) -> torch.Tensor:
         meta: _Meta = ctx.attn_meta
         k_buf, v_buf = ctx.kv_cache.k(layer.layer_id), ctx.kv_cache.v(layer.layer_id)
+        window, cap = getattr(layer, "sliding_window", None), getattr(layer, "logit_cap", None)
+        ext_masks, dec_mask = self._masks(meta, window)
         out = torch.empty_like(q)
-        for e in meta.extends:
+        for e, mask in zip(meta.extends, ext_masks):
             qi = q[e.q_start : e.q_start + e.n].transpose(0, 1)[None]  # [1, H, n, D]
             k = k_buf[e.kv_locs].to(q.dtype).transpose(0, 1)[None]  # widened if the cache is narrower
             v = v_buf[e.kv_locs].to(q.dtype).transpose(0, 1)[None]
-            o = _sdpa(qi, k, v, layer.scaling, e.mask, causal=e.mask is None)
+            if cap is not None:
+                dev = q.device
+                mask = mask if mask is not None else window_mask(torch.arange(e.n, device=dev),
+                                                                 torch.arange(e.n, device=dev), None)
+                o = _eager(qi, k, v, layer.scaling, mask, cap)
+            else:
+                o = _sdpa(qi, k, v, layer.scaling, mask, causal=mask is None)
             out[e.q_start : e.q_start + e.n] = o[0].transpose(0, 1)
         if meta.decode is not None:
             d = meta.decode
             qd = q[d.q_index].unsqueeze(2)  # [B, H, 1, D]
             k = k_buf[d.kv_locs].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
             v = v_buf[d.kv_locs].to(q.dtype).transpose(1, 2)
-            out[d.q_index] = _sdpa(qd, k, v, layer.scaling, d.mask).squeeze(2)
+            attn = _eager(qd, k, v, layer.scaling, dec_mask, cap) if cap is not None else _sdpa(
+                qd, k, v, layer.scaling, dec_mask)
+            out[d.q_index] = attn.squeeze(2)
         return out

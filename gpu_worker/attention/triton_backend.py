@@ -107,12 +107,14 @@ class TritonBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.extend is not None:
             e = meta.extend
-            extend_attention(q, k_buf, v_buf, out, ctx.req_to_token, e.rows, e.items, layer.scaling, e.block_m)
+            extend_attention(q, k_buf, v_buf, out, ctx.req_to_token, e.rows, e.items, layer.scaling, e.block_m,
+                             window=layer.sliding_window, logit_cap=layer.logit_cap)
         if meta.decode is not None:
             d = meta.decode
-            splits, min_chunk = self._num_splits(d.q_idx.shape[0], k_buf.shape[1], d.max_len)
+            span = d.max_len if layer.sliding_window is None else min(d.max_len, layer.sliding_window)
+            splits, min_chunk = self._num_splits(d.q_idx.shape[0], k_buf.shape[1], span)
             decode_attention(q, k_buf, v_buf, out, ctx.req_to_token, d.q_idx, d.slots, d.seq_lens,
-                             layer.scaling, splits, min_chunk)
+                             layer.scaling, splits, min_chunk, window=layer.sliding_window, logit_cap=layer.logit_cap)
         return out
 
     def _num_splits(self, bs: int, num_kv_heads: int, max_len: int) -> tuple[int, int]:

@@ -10,6 +10,10 @@ the KV head at once (GQA: K/V are read once, not once per query head) and writes
 output plus its log-sum-exp. Stage 2 merges the splits. A single long row thus still fills the
 GPU, and nothing depends on host values: sequence lengths are read on the device and the split
 count is a launch constant, so both launches can be captured in a CUDA graph.
+
+A layer's ``window`` W > 0 (sliding-window attention) makes a row's positions
+``[max(seq_len - W, 0), seq_len)``: the splits divide that range, so a long row of a windowed
+layer costs W positions. ``logit_cap`` > 0 soft-caps the scores (``triton_extend.scores``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.attention.triton_extend import scores
 from treadle.gpu_worker.layers.pdl import pdl_launch, pdl_start, pdl_supported
 
 MAX_SPLITS = 32  # the most splits a row gets (the backend's choice is capped here)
@@ -36,7 +41,15 @@ def _fits_wide_blocks(device: torch.device) -> bool:
 # The split count and the strides that follow it change with the batch size: as plain runtime
 # values (not constexprs, not specialised on == 1) they leave one compiled kernel per model for
 # every batch size, so capturing 18 graph sizes compiles each kernel once, not once per size.
-_PER_BATCH = ["num_splits", "min_chunk", "stride_lb", "stride_lh"]
+_PER_BATCH = ["num_splits", "min_chunk", "stride_lb", "stride_lh", "window"]
+
+
+@triton.jit
+def _window_start(seq_len, window, SLIDING: tl.constexpr):
+    """The first position a row's query sees: ``seq_len - window`` with a window, else 0."""
+    if SLIDING:
+        return tl.maximum(seq_len - window, 0)
+    return 0
 
 
 @triton.jit
@@ -49,8 +62,10 @@ def _splits_used(seq_len, num_splits, min_chunk):
 def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, num_splits, min_chunk,
+                   window, logit_cap,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
+                   SLIDING: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
     pdl_start(PDL)
     b, kvh, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
@@ -58,9 +73,10 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
     t = tl.load(QIdx + b)
     # The row's share of the splits, and its chunk rounded up to whole blocks (so the last used
     # splits may still come out empty); programs past the row's share store nothing.
-    used = _splits_used(seq_len, num_splits, min_chunk)
-    chunk = tl.cdiv(tl.cdiv(seq_len, used), BLOCK_N) * BLOCK_N
-    lo = sp * chunk
+    first = _window_start(seq_len, window, SLIDING)
+    used = _splits_used(seq_len - first, num_splits, min_chunk)
+    chunk = tl.cdiv(tl.cdiv(seq_len - first, used), BLOCK_N) * BLOCK_N
+    lo = first + sp * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -72,7 +88,6 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     if F16:  # an FP8 cache: one instruction widens two FP8 values to float16, bfloat16 takes more
         q = q.to(tl.float16)
-    qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -83,7 +98,7 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
         loc = tl.load(R2T + slot * stride_r2t + pos, mask=mask_n, other=0)
         k = tl.load(K + loc[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0).to(q.dtype)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k, input_precision=PREC) * qk_scale
+        s = scores(q, k, sm_scale, logit_cap, PREC, SOFTCAP)  # log2 units: exp2 instead of exp
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -105,12 +120,13 @@ def _decode_stage1(Q, K, V, R2T, QIdx, Slots, SeqLens, MidO, MidLse, sm_scale,
 
 @triton.jit(do_not_specialize=_PER_BATCH)
 def _decode_stage2(MidO, MidLse, O, QIdx, SeqLens, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
-                   stride_ot, stride_oh, num_splits, min_chunk, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                   stride_ot, stride_oh, num_splits, min_chunk, window, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_S: tl.constexpr, PDL: tl.constexpr, SLIDING: tl.constexpr = False):
     pdl_start(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    used = _splits_used(tl.load(SeqLens + b), num_splits, min_chunk)
+    seq_len = tl.load(SeqLens + b)
+    used = _splits_used(seq_len - _window_start(seq_len, window, SLIDING), num_splits, min_chunk)
     mask_s, mask_d = offs_s < used, offs_d < D
     lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
@@ -124,8 +140,10 @@ def _decode_stage2(MidO, MidLse, O, QIdx, SeqLens, stride_mb, stride_mh, stride_
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, q_idx: torch.Tensor, slots: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, num_splits: int, min_chunk: int = 64,
-                     block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 3) -> None:
-    """Write ``out[q_idx[b]]`` = attention of ``q[q_idx[b]]`` over positions ``[0, seq_lens[b])``.
+                     block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 3,
+                     window: Optional[int] = None, logit_cap: Optional[float] = None) -> None:
+    """Write ``out[q_idx[b]]`` = attention of ``q[q_idx[b]]`` over positions ``[0, seq_lens[b])``
+    (``window``: the last ``window`` of them; ``logit_cap``: soft-capped scores).
 
     ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``; ``q_idx/slots/seq_lens [B]`` int
     device tensors. Host values used: only shapes, ``num_splits`` and ``min_chunk`` (the fewest
@@ -155,12 +173,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q, k_buf, v_buf, req_to_token, q_idx, slots, seq_lens, mid_o, mid_lse, scale,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), num_splits, min_chunk,
+        mid_lse.stride(0), mid_lse.stride(1), num_splits, min_chunk, window or 0, float(logit_cap or 0.0),
+        SLIDING=bool(window), SOFTCAP=bool(logit_cap),
         G=g, D=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, PREC=prec,
         F16=q.is_cuda and k_buf.element_size() == 1 and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages, **pdl)
     _decode_stage2[(bs, h)](
         mid_o, mid_lse, out, q_idx, seq_lens, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits, min_chunk,
-        D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
+        mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), num_splits, min_chunk, window or 0,
+        SLIDING=bool(window), D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
         num_warps=4 if block_d >= 128 else 2, **pdl)

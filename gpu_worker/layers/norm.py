@@ -10,9 +10,9 @@ from torch import nn
 from treadle.gpu_worker.distributed import all_reduce, fused_all_reduce_rms_norm
 
 try:  # fused kernels for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
-    from treadle.gpu_worker.layers import triton_ops
+    from treadle.gpu_worker.layers import triton_gemma, triton_ops
 except ImportError:
-    triton_ops = None
+    triton_gemma = triton_ops = None
 
 
 class RMSNorm(nn.Module):
@@ -50,3 +50,26 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the gain is ``1 + w`` and it multiplies the float32 statistics before the
+    cast back (Llama casts first), exactly as transformers' Gemma2/Gemma3 RMSNorm. CUDA tensors:
+    one kernel with the residual add (``triton_gemma.py``)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()  # ``1 + 0``: the identity gain, as HF initializes it
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, reduce: bool = False
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if reduce:
+            x = all_reduce(x)
+        if x.is_cuda and triton_gemma is not None:
+            return triton_gemma.gemma_rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_torch(x, residual)

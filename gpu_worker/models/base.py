@@ -18,6 +18,7 @@ class Model(Protocol):
     supports_pp: bool  # builds only its pipeline stage's part (pp_size > 1)
     lazy_weights: bool  # load_weights takes loader.CheckpointTensors: each TP rank reads only its shard
     takes_images: bool  # has a vision tower: ``encode_images`` turns pixels into token embeddings
+    scores_head: bool  # classification / reward head: encode reports raw class scores (no LM head)
 
     def __call__(self, input_ids: torch.Tensor, carry: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                  ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -47,6 +48,7 @@ class ModelBase(nn.Module):
     supports_pp: ClassVar[bool] = False
     lazy_weights: bool = False  # an instance may follow a wrapped model (LLaVA's language model)
     takes_images: ClassVar[bool] = False
+    scores_head: ClassVar[bool] = False
 
     def wants_tensor(self, name: str) -> bool:
         return True

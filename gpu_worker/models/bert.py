@@ -6,7 +6,7 @@ the rows of a step as complete sequences and pools the last hidden states (gpu_w
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ class BertLayer(nn.Module):
 
 class BertModel(ModelBase):
     is_encoder = True
+    position_offset = 0  # RoBERTa / XLM-R count positions from padding_idx + 1
 
     def __init__(self, config, max_positions: int = 512) -> None:
         super().__init__()
@@ -52,19 +53,22 @@ class BertModel(ModelBase):
             BertLayer(h, config.num_attention_heads, config.intermediate_size, config.layer_norm_eps, config.hidden_act)
             for _ in range(config.num_hidden_layers))
 
-    def encode(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        """Last hidden states ``[len(row), hidden]`` of each complete sequence (one padded batch)."""
+    def encode(self, rows: list[list[int]], token_types: Optional[list[list[int]]] = None) -> list[torch.Tensor]:
+        """Last hidden states ``[len(row), hidden]`` of each complete sequence (one padded batch);
+        ``token_types``: each row's segment ids (default all 0, a single text)."""
         dev = self.word_embeddings.weight.device
         t = max(map(len, rows))
         ids = torch.zeros(len(rows), t, dtype=torch.int64)
+        types = torch.zeros(len(rows), t, dtype=torch.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        ids = ids.to(dev)
+            if token_types is not None:
+                types[i, : len(r)] = torch.tensor(token_types[i])
+        ids, types = ids.to(dev), types.to(dev)
         lens = torch.tensor([len(r) for r in rows], device=dev)
         valid = torch.arange(t, device=dev)[None, :] < lens[:, None]
-        pos = torch.arange(t, device=dev)[None, :]
-        x = self.emb_norm(self.word_embeddings(ids) + self.position_embeddings(pos) + self.token_type_embeddings(
-            torch.zeros_like(ids)))
+        pos = torch.arange(t, device=dev)[None, :] + self.position_offset
+        x = self.emb_norm(self.word_embeddings(ids) + self.position_embeddings(pos) + self.token_type_embeddings(types))
         mask = valid[:, None, None, :]  # padding keys are hidden from every query
         for layer in self.layers:
             x = layer(x, mask)
@@ -77,7 +81,7 @@ class BertModel(ModelBase):
                   "attention.output.LayerNorm": "attn_norm", "intermediate.dense": "up", "output.dense": "down",
                   "output.LayerNorm": "out_norm"}
         for name, w in weights:
-            name = name.removeprefix("bert.").removeprefix("model.")
+            name = name.removeprefix("bert.").removeprefix("roberta.").removeprefix("model.")
             if name.startswith(("pooler.", "cls.")) or name.endswith("position_ids"):
                 continue  # the pooler head is not part of sentence embeddings
             name = name.replace("embeddings.word_embeddings", "word_embeddings").replace(

@@ -17,7 +17,7 @@ from torch import nn
 
 from treadle.gpu_worker.distributed import pp_rank, pp_size, tp_size
 from treadle.gpu_worker.layers.activation import SiluAndMul
-from treadle.gpu_worker.layers.attention import Attention
+from treadle.gpu_worker.layers.attention import Attention, layer_windows
 from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from treadle.gpu_worker.layers.norm import RMSNorm
@@ -25,7 +25,6 @@ from treadle.gpu_worker.layers.rotary import QKNormRotary, RotaryEmbedding, rope
 from treadle.gpu_worker.loader import default_weight_loader
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
-from treadle.runtime.hf_config import sliding_window
 
 
 def head_dim_of(config) -> int:
@@ -105,6 +104,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias, qk_norm) if self.start <= i < self.end
             else MissingLayer() for i in range(n))
+        for i, window in enumerate(layer_windows(config)):  # Mistral's sliding window (the backends mask by it)
+            if self.start <= i < self.end:
+                self.layers[i].self_attn.attn.sliding_window = window
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.end == n else None
         # With TP on one pipeline stage, the all-reduce of o_proj and down_proj moves into the RMSNorm
         # that follows each (one fused kernel on GPUs of one machine). Bias-free layers only: a bias is
@@ -139,10 +141,6 @@ class LlamaForCausalLM(ModelBase):
     def __init__(self, config, max_positions: Optional[int] = None):
         super().__init__()
         self.config = config
-        window = sliding_window(config.to_dict())
-        if window is not None and window < (max_positions or config.max_position_embeddings):
-            raise NotImplementedError(f"sliding_window={window} attention is not built: serve at most {window} "
-                                      "positions (the context length is capped there by default)")
         attn_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attn_bias if self.o_bias is None else self.o_bias

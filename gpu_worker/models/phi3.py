@@ -7,7 +7,7 @@
   this rank's heads / rows of each (tensor parallelism as for separate tensors).
 - LongRoPE (short/long factors, attention factor on cos/sin) and ``partial_rotary_factor``
   (Phi-4-mini) are the rotary table's (layers/rotary.py).
-- ``sliding_window`` (Phi-3-mini: 2047) caps the context as for Mistral (runtime/hf_config.py).
+- ``sliding_window`` (Phi-3-mini: 2047) on every layer, as for Mistral (``layer_windows``).
 """
 
 from __future__ import annotations

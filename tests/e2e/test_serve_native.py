@@ -78,9 +78,11 @@ def test_info_routes(client: httpx.Client, engine: Any) -> None:
     assert info["model_path"] == "default" and info["internal_states"][0]["num_running"] == 0
     assert info["max_total_tokens"] == engine.get_server_info()["max_total_tokens"]
     model = client.get("/get_model_info").json()
-    assert model == {"model_path": "default", "tokenizer_path": engine.server_args.tokenizer_path,
-                     "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
-                     "served_model_name": "default"}
+    assert model == {**engine.get_model_info(), "served_model_name": "default"}
+    assert {k: model[k] for k in ("model_path", "tokenizer_path", "is_generation", "preferred_sampling_params",
+                                  "weight_version", "architectures")} == {
+        "model_path": "default", "tokenizer_path": engine.server_args.tokenizer_path, "is_generation": True,
+        "preferred_sampling_params": None, "weight_version": "default", "architectures": ["LlamaForCausalLM"]}
     assert client.get("/health").status_code == 200
     assert client.get("/health_generate").status_code == 200
 

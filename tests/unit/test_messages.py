@@ -28,6 +28,12 @@ WEIGHT_CALLS = [  # client -> scheduler -> workers
         M.TensorRef(name="model.norm.weight", dtype="bfloat16", shape=[576], offset=0),
         M.TensorRef(name="lm_head.weight", dtype="float32", shape=[49152, 576], offset=1152)]),
     M.GetWeightsByName(call_id=13, name="model.embed_tokens.weight", truncate_size=5),
+    M.InitWeightsUpdateGroup(call_id=14, master_address="10.0.0.1", master_port=29500, rank_offset=1, world_size=3,
+                             group_name="g", backend="gloo"),
+    M.UpdateWeightsFromDistributed(call_id=15, names=["model.norm.weight"], dtypes=["bfloat16"], shapes=[[576]],
+                                   group_name="g", flush_cache=False),
+    M.DestroyWeightsUpdateGroup(call_id=16, group_name="g"),
+    M.ReleaseMemoryOccupation(call_id=17, tags=["weights", "kv_cache"]), M.ResumeMemoryOccupation(tags=["weights"]),
 ]
 CLIENT_CALLS += WEIGHT_CALLS
 

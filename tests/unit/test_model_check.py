@@ -25,8 +25,8 @@ def test_a_built_model_passes(tmp_path):
 
 
 def test_unbuilt_architecture_is_refused_by_name(tmp_path):
-    with pytest.raises(NotImplementedError, match="Gemma2ForCausalLM.*supported: .*LlamaForCausalLM"):
-        check_model(model_dir(tmp_path, architectures=["Gemma2ForCausalLM"], model_type="gemma2"), ServerArgs())
+    with pytest.raises(NotImplementedError, match="MambaForCausalLM.*supported: .*LlamaForCausalLM"):
+        check_model(model_dir(tmp_path, architectures=["MambaForCausalLM"], model_type="mamba"), ServerArgs())
 
 
 def test_model_type_alone_names_the_architecture(tmp_path):
@@ -53,14 +53,14 @@ def test_head_split_rule(tmp_path, heads, kv, tp, ok):
             check_model(d, ServerArgs(tp_size=tp))
 
 
-def test_sliding_window_caps_the_context_or_refuses(tmp_path):
+def test_sliding_window_does_not_cap_the_context(tmp_path):
+    """The attention backends mask by the window, so the model's whole context is served."""
     mistral = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 512}
     assert sliding_window(mistral) == 512
-    assert context_length(mistral, ServerArgs()) == 512  # exact: no position is ever past the window
-    assert context_length(mistral, ServerArgs(context_length=300)) == 300
-    with pytest.raises(NotImplementedError, match="sliding_window=512"):
-        check_model(model_dir(tmp_path, **{k: v for k, v in mistral.items() if k not in LLAMA} | {
-            "architectures": ["MistralForCausalLM"], "model_type": "mistral"}), ServerArgs(context_length=1024))
+    assert context_length(mistral, ServerArgs()) == 2048
+    assert context_length(mistral, ServerArgs(context_length=1024)) == 1024
+    check_model(model_dir(tmp_path, **{k: v for k, v in mistral.items() if k not in LLAMA} | {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral"}), ServerArgs(context_length=1024))
     qwen2 = {**LLAMA, "model_type": "qwen2", "sliding_window": 512}  # named, but off unless use_sliding_window
     assert sliding_window(qwen2) is None and context_length(qwen2, ServerArgs()) == 2048
     assert sliding_window({**qwen2, "use_sliding_window": True}) == 512
