@@ -27,6 +27,10 @@ from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
 
 
+# The names of a bare backbone checkpoint (Qwen3-Embedding's ``Qwen3Model``), ours under ``model.``
+BARE_BACKBONE = ("embed_tokens.", "layers.", "norm.")
+
+
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -170,7 +174,7 @@ class LlamaForCausalLM(ModelBase):
         params, loaded = dict(self.named_parameters(remove_duplicate=False)), set()
         tied, bare = self.tied, False
         for name, tensor in weights:
-            if not name.startswith(("model.", "lm_head.")):
+            if name.startswith(BARE_BACKBONE):
                 name, bare = "model." + name, True
             if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight") or not self.wants_tensor(name):
                 continue
@@ -196,8 +200,8 @@ class LlamaForCausalLM(ModelBase):
 
     def wants_tensor(self, name: str) -> bool:
         """Whether this pipeline stage needs a checkpoint tensor; the loader reads no others."""
-        if not name.startswith(("model.", "lm_head.")):
-            name = "model." + name  # a bare backbone's names
+        if name.startswith(BARE_BACKBONE):
+            name = "model." + name
         own = owns_layer_tensor(name, self.model.start, self.model.end)
         if own is not None:
             return own
