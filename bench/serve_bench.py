@@ -33,7 +33,8 @@ from typing import Any, AsyncIterator, Optional
 
 from common import CONFIGS, Results, bench_parser, config_model_dir, engine_kwargs, random_workload, smollm2_tokenizer_dir
 
-SHAPES = {"smollm2": "smollm2-135m", "llama8b": "llama-3.1-8b", "gemma3_12b": "gemma-3-12b"}
+SHAPES = {"smollm2": "smollm2-135m", "llama8b": "llama-3.1-8b", "gemma3_12b": "gemma-3-12b",
+          "qwen3_8b": "qwen3-8b"}
 
 
 @dataclass

@@ -33,7 +33,7 @@ from treadle.client.sessions import Sessions
 from treadle.client.supervisor import Supervisor
 from treadle.client.tokenizer_manager import TokenizerManager
 from treadle.client.weights import WeightUpdates
-from treadle.runtime.hf_config import check_quantization
+from treadle.runtime.hf_config import check_quantization, load_config
 from treadle.runtime.model_check import check_model, is_embedding_model
 from treadle.runtime.logging_utils import configure_logging
 from treadle.runtime.messages import Shutdown
@@ -78,7 +78,7 @@ class Engine(RLMethods, ScoringCalls):  # rerank / score: client/scoring.py
         self._calls = Calls(self._socket, self._sup, a)
         self._control_calls = Control(self._calls, self._sup)
         self._lora = LoraRegistry(bool(a.enable_lora), a.max_loaded_loras, self._control_calls)
-        self._requests = RequestBuilder(a, self._lora, self._sessions.group_of)
+        self._requests = RequestBuilder(a, self._lora, self._sessions.group_of, load_config(self._files.model_dir))
         self._weights = WeightUpdates(self._control_calls, a)
         self._shut_down = False
         ref = weakref.ref(self)
@@ -159,21 +159,22 @@ class Engine(RLMethods, ScoringCalls):  # rerank / score: client/scoring.py
 
     # ------------------------------------------------------------------ embeddings
     def encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
-               rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
-               ) -> Union[dict, BatchResult]:
+               rid: Union[str, list[str], None] = None, lora_path: Any = None, dimensions: Optional[int] = None,
+               **unsupported: Any) -> Union[dict, BatchResult]:
         """Embed one input (returns ``{"embedding": [...], "meta_info": {...}}``) or a batch (a
-        ``BatchResult``: ``res["embedding"]`` lists the vectors). Inputs are text or token ids."""
+        ``BatchResult``: ``res["embedding"]`` lists the vectors). Inputs are text or token ids.
+        ``dimensions``: a Matryoshka model's first N values, normalized after the cut."""
         self._calls.check_alive()
-        reqs, is_batch = self._requests.encode(prompt, image_data, rid, lora_path, unsupported)
+        reqs, is_batch = self._requests.encode(prompt, image_data, rid, lora_path, unsupported, dimensions)
         return self._calls.run_sync(reqs, is_batch)
 
     async def async_encode(self, prompt: Union[str, list[str], list[int], list[list[int]]], image_data: Any = None,
-                           rid: Union[str, list[str], None] = None, lora_path: Any = None, **unsupported: Any
-                           ) -> Union[dict, BatchResult]:
+                           rid: Union[str, list[str], None] = None, lora_path: Any = None,
+                           dimensions: Optional[int] = None, **unsupported: Any) -> Union[dict, BatchResult]:
         """The async twin of ``encode``; runs on the caller's own event loop."""
         self._calls.check_alive()
         await self._lora.reload_evicted_async(lora_path)
-        reqs, is_batch = self._requests.encode(prompt, image_data, rid, lora_path, unsupported)
+        reqs, is_batch = self._requests.encode(prompt, image_data, rid, lora_path, unsupported, dimensions)
         return await self._calls.run_async(reqs, is_batch)
 
     # ------------------------------------------------------------------ control

@@ -18,14 +18,16 @@ from treadle.client.request import normalize_generate, refuse_unbuilt
 from treadle.client.request import routed_dp_rank as checked_dp_rank
 from treadle.client.sessions import session_params as parse_session_params
 from treadle.runtime.logit_processor import load_processor, processor_reference
+from treadle.runtime.matryoshka import check_dimensions
 from treadle.runtime.messages import GenerateReq
 from treadle.runtime.server_args import ServerArgs
 
 
 class RequestBuilder:
     def __init__(self, server_args: ServerArgs, lora: LoraRegistry,
-                 session_group: Callable[[str], Optional[int]]) -> None:
+                 session_group: Callable[[str], Optional[int]], model_config: Optional[dict[str, Any]] = None) -> None:
         self.server_args = server_args
+        self.model_config = model_config or {}  # config.json (the text part): what ``dimensions`` is checked against
         self.lora = lora
         self.session_group = session_group  # session id -> the DP group holding its KV (None: unknown)
         self.processors: dict[str, str] = {}  # register_custom_logit_processor: name -> import path
@@ -78,8 +80,8 @@ class RequestBuilder:
             reqs[0].dp_rank = self.session_group(session.id)  # a session's turns run where its KV is
         return reqs, is_batch
 
-    def encode(self, prompt: Any, image_data: Any, rid: Any, lora_path: Any, unsupported: dict[str, Any]
-               ) -> tuple[list[GenerateReq], bool]:
+    def encode(self, prompt: Any, image_data: Any, rid: Any, lora_path: Any, unsupported: dict[str, Any],
+               dimensions: Any = None) -> tuple[list[GenerateReq], bool]:
         """The request items of an ``encode`` call (text or token ids, no output tokens)."""
         if unsupported:
             raise TypeError(f"encode() got unexpected keyword argument(s): {', '.join(sorted(unsupported))}")
@@ -88,13 +90,14 @@ class RequestBuilder:
         if not self.server_args.is_embedding:
             raise ValueError("This model does not appear to be an embedding model by default. "
                              "Start the engine with is_embedding=True to use encode().")
+        dimensions = check_dimensions(dimensions, self.model_config, self.server_args.model_path)
         ids_input = isinstance(prompt, list) and prompt and (isinstance(prompt[0], int) or isinstance(prompt[0], list))
         lora = self.lora.resolve(lora_path)
         options = {} if lora is None else {"lora_name": lora}
         reqs, is_batch = normalize_generate(None if ids_input else prompt, prompt if ids_input else None,
                                             {"max_new_tokens": 0}, rid, False, options)
         for r in reqs:
-            r.embed = True
+            r.embed, r.dimensions = True, dimensions
         return reqs, is_batch
 
     def register_processor(self, name: str, processor: Any) -> None:

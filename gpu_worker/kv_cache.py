@@ -53,9 +53,8 @@ class KVCache:
         """RoPE on ``q`` and ``k``, then ``k``/``v`` into the cache; returns the rotated ``q``. On CUDA
         one launch does it all (a decode step saves a launch per layer); the rotated ``k`` exists
         only in the cache."""
-        if self.buf.is_cuda and rotary_store_kv is not None:
-            return rotary_store_kv(positions, q, k, v, rotary.cos, rotary.sin, rotary.head_dim,
-                                   self.buf[0, layer], self.buf[1, layer], loc)
+        if self.buf.is_cuda and rotary_store_kv is not None:  # the rotary's kernel (partial, q/k norm) does it
+            return rotary.rotate_and_store_cuda(positions, q, k, v, self.buf[0, layer], self.buf[1, layer], loc)
         q_rot, k_rot = rotary(positions, q.flatten(1), k.flatten(1))
         self.store(layer, loc, k_rot.view(k.shape), v)
         return q_rot.view(q.shape)

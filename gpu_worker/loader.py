@@ -39,8 +39,9 @@ class CheckpointTensor:
     def __getitem__(self, key: Any) -> torch.Tensor:
         return self._slice[key]
 
-    def split(self, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-        return self[:].split(sizes)
+    def split(self, sizes: list[int], dim: int = 0) -> tuple[torch.Tensor, ...]:
+        """A fused checkpoint tensor's parts (Phi-3's ``qkv_proj``/``gate_up_proj``), read whole."""
+        return self[:].split(sizes, dim=dim)
 
 
 def iter_safetensors(model_dir: str, progress: bool = True, keep: Optional[Callable[[str], bool]] = None,

@@ -29,8 +29,16 @@ def context_length(cfg: dict[str, Any], args: ServerArgs, model_dir: Optional[st
 
 
 def model_positions(cfg: dict[str, Any]) -> Optional[int]:
-    """The most positions the model was built for (None: its config does not say)."""
+    """The most positions the model was built for (None: its config does not say). As SGLang
+    counts them: a RoPE scaling ``factor`` stretches ``max_position_embeddings`` unless the config
+    names ``original_max_position_embeddings`` (then the max already is the stretched length) or
+    the type is ``llama3`` (e.g. dynamic NTK with factor 2 serves twice the trained length)."""
     n = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if n and factor and "original_max_position_embeddings" not in rope and kind != "llama3":
+        n = n * factor
     if n and cfg.get("model_type") in ("roberta", "xlm-roberta"):  # positions count from pad_token_id + 1
         pad = cfg.get("pad_token_id")
         n -= (1 if pad is None else int(pad)) + 1

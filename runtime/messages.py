@@ -83,6 +83,7 @@ class RequestFields(_Msg):
     custom_state: Optional[dict[str, Any]] = None
     session: Optional[SessionParams] = None
     embed: bool = False  # encode(): a prefill-only request whose result is an embedding
+    dimensions: Optional[int] = None  # encode(): the embedding's first N values (Matryoshka; the client checks it)
     lora_name: Optional[str] = None  # a loaded LoRA adapter (validated by the client); None: the base model
     cache_salt: Optional[str] = None  # prefixes are shared only between requests with the same salt
 

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Optional
 
+from treadle.runtime.checkpoint_names import headless_error
 from treadle.runtime.llava_layout import is_llava_llama, vision_tower_dir
 from treadle.runtime.hf_config import load_config, model_positions
 from treadle.runtime.server_args import ServerArgs
@@ -18,6 +19,9 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3Model": "qwen3",
+    "Phi3ForCausalLM": "phi3",
     "BertModel": "bert",
     "LlavaForConditionalGeneration": "llava",
     "LlavaLlamaForCausalLM": "llava_llama",  # the original (liuhaotian) LLaVA layout
@@ -45,6 +49,8 @@ ENCODER_ONLY = ("BertModel",)
 # A sentence-transformers checkpoint declares its pooling in one of these (1_Pooling/config.json...).
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                                os.path.join("1_Pooling", "config.json"))
+ARCH_BY_MODEL_TYPE.update({"qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"})
+DECODERS = ("llama", "qwen3", "phi3")  # modules of decoders with an LM head (a bare backbone may lack it)
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
@@ -76,6 +82,10 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
     if is_llava_llama(raw):  # the original LLaVA layout: its CLIP tower found (or downloaded) before any child starts
         vision_tower_dir(raw, model_dir)
     cfg = load_config(model_dir)
+    if args.load_format != "dummy" and ARCHITECTURES[architecture(raw)] in DECODERS:
+        headless = headless_error(model_dir, cfg, args.is_embedding or is_embedding_model(model_dir))
+        if headless:
+            raise ValueError(headless)
     longest = model_positions(cfg)
     asked = args.context_length
     allowed = any(os.environ.get(v, "").lower() in ("1", "true") for v in ALLOW_LONGER_CONTEXT)

@@ -38,6 +38,7 @@ class Outputs:
         self.sessions = sessions
         self.running = running
         self.normalize_embeddings = normalize_embeddings
+        self.pooled_normalized = normalize_embeddings  # the worker's pooling normalizes (an encoder's, there)
         self.token_outs: list[TokenOut] = []
         self.errors: list[tuple[str, str, str]] = []  # (rid, kind, message) of requests failed after intake
         self.num_generated = 0  # tokens since the last progress line
@@ -64,7 +65,10 @@ class Outputs:
         if extra is None or not extra.hidden:
             raise RuntimeError(f"the worker returned no embedding for {req.rid}")
         vec = np.frombuffer(extra.hidden, dtype=np.float32)
-        if self.normalize_embeddings:
+        cut = req.tokenized.dimensions
+        if cut is not None:  # Matryoshka: the first values, normalized after the cut when the pooling normalizes
+            vec = vec[:cut]
+        if self.normalize_embeddings or (cut is not None and self.pooled_normalized):
             vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
         req.embedding = vec.astype(np.float32).tobytes()
         req.finish = FinishReason(type="length", length=0)

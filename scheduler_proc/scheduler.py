@@ -83,6 +83,7 @@ class Scheduler:
         self.sessions = Sessions(self.cache)
         normalize = worker.normalize and not is_encoder
         self.outputs = Outputs(args, tokenizer, self.kv, self.sessions, self.running, normalize)
+        self.outputs.pooled_normalized = worker.normalize
         self.admission = Admission(args, self.kv, self.lora, self.outputs, self.waiting, self.running, self.stats,
                                    self.vocab_size, self.priority)
         self.retraction = Retraction(self.kv, self.outputs, self.waiting, self.running, self.stats, self.pipelined,

@@ -29,12 +29,10 @@ def _batch(inp: Any) -> list[Any]:
 async def create_embeddings(request: Request, req: EmbeddingRequest) -> Response:
     state = request.app.state
     check_model(state, req.model)
-    if req.dimensions is not None:
-        raise APIError(400, "dimensions is not supported: this model's embeddings have one size.", "dimensions")
     batch = _batch(req.input)
     check_serving(state)
     timer = state.metrics.timer()
-    out = await timed_engine_call(request, timer, state.engine.async_encode(prompt=batch))
+    out = await timed_engine_call(request, timer, state.engine.async_encode(prompt=batch, dimensions=req.dimensions))
     if out is None:  # the client went away: its request was aborted
         return Response(status_code=499)
     results = list(out) if isinstance(out, list) else [out]

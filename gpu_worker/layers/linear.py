@@ -158,7 +158,7 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: replicated, added once after the reduce
-            param.data.copy_(full)
+            param.data.copy_(full[:])  # [:] reads a loader.CheckpointTensor whole
             return
         param.data.copy_(full.narrow(1, self.in_start, param.shape[1]))
 

@@ -123,15 +123,45 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BF16: tl.constexpr):
+def _to_act(x, BF16: tl.constexpr, like):
+    """float32 ``x`` rounded to the activation dtype (that of pointer ``like``), still float32."""
+    if BF16:
+        return _round_bf16(x)
+    return x.to(like.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _rotate_heads(src, dst, cos, sin, w_ptr, eps, H: tl.constexpr, HALF: tl.constexpr, HEAD: tl.constexpr,
+                  PASS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BF16: tl.constexpr, NORM: tl.constexpr):
+    """One token's ``H`` heads of ``HEAD`` values: RoPE on the first ``2 * HALF`` of each (the
+    halves at ``d`` and ``d + HALF``), the last ``PASS`` copied (partial rotary); with ``NORM``,
+    each head RMSNorm-ed first (Qwen3's q/k norm, gain at ``w_ptr``), rounded as the torch code."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < H) & (d < HALF)
-    off = h * (2 * HALF) + d
-    x1 = tl.load(src + off, mask=mask, other=0.0)
-    x2 = tl.load(src + off + HALF, mask=mask, other=0.0)
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    off = h * HEAD + d
+    x1 = tl.load(src + off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + off + HALF, mask=mask, other=0.0).to(tl.float32)
+    if PASS > 0:
+        p = tl.arange(0, BLOCK_P)[None, :]
+        pmask = (h < H) & (p < PASS)
+        poff = h * HEAD + 2 * HALF + p
+        xp = tl.load(src + poff, mask=pmask, other=0.0).to(tl.float32)
+    if NORM:
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if PASS > 0:
+            ss += tl.sum(xp * xp, axis=1)
+        rstd = tl.rsqrt(ss / HEAD + eps)[:, None]
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + d + HALF, mask=d < HALF, other=0.0).to(tl.float32)
+        x1 = _to_act(w1 * _to_act(x1 * rstd, BF16, src), BF16, src)
+        x2 = _to_act(w2 * _to_act(x2 * rstd, BF16, src), BF16, src)
+        if PASS > 0:
+            wp = tl.load(w_ptr + 2 * HALF + p, mask=p < PASS, other=0.0).to(tl.float32)
+            xp = _to_act(wp * _to_act(xp * rstd, BF16, src), BF16, src)
+    if PASS > 0:
+        tl.store(dst + poff, xp, mask=pmask)
     c1, s2, c2, s1 = x1 * cos, x2 * sin, x2 * cos, x1 * sin
     if BF16:
         # Round each product to bf16 as the torch code (and HF) does: a product of two bf16 values
@@ -147,9 +177,10 @@ def _rotate_heads(src, dst, cos, sin, H: tl.constexpr, HALF: tl.constexpr, BLOCK
 
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, loc_ptr, q_out_ptr, k_out_ptr, v_out_ptr,
-                 cos_ptr, sin_ptr, cs_stride, QH: tl.constexpr, KH: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
-                 STORE_KV: tl.constexpr, PDL: tl.constexpr):
+                 cos_ptr, sin_ptr, cs_stride, qw_ptr, kw_ptr, eps, QH: tl.constexpr, KH: tl.constexpr,
+                 HALF: tl.constexpr, HEAD: tl.constexpr, PASS: tl.constexpr, BLOCK_QH: tl.constexpr,
+                 BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BF16: tl.constexpr, NORM: tl.constexpr, STORE_KV: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -163,52 +194,66 @@ def _rope_kernel(pos_ptr, q_ptr, q_stride, k_ptr, k_stride, v_ptr, v_stride, loc
         dtype = q_out_ptr.dtype.element_ty
         cos, sin = cos.to(dtype).to(tl.float32), sin.to(dtype).to(tl.float32)
     cos, sin = cos[None, :], sin[None, :]
-    _rotate_heads(q_ptr + t * q_stride, q_out_ptr + t * (QH * 2 * HALF), cos, sin, QH, HALF, BLOCK_QH, BLOCK_D, BF16)
+    _rotate_heads(q_ptr + t * q_stride, q_out_ptr + t * (QH * HEAD), cos, sin, qw_ptr, eps, QH, HALF, HEAD, PASS,
+                  BLOCK_QH, BLOCK_D, BLOCK_P, BF16, NORM)
     # K goes to its own output row, or (STORE_KV) straight to the token's cache location with V beside it
     k_row = tl.load(loc_ptr + t).to(tl.int64) if STORE_KV else t
-    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + k_row * (KH * 2 * HALF), cos, sin, KH, HALF, BLOCK_KH, BLOCK_D, BF16)
+    _rotate_heads(k_ptr + t * k_stride, k_out_ptr + k_row * (KH * HEAD), cos, sin, kw_ptr, eps, KH, HALF, HEAD, PASS,
+                  BLOCK_KH, BLOCK_D, BLOCK_P, BF16, NORM)
     if STORE_KV:
         h = tl.arange(0, BLOCK_KH)[:, None]
-        dd = tl.arange(0, 2 * BLOCK_D)[None, :]
-        off = h * (2 * HALF) + dd
-        mask = (h < KH) & (dd < 2 * HALF)
+        dd = tl.arange(0, BLOCK_V)[None, :]
+        off = h * HEAD + dd
+        mask = (h < KH) & (dd < HEAD)
         v = tl.load(v_ptr + t * v_stride + off, mask=mask)
-        tl.store(v_out_ptr + k_row * (KH * 2 * HALF) + off, v.to(v_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_out_ptr + k_row * (KH * HEAD) + off, v.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_rope(positions: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, loc: torch.Tensor,
                  q_out: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 head_dim: int, store_kv: bool) -> None:
-    t, qh, kh, half = q2.shape[0], q2.shape[1] // head_dim, k2.shape[1] // head_dim, head_dim // 2
+                 head_dim: int, store_kv: bool, rot_dim: Optional[int], q_weight: Optional[torch.Tensor],
+                 k_weight: Optional[torch.Tensor], eps: float) -> None:
+    t, qh, kh = q2.shape[0], q2.shape[1] // head_dim, k2.shape[1] // head_dim
+    half = (rot_dim or head_dim) // 2
+    rest = head_dim - 2 * half
     if not t:
         return
+    norm = q_weight is not None
     block_qh, block_d = triton.next_power_of_2(qh), triton.next_power_of_2(half)
     _rope_kernel[(t,)](positions.contiguous(), q2, q2.stride(0), k2, k2.stride(0), v2, v2.stride(0), loc,
-                       q_out, k_out, v_out, cos, sin, cos.stride(0), QH=qh, KH=kh, HALF=half, BLOCK_QH=block_qh,
-                       BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d, BF16=q2.dtype == torch.bfloat16,
-                       STORE_KV=store_kv, num_warps=4 if block_qh * block_d < 4096 else 8,
-                       **pdl_launch(pdl_supported(q2.device)))
+                       q_out, k_out, v_out, cos, sin, cos.stride(0), q_weight if norm else cos,
+                       k_weight if norm else cos, eps, QH=qh, KH=kh, HALF=half, HEAD=head_dim, PASS=rest,
+                       BLOCK_QH=block_qh, BLOCK_KH=triton.next_power_of_2(kh), BLOCK_D=block_d,
+                       BLOCK_P=triton.next_power_of_2(max(rest, 1)), BLOCK_V=triton.next_power_of_2(head_dim),
+                       BF16=q2.dtype == torch.bfloat16, NORM=norm, STORE_KV=store_kv,
+                       num_warps=4 if block_qh * block_d < 4096 else 8, **pdl_launch(pdl_supported(q2.device)))
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+           head_dim: int, rot_dim: Optional[int] = None, q_weight: Optional[torch.Tensor] = None,
+           k_weight: Optional[torch.Tensor] = None, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``RotaryEmbedding.forward``: new contiguous rotated q and k (the inputs, often strided views
-    of the qkv output, are only read). ``cos``/``sin`` are the ``[max_positions, head_dim/2]`` table."""
+    of the qkv output, are only read). ``cos``/``sin`` are the ``[max_positions, rot_dim/2]`` table;
+    ``rot_dim`` (default ``head_dim``): the rotated part of each head (partial rotary); with
+    ``q_weight``/``k_weight``, each head is RMSNorm-ed first (``QKNormRotary``)."""
     q2, k2 = _rows(q.flatten(1)), _rows(k.flatten(1))
     q_out, k_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device), torch.empty(k2.shape, dtype=k.dtype, device=k.device)
-    _launch_rope(positions, q2, k2, k2, positions, q_out, k_out, k_out, cos, sin, head_dim, store_kv=False)
+    _launch_rope(positions, q2, k2, k2, positions, q_out, k_out, k_out, cos, sin, head_dim, False, rot_dim, q_weight,
+                 k_weight, eps)
     return q_out.view(q.shape), k_out.view(k.shape)
 
 
 def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    loc: torch.Tensor) -> torch.Tensor:
+                    loc: torch.Tensor, rot_dim: Optional[int] = None, q_weight: Optional[torch.Tensor] = None,
+                    k_weight: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
     """``rotary`` and ``store_kv`` in one launch: returns the rotated q; the rotated k and the
     untouched v go only to ``k_cache[loc]``/``v_cache[loc]`` (rounded to the cache dtype), since
     the attention kernels read every position, the new ones included, from the cache."""
     q2, k2, v2 = _rows(q.flatten(1)), _rows(k.flatten(1)), _rows(v.flatten(1))
     q_out = torch.empty(q2.shape, dtype=q.dtype, device=q.device)
-    _launch_rope(positions, q2, k2, v2, loc, q_out, k_cache, v_cache, cos, sin, head_dim, store_kv=True)
+    _launch_rope(positions, q2, k2, v2, loc, q_out, k_cache, v_cache, cos, sin, head_dim, True, rot_dim, q_weight,
+                 k_weight, eps)
     return q_out.view(q.shape)
 
 

@@ -1,7 +1,11 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) built from the TP-aware layers.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2; Qwen3 and Phi-3 build on it) from
+the TP-aware layers.
 
 Module names mirror the HF checkpoints (``model.layers.N.self_attn...``) except for the fused
-``qkv_proj`` / ``gate_up_proj``, which ``load_weights`` fills from the separate HF tensors.
+``qkv_proj`` / ``gate_up_proj``, which ``load_weights`` fills from the separate HF tensors (or from
+fused ones, as Phi-3 ships them). A bare backbone checkpoint (``layers.N...`` without ``model.``,
+as Qwen3-Embedding ships its ``Qwen3Model``) loads too, and may lack the LM head: it serves
+embeddings only.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from treadle.gpu_worker.layers.attention import Attention, layer_windows
 from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from treadle.gpu_worker.layers.norm import RMSNorm
-from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle.gpu_worker.layers.rotary import QKNormRotary, RotaryEmbedding, rope_parameters
 from treadle.gpu_worker.loader import default_weight_loader
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.pipeline import MissingLayer, layer_range, owns_layer_tensor
 
 
+# The names of a bare backbone checkpoint (Qwen3-Embedding's ``Qwen3Model``), ours under ``model.``
+BARE_BACKBONE = ("embed_tokens.", "layers.", "norm.")
 
 
 def head_dim_of(config) -> int:
@@ -41,7 +47,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool):
+    """``qk_norm``: Qwen3's RMSNorm over each head of q and k before RoPE."""
+
+    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool = False):
         super().__init__()
         hd, heads = head_dim_of(config), config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -49,8 +58,11 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj
         self.o_proj = RowParallelLinear(heads * hd, config.hidden_size, o_bias, in_split=(qkv.q_start, qkv.q_size))
         self.split = [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size]
-        self.rotary_emb = rotary
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, hd, hd**-0.5, layer_id)
+        if qk_norm:  # applied with the rotary (one kernel on CUDA)
+            self.q_norm, self.k_norm = RMSNorm(hd, config.rms_norm_eps), RMSNorm(hd, config.rms_norm_eps)
+            rotary = QKNormRotary(rotary, self.q_norm, self.k_norm)
+        self.rotary_emb = rotary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
@@ -58,9 +70,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
+                 qk_norm: bool = False):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, o_bias)
+        self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, o_bias, qk_norm)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -86,14 +99,14 @@ class LlamaModel(nn.Module):
     layers ``[start, end)`` (KV-cache layer ids counted from ``start``), the embedding on the first
     stage, the final norm on the last."""
 
-    def __init__(self, config, max_positions: int, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, max_positions: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False):
         super().__init__()
         n = config.num_hidden_layers
         self.start, self.end = layer_range(n, pp_rank(), pp_size())
         rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.start == 0 else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias) if self.start <= i < self.end
+            LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias, qk_norm) if self.start <= i < self.end
             else MissingLayer() for i in range(n))
         for i, window in enumerate(layer_windows(config)):  # Mistral's sliding window (the backends mask by it)
             if self.start <= i < self.end:
@@ -124,6 +137,7 @@ class LlamaForCausalLM(ModelBase):
     lazy_weights = True  # load_weights takes loader.CheckpointTensors: each TP rank reads only its shard
     qkv_bias: Optional[bool] = None  # None: follow config.attention_bias (which also covers o_proj)
     o_bias: Optional[bool] = None
+    qk_norm = False  # Qwen3: per-head q/k RMSNorm
     # (fused param, HF name, shard id)
     stacked_params = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
@@ -134,10 +148,11 @@ class LlamaForCausalLM(ModelBase):
         attn_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attn_bias if self.o_bias is None else self.o_bias
-        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, o_bias)
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, o_bias, self.qk_norm)
         last = self.model.norm is not None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if last else None
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.headless = False  # a bare backbone checkpoint without an LM head: embeddings only
         if self.tied and last and self.model.embed_tokens is not None:  # else the last stage has its own copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -148,14 +163,19 @@ class LlamaForCausalLM(ModelBase):
         return self.model(input_ids, carry)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.headless:
+            raise ValueError(f"this {type(self).__name__} checkpoint has no LM head (a bare backbone): it serves "
+                             "embeddings only (is_embedding=True)")
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], complete: bool = True) -> set[str]:
         """Copy HF-named tensors into (sharded, fused) params; returns the param names filled.
         ``complete``: every param must be filled (a checkpoint); False for a partial weight update."""
         params, loaded = dict(self.named_parameters(remove_duplicate=False)), set()
-        tied = self.tied
+        tied, bare = self.tied, False
         for name, tensor in weights:
+            if name.startswith(BARE_BACKBONE):
+                name, bare = "model." + name, True
             if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight") or not self.wants_tensor(name):
                 continue
             if tied and name == "model.embed_tokens.weight" and self.model.embed_tokens is None:
@@ -172,12 +192,16 @@ class LlamaForCausalLM(ModelBase):
             loaded.add(name)
         shared = tied and self.model.embed_tokens is not None
         missing = {n for n in params if n not in loaded and not (shared and n == "lm_head.weight")}
+        if complete and bare and missing == {"lm_head.weight"}:  # Qwen3-Embedding-8B: untied, yet no head
+            self.headless, missing = True, set()
         if missing and complete:
             raise ValueError(f"checkpoint lacks {sorted(missing)[:8]} ({len(missing)} params)")
         return loaded
 
     def wants_tensor(self, name: str) -> bool:
         """Whether this pipeline stage needs a checkpoint tensor; the loader reads no others."""
+        if name.startswith(BARE_BACKBONE):
+            name = "model." + name
         own = owns_layer_tensor(name, self.model.start, self.model.end)
         if own is not None:
             return own

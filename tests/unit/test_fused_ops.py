@@ -20,7 +20,7 @@ from kernel_helpers import interpret_script
 
 from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.norm import RMSNorm
-from treadle.gpu_worker.layers.rotary import RotaryEmbedding
+from treadle.gpu_worker.layers.rotary import QKNormRotary, RotaryEmbedding
 
 Pair = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # (fused outputs, torch outputs)
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -115,6 +115,36 @@ def rope_kv_case(head_dim: int, qh: int, kh: int, t: int, cache_dtype: torch.dty
     return run
 
 
+def rope_variant_case(head_dim: int, qh: int, kh: int, t: int, partial: float, norm: bool, store: bool
+                      ) -> Callable[[str, torch.dtype], Pair]:
+    """Partial rotary (the last part of each head passes through) and Qwen3's per-head q/k RMSNorm
+    in the RoPE kernel, alone or with the K/V store, against ``QKNormRotary``/``RotaryEmbedding``'s torch code."""
+    def run(device: str, dtype: torch.dtype) -> Pair:
+        gen = torch.Generator().manual_seed(head_dim + qh * 5 + kh + t + int(100 * partial) + norm)
+        rope = RotaryEmbedding(head_dim, 4096, {**DEFAULT, "partial_rotary_factor": partial}).to(device)
+        extra = {}
+        if norm:
+            qn, kn = RMSNorm(head_dim, 1e-6).to(device), RMSNorm(head_dim, 1e-6).to(device)
+            for m in (qn, kn):
+                m.weight.data = (1 + 0.5 * _randn(gen, head_dim, device=device, dtype=torch.float32)).to(dtype)
+            rope = QKNormRotary(rope, qn, kn)
+            extra = dict(q_weight=qn.weight, k_weight=kn.weight, eps=qn.eps)
+        qkv = 3 * _randn(gen, t, (qh + 2 * kh) * head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.split([qh * head_dim, kh * head_dim, kh * head_dim], dim=-1)
+        pos = torch.randint(0, 4096, (t,), generator=gen).to(device)
+        want_q, want_k = rope.forward_torch(pos, q, k)
+        if not store:
+            table = rope.rotary if norm else rope
+            return _ops().rotary(pos, q, k, table.cos, table.sin, head_dim, rope.rot_dim, **extra), (want_q, want_k)
+        loc = torch.randperm(40, generator=gen)[:t].to(device)
+        caches = [torch.zeros(40, kh, head_dim, device=device, dtype=dtype) for _ in range(4)]
+        got_q = rope.rotate_and_store_cuda(pos, q, k, v, caches[0], caches[1], loc)
+        caches[2].index_copy_(0, loc, want_k.reshape(t, kh, head_dim))
+        caches[3].index_copy_(0, loc, v.reshape(t, kh, head_dim))
+        return (got_q, *caches[:2]), (want_q, *caches[2:])
+    return run
+
+
 CASES: dict[str, Callable[[str, torch.dtype], Pair]] = {}
 for _n in (576, 1000, 4096):
     for _t in (0, 1, 7, 64):
@@ -129,6 +159,13 @@ for _hd, _qh, _kh in ((64, 9, 3), (128, 32, 8), (128, 14, 2), (64, 4, 4)):
 CASES["rope-llama3-d128-q32-k8-T7"] = rope_case(128, 32, 8, 7, LLAMA3)
 for _hd, _qh, _kh, _t in ((64, 9, 3, 1), (128, 32, 8, 7), (128, 4, 1, 33), (64, 4, 4, 0)):
     CASES[f"rope_kv-d{_hd}-q{_qh}-k{_kh}-T{_t}"] = rope_kv_case(_hd, _qh, _kh, _t)
+for _hd, _qh, _kh, _t, _partial, _norm in ((128, 8, 2, 7, 0.75, False), (64, 9, 3, 1, 0.5, False),
+                                         (128, 32, 8, 7, 1.0, True), (128, 4, 1, 0, 1.0, True),
+                                         (64, 4, 2, 33, 0.5, True)):
+    for _store in (False, True):
+        _kind = ("qknorm_" if _norm else "") + ("rope_kv" if _store else "rope") + ("" if _norm else "_partial")
+        CASES[f"{_kind}-d{_hd}-q{_qh}-k{_kh}-T{_t}-p{_partial}"] = rope_variant_case(_hd, _qh, _kh, _t, _partial, _norm,
+                                                                                    _store)
 for _h, _hd, _t in ((3, 64, 1), (8, 128, 7), (2, 80, 33), (1, 64, 0)):
     CASES[f"store_kv-h{_h}-d{_hd}-T{_t}"] = kv_case(_h, _hd, _t)
 
