@@ -5,6 +5,9 @@
 #   tests      the CUDA tests of tests/unit (kernels, model runner, sampler, LoRA, LLaVA)   one GPU
 #   checks     tests/e2e/test_gpu_parity.py, test_gpu_multimodal.py: the engine against HF  one GPU
 #   gemma      sliding windows / soft-caps: kernels, Gemma fused ops, test_gpu_gemma.py     one GPU
+#   families   test_gpu_families.py (Qwen3, Phi-3 LongRoPE, Llama YaRN + biases vs HF) and the RoPE kernels  one GPU
+#   heads      test_gpu_heads.py: classifier / reward scores and the liuhaotian LLaVA layout vs HF  one GPU
+#   memory     memory_release.py: release/resume of weights and KV on the 8B shape (freed bytes, speed)  one GPU
 #   tp_tests   the all-reduce kernels, and test_gpu_tp.py at the Llama-3-mini shape         two GPUs
 #   tp_8b      test_gpu_tp.py at the Llama-3.1-8B shape                                     two GPUs
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
@@ -45,6 +48,10 @@ for suite in "$@"; do
              tests/unit/test_media.py ;;
     checks) run_tests 500 tests/e2e/test_gpu_parity.py tests/e2e/test_gpu_multimodal.py ;;
     gemma) run_tests 550 tests/unit/test_window_attention.py tests/unit/test_gemma_ops.py tests/e2e/test_gpu_gemma.py ;;
+    families) run_tests 300 tests/e2e/test_gpu_families.py ;;
+    heads) run_tests 200 tests/e2e/test_gpu_heads.py ;;
+    memory) timeout -k 10 "${MEMORY_LIMIT:-240}" python bench/memory_release.py --shape llama8b --cycles "${CYCLES:-3}" \
+              --out "$out/bench.jsonl" 2>&1 | grep '^{' ;;
     tp_tests) run_tests 450 tests/unit/test_custom_all_reduce.py tests/unit/test_allreduce_norm.py \
                 tests/e2e/test_gpu_tp.py -k "not llama-3.1-8b" ;;
     tp_8b) run_tests 330 tests/e2e/test_gpu_tp.py -k llama-3.1-8b ;;
@@ -64,7 +71,7 @@ for suite in "$@"; do
              timeout -k 10 150 python bench/kernels/gemv_bench.py --quick 2>&1 | grep -v -i warn
              timeout -k 10 100 python bench/kernels/decode_attn_bench.py --rows 150 --rows 256 --configs engine \
                2>&1 | grep -v -i warn ;;
-    *) echo "unknown suite $suite: tests checks gemma tp_tests tp_8b layouts bench_b1 bench_ci bench_all bench_mm" \
+    *) echo "unknown suite $suite: tests checks gemma families heads memory tp_tests tp_8b layouts bench_b1 bench_ci bench_all bench_mm" \
             "trace kernels" ;;
   esac
 done
