@@ -21,16 +21,15 @@ import torch
 from treadle.gpu_worker.attention.base import AttentionBackend
 from treadle.gpu_worker.forward_context import ForwardContext
 
-Q_TILE, KV_TILE = 16, 64
+Q_TILE, KV_TILE = 4, 64  # a decode row pays for Q_TILE places
 
 
 @dataclass
 class _Meta:
     q_index: torch.Tensor  # [NQ, Q_TILE] token index in q of each tile place (0 for padding)
     q_valid: torch.Tensor  # [NQ, Q_TILE] bool: a real query of the step
-    q_pos: torch.Tensor  # [NQ, Q_TILE] absolute position of each place (padding places too)
     kv_locs: torch.Tensor  # [NQ, J * KV_TILE] KV location of each key position (0 past the row's keys)
-    kv_valid: torch.Tensor  # [NQ, J * KV_TILE] bool: a key the row has
+    bias: torch.Tensor  # [NQ, 1, Q_TILE, J * KV_TILE] 0 where a place sees a key, -inf elsewhere
     order: list[int]  # number of query tiles that need key tile j (tiles sorted by need, descending)
 
 
@@ -68,8 +67,12 @@ class TorchDeterministicBackend(AttentionBackend):
         dev = r2t.device
         locs = r2t[slots[:, None], cols[None, :]].masked_fill(~kv_valid.to(dev), 0)
         order = [sum(1 for k in keys if k > j * KV_TILE) for j in range(jmax)]
-        return _Meta(idx.to(dev), valid.to(dev), (t0s[:, None] + places[None, :]).to(dev), locs,
-                     kv_valid.to(dev), order)
+        # A place sees the keys up to its own position (padding places too: key 0 at least, so no
+        # row is all -inf); computed once per step, added to every layer's scores (adding 0 is exact).
+        qpos = t0s[:, None] + places[None, :]
+        seen = (kpos[None, None, :] <= qpos[:, :, None]) & kv_valid[:, None, :]
+        bias = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))[:, None]
+        return _Meta(idx.to(dev), valid.to(dev), locs, bias.to(dev), order)
 
     def attend(self, q: torch.Tensor, layer, ctx: ForwardContext) -> torch.Tensor:
         meta: _Meta = ctx.attn_meta
@@ -78,33 +81,28 @@ class TorchDeterministicBackend(AttentionBackend):
         _, h, d = q.shape
         hkv = k_buf.shape[1]
         g = h // hkv
-        # [NQ, Q_TILE, H, D] -> [NQ, Hkv, G * Q_TILE, D]: a KV head's query heads stacked as GEMM rows
-        qt = (q[meta.q_index] * meta.q_valid[:, :, None, None]).view(nq, Q_TILE, hkv, g, d)
+        # [NQ, Q_TILE, H, D] -> [NQ * Hkv, G * Q_TILE, D]: a KV head's query heads stacked as GEMM rows
+        qt = (q[meta.q_index] * (meta.q_valid[:, :, None, None] * layer.scaling)).view(nq, Q_TILE, hkv, g, d)
         qt = qt.permute(0, 2, 3, 1, 4).reshape(nq * hkv, g * Q_TILE, d)
-        qpos = meta.q_pos[:, None, None, :].expand(nq, hkv, g, Q_TILE).reshape(nq * hkv, g * Q_TILE, 1)
         m = torch.full((nq * hkv, g * Q_TILE, 1), float("-inf"), dtype=torch.float32, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros(nq * hkv, g * Q_TILE, d, dtype=torch.float32, device=q.device)
         for j, users in enumerate(meta.order):
             a, b = j * KV_TILE, (j + 1) * KV_TILE
-            rows = users * hkv  # query tiles 0..users-1 need this key tile (the rest are all masked)
+            rows = users * hkv  # query tiles 0..users-1 need this key tile (for the rest it is all masked)
             locs = meta.kv_locs[:users, a:b]
             k = k_buf[locs].to(q.dtype).permute(0, 2, 3, 1).reshape(rows, d, KV_TILE)  # [users*Hkv, D, KV]
             v = v_buf[locs].to(q.dtype).permute(0, 2, 1, 3).reshape(rows, KV_TILE, d)
-            s = torch.bmm(qt[:rows], k).float() * layer.scaling
-            kpos = torch.arange(a, b, device=q.device)
-            seen = (kpos[None, None, :] <= qpos[:rows]) & meta.kv_valid[:users, None, a:b].expand(
-                users, hkv, KV_TILE).reshape(rows, 1, KV_TILE)
-            s = s.masked_fill(~seen, float("-inf"))
+            s = torch.bmm(qt[:rows], k).float().view(users, hkv, g, Q_TILE, KV_TILE)
+            s = (s + meta.bias[:users, :, None, :, a:b]).view(rows, g * Q_TILE, KV_TILE)
             m_old = m[:rows]
-            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
-            safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            alpha = torch.exp(m_old - safe)
-            p = torch.exp(s - safe)
+            m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))  # finite: every place sees key 0
+            alpha = torch.exp(m_old - m_new)
+            p = torch.exp(s - m_new)
             l[:rows] = l[:rows] * alpha + p.sum(-1, keepdim=True)
             acc[:rows] = acc[:rows] * alpha + torch.bmm(p.to(v.dtype), v).float()
             m[:rows] = m_new
-        out_t = (acc / l.clamp_min(1e-30)).to(q.dtype).view(nq, hkv, g, Q_TILE, d).permute(0, 3, 1, 2, 4)
+        out_t = (acc / l).to(q.dtype).view(nq, hkv, g, Q_TILE, d).permute(0, 3, 1, 2, 4)
         out = torch.empty_like(q)
         out[meta.q_index[meta.q_valid]] = out_t.reshape(nq, Q_TILE, h, d)[meta.q_valid]
         return out

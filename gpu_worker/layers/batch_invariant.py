@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 ENABLED = False
-CPU_TILE = 16  # rows per CPU GEMM item: a batch-1 decode pays for 16 rows (measured ~3x one GEMV)
+CPU_TILE = 32  # rows per CPU GEMM item (one thread, SmolLM2-135M layers: 4.4x plain at 1 row, 1.3x at 64, 1.6x at 512)
 _PIECE = 64  # CPU row reductions: sums of 64 elements, then one sum over the pieces
 
 
