@@ -5,11 +5,12 @@ The default backend's results depend on the batch in two ways: a decode row's KV
 number of pieces chosen from the batch size (``TritonBackend._num_splits``), each reduced apart and
 then merged, and the extend kernel's query-block size follows the step's longest row
 (``extend_block_m``), which changes the tensor-core instruction shape. The extend kernel itself
-is chunk-invariant: it reads every key through ``req_to_token`` in blocks aligned at position 0
-and in order, so a query sees the same blocks, reduced the same way, whether its prompt arrived
-whole, in chunks, or after a cached prefix (blocks past its position are masked for it and leave
-its sums unchanged). Here a decode row is an extend row of one token, and ``BLOCK_M`` is fixed,
-so a query's reduction depends only on its request. Decode rows pay for it: a 1-token row runs a
+reads every key through ``req_to_token`` in blocks aligned at position 0 and in order, so a query
+sees the same blocks whether its prompt arrived whole, in chunks, or after a cached prefix (blocks
+past its position are masked for it and leave its sums unchanged). Here a decode row is an extend
+row of one token, ``BLOCK_M`` is fixed, and every key block goes through the kernel's masked loop
+(``one_loop``: the unmasked loop over a row's prefix is separate code, whose compiled arithmetic
+need not match), so a query's reduction depends only on its request. Decode rows pay for it: a 1-token row runs a
 ``BLOCK_M``-row tile and no split of long KV (docs/deterministic.md has the cost).
 """
 
@@ -54,7 +55,8 @@ class TritonDeterministicBackend(TritonBackend):
         q = q if q.stride(-1) == 1 else q.contiguous()
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if e is not None:
-            extend_attention(q, k_buf, v_buf, out, ctx.req_to_token, e.rows, e.items, layer.scaling, e.block_m)
+            extend_attention(q, k_buf, v_buf, out, ctx.req_to_token, e.rows, e.items, layer.scaling, e.block_m,
+                             one_loop=True)
         return out
 
     # ---- CUDA graphs (decode-only batches) ----

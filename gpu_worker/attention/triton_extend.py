@@ -19,7 +19,8 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kt, stride_kh,
                    stride_vt, stride_vh, stride_r2t,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                   ONE_LOOP: tl.constexpr = False):
     it, h = tl.program_id(0), tl.program_id(1)
     kvh = h // G
     row = tl.load(Items + it)
@@ -46,6 +47,8 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Keys before the block's first query position are seen by every query of the block: no mask.
     full_end = (start + mb * BLOCK_M) // BLOCK_N * BLOCK_N
+    if ONE_LOOP:  # deterministic mode: every key block through the same (masked) code, wherever the row starts
+        full_end = 0
     for s0 in range(0, full_end, BLOCK_N):
         loc = tl.load(r2t + s0 + offs_n)
         k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_d[None, :], other=0.0).to(q.dtype))
@@ -92,12 +95,13 @@ def extend_block_m(max_n: int, dtype: torch.dtype, is_cuda: bool) -> int:
 
 def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, rows: torch.Tensor, items: torch.Tensor,
-                     scale: float, block_m: int) -> None:
+                     scale: float, block_m: int, one_loop: bool = False) -> None:
     """Causal attention of the extend rows' new tokens over their prefix + themselves.
 
     ``rows [4, R]`` int32: per row q_start (first token in ``q``), start (cached prefix length),
     n (new tokens), slot. ``items [2, I]`` int32: per work item its row and query block (of
-    ``block_m`` tokens). ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``.
+    ``block_m`` tokens). ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``. ``one_loop``: no
+    unmasked prefix loop (``triton_deterministic.py``: a key block's code must not depend on the row's start).
     """
     (_, h, d), hkv = q.shape, k_buf.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
@@ -111,5 +115,5 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1), req_to_token.stride(0),
         G=h // hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", ONE_LOOP=one_loop, num_warps=num_warps,
         num_stages=3 if block_d <= 128 else 2)
