@@ -68,6 +68,8 @@ class ModelRunner:
         phase = _phase_clock(self.startup_phases)
         self.device = claim_device(cfg.device)
         batch_invariant.enable(cfg.deterministic)  # enable_deterministic_inference: one switch per process
+        if cfg.deterministic:  # the fused reduce + norm kernel takes only small batches: one norm code for all
+            cfg.custom_all_reduce = cfg.allreduce_fusion = False
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce,
