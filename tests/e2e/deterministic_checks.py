@@ -32,10 +32,10 @@ def alone(engine, target: list[int]) -> dict:
 
 
 def in_batch(engine, target: list[int], size: int, vocab: int, seed: int) -> dict:
-    """The target among ``size - 1`` random requests (lengths 4-16, 1-4 new tokens, some sampled),
+    """The target among ``size - 1`` random requests (lengths 4-12, 1-4 new tokens, some sampled),
     at a random place; the prefix cache flushed first."""
     rng = random.Random(seed)
-    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randrange(4, 17))] for _ in range(size - 1)]
+    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randrange(4, 13))] for _ in range(size - 1)]
     params = [{"temperature": rng.choice([0.0, 0.8]), "max_new_tokens": rng.randrange(1, 5)}
               for _ in range(size - 1)]
     at = rng.randrange(size)

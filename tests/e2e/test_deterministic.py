@@ -1,8 +1,8 @@
 """enable_deterministic_inference on the CPU (issue 26, point 4), default model: one prompt's greedy
-tokens and logprobs bit-identical alone, in batches of 2, 8 and 64 (one other request, 7, 63), chunked
-(an engine with 64-token chunks, the target's 100 tokens split differently in each batch) and
-unchunked (a second engine, chunked prefill off: the prompt in one step), and after a prefix-cache
-hit. About 75 CPU-seconds in all (two engine starts included)."""
+tokens and logprobs bit-identical alone (a batch of 1), in batches of 8 and 64 (7 and 63 random
+requests), chunked (an engine with 64-token chunks, the target's 100 tokens split differently in
+each batch) and unchunked (a second engine, chunked prefill off: the prompt in one step), and after a prefix-cache
+hit. About 90 CPU-seconds in all (two engine starts included)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def reference(chunked):
     return signature(alone(chunked, target_prompt(VOCAB)))
 
 
-@pytest.mark.parametrize("size,seed", [(2, 0), (8, 1), (64, 2)])
+@pytest.mark.parametrize("size,seed", [(8, 1), (64, 2)])
 def test_same_in_any_batch(chunked, reference, size: int, seed: int) -> None:
     assert signature(in_batch(chunked, target_prompt(VOCAB), size, VOCAB, seed)) == reference
 
