@@ -33,12 +33,14 @@ CONFIGS = BENCH_DIR / "configs"
 
 
 def bench_parser(doc: str | None, *, hf: bool = False, tokenizer: bool = False) -> argparse.ArgumentParser:
-    """The flags every workload benchmark takes: ``--out`` (append JSON lines there) and
-    ``--engine-args`` (extra Engine kwargs as JSON); ``hf`` adds ``--skip-hf`` (no HF baseline),
+    """The flags every workload benchmark takes: ``--out`` (append JSON lines there),
+    ``--engine-args`` (extra Engine kwargs as JSON) and ``--deterministic``; ``hf`` adds ``--skip-hf`` (no HF baseline),
     ``tokenizer`` adds ``--tokenizer-dir`` (config-only shapes borrow the SmolLM2 tokenizer)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="", help="append one JSON line per result to this file")
     p.add_argument("--engine-args", default="{}", help="extra Engine kwargs as JSON")
+    p.add_argument("--deterministic", action="store_true",
+                   help="enable_deterministic_inference=True (its cost: compare with a run without)")
     if hf:
         p.add_argument("--skip-hf", action="store_true", help="no HF transformers baseline")
     if tokenizer:
@@ -47,7 +49,10 @@ def bench_parser(doc: str | None, *, hf: bool = False, tokenizer: bool = False) 
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return json.loads(a.engine_args)
+    kw = json.loads(a.engine_args)
+    if getattr(a, "deterministic", False):
+        kw["enable_deterministic_inference"] = True
+    return kw
 
 
 class Results:

@@ -11,6 +11,7 @@
 #   tp_tests   the all-reduce kernels, and test_gpu_tp.py at the Llama-3-mini shape         two GPUs
 #   tp_8b      test_gpu_tp.py at the Llama-3.1-8B shape                                     two GPUs
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
+#   deterministic  enable_deterministic_inference: its kernels' and the engine's GPU tests      one GPU
 #   bench_b1   gpu_bench.py part a (batch 1), SHAPES (default: llama8b smollm2), no HF baseline
 #   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), 8B shape
 #   bench_all  gpu_bench.py parts a-e with HF baselines, both shapes (about 8 minutes)
@@ -56,6 +57,7 @@ for suite in "$@"; do
                 tests/e2e/test_gpu_tp.py -k "not llama-3.1-8b" ;;
     tp_8b) run_tests 330 tests/e2e/test_gpu_tp.py -k llama-3.1-8b ;;
     layouts) run_tests 330 tests/e2e/test_gpu_layouts.py ;;
+    deterministic) run_tests 500 tests/unit/test_triton_batch_invariant.py tests/e2e/test_gpu_deterministic.py ;;
     bench_b1) for shape in ${SHAPES:-llama8b smollm2}; do
                 run_bench 100 bench/gpu_bench.py --shape $shape --parts a --skip-hf
               done ;;

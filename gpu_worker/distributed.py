@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from treadle.gpu_worker.layers import batch_invariant
+
 logger = logging.getLogger(__name__)
 
 _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE = 0, 1, 0, 1
@@ -179,6 +181,8 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     A row its kernel pushed to the peers (``note_pushed``) is summed from the words they pushed."""
     if _TP_SIZE == 1:
         return x
+    if _TP_SIZE > 2 and batch_invariant.ENABLED:
+        return _ordered_all_reduce(x)
     if _FUSED is not None and _FUSED.pushed_ptr is not None:
         return _pull_pushed(x)
     buf = _SYMM_BUF
@@ -189,6 +193,17 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return x
     dist.all_reduce(x, group=_TP_GROUP)
     return x
+
+
+def _ordered_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """enable_deterministic_inference with more than two ranks: the ranks' parts summed in rank order,
+    whatever the message size (NCCL's and gloo's order follows it; two parts are order-free)."""
+    parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
+    dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return x.copy_(total)
 
 
 class PushTarget(NamedTuple):

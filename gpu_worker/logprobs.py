@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from treadle.gpu_worker.host_to_device import to_device
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
 # Prompt positions projected through the LM head at once for input logprobs: a whole 8,192-token
@@ -38,7 +39,7 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, top_ks: list[in
                     id_lists: list[list[int]]) -> Gathered:
     """``logits [m, V]`` float32; ``targets [m]``; per row a top-k size (0: none) and an id list."""
     m, vocab = logits.shape
-    lse = torch.logsumexp(logits, dim=-1)
+    lse = batch_invariant.logsumexp(logits) if batch_invariant.ENABLED else torch.logsumexp(logits, dim=-1)
     chosen = (logits.gather(1, targets.view(-1, 1))[:, 0] - lse).tolist()
     top_ids: list[list[int]] = [[] for _ in range(m)]
     top_lps: list[list[float]] = [[] for _ in range(m)]

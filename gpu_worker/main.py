@@ -64,6 +64,7 @@ class WorkerLoop:
             lora_slots=args.max_loras_per_batch if args.enable_lora else 0, lora_rank=args.max_lora_rank or 0,
             lora_targets=None if "all" in (args.lora_target_modules or ["all"]) else tuple(args.lora_target_modules),
             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
+            deterministic=args.enable_deterministic_inference,
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.

@@ -24,6 +24,7 @@ from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.kv_cache import KVCache, kv_tokens_from_memory
 from treadle.gpu_worker.launched import HostIdRing, Launched
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.logprobs import StepOutput, input_logprobs, row_outs
 from treadle.gpu_worker.lora import LoRAPool
@@ -66,6 +67,9 @@ class ModelRunner:
         self.startup_phases: dict[str, float] = {}  # seconds per start-up phase, for the log and benchmarks
         phase = _phase_clock(self.startup_phases)
         self.device = claim_device(cfg.device)
+        batch_invariant.enable(cfg.deterministic)  # enable_deterministic_inference: one switch per process
+        if cfg.deterministic:  # the fused reduce + norm kernel takes only small batches: one norm code for all
+            cfg.custom_all_reduce = cfg.allreduce_fusion = False
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce,
@@ -88,7 +92,8 @@ class ModelRunner:
 
         load_weights(self.model, cfg.model_dir, cfg.load_format, self.model_config, cfg.random_seed,
                      getattr(self.text_config, "initializer_range", 0.02))
-        select_gemv(self.model, self.device, cfg.gemv_backend)
+        if not cfg.deterministic:  # the GEMV's one-token reduction differs from the batch-invariant matmul's
+            select_gemv(self.model, self.device, cfg.gemv_backend)
         # Multimodal models: vision embeddings of prompts being prefilled (first pipeline stage only).
         self.mm: Optional[MmInputs] = None
         if self.model.takes_images and cfg.pp_rank == 0:
@@ -128,7 +133,11 @@ class ModelRunner:
                                 self.kv_dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots + 1, cfg.context_len, dtype=torch.int64, device=self.device)
         self.last_token = torch.zeros(cfg.max_slots + 1, dtype=torch.int64, device=self.device)
-        self.attn_backend = create_backend(cfg.attention_backend, device=self.device, dtype=self.dtype)
+        if cfg.deterministic and self.device.type == "cpu" and any(a.sliding_window or a.logit_cap for a in attn):
+            raise NotImplementedError("enable_deterministic_inference on the CPU does not take sliding-window or "
+                                      "soft-capped attention yet (Gemma, Mistral's window); the CUDA path does")
+        name = cfg.attention_backend + ("_deterministic" if cfg.deterministic else "")
+        self.attn_backend = create_backend(name, device=self.device, dtype=self.dtype)
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
         self._host_ids = HostIdRing(cfg.max_slots) if self.device.type == "cuda" else None
 

@@ -31,3 +31,4 @@ class RunnerConfig:
     lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
     lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
+    deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from treadle.gpu_worker.host_to_device import to_device
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.logits_processing import PendingIds, SlotState, apply_token_bitmasks
 from treadle.runtime.messages import SamplingSpec
 
@@ -25,6 +26,9 @@ except ImportError:
     argmax_rows = None
 
 _GREEDY_EPS = 1e-6
+# enable_deterministic_inference: a sampled row without its own seed draws as if seeded with this
+# (not from the shared generator, whose draws depend on the batch)
+DETERMINISTIC_SEED = 42
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
@@ -85,13 +89,16 @@ class Sampler:
             [[1.0 if g else sp.temperature, sp.top_p, sp.min_p, vocab if sp.top_k < 1 else min(sp.top_k, vocab)]
              for sp, g in zip(specs, greedy)], torch.float32, self.device)
         temp, top_p, min_p, top_k = params.unbind(1)
-        probs = torch.softmax(logits / temp[:, None], dim=-1)
+        det = batch_invariant.ENABLED
+        scaled = logits / temp[:, None]
+        probs = batch_invariant.softmax(scaled) if det else torch.softmax(scaled, dim=-1)
         if any(not g and (sp.top_k >= 1 or sp.top_p < 1.0 or sp.min_p > 0.0) for sp, g in zip(specs, greedy)):
             probs = self._filter(probs, top_k, top_p, min_p)
         noise = torch.empty_like(probs).exponential_(generator=self.gen)
         for i, (s, sp) in enumerate(zip(slots, specs)):
-            if sp.seed is not None and not greedy[i]:
-                g = torch.Generator(device=self.device).manual_seed(_row_seed(sp.seed, self.state.num_out[s]))
+            seed = DETERMINISTIC_SEED if det and sp.seed is None else sp.seed
+            if seed is not None and not greedy[i]:
+                g = torch.Generator(device=self.device).manual_seed(_row_seed(seed, self.state.num_out[s]))
                 noise[i].exponential_(generator=g)
         sampled = _argmax(probs / noise.clamp_min_(1e-20))  # q == 0 would give 0/0 = NaN
         return torch.where(to_device(greedy, torch.bool, self.device), argmax, sampled)

@@ -96,6 +96,9 @@ class ServerArgs(SGLangOnlyArgs):
     # Treadle's own: one-token products (batch-1 decode) by the Triton GEMV launched with PDL
     # ("triton"), or by cuBLAS ("cublas"); None: "triton" where PDL exists (Hopper or later)
     gemv_backend: Optional[str] = None
+    # The same request gives the same tokens and logprobs whatever else is in its batch and however
+    # its prompt was chunked or cached: batch-invariant matmuls, attention and sampling (docs/deterministic.md)
+    enable_deterministic_inference: bool = False
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True

@@ -205,7 +205,7 @@ DUMP, WEIGHTS, MIS = ("this debug output is not built yet", "weight updates are 
                       "multi-item scoring is not built yet")
 MODELOPT, DECRYPT, KTRANSFORMERS = ("ModelOpt quantization is not built", "checkpoint decryption is not built",
                                     "KTransformers CPU experts are not built")
-IMAGE_PROC, INVARIANT = "the image processor is the one Transformers picks", "batch-invariant kernels are not built yet"
+IMAGE_PROC, INVARIANT = "the image processor is the one Transformers picks", "matching a trainer's kernels (true on-policy RL) is not built; enable_deterministic_inference is"
 
 REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another value is refused)
     "enable_multimodal": (None, "multimodal input follows the model: LLaVA always takes it"),
@@ -259,7 +259,7 @@ REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another 
     "model_checksum": (None, "checkpoint verification is not built yet"),
     "delete_ckpt_after_loading": (False, "checkpoints are never deleted"),
     "decrypted_config_file": (None, DECRYPT), "decrypted_draft_config_file": (None, DECRYPT),
-    "enable_deterministic_inference": (False, INVARIANT), "rl_on_policy_target": (None, INVARIANT),
+    "rl_on_policy_target": (None, INVARIANT),
     "kv_canary": ("none", "KV-cache canaries are not built"),
     "debug_tensor_dump_output_folder": (None, DUMP), "debug_tensor_dump_input_file": (None, DUMP),
     "debug_tensor_dump_inject": (False, DUMP), "msprobe_dump_config": (None, DUMP),

@@ -43,6 +43,9 @@ class AttentionBackend(ABC):
 _BACKENDS = {
     "torch_native": "treadle.gpu_worker.attention.torch_native:TorchNativeBackend",
     "triton": "treadle.gpu_worker.attention.triton_backend:TritonBackend",
+    # enable_deterministic_inference: batch- and chunk-invariant variants (ModelRunner picks them)
+    "torch_native_deterministic": "treadle.gpu_worker.attention.torch_deterministic:TorchDeterministicBackend",
+    "triton_deterministic": "treadle.gpu_worker.attention.triton_deterministic:TritonDeterministicBackend",
 }
 
 

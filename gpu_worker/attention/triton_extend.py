@@ -52,7 +52,7 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
                    stride_vt, stride_vh, stride_r2t, window, logit_cap,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                   SLIDING: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
+                   SLIDING: tl.constexpr = False, SOFTCAP: tl.constexpr = False, ONE_LOOP: tl.constexpr = False):
     it, h = tl.program_id(0), tl.program_id(1)
     kvh = h // G
     row = tl.load(Items + it)
@@ -82,6 +82,8 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
     lo = 0
     if SLIDING:
         lo = tl.maximum(start + mb * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    if ONE_LOOP:  # deterministic mode: every key block through the same (masked) code, wherever the row starts
+        full_end = 0
     for s0 in range(lo, full_end, BLOCK_N):
         loc = tl.load(r2t + s0 + offs_n)
         k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_d[None, :], other=0.0).to(q.dtype))
@@ -136,13 +138,14 @@ def extend_block_m(max_n: int, dtype: torch.dtype, is_cuda: bool) -> int:
 def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
                      req_to_token: torch.Tensor, rows: torch.Tensor, items: torch.Tensor,
                      scale: float, block_m: int, window: Optional[int] = None,
-                     logit_cap: Optional[float] = None) -> None:
+                     logit_cap: Optional[float] = None, one_loop: bool = False) -> None:
     """Causal attention of the extend rows' new tokens over their prefix + themselves
     (``window``: the last ``window`` positions only; ``logit_cap``: soft-capped scores).
 
     ``rows [4, R]`` int32: per row q_start (first token in ``q``), start (cached prefix length),
     n (new tokens), slot. ``items [2, I]`` int32: per work item its row and query block (of
-    ``block_m`` tokens). ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``.
+    ``block_m`` tokens). ``q/out [T, H, D]``, ``k_buf/v_buf [num_locs, Hkv, D]``. ``one_loop``: no
+    unmasked prefix loop (``triton_deterministic.py``: a key block's code must not depend on the row's start).
     """
     (_, h, d), hkv = q.shape, k_buf.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
@@ -157,5 +160,5 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         v_buf.stride(0), v_buf.stride(1), req_to_token.stride(0), window or 0, float(logit_cap or 0.0),
         SLIDING=bool(window), SOFTCAP=bool(logit_cap),
         G=h // hkv, D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", ONE_LOOP=one_loop, num_warps=num_warps,
         num_stages=3 if block_d <= 128 else 2)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treadle.gpu_worker.layers import batch_invariant
+
 try:  # fused kernels for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
     from treadle.gpu_worker.layers import triton_gemma, triton_ops
 except ImportError:
@@ -20,6 +22,8 @@ class SiluAndMul(nn.Module):
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """The reference: the CPU path, and what the fused kernel is tested against."""
+        if batch_invariant.ENABLED:
+            return batch_invariant.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

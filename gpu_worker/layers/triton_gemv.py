@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.allreduce_norm import push_words
 from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, pdl_launch
 
@@ -109,7 +110,10 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             config: Optional[GemvConfig], push: Optional["PushTarget"] = None) -> torch.Tensor:
     """``x W^T + b`` for a layer: one token by this GEMV where the layer has a config
     (``linear.use_triton_gemv``), anything else by cuBLAS. ``push``: the GEMV also sends its
-    outputs to the TP peers (only where ``takes_gemv``)."""
+    outputs to the TP peers (only where ``takes_gemv``). With ``enable_deterministic_inference``
+    every product takes the batch-invariant matmul (no layer has a GEMV config then)."""
+    if batch_invariant.ENABLED:
+        return batch_invariant.linear(x, weight, bias)
     if takes_gemv(x, config):
         return gemv(x, weight, config, bias, push)
     return F.linear(x, weight, bias)

@@ -1,0 +1,104 @@
+"""Batch-invariant ops of enable_deterministic_inference (gpu_worker/layers/batch_invariant.py,
+attention/torch_deterministic.py): a row's result is bit-identical alone and inside batches of any
+size, at any place; and close to the plain ops."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from treadle.gpu_worker.attention.torch_deterministic import TorchDeterministicBackend
+from treadle.gpu_worker.attention.torch_native import TorchNativeBackend
+from treadle.gpu_worker.forward_context import ForwardContext
+from treadle.gpu_worker.layers import batch_invariant as bi
+
+
+def _in_batches(fn, row: torch.Tensor, sizes=(1, 2, 3, 7, 16, 17, 33, 64)) -> list[torch.Tensor]:
+    """``fn`` of batches of ``sizes`` random rows holding ``row`` at a random place; that row's result."""
+    rng = random.Random(0)
+    outs = []
+    for m in sizes:
+        x = torch.randn(m, row.shape[0]) * row.abs().mean()
+        at = rng.randrange(m)
+        x[at] = row
+        outs.append(fn(x)[at])
+    return outs
+
+
+@pytest.mark.parametrize("k,n", [(64, 96), (576, 960), (1536, 576), (576, 4096)])
+def test_linear_rows_are_batch_invariant(k: int, n: int) -> None:
+    torch.manual_seed(k + n)
+    w, b, row = torch.randn(n, k) * 0.05, torch.randn(n), torch.randn(k)
+    outs = _in_batches(lambda x: bi.linear(x, w, b), row)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(outs[0], F.linear(row[None], w, b)[0], rtol=1e-5, atol=1e-5)
+    plain = _in_batches(lambda x: F.linear(x, w, b), row)  # what the mode is for: MKL's rows differ
+    assert not all(torch.equal(o, plain[0]) for o in plain)
+
+
+def test_row_reductions_are_batch_invariant() -> None:
+    torch.manual_seed(1)
+    row = torch.randn(49152) * 4
+    lse = _in_batches(lambda x: bi.logsumexp(x), row)
+    assert all(torch.equal(o, lse[0]) for o in lse)
+    torch.testing.assert_close(lse[0], row.logsumexp(0))
+    sm = _in_batches(lambda x: bi.softmax(x), row)
+    assert all(torch.equal(o, sm[0]) for o in sm)
+    torch.testing.assert_close(sm[0], row.softmax(0))
+    act = _in_batches(lambda x: bi.silu_and_mul(x), torch.randn(2 * 1000))
+    assert all(torch.equal(o, act[0]) for o in act)
+    g, u = torch.randn(2 * 1000).chunk(2)
+    torch.testing.assert_close(bi.silu_and_mul(torch.cat([g, u])[None])[0], F.silu(g) * u)
+
+
+class _Cache:
+    def __init__(self, tokens: int, hkv: int, d: int):
+        self.kb, self.vb = torch.randn(tokens, hkv, d), torch.randn(tokens, hkv, d)
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.kb
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.vb
+
+
+def _attend(backend, cache, r2t, rows, q_of) -> list[torch.Tensor]:
+    """Attention of ``rows`` = [(slot, start, n)] with queries ``q_of(slot)[start:start+n]``; per row."""
+    q = torch.cat([q_of(s)[a:a + n] for s, a, n in rows])
+    ctx = ForwardContext(input_ids=torch.zeros(q.shape[0], dtype=torch.int64), positions=torch.zeros(0),
+                         out_cache_loc=torch.zeros(0), slots=[r[0] for r in rows], starts=[r[1] for r in rows],
+                         extend_lens=[r[2] for r in rows], logits_indices=torch.zeros(0), req_to_token=r2t,
+                         kv_cache=cache, attn_backend=backend)
+    ctx.attn_meta = backend.init_forward(ctx)
+    out = backend.attend(q, SimpleNamespace(layer_id=0, scaling=0.125), ctx)
+    return list(out.split([r[2] for r in rows]))
+
+
+def test_attention_is_batch_and_chunk_invariant() -> None:
+    """One request's 150 positions: whole, in uneven chunks, one query at a time (decode), and each
+    of those beside other rows: every query's output bit-identical, and close to SDPA's."""
+    torch.manual_seed(2)
+    h, hkv, d, slots, ctx_len = 6, 2, 64, 8, 256
+    cache = _Cache(slots * ctx_len, hkv, d)
+    r2t = torch.randperm(slots * ctx_len).view(slots, ctx_len)
+    qs = {s: torch.randn(ctx_len, h, d) for s in range(slots)}
+    det = TorchDeterministicBackend()
+    whole = _attend(det, cache, r2t, [(0, 0, 150)], qs.__getitem__)[0]
+    ref = _attend(TorchNativeBackend(), cache, r2t, [(0, 0, 150)], qs.__getitem__)[0]
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    rng = random.Random(3)
+    for trial in range(4):
+        cuts = sorted(rng.sample(range(1, 150), 5 if trial < 3 else 148))
+        parts, prev = [], 0
+        for c in cuts + [150]:
+            others = [(s, rng.randrange(0, 60), rng.randrange(1, 40)) for s in range(1, 1 + rng.randrange(0, 7))]
+            rows = others + [(0, prev, c - prev)]
+            rng.shuffle(rows)
+            outs = _attend(det, cache, r2t, rows, qs.__getitem__)
+            parts.append(outs[rows.index((0, prev, c - prev))])
+            prev = c
+        assert torch.equal(torch.cat(parts), whole), trial
