@@ -34,7 +34,9 @@ class MemoryOccupation:
     def __init__(self, runner: "ModelRunner") -> None:
         self.runner = runner
         self.released: set[str] = set()
-        self.host_weights: dict[str, torch.Tensor] = {}  # model tensor name -> its host copy
+        # model tensor name -> its host copy; on a GPU the pinned buffers stay for the next cycle (RL loops
+        # release every step), so the host holds a copy of the weights from the first release on
+        self.host_weights: dict[str, torch.Tensor] = {}
         self.kv_shape: tuple[int, ...] = ()
         self.graphs_wanted = runner.graphs is not None
 
@@ -52,9 +54,10 @@ class MemoryOccupation:
                 if on_host:
                     self.host_weights[name] = t.data
                     continue
-                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                host = self.host_weights.get(name)  # kept from the last cycle: pinning 16 GB anew costs seconds
+                if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                    host = self.host_weights[name] = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
                 host.copy_(t, non_blocking=True)
-                self.host_weights[name] = host
             if not on_host:
                 torch.cuda.synchronize(r.device)
             for _, t in kept:
@@ -75,7 +78,7 @@ class MemoryOccupation:
         if "weights" in tags and "weights" in self.released:
             for name, t in _model_tensors(r.model):
                 if name in self.host_weights:
-                    t.data = self.host_weights.pop(name).to(r.device, non_blocking=True)
+                    t.data = self.host_weights[name].to(r.device, non_blocking=True)
             self.released.discard("weights")
         if "kv_cache" in tags and "kv_cache" in self.released:
             r.kv_cache.buf = torch.zeros(self.kv_shape, dtype=r.kv_cache.buf.dtype, device=r.device)
