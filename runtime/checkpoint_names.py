@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 
 def tensor_names(model_dir: str) -> Optional[set[str]]:
-    """Every tensor name of the directory's ``*.safetensors`` (None: none there)."""
+    """Every tensor name of the directory's ``*.safetensors`` (None: none there, or a header that
+    cannot be read: the loader reports a broken file with its own error)."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -21,8 +22,11 @@ def tensor_names(model_dir: str) -> Optional[set[str]]:
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     for path in files:
         with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            names |= set(json.loads(f.read(size))) - {"__metadata__"}
+            try:
+                (size,) = struct.unpack("<Q", f.read(8))
+                names |= set(json.loads(f.read(size))) - {"__metadata__"}
+            except (struct.error, ValueError):
+                return None
     return names if files else None
 
 

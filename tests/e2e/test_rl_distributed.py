@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_weight_updates import checkpoint, perturbed
+from test_weight_updates import assert_matches_hf, checkpoint, hf_reference, perturbed
 
 pytestmark = pytest.mark.e2e
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
@@ -50,22 +50,6 @@ def new_weights(default_model_dir, tmp_path_factory) -> str:
 
 def run_greedy(engine) -> list[dict]:
     return engine.generate(prompt=PROMPTS, sampling_params=GREEDY, return_logprob=True)
-
-
-def hf_reference(model_dir: str, hf_tokenizer) -> list[tuple[list[int], list[float]]]:
-    """transformers' greedy tokens and their logprobs on the checkpoint in ``model_dir``."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for p in PROMPTS:
-        ids = hf_tokenizer(p, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
-        toks = gen.sequences[0, ids.shape[1]:].tolist()
-        lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, toks)]
-        out.append((toks, lps))
-    return out
 
 
 class Trainer:
@@ -108,10 +92,7 @@ def test_a_trainer_broadcast_gives_transformers_tokens_and_logprobs(tp2, new_wei
         assert long["r"]["meta_info"]["weight_version"] == before[0]["meta_info"]["weight_version"]
         after = run_greedy(tp2)
         assert {r["meta_info"]["weight_version"] for r in after} != {before[0]["meta_info"]["weight_version"]}
-        for r, (toks, lps) in zip(after, hf_reference(new_weights, hf_tokenizer)):
-            assert r["output_ids"] == toks
-            got = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
-            assert max(abs(a - b) for a, b in zip(got, lps)) < 1e-4
+        assert_matches_hf(after, hf_reference(new_weights, hf_tokenizer))
         for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.3.self_attn.o_proj.weight",
                      "model.layers.2.mlp.gate_proj.weight", "model.norm.weight", "lm_head.weight"):
             got = torch.tensor(tp2.get_weights_by_name(name, truncate_size=4))  # both ranks' shards, put together

@@ -47,7 +47,8 @@ def updatable(default_model_dir):
     eng.shutdown()
 
 
-def hf_greedy(model_dir: str, hf_tokenizer) -> list[list[int]]:
+def hf_reference(model_dir: str, hf_tokenizer) -> list[tuple[list[int], list[float]]]:
+    """transformers' greedy tokens of PROMPTS and their logprobs on the checkpoint in ``model_dir``."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -55,9 +56,19 @@ def hf_greedy(model_dir: str, hf_tokenizer) -> list[list[int]]:
     for p in PROMPTS:
         ids = hf_tokenizer(p, return_tensors="pt").input_ids
         with torch.no_grad():
-            gen = model.generate(ids, max_new_tokens=8, do_sample=False)
-        out.append(gen[0, ids.shape[1]:].tolist())
+            gen = model.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        toks = gen.sequences[0, ids.shape[1]:].tolist()
+        out.append((toks, [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, toks)]))
     return out
+
+
+def assert_matches_hf(results: list[dict], reference: list[tuple[list[int], list[float]]]) -> None:
+    """Greedy tokens equal, logprobs within 1e-4 (results generated with ``return_logprob=True``)."""
+    for r, (toks, lps) in zip(results, reference):
+        assert r["output_ids"] == toks
+        got = [lp for lp, _, _ in r["meta_info"]["output_token_logprobs"]]
+        assert max(abs(a - b) for a, b in zip(got, lps)) < 1e-4
 
 
 def ids_of(engine) -> list[list[int]]:
@@ -70,8 +81,8 @@ def test_new_weights_give_transformers_tokens_and_the_old_ones_come_back(updatab
     new_dir = checkpoint(default_model_dir, tmp_path / "step1", perturbed)
     ok, message, paused = updatable.update_weights_from_disk(new_dir)
     assert (ok, paused) == (True, 0), message
-    after = updatable.generate(prompt=PROMPTS, sampling_params=GREEDY)
-    assert [r["output_ids"] for r in after] == hf_greedy(new_dir, hf_tokenizer)
+    after = updatable.generate(prompt=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+    assert_matches_hf(after, hf_reference(new_dir, hf_tokenizer))
     assert [r["output_ids"] for r in after] != before
     assert {r["meta_info"]["weight_version"] for r in after} == {"1"}
     ok, message, _ = updatable.update_weights_from_disk(default_model_dir, weight_version="base")
@@ -158,10 +169,11 @@ def test_update_from_tensors_whole_and_in_parts(updatable, default_model_dir, hf
     new_dir = checkpoint(default_model_dir, tmp_path / "step4", perturbed)
     new = load_file(os.path.join(new_dir, "model.safetensors"))
     old = load_file(os.path.join(default_model_dir, "model.safetensors"))
-    expected = hf_greedy(new_dir, hf_tokenizer)
+    reference = hf_reference(new_dir, hf_tokenizer)
+    expected = [toks for toks, _ in reference]
     ok, message = updatable.update_weights_from_tensor(list(new.items()))
     assert ok, message
-    assert ids_of(updatable) == expected
+    assert_matches_hf(updatable.generate(prompt=PROMPTS, sampling_params=GREEDY, return_logprob=True), reference)
     ok, message = updatable.update_weights_from_tensor(list(old.items()))  # back to the old weights
     assert ok, message
     names = sorted(new)

@@ -81,7 +81,7 @@ def _attend(backend, cache, r2t, rows, qs) -> list[torch.Tensor]:
                          slots=[r[0] for r in rows], starts=[r[1] for r in rows], extend_lens=[r[2] for r in rows],
                          logits_indices=z, req_to_token=r2t, kv_cache=cache, attn_backend=backend)
     ctx.attn_meta = backend.init_forward(ctx)
-    return list(backend.attend(q, SimpleNamespace(layer_id=0, scaling=0.125), ctx).split([r[2] for r in rows]))
+    return list(backend.attend(q, SimpleNamespace(layer_id=0, scaling=0.125, sliding_window=None, logit_cap=None), ctx).split([r[2] for r in rows]))
 
 
 def check_attention(device: str, dtype: torch.dtype, h: int, hkv: int, d: int, length: int, trials: int) -> str:
