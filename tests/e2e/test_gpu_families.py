@@ -15,28 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_helpers import (build_random_model, first_differences, hf_generate, needs_gpus, random_prompts, shape_dir,
-                         treadle_run)
-from test_gpu_parity import BF16_TOL, HF_INIT, WIDE_INIT, logits_errors
+from gpu_helpers import first_differences, hf_generate, needs_gpus, random_prompts, treadle_run
+from test_gpu_parity import BF16_TOL, HF_INIT, WIDE_INIT, logits_errors, random_model  # noqa: F401 (a fixture)
 
 pytestmark = [*needs_gpus(1), pytest.mark.e2e]
 
 MINI = ["qwen3-mini", "phi3-mini-longrope", "llama-yarn-bias-mini"]
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    built: dict[tuple[str, float], str] = {}
-
-    def get(shape: str, init_range: float) -> str:
-        if (shape, init_range) not in built:
-            root = tmp_path_factory.mktemp(f"{shape}-init{init_range}")
-            out = str(root / "model")
-            build_random_model(shape_dir(shape, str(root / "config")), out, init_range)
-            built[shape, init_range] = out
-        return built[shape, init_range]
-
-    return get
 
 
 @pytest.mark.parametrize("shape", MINI + ["qwen3-8b"])

@@ -47,15 +47,21 @@ def make_window_model(family: str, out_dir: str, tokenizer_dir: str, seed: int =
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    _spread_norms_and_save(hf, tok, out_dir)
+    for extra in glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
+        shutil.copy(extra, out_dir)
+    return hf
+
+
+def _spread_norms_and_save(hf, tok, out_dir: str) -> None:
+    """Norm gains drawn around 0 (Gemma's ``(1 + w)`` would hide a missing offset at w = 0), then
+    the model and tokenizer saved as transformers saves them."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.3)
     hf.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    for extra in glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
-        shutil.copy(extra, out_dir)
-    return hf
 
 
 @contextmanager
@@ -99,10 +105,5 @@ def make_gemma3_multimodal(out_dir: str, tokenizer_dir: str, seed: int = 0):
                        image_token_index=n - 1, boi_token_index=n - 3, eoi_token_index=n - 2)
     torch.manual_seed(seed)
     hf = Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.3)
-    hf.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    _spread_norms_and_save(hf, tok, out_dir)
     return hf

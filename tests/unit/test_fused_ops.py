@@ -170,7 +170,7 @@ for _h, _hd, _t in ((3, 64, 1), (8, 128, 7), (2, 80, 33), (1, 64, 0)):
     CASES[f"store_kv-h{_h}-d{_hd}-T{_t}"] = kv_case(_h, _hd, _t)
 
 
-def _check(pair: Pair, **tol) -> str:
+def check_pair(pair: Pair, **tol) -> str:
     """'' when the fused outputs match the torch ones, else assert_close's message."""
     got, want = pair
     try:
@@ -203,7 +203,7 @@ _TOL = {torch.float32: {}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_kernel_matches_torch(name: str, dtype: torch.dtype):
-    msg = _check(CASES[name]("cuda", dtype), **_TOL[dtype])
+    msg = check_pair(CASES[name]("cuda", dtype), **_TOL[dtype])
     assert msg == "", msg
 
 
@@ -212,7 +212,7 @@ def test_cuda_kernel_matches_torch(name: str, dtype: torch.dtype):
 @needs_cuda
 def test_cuda_rope_kv_into_fp8_cache(cache_dtype: torch.dtype):
     """An FP8 cache gets the same bytes from the fused kernel as from rounding torch's bf16 K/V."""
-    msg = _check(rope_kv_case(128, 32, 8, 7, cache_dtype)("cuda", torch.bfloat16), atol=0, rtol=0)
+    msg = check_pair(rope_kv_case(128, 32, 8, 7, cache_dtype)("cuda", torch.bfloat16), atol=0, rtol=0)
     assert msg == "", msg
 
 
@@ -221,7 +221,7 @@ def test_cuda_rope_kv_into_fp8_cache(cache_dtype: torch.dtype):
 @needs_cuda
 def test_cuda_rope_bf16_same_bits_as_torch(name: str):
     """RoPE rounds each product as the torch code does, so in bf16 it gives the very same bits."""
-    msg = _check(CASES[name]("cuda", torch.bfloat16), atol=0, rtol=0)
+    msg = check_pair(CASES[name]("cuda", torch.bfloat16), atol=0, rtol=0)
     assert msg == "", msg
 
 
@@ -261,7 +261,7 @@ def test_cuda_graph_replay():
 
 if __name__ == "__main__":  # the interpreter child of `interpreted`
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
-    results = {name: _check(case("cpu", torch.float32)) for name, case in CASES.items()}
-    results.update({f"{name}-bf16-bits": _check(case("cpu", torch.bfloat16), atol=0, rtol=0)
+    results = {name: check_pair(case("cpu", torch.float32)) for name, case in CASES.items()}
+    results.update({f"{name}-bf16-bits": check_pair(case("cpu", torch.bfloat16), atol=0, rtol=0)
                     for name, case in CASES.items() if name.startswith("rope")})
     print(json.dumps(results))

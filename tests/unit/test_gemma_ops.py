@@ -12,11 +12,9 @@ from typing import Callable
 import pytest
 import torch
 
-from test_fused_ops import rope_kv_case
+from test_fused_ops import Pair, check_pair, rope_kv_case
 from treadle.gpu_worker.layers.activation import GeluAndMul
 from treadle.gpu_worker.layers.norm import GemmaRMSNorm
-
-Pair = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
 
 
 def _ops():
@@ -63,18 +61,6 @@ CASES["rope_kv-d256-q16-k8-T5"] = rope_kv_case(256, 16, 8, 5)
 CASES["gelu_mul-15360-T2"] = gelu_case(15360, 2)
 
 
-def _check(pair: Pair, **tol) -> str:
-    got, want = pair
-    try:
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            assert g.shape == w.shape and g.dtype == w.dtype, f"{g.shape} {g.dtype} vs {w.shape} {w.dtype}"
-            torch.testing.assert_close(g, w, **tol)
-    except AssertionError as e:
-        return str(e) or "mismatch"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def interpreted() -> dict[str, str]:
     from kernel_helpers import interpret_script
@@ -93,9 +79,9 @@ def test_interpreted_kernel_matches_torch(interpreted: dict[str, str], name: str
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_kernel_matches_torch(name: str, dtype: torch.dtype):
     tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    assert _check(CASES[name]("cuda", dtype), **tol) == ""
+    assert check_pair(CASES[name]("cuda", dtype), **tol) == ""
 
 
 if __name__ == "__main__":  # the interpreter run: float32 on the CPU, one JSON line of messages
-    print(json.dumps({name: _check(case("cpu", torch.float32), atol=1e-5, rtol=1e-5) for name, case in CASES.items()}))
+    print(json.dumps({name: check_pair(case("cpu", torch.float32), atol=1e-5, rtol=1e-5) for name, case in CASES.items()}))
     sys.exit(0)
