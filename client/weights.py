@@ -26,7 +26,7 @@ from treadle.runtime.messages import (
     ResumeMemoryOccupation, TensorRef, UpdateWeightsFromDisk, UpdateWeightsFromDistributed, UpdateWeightsFromTensor,
 )
 from treadle.runtime.model_files import resolve_model_files
-from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.server_args import ServerArgs, check_int
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -51,13 +51,6 @@ def _dtype_name(dtype: Any, i: int) -> str:
     if not isinstance(dtype, (str, torch.dtype)) or not isinstance(getattr(torch, name, None), torch.dtype):
         raise ValueError(f"dtypes[{i}] must be a torch dtype or its name, got {dtype!r}.")
     return name
-
-
-def _int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int {bounds}, got {value!r}.")
-    return value
 
 
 class WeightUpdates:
@@ -121,10 +114,10 @@ class WeightUpdates:
         trainer's rank 0 has joined too."""
         if not isinstance(master_address, str) or not master_address:
             raise ValueError(f"master_address must be a non-empty string, got {master_address!r}.")
-        _int(master_port, "master_port", 1, 65535)
-        _int(rank_offset, "rank_offset", 1)
+        check_int("master_port", master_port, 1, 65535)
+        check_int("rank_offset", rank_offset, 1)
         workers = self.server_args.dp_size * self.server_args.tp_size * self.server_args.pp_size
-        _int(world_size, "world_size", rank_offset + workers)
+        check_int("world_size", world_size, rank_offset + workers)
         if not isinstance(group_name, str) or not group_name:
             raise ValueError(f"group_name must be a non-empty string, got {group_name!r}.")
         if backend not in ("nccl", "gloo"):
@@ -195,8 +188,7 @@ class WeightUpdates:
         """The checkpoint tensor ``name``'s first ``truncate_size`` rows, as float32 lists."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}.")
-        if isinstance(truncate_size, bool) or not isinstance(truncate_size, int) or truncate_size < 1:
-            raise ValueError(f"truncate_size must be a positive int, got {truncate_size!r}.")
+        check_int("truncate_size", truncate_size, 1)
         out = self.control.first(GetWeightsByName(name=name, truncate_size=truncate_size))
         if "error" in out:
             raise (NotImplementedError if out["kind"] == "not_implemented" else ValueError)(out["error"])

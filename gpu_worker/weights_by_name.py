@@ -36,18 +36,27 @@ def weights_by_name(model: nn.Module, name: str, truncate_size: int, model_confi
 
 def _read(model: nn.Module, name: str, truncate_size: int) -> list[Any]:
     params = dict(model.named_parameters(remove_duplicate=False))
-    if name == "lm_head.weight" and getattr(model, "tied", False):
-        name = "model.embed_tokens.weight"  # a tied head is the embedding
-    tensor = params.get(name)
-    for fused, hf, shard in getattr(model, "stacked_params", ()):
-        if tensor is None and f".{hf}." in name:
-            fused_name = name.replace(f".{hf}.", f".{fused}.")
-            if fused_name in params:
-                module = model.get_submodule(fused_name.rsplit(".", 1)[0])
-                tensor = params[fused_name].narrow(0, *_rows_of(module, shard))
-    if tensor is None:
+    target, shard = _target(model, params, name)
+    if target is None:
         raise ValueError(f"get_weights_by_name: the model has no weight named {name!r}")
+    tensor = params[target]
+    if shard is not None:
+        tensor = tensor.narrow(0, *_rows_of(model.get_submodule(target.rsplit(".", 1)[0]), shard))
     return tensor.detach()[:truncate_size].to("cpu", torch.float32).tolist()
+
+
+def _target(model: nn.Module, params: dict[str, nn.Parameter], name: str) -> tuple[Optional[str], Any]:
+    """The parameter that holds checkpoint tensor ``name`` and, for a fused one, the shard id the
+    weight loaders know it by (None: the whole parameter); ``(None, None)`` if this rank has none."""
+    if name in params:
+        return name, None
+    if name == "lm_head.weight" and getattr(model, "tied", False):
+        return ("model.embed_tokens.weight" if "model.embed_tokens.weight" in params else None), None
+    for fused, hf, shard in getattr(model, "stacked_params", ()):
+        if f".{hf}." in name:
+            fused_name = name.replace(f".{hf}.", f".{fused}.")
+            return (fused_name if fused_name in params else None), shard
+    return None, None
 
 
 def _rows_of(module: nn.Module, shard: Any) -> tuple[int, int]:
@@ -90,16 +99,10 @@ def _local_part(model: nn.Module, name: str, shape: tuple[int, ...]
     """This rank's values of checkpoint tensor ``name`` with their (1-based) row and column ids,
     found by loading index tensors through the parameter's weight loader; None if it has none."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    target, shard = name, None
-    if name == "lm_head.weight" and getattr(model, "tied", False) and "lm_head.weight" not in params:
-        target = "model.embed_tokens.weight"
-    for fused, hf, sid in getattr(model, "stacked_params", ()):
-        if f".{hf}." in name:
-            target, shard = name.replace(f".{hf}.", f".{fused}."), sid
-            break
-    param = params.get(target)
-    if param is None:
+    target, shard = _target(model, params, name)
+    if target is None:
         return None
+    param = params[target]
     loader = getattr(param, "weight_loader", None)
     rows, cols = shape[0], (shape[1] if len(shape) == 2 else 1)
     row_full = torch.arange(1, rows + 1, dtype=torch.int32).view(-1, *([1] if len(shape) == 2 else []))

@@ -150,8 +150,8 @@ class ServerArgs(SGLangOnlyArgs):
         if self.device is not None and not (self.device in DEVICES or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
         for name in ("tp_size", "dp_size", "pp_size", "nnodes", "stream_interval", "max_loras_per_batch"):
-            _int(name, getattr(self, name), lo=1)
-        _int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
+            check_int(name, getattr(self, name), lo=1)
+        check_int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
         if (self.tp_size * self.pp_size) % self.nnodes:
             raise ValueError(f"tp_size * pp_size ({self.tp_size * self.pp_size}) must be divisible by nnodes "
                              f"({self.nnodes}): every node runs the same number of worker ranks.")
@@ -159,19 +159,19 @@ class ServerArgs(SGLangOnlyArgs):
             raise ValueError("dist_init_addr ('host:port' of node 0) is required when nnodes > 1.")
         if self.dist_init_addr is not None:
             split_addr(self.dist_init_addr)
-        _int("base_gpu_id", self.base_gpu_id, lo=0)
-        _int("gpu_id_step", self.gpu_id_step, lo=1)
-        _int("context_length", self.context_length, lo=2, optional=True)
-        _int("max_total_tokens", self.max_total_tokens, lo=16, optional=True)
-        _int("max_running_requests", self.max_running_requests, lo=1, optional=True)
-        _int("max_queued_requests", self.max_queued_requests, lo=1, optional=True)
-        _int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
-        _int("page_size", self.page_size, lo=1, optional=True)
-        _int("cuda_graph_max_bs", self.cuda_graph_max_bs, lo=1, optional=True)
-        _int("random_seed", self.random_seed, lo=0, optional=True)
-        _int("log_requests_level", self.log_requests_level, lo=0, hi=3)
+        check_int("base_gpu_id", self.base_gpu_id, lo=0)
+        check_int("gpu_id_step", self.gpu_id_step, lo=1)
+        check_int("context_length", self.context_length, lo=2, optional=True)
+        check_int("max_total_tokens", self.max_total_tokens, lo=16, optional=True)
+        check_int("max_running_requests", self.max_running_requests, lo=1, optional=True)
+        check_int("max_queued_requests", self.max_queued_requests, lo=1, optional=True)
+        check_int("max_prefill_tokens", self.max_prefill_tokens, lo=1)
+        check_int("page_size", self.page_size, lo=1, optional=True)
+        check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, lo=1, optional=True)
+        check_int("random_seed", self.random_seed, lo=0, optional=True)
+        check_int("log_requests_level", self.log_requests_level, lo=0, hi=3)
         if self.chunked_prefill_size is not None:
-            _int("chunked_prefill_size", self.chunked_prefill_size)
+            check_int("chunked_prefill_size", self.chunked_prefill_size)
             if self.chunked_prefill_size < 1 and self.chunked_prefill_size != -1:
                 raise ValueError(f"chunked_prefill_size must be -1 (off) or at least 1, got {self.chunked_prefill_size}.")
         if self.mem_fraction_static is not None:
@@ -298,7 +298,8 @@ def _choice(name: str, v: Any, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {shown}, got {v!r}.")
 
 
-def _int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None, optional: bool = False) -> None:
+def check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None, optional: bool = False) -> None:
+    """A ``ValueError`` naming ``name`` unless ``v`` is an int (not a bool) in ``[lo, hi]``."""
     if v is None and optional:
         return
     if isinstance(v, bool) or not isinstance(v, int):

@@ -44,7 +44,7 @@ class SchedulerLoop:
         self.sent_at: dict[int, float] = {}  # step -> when its plan left (for the step-time stats)
         self.last_result_at = 0.0
         self.deferred: collections.deque[Any] = collections.deque()  # inputs that wait for the step's end
-        self.weight_update: Optional[Call] = None  # a DRAINING_CALLS call: waits for the running requests to end
+        self.drained_call: Optional[Call] = None  # a DRAINING_CALLS call: waits for the running requests to end
         tokenizer = load_tokenizer_of(spec.files, self.args)  # None with skip_tokenizer_init (no stop strings then)
         self.worker_info = msgspec.convert(self.worker_call(GetWorkerInfo()), WorkerInfo)
         hidden_size = int(load_config(spec.files.model_dir).get("hidden_size", 0))
@@ -77,7 +77,7 @@ class SchedulerLoop:
         while self.running:
             self.drain_inputs(block=self.sched.is_idle() and not self.sched.plans_in_flight)
             self.flush_outputs()  # answers to aborts and refusals go now, not after the next step
-            if self.weight_update is not None and not self.sched.running and not self.sched.plans_in_flight:
+            if self.drained_call is not None and not self.sched.running and not self.sched.plans_in_flight:
                 self.run_drained_call()
             plan = self.sched.schedule() if len(self.sched.plans_in_flight) < depth else None
             if plan is not None:
@@ -187,7 +187,7 @@ class SchedulerLoop:
             if refusal:
                 self.inbox.send(Reply(call_id=msg.call_id, ok=True, result={"success": False, "message": refusal}))
             else:  # answered once the running requests end (run_drained_call); new ones wait meanwhile
-                self.weight_update, self.sched.admission_paused = msg, True
+                self.drained_call, self.sched.admission_paused = msg, True
         elif isinstance(msg, ResumeMemoryOccupation):
             self.inbox.send(self.resume_memory(msg))
         elif isinstance(msg, Call):
@@ -197,7 +197,7 @@ class SchedulerLoop:
 
     def refusal(self, call: Call) -> str:
         """Why a draining call cannot run now ("" if it can)."""
-        if self.weight_update is not None:
+        if self.drained_call is not None:
             return "Another weight update or memory release is in progress."
         if isinstance(call, WEIGHT_UPDATES) and "weights" in self.sched.released:
             return "The weights are released (release_memory_occupation): resume_memory_occupation first."
@@ -206,7 +206,7 @@ class SchedulerLoop:
     def run_drained_call(self) -> None:
         """A weight update or memory release, now that no request runs (as SGLang's default: new
         requests waited, running ones finished on the old weights)."""
-        call, self.weight_update = self.weight_update, None
+        call, self.drained_call = self.drained_call, None
         result = self.release_memory(call) if isinstance(call, ReleaseMemoryOccupation) else self.update_weights(call)
         self.sched.admission_paused = bool(self.sched.released)
         self.inbox.send(Reply(call_id=call.call_id, ok=True, result=result))
@@ -239,7 +239,7 @@ class SchedulerLoop:
         except WorkerCallError as e:
             return Reply(call_id=call.call_id, ok=False, error=f"Failed to resume memory: {e}")
         self.sched.released -= set(call.tags)
-        self.sched.admission_paused = bool(self.sched.released) or self.weight_update is not None
+        self.sched.admission_paused = bool(self.sched.released) or self.drained_call is not None
         return Reply(call_id=call.call_id, ok=True, result=result)
 
     def flush_outputs(self) -> None:
