@@ -13,7 +13,7 @@
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
 #   deterministic  enable_deterministic_inference: its kernels' and the engine's GPU tests      one GPU
 #   bench_b1   gpu_bench.py part a (batch 1), SHAPES (default: llama8b smollm2), no HF baseline
-#   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), 8B shape
+#   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), CI_SHAPES (default: llama8b)
 #   bench_all  gpu_bench.py parts a-e with HF baselines, both shapes (about 8 minutes)
 #   bench_mm   mm_bench.py (LLaVA-1.5-7B shape)
 #   trace      part b on 200 prompts with steps 600-640 traced, then tools/trace_summary.py
@@ -61,7 +61,9 @@ for suite in "$@"; do
     bench_b1) for shape in ${SHAPES:-llama8b smollm2}; do
                 run_bench 100 bench/gpu_bench.py --shape $shape --parts a --skip-hf
               done ;;
-    bench_ci) run_bench 230 bench/gpu_bench.py --shape llama8b --parts b --skip-hf --ci-prompts "${CI_PROMPTS:-500}" ;;
+    bench_ci) for shape in ${CI_SHAPES:-llama8b}; do
+                run_bench 230 bench/gpu_bench.py --shape $shape --parts b --skip-hf --ci-prompts "${CI_PROMPTS:-500}"
+              done ;;
     bench_all) run_bench 130 bench/gpu_bench.py --shape smollm2
                run_bench 330 bench/gpu_bench.py --shape llama8b ;;
     bench_mm) run_bench 300 bench/mm_bench.py ;;
