@@ -63,7 +63,7 @@ def checkpoint_rows(layer: LinearBase, shard_id: Any) -> int:
 
 
 def _read(full: Any) -> torch.Tensor:
-    return full if isinstance(full, torch.Tensor) else full[:]  # a loader.CheckpointTensor: read it whole
+    return full if isinstance(full, torch.Tensor) else full[...]  # a loader.CheckpointTensor read whole (0-d too)
 
 
 def _dtype(full: Any) -> torch.dtype:
@@ -116,7 +116,11 @@ def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
             own(param, s, shard_id)
 
     layer.weight = _param(torch.empty(n, k, dtype=FP8, device=device), load_weight)
-    layer.weight_scale = _param(torch.ones(scale_shape, dtype=torch.float32, device=device), load_scale)
+    scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
+    if scheme.dynamic:  # filled with the weight, not read from the checkpoint
+        layer.register_buffer("weight_scale", scale, persistent=False)
+    else:
+        layer.weight_scale = _param(scale, load_scale)
     layer.quant = Fp8Linear(layer.weight, layer.weight_scale, group)
     layer.quant.dtype = torch.get_default_dtype()  # the model's (models are built under it): for float again
 

@@ -13,11 +13,13 @@ On CUDA (``apply``):
 - more tokens with per-row scales: activations quantized per token by one Triton kernel, then
   ``torch._scaled_mm`` (cuBLASLt's FP8 GEMM with row-wise scales).
 Each allocates only its output (CUDA-graph safe: no host synchronization). Off CUDA the product
-is the dequantized weight's (a reference for tests: CPU engines dequantize FP8 weights at load).
+is the dequantized weight's (CPU engines dequantize FP8 weights at load, so only tests get here),
+and the kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -28,6 +30,7 @@ from treadle.gpu_worker.layers import triton_fp8
 FP8 = torch.float8_e4m3fn
 FP8_MAX, MIN_SCALE = triton_fp8.FP8_MAX, triton_fp8.MIN_SCALE
 SKINNY_MAX = 16  # decode batches up to this many tokens keep their activations unrounded (W8A16)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the kernels' tests
 
 
 @torch.no_grad()
@@ -68,7 +71,7 @@ class Fp8Linear:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         m = x2.shape[0]
-        if not x.is_cuda or m == 0:
+        if m == 0 or not (x.is_cuda or INTERPRETED):
             y = F.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
         elif m == 1:
             y = triton_fp8.gemv(x2, self.weight, self.scales_2d, self.group, bias)
