@@ -164,6 +164,12 @@ def fp8_layers(model: nn.Module) -> list[LinearBase]:
     return [m for m in model.modules() if isinstance(m, LinearBase) and "quant" in m.__dict__]
 
 
+def use_pdl(model: nn.Module, pdl: bool) -> None:
+    """The FP8 layers' one-token GEMVs launch with PDL too (``model_loader.select_gemv``)."""
+    for layer in fp8_layers(model):
+        layer.quant.pdl = pdl
+
+
 def checkpoint_tensors(weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
     """The checkpoint's tensors under the parameters' names (``weight_scale_inv`` is ``weight_scale``),
     static activation scales left out."""

@@ -119,6 +119,7 @@ def select_gemv(model: ModelBase, device: torch.device, gemv_backend: Optional[s
     pdl = pdl_supported(device)
     if device.type == "cuda" and (gemv_backend == "triton" or gemv_backend is None and pdl):
         use_triton_gemv(model, pdl)
+        fp8.use_pdl(model, pdl)  # FP8 layers always take their own Triton GEMV; PDL as the others
 
 
 def claim_device(name: str) -> torch.device:

@@ -9,9 +9,11 @@ is 4 bytes a row (per-tensor, per-row) or a row per 128 columns (blocks: 3% of t
 
 On CUDA (``apply``):
 - one token: the Triton GEMV (``triton_fp8.gemv``), reading half of bf16's bytes;
-- up to ``SKINNY_MAX`` tokens, and every batch of block-scaled weights: the Triton W8A16 GEMM;
+- up to ``SKINNY_MAX`` tokens: the Triton W8A16 GEMM (activations not rounded);
 - more tokens with per-row scales: activations quantized per token by one Triton kernel, then
-  ``torch._scaled_mm`` (cuBLASLt's FP8 GEMM with row-wise scales).
+  ``torch._scaled_mm`` (cuBLASLt's FP8 GEMM with row-wise scales);
+- more tokens with block scales: activations quantized per token and block of columns, then the
+  Triton FP8 x FP8 GEMM that applies both scales per K tile.
 Each allocates only its output (CUDA-graph safe: no host synchronization). Off CUDA the product
 is the dequantized weight's (CPU engines dequantize FP8 weights at load, so only tests get here),
 and the kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -64,6 +66,8 @@ class Fp8Linear:
         n, k = weight.shape
         self.scales_2d = scale.view(n, 1) if self.per_row else scale  # the kernels' [N, KB] view
         self.scaled_mm = self.per_row and n % 16 == 0 and k % 16 == 0  # cuBLASLt's FP8 shape rule
+        self.block_fp8 = not self.per_row and group >= 32  # FP8 tensor-core tiles are 32 columns deep
+        self.pdl = False  # the GEMV launched with PDL (fp8.use_pdl, where the model's GEMVs use it)
 
     def apply(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         n, k = self.weight.shape
@@ -74,13 +78,16 @@ class Fp8Linear:
         if m == 0 or not (x.is_cuda or INTERPRETED):
             y = F.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
         elif m == 1:
-            y = triton_fp8.gemv(x2, self.weight, self.scales_2d, self.group, bias)
+            y = triton_fp8.gemv(x2, self.weight, self.scales_2d, self.group, bias, self.pdl)
         elif self.scaled_mm and m > SKINNY_MAX and x.dtype == torch.bfloat16:
             xq, xs = triton_fp8.quant_rows(x2)
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs.view(m, 1), scale_b=self.scale.view(1, n),
                                  out_dtype=x.dtype)
             if bias is not None:
                 y = y + bias
+        elif self.block_fp8 and m > SKINNY_MAX and x.dtype != torch.float32:  # (float32 models: W8A16)
+            xq, xs = triton_fp8.quant_groups(x2, self.group)
+            y = triton_fp8.gemm(xq, self.weight, self.scales_2d, self.group, bias, xs, x.dtype)
         else:
             y = triton_fp8.gemm(x2, self.weight, self.scales_2d, self.group, bias)
         return y.reshape(*x.shape[:-1], n)

@@ -138,15 +138,40 @@ def run_cases(device: str, dtype: torch.dtype, cases: list) -> list[str]:
     return failures
 
 
+def run_fp8_x_fp8(device: str, dtype: torch.dtype) -> list[str]:
+    """The GEMM's FP8 x FP8 form (block scales) on activations quantized per 32 columns by torch."""
+    from fp8_checkpoints import BLOCK
+    from treadle.gpu_worker.layers.triton_fp8 import gemm
+
+    failures, gen = [], torch.Generator().manual_seed(4)
+    for m, n, k in ((20, 48, 96), (37, 40, 100)):
+        layer, deq = _weights(n, k, "block", gen, device)
+        x = torch.randn(m, k, generator=gen).to(device)
+        kb = -(-k // BLOCK)
+        xs = torch.nn.functional.pad(x, (0, kb * BLOCK - k)).reshape(m, kb, BLOCK).abs().amax(2) / 448
+        xq = (x / xs.repeat_interleave(BLOCK, 1)[:, :k]).to(torch.float8_e4m3fn)
+        want = (xq.float() * xs.repeat_interleave(BLOCK, 1)[:, :k]) @ deq.T
+        got = gemm(xq, layer.weight, layer.scales_2d, BLOCK, None, xs, dtype).float()
+        err, tol = (got - want).abs().max().item(), 1e-4 if dtype == torch.float32 else 1e-2 * want.abs().max().item()
+        if not err <= tol:
+            failures.append(f"FP8 x FP8 M={m} N={n} K={k}: max error {err:.3g} > {tol:.3g}")
+    return failures
+
+
 def run_quant_rows(device: str) -> list[str]:
-    from treadle.gpu_worker.layers.triton_fp8 import quant_rows
+    from treadle.gpu_worker.layers.triton_fp8 import quant_groups, quant_rows
 
     x = torch.randn(7, 300, generator=torch.Generator().manual_seed(1)).to(device)
     x[3] = 0.0
     q, s = quant_rows(x)
     back = q.float() * s[:, None]
-    ok = torch.allclose(back, x, rtol=2**-3, atol=1e-6) and torch.allclose(s[:3], x[:3].abs().amax(1) / 448)
-    return [] if ok else [f"quant_rows: max error {(back - x).abs().max().item():.3g}"]
+    ok = torch.allclose(back, x, rtol=2**-4, atol=1e-6) and torch.allclose(s[:3], x[:3].abs().amax(1) / 448)
+    failures = [] if ok else [f"quant_rows: max error {(back - x).abs().max().item():.3g}"]
+    q, s = quant_groups(x, 32)  # 300 columns: 10 groups, the last one short
+    back = q.float() * s.repeat_interleave(32, 1)[:, :300]
+    if s.shape != (7, 10) or not torch.allclose(back, x, rtol=2**-4, atol=1e-6):
+        failures.append(f"quant_groups: max error {(back - x).abs().max().item():.3g}")
+    return failures
 
 
 def test_kernels_in_the_triton_interpreter():
@@ -159,7 +184,7 @@ def test_kernels_in_the_triton_interpreter():
 def test_gpu_kernels_match_dequantize_then_matmul(form):
     cases = [(m, n, k, form, bias) for m in GPU_MS for n, k, bias in ((4096, 4096, False), (1024, 576, True))]
     assert run_cases("cuda", torch.bfloat16, cases) == []
-    assert run_quant_rows("cuda") == []
+    assert run_quant_rows("cuda") == [] and run_fp8_x_fp8("cuda", torch.bfloat16) == []
 
 
 @pytest.mark.gpu
@@ -181,10 +206,26 @@ def test_gpu_fp8_products_replay_in_a_cuda_graph():
                 torch.testing.assert_close(y.float(), want, atol=3e-2 * want.abs().max().item(), rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp8_gemv_with_pdl_gives_the_same_bits():
+    from treadle.gpu_worker.layers.pdl import pdl_supported
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("no PDL on this GPU / Triton")
+    gen = torch.Generator().manual_seed(3)
+    for form in ("channel", "block"):
+        layer, _ = _weights(4096, 4096, form, gen, "cuda")
+        x = torch.randn(1, 4096, generator=gen).to("cuda", torch.bfloat16)
+        plain = layer.apply(x, None)
+        layer.pdl = True
+        assert torch.equal(layer.apply(x, None), plain)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # fp8_checkpoints
     # (quant_rows only on CUDA: the interpreter's float -> e4m3 cast drops the carry into the exponent, 127.7 -> 64)
-    print(json.dumps(run_cases("cpu", torch.float32, KERNEL_CASES)))
+    print(json.dumps(run_cases("cpu", torch.float32, KERNEL_CASES) + run_fp8_x_fp8("cpu", torch.float32)))
