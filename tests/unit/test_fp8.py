@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kernel_helpers import interpret_script
+from treadle.gpu_worker.layers.fp8_linear import MIN_SCALE, SKINNY_MAX
 from treadle.runtime.fp8_config import Fp8Scheme, fp8_params
 
 # (M, N, K, scale form, bias); block forms use 32-wide blocks and K/N that are not multiples of them
@@ -121,17 +122,30 @@ def _weights(n: int, k: int, form: str, gen: torch.Generator, device: str):
     return Fp8Linear(q.to(device), scale.to(device), group), deq.to(device)
 
 
+def rounded_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` as the FP8 products see it: rounded to e4m3 per token and ``group`` columns."""
+    m, k = x.shape
+    kb = -(-k // group)
+    s = torch.nn.functional.pad(x, (0, kb * group - k)).reshape(m, kb, group).abs().amax(2) / 448
+    s = s.clamp(min=MIN_SCALE).repeat_interleave(group, 1)[:, :k]
+    return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+
+
 def run_cases(device: str, dtype: torch.dtype, cases: list) -> list[str]:
+    from fp8_checkpoints import BLOCK
+
     failures = []
     gen = torch.Generator().manual_seed(0)
     for m, n, k, form, has_bias in cases:
         layer, deq = _weights(n, k, form, gen, device)
         x = torch.randn(m, k, generator=gen).to(device, dtype)
         bias = torch.randn(n, generator=gen).to(device, dtype) if has_bias else None
-        want = x.float() @ deq.T + (bias.float() if has_bias else 0)
+        xr = x.float()
+        if dtype != torch.float32 and m > SKINNY_MAX:  # the FP8 x FP8 paths round activations per token (group)
+            xr = rounded_activations(xr, BLOCK if form == "block" else k)
+        want = xr @ deq.T + (bias.float() if has_bias else 0)
         got = layer.apply(x, bias).float()
-        # activation rounding (the _scaled_mm path quantizes activations per token) and bf16 outputs
-        tol = 3e-2 * want.abs().max().item() + 1e-4 if dtype == torch.bfloat16 else 1e-4
+        tol = 1e-2 * want.abs().max().item() + 1e-3 if dtype == torch.bfloat16 else 1e-4  # bf16 outputs
         err = (got - want).abs().max().item()
         if got.shape != (m, n) or not err <= tol:
             failures.append(f"M={m} N={n} K={k} {form} bias={has_bias}: max error {err:.3g} > {tol:.3g}")
@@ -150,7 +164,7 @@ def run_fp8_x_fp8(device: str, dtype: torch.dtype) -> list[str]:
         kb = -(-k // BLOCK)
         xs = torch.nn.functional.pad(x, (0, kb * BLOCK - k)).reshape(m, kb, BLOCK).abs().amax(2) / 448
         xq = (x / xs.repeat_interleave(BLOCK, 1)[:, :k]).to(torch.float8_e4m3fn)
-        want = (xq.float() * xs.repeat_interleave(BLOCK, 1)[:, :k]) @ deq.T
+        want = rounded_activations(x, BLOCK) @ deq.T
         got = gemm(xq, layer.weight, layer.scales_2d, BLOCK, None, xs, dtype).float()
         err, tol = (got - want).abs().max().item(), 1e-4 if dtype == torch.float32 else 1e-2 * want.abs().max().item()
         if not err <= tol:
@@ -165,11 +179,11 @@ def run_quant_rows(device: str) -> list[str]:
     x[3] = 0.0
     q, s = quant_rows(x)
     back = q.float() * s[:, None]
-    ok = torch.allclose(back, x, rtol=2**-4, atol=1e-6) and torch.allclose(s[:3], x[:3].abs().amax(1) / 448)
+    ok = torch.allclose(back, x, rtol=2**-4, atol=2e-5) and torch.allclose(s[:3], x[:3].abs().amax(1) / 448)
     failures = [] if ok else [f"quant_rows: max error {(back - x).abs().max().item():.3g}"]
     q, s = quant_groups(x, 32)  # 300 columns: 10 groups, the last one short
     back = q.float() * s.repeat_interleave(32, 1)[:, :300]
-    if s.shape != (7, 10) or not torch.allclose(back, x, rtol=2**-4, atol=1e-6):
+    if s.shape != (7, 10) or not torch.allclose(back, x, rtol=2**-4, atol=2e-5):
         failures.append(f"quant_groups: max error {(back - x).abs().max().item():.3g}")
     return failures
 
@@ -202,8 +216,9 @@ def test_gpu_fp8_products_replay_in_a_cuda_graph():
             for seed in range(2):
                 x.copy_(torch.randn(m, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
                 graph.replay()
-                want = x.float() @ deq.T
-                torch.testing.assert_close(y.float(), want, atol=3e-2 * want.abs().max().item(), rtol=0)
+                xr = rounded_activations(x.float(), 32 if form == "block" else 4096) if m > SKINNY_MAX else x.float()
+                want = xr @ deq.T
+                torch.testing.assert_close(y.float(), want, atol=1e-2 * want.abs().max().item(), rtol=0)
 
 
 @pytest.mark.gpu
