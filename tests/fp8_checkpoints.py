@@ -43,7 +43,7 @@ def fp8_pack(w: torch.Tensor, form: str, block: int = BLOCK) -> tuple[torch.Tens
 
 QUANT_CONFIGS = {
     "tensor": {"quant_method": "fp8", "activation_scheme": "static"},
-    "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK]},
+    "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": None},
     "channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
                 "config_groups": {"group_0": {"targets": ["Linear"],
                                               "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
@@ -52,15 +52,16 @@ QUANT_CONFIGS = {
 }
 
 
-def tiny_llama(tokenizer_dir: str, seed: int = 0, num_layers: int = 2):
-    """A tiny random HF Llama (float32) with the test tokenizer's vocabulary."""
+def tiny_llama(tokenizer_dir: str, seed: int = 0, **overrides):
+    """A tiny random HF Llama (float32) with the test tokenizer's vocabulary; ``overrides`` of its
+    ``LlamaConfig`` (sizes) as keywords."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "initializer_range": 0.1, **overrides}
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **sizes)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval(), tok
 
@@ -84,16 +85,17 @@ def save_model(hf, tok, tokenizer_dir: str, out_dir: str, tensors: Optional[dict
         shutil.copy(extra, out_dir)
 
 
-def make_fp8_model(out_dir: str, tokenizer_dir: str, form: str, seed: int = 0):
-    """A tiny random Llama saved as an FP8 checkpoint of ``form`` (``QUANT_CONFIGS``); returns HF's
-    float32 model holding the dequantized weights: the reference the engine must match."""
-    hf, tok = tiny_llama(tokenizer_dir, seed)
+def make_fp8_model(out_dir: str, tokenizer_dir: str, form: str, seed: int = 0, block: int = BLOCK, **overrides):
+    """A tiny random Llama (``tiny_llama``) saved as an FP8 checkpoint of ``form`` (``QUANT_CONFIGS``;
+    ``block``: the block edge); returns HF's float32 model holding the dequantized weights: the
+    reference the engine must match."""
+    hf, tok = tiny_llama(tokenizer_dir, seed, **overrides)
     scale_name = "weight_scale_inv" if form == "block" else "weight_scale"
     tensors = {}
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("proj.weight"):
-                q, s, deq = fp8_pack(p.data, form)
+                q, s, deq = fp8_pack(p.data, form, block)
                 p.copy_(deq)
                 base = name[: -len(".weight")]
                 tensors.update({f"{base}.weight": q, f"{base}.{scale_name}": s})
@@ -101,5 +103,8 @@ def make_fp8_model(out_dir: str, tokenizer_dir: str, form: str, seed: int = 0):
                     tensors[f"{base}.input_scale"] = torch.tensor(0.05)
             else:
                 tensors[name] = p.data.clone()
-    save_model(hf, tok, tokenizer_dir, out_dir, tensors, QUANT_CONFIGS[form])
+    config = dict(QUANT_CONFIGS[form])
+    if form == "block":
+        config["weight_block_size"] = [block, block]
+    save_model(hf, tok, tokenizer_dir, out_dir, tensors, config)
     return hf
