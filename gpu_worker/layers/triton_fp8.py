@@ -136,16 +136,22 @@ def _k_tile(k: int, group: int, most: int) -> int:
     return tile if group >= k else min(tile, group)
 
 
+GEMV_TILE = (8, 512, 8)  # rows a program, K tile, warps: the bf16 GEMV's 4 KB a tile (not tuned on a GPU yet)
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None,
-         pdl: bool = False) -> torch.Tensor:
+         pdl: bool = False, tile: tuple[int, int, int] = GEMV_TILE) -> torch.Tensor:
     """``x [1, K] @ (w * s).T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, float32 accumulation;
-    launched with programmatic dependent launch if ``pdl`` (``pdl.pdl_supported``)."""
+    launched with programmatic dependent launch if ``pdl`` (``pdl.pdl_supported``). ``tile``:
+    (rows a program, K tile, warps), for ``bench/kernels/fp8_bench.py --grid``."""
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     per_row = group >= k
-    _gemv_kernel[(triton.cdiv(n, 8),)](
+    block_n, block_k, warps = tile
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, s, w if bias is None else bias, out, n, K=k, KB=s.shape[1], G=group, PER_ROW=per_row,
-        HAS_BIAS=bias is not None, BLOCK_N=8, BLOCK_K=_k_tile(k, group, 512), num_warps=8, **pdl_launch(pdl))
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=_k_tile(k, group, block_k), num_warps=warps,
+        **pdl_launch(pdl))
     return out
 
 
