@@ -244,3 +244,17 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # fp8_checkpoints
     # (quant_rows only on CUDA: the interpreter's float -> e4m3 cast drops the carry into the exponent, 127.7 -> 64)
     print(json.dumps(run_cases("cpu", torch.float32, KERNEL_CASES) + run_fp8_x_fp8("cpu", torch.float32)))
+
+
+def test_torchao_config_is_checked_with_the_other_arguments():
+    from treadle.runtime.server_args import ServerArgs
+    from treadle.runtime.torchao_args import parse_torchao_config
+
+    assert parse_torchao_config("int4wo-64") == ("int4wo", 64) and parse_torchao_config("") is None
+    assert parse_torchao_config("fp8dq-per_row") == ("fp8dq-per_row", 0)
+    with pytest.raises(ValueError, match="torchao_config must be one of"):
+        ServerArgs(torchao_config="int4wo-65")
+    with pytest.raises(ValueError, match="cannot be combined with quantization='fp8'"):
+        ServerArgs(torchao_config="int8wo", quantization="fp8")
+    ServerArgs(torchao_config="int8wo").check_supported()  # no longer refused as unbuilt
+    ServerArgs(quantization="fp8").check_supported()
