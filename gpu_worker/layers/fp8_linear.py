@@ -14,7 +14,9 @@ On CUDA (``apply``):
   ``torch._scaled_mm`` (cuBLASLt's FP8 GEMM with row-wise scales);
 - more tokens with block scales: activations quantized per token and block of columns, then the
   Triton FP8 x FP8 GEMM that applies both scales per K tile.
-Each allocates only its output (CUDA-graph safe: no host synchronization). Off CUDA the product
+Each allocates only its output (CUDA-graph safe: no host synchronization). With
+``enable_deterministic_inference`` every batch takes the batch-invariant matmul on the weight
+dequantized for the call (slow, but a request's numbers do not depend on its batch). Off CUDA the product
 is the dequantized weight's (CPU engines dequantize FP8 weights at load, so only tests get here),
 and the kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
@@ -27,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from treadle.gpu_worker.layers import triton_fp8
+from treadle.gpu_worker.layers import batch_invariant, triton_fp8
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX, MIN_SCALE = triton_fp8.FP8_MAX, triton_fp8.MIN_SCALE
@@ -77,6 +79,8 @@ class Fp8Linear:
         m = x2.shape[0]
         if m == 0 or not (x.is_cuda or INTERPRETED):
             y = F.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
+        elif batch_invariant.ENABLED:  # enable_deterministic_inference: the kernel choice above depends on M
+            y = batch_invariant.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
         elif m == 1:
             y = triton_fp8.gemv(x2, self.weight, self.scales_2d, self.group, bias, self.pdl)
         elif self.scaled_mm and m > SKINNY_MAX and x.dtype == torch.bfloat16:
