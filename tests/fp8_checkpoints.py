@@ -41,6 +41,15 @@ def fp8_pack(w: torch.Tensor, form: str, block: int = BLOCK) -> tuple[torch.Tens
     return q, s, q.float() * full
 
 
+def rounded_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x [M, K]`` as the FP8 x FP8 products see it: rounded to e4m3 per token and ``group`` columns."""
+    m, k = x.shape
+    kb = -(-k // group)
+    s = torch.nn.functional.pad(x, (0, kb * group - k)).reshape(m, kb, group).abs().amax(2) / E4M3_MAX
+    s = s.clamp(min=1.0 / (E4M3_MAX * 512.0)).repeat_interleave(group, 1)[:, :k]
+    return (x / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * s
+
+
 QUANT_CONFIGS = {
     "tensor": {"quant_method": "fp8", "activation_scheme": "static"},
     "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": None},

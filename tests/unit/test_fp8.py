@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kernel_helpers import interpret_script
-from treadle.gpu_worker.layers.fp8_linear import MIN_SCALE, SKINNY_MAX
+from treadle.gpu_worker.layers.fp8_linear import SKINNY_MAX
 from treadle.runtime.fp8_config import Fp8Scheme, fp8_params
 
 # (M, N, K, scale form, bias); block forms use 32-wide blocks and K/N that are not multiples of them
@@ -122,17 +122,8 @@ def _weights(n: int, k: int, form: str, gen: torch.Generator, device: str):
     return Fp8Linear(q.to(device), scale.to(device), group), deq.to(device)
 
 
-def rounded_activations(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``x`` as the FP8 products see it: rounded to e4m3 per token and ``group`` columns."""
-    m, k = x.shape
-    kb = -(-k // group)
-    s = torch.nn.functional.pad(x, (0, kb * group - k)).reshape(m, kb, group).abs().amax(2) / 448
-    s = s.clamp(min=MIN_SCALE).repeat_interleave(group, 1)[:, :k]
-    return (x / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
-
-
 def run_cases(device: str, dtype: torch.dtype, cases: list) -> list[str]:
-    from fp8_checkpoints import BLOCK
+    from fp8_checkpoints import BLOCK, rounded_activations
 
     failures = []
     gen = torch.Generator().manual_seed(0)
@@ -154,7 +145,7 @@ def run_cases(device: str, dtype: torch.dtype, cases: list) -> list[str]:
 
 def run_fp8_x_fp8(device: str, dtype: torch.dtype) -> list[str]:
     """The GEMM's FP8 x FP8 form (block scales) on activations quantized per 32 columns by torch."""
-    from fp8_checkpoints import BLOCK
+    from fp8_checkpoints import BLOCK, rounded_activations
     from treadle.gpu_worker.layers.triton_fp8 import gemm
 
     failures, gen = [], torch.Generator().manual_seed(4)
@@ -204,6 +195,8 @@ def test_gpu_kernels_match_dequantize_then_matmul(form):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fp8_products_replay_in_a_cuda_graph():
+    from fp8_checkpoints import rounded_activations
+
     gen = torch.Generator().manual_seed(2)
     for form in ("channel", "block"):
         layer, deq = _weights(1024, 4096, form, gen, "cuda")
