@@ -16,9 +16,9 @@ On CUDA (``apply``):
   Triton FP8 x FP8 GEMM that applies both scales per K tile.
 Each allocates only its output (CUDA-graph safe: no host synchronization). With
 ``enable_deterministic_inference`` every batch takes the batch-invariant matmul on the weight
-dequantized for the call (slow, but a request's numbers do not depend on its batch). Off CUDA the product
-is the dequantized weight's (CPU engines dequantize FP8 weights at load, so only tests get here),
-and the kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
+dequantized for the call (slow, but a request's numbers do not depend on its batch). Off CUDA:
+the dequantized weight's product (CPU engines dequantize FP8 weights at load, so only tests get
+here), or the kernels themselves under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
