@@ -77,6 +77,33 @@ def test_loader_gives_the_packers_dequantized_weights(form, tmp_path, default_mo
         assert "quant" not in attn.qkv_proj.__dict__  # on the CPU it runs as a float layer
 
 
+@pytest.mark.parametrize("form", ["tensor", "channel", "block"])
+def test_each_tensor_parallel_rank_gets_its_rows_of_the_scales(form, tmp_path, default_model_dir, monkeypatch):
+    """tp_size=2 without processes (each rank's layout only; no collective runs while loading)."""
+    from fp8_checkpoints import make_fp8_model
+    from treadle.gpu_worker import distributed
+    from treadle.gpu_worker.model_loader import build_model, load_weights
+    from treadle.runtime.llava_layout import load_model_config
+
+    hf = make_fp8_model(str(tmp_path), default_model_dir, form)
+    cfg = load_model_config(str(tmp_path))
+    w = {n: p.data for n, p in hf.named_parameters()}
+    monkeypatch.setattr(distributed, "_TP_SIZE", 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_TP_RANK", rank)
+        model = build_model(cfg, torch.float32, torch.device("cpu"), 64)
+        load_weights(model, str(tmp_path), "auto", cfg, 0, 0.02)
+        attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        hf_attn, hf_mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+        q, kv, inter = slice(32 * rank, 32 * rank + 32), slice(16 * rank, 16 * rank + 16), slice(64 * rank, 64 * rank + 64)
+        assert torch.equal(attn.qkv_proj.weight, torch.cat([w[f"{hf_attn}.q_proj.weight"][q], w[f"{hf_attn}.k_proj.weight"][kv],
+                                                            w[f"{hf_attn}.v_proj.weight"][kv]]))
+        assert torch.equal(attn.o_proj.weight, w[f"{hf_attn}.o_proj.weight"][:, q])
+        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([w[f"{hf_mlp}.gate_proj.weight"][inter],
+                                                               w[f"{hf_mlp}.up_proj.weight"][inter]]))
+        assert torch.equal(mlp.down_proj.weight, w[f"{hf_mlp}.down_proj.weight"][:, inter])
+
+
 def test_quantization_fp8_on_a_float_checkpoint_rounds_each_row(tmp_path, default_model_dir):
     from fp8_checkpoints import fp8_pack, save_model, tiny_llama
     from treadle.gpu_worker.model_loader import build_model, load_weights
