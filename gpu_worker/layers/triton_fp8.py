@@ -88,12 +88,24 @@ def quant_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @triton.jit
+def _gemv_load(w_rows, x_ptr, row_mask, cols, k0, K: tl.constexpr, EVEN_K: tl.constexpr):
+    """A weight tile and its slice of x, as float32; column masks only where K is not a multiple of
+    the tile (so the loads stay vectorized, as in ``triton_gemv.py``)."""
+    if EVEN_K:
+        w = tl.load(w_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
+        x = tl.load(x_ptr + k0 + cols)
+    else:
+        col_mask = k0 + cols < K
+        w = tl.load(w_rows + k0 + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_ptr + k0 + cols, mask=col_mask, other=0.0)
+    return w.to(tl.float32), x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_tile(acc, w_rows, x_ptr, s_ptr, rows, row_mask, cols, k0, K: tl.constexpr, KB: tl.constexpr,
-               G: tl.constexpr, PER_ROW: tl.constexpr):
-    col_mask = k0 + cols < K
-    w = tl.load(w_rows + k0 + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
-    x = tl.load(x_ptr + k0 + cols, mask=col_mask, other=0.0).to(tl.float32)
+               G: tl.constexpr, PER_ROW: tl.constexpr, EVEN_K: tl.constexpr):
+    w, x = _gemv_load(w_rows, x_ptr, row_mask, cols, k0, K, EVEN_K)
     if PER_ROW:
         acc += w * x[None, :]
     else:  # the tile lies inside one scale group (G is a multiple of BLOCK_K)
@@ -104,15 +116,19 @@ def _gemv_tile(acc, w_rows, x_ptr, s_ptr, rows, row_mask, cols, k0, K: tl.conste
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K: tl.constexpr, KB: tl.constexpr, G: tl.constexpr,
                  PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * K
     allow_dependents(PDL)
     # the first weight tile depends on no other kernel: in flight before the wait for x (pdl.py)
-    w0 = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0,
-                 eviction_policy="evict_first").to(tl.float32)
+    if EVEN_K:
+        w0 = tl.load(w_rows + cols[None, :], mask=row_mask[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w0 = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0,
+                     eviction_policy="evict_first")
+    w0 = w0.to(tl.float32)
     if PDL:
         gdc_wait()
     x0 = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -121,7 +137,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K: tl.constexpr, KB: tl
     else:
         acc = w0 * x0[None, :] * tl.load(s_ptr + rows * KB, mask=row_mask, other=0.0)[:, None]
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        acc = _gemv_tile(acc, w_rows, x_ptr, s_ptr, rows, row_mask, cols, k0, K, KB, G, PER_ROW)
+        acc = _gemv_tile(acc, w_rows, x_ptr, s_ptr, rows, row_mask, cols, k0, K, KB, G, PER_ROW, EVEN_K)
     y = tl.sum(acc, axis=1)
     if PER_ROW:
         y *= tl.load(s_ptr + rows, mask=row_mask, other=0.0)
@@ -148,9 +164,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, group: int, bias: Op
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     per_row = group >= k
     block_n, block_k, warps = tile
+    block_k = _k_tile(k, group, block_k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, s, w if bias is None else bias, out, n, K=k, KB=s.shape[1], G=group, PER_ROW=per_row,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=_k_tile(k, group, block_k), num_warps=warps,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps,
         **pdl_launch(pdl))
     return out
 

@@ -21,7 +21,8 @@ from treadle.gpu_worker.layers.fp8_linear import SKINNY_MAX
 from treadle.runtime.fp8_config import Fp8Scheme, fp8_params
 
 # (M, N, K, scale form, bias); block forms use 32-wide blocks and K/N that are not multiples of them
-KERNEL_CASES = [(1, 48, 96, "channel", False), (1, 40, 100, "block", True), (3, 64, 128, "tensor", True),
+KERNEL_CASES = [(1, 48, 96, "channel", False), (1, 40, 100, "block", True), (1, 64, 256, "channel", True),
+                (1, 40, 128, "block", False), (3, 64, 128, "tensor", True),
                 (5, 72, 96, "block", False), (17, 32, 64, "channel", False), (33, 48, 160, "block", True)]
 GPU_MS = [1, 2, 3, 4, 8, 16, 17, 31, 64, 128, 300, 1024, 4096]
 
