@@ -66,10 +66,15 @@ class Fp8Linear:
         self.weight, self.scale, self.group = weight, scale, group
         self.per_row = scale.dim() == 1
         n, k = weight.shape
-        self.scales_2d = scale.view(n, 1) if self.per_row else scale  # the kernels' [N, KB] view
         self.scaled_mm = self.per_row and n % 16 == 0 and k % 16 == 0  # cuBLASLt's FP8 shape rule
         self.block_fp8 = not self.per_row and group >= 32  # FP8 tensor-core tiles are 32 columns deep
         self.pdl = False  # the GEMV launched with PDL (fp8.use_pdl, where the model's GEMVs use it)
+
+    @property
+    def scales_2d(self) -> torch.Tensor:
+        """The kernels' ``[N, KB]`` view, made per call: ``release_memory_occupation`` swaps the
+        tensors' storage (``t.data = ...``), which a view kept from load time would not follow."""
+        return self.scale.view(-1, 1) if self.per_row else self.scale
 
     def apply(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         n, k = self.weight.shape
