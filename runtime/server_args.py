@@ -232,7 +232,7 @@ class ServerArgs(SGLangOnlyArgs):
                     f"Not enough GPUs: dp_size * tp_size * pp_size / nnodes = {ranks} worker ranks need GPU ids "
                     f"{a.base_gpu_id}..{last} (base_gpu_id={a.base_gpu_id}, gpu_id_step={a.gpu_id_step}), "
                     f"but {have} CUDA device(s) are visible.")
-        check_torchao(a.torchao_config, a.device)
+        check_torchao(a.torchao_config, a.device, a.dtype)
         if a.random_seed is None:
             a.random_seed = random.randint(0, 2**30)
         if a.page_size is None:

@@ -34,9 +34,13 @@ def parse_torchao_config(value: object) -> Optional[tuple[str, int]]:
                      f"got {value!r}.")
 
 
-def check_torchao(value: object, device: str) -> None:
+BF16_ONLY = ("int4wo", "fp8dq-per_row")  # torchao 0.18's tinygemm layout and its row-wise FP8 take bf16 weights
+
+
+def check_torchao(value: object, device: str, dtype: str = "auto") -> None:
     """Refuse a ``torchao_config`` that this machine cannot run: torchao missing (ImportError, with
-    the extra to install) or a recipe the CPU has no kernel for (NotImplementedError)."""
+    the extra to install), a recipe the CPU has no kernel for (NotImplementedError) or one that
+    needs bfloat16 weights under another ``dtype`` (ValueError)."""
     parsed = parse_torchao_config(value)
     if parsed is None:
         return
@@ -46,3 +50,5 @@ def check_torchao(value: object, device: str) -> None:
     if not device.startswith("cuda") and kind in CUDA_ONLY:
         raise NotImplementedError(f"torchao_config={value!r} on device={device!r}: {CUDA_ONLY[kind]}; "
                                   "on the CPU use int8wo or fp8wo.")
+    if parsed[0] in BF16_ONLY and dtype not in ("auto", "bfloat16", "bf16"):
+        raise ValueError(f"torchao_config={value!r} needs bfloat16 weights, got dtype={dtype!r}.")

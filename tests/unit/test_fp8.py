@@ -269,7 +269,7 @@ if __name__ == "__main__":
 
 def test_torchao_config_is_checked_with_the_other_arguments():
     from treadle.runtime.server_args import ServerArgs
-    from treadle.runtime.torchao_args import parse_torchao_config
+    from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
 
     assert parse_torchao_config("int4wo-64") == ("int4wo", 64) and parse_torchao_config("") is None
     assert parse_torchao_config("fp8dq-per_row") == ("fp8dq-per_row", 0)
@@ -278,4 +278,7 @@ def test_torchao_config_is_checked_with_the_other_arguments():
     with pytest.raises(ValueError, match="cannot be combined with quantization='fp8'"):
         ServerArgs(torchao_config="int8wo", quantization="fp8")
     ServerArgs(torchao_config="int8wo").check_supported()  # no longer refused as unbuilt
+    with pytest.raises(ValueError, match="needs bfloat16 weights"):
+        check_torchao("int4wo-128", "cuda", "float16")
+    check_torchao("int4wo-128", "cuda", "auto")
     ServerArgs(quantization="fp8").check_supported()
