@@ -40,7 +40,7 @@ from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
-from treadle.gpu_worker.torchao_quant import apply_torchao
+from treadle.gpu_worker.torchao_quant import apply_torchao, tensor_bytes
 from treadle.runtime.llava_layout import load_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
@@ -164,7 +164,7 @@ class ModelRunner:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "num_params": sum(p.numel() for p in params),  # this rank's shard
-            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "weight_bytes": sum(tensor_bytes(p) for p in params),  # torchao's packed tensors at their size
             "kv_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
             "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "is_encoder": self.is_encoder,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import torch
 from torch import nn
 
 from treadle.gpu_worker.layers.linear import LinearBase
@@ -53,3 +54,12 @@ def apply_torchao(model: nn.Module, value: str) -> int:
         m.gemv_config = None
     logger.info("torchao_config=%s: %d linear layers quantized", value, len(layers))
     return len(layers)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """The bytes ``t`` holds: a torchao tensor subclass's inner tensors (int8/int4/fp8 data and
+    scales), not its logical dtype's size."""
+    if hasattr(type(t), "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()

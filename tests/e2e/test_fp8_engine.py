@@ -76,6 +76,9 @@ def test_torchao_recipes_match_hf_quantized_the_same_way(recipe, float_model):
     quantize_(quantized.model, torchao_recipe(recipe))  # the decoder's linears; the LM head stays float
     with Engine(model_path=path, torchao_config=recipe, random_seed=0) as engine:
         outs = engine.generate(prompt=PROMPTS, sampling_params=GREEDY, return_logprob=True)
+        held = engine._sup.ready_info["worker0"]["weight_bytes"]
+    linear = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
+    assert held < sum(p.numel() * 4 for p in hf.parameters()) - 2 * linear  # 1-byte weights (+ scales), not 4
     moved = 0.0
     for prompt, out in zip(PROMPTS, outs):
         want, ref = hf_greedy(quantized, tok, prompt, GREEDY["max_new_tokens"])

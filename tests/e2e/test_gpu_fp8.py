@@ -77,6 +77,9 @@ def test_fp8_logits_match_hf_on_the_dequantized_weights(form, tmp_path, default_
                                       max_slots=8, context_len=512, attention_backend="triton", cuda_graph_max_bs=4,
                                       quantization=quantization))
     assert runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    linear = sum(p.numel() for n, p in hf.named_parameters() if n.endswith("proj.weight"))
+    bf16 = sum(p.numel() * 2 for p in hf.parameters())
+    assert runner.info()["weight_bytes"] < bf16 - 0.9 * linear  # 1 byte a linear weight (+ scales), not 2
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, hf.config.vocab_size, (n + 2 * STEPS,), generator=g).tolist() for n in LENS]
     greedy, used, step = SamplingSpec(temperature=0.0, top_k=1), [0], [0]
