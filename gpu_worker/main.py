@@ -65,6 +65,7 @@ class WorkerLoop:
             lora_targets=None if "all" in (args.lora_target_modules or ["all"]) else tuple(args.lora_target_modules),
             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
             deterministic=args.enable_deterministic_inference,
+            quantization=args.quantization, torchao_config=args.torchao_config,
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.

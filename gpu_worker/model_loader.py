@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from treadle.gpu_worker import fp8
 from treadle.gpu_worker.distributed import first_failed_rank
 from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
 from treadle.gpu_worker.layers.linear import use_triton_gemv
@@ -54,10 +55,15 @@ def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int) -> ModelBase:
-    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized."""
-    with _building(dtype, device):
-        return get_model_class(model_config)(model_config, max_positions=context_len)
+def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int,
+                quantization: Optional[str] = None) -> ModelBase:
+    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized; its
+    linear layers FP8 for an FP8 checkpoint or ``quantization="fp8"`` (``fp8.py``)."""
+    scheme = fp8.fp8_scheme(model_config, quantization)
+    with _building(dtype, device), fp8.building(scheme):
+        model = get_model_class(model_config)(model_config, max_positions=context_len)
+    fp8.restore_ignored(model, scheme)
+    return model
 
 
 def load_weights(model: ModelBase, model_dir: str, load_format: str, model_config: Any, seed: int,
@@ -66,12 +72,16 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
     dequantized) or seeded random weights (``dummy``, N(0, ``init_std``)); then inference mode."""
     if load_format == "dummy":
         init_dummy_weights(model, seed, init_std)
+        fp8.dummy_weights(model, seed, init_std)
     elif load_format in ("auto", "safetensors"):
         keep, awq = model.wants_tensor, awq_config(model_config)
         weights = iter_safetensors(model_dir, keep=keep if awq is None else awq_keeps(keep), lazy=model.lazy_weights)
+        if fp8.fp8_layers(model):
+            weights = fp8.checkpoint_tensors(weights)
         model.load_weights(weights if awq is None else awq_dequantized(weights, awq["group_size"]))
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
+    fp8.finish(model)  # off CUDA: FP8 layers run on their dequantized weights
     model.eval().requires_grad_(False)
 
 
@@ -109,6 +119,7 @@ def select_gemv(model: ModelBase, device: torch.device, gemv_backend: Optional[s
     pdl = pdl_supported(device)
     if device.type == "cuda" and (gemv_backend == "triton" or gemv_backend is None and pdl):
         use_triton_gemv(model, pdl)
+        fp8.use_pdl(model, pdl)  # FP8 layers always take their own Triton GEMV; PDL as the others
 
 
 def claim_device(name: str) -> torch.device:

@@ -40,6 +40,7 @@ from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
+from treadle.gpu_worker.torchao_quant import apply_torchao, tensor_bytes
 from treadle.runtime.llava_layout import load_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
@@ -82,7 +83,7 @@ class ModelRunner:
         self.text_config = getattr(self.model_config, "text_config", None) or self.model_config
         phase("device_and_parallel_init")
 
-        self.model = build_model(self.model_config, self.dtype, self.device, cfg.context_len)
+        self.model = build_model(self.model_config, self.dtype, self.device, cfg.context_len, cfg.quantization)
         self.pp: Optional[Stage] = None  # pipeline parallelism: this rank's stage (CUDA graphs off)
         if cfg.pp_size > 1:
             if not self.model.supports_pp:
@@ -94,6 +95,7 @@ class ModelRunner:
                      getattr(self.text_config, "initializer_range", 0.02))
         if not cfg.deterministic:  # the GEMV's one-token reduction differs from the batch-invariant matmul's
             select_gemv(self.model, self.device, cfg.gemv_backend)
+        apply_torchao(self.model, cfg.torchao_config)  # after the GEMV choice: it takes its layers off it
         # Multimodal models: vision embeddings of prompts being prefilled (first pipeline stage only).
         self.mm: Optional[MmInputs] = None
         if self.model.takes_images and cfg.pp_rank == 0:
@@ -162,7 +164,7 @@ class ModelRunner:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "num_params": sum(p.numel() for p in params),  # this rank's shard
-            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "weight_bytes": sum(tensor_bytes(p) for p in params),  # torchao's packed tensors at their size
             "kv_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
             "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "is_encoder": self.is_encoder,

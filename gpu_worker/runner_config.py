@@ -31,4 +31,6 @@ class RunnerConfig:
     lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
     lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
+    quantization: Optional[str] = None  # "fp8" on a float checkpoint: FP8 weights quantized at load (fp8.py)
+    torchao_config: str = ""  # SGLang's torchao_config ("int8wo", "fp8dq-per_row", ...): torchao_quant.py
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)

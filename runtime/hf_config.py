@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Optional
 
+from treadle.runtime.fp8_config import FP8_METHODS, fp8_params
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.tokenizer import load_tokenizer  # noqa: F401  (re-exported)
 
@@ -90,7 +91,8 @@ def awq_params(q: Any) -> Optional[dict[str, int]]:
 
 def check_quantization(model_dir: str, quantization: Optional[str]) -> None:
     """``quantization`` must name what the checkpoint holds: AWQ checkpoints load (dequantized,
-    ``gpu_worker/awq.py``) with ``None``, ``"awq"`` or ``"awq_marlin"``; asking for AWQ on another
+    ``gpu_worker/awq.py``) with ``None``, ``"awq"`` or ``"awq_marlin"``, FP8 ones (``fp8_config.py``) with
+    ``None`` or ``"fp8"`` (which on a float checkpoint quantizes it at load); asking for AWQ on another
     checkpoint is a ValueError, as in SGLang; an AWQ variant Treadle cannot load is a
     NotImplementedError here, before any process starts."""
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -98,11 +100,17 @@ def check_quantization(model_dir: str, quantization: Optional[str]) -> None:
     q = cfg.get("quantization_config") or cfg.get("text_config", {}).get("quantization_config") or {}
     method = str(q.get("quant_method", "")).lower() or None
     awq_params(q)
+    if fp8_params(q) is not None:  # FP8 checkpoints (runtime/fp8_config.py): None or "fp8" asks for them
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization={quantization!r}, but {model_dir} is an FP8 checkpoint ({method}).")
+        return
+    if quantization == "fp8" and method is not None:
+        raise ValueError(f"quantization='fp8' quantizes float checkpoints; {model_dir} is a {method} checkpoint.")
     if quantization in ("awq", "awq_marlin") and method != "awq":
         raise ValueError(f"quantization={quantization!r}, but {model_dir} is not an AWQ checkpoint "
                          f"(its config.json has no AWQ quantization_config).")
     if method is not None and method != "awq" and quantization is None:
         raise NotImplementedError(f"Not supported yet by Treadle: {method} checkpoints (quantization_config in "
-                                  f"{model_dir}/config.json); AWQ and GGUF ones load.")
+                                  f"{model_dir}/config.json); AWQ, FP8 ({', '.join(FP8_METHODS)}) and GGUF ones load.")
     if method == "awq" and quantization not in (None, "awq", "awq_marlin"):
         raise ValueError(f"quantization={quantization!r}, but {model_dir} is an AWQ checkpoint.")

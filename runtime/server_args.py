@@ -20,6 +20,7 @@ from treadle.runtime.config_overrides import parse_overrides
 from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
 from treadle.runtime.parallel import split_addr
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
+from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # One dtype vocabulary: SGLang's spellings, each an alias of a canonical name (torch's) that
@@ -57,6 +58,7 @@ class ServerArgs(SGLangOnlyArgs):
     json_model_override_args: Union[str, dict] = "{}"  # merged into config.json (runtime/config_overrides.py)
     dtype: str = "auto"
     quantization: Optional[str] = None
+    torchao_config: str = ""  # SGLang's: "int8wo", "int4wo-<group>", "fp8wo", "fp8dq-per_tensor", "fp8dq-per_row"
     kv_cache_dtype: str = "auto"
     device: Optional[str] = None
     served_model_name: Optional[str] = None
@@ -147,6 +149,9 @@ class ServerArgs(SGLangOnlyArgs):
         _choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _choice("quantization", self.quantization, QUANTIZATIONS)
+        if parse_torchao_config(self.torchao_config) and self.quantization not in (None, "gguf"):
+            raise ValueError(f"torchao_config={self.torchao_config!r} quantizes float weights; it cannot be combined "
+                             f"with quantization={self.quantization!r}.")
         if self.device is not None and not (self.device in DEVICES or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
         for name in ("tp_size", "dp_size", "pp_size", "nnodes", "stream_interval", "max_loras_per_batch"):
@@ -227,6 +232,7 @@ class ServerArgs(SGLangOnlyArgs):
                     f"Not enough GPUs: dp_size * tp_size * pp_size / nnodes = {ranks} worker ranks need GPU ids "
                     f"{a.base_gpu_id}..{last} (base_gpu_id={a.base_gpu_id}, gpu_id_step={a.gpu_id_step}), "
                     f"but {have} CUDA device(s) are visible.")
+        check_torchao(a.torchao_config, a.device, a.dtype)
         if a.random_seed is None:
             a.random_seed = random.randint(0, 2**30)
         if a.page_size is None:
@@ -267,7 +273,7 @@ class ServerArgs(SGLangOnlyArgs):
     def check_supported(self) -> None:
         """Refuse valid settings whose feature is not built yet, instead of silently ignoring them."""
         missing = {
-            "quantization": self.quantization not in (None, "gguf", "awq", "awq_marlin"),
+            "quantization": self.quantization not in (None, "gguf", "awq", "awq_marlin", "fp8"),
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
             "cpu_offload_gb": self.cpu_offload_gb > 0,
             "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves

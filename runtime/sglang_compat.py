@@ -216,7 +216,6 @@ REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another 
     "modelopt_checkpoint_save_path": (None, MODELOPT), "modelopt_export_path": (None, MODELOPT),
     "quantize_and_serve": (False, MODELOPT),
     "rl_quant_profile": (None, "the flash_rl load format is not built"),
-    "torchao_config": ("", "torchao quantization is not built"),
     "disable_priority_preemption": (False, PRIORITY), "default_priority_value": (None, PRIORITY),
     "abort_on_priority_when_disabled": (False, PRIORITY), "schedule_low_priority_values_first": (False, PRIORITY),
     "priority_scheduling_preemption_threshold": (10, PRIORITY),

@@ -7,7 +7,7 @@ Merged layers (fused qkv, fused gate/up) take one HF tensor per ``shard_id``.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -20,6 +20,11 @@ from treadle.runtime.model_check import head_split_error
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+# Set while a quantized model is built (``gpu_worker/fp8.py``): called with each new layer, it may
+# give the layer a quantized weight, ``layer.quant``, whose ``apply(x, bias)`` then does the product.
+on_new_layer: Optional[Callable[["LinearBase"], None]] = None
 
 
 def use_triton_gemv(model: nn.Module, pdl: bool) -> int:
@@ -51,12 +56,15 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        if on_new_layer is not None:
+            on_new_layer(self)
 
     def weight_loader(self, param: nn.Parameter, full: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = project(x, self.weight, self.bias, self.gemv_config)
+        quant = self.__dict__.get("quant")
+        y = project(x, self.weight, self.bias, self.gemv_config) if quant is None else quant.apply(x, self.bias)
         lora = self.__dict__.get("lora")  # lora.LoRAPool's; not getattr: a miss costs nn.Module ~1 us
         return y if lora is None else lora.apply(x, y)
 
@@ -169,7 +177,8 @@ class RowParallelLinear(LinearBase):
         push = None
         if not self.reduce_results and lora is None and takes_gemv(x, self.gemv_config):
             push = gemv_push_target(self.weight.shape[0], x.dtype)
-        y = project(x, self.weight, None, self.gemv_config, push)
+        quant = self.__dict__.get("quant")
+        y = project(x, self.weight, None, self.gemv_config, push) if quant is None else quant.apply(x, None)
         if push is not None:
             note_pushed(y)
         if lora is not None:  # on the partial sum: the reduce sums the ranks' (x_r A_r^T) B^T into x A^T B^T
