@@ -82,7 +82,9 @@ def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
         return
     gen = torch.Generator(device=params[0].device).manual_seed(seed)
     for name, p in model.named_parameters():  # deduplicated: tied weights drawn once
-        if p.dim() == 1 and name.endswith("norm.weight"):
+        if getattr(p, "dummy_init", None) is not None:  # a packed quantized part (quant/int4_linear.py)
+            p.dummy_init(p, gen, std)
+        elif p.dim() == 1 and name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
             p.normal_(0.0, std, generator=gen)

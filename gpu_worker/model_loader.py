@@ -1,6 +1,6 @@
 """Building the model on its device and filling its weights: element types, the model class, the
-checkpoint (plain or AWQ, which is dequantized while read) or seeded random weights, and the
-choice of the Triton GEMV for one-token products."""
+checkpoint (plain, or AWQ/GPTQ: kept packed in 4-bit layers on CUDA, dequantized while read on
+the CPU) or seeded random weights, and the choice of the Triton GEMV for one-token products."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from treadle.gpu_worker.distributed import first_failed_rank
-from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
-from treadle.gpu_worker.layers.linear import use_triton_gemv
+from treadle.gpu_worker.layers.linear import quantized_layers, use_triton_gemv
 from treadle.gpu_worker.layers.pdl import pdl_supported
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.registry import get_model_class
+from treadle.gpu_worker.quant import int4_format
+from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4
 from treadle.runtime.server_args import DTYPE_ALIASES
 
 # torch's names; SGLang's other spellings are aliases of them (runtime/server_args.DTYPE_ALIASES)
@@ -54,24 +55,34 @@ def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int) -> ModelBase:
-    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized."""
-    with _building(dtype, device):
+def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int,
+                quantization: Optional[str] = None) -> ModelBase:
+    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized. On
+    CUDA, an AWQ/GPTQ checkpoint (or ``quantization="awq"|"gptq"`` with random weights) builds
+    4-bit linear layers (``quant/int4_linear.py``)."""
+    cfg = int4_format.int4_config(model_config, quantization) if device.type == "cuda" else None
+    with _building(dtype, device), quantized_layers(None if cfg is None else Int4Method(cfg)):
         return get_model_class(model_config)(model_config, max_positions=context_len)
 
 
 def load_weights(model: ModelBase, model_dir: str, load_format: str, model_config: Any, seed: int,
                  init_std: float) -> None:
-    """Fill ``model``: the checkpoint's safetensors (``auto``/``safetensors``; AWQ layers arrive
-    dequantized) or seeded random weights (``dummy``, N(0, ``init_std``)); then inference mode."""
+    """Fill ``model``: the checkpoint's safetensors (``auto``/``safetensors``; AWQ/GPTQ layers go
+    packed to 4-bit layers, or arrive dequantized where the model has none) or seeded random
+    weights (``dummy``, N(0, ``init_std``)); then inference mode."""
     if load_format == "dummy":
         init_dummy_weights(model, seed, init_std)
     elif load_format in ("auto", "safetensors"):
-        keep, awq = model.wants_tensor, awq_config(model_config)
-        weights = iter_safetensors(model_dir, keep=keep if awq is None else awq_keeps(keep), lazy=model.lazy_weights)
-        model.load_weights(weights if awq is None else awq_dequantized(weights, awq["group_size"]))
+        keep, q = model.wants_tensor, int4_format.int4_config(model_config)
+        weights = iter_safetensors(model_dir, keep=keep if q is None else int4_format.keeps(keep, q),
+                                   lazy=model.lazy_weights)
+        if q is not None:
+            packed = any(isinstance(getattr(m, "quant", None), Int4Method) for m in model.modules())
+            weights = int4_format.packed(weights, q) if packed else int4_format.dequantized(weights, q)
+        model.load_weights(weights)
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
+    finish_int4(model)
     model.eval().requires_grad_(False)
 
 

@@ -82,7 +82,7 @@ class ModelRunner:
         self.text_config = getattr(self.model_config, "text_config", None) or self.model_config
         phase("device_and_parallel_init")
 
-        self.model = build_model(self.model_config, self.dtype, self.device, cfg.context_len)
+        self.model = build_model(self.model_config, self.dtype, self.device, cfg.context_len, cfg.quantization)
         self.pp: Optional[Stage] = None  # pipeline parallelism: this rank's stage (CUDA graphs off)
         if cfg.pp_size > 1:
             if not self.model.supports_pp:

@@ -7,7 +7,8 @@ Merged layers (fused qkv, fused gate/up) take one HF tensor per ``shard_id``.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -20,6 +21,23 @@ from treadle.runtime.model_check import head_split_error
 
 def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+_QUANT: Optional[Any] = None  # the quantized weight format of the layers being built (quantized_layers)
+
+
+@contextmanager
+def quantized_layers(method: Optional[Any]) -> Iterator[None]:
+    """Linear layers built inside hold their weight in ``method``'s format instead of a dense
+    ``weight`` (``gpu_worker/quant``): ``method.create_weights(layer)`` registers its parameters
+    (each with its ``weight_loader``) and returns True, or False to leave the layer dense;
+    ``method.apply(layer, x, bias)`` is the layer's product. None: dense layers."""
+    global _QUANT
+    old, _QUANT = _QUANT, method
+    try:
+        yield
+    finally:
+        _QUANT = old
 
 
 def use_triton_gemv(model: nn.Module, pdl: bool) -> int:
@@ -40,12 +58,16 @@ class LinearBase(nn.Module):
     """``y = x W^T + b`` over a [out, in] weight shard; subclasses decide the sharding."""
 
     gemv_config: Optional[GemvConfig] = None  # set by use_triton_gemv
+    quant: Optional[Any] = None  # a quantized weight format (quantized_layers); None: a dense weight
 
     def __init__(self, in_size: int, out_size: int, bias: bool):
         super().__init__()
         self.in_size, self.out_size = in_size, out_size
-        self.weight = _param(out_size, in_size)
-        self.weight.weight_loader = self.weight_loader
+        if _QUANT is not None and _QUANT.create_weights(self):
+            self.quant = _QUANT
+        else:
+            self.weight = _param(out_size, in_size)
+            self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = _param(out_size)
             self.bias.weight_loader = self.weight_loader
@@ -56,7 +78,10 @@ class LinearBase(nn.Module):
         param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = project(x, self.weight, self.bias, self.gemv_config)
+        if self.quant is not None:
+            y = self.quant.apply(self, x, self.bias)
+        else:
+            y = project(x, self.weight, self.bias, self.gemv_config)
         lora = self.__dict__.get("lora")  # lora.LoRAPool's; not getattr: a miss costs nn.Module ~1 us
         return y if lora is None else lora.apply(x, y)
 
@@ -169,7 +194,7 @@ class RowParallelLinear(LinearBase):
         push = None
         if not self.reduce_results and lora is None and takes_gemv(x, self.gemv_config):
             push = gemv_push_target(self.weight.shape[0], x.dtype)
-        y = project(x, self.weight, None, self.gemv_config, push)
+        y = project(x, self.weight, None, self.gemv_config, push) if self.quant is None else self.quant.apply(self, x, None)
         if push is not None:
             note_pushed(y)
         if lora is not None:  # on the partial sum: the reduce sums the ranks' (x_r A_r^T) B^T into x A^T B^T
