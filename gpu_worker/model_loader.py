@@ -107,6 +107,8 @@ def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str],
                    context_len: int, device: torch.device) -> bool:
     """A new checkpoint of the same model into ``model``'s parameters (``load_checked``)."""
     load_format = load_format or "auto"
+    if any(isinstance(getattr(m, "quant", None), Int4Method) for m in model.modules()):
+        raise ValueError("updating the weights of a 4-bit (AWQ/GPTQ) model is not supported")
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
     load_checked(model, model_config, context_len, device,

@@ -73,7 +73,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, KW, stride_xm, strid
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, K_SPLIT,
                  G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n  # GROUP_M row tiles walk the columns together: weight tiles stay in L2
@@ -113,7 +113,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
             else:
                 z = 8.0
         b = ((q - z) * s).to(a.dtype)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     out = out_ptr + rm[:, None] * stride_om + rn[None, :]
     omask = m_mask[:, None] & n_mask[None, :]
     if ATOMIC:
@@ -181,5 +181,6 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
         torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gemm_kernel[(tiles, split)](
         x, w, scales, z, out, m, n, k, x.stride(0), out.stride(0), k_split, G=group, HAS_ZERO=zeros is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, ATOMIC=split > 1, num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, ATOMIC=split > 1,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     return out if split == 1 else out.to(x.dtype)

@@ -40,5 +40,6 @@ def test_engine_matches_hf_on_the_dequantized_weights(gptq_model, hf_tokenizer):
         got = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     assert info["quantization"] is None
+    assert info["weight_bytes"] == sum(p.numel() * 4 for p in hf.parameters())  # the CPU's: dequantized float32
     with pytest.raises(ValueError, match="not an AWQ checkpoint"):
         Engine(model_path=path, quantization="awq_marlin")
