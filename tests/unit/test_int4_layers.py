@@ -186,3 +186,47 @@ def test_symmetric_zeros_are_dropped_and_dummy_weights_are_packed():
     w = model[0].quant.weight(model[0])
     assert w.shape == (64, 256) and 0.01 < w.std() < 0.04
     assert {n: p.dtype for n, p in model[0].named_parameters()} == {"qweight": torch.int32, "scales": torch.float16}
+
+
+@pytest.mark.parametrize("quant", [{"quant_method": "awq", "bits": 4, "group_size": 32},
+                                   {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                                    "sym": False}], ids=["awq", "gptq-desc_act"])
+def test_a_whole_checkpoint_loads_packed_by_name(quant, tmp_path):
+    """A Llama checkpoint through the model's own ``load_weights`` (HF names, fused q/k/v and
+    gate/up) into packed layers: each layer's weight equals the dense model's (the CPU's load)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from treadle.gpu_worker.model_loader import build_model, load_weights
+    from treadle.gpu_worker.models.registry import get_model_class
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf, tensors = LlamaForCausalLM(cfg), {}
+    for name, p in hf.named_parameters():
+        if not name.endswith("proj.weight"):
+            tensors[name] = p.data
+            continue
+        base = name[:-len(".weight")]
+        if quant["quant_method"] == "awq":
+            parts = dict(zip(("qweight", "qzeros", "scales"), awq_quantize(p.data, 32)[:3]))
+        else:  # one act order per input: q/k/v share it, gate/up share it
+            seed = 2 * int(name.split(".")[2]) + ("mlp" in name) + 7 * name.endswith(("o_proj.weight", "down_proj.weight"))
+            parts = dict(zip(("qweight", "qzeros", "scales", "g_idx"), gptq_quantize(p.data, 32, False, True, seed=seed)[:4]))
+        tensors.update({f"{base}.{k}": v for k, v in parts.items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    cfg.quantization_config = quant
+    dense = build_model(cfg, torch.float32, torch.device("cpu"), 64)  # the CPU: dequantized at load
+    load_weights(dense, str(tmp_path), "auto", cfg, 0, 0.0)
+    with quantized_layers(Int4Method(int4_config(cfg))):
+        packed = get_model_class(cfg)(cfg, max_positions=64)
+    load_weights(packed, str(tmp_path), "auto", cfg, 0, 0.0)
+    layers = {n: m for n, m in packed.named_modules() if getattr(m, "quant", None) is not None}
+    assert len(layers) == 8
+    dense_mods = dict(dense.named_modules())
+    for name, m in layers.items():
+        want = dense_mods[name].weight
+        if m.int4_perm is not None:
+            want = want[:, m.int4_perm.long()]
+        torch.testing.assert_close(m.quant.weight(m), want, atol=0, rtol=0)
