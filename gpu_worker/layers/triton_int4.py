@@ -8,7 +8,8 @@ group ``k // G``. Both kernels read every packed word once and dequantize it in 
   outputs and the ``s``-th slice of K (split-K, so a narrow layer still fills the GPU); for each
   of the 8 nibbles it multiplies the nibble plane ``[BLOCK_KW, BLOCK_N]`` by the inputs
   ``8r + i`` and keeps ``sum(q x)`` and ``sum(x)`` apart, applying ``(. - z * .) * s`` once per
-  word, not once per weight. Split-K partial sums meet in a float32 buffer by atomic adds.
+  word, not once per weight. Split-K parts meet in a workspace; the last program of a tile to
+  finish adds them up (``_finish_tile``), so a layer is one kernel launch.
 - ``_gemm_kernel`` (M > 4): ``tl.dot`` tiles; the ``[BLOCK_K/8, BLOCK_N]`` words are unpacked to
   ``[BLOCK_K, BLOCK_N]`` in registers, scaled (one scale row per tile where a group spans the
   tile) and cast to the activation dtype. Split-K for small M, grouped tile order for large M.
@@ -29,9 +30,31 @@ GEMV_MAX_M = 4
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, KW, stride_xm, stride_om, KW_SPLIT,
-                 G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_KW: tl.constexpr, ATOMIC: tl.constexpr):
+def _finish_tile(y, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split, rows, cols, M, N, stride_om):
+    """Store a ``[rows, cols]`` tile of partial sums. Split K (``split`` > 1): every split writes
+    its part to the workspace ``[split, M, N]``, and the last of them to arrive (a counter per
+    tile) adds the parts up, stores the result and resets the counter for the next launch: no
+    zero-filled buffer, no atomics on the output, no extra kernels (each costs ~2 us a layer at
+    batch 1, also inside a CUDA graph)."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if split == 1:
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        offs = rows[:, None] * N + cols[None, :]
+        tl.store(ws_ptr + pid_k * M * N + offs, y, mask=mask)
+        tl.debug_barrier()  # every thread's part is written before the counter says so
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == split - 1:
+            total = tl.zeros(y.shape, dtype=tl.float32)
+            for s in range(0, split):
+                total += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, stride_xm, stride_om, KW_SPLIT,
+                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_KW: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -61,19 +84,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, KW, stride_xm, strid
             acc += (t - xs[:, :, None] * z[None, :, :]) * s[None, :, :]
         else:
             acc += (t - xs[:, :, None] * 8.0) * s[None, :, :]
-    y = tl.sum(acc, axis=1)
-    out = out_ptr + ms[:, None] * stride_om + cols[None, :]
-    omask = m_mask[:, None] & col_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, y, mask=omask)
-    else:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=omask)
+    _finish_tile(tl.sum(acc, axis=1), out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, cols, M, N, stride_om)
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om, K_SPLIT,
-                 G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr):
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, K_SPLIT,
+                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n  # GROUP_M row tiles walk the columns together: weight tiles stay in L2
@@ -114,15 +131,18 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
                 z = 8.0
         b = ((q - z) * s).to(a.dtype)
         acc += tl.dot(a, b, input_precision=PRECISION)
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    omask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=omask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    _finish_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split, rm, rn, M, N, stride_om)
 
 
 _SMS: dict[int, int] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_TILES = 8192  # split-K counters a device keeps (each launch resets those it used)
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -154,15 +174,15 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
     if m <= GEMV_MAX_M:
         block_n, block_kw = 64, 16
         kw = k // 8
-        split = _split(triton.cdiv(n, block_n), triton.cdiv(kw, block_kw), sms)
+        split = _split(triton.cdiv(n, block_n), triton.cdiv(kw, block_kw), sms) if n <= MAX_TILES * block_n else 1
         kw_split = triton.cdiv(triton.cdiv(kw, split), block_kw) * block_kw
         split = triton.cdiv(kw, kw_split)
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else \
-            torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out, ws, cnt = _outputs(x, m, n, split)
         _gemv_kernel[(triton.cdiv(n, block_n), split)](
-            x, w, scales, z, out, m, n, kw, x.stride(0), out.stride(0), kw_split, G=group, HAS_ZERO=zeros is not None,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_KW=block_kw, ATOMIC=split > 1, num_warps=4)
-        return out if split == 1 else out.to(x.dtype)
+            x, w, scales, z, out, ws, cnt, m, n, kw, x.stride(0), out.stride(0), kw_split, split, G=group,
+            HAS_ZERO=zeros is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_KW=block_kw,
+            num_warps=4)
+        return out
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
@@ -174,13 +194,20 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
     if 16 <= group < bk and group & (group - 1) == 0:  # a tile inside one group: one scale row per tile
         bk = group
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = _split(tiles, triton.cdiv(k, bk), sms) if m <= 64 else 1
+    split = _split(tiles, triton.cdiv(k, bk), sms) if m <= 64 and tiles <= MAX_TILES else 1
     k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_split)
-    out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else \
-        torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out, ws, cnt = _outputs(x, m, n, split)
     _gemm_kernel[(tiles, split)](
-        x, w, scales, z, out, m, n, k, x.stride(0), out.stride(0), k_split, G=group, HAS_ZERO=zeros is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, ATOMIC=split > 1,
+        x, w, scales, z, out, ws, cnt, m, n, k, x.stride(0), out.stride(0), k_split, split, G=group,
+        HAS_ZERO=zeros is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
-    return out if split == 1 else out.to(x.dtype)
+    return out
+
+
+def _outputs(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output, and with split K the partial sums' workspace and the tile counters."""
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if split == 1:
+        return out, out, out  # (unused)
+    return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), _counters(x.device)
