@@ -14,12 +14,18 @@ group ``k // G``. Both kernels read every packed word once and dequantize it in 
   ``[BLOCK_K, BLOCK_N]`` in registers, scaled (one scale row per tile where a group spans the
   tile) and cast to the activation dtype. Split-K for small M, grouped tile order for large M.
 
+- From ``DEQUANT_MIN_M`` rows on (long prefills, where the product is bound by compute, not by
+  reading the weight), ``_dequant_kernel`` expands column chunks of the weight to the activation
+  dtype and cuBLAS multiplies: its GEMMs beat a Triton GEMM that also unpacks, and a chunk (at
+  most ``DEQUANT_CHUNK`` weights) keeps the scratch small beside a full KV pool.
+
 Shapes and launch settings depend only on (M, N, K), never on data, and outputs are allocated
-by torch, so both run inside CUDA graphs.
+by torch, so all of it runs inside CUDA graphs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -27,6 +33,22 @@ import triton
 import triton.language as tl
 
 GEMV_MAX_M = 4
+DEQUANT_MIN_M = 1024  # rows from which dequantize + cuBLAS takes over (bench/kernels/int4_bench.py)
+DEQUANT_CHUNK = 1 << 25  # weights a dequantized chunk holds at most (64 MiB in bfloat16)
+
+
+@dataclass(frozen=True)
+class GemvLaunch:
+    """The GEMV's tiles: ``block_n`` outputs x ``block_kw`` word rows (8 inputs each) a step,
+    ``warps`` a program, and K split until about ``per_sm`` programs run on each SM."""
+
+    block_n: int = 64
+    block_kw: int = 16
+    warps: int = 4
+    per_sm: int = 4
+
+
+GEMV = GemvLaunch()
 
 
 @triton.jit
@@ -134,6 +156,47 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     _finish_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split, rm, rn, M, N, stride_om)
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, KW, n0, n_cols, G: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns ``[n0, n0 + n_cols)`` of the weight, dequantized, into ``out [K, n_cols]``."""
+    r = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (r < KW)[:, None] & (c < n_cols)[None, :]
+    src = r[:, None].to(tl.int64) * N + n0 + c[None, :]
+    w = tl.load(w_ptr + src, mask=mask, other=0)
+    grp = ((r * 8) // G)[:, None] * N + n0 + c[None, :]
+    s = tl.load(s_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + grp, mask=mask, other=0).to(tl.float32)
+    else:
+        z = 8.0
+    for i in tl.static_range(8):
+        q = ((w >> (4 * i)) & 0xF).to(tl.float32)
+        dst = (r[:, None].to(tl.int64) * 8 + i) * n_cols + c[None, :]
+        tl.store(out_ptr + dst, ((q - z) * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                      group: int) -> torch.Tensor:
+    """``x @ W.T`` by cuBLAS on the weight dequantized a column chunk at a time."""
+    m, k = x.shape
+    n = w.shape[1]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    chunk = max(128, DEQUANT_CHUNK // k // 128 * 128)
+    for n0 in range(0, n, chunk):
+        cols = min(chunk, n - n0)
+        wt = torch.empty((k, cols), dtype=x.dtype, device=x.device)
+        _dequant_kernel[(triton.cdiv(k // 8, 16), triton.cdiv(cols, 128))](
+            w, scales, scales if zeros is None else zeros, wt, n, k // 8, n0, cols, G=group,
+            HAS_ZERO=zeros is not None, BLOCK_KW=16, BLOCK_N=128, num_warps=4)
+        if cols == n:
+            torch.mm(x, wt, out=out)
+        else:
+            out[:, n0:n0 + cols] = x @ wt
+    return out
+
+
 _SMS: dict[int, int] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 MAX_TILES = 8192  # split-K counters a device keeps (each launch resets those it used)
@@ -152,16 +215,17 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[idx]
 
 
-def _split(tiles: int, steps: int, sms: int) -> int:
-    """Split K in as many parts as it takes for ~4 programs per SM, each keeping >= 2 K steps."""
-    want = max(1, -(-4 * sms // tiles))
+def _split(tiles: int, steps: int, sms: int, per_sm: int = 4) -> int:
+    """Split K in as many parts as it takes for ``per_sm`` programs an SM, each keeping >= 2 K steps."""
+    want = max(1, -(-per_sm * sms // tiles))
     return max(1, min(want, steps // 2))
 
 
 def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                group: int, sms: Optional[int] = None) -> torch.Tensor:
+                group: int, sms: Optional[int] = None, gemv: Optional[GemvLaunch] = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x``'s dtype (float32 accumulation), W packed as above.
-    ``x``'s rows must be dense; ``sms`` overrides the SM count (tests of the split-K paths)."""
+    ``x``'s rows must be dense; ``sms`` overrides the SM count (tests of the split-K paths),
+    ``gemv`` the GEMV's tiles (``bench/kernels/int4_bench.py``)."""
     m, k = x.shape
     n = w.shape[1]
     if w.shape[0] * 8 != k or scales.shape != (max(1, k // group), n) or group % 8:
@@ -171,17 +235,21 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
         x = x.contiguous()
     sms = sms or (_sm_count(x.device) if x.is_cuda else 132)
     z = zeros if zeros is not None else scales  # (unused when HAS_ZERO is False)
+    if m >= DEQUANT_MIN_M:
+        return dequantize_matmul(x, w, scales, zeros, group)
     if m <= GEMV_MAX_M:
-        block_n, block_kw = 64, 16
+        g = gemv or GEMV
+        block_n, block_kw = g.block_n, g.block_kw
         kw = k // 8
-        split = _split(triton.cdiv(n, block_n), triton.cdiv(kw, block_kw), sms) if n <= MAX_TILES * block_n else 1
+        split = _split(triton.cdiv(n, block_n), triton.cdiv(kw, block_kw), sms, g.per_sm) \
+            if n <= MAX_TILES * block_n else 1
         kw_split = triton.cdiv(triton.cdiv(kw, split), block_kw) * block_kw
         split = triton.cdiv(kw, kw_split)
         out, ws, cnt = _outputs(x, m, n, split)
         _gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, w, scales, z, out, ws, cnt, m, n, kw, x.stride(0), out.stride(0), kw_split, split, G=group,
             HAS_ZERO=zeros is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_KW=block_kw,
-            num_warps=4)
+            num_warps=g.warps)
         return out
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4

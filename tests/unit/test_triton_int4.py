@@ -3,9 +3,10 @@
 On the CPU in Triton's interpreter (a child process, see ``kernel_helpers.interpret_script``):
 tiny shapes through the GEMV (M <= 4) and the GEMM, with and without zero points, groups that
 span a tile and groups smaller than one, split-K forced on and off, in float32 and float16
-(the interpreter's ``tl.dot`` mishandles bfloat16, so bfloat16 runs on CUDA only). On CUDA
-(``pytest -m gpu``): M from 1 to 4,096 at Llama shapes, groups 32/64/128 and per-channel, with
-and without zeros, GPTQ act order through a whole layer, and a CUDA graph replay.
+(the interpreter's ``tl.dot`` mishandles bfloat16, so bfloat16 runs on CUDA only), and the
+dequantize + matmul path. On CUDA (``pytest -m gpu``): M from 1 to 4,096 at Llama shapes
+(large M both ways), groups 32/64/128 and per-channel, with and without zeros, GPTQ act order
+through a whole layer, and a CUDA graph replay.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want).norm() / want.norm())
 
 
-def run_cases(device: str, dtype: torch.dtype, cases) -> list[str]:
+def run_cases(device: str, dtype: torch.dtype, cases, dequant_min_m: int = 1024) -> list[str]:
+    """``dequant_min_m``: the rows from which dequantize + matmul replaces the GEMM."""
+    from treadle.gpu_worker.layers import triton_int4
     from treadle.gpu_worker.layers.triton_int4 import int4_matmul
     from treadle.gpu_worker.quant.int4_format import dequantize, unpack_rows
 
-    failures = []
+    triton_int4.DEQUANT_MIN_M, failures = dequant_min_m, []
     g = torch.Generator().manual_seed(0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for m, k, n, group, zeros, sms in cases:
@@ -48,14 +51,14 @@ def run_cases(device: str, dtype: torch.dtype, cases) -> list[str]:
         want = x.float() @ dequantize(unpack_rows(w), z, s).T
         got = int4_matmul(x, w, s, z, group, sms=sms)
         if got.shape != (m, n) or got.dtype != dtype or _rel_err(got, want) > tol:
-            failures.append(f"M={m} K={k} N={n} group={group} zeros={zeros} sms={sms}: "
+            failures.append(f"M={m} K={k} N={n} group={group} zeros={zeros} sms={sms} dequant>={dequant_min_m}: "
                             f"rel err {_rel_err(got, want):.3g}")
     return failures
 
 
 @pytest.mark.skipif(not interpreter_runs_loops(), reason="this Triton's interpreter cannot run loops")
 def test_interpreted_kernels_match_dequantize_then_matmul():
-    assert interpret_script(__file__) == {"float32": [], "float16": []}
+    assert interpret_script(__file__) == {"float32": [], "float16": [], "dequantized": []}
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -70,6 +73,7 @@ def test_cuda_kernels_match_dequantize_then_matmul(group, zeros):
     shapes = [(4096, 6144), (14336, 4096)]  # (K, N): 8B's qkv and down projections
     cases = [(m, k, n, k if group == -1 else group, zeros, None) for m in MS for k, n in shapes]
     assert run_cases("cuda", torch.bfloat16, cases) == []
+    assert run_cases("cuda", torch.bfloat16, [c for c in cases if c[0] >= 256], dequant_min_m=1 << 30) == []  # GEMM
     assert run_cases("cuda", torch.float16, cases[::5]) == []
 
 
@@ -108,7 +112,16 @@ def test_cuda_gptq_act_order_layer_and_graph_replay():
         assert _rel_err(y, x.float() @ dense.T) < 1e-2
 
 
+def dequantized_cases() -> list[str]:
+    """Dequantize + matmul, in chunks of 128 columns (the smallest)."""
+    from treadle.gpu_worker.layers import triton_int4
+
+    triton_int4.DEQUANT_CHUNK = 1
+    return run_cases("cpu", torch.float32, CPU_CASES[-3:] + [(6, 256, 300, 64, True, 1)], dequant_min_m=1)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (set before triton loads)"
     print(json.dumps({"float32": run_cases("cpu", torch.float32, CPU_CASES),
-                      "float16": run_cases("cpu", torch.float16, CPU_CASES[::2])}))
+                      "float16": run_cases("cpu", torch.float16, CPU_CASES[::2]),
+                      "dequantized": dequantized_cases()}))
