@@ -48,6 +48,7 @@ def bench_treadle(res: Results, d: str, a: argparse.Namespace, vocab: int) -> No
     info = worker_startup_info(eng)
     res.record("e_startup", seconds=round(startup, 2), graph_capture_s=round(info.get("cuda_graph_capture_time", 0), 2),
                graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2),
+               weight_gb=round(info.get("weight_bytes", 0) / 1e9, 2), kv_gb=round(info.get("kv_bytes", 0) / 1e9, 2),
                phases=info.get("startup_phases", {}))
     try:
         greedy = {"temperature": 0, "ignore_eos": True}
