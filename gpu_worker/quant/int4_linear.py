@@ -30,6 +30,7 @@ from torch import nn
 from treadle.gpu_worker.distributed import tp_rank, tp_size
 from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                               QKVParallelLinear, RowParallelLinear)
+from treadle.gpu_worker.layers.triton_int4 import int4_matmul
 from treadle.gpu_worker.quant.int4_format import Int4Config, dequantize, logical, pack_rows, unpack_rows
 
 
@@ -123,10 +124,13 @@ class Int4Method:
             param.data[:, dst:dst + size].copy_(pack_rows(piece) if part == "qweight" else piece)
 
     def dummy_init(self, part: str, group: int, p: nn.Parameter, gen: torch.Generator, std: float) -> None:
-        """Random packed weights made in place on the device (no dense copy): codes uniform,
-        zero points 8, scales ``std / 4``, so the weights spread about as N(0, std) would."""
+        """Random packed weights made in place on the device (no dense copy): codes uniform, scales
+        ``std / 4``, so the weights spread about as N(0, std) would; zero points 7..9 for AWQ (so
+        the kernels read them, as for a real checkpoint), 8 for GPTQ (symmetric: dropped)."""
         if part == "qweight":
             p.random_(-2 ** 31, 2 ** 31 - 1, generator=gen)
+        elif part == "qzeros" and self.cfg.method == "awq":
+            p.random_(7, 10, generator=gen)
         elif part == "qzeros":
             p.fill_(8)
         elif part == "scales":
@@ -136,7 +140,7 @@ class Int4Method:
 
     def finish(self, layer: LinearBase) -> None:
         """After loading: sort desc_act inputs by group (``int4_perm`` gathers the activations to
-        match), drop all-8 zero points, and pick the kernels' launch settings."""
+        match) and drop all-8 zero points (the kernels then skip reading them)."""
         g, k = layer.int4_group, layer.in_size
         if self.cfg.desc_act:
             g_idx = layer.g_idx.data
@@ -168,7 +172,6 @@ class Int4Method:
         if layer.int4_perm is not None:
             x2 = x2.index_select(1, layer.int4_perm)
         if x2.is_cuda:
-            from treadle.gpu_worker.layers.triton_int4 import int4_matmul
             y = int4_matmul(x2, layer.qweight, layer.scales, layer.qzeros, layer.int4_group)
             if bias is not None:
                 y = y + bias
