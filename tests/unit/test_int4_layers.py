@@ -140,6 +140,11 @@ def test_packed_layers_match_dense_ones_on_every_rank(cfg, tp_size, tp):
             _layers(lambda: MergedColumnParallelLinear(hidden, [inter, inter]), cfg,
                     [(0, *full["gate"]), (1, *full["up"])]),
         ]
+        if rank == 0:  # Phi-3's fused checkpoint tensors: [q | k | v] and [gate | up] in one part
+            qkv = _quantize(cfg, torch.cat([full[s][1] for s in "qkv"]), 0)
+            gate_up = _quantize(cfg, torch.cat([full["gate"][1], full["up"][1]]), 1)
+            checks += [_layers(lambda: QKVParallelLinear(hidden, hd, heads, kv_heads), cfg, [(None, *qkv)]),
+                       _layers(lambda: MergedColumnParallelLinear(hidden, [inter, inter]), cfg, [(None, *gate_up)])]
         if not (cfg.desc_act and tp_size > 1):  # (desc_act row splits: test_straddling_groups_are_refused)
             checks.append(_layers(lambda: RowParallelLinear(inter, hidden), cfg, [(None, *full["down"])]))
         for q, dense in checks:
@@ -185,7 +190,9 @@ def test_symmetric_zeros_are_dropped_and_dummy_weights_are_packed():
     finish_int4(model)
     w = model[0].quant.weight(model[0])
     assert w.shape == (64, 256) and 0.01 < w.std() < 0.04
-    assert {n: p.dtype for n, p in model[0].named_parameters()} == {"qweight": torch.int32, "scales": torch.float16}
+    assert {n: p.dtype for n, p in model[0].named_parameters()} == {
+        "qweight": torch.int32, "qzeros": torch.uint8, "scales": torch.float16}  # AWQ's zero points: kept
+    assert set(model[0].qzeros.unique().tolist()) == {7, 8, 9}
 
 
 @pytest.mark.parametrize("quant", [{"quant_method": "awq", "bits": 4, "group_size": 32},
