@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from gemv_bench import time_graph
 from treadle.gpu_worker.layers import triton_int4
-from treadle.gpu_worker.layers.triton_int4 import GEMV, GemvLaunch, int4_matmul
+from treadle.gpu_worker.layers.triton_int4 import int4_matmul
+from treadle.gpu_worker.layers.triton_int4_gemv import GEMV, GemvLaunch
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "tp2 gate_up": (14336, 4096), "tp2 down": (4096, 7168), "70b gate_up": (57344, 8192)}

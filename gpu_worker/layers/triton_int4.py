@@ -4,15 +4,11 @@ The weight stays packed: ``w [K/8, N]`` int32 (nibble ``i`` of word row ``r`` is
 ``scales [K/G, N]``, optional ``zeros [K/G, N]`` uint8 (absent: 8), ``W[n, k] = (q - z) * s`` of
 group ``k // G``. Both kernels read every packed word once and dequantize it in registers.
 
-- ``_gemv_kernel`` (M <= 4, decode): no tensor cores. Program ``(n, s)`` takes ``BLOCK_N``
-  outputs and the ``s``-th slice of K (split-K, so a narrow layer still fills the GPU); for each
-  of the 8 nibbles it multiplies the nibble plane ``[BLOCK_KW, BLOCK_N]`` by the inputs
-  ``8r + i`` and keeps ``sum(q x)`` and ``sum(x)`` apart, applying ``(. - z * .) * s`` once per
-  word, not once per weight. Split-K parts meet in a workspace; the last program of a tile to
-  finish adds them up (``_finish_tile``), so a layer is one kernel launch.
+- M <= 4 (decode): the split-K GEMV of ``triton_int4_gemv.py``, one launch a layer.
 - ``_gemm_kernel`` (M > 4): ``tl.dot`` tiles; the ``[BLOCK_K/8, BLOCK_N]`` words are unpacked to
   ``[BLOCK_K, BLOCK_N]`` in registers, scaled (one scale row per tile where a group spans the
-  tile) and cast to the activation dtype. Split-K for small M, grouped tile order for large M.
+  tile) and cast to the activation dtype. Split-K for M <= 64 (parts summed as in the GEMV),
+  grouped tile order for large M.
 
 - From ``DEQUANT_MIN_M`` rows on (long prefills, where the product is bound by compute, not by
   reading the weight), ``_dequant_kernel`` expands column chunks of the weight to the activation
@@ -25,88 +21,17 @@ by torch, so all of it runs inside CUDA graphs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.triton_int4_gemv import GemvLaunch, finish_tile, int4_gemv, outputs, sm_count, split_k
+
 GEMV_MAX_M = 4
 DEQUANT_MIN_M = 1024  # rows from which dequantize + cuBLAS takes over (bench/kernels/int4_bench.py)
 DEQUANT_CHUNK = 1 << 25  # weights a dequantized chunk holds at most (64 MiB in bfloat16)
-
-
-@dataclass(frozen=True)
-class GemvLaunch:
-    """The GEMV's tiles: ``block_n`` outputs x ``block_kw`` word rows (8 inputs each) a step,
-    ``warps`` a program, and K split until about ``per_sm`` programs run on each SM."""
-
-    block_n: int = 64
-    block_kw: int = 16
-    warps: int = 4
-    per_sm: int = 4
-
-
-GEMV = GemvLaunch()
-
-
-@triton.jit
-def _finish_tile(y, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split, rows, cols, M, N, stride_om):
-    """Store a ``[rows, cols]`` tile of partial sums. Split K (``split`` > 1): every split writes
-    its part to the workspace ``[split, M, N]``, and the last of them to arrive (a counter per
-    tile) adds the parts up, stores the result and resets the counter for the next launch: no
-    zero-filled buffer, no atomics on the output, no extra kernels (each costs ~2 us a layer at
-    batch 1, also inside a CUDA graph)."""
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if split == 1:
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        offs = rows[:, None] * N + cols[None, :]
-        tl.store(ws_ptr + pid_k * M * N + offs, y, mask=mask)
-        tl.debug_barrier()  # every thread's part is written before the counter says so
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == split - 1:
-            total = tl.zeros(y.shape, dtype=tl.float32)
-            for s in range(0, split):
-                total += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, stride_xm, stride_om, KW_SPLIT,
-                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_KW: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    ms = tl.arange(0, BLOCK_M)
-    m_mask = ms < M
-    kw_start = pid_k * KW_SPLIT
-    kw_end = tl.minimum(kw_start + KW_SPLIT, KW)
-    acc = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
-    for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        r = kw0 + tl.arange(0, BLOCK_KW)
-        r_mask = r < kw_end
-        wmask = r_mask[:, None] & col_mask[None, :]
-        w = tl.load(w_ptr + r[:, None].to(tl.int64) * N + cols[None, :], mask=wmask, other=0,
-                    eviction_policy="evict_first")
-        grp = (r * 8) // G
-        s = tl.load(s_ptr + grp[:, None] * N + cols[None, :], mask=wmask, other=0.0).to(tl.float32)
-        t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptr + ms[:, None] * stride_xm + r[None, :] * 8 + i,
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-            q = ((w >> (4 * i)) & 0xF).to(tl.float32)
-            t += xi[:, :, None] * q[None, :, :]
-            xs += xi
-        if HAS_ZERO:
-            z = tl.load(z_ptr + grp[:, None] * N + cols[None, :], mask=wmask, other=0).to(tl.float32)
-            acc += (t - xs[:, :, None] * z[None, :, :]) * s[None, :, :]
-        else:
-            acc += (t - xs[:, :, None] * 8.0) * s[None, :, :]
-    _finish_tile(tl.sum(acc, axis=1), out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, cols, M, N, stride_om)
 
 
 @triton.jit
@@ -153,7 +78,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
                 z = 8.0
         b = ((q - z) * s).to(a.dtype)
         acc += tl.dot(a, b, input_precision=PRECISION)
-    _finish_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split, rm, rn, M, N, stride_om)
+    finish_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split, rm, rn, M, N, stride_om)
 
 
 @triton.jit
@@ -197,30 +122,6 @@ def dequantize_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, ze
     return out
 
 
-_SMS: dict[int, int] = {}
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-MAX_TILES = 8192  # split-K counters a device keeps (each launch resets those it used)
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
-def _split(tiles: int, steps: int, sms: int, per_sm: int = 4) -> int:
-    """Split K in as many parts as it takes for ``per_sm`` programs an SM, each keeping >= 2 K steps."""
-    want = max(1, -(-per_sm * sms // tiles))
-    return max(1, min(want, steps // 2))
-
-
 def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                 group: int, sms: Optional[int] = None, gemv: Optional[GemvLaunch] = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` -> ``[M, N]`` in ``x``'s dtype (float32 accumulation), W packed as above.
@@ -233,24 +134,12 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
                          f"group {group} do not fit together")
     if x.stride(1) != 1:
         x = x.contiguous()
-    sms = sms or (_sm_count(x.device) if x.is_cuda else 132)
+    sms = sms or (sm_count(x.device) if x.is_cuda else 132)
     z = zeros if zeros is not None else scales  # (unused when HAS_ZERO is False)
     if m >= DEQUANT_MIN_M:
         return dequantize_matmul(x, w, scales, zeros, group)
     if m <= GEMV_MAX_M:
-        g = gemv or GEMV
-        block_n, block_kw = g.block_n, g.block_kw
-        kw = k // 8
-        split = _split(triton.cdiv(n, block_n), triton.cdiv(kw, block_kw), sms, g.per_sm) \
-            if n <= MAX_TILES * block_n else 1
-        kw_split = triton.cdiv(triton.cdiv(kw, split), block_kw) * block_kw
-        split = triton.cdiv(kw, kw_split)
-        out, ws, cnt = _outputs(x, m, n, split)
-        _gemv_kernel[(triton.cdiv(n, block_n), split)](
-            x, w, scales, z, out, ws, cnt, m, n, kw, x.stride(0), out.stride(0), kw_split, split, G=group,
-            HAS_ZERO=zeros is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_KW=block_kw,
-            num_warps=g.warps)
-        return out
+        return int4_gemv(x, w, scales, zeros, group, sms, gemv)
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
@@ -262,20 +151,12 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
     if 16 <= group < bk and group & (group - 1) == 0:  # a tile inside one group: one scale row per tile
         bk = group
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = _split(tiles, triton.cdiv(k, bk), sms) if m <= 64 and tiles <= MAX_TILES else 1
+    split = split_k(tiles, triton.cdiv(k, bk), sms) if m <= 64 else 1
     k_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
     split = triton.cdiv(k, k_split)
-    out, ws, cnt = _outputs(x, m, n, split)
+    out, ws, cnt = outputs(x, m, n, split)
     _gemm_kernel[(tiles, split)](
         x, w, scales, z, out, ws, cnt, m, n, k, x.stride(0), out.stride(0), k_split, split, G=group,
         HAS_ZERO=zeros is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     return out
-
-
-def _outputs(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output, and with split K the partial sums' workspace and the tile counters."""
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if split == 1:
-        return out, out, out  # (unused)
-    return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), _counters(x.device)

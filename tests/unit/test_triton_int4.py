@@ -21,7 +21,7 @@ from kernel_helpers import interpret_script, interpreter_runs_loops
 
 # (M, K, N, group, zeros, sms): sms 1 never splits K; 132 splits where the grid is small
 CPU_CASES = [(1, 1024, 96, 128, True, 132), (1, 256, 64, 32, False, 1), (3, 512, 80, 64, True, 132),
-             (4, 384, 40, 48, True, 132), (5, 1024, 64, 128, True, 132), (16, 256, 64, 32, False, 1),
+             (4, 384, 40, 48, True, 132), (2, 512, 64, 512, False, 132), (5, 1024, 64, 128, True, 132), (16, 256, 64, 32, False, 1),
              (20, 1024, 72, 64, True, 132), (40, 384, 64, 384, False, 132), (70, 256, 64, 128, True, 1)]
 
 
