@@ -6,7 +6,7 @@ For each shape and row count M: bf16 cuBLAS (``F.linear``) on a dense weight, an
 ``int4_matmul`` (``layers/triton_int4.py``, group 128 with zero points, as AWQ) on packed ones:
 microseconds a call and the weight bandwidth (bytes the format reads: 2 a weight for bf16, about
 0.53 for int4 with its scales and zeros). At M = 1 the GEMV's ``GemvLaunch`` grid is swept too
-(``--quick``: the default only); from M = 256 on, the Triton GEMM and dequantize + cuBLAS are
+(``--quick``: the default only); from M = 64 on, the Triton GEMM and dequantize + cuBLAS are
 both timed, to place ``DEQUANT_MIN_M``. Each call reads its own weight copy (out of L2's reach),
 all inside one CUDA graph (``gemv_bench.time_graph``).
 """
@@ -65,7 +65,7 @@ def main() -> None:
             line += f"  int4 {runs['int4']:8.1f} ({q_bytes / runs['int4'] / 1e6:.2f})"
             if best is not None and m == 1:
                 line += f"  best {best} {runs[best]:.1f} (default {GEMV})"
-            if m >= 256:
+            if m >= 64:
                 old = triton_int4.DEQUANT_MIN_M
                 for label, cut in (("gemm", 1 << 30), ("dequant+cuBLAS", 1)):
                     triton_int4.DEQUANT_MIN_M = cut

@@ -12,8 +12,9 @@ group ``k // G``. Both kernels read every packed word once and dequantize it in 
 
 - From ``DEQUANT_MIN_M`` rows on (long prefills, where the product is bound by compute, not by
   reading the weight), ``_dequant_kernel`` expands column chunks of the weight to the activation
-  dtype and cuBLAS multiplies: its GEMMs beat a Triton GEMM that also unpacks, and a chunk (at
-  most ``DEQUANT_CHUNK`` weights) keeps the scratch small beside a full KV pool.
+  dtype and cuBLAS multiplies (its GEMMs beat a Triton GEMM that also unpacks where compute
+  bounds the product); a chunk of at most ``DEQUANT_CHUNK`` weights keeps the scratch small beside
+  a full KV pool and, reused chunk after chunk, in L2.
 
 Shapes and launch settings depend only on (M, N, K), never on data, and outputs are allocated
 by torch, so all of it runs inside CUDA graphs.
@@ -21,6 +22,7 @@ by torch, so all of it runs inside CUDA graphs.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,8 +32,11 @@ import triton.language as tl
 from treadle.gpu_worker.layers.triton_int4_gemv import GemvLaunch, finish_tile, int4_gemv, outputs, sm_count, split_k
 
 GEMV_MAX_M = 4
-DEQUANT_MIN_M = 1024  # rows from which dequantize + cuBLAS takes over (bench/kernels/int4_bench.py)
-DEQUANT_CHUNK = 1 << 25  # weights a dequantized chunk holds at most (64 MiB in bfloat16)
+# Rows from which dequantize + cuBLAS takes over, and the weights a dequantized chunk holds at most
+# (16 MiB in bfloat16: the chunk cuBLAS reads back is still in the H100's 50 MB L2). Guesses until
+# measured (bench/kernels/int4_bench.py); the variables let a whole-engine run try others.
+DEQUANT_MIN_M = int(os.environ.get("TREADLE_INT4_DEQUANT_MIN_M", "1024"))
+DEQUANT_CHUNK = int(os.environ.get("TREADLE_INT4_DEQUANT_CHUNK", str(1 << 23)))
 
 
 @triton.jit
@@ -142,6 +147,8 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
         return int4_gemv(x, w, scales, zeros, group, sms, gemv)
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 32:
+        bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
     elif m <= 64:
         bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
     elif m <= 256:
