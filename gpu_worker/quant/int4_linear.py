@@ -29,7 +29,7 @@ from torch import nn
 
 from treadle.gpu_worker.distributed import tp_rank, tp_size
 from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
-                                              QKVParallelLinear, RowParallelLinear)
+                                              QKVParallelLinear)
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
 from treadle.gpu_worker.quant.int4_format import Int4Config, dequantize, logical, pack_rows, unpack_rows
 

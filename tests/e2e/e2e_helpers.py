@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from int4_pack import AWQ_ORDER, awq_quantize, gptq_quantize  # noqa: F401  (tests/int4_pack.py: reference packers)
+from int4_pack import awq_quantize, gptq_quantize  # noqa: F401  (tests/int4_pack.py: the reference packers)
 
 
 def alive(pid: int) -> bool:
