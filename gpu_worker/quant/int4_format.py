@@ -24,10 +24,11 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from treadle.gpu_worker.awq import unpack as awq_unpack
+from treadle.gpu_worker.awq import AWQ_ORDER
 from treadle.runtime.hf_config import INT4_NAMES, awq_params, gptq_params
 
 _SHIFTS = tuple(range(0, 32, 4))
+_AWQ_NIBBLE = tuple(AWQ_ORDER.index(i) for i in range(8))  # the nibble that holds column 8c + i
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,13 @@ def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
     return nib.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ's ``[r, c]`` words -> ``[r, 8c]`` uint8 codes in column order (``awq.unpack``, on the
+    words' own device: the GPU unpacks where the weights land)."""
+    nib = unpack_cols(packed).reshape(packed.shape[0], -1, 8)
+    return nib[:, :, torch.tensor(_AWQ_NIBBLE, device=packed.device)].reshape(packed.shape[0], -1)
+
+
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     """``[K, N]`` codes 0..15 -> ``[K/8, N]`` int32, nibble ``i`` of word row ``r`` holding row
     ``8r + i``: the layout the Triton kernels read (``layers/triton_int4.py``)."""
@@ -99,9 +107,9 @@ def logical(cfg: Int4Config, part: str, t: torch.Tensor) -> torch.Tensor:
     ``qzeros`` -> zeros ``[groups, out]`` uint8 (offset applied: 0..16), ``scales`` as stored,
     ``g_idx`` -> int64 ``[in]``."""
     if part == "qweight":
-        return awq_unpack(t).to(torch.uint8) if cfg.method == "awq" else unpack_rows(t)
+        return unpack_awq(t) if cfg.method == "awq" else unpack_rows(t)
     if part == "qzeros":
-        z = awq_unpack(t).to(torch.uint8) if cfg.method == "awq" else unpack_cols(t)
+        z = unpack_awq(t) if cfg.method == "awq" else unpack_cols(t)
         return z + cfg.zero_offset if cfg.zero_offset else z
     if part == "g_idx":
         return t.to(torch.int64)

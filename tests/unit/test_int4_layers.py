@@ -38,6 +38,18 @@ def test_pack_rows_round_trips_and_matches_the_gptq_packing():
         pack_rows(codes[:60])
 
 
+def test_unpacking_stays_on_the_words_device():
+    """The GPU unpacks checkpoint parts where they land: no step may mix in a CPU tensor (meta
+    tensors refuse one as a CUDA tensor would)."""
+    from treadle.gpu_worker.quant.int4_format import logical
+
+    for cfg in (Int4Config("awq", 32), Int4Config("gptq", 32, True, 1)):
+        words = torch.empty(16, 8, dtype=torch.int32, device="meta")
+        for part in cfg.parts:
+            assert logical(cfg, part, words).device.type == "meta"
+        assert pack_rows(unpack_rows(words)).device.type == "meta"
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_awq_dequantizes_to_the_reference(group):
     w = torch.randn(48, 256)
