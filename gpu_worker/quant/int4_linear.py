@@ -7,13 +7,14 @@ holds this rank's shard in the layout the Triton kernels read (``layers/triton_i
   packing; AWQ's is repacked at load), so a kernel reads each packed word once;
 - ``scales`` ``[K/G, N]`` in the checkpoint's dtype, ``qzeros`` uint8 ``[K/G, N]`` (the real zero
   point, 0..16; dropped where all are 8, as in symmetric GPTQ);
-- with GPTQ ``desc_act``, the inputs sorted by group at ``finish``, and ``perm`` to gather the
-  activations in that order (one ``index_select`` before the product).
+- with GPTQ ``desc_act``, the inputs sorted by group at ``finish``, and ``int4_perm`` to gather
+  the activations in that order (one ``index_select`` before the product).
 
 Loading takes each checkpoint part whole, unpacks it to the logical shapes (``int4_format``),
 slices this rank's rows (row-parallel: inputs) and columns (column-parallel and the fused q/k/v
 and gate/up layers: outputs, each part at its offset), and packs the codes again. A row split
-that cuts through a group is refused when the layer is built. The CPU never builds these layers
+that cuts through a group is refused when the layer is built (with act order, at ``finish``,
+once ``g_idx`` says where the groups are). The CPU never builds these layers
 (it dequantizes at load: ``int4_format.dequantized``), except in tests, where ``apply`` falls back
 to dequantize-then-matmul.
 """
