@@ -4,7 +4,9 @@ the same card as the baseline.
     python bench/gpu_bench.py --shape smollm2 --shape llama8b [--tokenizer-dir DIR] [--out FILE]
 
 Shapes are random (``load_format="dummy"``) models built from a config: SmolLM2-135M,
-Llama-3.1-8B, Gemma-3-12B and Qwen3-8B (bench/configs/; ``--shape gemma3_12b``, ``--shape qwen3_8b``).
+Llama-3.1-8B, Gemma-3-12B and Qwen3-8B (bench/configs/; ``--shape gemma3_12b``, ``--shape qwen3_8b``),
+and Llama-3.1-70B (``--shape llama70b``, with ``--engine-args '{"quantization": "awq"}' --skip-hf``:
+random 4-bit weights made packed on the GPU, docs/quantization.md).
 Parts, per shape:
   (a) batch-1 decode: 32-token prompt, 512 new tokens, greedy, ignore_eos: output tok/s end to end
   (b) SGLang's CI offline workload: N prompts (500 by default), input lengths uniform in [1, 4096],
@@ -33,7 +35,7 @@ from common import (CONFIGS, Results, bench_parser, config_model_dir, engine_kwa
                     smollm2_tokenizer_dir, worker_startup_info)
 
 SHAPES = {"smollm2": "smollm2-135m", "llama8b": "llama-3.1-8b", "gemma3_12b": "gemma-3-12b",
-          "qwen3_8b": "qwen3-8b"}
+          "qwen3_8b": "qwen3-8b", "llama70b": "llama-3.1-70b"}  # 70B: 4-bit only on one card (docs/quantization.md)
 
 
 def bench_treadle(res: Results, d: str, a: argparse.Namespace, vocab: int) -> None:
@@ -46,7 +48,8 @@ def bench_treadle(res: Results, d: str, a: argparse.Namespace, vocab: int) -> No
     info = worker_startup_info(eng)
     res.record("e_startup", seconds=round(startup, 2), graph_capture_s=round(info.get("cuda_graph_capture_time", 0), 2),
                graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2),
-               weight_gb=round(info.get("weight_bytes", 0) / 1e9, 2), kv_tokens=info.get("kv_tokens", 0),
+               weight_gb=round(info.get("weight_bytes", 0) / 1e9, 2), kv_gb=round(info.get("kv_bytes", 0) / 1e9, 2),
+               kv_tokens=info.get("max_total_tokens", 0),
                phases=info.get("startup_phases", {}))
     try:
         greedy = {"temperature": 0, "ignore_eos": True}

@@ -167,6 +167,8 @@ class Control:
             "max_running_requests": state["max_running_requests"], "context_length": state["context_length"],
             "page_size": state["page_size"], "device": server_args.device, "dtype": worker.get("dtype"),
             "startup_time": startup_time, "version": _version(),
+            "weight_bytes": worker.get("weight_bytes"),  # worker 0's weights on its device (4-bit: packed bytes)
+            "kv_bytes": worker.get("kv_bytes"),  # worker 0's KV pool on its device
             "internal_states": [{**s, "dp_rank": g} for g, s in states.items()],  # one per live DP group
         })
         if server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served

@@ -64,7 +64,7 @@ class Engine(RLMethods, ScoringCalls):  # rerank / score: client/scoring.py
         t0 = time.perf_counter()
         self.server_args = a = server_args.resolved()
         self._files = model_files_of(a)  # a hub id is downloaded here, once, before any child starts
-        check_quantization(self._files.model_dir, a.quantization)
+        check_quantization(self._files.model_dir, a.quantization, a.load_format)
         check_model(self._files.model_dir, a)
         a.is_embedding = a.is_embedding or is_embedding_model(self._files.model_dir)
         self._ipc = IpcDir()

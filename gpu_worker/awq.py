@@ -6,9 +6,8 @@ int32 (eight 4-bit values a word), ``qzeros`` ``[in/group, out/8]`` (the same pa
 (bits ``4i .. 4i+3``) holding column ``8c + AWQ_ORDER[i]``. The weight is
 ``(q - z) * s`` per input group, transposed to the ``[out, in]`` of a linear layer.
 
-The model runs on the dequantized weights in its own dtype (as GGUF checkpoints do): AWQ models
-load and give the numbers their quantized weights define, without the memory or speed of int4
-kernels (none are built yet).
+On the CPU the model runs on the dequantized weights in its own dtype; on CUDA the weights stay
+packed (``quant/int4_linear.py``, which reads AWQ's packing with ``unpack``).
 """
 
 from __future__ import annotations

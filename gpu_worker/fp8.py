@@ -150,7 +150,7 @@ def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
         return
     stacked = getattr(model, "stacked_params", [])
     for name, layer in model.named_modules():
-        if not isinstance(layer, LinearBase) or "quant" not in layer.__dict__:
+        if not isinstance(layer.__dict__.get("quant"), Fp8Linear):
             continue
         names = [name] + [name.replace(f".{fused}", f".{hf}") for fused, hf, _ in stacked if name.endswith(f".{fused}")]
         if _ignored(names, scheme.ignored):
@@ -161,7 +161,7 @@ def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
 
 
 def fp8_layers(model: nn.Module) -> list[LinearBase]:
-    return [m for m in model.modules() if isinstance(m, LinearBase) and "quant" in m.__dict__]
+    return [m for m in model.modules() if isinstance(m.__dict__.get("quant"), Fp8Linear)]
 
 
 def use_pdl(model: nn.Module, pdl: bool) -> None:

@@ -82,9 +82,11 @@ def init_dummy_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
         return
     gen = torch.Generator(device=params[0].device).manual_seed(seed)
     for name, p in model.named_parameters():  # deduplicated: tied weights drawn once
-        if p.dtype.itemsize == 1:  # FP8 weights cannot be drawn: gpu_worker/fp8.dummy_weights fills them
+        if getattr(p, "dummy_init", None) is not None:  # a packed quantized part (quant/int4_linear.py)
+            p.dummy_init(p, gen, std)
+        elif p.dtype.itemsize == 1:  # FP8 weights cannot be drawn: gpu_worker/fp8.dummy_weights fills them
             continue
-        if p.dim() == 1 and name.endswith("norm.weight"):
+        elif p.dim() == 1 and name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
             p.normal_(0.0, std, generator=gen)

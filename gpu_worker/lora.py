@@ -71,7 +71,7 @@ class _ModuleLoRA:
 
 def _subs_of(name: str, module: nn.Module, mods: dict[str, nn.Module]) -> list[tuple]:
     """(hf, out_off, out_local, full_in, full_out, in_start, out_start) of each projection in ``module``."""
-    tp, rank, in_local = tp_size(), tp_rank(), module.weight.shape[1]
+    tp, rank, in_local = tp_size(), tp_rank(), module.in_size  # (a 4-bit layer has no dense weight)
     parent, kind = name.rsplit(".", 1)
     if kind == "qkv_proj":
         q, kv, (fq, fk, fv) = module.q_size, module.kv_size, module.full_sizes
@@ -87,7 +87,7 @@ def _subs_of(name: str, module: nn.Module, mods: dict[str, nn.Module]) -> list[t
     # Row-parallel: the full input size is what the sibling column-parallel layer produces in all.
     sib = mods.get(parent + (".qkv_proj" if kind == "o_proj" else ".gate_up_proj"))
     full_in = in_local * tp if sib is None else (sib.full_sizes[0] if kind == "o_proj" else sib.out_sizes[0])
-    out = module.weight.shape[0]
+    out = module.out_size
     return [(kind, 0, out, full_in, out, module.in_start, 0)]
 
 
@@ -124,7 +124,7 @@ class LoRAPool:
             for hf, off, n, full_in, full_out, in_start, out_start in _subs_of(name, module, mods):
                 if hf not in self.targets:
                     continue
-                a = torch.zeros(num_slots, max_rank, module.weight.shape[1], dtype=dtype, device=self.device)
+                a = torch.zeros(num_slots, max_rank, module.in_size, dtype=dtype, device=self.device)
                 b_all = torch.zeros(n, num_slots, max_rank, dtype=dtype, device=self.device)
                 sub = _Sub(hf, off, full_in, full_out, in_start, out_start, a, b_all)
                 self.subs[(layer, hf)] = sub

@@ -53,7 +53,8 @@ class WorkerLoop:
             device = f"cuda:{args.base_gpu_id + spec.extra.get('local_rank', global_rank) * args.gpu_id_step}"
         self.max_slots = args.max_running_requests  # ServerArgs.resolved() decided the defaults
         self.runner = ModelRunner(RunnerConfig(
-            model_dir=spec.files.model_dir, load_format=args.load_format, dtype=args.dtype, device=device,
+            model_dir=spec.files.model_dir, load_format=args.load_format, quantization=args.quantization,
+            dtype=args.dtype, device=device,
             kv_tokens=args.max_total_tokens or 0, max_slots=self.max_slots, context_len=self.context_len,
             attention_backend=args.attention_backend, random_seed=args.random_seed,
             tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static,

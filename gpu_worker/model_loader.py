@@ -1,6 +1,6 @@
 """Building the model on its device and filling its weights: element types, the model class, the
-checkpoint (plain or AWQ, which is dequantized while read) or seeded random weights, and the
-choice of the Triton GEMV for one-token products."""
+checkpoint (plain, or AWQ/GPTQ: kept packed in 4-bit layers on CUDA, dequantized while read on
+the CPU) or seeded random weights, and the choice of the Triton GEMV for one-token products."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import torch
 
 from treadle.gpu_worker import fp8
 from treadle.gpu_worker.distributed import first_failed_rank
-from treadle.gpu_worker.awq import awq_config, dequantized as awq_dequantized, keeps as awq_keeps
-from treadle.gpu_worker.layers.linear import use_triton_gemv
+from treadle.gpu_worker.layers.linear import quantized_layers, use_triton_gemv
 from treadle.gpu_worker.layers.pdl import pdl_supported
 from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.registry import get_model_class
+from treadle.gpu_worker.quant import int4_format
+from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4
 from treadle.runtime.server_args import DTYPE_ALIASES
 
 # torch's names; SGLang's other spellings are aliases of them (runtime/server_args.DTYPE_ALIASES)
@@ -57,10 +58,13 @@ def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
 
 def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int,
                 quantization: Optional[str] = None) -> ModelBase:
-    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized; its
-    linear layers FP8 for an FP8 checkpoint or ``quantization="fp8"`` (``fp8.py``)."""
+    """The model class of ``model_config`` (``models.registry``), its parameters uninitialized. On
+    CUDA, an AWQ/GPTQ checkpoint (or ``quantization="awq"|"gptq"`` with random weights) builds
+    4-bit linear layers (``quant/int4_linear.py``); an FP8 checkpoint or ``quantization="fp8"``
+    builds FP8 ones (``fp8.py``)."""
+    cfg = int4_format.int4_config(model_config, quantization) if device.type == "cuda" else None
     scheme = fp8.fp8_scheme(model_config, quantization)
-    with _building(dtype, device), fp8.building(scheme):
+    with _building(dtype, device), quantized_layers(None if cfg is None else Int4Method(cfg)), fp8.building(scheme):
         model = get_model_class(model_config)(model_config, max_positions=context_len)
     fp8.restore_ignored(model, scheme)
     return model
@@ -68,19 +72,25 @@ def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, con
 
 def load_weights(model: ModelBase, model_dir: str, load_format: str, model_config: Any, seed: int,
                  init_std: float) -> None:
-    """Fill ``model``: the checkpoint's safetensors (``auto``/``safetensors``; AWQ layers arrive
-    dequantized) or seeded random weights (``dummy``, N(0, ``init_std``)); then inference mode."""
+    """Fill ``model``: the checkpoint's safetensors (``auto``/``safetensors``; AWQ/GPTQ layers go
+    packed to 4-bit layers, or arrive dequantized where the model has none) or seeded random
+    weights (``dummy``, N(0, ``init_std``)); then inference mode."""
     if load_format == "dummy":
         init_dummy_weights(model, seed, init_std)
         fp8.dummy_weights(model, seed, init_std)
     elif load_format in ("auto", "safetensors"):
-        keep, awq = model.wants_tensor, awq_config(model_config)
-        weights = iter_safetensors(model_dir, keep=keep if awq is None else awq_keeps(keep), lazy=model.lazy_weights)
+        keep, q = model.wants_tensor, int4_format.int4_config(model_config)
+        weights = iter_safetensors(model_dir, keep=keep if q is None else int4_format.keeps(keep, q),
+                                   lazy=model.lazy_weights)
+        if q is not None:
+            packed = any(isinstance(getattr(m, "quant", None), Int4Method) for m in model.modules())
+            weights = int4_format.packed(weights, q) if packed else int4_format.dequantized(weights, q)
         if fp8.fp8_layers(model):
             weights = fp8.checkpoint_tensors(weights)
-        model.load_weights(weights if awq is None else awq_dequantized(weights, awq["group_size"]))
+        model.load_weights(weights)
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
+    finish_int4(model)
     fp8.finish(model)  # off CUDA: FP8 layers run on their dequantized weights
     model.eval().requires_grad_(False)
 
@@ -106,6 +116,8 @@ def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str],
                    context_len: int, device: torch.device) -> bool:
     """A new checkpoint of the same model into ``model``'s parameters (``load_checked``)."""
     load_format = load_format or "auto"
+    if any(isinstance(getattr(m, "quant", None), Int4Method) for m in model.modules()):
+        raise ValueError("updating the weights of a 4-bit (AWQ/GPTQ) model is not supported")
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
     load_checked(model, model_config, context_len, device,

@@ -11,6 +11,7 @@ from typing import Optional
 class RunnerConfig:
     model_dir: str  # HF-format directory: config.json + *.safetensors
     load_format: str = "auto"  # "auto"/"safetensors": read weights; "dummy": seeded random weights
+    quantization: Optional[str] = None  # "awq"/"gptq" with dummy weights: random 4-bit ones (else read from the checkpoint)
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"  # "cpu", "cuda", "cuda:N"
     kv_tokens: int = 4096  # KV-cache capacity in tokens

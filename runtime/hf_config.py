@@ -89,28 +89,55 @@ def awq_params(q: Any) -> Optional[dict[str, int]]:
     return {"group_size": int(q.get("group_size", q.get("q_group_size", 128)))}
 
 
-def check_quantization(model_dir: str, quantization: Optional[str]) -> None:
-    """``quantization`` must name what the checkpoint holds: AWQ checkpoints load (dequantized,
-    ``gpu_worker/awq.py``) with ``None``, ``"awq"`` or ``"awq_marlin"``, FP8 ones (``fp8_config.py``) with
-    ``None`` or ``"fp8"`` (which on a float checkpoint quantizes it at load); asking for AWQ on another
-    checkpoint is a ValueError, as in SGLang; an AWQ variant Treadle cannot load is a
-    NotImplementedError here, before any process starts."""
+def gptq_params(q: Any) -> Optional[dict[str, Any]]:
+    """``{"group_size", "desc_act", "sym", "zero_offset"}`` for a GPTQ ``quantization_config`` that
+    Treadle loads (4-bit, the AutoGPTQ ``gptq`` layout whose stored zeros are one less than the
+    real ones, or ``gptq_v2`` which stores them as they are); None for anything that is not GPTQ;
+    NotImplementedError for variants it cannot load. ``group_size`` -1: one group per output column."""
+    if not isinstance(q, dict) or str(q.get("quant_method", "")).lower() != "gptq":
+        return None
+    bits, fmt = q.get("bits", 4), str(q.get("checkpoint_format", "gptq")).lower()
+    if bits != 4:
+        raise NotImplementedError(f"GPTQ with bits={bits} is not supported (4-bit only).")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise NotImplementedError(f"GPTQ checkpoint_format={fmt!r} is not supported ('gptq' and 'gptq_v2' only).")
+    group = int(q.get("group_size", 128))
+    if group != -1 and (group <= 0 or group % 8):
+        raise NotImplementedError(f"GPTQ group_size={group} is not supported (-1 or a positive multiple of 8).")
+    return {"group_size": group, "desc_act": bool(q.get("desc_act", False)), "sym": bool(q.get("sym", True)),
+            "zero_offset": 1 if fmt == "gptq" else 0}
+
+
+INT4_NAMES = {"awq": ("awq", "awq_marlin"), "gptq": ("gptq", "gptq_marlin")}  # quantization= spellings
+
+
+def check_quantization(model_dir: str, quantization: Optional[str], load_format: str = "auto") -> None:
+    """``quantization`` must name what the checkpoint holds: AWQ and GPTQ checkpoints load
+    (``gpu_worker/quant``) with ``None`` or their own names (``awq``/``awq_marlin``,
+    ``gptq``/``gptq_marlin``), FP8 ones (``fp8_config.py``) with ``None`` or ``"fp8"`` (which on a
+    float checkpoint quantizes it at load); asking for one on another checkpoint is a ValueError, as in SGLang,
+    except with ``load_format="dummy"``, which makes random weights in that format (benchmarks); a
+    variant Treadle cannot load is a NotImplementedError here, before any process starts."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     q = cfg.get("quantization_config") or cfg.get("text_config", {}).get("quantization_config") or {}
     method = str(q.get("quant_method", "")).lower() or None
     awq_params(q)
+    gptq_params(q)
     if fp8_params(q) is not None:  # FP8 checkpoints (runtime/fp8_config.py): None or "fp8" asks for them
         if quantization not in (None, "fp8"):
             raise ValueError(f"quantization={quantization!r}, but {model_dir} is an FP8 checkpoint ({method}).")
         return
     if quantization == "fp8" and method is not None:
         raise ValueError(f"quantization='fp8' quantizes float checkpoints; {model_dir} is a {method} checkpoint.")
-    if quantization in ("awq", "awq_marlin") and method != "awq":
-        raise ValueError(f"quantization={quantization!r}, but {model_dir} is not an AWQ checkpoint "
-                         f"(its config.json has no AWQ quantization_config).")
-    if method is not None and method != "awq" and quantization is None:
+    for family, names in INT4_NAMES.items():
+        if quantization in names and method != family and not (method is None and load_format == "dummy"):
+            article = "an" if family == "awq" else "a"
+            raise ValueError(f"quantization={quantization!r}, but {model_dir} is not {article} {family.upper()} checkpoint "
+                             f"(its config.json has no {family.upper()} quantization_config).")
+    if method is not None and method not in INT4_NAMES and quantization is None:
         raise NotImplementedError(f"Not supported yet by Treadle: {method} checkpoints (quantization_config in "
-                                  f"{model_dir}/config.json); AWQ, FP8 ({', '.join(FP8_METHODS)}) and GGUF ones load.")
-    if method == "awq" and quantization not in (None, "awq", "awq_marlin"):
-        raise ValueError(f"quantization={quantization!r}, but {model_dir} is an AWQ checkpoint.")
+                                  f"{model_dir}/config.json); AWQ, GPTQ, FP8 ({', '.join(FP8_METHODS)}) and GGUF ones load.")
+    if method in INT4_NAMES and quantization not in (None, *INT4_NAMES[method]):
+        article = "an" if method == "awq" else "a"
+        raise ValueError(f"quantization={quantization!r}, but {model_dir} is {article} {method.upper()} checkpoint.")

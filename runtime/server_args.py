@@ -273,7 +273,7 @@ class ServerArgs(SGLangOnlyArgs):
     def check_supported(self) -> None:
         """Refuse valid settings whose feature is not built yet, instead of silently ignoring them."""
         missing = {
-            "quantization": self.quantization not in (None, "gguf", "awq", "awq_marlin", "fp8"),
+            "quantization": self.quantization not in (None, "gguf", "awq", "awq_marlin", "gptq", "gptq_marlin", "fp8"),
             "dp_size": self.dp_size > 1 and self.nnodes > 1,  # DP groups on one node only
             "cpu_offload_gb": self.cpu_offload_gb > 0,
             "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves

@@ -54,11 +54,11 @@ def main() -> None:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = time_graph(lambda i: F.linear(x, dense[i % COPIES]))
-            t_row = time_graph(lambda i: rows[i % COPIES].apply(x, None))
-            t_blk = time_graph(lambda i: blocks[i % COPIES].apply(x, None))
+            t_row = time_graph(lambda i: rows[i % COPIES].product(x, None))
+            t_blk = time_graph(lambda i: blocks[i % COPIES].product(x, None))
             want = F.linear(x.float(), deq.float())
-            err = max((rows[0].apply(x, None).float() - want).abs().max().item(),
-                      (blocks[0].apply(x, None).float() - want).abs().max().item()) / want.abs().max().item()
+            err = max((rows[0].product(x, None).float() - want).abs().max().item(),
+                      (blocks[0].product(x, None).float() - want).abs().max().item()) / want.abs().max().item()
             print(f"{name:<12} {m:>5} {t_bf16:>9.1f} {t_row:>10.1f} {t_blk:>10.1f} {n * k / t_row / 1e3:>9.0f} {err:>8.1e}",
                   flush=True)
         if a.grid:

@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from treadle.gpu_worker.layers import batch_invariant, triton_fp8
 
@@ -76,7 +77,11 @@ class Fp8Linear:
         tensors' storage (``t.data = ...``), which a view kept from load time would not follow."""
         return self.scale.view(-1, 1) if self.per_row else self.scale
 
-    def apply(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's product (``layers/linear.py``'s hook; this object is the layer's own)."""
+        return self.product(x, bias)
+
+    def product(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         n, k = self.weight.shape
         x2 = x.reshape(-1, k)
         if x2.stride(-1) != 1:

@@ -7,7 +7,8 @@ Merged layers (fused qkv, fused gate/up) take one HF tensor per ``shard_id``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -22,8 +23,26 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-# Set while a quantized model is built (``gpu_worker/fp8.py``): called with each new layer, it may
-# give the layer a quantized weight, ``layer.quant``, whose ``apply(x, bias)`` then does the product.
+_QUANT: Optional[Any] = None  # the quantized weight format of the layers being built (quantized_layers)
+
+
+@contextmanager
+def quantized_layers(method: Optional[Any]) -> Iterator[None]:
+    """Linear layers built inside hold their weight in ``method``'s format instead of a dense
+    ``weight`` (``gpu_worker/quant``): ``method.create_weights(layer)`` registers its parameters
+    (each with its ``weight_loader``) and returns True, or False to leave the layer dense;
+    ``method.apply(layer, x, bias)`` is the layer's product. None: dense layers."""
+    global _QUANT
+    old, _QUANT = _QUANT, method
+    try:
+        yield
+    finally:
+        _QUANT = old
+
+
+# Set while an FP8 model is built (``gpu_worker/fp8.py``): called with each new dense layer, it may
+# give the layer a quantized weight of its own, ``layer.quant``, whose ``apply(layer, x, bias)`` is then
+# the product (as a ``quantized_layers`` method's is).
 on_new_layer: Optional[Callable[["LinearBase"], None]] = None
 
 
@@ -45,12 +64,16 @@ class LinearBase(nn.Module):
     """``y = x W^T + b`` over a [out, in] weight shard; subclasses decide the sharding."""
 
     gemv_config: Optional[GemvConfig] = None  # set by use_triton_gemv
+    quant: Optional[Any] = None  # a quantized weight format (quantized_layers); None: a dense weight
 
     def __init__(self, in_size: int, out_size: int, bias: bool):
         super().__init__()
         self.in_size, self.out_size = in_size, out_size
-        self.weight = _param(out_size, in_size)
-        self.weight.weight_loader = self.weight_loader
+        if _QUANT is not None and _QUANT.create_weights(self):
+            self.quant = _QUANT
+        else:
+            self.weight = _param(out_size, in_size)
+            self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = _param(out_size)
             self.bias.weight_loader = self.weight_loader
@@ -63,8 +86,10 @@ class LinearBase(nn.Module):
         param.data.copy_(full[:])  # [:] also reads a loader.CheckpointTensor (not read yet) whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quant = self.__dict__.get("quant")
-        y = project(x, self.weight, self.bias, self.gemv_config) if quant is None else quant.apply(x, self.bias)
+        if self.quant is not None:
+            y = self.quant.apply(self, x, self.bias)
+        else:
+            y = project(x, self.weight, self.bias, self.gemv_config)
         lora = self.__dict__.get("lora")  # lora.LoRAPool's; not getattr: a miss costs nn.Module ~1 us
         return y if lora is None else lora.apply(x, y)
 
@@ -177,8 +202,10 @@ class RowParallelLinear(LinearBase):
         push = None
         if not self.reduce_results and lora is None and takes_gemv(x, self.gemv_config):
             push = gemv_push_target(self.weight.shape[0], x.dtype)
-        quant = self.__dict__.get("quant")
-        y = project(x, self.weight, None, self.gemv_config, push) if quant is None else quant.apply(x, None)
+        if self.quant is not None:
+            y = self.quant.apply(self, x, None)
+        else:
+            y = project(x, self.weight, None, self.gemv_config, push)
         if push is not None:
             note_pushed(y)
         if lora is not None:  # on the partial sum: the reduce sums the ranks' (x_r A_r^T) B^T into x A^T B^T

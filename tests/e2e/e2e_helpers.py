@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from int4_pack import awq_quantize, gptq_quantize  # noqa: F401  (tests/int4_pack.py: the reference packers)
+
 
 def alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie (a reaped-later child counts as gone)."""
@@ -31,36 +33,24 @@ def make_peft_adapter(base_dir: str, out_dir: str, rank: int, alpha: int, target
     model.save_pretrained(out_dir)
 
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's "gemm" packing: nibble i of a word holds column 8c + AWQ_ORDER[i]
-
-
-def awq_quantize(w, group: int):
-    """``w`` [out, in] -> (qweight, qzeros, scales, dequantized [out, in]) in AutoAWQ's gemm layout,
-    asymmetric 4-bit per group of ``group`` inputs. Written from the format's description, apart
-    from the loader's code, so the test checks one against the other."""
-    import torch
-
-    wt = w.t().float()  # [in, out]
-    n_in, n_out = wt.shape
-    g = wt.reshape(n_in // group, group, n_out)
-    lo, hi = g.amin(dim=1), g.amax(dim=1)  # [groups, out]
-    scales = ((hi - lo).clamp(min=1e-5) / 15).half()
-    zeros = torch.clamp(torch.round(-lo / scales.float()), 0, 15).to(torch.int32)
-    q = torch.clamp(torch.round(g / scales.float()[:, None]) + zeros[:, None], 0, 15).to(torch.int32).reshape(n_in, n_out)
-    deq = ((q.reshape(n_in // group, group, n_out) - zeros[:, None]).float() * scales.float()[:, None]).reshape(n_in, n_out)
-
-    def pack(v):  # [r, out] ints 0..15 -> [r, out/8] int32
-        words = torch.zeros(v.shape[0], v.shape[1] // 8, dtype=torch.int64)
-        for i, col in enumerate(AWQ_ORDER):
-            words |= v[:, col::8].to(torch.int64) << (4 * i)
-        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-    return pack(q), pack(zeros), scales, deq.t().contiguous()
-
-
 def make_awq_model(out_dir: str, tokenizer_dir: str, seed: int = 0, group: int = 32):
     """A tiny random Llama saved as an AWQ (gemm, 4-bit) checkpoint; returns HF's float32 model
     holding the dequantized weights: the reference the engine must match."""
+    return make_int4_model(out_dir, tokenizer_dir, {"quant_method": "awq", "bits": 4, "group_size": group,
+                                                    "zero_point": True, "version": "gemm"}, seed)
+
+
+def _input_of(name: str) -> int:
+    """A seed per projection input: q/k/v share one, gate/up one (GPTQ's act order follows the input)."""
+    layer = int(name.split(".")[2])
+    proj = name.split(".")[-2]
+    return 4 * layer + {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2}.get(proj, 3)
+
+
+def make_int4_model(out_dir: str, tokenizer_dir: str, quant: dict, seed: int = 0, hidden: int = 64):
+    """A tiny random Llama saved as a 4-bit checkpoint of ``quant`` (a ``quantization_config``:
+    AWQ gemm, or GPTQ with its group_size, sym, desc_act, checkpoint_format); returns HF's
+    float32 model holding the dequantized weights: the reference the engine must match."""
     import glob
     import json
     import os
@@ -71,28 +61,32 @@ def make_awq_model(out_dir: str, tokenizer_dir: str, seed: int = 0, group: int =
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(cfg).eval()
-    tensors = {}
+    tensors, group = {}, quant["group_size"]
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith("proj.weight"):
-                qw, qz, sc, deq = awq_quantize(p.data, group)
-                p.copy_(deq)
-                base = name[: -len(".weight")]
-                tensors.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
-            else:
+            if not name.endswith("proj.weight"):
                 tensors[name] = p.data.clone()
+                continue
+            base = name[: -len(".weight")]
+            if quant["quant_method"] == "awq":
+                qw, qz, sc, deq = awq_quantize(p.data, group)
+            else:
+                qw, qz, sc, g_idx, deq = gptq_quantize(p.data, group, quant.get("sym", True), quant.get("desc_act", False),
+                                                       quant.get("checkpoint_format") == "gptq_v2", seed=_input_of(name))
+                tensors[f"{base}.g_idx"] = g_idx
+            p.copy_(deq)
+            tensors.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"))
     d = cfg.to_dict()
     d["architectures"] = ["LlamaForCausalLM"]
-    d["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-                                "version": "gemm"}
+    d["quantization_config"] = quant
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(d, f)
     tok.save_pretrained(out_dir)

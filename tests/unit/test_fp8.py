@@ -163,7 +163,7 @@ def run_cases(device: str, dtype: torch.dtype, cases: list) -> list[str]:
         if dtype != torch.float32 and m > SKINNY_MAX:  # the FP8 x FP8 paths round activations per token (group)
             xr = rounded_activations(xr, BLOCK if form == "block" else k)
         want = xr @ deq.T + (bias.float() if has_bias else 0)
-        got = layer.apply(x, bias).float()
+        got = layer.product(x, bias).float()
         tol = 1e-2 * want.abs().max().item() + 1e-3 if dtype == torch.bfloat16 else 1e-4  # bf16 outputs
         err = (got - want).abs().max().item()
         if got.shape != (m, n) or not err <= tol:
@@ -230,10 +230,10 @@ def test_gpu_fp8_products_replay_in_a_cuda_graph():
         layer, deq = _weights(1024, 4096, form, gen, "cuda")
         for m in (1, 8, 64):
             x = torch.zeros(m, 4096, device="cuda", dtype=torch.bfloat16)
-            layer.apply(x, None)  # compile outside the capture
+            layer.product(x, None)  # compile outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                y = layer.apply(x, None)
+                y = layer.product(x, None)
             for seed in range(2):
                 x.copy_(torch.randn(m, 4096, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
                 graph.replay()
@@ -253,9 +253,9 @@ def test_gpu_fp8_gemv_with_pdl_gives_the_same_bits():
     for form in ("channel", "block"):
         layer, _ = _weights(4096, 4096, form, gen, "cuda")
         x = torch.randn(1, 4096, generator=gen).to("cuda", torch.bfloat16)
-        plain = layer.apply(x, None)
+        plain = layer.product(x, None)
         layer.pdl = True
-        assert torch.equal(layer.apply(x, None), plain)
+        assert torch.equal(layer.product(x, None), plain)
 
 
 if __name__ == "__main__":
