@@ -57,7 +57,7 @@ class WorkerLoop:
             kv_tokens=args.max_total_tokens or 0, max_slots=self.max_slots, context_len=self.context_len,
             attention_backend=args.attention_backend, random_seed=args.random_seed,
             tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static,
-            pp_rank=self.pp_rank, pp_size=args.pp_size,
+            pp_rank=self.pp_rank, pp_size=args.pp_size, ep_size=args.ep_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
             allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
             gemv_backend=args.gemv_backend,

@@ -22,6 +22,7 @@ class RunnerConfig:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    ep_size: int = 1  # mixture-of-experts models: 1 (experts TP-sliced) or tp_size (whole experts per rank)
     cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
