@@ -163,7 +163,11 @@ class SparseMoeBlock(nn.Module):
         self.reduce_results = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        logits = self.gate(x)
+        if logits.is_cuda and triton_moe is not None:
+            weights, ids = triton_moe.fused_route(logits, self.top_k, self.renormalize)
+        else:
+            weights, ids = route(logits, self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:  # the sigmoid gate is the same on every rank: it scales the partial sums
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
