@@ -5,7 +5,7 @@ One MoE step over ``T`` tokens with ``k`` experts each (``T * k`` token-expert p
 1. ``fused_route``: softmax over the router logits, top-k, renormalise: one program per token.
 2. ``align``: the pairs sorted by expert, each expert's run padded to a multiple of ``BLOCK_M``
    (pad entries point past the last pair), with the expert of every ``BLOCK_M`` block and the
-   padded total. One program for small batches (decode), torch ops (a stable sort) for large.
+   padded total. One program for up to 2,048 pairs (decode), torch ops (a stable sort) beyond.
 3. ``_gate_up_kernel``: per block of one expert, ``silu(x W_gate^T) * (x W_up^T)`` for its pairs
    (both products in one pass over ``x``; the activation in the epilogue), into ``[T * k, I]``.
 4. ``_down_kernel``: per block, ``h W_down^T`` times the pair's routing weight, into ``[T * k, H]``.
@@ -39,7 +39,9 @@ class MoeConfig(NamedTuple):
 # (experts, intermediate per rank, hidden) -> [(up to this many tokens, config), ...] ascending.
 # Measured entries only; none yet (docs/moe.md says how to add them).
 CONFIGS: dict[tuple[int, int, int], list[tuple[int, MoeConfig]]] = {}
-ALIGN_ONE_PROGRAM = 1024  # pairs up to which alignment runs as one program (else torch ops)
+# Pairs up to which alignment runs as one program, else as torch ops (a sort): every captured decode
+# batch (up to 256 tokens with top-8) takes the one launch.
+ALIGN_ONE_PROGRAM = 2048
 
 
 def default_config(tokens: int, experts: int, top_k: int) -> MoeConfig:
@@ -47,7 +49,7 @@ def default_config(tokens: int, experts: int, top_k: int) -> MoeConfig:
     (decode: the products are weight reads), larger tiles once every expert has many rows."""
     rows_per_expert = tokens * top_k / experts
     if rows_per_expert <= 4:
-        return MoeConfig(16, 64, 128, 1, 4, 4)
+        return MoeConfig(16, 32, 128, 1, 4, 4)
     if rows_per_expert <= 64:
         return MoeConfig(32, 64, 64, 8, 4, 3)
     return MoeConfig(64, 128, 64, 8, 8, 3)
@@ -102,7 +104,7 @@ def padded_size(pairs: int, experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def _align_kernel(ids, sorted_ids, expert_ids, num_post, numel, E, slots,
+def _align_kernel(ids, sorted_ids, expert_ids, num_post, numel, E,
                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
     experts = tl.arange(0, E_P2)
     counts = tl.zeros([E_P2], dtype=tl.int32)
@@ -126,14 +128,14 @@ def _align_kernel(ids, sorted_ids, expert_ids, num_post, numel, E, slots,
         tl.store(sorted_ids + slot, offs, mask=(offs < numel) & (tl.sum(hit, axis=1) > 0))
         seen += tl.sum(hit, axis=0)
     ends_valid = starts + counts
-    for c in range(0, slots, CHUNK):  # pads: slots past an expert's pairs (or past the total)
+    for c in range(0, total, CHUNK):  # pads: slots past an expert's pairs (none is read past the total)
         s = c + tl.arange(0, CHUNK)
         owner = tl.sum((ends[None, :] <= s[:, None]).to(tl.int32), axis=1)  # the expert whose run holds s
         end = tl.sum(tl.where(experts[None, :] == owner[:, None], ends_valid[None, :], 0), axis=1)
-        tl.store(sorted_ids + s, numel, mask=(s < slots) & ((owner >= E) | (s >= end)))
-        first = s * BLOCK_M  # block s's expert (-1 past the total)
+        tl.store(sorted_ids + s, numel, mask=(s < total) & (s >= end))
+        first = s * BLOCK_M  # block s's expert
         block_owner = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        tl.store(expert_ids + s, tl.where(first < total, block_owner, -1), mask=s < slots // BLOCK_M)
+        tl.store(expert_ids + s, block_owner, mask=first < total)
 
 
 def _align_torch(ids: torch.Tensor, experts: int, block_m: int, slots: int
@@ -160,7 +162,8 @@ def _align_torch(ids: torch.Tensor, experts: int, block_m: int, slots: int
 
 def align(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sorted_ids [slots] int32, expert_ids [slots / block_m] int32, padded total [1] int32)``
-    for expert ids ``[T, k]`` (ids outside ``[0, experts)`` are left out)."""
+    for expert ids ``[T, k]`` (ids outside ``[0, experts)`` are left out). Only the first ``total``
+    slots (and their blocks) are defined: the GEMMs read no further."""
     numel = ids.numel()
     slots = padded_size(numel, experts, block_m)
     if numel > ALIGN_ONE_PROGRAM:
@@ -168,7 +171,7 @@ def align(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, 
     sorted_ids = torch.empty(slots, dtype=torch.int32, device=ids.device)
     expert_ids = torch.empty(slots // block_m, dtype=torch.int32, device=ids.device)
     num_post = torch.empty(1, dtype=torch.int32, device=ids.device)
-    _align_kernel[(1,)](ids.reshape(-1).int(), sorted_ids, expert_ids, num_post, numel, experts, slots,
+    _align_kernel[(1,)](ids.reshape(-1).int(), sorted_ids, expert_ids, num_post, numel, experts,
                         BLOCK_M=block_m, E_P2=max(triton.next_power_of_2(experts), 16), CHUNK=64)
     return sorted_ids, expert_ids, num_post
 

@@ -93,7 +93,8 @@ def run_cases(device: str, dtype: torch.dtype) -> list[str]:
     small = MoeConfig(16, 16, 16, 2, 4, 1)
     failures += [check_moe(5, 8, 64, 32, 2, device, dtype),
                  check_moe(3, 16, 48, 40, 4, device, dtype, drop=0.3, config=small),
-                 check_moe(40, 8, 32, 32, 1, device, dtype, config=MoeConfig(16, 32, 32, 1, 4, 1))]
+                 check_moe(40, 8, 32, 32, 1, device, dtype, config=MoeConfig(16, 32, 32, 1, 4, 1)),
+                 check_moe(2, 8, 32, 32, 2, device, dtype, drop=1.0)]  # every pair another rank's: zeros
     return [f for f in failures if f]
 
 
