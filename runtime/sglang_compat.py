@@ -197,8 +197,8 @@ NO_EFFECT: dict[str, Any] = {
 }
 
 # ------------------------------------------------------------------ refused unless at SGLang's default
-SPEC, EP, CP = ("speculative decoding is not built yet", "only ep_size is built of expert parallelism",
-                "context parallelism is not built yet")
+SPEC, CP = "speculative decoding is not built yet", "context parallelism is not built yet"
+EP = "expert parallelism beyond ep_size (DeepEP, elastic EP) is not built"
 CHAT = "this chat-template or parser option is not built (treadle serve reads chat_template and the parsers)"
 PD, EPD = "PD disaggregation is not built yet", "encoder disaggregation is not built yet"
 PRIORITY = "priority scheduling is fixed: higher values first, preemption at a gap of 10"
