@@ -158,7 +158,7 @@ class ServerArgs(SGLangOnlyArgs):
             raise ValueError(f"ep_size must be 1 or tp_size ({self.tp_size}), got {self.ep_size}: expert parallelism "
                              "places the experts on the tensor-parallel ranks.")
         if self.ep_size > 1 and self.pp_size > 1:
-            raise ValueError("ep_size > 1 needs pp_size == 1 (expert parallelism within one pipeline stage is not built).")
+            raise ValueError("ep_size > 1 needs pp_size == 1 (expert parallelism within pipeline stages is not built).")
         check_int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
         if (self.tp_size * self.pp_size) % self.nnodes:
             raise ValueError(f"tp_size * pp_size ({self.tp_size * self.pp_size}) must be divisible by nnodes "

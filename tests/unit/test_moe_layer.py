@@ -66,7 +66,8 @@ def _exchange_worker(rank: int, port: int, out: str) -> None:
     errors = []
     for tokens in (1, 2, 5, 16):
         g = torch.Generator().manual_seed(tokens)  # the same on both ranks: activations are replicated
-        x, w13, w2 = torch.randn(tokens, 16, generator=g), torch.randn(8, 24, 16, generator=g), torch.randn(8, 16, 12, generator=g)
+        x = torch.randn(tokens, 16, generator=g)
+        w13, w2 = torch.randn(8, 24, 16, generator=g), torch.randn(8, 16, 12, generator=g)
         weights, ids = route(torch.randn(tokens, 8, generator=g), 3, True)
         mine = slice(4 * rank, 4 * rank + 4)
         partial = moe_ep.exchange(x, weights, ids, 4, lambda r, w, e: moe_torch(r, w13[mine], w2[mine], w, e))
