@@ -65,25 +65,25 @@ def moe_config(tokens: int, experts: int, inter: int, hidden: int, top_k: int) -
 # ------------------------------------------------------------------ routing
 @triton.jit
 def _route_kernel(logits, weights_out, ids_out, E, stride_l, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                  E_P2: tl.constexpr):
+                  E_P2: tl.constexpr, K_P2: tl.constexpr):
     t = tl.program_id(0)
     offs = tl.arange(0, E_P2)
     x = tl.load(logits + t * stride_l + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
-    p = p / tl.sum(p, axis=0)
-    p = tl.where(offs < E, p, -1.0)
-    total = 0.0
-    for j in tl.static_range(TOP_K):  # the largest left, lowest index first among equals (as torch.topk)
+    p = tl.where(offs < E, p / tl.sum(p, axis=0), -1.0)
+    kk = tl.arange(0, K_P2)
+    vals = tl.zeros([K_P2], dtype=tl.float32)
+    idxs = tl.zeros([K_P2], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):  # the largest left, lowest index first among equals
         best = tl.max(p, axis=0)
         idx = tl.min(tl.where(p == best, offs, E_P2), axis=0)
-        tl.store(weights_out + t * TOP_K + j, best)
-        tl.store(ids_out + t * TOP_K + j, idx)
-        total += best
+        vals = tl.where(kk == j, best, vals)
+        idxs = tl.where(kk == j, idx, idxs)
         p = tl.where(offs == idx, -1.0, p)
     if RENORM:
-        for j in tl.static_range(TOP_K):
-            w = tl.load(weights_out + t * TOP_K + j)
-            tl.store(weights_out + t * TOP_K + j, w / total)
+        vals = vals / tl.sum(vals, axis=0)
+    tl.store(weights_out + t * TOP_K + kk, vals, mask=kk < TOP_K)
+    tl.store(ids_out + t * TOP_K + kk, idxs, mask=kk < TOP_K)
 
 
 def fused_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ def fused_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[to
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
     if t:
         _route_kernel[(t,)](logits, weights, ids, e, logits.stride(0), TOP_K=top_k, RENORM=renormalize,
-                            E_P2=triton.next_power_of_2(e))
+                            E_P2=triton.next_power_of_2(e), K_P2=max(triton.next_power_of_2(top_k), 2))
     return weights, ids
 
 
