@@ -99,8 +99,9 @@ def fused_route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[to
 
 # ------------------------------------------------------------------ alignment
 def padded_size(pairs: int, experts: int, block_m: int) -> int:
-    """Slots of the sorted list: every pair plus at most ``block_m - 1`` pad per expert."""
-    return triton.cdiv(pairs + experts * (block_m - 1), block_m) * block_m
+    """Slots of the sorted list: every pair plus at most ``block_m - 1`` pad per expert that has a
+    pair (at most ``min(experts, pairs)`` of them: a decode step's grid stays small)."""
+    return triton.cdiv(pairs + min(experts, pairs) * (block_m - 1), block_m) * block_m
 
 
 @triton.jit
@@ -172,7 +173,7 @@ def align(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, 
     expert_ids = torch.empty(slots // block_m, dtype=torch.int32, device=ids.device)
     num_post = torch.empty(1, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](ids.reshape(-1).int(), sorted_ids, expert_ids, num_post, numel, experts,
-                        BLOCK_M=block_m, E_P2=max(triton.next_power_of_2(experts), 16), CHUNK=64)
+                        BLOCK_M=block_m, E_P2=max(triton.next_power_of_2(experts), 16), CHUNK=64, num_warps=8)
     return sorted_ids, expert_ids, num_post
 
 
