@@ -117,6 +117,53 @@ def test_default_configs_tile_the_products():
             assert all(b >= 16 and b & (b - 1) == 0 for b in (cfg.block_m, cfg.block_n, cfg.block_k)), cfg
 
 
+def _hopper_compiler():
+    """``compile(kernel, signature, constexprs, **options)`` for sm_90 through Triton's own ptxas,
+    which needs no GPU; None where this Triton has no NVIDIA backend."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception:
+        return None
+    return lambda fn, sig, consts, **opts: triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                                          target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+@pytest.mark.skipif(_hopper_compiler() is None, reason="this Triton cannot compile for NVIDIA GPUs here")
+def test_kernels_compile_for_hopper():
+    """Every kernel compiles to an sm_90 binary with the engine's default configs in bf16, within the
+    card's 227 KB of shared memory: what the interpreter cannot show (types, layouts, tile sizes)."""
+    from treadle.gpu_worker.layers import triton_moe as tm
+
+    comp = _hopper_compiler()
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    consts = lambda **kw: ({k: "constexpr" for k in kw}, kw)  # noqa: E731
+    sig, c = consts(TOP_K=8, RENORM=True, E_P2=128, K_P2=8)
+    comp(tm._route_kernel, {"logits": "*bf16", "weights_out": "*fp32", "ids_out": "*i32", **ints("E", "stride_l"), **sig}, c)
+    sig, c = consts(BLOCK_M=16, E_P2=128, CHUNK=64)
+    comp(tm._align_kernel, {**{n: "*i32" for n in ("ids", "sorted_ids", "expert_ids", "num_post")},
+                            **ints("numel", "E"), **sig}, c, num_warps=8)
+    sig, c = consts(TOP_K=8, BLOCK_H=1024)
+    comp(tm._sum_kernel, {"rows": "*bf16", "ids": "*i32", "out": "*bf16", **ints("E", "H"), **sig}, c)
+    for tokens in (1, 8192):
+        cfg = tm.default_config(tokens, 128, 8)
+        sig, c = consts(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, IEEE=False)
+        common = {"sorted_ids": "*i32", "expert_ids": "*i32", "num_post": "*i32"}
+        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        k = comp(tm._gate_up_kernel, {"x": "*bf16", "w": "*bf16", "out": "*bf16", **common,
+                                      **ints("numel", "top_k", "slots", "N", "K", "stride_xm", "stride_we", "stride_wn",
+                                             "stride_om"), **sig}, c, **opts)
+        assert k.metadata.shared <= 227 * 1024, (cfg, k.metadata.shared)
+        k = comp(tm._down_kernel, {"h": "*bf16", "w": "*bf16", "out": "*bf16", "topk_weights": "*fp32", **common,
+                                   **ints("numel", "slots", "N", "K", "stride_hm", "stride_we", "stride_wn", "stride_om"),
+                                   **sig}, c, **opts)
+        assert k.metadata.shared <= 227 * 1024, (cfg, k.metadata.shared)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # (tokens, experts, hidden, intermediate per rank, top_k): decode and prefill sizes of Mixtral-,
