@@ -84,6 +84,8 @@ class FusedMoE(nn.Module):
         self.num_experts, self.local_experts = num_experts, num_experts // ep
         self.expert_start = moe_ep.ep_rank() * self.local_experts
         self.inter = intermediate // self.slices
+        # each checkpoint tensor's whole shape, checked before this rank's slice of it is read
+        self.full_shapes = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
         self.w13_weight = nn.Parameter(torch.empty(self.local_experts, 2 * self.inter, hidden), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(self.local_experts, hidden, self.inter), requires_grad=False)
         self.w13_weight.weight_loader = self.w2_weight.weight_loader = self.weight_loader
@@ -98,6 +100,9 @@ class FusedMoE(nn.Module):
         expert, part = shard
         if not self.owns(expert) or part not in EXPERT_SHARDS:
             raise ValueError(f"expert tensor {shard} does not belong to this rank's experts")
+        if tuple(full.shape) != self.full_shapes[part]:
+            raise ValueError(f"expert {expert} {part}: checkpoint shape {tuple(full.shape)}, "
+                             f"the model's {self.full_shapes[part]}")
         rank = tp_rank() if self.slices > 1 else 0
         dest = param.data[expert - self.expert_start]
         if part == "down":

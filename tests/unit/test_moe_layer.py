@@ -109,3 +109,22 @@ def test_ep_size_checked_before_start(tmp_path):
         check_model(model(num_experts=6, moe_intermediate_size=64), ServerArgs(tp_size=4, ep_size=4, **dummy))
     with pytest.raises(ValueError, match="intermediate size 90 does not divide by tp_size=4"):
         check_model(model(num_experts=8, moe_intermediate_size=90), ServerArgs(tp_size=4, **dummy))
+
+
+def test_expert_weight_loader_reads_its_slice_and_checks_shapes():
+    """One rank of two (TP): each expert's gate/up rows and down columns of its half; a tensor of
+    another shape is refused before anything is copied."""
+    from unittest import mock
+
+    from treadle.gpu_worker.layers import moe
+
+    with mock.patch.object(moe, "tp_size", return_value=2), mock.patch.object(moe, "tp_rank", return_value=1):
+        m = moe.FusedMoE(num_experts=3, hidden=4, intermediate=6)
+    gate, up, down = torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6)
+    with mock.patch.object(moe, "tp_rank", return_value=1):
+        for part, t in (("gate", gate), ("up", up), ("down", down)):
+            m.weight_loader(m.w2_weight if part == "down" else m.w13_weight, t, (2, part))
+        with pytest.raises(ValueError, match=r"expert 1 up: checkpoint shape \(6, 5\)"):
+            m.weight_loader(m.w13_weight, torch.randn(6, 5), (1, "up"))
+    assert torch.equal(m.w13_weight[2], torch.cat([gate[3:], up[3:]])) and torch.equal(m.w2_weight[2], down[:, 3:])
+    assert m.loaded == 3
