@@ -66,6 +66,7 @@ def moe_config(tokens: int, experts: int, inter: int, hidden: int, top_k: int) -
 @triton.jit
 def _route_kernel(logits, weights_out, ids_out, E, stride_l, TOP_K: tl.constexpr, RENORM: tl.constexpr,
                   E_P2: tl.constexpr, K_P2: tl.constexpr):
+    """One token's routing: softmax over its ``E`` logits, the ``TOP_K`` largest (renormalised)."""
     t = tl.program_id(0)
     offs = tl.arange(0, E_P2)
     x = tl.load(logits + t * stride_l + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
@@ -107,6 +108,8 @@ def padded_size(pairs: int, experts: int, block_m: int) -> int:
 @triton.jit
 def _align_kernel(ids, sorted_ids, expert_ids, num_post, numel, E,
                   BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """``align`` in one program: count the pairs per expert, place each pair after the earlier
+    pairs of its expert (chunk by chunk, in pair order), then mark the pads and each block's expert."""
     experts = tl.arange(0, E_P2)
     counts = tl.zeros([E_P2], dtype=tl.int32)
     for c in range(0, numel, CHUNK):  # pass 1: pairs per expert
