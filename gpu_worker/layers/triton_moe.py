@@ -3,9 +3,11 @@
 One MoE step over ``T`` tokens with ``k`` experts each (``T * k`` token-expert pairs):
 
 1. ``fused_route``: softmax over the router logits, top-k, renormalise: one program per token.
+   Up to ``GEMV_MAX_PAIRS`` pairs (decode), two per-pair GEMV kernels then do the rest
+   (``triton_moe_gemv.py``); beyond, steps 2-5:
 2. ``align``: the pairs sorted by expert, each expert's run padded to a multiple of ``BLOCK_M``
    (pad entries point past the last pair), with the expert of every ``BLOCK_M`` block and the
-   padded total. One program for up to 2,048 pairs (decode), torch ops (a stable sort) beyond.
+   padded total. One program for up to 2,048 pairs, torch ops (a stable sort) beyond.
 3. ``_gate_up_kernel``: per block of one expert, ``silu(x W_gate^T) * (x W_up^T)`` for its pairs
    (both products in one pass over ``x``; the activation in the epilogue), into ``[T * k, I]``.
 4. ``_down_kernel``: per block, ``h W_down^T`` times the pair's routing weight, into ``[T * k, H]``.
@@ -26,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.triton_moe_gemv import fused_moe_gemv
+
 
 class MoeConfig(NamedTuple):
     block_m: int
@@ -42,6 +46,9 @@ CONFIGS: dict[tuple[int, int, int], list[tuple[int, MoeConfig]]] = {}
 # Pairs up to which alignment runs as one program, else as torch ops (a sort): every captured decode
 # batch (up to 256 tokens with top-8) takes the one launch.
 ALIGN_ONE_PROGRAM = 2048
+# Pairs up to which the experts run as per-pair GEMVs (triton_moe_gemv.py: batch 1 to 8 at top-8);
+# untuned: past it tokens share experts often enough that the tiled GEMMs' one read per expert wins.
+GEMV_MAX_PAIRS = 64
 
 
 def default_config(tokens: int, experts: int, top_k: int) -> MoeConfig:
@@ -279,9 +286,11 @@ def _sum_kernel(rows, ids, out, E, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              config: Optional[MoeConfig] = None) -> torch.Tensor:
+              config: Optional[MoeConfig] = None, gemv: Optional[bool] = None) -> torch.Tensor:
     """``layers.moe.moe_torch`` by the fused kernels: ``x [T, H]``, ``w13 [E, 2I, H]``,
-    ``w2 [E, H, I]``, routing ``weights``/``ids [T, k]`` (ids outside ``[0, E)`` skipped)."""
+    ``w2 [E, H, I]``, routing ``weights``/``ids [T, k]`` (ids outside ``[0, E)`` skipped).
+    ``gemv``: per-pair GEMVs (True) or the tiled GEMMs with ``config`` (False); None: GEMVs up to
+    ``GEMV_MAX_PAIRS`` pairs when no config is given."""
     t, hidden = x.shape
     experts, inter, k = w13.shape[0], w13.shape[1] // 2, ids.shape[1]
     if t == 0:
@@ -291,6 +300,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     cfg = config or moe_config(t, experts, inter, hidden, k)
     ids = ids.contiguous()
     weights = weights.float().contiguous()
+    if gemv or (gemv is None and config is None and t * k <= GEMV_MAX_PAIRS):
+        return fused_moe_gemv(x, w13, w2, weights, ids)
     sorted_ids, expert_ids, num_post = align(ids, experts, cfg.block_m)
     slots = sorted_ids.numel()
     ieee = x.dtype == torch.float32

@@ -37,20 +37,20 @@ def make_case(tokens: int, experts: int, hidden: int, inter: int, top_k: int, de
 
 
 def check_moe(tokens: int, experts: int, hidden: int, inter: int, top_k: int, device: str, dtype: torch.dtype,
-              drop: float = 0.0, config=None) -> str:
+              drop: float = 0.0, config=None, gemv: Optional[bool] = None) -> str:
     """'' when the fused MoE matches the torch path in float32 on the same weights, else why not."""
     from treadle.gpu_worker.layers.moe import moe_torch
     from treadle.gpu_worker.layers.triton_moe import fused_moe
 
     x, w13, w2, weights, ids = make_case(tokens, experts, hidden, inter, top_k, device, dtype, drop=drop)
-    got = fused_moe(x, w13, w2, weights, ids, config)
+    got = fused_moe(x, w13, w2, weights, ids, config, gemv)
     want = moe_torch(x.float(), w13.float(), w2.float(), weights, ids)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     try:
         assert got.shape == x.shape and got.dtype == dtype
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
     except AssertionError as e:
-        return f"T={tokens} E={experts} H={hidden} I={inter} k={top_k} drop={drop}: {e}"
+        return f"T={tokens} E={experts} H={hidden} I={inter} k={top_k} drop={drop} gemv={gemv}: {e}"
     return ""
 
 
@@ -91,10 +91,13 @@ def run_cases(device: str, dtype: torch.dtype) -> list[str]:
     ids = make_case(37, 16, 8, 8, 3, device, dtype, drop=0.2)[4]
     failures += [check_align(ids, 16, bm) for bm in (16, 32)]
     small = MoeConfig(16, 16, 16, 2, 4, 1)
-    failures += [check_moe(5, 8, 64, 32, 2, device, dtype),
+    failures += [check_moe(5, 8, 64, 32, 2, device, dtype, gemv=False),
+                 check_moe(5, 8, 64, 32, 2, device, dtype),  # the per-pair GEMVs
+                 check_moe(3, 16, 300, 40, 4, device, dtype, drop=0.3, gemv=True),  # K past one block
                  check_moe(3, 16, 48, 40, 4, device, dtype, drop=0.3, config=small),
                  check_moe(40, 8, 32, 32, 1, device, dtype, config=MoeConfig(16, 32, 32, 1, 4, 1)),
-                 check_moe(2, 8, 32, 32, 2, device, dtype, drop=1.0)]  # every pair another rank's: zeros
+                 check_moe(2, 8, 32, 32, 2, device, dtype, drop=1.0),  # every pair another rank's: zeros
+                 check_moe(2, 8, 32, 32, 2, device, dtype, drop=1.0, gemv=False)]
     return [f for f in failures if f]
 
 
@@ -137,7 +140,7 @@ def _hopper_compiler():
 def test_kernels_compile_for_hopper():
     """Every kernel compiles to an sm_90 binary with the engine's default configs in bf16, within the
     card's 227 KB of shared memory: what the interpreter cannot show (types, layouts, tile sizes)."""
-    from treadle.gpu_worker.layers import triton_moe as tm
+    from treadle.gpu_worker.layers import triton_moe as tm, triton_moe_gemv as tg
 
     comp = _hopper_compiler()
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
@@ -149,6 +152,14 @@ def test_kernels_compile_for_hopper():
                             **ints("numel", "E"), **sig}, c, num_warps=8)
     sig, c = consts(TOP_K=8, BLOCK_H=1024)
     comp(tm._sum_kernel, {"rows": "*bf16", "ids": "*i32", "out": "*bf16", **ints("E", "H"), **sig}, c)
+    for dt in ("bf16", "fp32"):
+        sig, c = consts(BLOCK_N=tg.GATE_UP_BLOCKS[0], BLOCK_K=tg.GATE_UP_BLOCKS[1])
+        comp(tg._gate_up_kernel, {"x": f"*{dt}", "w": f"*{dt}", "h": f"*{dt}", "ids": "*i32",
+                                  **ints("top_k", "E", "N", "K", "stride_xm", "stride_we", "stride_wn", "stride_hm"),
+                                  **sig}, c)
+        sig, c = consts(TOP_K=8, BLOCK_N=tg.DOWN_BLOCKS[0], BLOCK_K=tg.DOWN_BLOCKS[1])
+        comp(tg._down_sum_kernel, {"h": f"*{dt}", "w": f"*{dt}", "out": f"*{dt}", "ids": "*i64", "weights": "*fp32",
+                                   **ints("E", "N", "K", "stride_hm", "stride_we", "stride_wn", "stride_om"), **sig}, c)
     for tokens in (1, 8192):
         cfg = tm.default_config(tokens, 128, 8)
         sig, c = consts(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, IEEE=False)
@@ -179,6 +190,17 @@ GPU_SHAPES = [(1, 8, 1024, 1792, 2), (1, 128, 2048, 768, 8), (3, 60, 1024, 704, 
 def test_cuda_fused_moe_matches_torch(shape):
     msg = check_moe(*shape, "cuda", torch.bfloat16)
     assert msg == "", msg
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("gemv", [True, False])
+@pytest.mark.parametrize("shape", [(1, 128, 2048, 768, 8), (4, 8, 1024, 1792, 2), (8, 60, 1024, 704, 4)])
+def test_cuda_decode_paths_match_torch(shape, gemv):
+    """Both paths at decode sizes: the per-pair GEMVs and the tiled GEMMs (float32 and bf16)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        msg = check_moe(*shape, "cuda", dtype, gemv=gemv)
+        assert msg == "", msg
 
 
 @pytest.mark.gpu
