@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_helpers import first_differences, hf_generate, needs_gpus, random_prompts, treadle_run
+from gpu_helpers import first_differences, hf_generate, random_prompts, treadle_run
 from test_gpu_parity import BF16_TOL, HF_INIT, WIDE_INIT, logits_errors, random_model  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
