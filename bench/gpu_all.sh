@@ -12,10 +12,13 @@
 #   tp_8b      test_gpu_tp.py at the Llama-3.1-8B shape                                     two GPUs
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
 #   deterministic  enable_deterministic_inference: its kernels' and the engine's GPU tests      one GPU
+#   moe        the fused MoE kernels vs the torch path; Qwen3-MoE / Mixtral minis vs HF     one GPU
+#   moe_tp     the MoE minis at tp_size=2 and ep_size=2 against one GPU (float32 greedy)    two GPUs
 #   bench_b1   gpu_bench.py part a (batch 1), SHAPES (default: llama8b smollm2), no HF baseline
 #   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), CI_SHAPES (default: llama8b)
 #   bench_all  gpu_bench.py parts a-e with HF baselines, both shapes (about 8 minutes)
 #   bench_mm   mm_bench.py (LLaVA-1.5-7B shape)
+#   bench_moe  gpu_bench.py parts a and b at the Qwen3-30B-A3B shape (dummy weights), no HF baseline
 #   trace      part b on 200 prompts with steps 600-640 traced, then tools/trace_summary.py
 #   kernels    kernels/gpu_profile.py (8B, batch 1 and 128), gemv_bench.py --quick, decode_attn_bench.py
 #
@@ -58,6 +61,8 @@ for suite in "$@"; do
     tp_8b) run_tests 330 tests/e2e/test_gpu_tp.py -k llama-3.1-8b ;;
     layouts) run_tests 330 tests/e2e/test_gpu_layouts.py ;;
     deterministic) run_tests 500 tests/unit/test_triton_batch_invariant.py tests/e2e/test_gpu_deterministic.py ;;
+    moe) run_tests 500 tests/unit/test_triton_moe.py tests/e2e/test_gpu_moe.py -k "not two_gpus" ;;
+    moe_tp) run_tests 400 tests/e2e/test_gpu_moe.py -k two_gpus ;;
     bench_b1) for shape in ${SHAPES:-llama8b smollm2}; do
                 run_bench 100 bench/gpu_bench.py --shape $shape --parts a --skip-hf
               done ;;
@@ -67,6 +72,7 @@ for suite in "$@"; do
     bench_all) run_bench 130 bench/gpu_bench.py --shape smollm2
                run_bench 330 bench/gpu_bench.py --shape llama8b ;;
     bench_mm) run_bench 300 bench/mm_bench.py ;;
+    bench_moe) run_bench 560 bench/gpu_bench.py --shape qwen3_30b_a3b --parts ab --skip-hf --ci-prompts "${CI_PROMPTS:-500}" ;;
     trace) run_bench 200 bench/gpu_bench.py --shape llama8b --parts b --ci-prompts 200 --skip-hf \
              --profile-ci 600:40 --profile-dir "$out/traces"
            python bench/tools/trace_summary.py "$out"/traces/*.trace.json.gz ;;
@@ -76,6 +82,6 @@ for suite in "$@"; do
              timeout -k 10 100 python bench/kernels/decode_attn_bench.py --rows 150 --rows 256 --configs engine \
                2>&1 | grep -v -i warn ;;
     *) echo "unknown suite $suite: tests checks gemma families heads memory tp_tests tp_8b layouts bench_b1 bench_ci bench_all bench_mm" \
-            "trace kernels" ;;
+            "trace kernels moe moe_tp bench_moe" ;;
   esac
 done

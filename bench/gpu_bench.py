@@ -4,7 +4,9 @@ the same card as the baseline.
     python bench/gpu_bench.py --shape smollm2 --shape llama8b [--tokenizer-dir DIR] [--out FILE]
 
 Shapes are random (``load_format="dummy"``) models built from a config: SmolLM2-135M,
-Llama-3.1-8B, Gemma-3-12B and Qwen3-8B (bench/configs/; ``--shape gemma3_12b``, ``--shape qwen3_8b``),
+Llama-3.1-8B, Gemma-3-12B, Qwen3-8B and the mixture-of-experts Qwen3-30B-A3B (bench/configs/;
+``--shape gemma3_12b``, ``--shape qwen3_8b``, ``--shape qwen3_30b_a3b``: 61 GB of bf16 weights, one
+80 GB card; use ``--skip-hf``, transformers' eager expert loop is no baseline worth the minutes),
 and Llama-3.1-70B (``--shape llama70b``, with ``--engine-args '{"quantization": "awq"}' --skip-hf``:
 random 4-bit weights made packed on the GPU, docs/quantization.md).
 Parts, per shape:
@@ -35,7 +37,8 @@ from common import (CONFIGS, Results, bench_parser, config_model_dir, engine_kwa
                     smollm2_tokenizer_dir, worker_startup_info)
 
 SHAPES = {"smollm2": "smollm2-135m", "llama8b": "llama-3.1-8b", "gemma3_12b": "gemma-3-12b",
-          "qwen3_8b": "qwen3-8b", "llama70b": "llama-3.1-70b"}  # 70B: 4-bit only on one card (docs/quantization.md)
+          "qwen3_8b": "qwen3-8b", "qwen3_30b_a3b": "qwen3-30b-a3b",
+          "llama70b": "llama-3.1-70b"}  # 70B: 4-bit only on one card (docs/quantization.md)
 
 
 def bench_treadle(res: Results, d: str, a: argparse.Namespace, vocab: int) -> None:

@@ -158,8 +158,8 @@ def _rids(rid: Union[str, Sequence[str], None], n: int, is_batch: bool) -> list[
 _UNBUILT = {
     "mm_hashes": "caller-given multimodal hashes (Treadle hashes the pixels itself)",
     "mm_content_hashes": "caller-given multimodal hashes (Treadle hashes the pixels itself)",
-    "return_routed_experts": "MoE expert routing capture (no MoE model is served)",
-    "routed_experts_start_len": "MoE expert routing capture (no MoE model is served)",
+    "return_routed_experts": "MoE expert routing capture (not built yet)",
+    "routed_experts_start_len": "MoE expert routing capture (not built yet)",
     "require_reasoning": "hybrid reasoning models",
     "bootstrap_host": "prefill/decode disaggregation", "bootstrap_port": "prefill/decode disaggregation",
     "bootstrap_room": "prefill/decode disaggregation", "disagg_prefill_dp_rank": "prefill/decode disaggregation",

@@ -58,7 +58,7 @@ class WorkerLoop:
             kv_tokens=args.max_total_tokens or 0, max_slots=self.max_slots, context_len=self.context_len,
             attention_backend=args.attention_backend, random_seed=args.random_seed,
             tp_rank=self.rank, tp_size=args.tp_size, mem_fraction_static=args.mem_fraction_static,
-            pp_rank=self.pp_rank, pp_size=args.pp_size,
+            pp_rank=self.pp_rank, pp_size=args.pp_size, ep_size=args.ep_size,
             custom_all_reduce=not args.disable_custom_all_reduce and args.nnodes == 1,
             allreduce_fusion=args.enable_allreduce_fusion, kv_cache_dtype=args.kv_cache_dtype,
             gemv_backend=args.gemv_backend,
@@ -66,7 +66,7 @@ class WorkerLoop:
             lora_targets=None if "all" in (args.lora_target_modules or ["all"]) else tuple(args.lora_target_modules),
             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
             deterministic=args.enable_deterministic_inference,
-            quantization=args.quantization, torchao_config=args.torchao_config,
+            torchao_config=args.torchao_config,
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.

@@ -26,6 +26,7 @@ from treadle.gpu_worker.kv_cache import KVCache, kv_tokens_from_memory
 from treadle.gpu_worker.launched import HostIdRing, Launched
 from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.attention import Attention
+from treadle.gpu_worker.layers.moe_ep import init_expert_parallel
 from treadle.gpu_worker.logprobs import StepOutput, input_logprobs, row_outs
 from treadle.gpu_worker.lora import LoRAPool
 from treadle.gpu_worker.lora_adapter import LoRAAdapter, load_planned, read_on_all_ranks
@@ -75,6 +76,7 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype)
         init_parallel(cfg.tp_rank, cfg.tp_size, self.device, cfg.pp_rank, cfg.pp_size, self.dtype, cfg.custom_all_reduce,
                       cfg.allreduce_fusion)
+        init_expert_parallel(cfg.ep_size)
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = is_reporting(cfg.tp_rank, cfg.pp_rank, cfg.pp_size)

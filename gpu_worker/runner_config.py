@@ -11,7 +11,9 @@ from typing import Optional
 class RunnerConfig:
     model_dir: str  # HF-format directory: config.json + *.safetensors
     load_format: str = "auto"  # "auto"/"safetensors": read weights; "dummy": seeded random weights
-    quantization: Optional[str] = None  # "awq"/"gptq" with dummy weights: random 4-bit ones (else read from the checkpoint)
+    # "awq"/"gptq" with dummy weights: random 4-bit ones (else read from the checkpoint); "fp8" on a
+    # float checkpoint: FP8 weights quantized at load (fp8.py)
+    quantization: Optional[str] = None
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"  # "cpu", "cuda", "cuda:N"
     kv_tokens: int = 4096  # KV-cache capacity in tokens
@@ -23,6 +25,7 @@ class RunnerConfig:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    ep_size: int = 1  # mixture-of-experts models: 1 (experts TP-sliced) or tp_size (whole experts per rank)
     cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
     mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
@@ -32,6 +35,5 @@ class RunnerConfig:
     lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
     lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
-    quantization: Optional[str] = None  # "fp8" on a float checkpoint: FP8 weights quantized at load (fp8.py)
     torchao_config: str = ""  # SGLang's torchao_config ("int8wo", "fp8dq-per_row", ...): torchao_quant.py
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)

@@ -35,6 +35,9 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Gemma3ForConditionalGeneration": "gemma3",  # its language model, text only
+    "MixtralForCausalLM": "mixtral",  # mixture-of-experts (gpu_worker/layers/moe.py)
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 # Multimodal checkpoints whose language model alone is served (text only: no image processing).
 TEXT_ONLY = {"Gemma3ForConditionalGeneration"}
@@ -49,8 +52,10 @@ ENCODER_ONLY = ("BertModel",)
 # A sentence-transformers checkpoint declares its pooling in one of these (1_Pooling/config.json...).
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                                os.path.join("1_Pooling", "config.json"))
-ARCH_BY_MODEL_TYPE.update({"qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"})
-DECODERS = ("llama", "qwen3", "phi3")  # modules of decoders with an LM head (a bare backbone may lack it)
+ARCH_BY_MODEL_TYPE.update({"qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                           "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"})
+# modules of decoders with an LM head (a bare backbone may lack it)
+DECODERS = ("llama", "qwen3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe")
 ALLOW_LONGER_CONTEXT = ("TREADLE_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN")
 
 
@@ -92,11 +97,24 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
     if asked is not None and longest and asked > longest and not allowed:
         raise ValueError(f"context_length={asked} is longer than the model's max_position_embeddings={longest}. "
                          f"Set {ALLOW_LONGER_CONTEXT[0]}=1 (or SGLang's variable) to allow it anyway.")
+    experts, expert_width = num_experts(cfg), cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    if args.ep_size > 1 and (not experts or experts % args.ep_size):
+        raise ValueError(f"ep_size={args.ep_size} needs a mixture-of-experts model whose expert count divides by it; "
+                         f"this model has {experts or 'no'} experts.")
+    if experts and args.ep_size == 1 and isinstance(expert_width, int) and expert_width % args.tp_size:
+        raise ValueError(f"the experts' intermediate size {expert_width} does not divide by tp_size={args.tp_size} "
+                         "(each rank holds a slice of every expert; ep_size=tp_size places whole experts instead).")
     heads = cfg.get("num_attention_heads")
     if isinstance(heads, int) and args.tp_size > 1:
         head_split_problem = head_split_error(heads, cfg.get("num_key_value_heads") or heads, args.tp_size)
         if head_split_problem:
             raise ValueError(head_split_problem)
+
+
+def num_experts(cfg: dict[str, Any]) -> int:
+    """The routed experts of a mixture-of-experts config (Mixtral's ``num_local_experts``, Qwen's
+    ``num_experts``); 0 for a dense model."""
+    return int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
 
 
 def head_split_error(num_heads: int, num_kv_heads: int, tp: int) -> str:

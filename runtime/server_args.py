@@ -78,6 +78,9 @@ class ServerArgs(SGLangOnlyArgs):
     tp_size: int = 1
     dp_size: int = 1
     pp_size: int = 1
+    # Mixture-of-experts models: whole experts placed on the TP ranks, tokens exchanged all-to-all
+    # (1: every rank holds a TP shard of every expert). 1 or tp_size (docs/moe.md).
+    ep_size: int = 1
     base_gpu_id: int = 0
     gpu_id_step: int = 1
     nnodes: int = 1
@@ -154,8 +157,13 @@ class ServerArgs(SGLangOnlyArgs):
                              f"with quantization={self.quantization!r}.")
         if self.device is not None and not (self.device in DEVICES or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
-        for name in ("tp_size", "dp_size", "pp_size", "nnodes", "stream_interval", "max_loras_per_batch"):
+        for name in ("tp_size", "dp_size", "pp_size", "ep_size", "nnodes", "stream_interval", "max_loras_per_batch"):
             check_int(name, getattr(self, name), lo=1)
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(f"ep_size must be 1 or tp_size ({self.tp_size}), got {self.ep_size}: expert parallelism "
+                             "places the experts on the tensor-parallel ranks.")
+        if self.ep_size > 1 and self.pp_size > 1:
+            raise ValueError("ep_size > 1 needs pp_size == 1 (expert parallelism within pipeline stages is not built).")
         check_int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
         if (self.tp_size * self.pp_size) % self.nnodes:
             raise ValueError(f"tp_size * pp_size ({self.tp_size * self.pp_size}) must be divisible by nnodes "

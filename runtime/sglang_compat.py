@@ -10,10 +10,11 @@ default, and so of ``ServerArgs`` (SGLang's one private field, its bookkeeping
 
 * ``NO_EFFECT``: knobs that change speed, memory use or deployment but not results (kernels,
   CUDA graphs, caches, scheduling tweaks, the HTTP server Treadle does not have), and knobs that
-  only act on model kinds Treadle does not serve (MoE, Mamba, DeepSeek sparse attention). Lossy
+  only act on model kinds Treadle does not serve (Mamba, DeepSeek sparse attention) or tune MoE kernels
+  and DeepEP. Lossy
   speed-ups (TF32, INT8 all-reduce) are here too: without them results are exact, not wrong.
 * ``REFUSED``: features not built, whose silent absence would change results or break a promise
-  (speculative decoding, expert/context parallelism, template names, dumps). Their
+  (speculative decoding, DeepEP/elastic expert parallelism, context parallelism, template names, dumps). Their
   defaults pass; another value makes ``ServerArgs.check_supported()`` raise
   ``NotImplementedError`` naming the argument and why, before any child process starts.
 
@@ -196,8 +197,8 @@ NO_EFFECT: dict[str, Any] = {
 }
 
 # ------------------------------------------------------------------ refused unless at SGLang's default
-SPEC, EP, CP = ("speculative decoding is not built yet", "expert parallelism is not built yet",
-                "context parallelism is not built yet")
+SPEC, CP = "speculative decoding is not built yet", "context parallelism is not built yet"
+EP = "expert parallelism beyond ep_size (DeepEP, elastic EP) is not built"
 CHAT = "this chat-template or parser option is not built (treadle serve reads chat_template and the parsers)"
 PD, EPD = "PD disaggregation is not built yet", "encoder disaggregation is not built yet"
 PRIORITY = "priority scheduling is fixed: higher values first, preemption at a gap of 10"
@@ -239,7 +240,7 @@ REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another 
     "radix_cache_backend": (None, "radix-cache plugins are not built"),
     "speculative_algorithm": (None, SPEC), "speculative_draft_model_path": (None, SPEC),
     "decoupled_spec_role": ("null", SPEC),
-    "ep_size": (1, EP), "moe_a2a_backend": ("none", EP), "elastic_ep_backend": (None, EP),
+    "moe_a2a_backend": ("none", EP), "elastic_ep_backend": (None, EP),
     "ep_join_mode": (None, EP), "elastic_ep_rejoin": (False, EP), "enable_ep_moe": (False, EP),
     "enable_deepep_moe": (False, EP),
     "enable_hisparse": (False, "hierarchical sparse attention is not built"),
@@ -264,7 +265,7 @@ REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another 
     "debug_tensor_dump_inject": (False, DUMP), "msprobe_dump_config": (None, DUMP),
     "forward_hooks": (None, "forward hooks are not built yet"),
     "return_hidden_states_mode": (None, "only the 'full' mode is built: use enable_return_hidden_states=True"),
-    "enable_return_routed_experts": (False, "no MoE models: there are no routed experts"),
+    "enable_return_routed_experts": (False, "routed-expert capture is not built yet"),
     "enable_return_indexer_topk": (False, "no sparse-attention indexer"),
     "enable_mis": (False, MIS), "multi_item_scoring_delimiter": (None, MIS),
     "stream_output": (False, "SGLang's older name of incremental_streaming_output: pass that"),

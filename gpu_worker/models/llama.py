@@ -10,7 +10,7 @@ embeddings only.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -71,17 +71,20 @@ class LlamaAttention(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool = False):
+                 qk_norm: bool = False, mlp: Optional[nn.Module] = None):
+        """``mlp``: another feed-forward block (mixture-of-experts models); it has ``reduce_results``
+        as ``RowParallelLinear`` has."""
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, rotary, qkv_bias, o_bias, qk_norm)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False))
+        self.mlp = mlp if mlp is not None else LlamaMLP(config.hidden_size, config.intermediate_size,
+                                                        getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.defer_reduce = False  # see LlamaModel: o_proj/down_proj hand partial sums to the next norm
 
     def defer_reduces(self) -> None:
         self.defer_reduce = True
-        self.self_attn.o_proj.reduce_results = self.mlp.down_proj.reduce_results = False
+        self.self_attn.o_proj.reduce_results = getattr(self.mlp, "down_proj", self.mlp).reduce_results = False
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: the embedding (``residual`` None) or the previous layer's MLP output, which is a
@@ -99,14 +102,17 @@ class LlamaModel(nn.Module):
     layers ``[start, end)`` (KV-cache layer ids counted from ``start``), the embedding on the first
     stage, the final norm on the last."""
 
-    def __init__(self, config, max_positions: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False):
+    def __init__(self, config, max_positions: int, qkv_bias: bool, o_bias: bool, qk_norm: bool = False,
+                 make_mlp: Optional[Callable[[int], Optional[nn.Module]]] = None):
+        """``make_mlp(layer_index)``: a layer's feed-forward block, None for the dense ``LlamaMLP``."""
         super().__init__()
         n = config.num_hidden_layers
         self.start, self.end = layer_range(n, pp_rank(), pp_size())
         rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size) if self.start == 0 else None
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias, qk_norm) if self.start <= i < self.end
+            LlamaDecoderLayer(config, i - self.start, rotary, qkv_bias, o_bias, qk_norm, make_mlp and make_mlp(i))
+            if self.start <= i < self.end
             else MissingLayer() for i in range(n))
         for i, window in enumerate(layer_windows(config)):  # Mistral's sliding window (the backends mask by it)
             if self.start <= i < self.end:
@@ -148,13 +154,26 @@ class LlamaForCausalLM(ModelBase):
         attn_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attn_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attn_bias if self.o_bias is None else self.o_bias
-        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, o_bias, self.qk_norm)
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings, qkv_bias, o_bias, self.qk_norm,
+                                self.make_mlp)
         last = self.model.norm is not None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if last else None
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.headless = False  # a bare backbone checkpoint without an LM head: embeddings only
         if self.tied and last and self.model.embed_tokens is not None:  # else the last stage has its own copy
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, layer: int) -> Optional[nn.Module]:
+        """Layer ``layer``'s feed-forward block; None: the dense ``LlamaMLP`` (mixture-of-experts
+        models return their sparse block)."""
+        return None
+
+    def param_target(self, name: str) -> tuple[str, Any]:
+        """The parameter a checkpoint tensor fills and the shard id its weight loader takes."""
+        for fused, hf, sid in self.stacked_params:
+            if f".{hf}." in name:
+                return name.replace(f".{hf}.", f".{fused}."), sid
+        return name, None
 
     def forward(self, input_ids: torch.Tensor, carry: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -180,11 +199,7 @@ class LlamaForCausalLM(ModelBase):
                 continue
             if tied and name == "model.embed_tokens.weight" and self.model.embed_tokens is None:
                 name = "lm_head.weight"  # a last stage without the embedding: its own copy of the tied head
-            shard = None
-            for fused, hf, sid in self.stacked_params:
-                if f".{hf}." in name:
-                    name, shard = name.replace(f".{hf}.", f".{fused}."), sid
-                    break
+            name, shard = self.param_target(name)
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[name]

@@ -245,8 +245,8 @@ def test_refused_names_accept_what_treadle_does_anyway(kw):
 
 def test_refused_several_named_together():
     with pytest.raises(NotImplementedError) as e:
-        ServerArgs(ep_size=2, speculative_algorithm="EAGLE", quantization="bitsandbytes").check_supported()
-    assert all(s in str(e.value) for s in ("ep_size=2 (", "speculative_algorithm='EAGLE' (", "quantization='bitsandbytes'"))
+        ServerArgs(moe_dp_size=2, speculative_algorithm="EAGLE", quantization="bitsandbytes").check_supported()
+    assert all(s in str(e.value) for s in ("moe_dp_size=2 (", "speculative_algorithm='EAGLE' (", "quantization='bitsandbytes'"))
 
 
 @pytest.mark.parametrize("name", ["hf_overrides", "prot", "enable_torch_compiles"])
