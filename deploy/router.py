@@ -1,0 +1,265 @@
+"""The fleet's HTTP front: the routes of ``treadle serve``, each passed to a worker the pool picks.
+
+- Generating routes (``/generate``, ``/v1/completions``, ``/v1/chat/completions``, ``/encode``,
+  ``/v1/embeddings``, ``/v1/rerank``, ``/v1/score``) go to one worker, picked by the policy
+  (``pool.py``) from the request's text and session. The answer names it in ``X-Treadle-Worker``.
+- Retry: a request whose worker failed before the first byte went back to the client (connection
+  refused or reset, a 502/503/504, a whole answer cut short, a stream cut before its first event)
+  is sent once more to another worker. Whole answers are read in full before any byte goes out,
+  so for them every failure is "before the first byte"; a stream goes out event by event once its
+  first event came, and a worker failing after that ends it with an error event and ``[DONE]``.
+- Control routes that change a worker (``/flush_cache``, LoRA, weights, profiling, aborts) go to
+  every healthy worker; read-only ones (``/v1/models``, ``/get_model_info``, ...) to any one.
+- Sessions: ``/open_session`` pins the new id to the worker that opened it, later turns follow it.
+- ``/health`` is 200 while a worker is healthy; ``/metrics`` is the router's own.
+- The API key is checked as ``treadle serve`` checks it, and sent on to the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Optional
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from treadle.deploy.pool import Member, Pool
+from treadle.deploy.route_keys import routing_text, session_of
+from treadle.deploy.router_metrics import RouterMetrics
+from treadle.server.errors import error_body, error_response
+from treadle.server.http_utils import SSE_DONE, sse_event
+
+ROUTED = ("/generate", "/encode", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/rerank",
+          "/v1/score")
+ANY_ONE = ("/v1/models", "/get_model_info", "/get_server_info", "/health_generate")
+BROADCAST = ("/flush_cache", "/freeze_gc", "/abort_request", "/start_profile", "/stop_profile",
+             "/load_lora_adapter", "/unload_lora_adapter", "/update_weights_from_disk")
+RETRY_STATUS = (502, 503, 504)
+OPEN_PATHS = frozenset({"/health"})
+CONNECT_TIMEOUT_S = 5.0
+
+
+class Router:
+    """The app's state: the pool, the HTTP client to the workers, the metrics, the drain flag."""
+
+    def __init__(self, pool: Pool, api_key: Optional[str] = None, transport: Any = None) -> None:
+        self.pool, self.api_key = pool, api_key
+        self.metrics = RouterMetrics()
+        self.draining = False
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), limits=limits,
+                                        transport=transport)
+        self.headers = {"content-type": "application/json"}
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
+
+    @property
+    def inflight(self) -> int:
+        return sum(m.inflight for m in self.pool.members.values())
+
+    # -------------------------------------------------------------- one worker
+    async def forward(self, request: Request, path: str) -> Response:
+        """A routed request: picked, sent, retried once before its first byte."""
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None  # the worker answers the 400
+        text = routing_text(path, body)
+        session = session_of(body, request.headers.get("x-session-id"))
+        start, tried, why = time.perf_counter(), [], "no healthy worker"
+        for _ in range(2 if self.pool.spec.retry else 1):
+            member = self.pool.pick(text, session, exclude=tried)
+            if member is None:
+                break
+            self.metrics.decisions.labels(self.pool.last_reason).inc()
+            tried.append(member.name)
+            out = await self._try(member, request.method, path, raw, start)
+            if isinstance(out, Response):
+                return out
+            why = out
+            self.pool.done(member)
+            self.metrics.retries.labels(member.name).inc()
+        self.metrics.no_worker.inc()
+        return error_response(503, f"No healthy worker could take the request ({why}).", code="no_healthy_worker")
+
+    async def _try(self, m: Member, method: str, path: str, raw: bytes, start: float) -> Response | str:
+        """The worker's answer as a Response, or why it failed before the first byte (a str)."""
+        try:
+            resp = await self.client.send(self.client.build_request(method, f"{m.url}{path}", content=raw,
+                                                                    headers=self.headers), stream=True)
+        except httpx.TransportError as e:
+            self.pool.report_failure(m.name)
+            return f"{m.name}: {type(e).__name__}: {e}"
+        if resp.status_code in RETRY_STATUS:
+            await resp.aclose()
+            return f"{m.name} answered {resp.status_code}"
+        headers = {"x-treadle-worker": m.name}
+        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            try:
+                content = await resp.aread()
+            except httpx.TransportError as e:
+                self.pool.report_failure(m.name)
+                return f"{m.name} failed mid-answer: {type(e).__name__}"
+            finally:
+                await resp.aclose()
+            self.pool.done(m)
+            self._count(m, resp.status_code, start)
+            return Response(content, resp.status_code, headers=headers, media_type=resp.headers.get("content-type"))
+        events = _events(resp)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        except httpx.TransportError as e:
+            await resp.aclose()
+            self.pool.report_failure(m.name)
+            return f"{m.name} failed before its first event: {type(e).__name__}"
+        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(self._relay(m, first, events, resp, start), resp.status_code, headers=headers,
+                                 media_type="text/event-stream")
+
+    async def _relay(self, m: Member, first: bytes, events: AsyncIterator[bytes], resp: httpx.Response,
+                     start: float) -> AsyncIterator[bytes]:
+        status = resp.status_code
+        try:
+            if first:
+                yield first
+            async for event in events:
+                yield event
+        except httpx.TransportError as e:
+            self.pool.report_failure(m.name)
+            self.metrics.stream_errors.labels(m.name).inc()
+            status = 502
+            yield sse_event(error_body(502, f"The worker {m.name} failed during this stream "
+                                       f"({type(e).__name__}); the output above is incomplete.", code="worker_failed"))
+            yield SSE_DONE
+        finally:
+            await resp.aclose()
+            self.pool.done(m)
+            self._count(m, status, start)
+
+    def _count(self, m: Member, status: int, start: float) -> None:
+        self.metrics.requests.labels(m.name, f"{status // 100}xx").inc()
+        self.metrics.latency.observe(time.perf_counter() - start)
+
+    # -------------------------------------------------------------- several workers
+    async def broadcast(self, request: Request, path: str) -> Response:
+        """Every healthy worker: the first error if any, else the first answer."""
+        raw = await request.body()
+        members = self.pool.healthy()
+        if not members:
+            return self._no_worker()
+        answers = await asyncio.gather(*(self._send(m, request.method, path, raw) for m in members))
+        return next((a for a in answers if a.status_code >= 400), answers[0])
+
+    async def any_one(self, request: Request, path: str) -> Response:
+        members = sorted(self.pool.healthy(), key=lambda m: m.inflight)
+        if not members:
+            return self._no_worker()
+        return await self._send(members[0], request.method, path, await request.body())
+
+    async def _send(self, m: Member, method: str, path: str, raw: bytes) -> Response:
+        try:
+            r = await self.client.request(method, f"{m.url}{path}", content=raw, headers=self.headers)
+        except httpx.TransportError as e:
+            self.pool.report_failure(m.name)
+            return error_response(502, f"The worker {m.name} did not answer: {type(e).__name__}.",
+                                  code="worker_failed", headers={"x-treadle-worker": m.name})
+        return Response(r.content, r.status_code, headers={"x-treadle-worker": m.name},
+                        media_type=r.headers.get("content-type"))
+
+    def _no_worker(self) -> Response:
+        self.metrics.no_worker.inc()
+        return error_response(503, "No healthy worker.", code="no_healthy_worker")
+
+    # -------------------------------------------------------------- sessions
+    async def open_session(self, request: Request) -> Response:
+        member = self.pool.pick("")
+        if member is None:
+            return self._no_worker()
+        try:
+            resp = await self._send(member, "POST", "/open_session", await request.body())
+        finally:
+            self.pool.done(member)
+        if resp.status_code == 200:
+            self.pool.pin(json.loads(resp.body), member.name)
+        return resp
+
+    async def close_session(self, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            sid = json.loads(raw).get("session_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            sid = None
+        name = self.pool.unpin(sid) if isinstance(sid, str) else None
+        member = self.pool.members.get(name) if name else None
+        if member is None or not member.healthy:  # not opened here: whoever has it closes it
+            return await self.broadcast(request, "/close_session")
+        return await self._send(member, "POST", "/close_session", raw)
+
+
+def create_router_app(router: Router) -> Starlette:
+    """The Starlette app around a ``Router``."""
+
+    async def health(request: Request) -> Response:
+        if router.draining:
+            return error_response(503, "The fleet is shutting down.", code="draining")
+        if not router.pool.healthy():
+            return error_response(503, "No healthy worker.", code="no_healthy_worker")
+        return Response(status_code=200)
+
+    async def metrics(request: Request) -> Response:
+        return Response(router.metrics.render(router.pool), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def workers(request: Request) -> Response:
+        return Response(json.dumps([m.__dict__ for m in router.pool.members.values()]), media_type="application/json")
+
+    def route(path: str, call: Any, methods: list[str]) -> Route:
+        async def endpoint(request: Request) -> Response:
+            if router.draining:
+                return error_response(503, "The fleet is shutting down.", code="draining")
+            return await call(request, path)
+        return Route(path, endpoint, methods=methods)
+
+    async def open_session(request: Request) -> Response:
+        return await router.open_session(request)
+
+    async def close_session(request: Request) -> Response:
+        return await router.close_session(request)
+
+    routes = [Route("/health", health), Route("/metrics", metrics), Route("/fleet/workers", workers),
+              Route("/open_session", open_session, methods=["POST"]),
+              Route("/close_session", close_session, methods=["POST"])]
+    routes += [route(p, router.forward, ["POST"]) for p in ROUTED]
+    routes += [route(p, router.any_one, ["GET"]) for p in ANY_ONE]
+    routes += [route(p, router.broadcast, ["GET", "POST"]) for p in BROADCAST]
+    app = Starlette(routes=routes)
+    if router.api_key:
+        expected = f"Bearer {router.api_key}"
+
+        @app.middleware("http")
+        async def check_key(request: Request, call_next: Any) -> Response:
+            if request.url.path not in OPEN_PATHS and request.headers.get("authorization") != expected:
+                return error_response(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').",
+                                      code="invalid_api_key")
+            return await call_next(request)
+    return app
+
+
+async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """A worker's SSE body as whole events (``data: ...\\n\\n``), so that an error event never
+    lands inside a half-sent one."""
+    buf = b""
+    async for chunk in resp.aiter_raw():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            yield event + b"\n\n"
+    if buf:
+        yield buf
