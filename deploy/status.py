@@ -37,7 +37,8 @@ class StatusWriter:
         workers = [{"name": w.spec.name, "pid": w.handle.pid, "gpus": w.spec.gpus, "url": w.url,
                     "state": w.state, "since": w.since, "restarts": w.restarts, "crashes": w.crashes,
                     "running": w.running, "waiting": w.waiting, "error": w.error,
-                    "log": getattr(w.handle, "log_path", None)} for w in self.sup.workers.values()]
+                    "log": getattr(w.handle, "log_path", None),
+                    "actor_pid": getattr(w.handle, "actor_pid", None)} for w in self.sup.workers.values()]
         return {"name": s.name, "backend": s.backend, "pid": os.getpid(), "phase": self.sup.phase,
                 "router": f"http://{s.host}:{s.router.port}", "updated": time.time(),
                 "inflight": self.sup.router.inflight, "workers": workers}
