@@ -204,7 +204,7 @@ class Router:
         return await self._send(member, "POST", "/close_session", raw)
 
 
-def create_router_app(router: Router) -> Starlette:
+def create_router_app(router: Router) -> Any:
     """The Starlette app around a ``Router``."""
 
     async def health(request: Request) -> Response:
@@ -240,16 +240,23 @@ def create_router_app(router: Router) -> Starlette:
     routes += [route(p, router.any_one, ["GET"]) for p in ANY_ONE]
     routes += [route(p, router.broadcast, ["GET", "POST"]) for p in BROADCAST]
     app = Starlette(routes=routes)
-    if router.api_key:
-        expected = f"Bearer {router.api_key}"
+    return RequireKey(app, router.api_key) if router.api_key else app
 
-        @app.middleware("http")
-        async def check_key(request: Request, call_next: Any) -> Response:
-            if request.url.path not in OPEN_PATHS and request.headers.get("authorization") != expected:
-                return error_response(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').",
+
+class RequireKey:
+    """ASGI wrapper: ``Authorization: Bearer KEY`` on every route but ``/health``, as ``treadle
+    serve`` asks it (a plain ASGI layer: streams pass through it untouched)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS \
+                and dict(scope["headers"]).get(b"authorization") != self.expected:
+            response = error_response(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').",
                                       code="invalid_api_key")
-            return await call_next(request)
-    return app
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
