@@ -14,6 +14,7 @@ requests more than the idlest, and more than ``balance_rel_threshold`` times as 
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -29,6 +30,7 @@ class Member:
     healthy: bool = False
     inflight: int = 0
     routed: int = 0             # requests sent to it, all time
+    last_progress: float = 0.0  # monotonic time of its last answer or stream event (while busy: alive)
 
 
 class Pool:
@@ -69,12 +71,20 @@ class Pool:
             self.pin(session, chosen.name)
         if text and self.spec.policy == "cache_aware":
             self.tree.insert(text, chosen.name)
+        if chosen.inflight == 0:
+            chosen.last_progress = time.monotonic()
         chosen.inflight += 1
         chosen.routed += 1
         return chosen
 
     def done(self, member: Member) -> None:
         member.inflight -= 1
+        member.last_progress = time.monotonic()
+
+    def stalled_for(self, name: str) -> float:
+        """Seconds the worker has had requests in flight without answering any of them (0: idle)."""
+        m = self.members[name]
+        return time.monotonic() - m.last_progress if m.inflight else 0.0
 
     def pin(self, session: str, worker: str) -> None:
         self.sessions[session] = worker

@@ -42,6 +42,7 @@ BROADCAST = ("/flush_cache", "/freeze_gc", "/abort_request", "/start_profile", "
 RETRY_STATUS = (502, 503, 504)
 OPEN_PATHS = frozenset({"/health"})
 CONNECT_TIMEOUT_S = 5.0
+KEEPALIVE_S = 2.0
 
 
 class Router:
@@ -51,7 +52,9 @@ class Router:
         self.pool, self.api_key = pool, api_key
         self.metrics = RouterMetrics()
         self.draining = False
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # idle connections expire before uvicorn's (5 s) close them, so a request rarely meets one
+        # the worker is closing at that moment (that one would be retried)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_S)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S), limits=limits,
                                         transport=transport)
         self.headers = {"content-type": "application/json"}
@@ -94,7 +97,8 @@ class Router:
             resp = await self.client.send(self.client.build_request(method, f"{m.url}{path}", content=raw,
                                                                     headers=self.headers), stream=True)
         except httpx.TransportError as e:
-            self.pool.report_failure(m.name)
+            if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):  # nobody listens: out of rotation
+                self.pool.report_failure(m.name)
             return f"{m.name}: {type(e).__name__}: {e}"
         if resp.status_code in RETRY_STATUS:
             await resp.aclose()
@@ -131,6 +135,7 @@ class Router:
             if first:
                 yield first
             async for event in events:
+                m.last_progress = time.monotonic()
                 yield event
         except httpx.TransportError as e:
             self.pool.report_failure(m.name)

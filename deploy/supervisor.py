@@ -136,11 +136,10 @@ class Supervisor:
             if code is not None:
                 return f"exited with code {code}"
             deep = time.monotonic() >= next_deep
-            if deep:
+            error = await self._probe(w.url, "/health", self.sup.health_timeout_s)
+            if error is None and deep:
                 next_deep = time.monotonic() + self.sup.deep_health_interval_s
-                error = await self._probe(w.url, "/health_generate", self.sup.deep_health_timeout_s)
-            else:
-                error = await self._probe(w.url, "/health", self.sup.health_timeout_s)
+                error = await self._deep_probe(w)
             if error is None:
                 fails = 0
                 if w.state != "healthy":
@@ -163,6 +162,16 @@ class Supervisor:
         except httpx.HTTPError as e:
             return f"{path}: {type(e).__name__}"
         return None if r.status_code == 200 else f"{path}: HTTP {r.status_code}"
+
+    async def _deep_probe(self, w: WorkerState) -> Optional[str]:
+        """Is the engine making tokens? Busy: its requests through the router must have moved within
+        ``deep_health_timeout_s`` (a probe's one token would wait behind them); idle: one token
+        through ``/health_generate``."""
+        stalled = self.pool.stalled_for(w.spec.name)
+        if stalled:
+            limit = self.sup.deep_health_timeout_s
+            return None if stalled < limit else f"no answer nor stream event for {stalled:.0f} s while busy"
+        return await self._probe(w.url, "/health_generate", self.sup.deep_health_timeout_s)
 
     async def _read_load(self, w: WorkerState) -> None:
         """Running and waiting requests, from the worker's ``/metrics`` (for ``fleet status``)."""
