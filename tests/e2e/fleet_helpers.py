@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -21,6 +22,14 @@ from treadle.deploy.proc_tree import alive, descendants
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "fleet-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WORDS = ("river stone cloud maple engine violet harbor quartz lantern meadow falcon copper ember willow "
+         "garnet tundra orchid canyon beacon thistle glacier saffron pebble comet cedar marble").split()
+
+
+def unrelated(n: int, seed: int) -> list[str]:
+    """``n`` prompts of random words: no two share much of a prefix."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(10)) + f" #{i}" for i in range(n)]
 
 
 def write_spec(path: str, workers: str, extra: str = "") -> int:

@@ -12,13 +12,13 @@ run in file order; the last one stops the fleet.
    worker: unhealthy within the probe period, no new requests, restarted.
 3. The bad worker stays down after the crash-loop limit, its error in ``fleet status``.
 4. ``fleet down`` with streams in flight: they finish, the supervisor exits 0, no process is left.
+   (SIGTERM to the supervisor, which ``fleet down`` sends, is also the Ray module's last test.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from tests.e2e.fleet_helpers import (API_KEY, ROOT, Fleet, Outcome, client_for, no_process_left, run_load, send,
-                                    write_spec)
+from tests.e2e.fleet_helpers import (API_KEY, ROOT, WORDS, Fleet, Outcome, client_for, no_process_left, run_load,
+                                    send, unrelated, write_spec)
 from treadle.client.remote import RemoteEngine
 
 pytestmark = pytest.mark.e2e
@@ -41,13 +41,6 @@ name = "w1"
 name = "bad"
 engine = { model_path = "/nonexistent/fleet-test-model" }
 """
-WORDS = ("river stone cloud maple engine violet harbor quartz lantern meadow falcon copper ember willow "
-         "garnet tundra orchid canyon beacon thistle glacier saffron pebble comet cedar marble").split()
-
-
-def unrelated(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(10)) + f" #{i}" for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +149,11 @@ def test_crash_loop_stays_down(fleet):
 
 
 def test_fleet_down_drains_and_leaves_nothing(fleet):
-    fleet.wait_for("w1 healthy again", lambda: fleet.worker("w1").get("state") == "healthy", 180)
-
+    """w1 may still be starting after its restart: stopping it mid-start must leave nothing either."""
     async def load_then_down():
         async with client_for(fleet.url) as c:
             outs = [Outcome() for _ in range(10)]
-            tasks = [asyncio.create_task(send(c, t, 16, stream=True, out=o)) for t, o in zip(unrelated(10, seed=5), outs)]
+            tasks = [asyncio.create_task(send(c, t, 8, stream=True, out=o)) for t, o in zip(unrelated(10, seed=5), outs)]
             while not all(o.worker for o in outs):  # all in flight (their answers have begun)
                 await asyncio.sleep(0.05)
             pids = fleet.tree()
