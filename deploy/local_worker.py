@@ -5,6 +5,7 @@ The supervisor decides when to start, stop or kill it; this class only does it."
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -15,6 +16,17 @@ from typing import Optional
 
 from treadle.deploy.proc_tree import alive, descendants, kill_all
 from treadle.deploy.spec import FleetSpec, WorkerSpec, worker_argv
+
+PR_SET_PDEATHSIG = 1
+
+
+def _drain_with_parent() -> None:
+    """In the worker before exec: SIGTERM (a drain) when the supervisor dies, even by SIGKILL, so
+    that a lost supervisor never leaves workers holding their ports and GPUs."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def free_port(host: str) -> int:
@@ -55,7 +67,7 @@ class LocalWorker:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(shown)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+                                         env=env, start_new_session=True, preexec_fn=_drain_with_parent)
         return f"http://{connect_host(self.fleet.host)}:{self.port}"
 
     def exit_code(self) -> Optional[int]:

@@ -125,29 +125,9 @@ class Router:
             self.pool.report_failure(m.name)
             return f"{m.name} failed before its first event: {type(e).__name__}"
         headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return StreamingResponse(self._relay(m, first, events, resp, start), resp.status_code, headers=headers,
-                                 media_type="text/event-stream")
-
-    async def _relay(self, m: Member, first: bytes, events: AsyncIterator[bytes], resp: httpx.Response,
-                     start: float) -> AsyncIterator[bytes]:
-        status = resp.status_code
-        try:
-            if first:
-                yield first
-            async for event in events:
-                m.last_progress = time.monotonic()
-                yield event
-        except httpx.TransportError as e:
-            self.pool.report_failure(m.name)
-            self.metrics.stream_errors.labels(m.name).inc()
-            status = 502
-            yield sse_event(error_body(502, f"The worker {m.name} failed during this stream "
-                                       f"({type(e).__name__}); the output above is incomplete.", code="worker_failed"))
-            yield SSE_DONE
-        finally:
-            await resp.aclose()
-            self.pool.done(m)
-            self._count(m, status, start)
+        relay = _Relay(self, m, resp, start)
+        return RelayResponse(relay, relay.events(first, events), resp.status_code, headers=headers,
+                             media_type="text/event-stream")
 
     def _count(self, m: Member, status: int, start: float) -> None:
         self.metrics.requests.labels(m.name, f"{status // 100}xx").inc()
@@ -262,6 +242,55 @@ class RequireKey:
                                       code="invalid_api_key")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class _Relay:
+    """One stream passed through: its events, then (once, however it ends) the bookkeeping."""
+
+    def __init__(self, router: Router, m: Member, resp: httpx.Response, start: float) -> None:
+        self.router, self.m, self.resp, self.start = router, m, resp, start
+        self.status, self.finished = resp.status_code, False
+
+    async def events(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        router, m = self.router, self.m
+        try:
+            if first:
+                yield first
+            async for event in rest:
+                m.last_progress = time.monotonic()
+                yield event
+        except httpx.TransportError as e:
+            router.pool.report_failure(m.name)
+            router.metrics.stream_errors.labels(m.name).inc()
+            self.status = 502
+            yield sse_event(error_body(502, f"The worker {m.name} failed during this stream "
+                                       f"({type(e).__name__}); the output above is incomplete.", code="worker_failed"))
+            yield SSE_DONE
+        finally:
+            await self.finish()
+
+    async def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        await self.resp.aclose()
+        self.router.pool.done(self.m)
+        self.router._count(self.m, self.status, self.start)
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that closes its worker's response and counts itself done even when the client
+    left before the first event was sent (then the body's generator never starts)."""
+
+    def __init__(self, relay: _Relay, content: AsyncIterator[bytes], *args: Any, **kwargs: Any) -> None:
+        super().__init__(content, *args, **kwargs)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.finish()
 
 
 async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:

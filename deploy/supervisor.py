@@ -191,8 +191,6 @@ class Supervisor:
 
     # -------------------------------------------------------------- the fleet
     async def run(self) -> int:
-        tasks = [asyncio.create_task(self.run_worker(w)) for w in self.workers.values()]
-        status_task = asyncio.create_task(self.status.loop())
         server = FleetServer(self, uvicorn.Config(create_router_app(self.router), host=self.spec.host,
                                                   port=self.spec.router.port, log_level="warning",
                                                   timeout_graceful_shutdown=5, lifespan="off"))
@@ -200,10 +198,10 @@ class Supervisor:
         while not server.started and not serve_task.done():
             await asyncio.sleep(0.05)
         if serve_task.done():
-            self.stopping = True
-            await self._stop_workers(0)
             print(f"[fleet] the router could not listen on {self.spec.host}:{self.spec.router.port}", flush=True)
             return 1
+        tasks = [asyncio.create_task(self.run_worker(w)) for w in self.workers.values()]
+        status_task = asyncio.create_task(self.status.loop())
         self.phase = "running"
         print(READY_LINE.format(name=self.spec.name, host=self.spec.host, port=self.spec.router.port), flush=True)
         while not self.stop_requested:
