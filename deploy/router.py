@@ -20,19 +20,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from treadle.deploy.pool import Member, Pool
 from treadle.deploy.route_keys import routing_text, session_of
 from treadle.deploy.router_metrics import RouterMetrics
-from treadle.server.errors import error_body, error_response
-from treadle.server.http_utils import SSE_DONE, sse_event
+from treadle.deploy.stream_relay import RelayResponse, StreamRelay, sse_events
+from treadle.server.errors import error_response
 
 ROUTED = ("/generate", "/encode", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/rerank",
           "/v1/score")
@@ -115,7 +115,7 @@ class Router:
             self.pool.done(m)
             self._count(m, resp.status_code, start)
             return Response(content, resp.status_code, headers=headers, media_type=resp.headers.get("content-type"))
-        events = _events(resp)
+        events = sse_events(resp)
         try:
             first = await events.__anext__()
         except StopAsyncIteration:
@@ -125,7 +125,7 @@ class Router:
             self.pool.report_failure(m.name)
             return f"{m.name} failed before its first event: {type(e).__name__}"
         headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-        relay = _Relay(self, m, resp, start)
+        relay = StreamRelay(self, m, resp, start)
         return RelayResponse(relay, relay.events(first, events), resp.status_code, headers=headers,
                              media_type="text/event-stream")
 
@@ -242,65 +242,3 @@ class RequireKey:
                                       code="invalid_api_key")
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-class _Relay:
-    """One stream passed through: its events, then (once, however it ends) the bookkeeping."""
-
-    def __init__(self, router: Router, m: Member, resp: httpx.Response, start: float) -> None:
-        self.router, self.m, self.resp, self.start = router, m, resp, start
-        self.status, self.finished = resp.status_code, False
-
-    async def events(self, first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        router, m = self.router, self.m
-        try:
-            if first:
-                yield first
-            async for event in rest:
-                m.last_progress = time.monotonic()
-                yield event
-        except httpx.TransportError as e:
-            router.pool.report_failure(m.name)
-            router.metrics.stream_errors.labels(m.name).inc()
-            self.status = 502
-            yield sse_event(error_body(502, f"The worker {m.name} failed during this stream "
-                                       f"({type(e).__name__}); the output above is incomplete.", code="worker_failed"))
-            yield SSE_DONE
-        finally:
-            await self.finish()
-
-    async def finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        await self.resp.aclose()
-        self.router.pool.done(self.m)
-        self.router._count(self.m, self.status, self.start)
-
-
-class RelayResponse(StreamingResponse):
-    """A stream that closes its worker's response and counts itself done even when the client
-    left before the first event was sent (then the body's generator never starts)."""
-
-    def __init__(self, relay: _Relay, content: AsyncIterator[bytes], *args: Any, **kwargs: Any) -> None:
-        super().__init__(content, *args, **kwargs)
-        self.relay = relay
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.relay.finish()
-
-
-async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
-    """A worker's SSE body as whole events (``data: ...\\n\\n``), so that an error event never
-    lands inside a half-sent one."""
-    buf = b""
-    async for chunk in resp.aiter_raw():
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            yield event + b"\n\n"
-    if buf:
-        yield buf
