@@ -172,7 +172,7 @@ def _table(raw: dict[str, Any], key: str, cls: type) -> Any:
         if not hasattr(out, k):
             raise ValueError(f"Unknown key {key}.{k}; the keys are {', '.join(f.name for f in dataclasses.fields(cls))}.")
         default = getattr(out, k)
-        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else (int, str)
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else (int,)
         if not isinstance(v, kinds) or isinstance(v, bool) and not isinstance(default, bool):
             raise ValueError(f"{key}.{k} must be a {kinds[0].__name__}, got {v!r}.")
         setattr(out, k, float(v) if isinstance(default, float) else v)

@@ -89,6 +89,7 @@ class Supervisor:
             started, ever_healthy = time.monotonic(), reason is None
             if reason is None:
                 w.set("healthy")
+                print(f"[fleet] {w.spec.name}: healthy at {w.url} (pid {w.handle.pid})", flush=True)
                 self.pool.set_up(w.spec.name, w.url, fresh=True)
                 reason = await self._watch(w)
                 self.pool.set_down(w.spec.name)
