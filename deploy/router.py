@@ -76,23 +76,31 @@ class Router:
         text = routing_text(path, body)
         session = session_of(body, request.headers.get("x-session-id"))
         start, tried, why = time.perf_counter(), [], "no healthy worker"
-        for _ in range(2 if self.pool.spec.retry else 1):
+        refused: Optional[Response] = None  # a worker's own 502/503/504, answered if no other takes it
+        for attempt in range(2 if self.pool.spec.retry else 1):
             member = self.pool.pick(text, session, exclude=tried)
             if member is None:
                 break
+            if attempt:
+                self.metrics.retries.labels(tried[-1]).inc()
             self.metrics.decisions.labels(self.pool.last_reason).inc()
             tried.append(member.name)
             out = await self._try(member, request.method, path, raw, start)
-            if isinstance(out, Response):
+            if isinstance(out, Response) and out.status_code not in RETRY_STATUS:
                 return out
-            why = out
             self.pool.done(member)
-            self.metrics.retries.labels(member.name).inc()
+            if isinstance(out, Response):
+                refused, why = out, f"{member.name} answered {out.status_code}"
+            else:
+                why = out
+        if refused is not None:
+            return refused
         self.metrics.no_worker.inc()
         return error_response(503, f"No healthy worker could take the request ({why}).", code="no_healthy_worker")
 
     async def _try(self, m: Member, method: str, path: str, raw: bytes, start: float) -> Response | str:
-        """The worker's answer as a Response, or why it failed before the first byte (a str)."""
+        """The worker's answer as a Response (a 502/503/504 one not yet counted: it may be retried),
+        or why it failed before the first byte (a str)."""
         try:
             resp = await self.client.send(self.client.build_request(method, f"{m.url}{path}", content=raw,
                                                                     headers=self.headers), stream=True)
@@ -100,10 +108,16 @@ class Router:
             if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):  # nobody listens: out of rotation
                 self.pool.report_failure(m.name)
             return f"{m.name}: {type(e).__name__}: {e}"
-        if resp.status_code in RETRY_STATUS:
-            await resp.aclose()
-            return f"{m.name} answered {resp.status_code}"
         headers = {"x-treadle-worker": m.name}
+        if resp.status_code in RETRY_STATUS:  # the caller retries it elsewhere, or answers it as is
+            try:
+                content = await resp.aread()
+            except httpx.TransportError:
+                content = b""
+            finally:
+                await resp.aclose()
+            return Response(content, resp.status_code, headers={**headers, **_kept(resp.headers)},
+                            media_type=resp.headers.get("content-type"))
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             try:
                 content = await resp.aread()
@@ -187,6 +201,11 @@ class Router:
         if member is None or not member.healthy:  # not opened here: whoever has it closes it
             return await self.broadcast(request, "/close_session")
         return await self._send(member, "POST", "/close_session", raw)
+
+
+def _kept(headers: httpx.Headers) -> dict[str, str]:
+    """A worker's headers worth passing on (an overloaded worker's ``Retry-After``)."""
+    return {k: v for k, v in headers.items() if k.lower() == "retry-after"}
 
 
 def create_router_app(router: Router) -> Any:

@@ -24,9 +24,10 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
-from tests.e2e.fleet_helpers import (API_KEY, ROOT, WORDS, Fleet, Outcome, client_for, no_process_left, run_load,
+from tests.e2e.fleet_helpers import (API_KEY, AUTH, ROOT, WORDS, Fleet, Outcome, client_for, no_process_left, run_load,
                                     send, unrelated, write_spec)
 from treadle.client.remote import RemoteEngine
 
@@ -112,6 +113,12 @@ def test_sigkill_and_sigstop(fleet):
         else:  # cut by the kill: only after its first event, and said clearly
             assert o.worker == "w0" and o.error["code"] == "worker_failed" and len(o.events) >= 2, o.events
     assert any(o.worker == "w1" for o in outs)
+    cut = [o for o in streams if o.error is not None]
+    metrics = httpx.get(f"{fleet.url}/metrics", headers=AUTH).text
+    retried = sum(float(ln.split()[-1]) for ln in metrics.splitlines()
+                  if ln.startswith('treadle_router:retries_total{worker="w0"}'))
+    print(f"SIGKILL under load: {len(cut)} stream(s) cut with the error event, {retried:g} request(s) retried")
+    assert cut and retried >= 1  # both paths ran: begun streams cut, the others retried on w1
     took = fleet.wait_for("w0 restarted", lambda: fleet.worker("w0").get("restarts") == 1
                           and fleet.worker("w0").get("pid") != victim["pid"], 30)
     print(f"w0's restart began {took:.1f} s after the kill")

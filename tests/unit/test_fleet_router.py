@@ -57,7 +57,7 @@ def test_connection_failure_is_retried_on_the_other_worker():
 
 def test_503s_the_api_key_and_no_worker():
     def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(503, json={"error": {"message": "draining"}})
+        return httpx.Response(503, json={"error": {"message": "overloaded"}}, headers={"Retry-After": "1"})
 
     async def call(c: httpx.AsyncClient) -> list[httpx.Response]:
         return [await c.post("/generate", json={"text": "x"}, headers={"Authorization": "Bearer k"}),
@@ -65,11 +65,14 @@ def test_503s_the_api_key_and_no_worker():
                 await c.get("/health")]
 
     (busy, no_key, health), _ = run(handler, call, api_key="k")
-    assert busy.status_code == 503 and busy.json()["error"]["code"] == "no_healthy_worker"
+    # both workers refused: the last one's own answer goes back, its Retry-After with it
+    assert busy.status_code == 503 and busy.json()["error"]["message"] == "overloaded"
+    assert busy.headers["retry-after"] == "1"
     assert no_key.status_code == 401
     assert health.status_code == 200
     (busy, no_key, health), _ = run(handler, call, api_key="k", up=())
     assert health.status_code == 503 and busy.status_code == 503
+    assert busy.json()["error"]["code"] == "no_healthy_worker"
 
 
 def test_stream_cut_midway_ends_with_an_error_event():
