@@ -93,8 +93,8 @@ def test_sigkill_and_sigstop(fleet):
             tasks = [asyncio.create_task(send(c, t, 8, stream=i % 2 == 0, out=outs[i]))
                      for i, t in enumerate(unrelated(100, seed=2))]
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # kill w0 once one of its streams has begun
-                await asyncio.sleep(0.05)
+            while time.monotonic() < deadline:  # kill w0 as soon as one of its streams has begun
+                await asyncio.sleep(0.01)
                 if any(o.worker == "w0" and o.first_event is not None for o in outs):
                     break
             os.kill(victim["pid"], signal.SIGKILL)
