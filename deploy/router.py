@@ -179,11 +179,18 @@ class Router:
 
     # -------------------------------------------------------------- sessions
     async def open_session(self, request: Request) -> Response:
-        member = self.pool.pick("")
+        """The least busy worker opens it (an id already pinned goes to its worker, which refuses
+        it as ``treadle serve`` does); the id is pinned to that worker."""
+        raw = await request.body()
+        try:
+            sid = json.loads(raw).get("session_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            sid = None
+        member = self.pool.pick("", session=sid if isinstance(sid, str) and sid in self.pool.sessions else None)
         if member is None:
             return self._no_worker()
         try:
-            resp = await self._send(member, "POST", "/open_session", await request.body())
+            resp = await self._send(member, "POST", "/open_session", raw)
         finally:
             self.pool.done(member)
         if resp.status_code == 200:

@@ -5,7 +5,8 @@ run in file order; the last one stops the fleet.
 
 1. 100 concurrent requests all complete; unrelated ones spread 30-70% over the two workers;
    ten sharing a 400-token prefix all go to one worker, whose ``cached_tokens`` show the reuse;
-   ``RemoteEngine`` pointed at the router works.
+   a session's turns stay on its worker; OpenAI's client (chat, streamed) and ``RemoteEngine``
+   pointed at the router work.
 2. SIGKILL of a worker during 100 requests: every whole answer and every stream not yet started
    completes (retried on the other worker); a started stream either completes or ends with the
    router's error event; the worker is restarted (one restart in ``fleet status``). SIGSTOP of a
@@ -25,6 +26,7 @@ import sys
 import time
 
 import httpx
+import openai
 import pytest
 
 from tests.e2e.fleet_helpers import (API_KEY, AUTH, ROOT, WORDS, Fleet, Outcome, client_for, no_process_left, run_load,
@@ -72,6 +74,20 @@ def test_load_spread_and_shared_prefix(fleet):
     rest = run_load(fleet.url, [prefix + f" Question {w}?" for w in WORDS[:9]], max_new_tokens=4)
     assert {o.worker for o in rest} == {first.worker}
     assert all(o.body["meta_info"]["cached_tokens"] >= 380 for o in rest), [o.body["meta_info"] for o in rest]
+
+    with httpx.Client(base_url=fleet.url, headers=AUTH, timeout=300) as c:  # a session stays on its worker
+        sid = c.post("/open_session", json={"capacity_of_str_len": 4000}).json()
+        turns = [c.post("/generate", json={"text": text, "sampling_params": {"max_new_tokens": 4},
+                                           "session_params": {"id": sid}}) for text in unrelated(3, seed=6)]
+        assert len({r.headers["x-treadle-worker"] for r in turns}) == 1 and all(r.status_code == 200 for r in turns)
+        lengths = [r.json()["meta_info"]["prompt_tokens"] for r in turns]
+        assert lengths[0] < lengths[1] < lengths[2]  # each turn continues the last
+        assert c.post("/open_session", json={"capacity_of_str_len": 10, "session_id": sid}).status_code == 400
+        assert c.post("/close_session", json={"session_id": sid}).status_code == 200
+
+    chat = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key=API_KEY).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True)
+    assert sum(len(ch.choices[0].delta.content or "") for ch in chat if ch.choices) > 0
 
     engine = RemoteEngine(fleet.url, api_key=API_KEY)
     try:
