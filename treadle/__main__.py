@@ -2,7 +2,8 @@
 
 This is the README's first command: it proves the whole engine works on a fresh machine.
 ``treadle serve ...`` (or ``python -m treadle serve ...``) starts the HTTP server instead
-(``server/serve_cmd.py``).
+(``server/serve_cmd.py``); ``treadle fleet up|status|down SPEC`` runs a fleet of them behind a router
+(``deploy/cli.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from treadle.server.serve_cmd import main as serve_main
 
         return serve_main(args[1:])
+    if args[:1] == ["fleet"]:
+        from treadle.deploy.cli import main as fleet_main
+
+        return fleet_main(args[1:])
     p = argparse.ArgumentParser(prog="treadle", description=__doc__)
     p.add_argument("question", nargs="?", default="What is the capital of France?")
     p.add_argument("--model-path", default="default")
