@@ -12,6 +12,7 @@
 #   tp_8b      test_gpu_tp.py at the Llama-3.1-8B shape                                     two GPUs
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
 #   deterministic  enable_deterministic_inference: its kernels' and the engine's GPU tests      one GPU
+#   quant      the FP8 and int4 (AWQ/GPTQ) kernels against dequantize-then-matmul; their engine tests vs HF  one GPU
 #   moe        the fused MoE kernels vs the torch path; Qwen3-MoE / Mixtral minis vs HF     one GPU
 #   moe_tp     the MoE minis at tp_size=2 and ep_size=2 against one GPU (float32 greedy)    two GPUs
 #   bench_b1   gpu_bench.py part a (batch 1), SHAPES (default: llama8b smollm2), no HF baseline
@@ -61,6 +62,8 @@ for suite in "$@"; do
     tp_8b) run_tests 330 tests/e2e/test_gpu_tp.py -k llama-3.1-8b ;;
     layouts) run_tests 330 tests/e2e/test_gpu_layouts.py ;;
     deterministic) run_tests 500 tests/unit/test_triton_batch_invariant.py tests/e2e/test_gpu_deterministic.py ;;
+    quant) run_tests ${QUANT_LIMIT:-400} tests/unit/test_fp8.py tests/unit/test_triton_int4.py tests/unit/test_int4_layers.py \
+             tests/e2e/test_gpu_fp8.py tests/e2e/test_gpu_int4.py -k "${QUANT_K:-not two_gpus}" ;;
     moe) run_tests 500 tests/unit/test_triton_moe.py tests/e2e/test_gpu_moe.py -k "not two_gpus" ;;
     moe_tp) run_tests 400 tests/e2e/test_gpu_moe.py -k two_gpus ;;
     bench_b1) for shape in ${SHAPES:-llama8b smollm2}; do
@@ -82,6 +85,6 @@ for suite in "$@"; do
              timeout -k 10 100 python bench/kernels/decode_attn_bench.py --rows 150 --rows 256 --configs engine \
                2>&1 | grep -v -i warn ;;
     *) echo "unknown suite $suite: tests checks gemma families heads memory tp_tests tp_8b layouts bench_b1 bench_ci bench_all bench_mm" \
-            "trace kernels moe moe_tp bench_moe" ;;
+            "trace kernels quant moe moe_tp bench_moe" ;;
   esac
 done
