@@ -32,8 +32,12 @@ def test_bf16_logits_match_hf(random_model, shape):
     report = (f"{shape}: bf16 logits, prefill + 32 decode steps (graphs): max relative error {err:.2e} vs HF bf16, "
               f"{vs_fp32:.2e} vs HF fp32 (HF bf16 vs fp32: {hf_floor:.2e}; HF eager vs sdpa: {hf_impls:.2e})")
     print(report)
-    if BF16_TOL <= err <= hf_impls:
-        pytest.xfail(f"{report}: over {BF16_TOL:g}, within HF's own eager-vs-sdpa distance (bf16 noise)")
+    if err >= BF16_TOL:
+        # A bf16 router flips near-tied top-k choices, so two bf16 runs of a MoE differ more than dense
+        # ones do (on the H100, HF's own bf16 sat 4.2e-2 from its fp32 on qwen3-moe-mini): the engine's
+        # bf16 must then be as close to the fp32 truth as HF's bf16 is, with 25% slack.
+        assert vs_fp32 <= 1.25 * hf_floor, report
+        return
     assert err < BF16_TOL, report
 
 
