@@ -37,6 +37,7 @@ from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
+from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
@@ -200,6 +201,9 @@ class ModelRunner:
         step = self._run(plan, extras=True)
         if step is None:
             return Launched(result=([], {}))
+        verified = Verified.take(step)  # speculative decoding's verify rows: accepted apart, merged at the end
+        if verified is not None:
+            verified.run(plan, self.sampler, {}, self.last_token)
         samples, slots = step.logits, step.sample_slots
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
@@ -207,18 +211,19 @@ class ModelRunner:
         sampling_rows = [r for r in plan.rows if r.sample]
         masks = [(j, r.token_bitmask) for j, r in enumerate(sampling_rows) if r.token_bitmask]  # grammar rows
         if not slots:
-            return Launched(result=([], row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}))
+            outs = row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}
+            return Launched(result=verified.merge(plan, [], outs) if verified is not None else ([], outs))
         ids_t, uncommitted = self.sampler.sample_deferred(samples, slots, masks)
         self.last_token[step.sample_slots_t] = ids_t  # the next step's placeholder inputs
         failures = self.sampler.state.take_failures()
-        if step.report and (want or step.inputs or step.hidden_rows or failures):
+        if step.report and (want or step.inputs or step.hidden_rows or failures or verified is not None):
             ids = ids_t.tolist()
             self.sampler.state.commit(uncommitted, ids)
             outs = row_outs(plan, step, self.sampler.spec, want, raw, ids_t)
             for j, slot in enumerate(slots):
                 if slot in failures:
                     outs.setdefault(step.sample_rows[j], RowOut()).error = failures[slot]
-            return Launched(result=(ids, outs))
+            return Launched(result=verified.merge(plan, ids, outs) if verified is not None else (ids, outs))
         if self.device.type != "cuda":
             return Launched(uncommitted=uncommitted, ids_host=ids_t)
         host, event = self._host_ids.copy(ids_t)
@@ -322,4 +327,4 @@ class ModelRunner:
                      report: bool, input_lps: Any = None) -> StepOutput:
         return StepOutput(hidden=hidden, logits=logits, sample_rows=s.sample_rows, sample_slots=s.sample_slots,
                           inputs=s.input_logprob_rows, hidden_rows=s.hidden_rows, report=report,
-                          sample_slots_t=dev.sample_slots, input_lps=input_lps)
+                          sample_slots_t=dev.sample_slots, input_lps=input_lps, spec_rows=s.spec_rows)
