@@ -37,6 +37,7 @@ from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
+from treadle.gpu_worker.spec_draft import DraftModel
 from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
@@ -103,6 +104,11 @@ class ModelRunner:
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
             self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
+        self.draft: Optional[DraftModel] = None  # STANDALONE speculative decoding's draft model
+        if cfg.draft_model_dir is not None:
+            if cfg.pp_size > 1:
+                raise ValueError("speculative_algorithm='STANDALONE' does not run with pp_size > 1 yet")
+            self.draft = DraftModel(cfg.draft_model_dir, self)
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
@@ -126,12 +132,16 @@ class ModelRunner:
         cfg = self.cfg
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
         if cfg.kv_tokens <= 0:
-            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, len(attn),
+            width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
+            layers = len(attn) + (self.draft.kv_layers_like(width) if self.draft is not None else 0)
+            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers,
                                                   attn[0].num_kv_heads * attn[0].head_dim, cfg.mem_fraction_static,
                                                   cfg.context_len, cfg.tp_size * cfg.pp_size)
         # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
         self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
                                 self.kv_dtype, self.device)
+        if self.draft is not None:
+            self.draft.init_kv(cfg.kv_tokens, self.kv_dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots + 1, cfg.context_len, dtype=torch.int64, device=self.device)
         self.last_token = torch.zeros(cfg.max_slots + 1, dtype=torch.int64, device=self.device)
         if cfg.deterministic and self.device.type == "cpu" and any(a.sliding_window or a.logit_cap for a in attn):
@@ -198,12 +208,13 @@ class ModelRunner:
         if self.is_encoder:
             rows = encode_plan(self.model, plan, self.pooling, self.cfg.max_slots, self.vocab_size, self.cfg.tp_rank)
             return Launched(result=([], rows))
+        draft_q = self.draft.propose(plan, self) if self.draft is not None else {}  # STANDALONE: fills the drafts
         step = self._run(plan, extras=True)
         if step is None:
             return Launched(result=([], {}))
         verified = Verified.take(step)  # speculative decoding's verify rows: accepted apart, merged at the end
         if verified is not None:
-            verified.run(plan, self.sampler, {}, self.last_token)
+            verified.run(plan, self.sampler, draft_q, self.last_token)
         samples, slots = step.logits, step.sample_slots
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.

@@ -31,4 +31,5 @@ class RunnerConfig:
     lora_slots: int = 0  # > 0: LoRA adapters, this many on the device at once (max_loras_per_batch)
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
     lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
+    draft_model_dir: Optional[str] = None  # speculative_algorithm="STANDALONE": the draft model (spec_draft.py)
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)

@@ -12,7 +12,7 @@ runs, the last known token included, so a chain proposes ``num_draft_tokens - 1`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 SPEC_ALGORITHMS = (None, "NGRAM", "STANDALONE", "EAGLE", "EAGLE3")
 BUILT = (None, "NGRAM", "STANDALONE")
@@ -70,3 +70,12 @@ def resolve_spec_args(a: Any) -> None:
         a.speculative_num_steps = a.speculative_num_steps or (
             a.speculative_num_draft_tokens - 1 if a.speculative_num_draft_tokens else STANDALONE_STEPS)
         a.speculative_num_draft_tokens = a.speculative_num_steps + 1
+
+
+def draft_model_dir(a: Any) -> Optional[str]:
+    """The draft model's HF directory (STANDALONE), resolved as ``model_path`` is (aliases, hub ids)."""
+    if a.speculative_algorithm != "STANDALONE":
+        return None
+    from treadle.runtime.model_files import resolve_model_files
+
+    return resolve_model_files(a.speculative_draft_model_path, download_dir=a.download_dir).model_dir
