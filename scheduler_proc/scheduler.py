@@ -33,7 +33,7 @@ from treadle.scheduler_proc.plan import PlannedRow, PlannedStep, StepDraft, cont
 from treadle.scheduler_proc.req import Req
 from treadle.scheduler_proc.retraction import Retraction
 from treadle.scheduler_proc.sessions import Sessions
-from treadle.scheduler_proc.spec_sched import Speculation
+from treadle.scheduler_proc.spec_sched import Speculation, speculates
 from treadle.scheduler_proc.stop_checker import check_finish
 
 
@@ -261,7 +261,7 @@ class Scheduler:
                 if req.finish is not None or self.outputs.should_stream(req):
                     self.outputs.emit(req)
                 continue
-            if req.spec_counts is not None and tok is not None and not row.prefill:
+            if req.spec_counts is not None and tok is not None and not row.prefill and speculates(req):
                 req.spec_counts[0] += 1  # a decode without drafts: a verify of none
             if i in extras and req.meta is not None:
                 req.record_meta(row.prefill, tok, extras[i])
