@@ -25,15 +25,22 @@ from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
 
 def target_probs(logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """``[n, V]`` float32 logits -> the distributions the sampler draws from (temperature, then
-    top-k, top-p, min-p as ``Sampler``), normalized."""
+    """``[n, V]`` float32 logits -> the distributions the sampler draws from, normalized: temperature,
+    then top-k, top-p, min-p with ``Sampler._filter``'s rules (top-p and min-p on the sorted
+    probabilities). A small top-k takes ``topk`` instead of sorting the vocabulary."""
     probs = torch.softmax(logits.float() / spec.temperature, dim=-1)
-    if spec.top_k >= 1 or spec.top_p < 1.0 or spec.min_p > 0.0:
-        n, vocab = probs.shape
-        k = vocab if spec.top_k < 1 else min(spec.top_k, vocab)
-        col = torch.tensor([[k, spec.top_p, spec.min_p]], dtype=torch.float32, device=probs.device).expand(n, 3)
-        probs = Sampler._filter(probs, col[:, 0], col[:, 1], col[:, 2])
-    return probs / probs.sum(dim=-1, keepdim=True)
+    vocab = probs.shape[-1]
+    k = vocab if spec.top_k < 1 else min(spec.top_k, vocab)
+    if k < vocab:
+        vals, idx = probs.topk(k, dim=-1)
+    elif spec.top_p < 1.0 or spec.min_p > 0.0:
+        vals, idx = probs.sort(dim=-1, descending=True, stable=True)
+    else:
+        return probs
+    drop = (vals.cumsum(dim=-1) - vals) > spec.top_p
+    drop |= vals < vals[:, :1] * spec.min_p
+    out = torch.zeros_like(probs).scatter_(1, idx, vals.masked_fill(drop, 0.0))
+    return out / out.sum(dim=-1, keepdim=True)
 
 
 def accept_chain(p: torch.Tensor, drafts: list[int], q: Optional[torch.Tensor],
