@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 from treadle.runtime.config_overrides import parse_overrides
 from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
 from treadle.runtime.parallel import split_addr
-from treadle.runtime.spec_args import check_spec_args, resolve_spec_args
+from treadle.runtime.spec_args import check_spec_args, resolve_spec_args, spec_refusals
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -284,6 +284,7 @@ class ServerArgs(SGLangOnlyArgs):
             "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves
         }
         shown = [f"{k}={getattr(self, k)!r}" for k, bad in missing.items() if bad] + refused_settings(self)
+        shown += spec_refusals(self)
         if shown:
             shown_all = ", ".join(shown)
             raise NotImplementedError(f"Not supported yet by Treadle: {shown_all} (see the README's feature table).")

@@ -28,15 +28,14 @@ def _pos_int(name: str, v: Any, optional: bool = True) -> None:
 
 
 def check_spec_args(a: Any) -> None:
-    """``ValueError`` naming the field for a bad value; ``NotImplementedError`` for EAGLE."""
+    """``ValueError`` naming the field for a bad value (EAGLE, a valid value, is refused later by
+    ``ServerArgs.check_supported``, with the other features not built)."""
     alg = a.speculative_algorithm
     if isinstance(alg, str):
         alg = a.speculative_algorithm = alg.upper()
     if alg not in SPEC_ALGORITHMS:
         raise ValueError(f"speculative_algorithm must be one of {[x for x in SPEC_ALGORITHMS if x]} or None, "
                          f"got {a.speculative_algorithm!r}.")
-    if alg not in BUILT:
-        raise NotImplementedError(f"speculative_algorithm={alg!r} is not built yet: use 'NGRAM' or 'STANDALONE'.")
     for name in ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens"):
         _pos_int(name, getattr(a, name))
     for name in ("speculative_ngram_min_match_window_size", "speculative_ngram_max_match_window_size"):
@@ -44,15 +43,24 @@ def check_spec_args(a: Any) -> None:
     if a.speculative_ngram_min_match_window_size > a.speculative_ngram_max_match_window_size:
         raise ValueError("speculative_ngram_min_match_window_size must not exceed "
                          "speculative_ngram_max_match_window_size.")
-    if a.speculative_eagle_topk not in (None, 1):
-        raise NotImplementedError("speculative_eagle_topk > 1 (tree drafts) is not built yet: chains only (topk 1).")
     if a.speculative_num_draft_tokens == 1:
         raise ValueError("speculative_num_draft_tokens must be at least 2 (the last token and one draft).")
     path = a.speculative_draft_model_path
     if alg == "STANDALONE" and not (isinstance(path, str) and path):
         raise ValueError("speculative_draft_model_path is required with speculative_algorithm='STANDALONE'.")
-    if alg != "STANDALONE" and path is not None:
-        raise ValueError("speculative_draft_model_path is only read with speculative_algorithm='STANDALONE'.")
+    if alg in (None, "NGRAM") and path is not None:
+        raise ValueError(f"speculative_draft_model_path is not read with speculative_algorithm={alg!r}.")
+
+
+def spec_refusals(a: Any) -> list[str]:
+    """``"name=value (why)"`` for the speculative settings not built yet (``check_supported``)."""
+    out = []
+    if a.speculative_algorithm not in BUILT:
+        out.append(f"speculative_algorithm={a.speculative_algorithm!r} (EAGLE draft heads are not built yet: "
+                   f"use 'NGRAM' or 'STANDALONE')")
+    if a.speculative_eagle_topk not in (None, 1):
+        out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (tree drafts are not built yet: chains only)")
+    return out
 
 
 def resolve_spec_args(a: Any) -> None:
@@ -62,7 +70,7 @@ def resolve_spec_args(a: Any) -> None:
     if a.speculative_algorithm is None:
         return
     a.disable_overlap_schedule = True
-    a.speculative_eagle_topk = 1
+    a.speculative_eagle_topk = a.speculative_eagle_topk or 1
     if a.speculative_algorithm == "NGRAM":
         a.speculative_num_draft_tokens = a.speculative_num_draft_tokens or NGRAM_DRAFT_TOKENS
         a.speculative_num_steps = a.speculative_num_draft_tokens - 1
