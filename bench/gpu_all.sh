@@ -12,6 +12,7 @@
 #   tp_8b      test_gpu_tp.py at the Llama-3.1-8B shape                                     two GPUs
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
 #   deterministic  enable_deterministic_inference: its kernels' and the engine's GPU tests      one GPU
+#   spec       speculative decoding: tests/e2e/test_gpu_speculative.py, then spec_bench.py on the 8B shape  one GPU
 #   bench_b1   gpu_bench.py part a (batch 1), SHAPES (default: llama8b smollm2), no HF baseline
 #   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), 8B shape
 #   bench_all  gpu_bench.py parts a-e with HF baselines, both shapes (about 8 minutes)
@@ -57,6 +58,8 @@ for suite in "$@"; do
                 tests/e2e/test_gpu_tp.py -k "not llama-3.1-8b" ;;
     tp_8b) run_tests 330 tests/e2e/test_gpu_tp.py -k llama-3.1-8b ;;
     layouts) run_tests 330 tests/e2e/test_gpu_layouts.py ;;
+    spec) run_tests 250 tests/e2e/test_gpu_speculative.py
+          run_bench 330 bench/spec_bench.py --shape llama8b ;;
     deterministic) run_tests 500 tests/unit/test_triton_batch_invariant.py tests/e2e/test_gpu_deterministic.py ;;
     bench_b1) for shape in ${SHAPES:-llama8b smollm2}; do
                 run_bench 100 bench/gpu_bench.py --shape $shape --parts a --skip-hf
