@@ -134,8 +134,7 @@ class ModelRunner:
         if cfg.kv_tokens <= 0:
             width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
             layers = len(attn) + (self.draft.kv_layers_like(width) if self.draft is not None else 0)
-            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers,
-                                                  attn[0].num_kv_heads * attn[0].head_dim, cfg.mem_fraction_static,
+            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers, width, cfg.mem_fraction_static,
                                                   cfg.context_len, cfg.tp_size * cfg.pp_size)
         # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
         self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
