@@ -92,7 +92,9 @@ class DraftModel:
             row.input_ids = [row.input_ids[0], *drafts[r]]
         return {r: torch.cat(v) for r, v in q.items() if v}
 
-    def _sample(self, logits: torch.Tensor, sampler: Sampler, slot: int, step: int) -> tuple[int, Optional[torch.Tensor]]:
+    @staticmethod
+    def _sample(logits: torch.Tensor, sampler: Sampler, slot: int, step: int) -> tuple[int, Optional[torch.Tensor]]:
+        """One draft token for ``slot`` (argmax, or drawn from its filtered distribution, returned too)."""
         spec = sampler.spec(slot)
         if Sampler.is_greedy(spec):
             return int(_argmax(logits)[0]), None
