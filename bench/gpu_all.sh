@@ -15,6 +15,7 @@
 #   quant      the FP8 and int4 (AWQ/GPTQ) kernels against dequantize-then-matmul; their engine tests vs HF  one GPU
 #   moe        the fused MoE kernels vs the torch path; Qwen3-MoE / Mixtral minis vs HF     one GPU
 #   moe_tp     the MoE minis at tp_size=2 and ep_size=2 against one GPU (float32 greedy)    two GPUs
+#   spec       speculative decoding: tests/e2e/test_gpu_speculative.py, then spec_bench.py on the 8B shape  one GPU
 #   bench_b1   gpu_bench.py part a (batch 1), SHAPES (default: llama8b smollm2), no HF baseline
 #   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), CI_SHAPES (default: llama8b)
 #   bench_all  gpu_bench.py parts a-e with HF baselines, both shapes (about 8 minutes)
@@ -61,6 +62,8 @@ for suite in "$@"; do
                 tests/e2e/test_gpu_tp.py -k "not llama-3.1-8b" ;;
     tp_8b) run_tests 330 tests/e2e/test_gpu_tp.py -k llama-3.1-8b ;;
     layouts) run_tests 330 tests/e2e/test_gpu_layouts.py ;;
+    spec) run_tests 250 tests/e2e/test_gpu_speculative.py
+          run_bench 330 bench/spec_bench.py --shape llama8b ;;
     deterministic) run_tests 500 tests/unit/test_triton_batch_invariant.py tests/e2e/test_gpu_deterministic.py ;;
     quant) run_tests ${QUANT_LIMIT:-400} tests/unit/test_fp8.py tests/unit/test_triton_int4.py tests/unit/test_int4_layers.py \
              tests/e2e/test_gpu_fp8.py tests/e2e/test_gpu_int4.py -k "${QUANT_K:-not two_gpus}" ;;

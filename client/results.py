@@ -77,6 +77,7 @@ class ReqState:
             "num_retractions": out.num_retractions,
         }
         meta.update(self.time_stats)
+        meta.update(out.spec_stats)  # speculative decoding's counters (current totals)
         if out.mm_tokens:
             self.mm_tokens = out.mm_tokens
         for modality, count in self.mm_tokens.items():

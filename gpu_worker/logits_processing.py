@@ -106,6 +106,13 @@ class SlotState:
         self.pending.append(p)
         return p
 
+    def append(self, slot: int, ids: list[int]) -> None:
+        """Tokens a verify row produced (speculative decoding), known on the host already."""
+        self.num_out[slot] += len(ids)
+        self.outputs[slot] += ids
+        if self.counts is not None:
+            self._count([slot] * len(ids), ids)
+
     def commit(self, p: PendingIds, host_ids: list[int]) -> None:
         """The host values of a recorded step (in step order; a no-op if ``sync`` took them already)."""
         if p.done:

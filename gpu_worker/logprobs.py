@@ -103,6 +103,7 @@ class StepOutput:
     report: bool  # build RowOuts (rank 0 of a forward() call)
     sample_slots_t: Optional[torch.Tensor] = None  # ``sample_slots`` on the device
     input_lps: Optional[Gathered] = None  # the input logprobs of ``inputs`` (reporting rank)
+    spec_rows: Optional[list[tuple[int, int, int]]] = None  # verify rows: their logits follow the sampling rows'
 
 
 def row_outs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], SamplingSpec], want: list[int],

@@ -26,6 +26,7 @@ from treadle.runtime.messages import (
 )
 from treadle.runtime.parallel import exit_when_disconnected, is_reporting
 from treadle.runtime.procs import ChildSpec
+from treadle.runtime.spec_args import draft_model_dir
 from treadle.runtime.zmq_utils import Receiver, Sender
 
 logger = logging.getLogger("treadle.worker")
@@ -67,6 +68,7 @@ class WorkerLoop:
             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
             deterministic=args.enable_deterministic_inference,
             torchao_config=args.torchao_config,
+            draft_model_dir=draft_model_dir(args),
         ))
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.

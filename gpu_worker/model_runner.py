@@ -38,6 +38,8 @@ from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
+from treadle.gpu_worker.spec_draft import DraftModel
+from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
@@ -106,6 +108,11 @@ class ModelRunner:
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
             self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
+        self.draft: Optional[DraftModel] = None  # STANDALONE speculative decoding's draft model
+        if cfg.draft_model_dir is not None:
+            if cfg.pp_size > 1:
+                raise ValueError("speculative_algorithm='STANDALONE' does not run with pp_size > 1 yet")
+            self.draft = DraftModel(cfg.draft_model_dir, self)
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
@@ -129,12 +136,15 @@ class ModelRunner:
         cfg = self.cfg
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
         if cfg.kv_tokens <= 0:
-            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, len(attn),
-                                                  attn[0].num_kv_heads * attn[0].head_dim, cfg.mem_fraction_static,
+            width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
+            layers = len(attn) + (self.draft.kv_layers_like(width) if self.draft is not None else 0)
+            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers, width, cfg.mem_fraction_static,
                                                   cfg.context_len, cfg.tp_size * cfg.pp_size)
         # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
         self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
                                 self.kv_dtype, self.device)
+        if self.draft is not None:
+            self.draft.init_kv(cfg.kv_tokens, self.kv_dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots + 1, cfg.context_len, dtype=torch.int64, device=self.device)
         self.last_token = torch.zeros(cfg.max_slots + 1, dtype=torch.int64, device=self.device)
         if cfg.deterministic and self.device.type == "cpu" and any(a.sliding_window or a.logit_cap for a in attn):
@@ -201,9 +211,13 @@ class ModelRunner:
         if self.is_encoder:
             rows = encode_plan(self.model, plan, self.pooling, self.cfg.max_slots, self.vocab_size, self.cfg.tp_rank)
             return Launched(result=([], rows))
+        draft_q = self.draft.propose(plan, self) if self.draft is not None else {}  # STANDALONE: fills the drafts
         step = self._run(plan, extras=True)
         if step is None:
             return Launched(result=([], {}))
+        verified = Verified.take(step)  # speculative decoding's verify rows: accepted apart, merged at the end
+        if verified is not None:
+            verified.run(plan, self.sampler, draft_q, self.last_token)
         samples, slots = step.logits, step.sample_slots
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
@@ -211,18 +225,19 @@ class ModelRunner:
         sampling_rows = [r for r in plan.rows if r.sample]
         masks = [(j, r.token_bitmask) for j, r in enumerate(sampling_rows) if r.token_bitmask]  # grammar rows
         if not slots:
-            return Launched(result=([], row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}))
+            outs = row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}
+            return Launched(result=verified.merge(plan, [], outs) if verified is not None else ([], outs))
         ids_t, uncommitted = self.sampler.sample_deferred(samples, slots, masks)
         self.last_token[step.sample_slots_t] = ids_t  # the next step's placeholder inputs
         failures = self.sampler.state.take_failures()
-        if step.report and (want or step.inputs or step.hidden_rows or failures):
+        if step.report and (want or step.inputs or step.hidden_rows or failures or verified is not None):
             ids = ids_t.tolist()
             self.sampler.state.commit(uncommitted, ids)
             outs = row_outs(plan, step, self.sampler.spec, want, raw, ids_t)
             for j, slot in enumerate(slots):
                 if slot in failures:
                     outs.setdefault(step.sample_rows[j], RowOut()).error = failures[slot]
-            return Launched(result=(ids, outs))
+            return Launched(result=verified.merge(plan, ids, outs) if verified is not None else (ids, outs))
         if self.device.type != "cuda":
             return Launched(uncommitted=uncommitted, ids_host=ids_t)
         host, event = self._host_ids.copy(ids_t)
@@ -326,4 +341,4 @@ class ModelRunner:
                      report: bool, input_lps: Any = None) -> StepOutput:
         return StepOutput(hidden=hidden, logits=logits, sample_rows=s.sample_rows, sample_slots=s.sample_slots,
                           inputs=s.input_logprob_rows, hidden_rows=s.hidden_rows, report=report,
-                          sample_slots_t=dev.sample_slots, input_lps=input_lps)
+                          sample_slots_t=dev.sample_slots, input_lps=input_lps, spec_rows=s.spec_rows)

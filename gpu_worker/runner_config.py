@@ -36,4 +36,5 @@ class RunnerConfig:
     lora_rank: int = 0  # the device slots' rank (max_lora_rank)
     lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
     torchao_config: str = ""  # SGLang's torchao_config ("int8wo", "fp8dq-per_row", ...): torchao_quant.py
+    draft_model_dir: Optional[str] = None  # speculative_algorithm="STANDALONE": the draft model (spec_draft.py)
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)

@@ -53,6 +53,10 @@ class StepInputs:
     placeholder_slots: list[int] = field(default_factory=list)
     mm_rows: list[tuple[int, PlanRow]] = field(default_factory=list)  # (index of the row's first token, row) with images
     lora_slots: list[int] = field(default_factory=list)  # the adapter slot of every token (LoRA on only)
+    # verify rows (speculative decoding): (plan row, first logits row after the sampling rows', count),
+    # their positions projected after the sampling rows' (``logits_indices`` ends with ``spec_indices``)
+    spec_rows: list[tuple[int, int, int]] = field(default_factory=list)
+    spec_indices: list[int] = field(default_factory=list)
 
 
 def check_slot(slot: int, max_slots: int) -> None:
@@ -106,7 +110,12 @@ def flatten_plan(plan: ForwardPlan, limits: PlanLimits, spec_of: Callable[[int],
             count = max(n - 1 - row.logprob_from, 0)
             s.input_logprob_rows.append((r, len(s.input_logprob_indices), count))
             s.input_logprob_indices += range(off + row.logprob_from, off + n - 1)
-        if row.sample:
+        if row.sample and row.spec:  # a verify row: logits at its last token and every draft
+            if not 0 < row.spec < n:
+                raise ValueError(f"row of slot {row.slot}: {row.spec} drafts in a row of {n} tokens")
+            s.spec_rows.append((r, len(s.spec_indices), row.spec + 1))
+            s.spec_indices += range(off + n - 1 - row.spec, off + n)
+        elif row.sample:
             s.logits_indices.append(off + n - 1)
             s.sample_rows.append(r), s.sample_slots.append(row.slot)
         spec = spec_of(row.slot)
@@ -121,6 +130,7 @@ def flatten_plan(plan: ForwardPlan, limits: PlanLimits, spec_of: Callable[[int],
         s.write_slots += [row.slot] * n
         s.write_positions += range(row.start_pos, row.start_pos + n)
         s.write_locs += row.new_locs
+    s.logits_indices += s.spec_indices
     _check_indices(s, limits)
     return s
 

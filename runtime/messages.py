@@ -211,6 +211,12 @@ class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     token_bitmask: bytes = b""
     lora_slot: int = -1  # the device LoRA slot of the row's adapter; -1: the base model
     mm: list[MmChunk] = []  # the multimodal items whose placeholder positions this row runs
+    # speculative decoding: the last ``spec`` input ids are drafts to verify (NGRAM) or, with
+    # ``draft_steps``, placeholders the worker's draft model fills (STANDALONE); the row's RowOut
+    # then carries the tokens it produced in ``spec_ids`` (docs/speculative.md)
+    spec: int = 0
+    draft_steps: int = 0  # STANDALONE: the draft model proposes this many tokens first
+    prev_id: int = -1  # STANDALONE: the token before input_ids[0] (the draft model's first step re-reads it)
 
 
 class MmChunk(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -269,6 +275,8 @@ class RowOut(msgspec.Struct, array_like=True, omit_defaults=True):
     input_ids_logprobs: list[list[float]] = []
     hidden: bytes = b""
     error: str = ""
+    spec_ids: list[int] = []  # a verify row: its accepted drafts, then the target's own token
+    spec_outs: list["RowOut"] = []  # their output logprobs, one RowOut each (the slot asked for logprobs)
 
 
 class StepResult(_Msg):
@@ -320,6 +328,7 @@ class OutputFields(msgspec.Struct, array_like=True, omit_defaults=True):
     mm_tokens: dict[str, int] = {}  # prompt tokens per modality ("image", "video") of a multimodal request
     num_retractions: int = 0
     time_stats: dict[str, float] = {}  # enable_metrics: queue / prefill timings, sent once after the prefill
+    spec_stats: dict[str, Union[int, float]] = {}  # speculative decoding: spec_verify_ct, spec_accept_length, ... (totals)
 
 
 class TokenOut(OutputFields):

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 from treadle.runtime.config_overrides import parse_overrides
 from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
 from treadle.runtime.parallel import split_addr
+from treadle.runtime.spec_args import check_spec_args, resolve_spec_args, spec_refusals
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
 
@@ -122,6 +123,14 @@ class ServerArgs(SGLangOnlyArgs):
     enable_custom_logit_processor: bool = False
     enable_return_hidden_states: bool = False
     preferred_sampling_params: Optional[str] = None
+    # Speculative decoding (runtime/spec_args.py, docs/speculative.md)
+    speculative_algorithm: Optional[str] = None
+    speculative_draft_model_path: Optional[str] = None
+    speculative_num_steps: Optional[int] = None
+    speculative_eagle_topk: Optional[int] = None
+    speculative_num_draft_tokens: Optional[int] = None
+    speculative_ngram_min_match_window_size: int = 1
+    speculative_ngram_max_match_window_size: int = 12
     # Logging and supervision
     log_level: str = "error"
     log_requests: bool = False
@@ -220,6 +229,7 @@ class ServerArgs(SGLangOnlyArgs):
                                     or any(t not in LORA_TARGETS + ("all",) for t in targets)):
             raise ValueError(f"lora_target_modules must be a list of {', '.join(LORA_TARGETS)} (or 'all'), "
                              f"got {targets!r}.")
+        check_spec_args(self)
         check_no_effect_values(self)
 
     # -------------------------------------------------------------- resolution
@@ -274,6 +284,7 @@ class ServerArgs(SGLangOnlyArgs):
             a.mem_fraction_static = MEM_FRACTION_STATIC
         if a.cuda_graph_max_bs is None:
             a.cuda_graph_max_bs = min(a.max_running_requests, MAX_GRAPH_BS)
+        resolve_spec_args(a)
         if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
             a.disable_overlap_schedule = a.disable_cuda_graph = True
         return a
@@ -287,6 +298,7 @@ class ServerArgs(SGLangOnlyArgs):
             "attention_backend": self.attention_backend == "flashinfer",  # no FlashInfer backend: triton serves
         }
         shown = [f"{k}={getattr(self, k)!r}" for k, bad in missing.items() if bad] + refused_settings(self)
+        shown += spec_refusals(self)
         if shown:
             shown_all = ", ".join(shown)
             raise NotImplementedError(f"Not supported yet by Treadle: {shown_all} (see the README's feature table).")

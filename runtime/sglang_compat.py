@@ -14,7 +14,7 @@ default, and so of ``ServerArgs`` (SGLang's one private field, its bookkeeping
   and DeepEP. Lossy
   speed-ups (TF32, INT8 all-reduce) are here too: without them results are exact, not wrong.
 * ``REFUSED``: features not built, whose silent absence would change results or break a promise
-  (speculative decoding, DeepEP/elastic expert parallelism, context parallelism, template names, dumps). Their
+  (decoupled speculative decoding, DeepEP/elastic expert parallelism, context parallelism, template names, dumps). Their
   defaults pass; another value makes ``ServerArgs.check_supported()`` raise
   ``NotImplementedError`` naming the argument and why, before any child process starts.
 
@@ -111,9 +111,8 @@ NO_EFFECT: dict[str, Any] = {
     "enable_mscclpp": False, "enable_torch_symm_mem": False, "enable_scattered_sconv": False, "pre_warm_nccl": False,
     "enable_flashinfer_allreduce_fusion": False, "enforce_disable_flashinfer_allreduce_fusion": False,
     "flashinfer_allreduce_fusion_backend": None, "enable_aiter_allreduce_fusion": False,
-    # speculative-decoding tuning, read only with speculative_algorithm (refused below)
-    "speculative_draft_model_revision": None, "speculative_draft_load_format": None, "speculative_num_steps": None,
-    "speculative_eagle_topk": None, "speculative_num_draft_tokens": None, "speculative_dflash_block_size": None,
+    # speculative-decoding tuning Treadle does not read (its own: runtime/spec_args.py)
+    "speculative_draft_model_revision": None, "speculative_draft_load_format": None, "speculative_dflash_block_size": None,
     "speculative_dspark_block_size": None, "speculative_dspark_sps_table_path": None,
     "speculative_dspark_confidence_sts_path": None, "speculative_dspark_align_verify_tokens_to_graph_tier": False,
     "speculative_accept_threshold_single": 1.0, "speculative_accept_threshold_acc": 1.0,
@@ -188,7 +187,6 @@ NO_EFFECT: dict[str, Any] = {
     "piecewise_cuda_graph_tokens": None, "piecewise_cuda_graph_compiler": "eager", "enable_nan_detection": False,
     "hybrid_kvcache_ratio": None, "load_watch_interval": 0.1, "prefill_round_robin_balance": False,
     "nsa_prefill_backend": "flashmla_sparse", "nsa_decode_backend": "fa3", "collect_tokens_histogram": False,
-    "speculative_ngram_min_match_window_size": 1, "speculative_ngram_max_match_window_size": 12,
     "speculative_ngram_branch_length": 18, "enable_expert_distribution_metrics": False, "kt_amx_method": None,
     "ds_channel_config_path": None, "ds_heavy_channel_num": 32, "ds_heavy_token_num": 256,
     "ds_heavy_channel_type": "qk", "ds_sparse_decode_threshold": 4096, "disaggregation_decode_tp": None,
@@ -197,7 +195,7 @@ NO_EFFECT: dict[str, Any] = {
 }
 
 # ------------------------------------------------------------------ refused unless at SGLang's default
-SPEC, CP = "speculative decoding is not built yet", "context parallelism is not built yet"
+SPEC, CP = "decoupled speculative decoding is not built yet", "context parallelism is not built yet"
 EP = "expert parallelism beyond ep_size (DeepEP, elastic EP) is not built"
 CHAT = "this chat-template or parser option is not built (treadle serve reads chat_template and the parsers)"
 PD, EPD = "PD disaggregation is not built yet", "encoder disaggregation is not built yet"
@@ -238,7 +236,6 @@ REFUSED: dict[str, tuple[Any, str]] = {  # name: (SGLang's default, why another 
     "stat_loggers": (None, "metrics collectors are not built yet"),
     "constrained_json_disable_any_whitespace": (False, "compact-JSON grammars are not built yet"),
     "radix_cache_backend": (None, "radix-cache plugins are not built"),
-    "speculative_algorithm": (None, SPEC), "speculative_draft_model_path": (None, SPEC),
     "decoupled_spec_role": ("null", SPEC),
     "moe_a2a_backend": ("none", EP), "elastic_ep_backend": (None, EP),
     "ep_join_mode": (None, EP), "elastic_ep_rejoin": (False, EP), "enable_ep_moe": (False, EP),

@@ -50,6 +50,7 @@ class Req:
         self.embedding = b""
         self.mm_items: list[MmItem] = tokenized.mm_items  # images / video frames (a session turn: its context's too)
         self.mm_sent: set[int] = set()  # items whose pixels the worker got for the current slot
+        self.spec_counts: Optional[list[int]] = None  # speculative decoding: [verifies, accepted, proposed]
 
     @property
     def seq_len(self) -> int:
@@ -134,6 +135,13 @@ class Req:
             token_ids_logprob=tr.token_ids_logprob, return_hidden=tr.return_hidden_states, embed=tr.embed,
         )
 
+    def spec_stats(self) -> dict[str, float]:
+        """SGLang's speculative ``meta_info`` keys: verify forwards (a decode step without drafts counts
+        as a verify of none), tokens per verify, drafts accepted and proposed."""
+        verifies, accepted, proposed = self.spec_counts
+        return {"spec_verify_ct": verifies, "spec_accept_length": (verifies + accepted) / verifies if verifies else 0.0,
+                "spec_num_correct_drafts": accepted, "spec_num_proposed_drafts": proposed}
+
     def context_ids(self) -> list[int]:
         return self.input_ids[-DETOKENIZE_CONTEXT:]
 
@@ -172,6 +180,7 @@ class Req:
             meta=self.meta.delta() if self.meta is not None else None, embedding=self.embedding,
             mm_tokens=self.mm_token_counts() if self.mm_items and self.sent == 0 else {},
             num_retractions=self.num_retractions, time_stats=self.time_stats() if metrics else {},
+            spec_stats=self.spec_stats() if self.spec_counts is not None else {},
         )
         self.sent = len(self.output_ids)
         self.finish_sent = fin is not None

@@ -33,6 +33,7 @@ from treadle.scheduler_proc.plan import PlannedRow, PlannedStep, StepDraft, cont
 from treadle.scheduler_proc.req import Req
 from treadle.scheduler_proc.retraction import Retraction
 from treadle.scheduler_proc.sessions import Sessions
+from treadle.scheduler_proc.spec_sched import Speculation, speculates
 from treadle.scheduler_proc.stop_checker import check_finish
 
 
@@ -86,6 +87,7 @@ class Scheduler:
         self.outputs.pooled_normalized = worker.normalize
         self.admission = Admission(args, self.kv, self.lora, self.outputs, self.waiting, self.running, self.stats,
                                    self.vocab_size, self.priority)
+        self.spec = Speculation(args, self.kv, self.context_len) if args.speculative_algorithm else None
         self.retraction = Retraction(self.kv, self.outputs, self.waiting, self.running, self.stats, self.pipelined,
                                      self.priority)
 
@@ -111,6 +113,8 @@ class Scheduler:
                 max_new = 0  # prefill only; the result is an embedding
             req = Req(tokenized, max_new, self.eos_ids, self.hidden_size)
             req.input_ids, req.arrival, req.mm_items = ids, next(self.arrivals), items
+            if self.spec is not None:
+                req.spec_counts = [0, 0, 0]
             if not self.admission.queue_has_room(req):
                 rejected.append((tokenized.rid, "overloaded", "The request queue is full."))
                 continue
@@ -211,6 +215,11 @@ class Scheduler:
         for req in self.running:
             if decodes_now(req, self.pipelined) and len(draft.rows) < share:
                 pos = req.num_tokens - 1
+                verify = None if self.spec is None else self.spec.verify_row(
+                    req, pos, self.kv.available_pages() - len(self.running))
+                if verify is not None:  # speculative decoding: the last token and drafts, verified at once
+                    draft.add(req, verify[0], verify[1], samples=True, prefill=False)
+                    continue
                 self.kv.grow(req, pos + 1)
                 tok = PLACEHOLDER if req.samples_in_flight else req.last_id()
                 row = PlanRow(req.slot, [tok], pos, req.locs(pos, pos + 1, self.page_size), lora_slot=req.lora_slot)
@@ -247,6 +256,13 @@ class Scheduler:
             if req.tokenized.embed and not req.prefilling:
                 self.outputs.finish_embedding(req, extras.get(i))
                 continue
+            if i in extras and extras[i].spec_ids:  # a verify row: 1 to k + 1 tokens
+                self.spec.apply(req, extras[i], row.num_tokens - 1, self.tokenizer)
+                if req.finish is not None or self.outputs.should_stream(req):
+                    self.outputs.emit(req)
+                continue
+            if req.spec_counts is not None and tok is not None and not row.prefill and speculates(req):
+                req.spec_counts[0] += 1  # a decode without drafts: a verify of none
             if i in extras and req.meta is not None:
                 req.record_meta(row.prefill, tok, extras[i])
             if tok is None:

@@ -1,0 +1,34 @@
+"""N-gram drafts: guess a request's next tokens from its own prompt and output (prompt lookup).
+
+Copy-heavy requests (summaries, rewrites, code edits) repeat spans of their input: when the last
+``w`` tokens of the sequence also occur earlier, the tokens that followed that earlier occurrence
+are a cheap guess for what comes next. The target model checks the guess in one forward, so a
+wrong guess costs only the extra positions of that forward, never a different output.
+"""
+
+from __future__ import annotations
+
+
+def ngram_draft(ids: list[int], max_tokens: int, min_window: int = 1, max_window: int = 12) -> list[int]:
+    """Up to ``max_tokens`` tokens that followed the earlier occurrence of the sequence's suffix
+    that matches the longest suffix (``min_window`` to ``max_window`` tokens; the most recent
+    occurrence on ties). Empty when no suffix of ``min_window`` tokens occurs before."""
+    n = len(ids)
+    if max_tokens <= 0 or n < min_window + 1:
+        return []
+    last = ids[-1]
+    best_len, best_end = 0, -1
+    # candidates: earlier positions holding the last token, most recent first
+    for end in range(n - 2, -1, -1):
+        if ids[end] != last:
+            continue
+        length, cap = 1, min(max_window, end + 1)
+        while length < cap and ids[end - length] == ids[n - 1 - length]:
+            length += 1
+        if length > best_len:
+            best_len, best_end = length, end
+            if length == max_window:
+                break
+    if best_len < min_window:
+        return []
+    return ids[best_end + 1: best_end + 1 + max_tokens]

@@ -1,0 +1,63 @@
+"""Speculative decoding on CUDA: the Triton extend kernel verifies drafts; float32 so that greedy
+tokens compare exactly with ordinary decoding (which runs the decode kernel and CUDA graphs; in
+bfloat16 the two kernels round differently). NGRAM and STANDALONE (the same model as its own draft:
+every draft is accepted) on seeded random weights of the SmolLM2-135M shape, plus sampled requests
+running to length."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_helpers import build_random_model, needs_gpus, shape_dir
+
+pytestmark = [*needs_gpus(1), pytest.mark.e2e]
+
+PROMPTS = [
+    "Copy this list: " + ", ".join(f"item {i}" for i in range(40)) + ". The list again: item 0, item 1,",
+    "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n\n"
+    "Rewrite mean with the variable total renamed to acc:\n",
+    "The capital of France is",
+    "Repeat after me: red green blue, red green blue, red green blue,",
+    "Write a haiku about the sea.",
+    "Q: What is 12 + 7?\nA:",
+    "Once upon a time, in a small village,",
+    "List the numbers from one to twelve: one, two, three,",
+]
+GREEDY = {"temperature": 0, "max_new_tokens": 48}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("spec")
+    build_random_model(shape_dir("smollm2", str(d / "config")), str(d / "model"), 0.1)
+    return str(d / "model")
+
+
+def _run(model: str, **kw):
+    from treadle import Engine
+
+    e = Engine(model_path=model, dtype="float32", random_seed=0, mem_fraction_static=0.4, **kw)
+    try:
+        greedy = e.generate(PROMPTS, GREEDY)
+        sampled = e.generate(PROMPTS, {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 32, "ignore_eos": True})
+        return greedy, sampled
+    finally:
+        e.shutdown()
+
+
+@pytest.mark.parametrize("spec", [{"speculative_algorithm": "NGRAM"},
+                                  {"speculative_algorithm": "STANDALONE", "speculative_draft_model_path": "self"}])
+def test_gpu_speculative_greedy_identical(spec, model):
+    if spec.get("speculative_draft_model_path") == "self":
+        spec = {**spec, "speculative_draft_model_path": model}
+    base, _ = _run(model)
+    got, sampled = _run(model, **spec)
+    for b, g in zip(base, got):
+        assert g["output_ids"] == b["output_ids"]
+    verifies = sum(o["meta_info"]["spec_verify_ct"] for o in got)
+    accepted = sum(o["meta_info"]["spec_num_correct_drafts"] for o in got)
+    print(f"\n{spec['speculative_algorithm']}: identical; {accepted} drafts accepted in {verifies} verify steps")
+    assert accepted > 0
+    for o in sampled:
+        m = o["meta_info"]
+        assert len(o["output_ids"]) == 32 and m["spec_verify_ct"] + m["spec_num_correct_drafts"] == 31
