@@ -169,6 +169,8 @@ class Control:
             "startup_time": startup_time, "version": _version(),
             "internal_states": [{**s, "dp_rank": g} for g, s in states.items()],  # one per live DP group
         })
+        if info["mem_fraction_static"] is None:  # CUDA: the share a measured prefill left (gpu_worker/kv_sizing.py)
+            info["mem_fraction_static"] = worker.get("kv_sizing", {}).get("mem_fraction_static")
         if server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served
             info["dp_groups"] = self.each(GetLoad(), [-1])[-1]
         return info
