@@ -1,6 +1,6 @@
 """CPU cost per generated token at batch 1: the Engine (all its processes) beside HF ``generate``.
 
-    python bench/cpu_vs_hf.py [--new-tokens 64] [--rounds 3] [--engine-args JSON] [--out FILE]
+    python bench/cpu_vs_hf.py [--new-tokens 64] [--rounds 3] [--child-env JSON]... [--hf-omp-passive]
 
 Issue 28, acceptance 4: on the CPU, default model (SmolLM2-135M-Instruct, the packaged GGUF
 dequantized to float32), one request, greedy, exactly ``--new-tokens`` new tokens. HF
@@ -8,9 +8,10 @@ transformers ``generate`` runs on the same weights (``model_files_dir()``, the d
 engine loads) and the same prompt ids, in this process. The engine's CPU-seconds are those of
 every process it runs: this (client) process plus all its descendants (tokenizer, detokenizer,
 scheduler, worker, the socket-directory janitor and what they reaped), read with psutil before
-and after the call. HF's are this process's alone (``time.process_time``: every thread). The two
-sides alternate for ``--rounds`` rounds, so load from other jobs on the machine falls on both;
-CPU-seconds are much less sensitive to that load than wall time, so both are printed.
+and after the call. HF's are this process's alone (``time.process_time``: every thread), with
+torch's default OpenMP settings (``--hf-omp-passive``: the passive wait the engine's worker
+uses). The sides alternate for ``--rounds`` rounds, so load from other jobs on the machine falls
+on all of them; both CPU-seconds and wall time are printed, with medians and ratios at the end.
 """
 
 from __future__ import annotations
@@ -106,14 +107,19 @@ def main() -> None:
     p.add_argument("--child-env", action="append", default=[],
                    help="JSON of environment variables for one more engine's processes (e.g. OpenMP's); "
                         "each flag adds an engine to the rounds, beside the plain one")
+    p.add_argument("--hf-omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for HF too (set before torch loads; the engines inherit it)")
     a = p.parse_args()
+    if a.hf_omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch  # reads this process's OpenMP settings now: --child-env reaches the engines only
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = model_files_dir()
     ids = AutoTokenizer.from_pretrained(d)(PROMPT)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    res = Results("cpu_vs_hf", a.out, engine_kwargs(a), echo=False, new_tokens=a.new_tokens, prompt_tokens=len(ids))
+    res = Results("cpu_vs_hf", a.out, engine_kwargs(a), echo=False, new_tokens=a.new_tokens, prompt_tokens=len(ids),
+                  hf_omp_passive=a.hf_omp_passive)
     envs = [{}] + [json.loads(e) for e in a.child_env]
     sides = [EngineSide("treadle" + (f" {json.dumps(e)}" if e else ""), e, engine_kwargs(a)) for e in envs]
     rows: dict[str, list[tuple[float, float, int]]] = {"hf": [], **{s.label: [] for s in sides}}
