@@ -134,7 +134,7 @@ def thread_env(module: str, server_args: dict[str, Any], environ: dict[str, str]
     them when it loads). Light processes get one thread. A CPU worker gets OpenMP's passive wait:
     idle pool threads sleep instead of spinning. The spin (libgomp's default) burns a core between
     parallel regions, and on a machine other jobs load, a spinning thread also holds the core its
-    partner needs: batch-1 decode took 0.49-0.66 CPU-s a token instead of 0.06 (docs/perf.md, CPU
+    partner needs: batch-1 decode took 0.32-0.66 CPU-s a token instead of 0.05 (docs/perf.md, CPU
     section). Several worker ranks on one CPU node share its cores. What the user set is kept."""
     if not module.startswith("treadle.gpu_worker"):
         return dict(LIGHT_THREAD_ENV)
