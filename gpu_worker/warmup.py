@@ -34,7 +34,6 @@ WARM_SLOT = 0
 # issue measures (and where cuBLAS's large-M kernels take over); the chunk size is the largest prefill.
 CUDA_LENGTHS = (16, 32, 64, 1024)
 CPU_LENGTH = 8
-SAMPLED = SamplingSpec(temperature=0.7, top_p=0.9, top_k=50, min_p=0.01)
 
 
 def warmup_lengths(is_cuda: bool, chunk: int, context_len: int, kv_tokens: int) -> list[int]:
@@ -74,8 +73,9 @@ def warm_up(runner: "ModelRunner", lengths: list[int]) -> float:
     t0 = time.perf_counter()
     gen_state = runner.sampler.gen.get_state()
     vocab = runner.vocab_size
+    sampled = SamplingSpec(temperature=0.7, top_p=0.9, top_k=min(50, vocab), min_p=0.01)  # the filtering path
     for i, n in enumerate(lengths):
-        spec = SAMPLED if i % 2 else SamplingSpec(temperature=0.0)
+        spec = sampled if i % 2 else SamplingSpec(temperature=0.0)
         ids = [(7 + 31 * j) % vocab for j in range(n)]
         runner.forward(ForwardPlan(step=-1, new_slots=[NewSlot(WARM_SLOT, spec)],
                                    rows=[PlanRow(WARM_SLOT, ids, 0, list(range(n)))]))
