@@ -5,7 +5,7 @@ checked with the device's memory figures faked at the boundary. The CUDA path: t
 
 from __future__ import annotations
 
-import os
+import gc
 import tempfile
 
 import pytest
@@ -120,14 +120,21 @@ def test_cuda_pool_from_measured_prefill_and_warm_first_prompt(model_dir):
     import time
 
     r = runner(model_dir, "cuda", kv_tokens=0, mem_fraction_static=None, prefill_tokens=64, cuda_graph_max_bs=4)
-    assert r.kv_sizing is not None and r.kv_sizing.activation_peak > 0 and r.cfg.kv_tokens == r.kv_sizing.tokens
-    assert 0 < r.kv_sizing.mem_fraction_static < 1
-    warm_up(r, warmup_lengths(True, 64, CONTEXT, r.cfg.kv_tokens))
-    times = []
-    for k in range(3):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        r.forward(ForwardPlan(step=k, new_slots=[NewSlot(1, SamplingSpec(temperature=0.0))],
-                              rows=[PlanRow(1, list(range(1 + k, 65 + k)), 0, list(range(64)))]))
-        times.append(time.perf_counter() - t)
-    assert times[0] < 2 * min(times[1:]) + 0.005, times
+    try:
+        assert r.kv_sizing is not None and r.kv_sizing.activation_peak > 0 and r.cfg.kv_tokens == r.kv_sizing.tokens
+        assert 0 < r.kv_sizing.mem_fraction_static < 1
+        free, total = torch.cuda.mem_get_info()
+        assert free >= r.kv_sizing.reserve * 0.9  # the pool left the reserve free
+        warm_up(r, warmup_lengths(True, 64, CONTEXT, r.cfg.kv_tokens))
+        times = []
+        for k in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            r.forward(ForwardPlan(step=k, new_slots=[NewSlot(1, SamplingSpec(temperature=0.0))],
+                                  rows=[PlanRow(1, list(range(1 + k, 65 + k)), 0, list(range(64)))]))
+            times.append(time.perf_counter() - t)
+        assert times[0] < 2 * min(times[1:]) + 0.005, times
+    finally:  # the pool takes most of the card: give it back to the tests after this one
+        del r
+        gc.collect()
+        torch.cuda.empty_cache()
