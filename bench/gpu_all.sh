@@ -8,6 +8,7 @@
 #   families   test_gpu_families.py (Qwen3, Phi-3 LongRoPE, Llama YaRN + biases vs HF) and the RoPE kernels  one GPU
 #   heads      test_gpu_heads.py: classifier / reward scores and the liuhaotian LLaVA layout vs HF  one GPU
 #   memory     memory_release.py: release/resume of weights and KV on the 8B shape (freed bytes, speed)  one GPU
+#   warmup     test_warmup.py, then gpu_bench.py parts d, e on the 8B shape: the first 1,024-token prompt vs warm  one GPU
 #   tp_tests   the all-reduce kernels, and test_gpu_tp.py at the Llama-3-mini shape         two GPUs
 #   tp_8b      test_gpu_tp.py at the Llama-3.1-8B shape                                     two GPUs
 #   layouts    test_gpu_layouts.py: tp / pp / dp against one GPU                            two GPUs
@@ -51,7 +52,9 @@ for suite in "$@"; do
     tests) run_tests 500 tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py \
              tests/unit/test_lora.py tests/unit/test_triton_argmax.py tests/unit/test_llava.py \
-             tests/unit/test_media.py ;;
+             tests/unit/test_media.py tests/unit/test_warmup.py ;;
+    warmup) run_tests 200 tests/unit/test_warmup.py
+            run_bench 200 bench/gpu_bench.py --shape llama8b --parts de --skip-hf ;;
     checks) run_tests 500 tests/e2e/test_gpu_parity.py tests/e2e/test_gpu_multimodal.py ;;
     gemma) run_tests 550 tests/unit/test_window_attention.py tests/unit/test_gemma_ops.py tests/e2e/test_gpu_gemma.py ;;
     families) run_tests 300 tests/e2e/test_gpu_families.py ;;
@@ -87,7 +90,7 @@ for suite in "$@"; do
              timeout -k 10 150 python bench/kernels/gemv_bench.py --quick 2>&1 | grep -v -i warn
              timeout -k 10 100 python bench/kernels/decode_attn_bench.py --rows 150 --rows 256 --configs engine \
                2>&1 | grep -v -i warn ;;
-    *) echo "unknown suite $suite: tests checks gemma families heads memory tp_tests tp_8b layouts bench_b1 bench_ci bench_all bench_mm" \
-            "trace kernels quant moe moe_tp bench_moe" ;;
+    *) echo "unknown suite $suite: tests checks gemma families heads memory warmup tp_tests tp_8b layouts bench_b1 bench_ci" \
+            "bench_all bench_mm trace kernels quant moe moe_tp bench_moe spec" ;;
   esac
 done

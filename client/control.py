@@ -29,7 +29,7 @@ from treadle.runtime.messages import (
     UpdateWeightsFromTensor,
 )
 from treadle.runtime.profile_args import check_profile_args
-from treadle.runtime.server_args import ServerArgs
+from treadle.runtime.server_args import MEM_FRACTION_STATIC, ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
 # answered once their work is done (a weight update waits for the running requests, a group waits for the
@@ -171,6 +171,8 @@ class Control:
             "kv_bytes": worker.get("kv_bytes"),  # worker 0's KV pool on its device
             "internal_states": [{**s, "dp_rank": g} for g, s in states.items()],  # one per live DP group
         })
+        if info["mem_fraction_static"] is None:  # CUDA: the share a measured prefill left (gpu_worker/kv_sizing.py)
+            info["mem_fraction_static"] = worker.get("kv_sizing", {}).get("mem_fraction_static", MEM_FRACTION_STATIC)
         if server_args.dp_size > 1:  # per group: alive, error (why not), requests in flight, served
             info["dp_groups"] = self.each(GetLoad(), [-1])[-1]
         return info

@@ -14,6 +14,7 @@ from treadle.gpu_worker.memory_occupation import MemoryOccupation
 from treadle.gpu_worker.profiler import Profiler
 from treadle.gpu_worker.model_loader import reload_weights
 from treadle.gpu_worker.proxy_heartbeat import beats_while_busy
+from treadle.gpu_worker.warmup import prefill_step_tokens, should_warm_up, warm_up, warmup_lengths
 from treadle.gpu_worker.weight_group import WeightGroups
 from treadle.gpu_worker.weight_transfer import update_from_shared_memory
 from treadle.gpu_worker.weights_by_name import weights_by_name
@@ -66,10 +67,14 @@ class WorkerLoop:
             lora_slots=args.max_loras_per_batch if args.enable_lora else 0, lora_rank=args.max_lora_rank or 0,
             lora_targets=None if "all" in (args.lora_target_modules or ["all"]) else tuple(args.lora_target_modules),
             cuda_graph_max_bs=0 if args.disable_cuda_graph else args.cuda_graph_max_bs,
-            deterministic=args.enable_deterministic_inference,
+            deterministic=args.enable_deterministic_inference, prefill_tokens=prefill_step_tokens(args),
             torchao_config=args.torchao_config,
             draft_model_dir=draft_model_dir(args),
         ))
+        if should_warm_up(self.runner):  # the first prompt's kernels compiled and loaded now, not in its TTFT
+            lengths = warmup_lengths(self.runner.device.type == "cuda", prefill_step_tokens(args),
+                                     self.runner.cfg.context_len, self.runner.cfg.kv_tokens)
+            self.runner.startup_phases["warmup"] = round(warm_up(self.runner, lengths), 3)
         # Overlap scheduling on CUDA: a launched step is answered only once the next plan is queued
         # behind it (or the scheduler asks with SyncStep), so the device never waits for the host.
         self.hold_results = self.runner.device.type == "cuda" and not args.disable_overlap_schedule

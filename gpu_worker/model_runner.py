@@ -23,6 +23,7 @@ from treadle.gpu_worker.distributed import broadcast_int, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.kv_cache import KVCache, kv_tokens_from_memory
+from treadle.gpu_worker.kv_sizing import KvSizing, profile_kv_pool
 from treadle.gpu_worker.launched import HostIdRing, Launched
 from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.attention import Attention
@@ -40,6 +41,7 @@ from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.spec_draft import DraftModel
 from treadle.gpu_worker.spec_verify import Verified
+from treadle.gpu_worker.warmup import should_warm_up
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
@@ -47,6 +49,7 @@ from treadle.gpu_worker.torchao_quant import apply_torchao, tensor_bytes
 from treadle.runtime.llava_layout import load_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
+from treadle.runtime.server_args import MEM_FRACTION_STATIC
 
 __all__ = ["Launched", "ModelRunner", "RunnerConfig", "resolve_dtype", "resolve_kv_dtype"]
 
@@ -117,6 +120,7 @@ class ModelRunner:
 
         self.graphs: Optional[DecodeGraphs] = None
         self.graph_capture_time = 0.0
+        self.kv_sizing: Optional[KvSizing] = None
         self.is_encoder = self.model.is_encoder
         self.pooling = load_pooling_config(cfg.model_dir, self.is_encoder)
         if self.model.scores_head:  # class scores: the [CLS] / last token's, never normalized
@@ -131,20 +135,11 @@ class ModelRunner:
             self.capture_graphs(phase)  # a score model never decodes: no graphs
 
     def _init_kv_cache_and_buffers(self) -> None:
-        """The KV pool (sized from free memory when ``kv_tokens <= 0``), the req-to-token table, the
-        attention backend, the sampler and (CUDA) the pinned buffers sampled ids are copied into."""
+        """The KV pool (sized from free memory when ``kv_tokens <= 0``: by ``mem_fraction_static``, or
+        without one from a measured prefill, ``kv_sizing.py``), the req-to-token table, the attention
+        backend, the sampler and (CUDA) the pinned buffers sampled ids are copied into."""
         cfg = self.cfg
         attn = [m for m in self.model.modules() if isinstance(m, Attention)]
-        if cfg.kv_tokens <= 0:
-            width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
-            layers = len(attn) + (self.draft.kv_layers_like(width) if self.draft is not None else 0)
-            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers, width, cfg.mem_fraction_static,
-                                                  cfg.context_len, cfg.tp_size * cfg.pp_size)
-        # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
-        self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
-                                self.kv_dtype, self.device)
-        if self.draft is not None:
-            self.draft.init_kv(cfg.kv_tokens, self.kv_dtype, self.device)
         self.req_to_token = torch.zeros(cfg.max_slots + 1, cfg.context_len, dtype=torch.int64, device=self.device)
         self.last_token = torch.zeros(cfg.max_slots + 1, dtype=torch.int64, device=self.device)
         if cfg.deterministic and self.device.type == "cpu" and any(a.sliding_window or a.logit_cap for a in attn):
@@ -154,6 +149,22 @@ class ModelRunner:
         self.attn_backend = create_backend(name, device=self.device, dtype=self.dtype)
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
         self._host_ids = HostIdRing(cfg.max_slots) if self.device.type == "cuda" else None
+        width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
+        layers = len(attn) + (self.draft.kv_layers_like(width) if self.draft is not None else 0)
+        if (cfg.kv_tokens <= 0 and cfg.mem_fraction_static is None and self.device.type == "cuda"
+                and self.draft is None and should_warm_up(self, with_cache=False)):  # (a draft model: the fixed share)
+            self.kv_sizing = profile_kv_pool(self, len(attn), attn[0].num_kv_heads, attn[0].head_dim)
+            logger.info("KV pool sized from a measured prefill of %d tokens: %s", cfg.prefill_tokens,
+                        self.kv_sizing.report())
+        elif cfg.kv_tokens <= 0:
+            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers, width,
+                                                  cfg.mem_fraction_static or MEM_FRACTION_STATIC,
+                                                  cfg.context_len, cfg.tp_size * cfg.pp_size)
+        # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
+        self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
+                                self.kv_dtype, self.device)
+        if self.draft is not None:
+            self.draft.init_kv(cfg.kv_tokens, self.kv_dtype, self.device)
 
     def capture_graphs(self, phase: Callable[[str], None] = lambda name: None) -> None:
         if not hasattr(self.attn_backend, "init_cuda_graph_state"):
@@ -195,6 +206,7 @@ class ModelRunner:
             "cuda_graph_bs": self.graphs.sizes if self.graphs is not None else [],
             "cuda_graph_capture_time": self.graph_capture_time,
             "startup_phases": self.startup_phases,
+            "kv_sizing": self.kv_sizing.report() if self.kv_sizing is not None else {},
         }
 
     @torch.inference_mode()

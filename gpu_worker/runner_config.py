@@ -27,7 +27,10 @@ class RunnerConfig:
     pp_size: int = 1
     ep_size: int = 1  # mixture-of-experts models: 1 (experts TP-sliced) or tp_size (whole experts per rank)
     cuda_graph_max_bs: int = 0  # > 0: capture decode CUDA graphs up to this batch size (CUDA only)
-    mem_fraction_static: float = 0.85  # with kv_tokens <= 0: size the KV pool from free device memory
+    # With kv_tokens <= 0 (CUDA): the KV pool is sized from free device memory, weights + pool taking
+    # this share of the card (SGLang's meaning); None: whatever a measured prefill's peak leaves (kv_sizing.py)
+    mem_fraction_static: Optional[float] = 0.85
+    prefill_tokens: int = 0  # the largest prefill step (the scheduler's budget): warm-up and memory profile
     custom_all_reduce: bool = False  # TP ranks on one machine: small all-reduces over symmetric memory
     allreduce_fusion: bool = False  # and the reduce before each RMSNorm inside the norm's kernel
     gemv_backend: Optional[str] = None  # one-token products: "triton", "cublas"; None: triton where PDL exists

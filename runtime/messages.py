@@ -553,6 +553,7 @@ class WorkerInfo(msgspec.Struct):
     cuda_graph_bs: list[int] = []
     cuda_graph_capture_time: float = 0.0
     startup_phases: dict[str, float] = {}
+    kv_sizing: dict[str, float] = {}  # a pool sized from a measured prefill (gpu_worker/kv_sizing.py): what sized it
     load_time: float = 0.0
     pid: int = 0
 

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import msgspec
 import zmq
@@ -123,12 +123,43 @@ def _beat(ctx: zmq.Context, endpoint: str, name: str) -> Callable[[], None]:
     return lambda: (stopping.set(), thread.join(timeout=2 * HEARTBEAT_S))
 
 
+# The light processes (tokenizer, detokenizer, scheduler) run no large tensor math: one thread each,
+# so their wake-ups never take a core from the worker's matmuls.
+LIGHT_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+WORKER_SPINCOUNT = 1000  # libgomp's spins before an idle thread sleeps (its default: 300,000)
+
+
+def thread_env(module: str, server_args: dict[str, Any], environ: dict[str, str],
+               cores: Optional[int] = None) -> dict[str, str]:
+    """The OpenMP/BLAS settings a child starts with (set before torch is imported: libgomp reads
+    them when it loads). Light processes get one thread. A CPU worker's idle OpenMP threads spin
+    only ``WORKER_SPINCOUNT`` times before they sleep, instead of libgomp's 300,000. The long spin
+    burns a core between parallel regions, and on a machine other jobs load, a spinning thread
+    holds the core its partner needs: batch-1 decode took 0.32-0.66 CPU-s a token instead of
+    0.05. A short spin still covers a region's own barrier, so an idle machine loses no speed (a
+    passive wait, no spin at all, was ~17% slower there; docs/perf.md, CPU section). Several
+    worker ranks on one CPU node share its cores. What the user set is kept."""
+    if not module.startswith("treadle.gpu_worker"):
+        return dict(LIGHT_THREAD_ENV)
+    if not str(server_args.get("device", "cpu")).startswith("cpu"):
+        return {}
+    env = {}
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        env["GOMP_SPINCOUNT"] = str(WORKER_SPINCOUNT)
+    ranks = server_args.get("tp_size", 1) * server_args.get("pp_size", 1) * server_args.get("dp_size", 1)
+    local = max(1, ranks // max(1, server_args.get("nnodes", 1)))
+    if local > 1 and "OMP_NUM_THREADS" not in environ:  # one rank keeps torch's default (physical cores)
+        env["OMP_NUM_THREADS"] = str(max(1, (cores or len(os.sched_getaffinity(0))) // local))
+    return env
+
+
 def run_child(module: str) -> None:
     """Entry point of every child: ``module.main(spec, zmq_context, client_inbox)`` runs its loop.
     The module is imported here, after the inbox is connected, so that an import error (a missing
     package, a broken install) reaches the client as this child's ``ChildFailed`` too."""
     with open(sys.argv[1]) as f:
         spec = ChildSpec(**json.load(f))
+    os.environ.update(thread_env(module, spec.server_args, dict(os.environ)))
     _watch_parent(spec.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(spec.server_args.get("log_level", "error"), spec.name)

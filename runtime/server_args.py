@@ -280,7 +280,7 @@ class ServerArgs(SGLangOnlyArgs):
             a.max_running_requests = 256 if cuda else 64
         if a.max_total_tokens is None and not cuda:  # on CUDA None: sized from free memory once the weights load
             a.max_total_tokens = CPU_KV_TOKENS
-        if a.mem_fraction_static is None:
+        if a.mem_fraction_static is None and not cuda:  # CUDA: None sizes the KV pool from a measured prefill
             a.mem_fraction_static = MEM_FRACTION_STATIC
         if a.cuda_graph_max_bs is None:
             a.cuda_graph_max_bs = min(a.max_running_requests, MAX_GRAPH_BS)
