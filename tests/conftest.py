@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# This process runs HF references and tests' own torch work beside the engines' workers on a few
+# cores: a short OpenMP spin (as runtime/procs.thread_env gives the CPU worker) keeps its idle
+# threads from holding the cores a worker needs. Set before torch is imported.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 @pytest.fixture(autouse=True)
