@@ -58,9 +58,10 @@ def prefill_step_tokens(args: "ServerArgs") -> int:
 def should_warm_up(runner: "ModelRunner", with_cache: bool = True) -> bool:
     """A decoder (``with_cache``: whose KV cache exists), in one pipeline stage (a stage's forward
     waits for its peers, which are not warming in step with it). Encoders and score heads never
-    decode."""
+    decode, and a bare backbone (embeddings only) has no LM head to sample from."""
     return ((not with_cache or getattr(runner, "kv_cache", None) is not None) and not runner.is_encoder
-            and not runner.model.scores_head and runner.cfg.pp_size == 1)
+            and not runner.model.scores_head and not getattr(runner.model, "headless", False)
+            and runner.cfg.pp_size == 1)
 
 
 @torch.inference_mode()
