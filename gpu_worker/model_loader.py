@@ -17,7 +17,7 @@ from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.quant import int4_format
-from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4
+from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4, int4_layers
 from treadle.runtime.server_args import DTYPE_ALIASES
 
 # torch's names; SGLang's other spellings are aliases of them (runtime/server_args.DTYPE_ALIASES)
@@ -83,8 +83,7 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
         weights = iter_safetensors(model_dir, keep=keep if q is None else int4_format.keeps(keep, q),
                                    lazy=model.lazy_weights)
         if q is not None:
-            packed = any(isinstance(getattr(m, "quant", None), Int4Method) for m in model.modules())
-            weights = int4_format.packed(weights, q) if packed else int4_format.dequantized(weights, q)
+            weights = int4_format.packed(weights, q) if int4_layers(model) else int4_format.dequantized(weights, q)
         if fp8.fp8_layers(model):
             weights = fp8.checkpoint_tensors(weights)
         model.load_weights(weights)
@@ -116,7 +115,7 @@ def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str],
                    context_len: int, device: torch.device) -> bool:
     """A new checkpoint of the same model into ``model``'s parameters (``load_checked``)."""
     load_format = load_format or "auto"
-    if any(isinstance(getattr(m, "quant", None), Int4Method) for m in model.modules()):
+    if int4_layers(model):
         raise ValueError("updating the weights of a 4-bit (AWQ/GPTQ) model is not supported")
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")

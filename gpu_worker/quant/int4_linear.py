@@ -181,9 +181,14 @@ class Int4Method:
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+def int4_layers(model: nn.Module) -> list[LinearBase]:
+    """The model's 4-bit linear layers (none where it was built dense, e.g. on the CPU)."""
+    return [m for m in model.modules() if isinstance(m, LinearBase) and isinstance(m.quant, Int4Method)]
+
+
 def finish_int4(model: nn.Module) -> int:
     """``Int4Method.finish`` on every 4-bit layer of a loaded model; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, LinearBase) and isinstance(m.quant, Int4Method)]
+    layers = int4_layers(model)
     for m in layers:
         m.quant.finish(m)
     return len(layers)

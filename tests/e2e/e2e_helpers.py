@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import torch
+
+from fp8_checkpoints import save_model, tiny_llama  # tests/fp8_checkpoints.py: a tiny Llama and its checkpoint
 from int4_pack import awq_quantize, gptq_quantize  # noqa: F401  (tests/int4_pack.py: the reference packers)
+from treadle.deploy.proc_tree import alive  # noqa: F401  (a zombie counts as gone)
 
 
-def alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie (a reaped-later child counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+def hf_greedy(hf, tok, prompt: str, n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens for ``prompt`` and their logprobs."""
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = hf.generate(ids, do_sample=False, max_new_tokens=n, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+        logits = hf(torch.cat([ids[0], want]).unsqueeze(0)).logits[0, ids.shape[1] - 1:-1].float()
+    return want.tolist(), torch.log_softmax(logits, -1).gather(1, want[:, None])[:, 0]
+
+
+def engine_logprobs(out: dict) -> torch.Tensor:
+    return torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
 
 
 def make_peft_adapter(base_dir: str, out_dir: str, rank: int, alpha: int, targets: list[str], seed: int,
@@ -51,22 +59,7 @@ def make_int4_model(out_dir: str, tokenizer_dir: str, quant: dict, seed: int = 0
     """A tiny random Llama saved as a 4-bit checkpoint of ``quant`` (a ``quantization_config``:
     AWQ gemm, or GPTQ with its group_size, sym, desc_act, checkpoint_format); returns HF's
     float32 model holding the dequantized weights: the reference the engine must match."""
-    import glob
-    import json
-    import os
-    import shutil
-
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg).eval()
+    hf, tok = tiny_llama(tokenizer_dir, seed, hidden_size=hidden, intermediate_size=2 * hidden)
     tensors, group = {}, quant["group_size"]
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -82,14 +75,5 @@ def make_int4_model(out_dir: str, tokenizer_dir: str, quant: dict, seed: int = 0
                 tensors[f"{base}.g_idx"] = g_idx
             p.copy_(deq)
             tensors.update({f"{base}.qweight": qw, f"{base}.qzeros": qz, f"{base}.scales": sc})
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"))
-    d = cfg.to_dict()
-    d["architectures"] = ["LlamaForCausalLM"]
-    d["quantization_config"] = quant
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(d, f)
-    tok.save_pretrained(out_dir)
-    for extra in glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
-        shutil.copy(extra, out_dir)
+    save_model(hf, tok, tokenizer_dir, out_dir, tensors, quant)
     return hf

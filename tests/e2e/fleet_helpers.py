@@ -11,8 +11,9 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 
@@ -108,6 +109,20 @@ class Fleet:
                 pass
         self.proc.wait(timeout=30)
         self.log.close()
+
+
+@contextmanager
+def running_fleet(spec_path: str, router_port: int, what: str, ready: Callable[[Fleet], bool],
+                  timeout_s: float) -> Iterator[Fleet]:
+    """A supervisor started on ``spec_path``, handed over once ``ready(fleet)`` holds; whatever a
+    test left running is killed afterwards."""
+    f = Fleet(spec_path, router_port)
+    try:
+        f.wait_for(what, lambda: ready(f), timeout_s)
+        yield f
+    finally:
+        if f.proc.poll() is None:
+            f.kill()
 
 
 def no_process_left(pids: list[int], timeout_s: float = 15.0) -> list[int]:

@@ -29,8 +29,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.fleet_helpers import (API_KEY, AUTH, ROOT, WORDS, Fleet, Outcome, client_for, no_process_left, run_load,
-                                    send, unrelated, write_spec)
+from tests.e2e.fleet_helpers import (API_KEY, AUTH, ROOT, WORDS, Outcome, client_for, no_process_left, run_load,
+                                    running_fleet, send, unrelated, write_spec)
 from treadle.client.remote import RemoteEngine
 
 pytestmark = pytest.mark.e2e
@@ -50,14 +50,9 @@ engine = { model_path = "/nonexistent/fleet-test-model" }
 def fleet(tmp_path_factory):
     d = tmp_path_factory.mktemp("fleet")
     port = write_spec(str(d / "fleet.toml"), WORKERS)
-    f = Fleet(str(d / "fleet.toml"), port)
-    try:
-        f.wait_for("w0 and w1 healthy", lambda: f.worker("w0").get("state") == f.worker("w1").get("state") == "healthy",
-                   240)
+    with running_fleet(str(d / "fleet.toml"), port, "w0 and w1 healthy",
+                       lambda f: f.worker("w0").get("state") == f.worker("w1").get("state") == "healthy", 240) as f:
         yield f
-    finally:
-        if f.proc.poll() is None:
-            f.kill()
 
 
 def test_load_spread_and_shared_prefix(fleet):

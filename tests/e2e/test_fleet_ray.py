@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.e2e.fleet_helpers import Fleet, no_process_left, run_load, unrelated, write_spec
+from tests.e2e.fleet_helpers import no_process_left, run_load, running_fleet, unrelated, write_spec
 
 pytest.importorskip("ray", reason="the Ray backend needs `pip install treadle[ray]`")
 pytestmark = pytest.mark.e2e
@@ -27,14 +27,9 @@ max_restarts = 2
 def fleet(tmp_path_factory):
     d = tmp_path_factory.mktemp("fleet_ray")
     port = write_spec(str(d / "fleet.toml"), "", "workers = 2\n" + SPEC)
-    f = Fleet(str(d / "fleet.toml"), port)
-    try:
-        f.wait_for("both Ray workers healthy",
-                   lambda: [w["state"] for w in f.status()["workers"]] == ["healthy", "healthy"], 300)
+    with running_fleet(str(d / "fleet.toml"), port, "both Ray workers healthy",
+                       lambda f: [w["state"] for w in f.status()["workers"]] == ["healthy", "healthy"], 300) as f:
         yield f
-    finally:
-        if f.proc.poll() is None:
-            f.kill()
 
 
 def test_ray_workers_serve_and_ray_restarts_a_killed_one(fleet):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from e2e_helpers import engine_logprobs, hf_greedy
 from fp8_checkpoints import make_fp8_model, save_model, tiny_llama
 from treadle import Engine
 
@@ -22,19 +23,6 @@ pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8}
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-
-
-def hf_greedy(hf, tok, prompt: str, n: int) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy tokens for ``prompt`` and their logprobs."""
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = hf.generate(ids, do_sample=False, max_new_tokens=n, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
-        logits = hf(torch.cat([ids[0], want]).unsqueeze(0)).logits[0, ids.shape[1] - 1:-1].float()
-    return want.tolist(), torch.log_softmax(logits, -1).gather(1, want[:, None])[:, 0]
-
-
-def engine_logprobs(out: dict) -> torch.Tensor:
-    return torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
 
 
 def test_block_fp8_checkpoint_at_tp2_matches_hf_on_dequantized_weights(tmp_path, default_model_dir, hf_tokenizer):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from e2e_helpers import make_int4_model
+from e2e_helpers import engine_logprobs, hf_greedy, make_int4_model
 from treadle import Engine
 
 pytestmark = pytest.mark.e2e
@@ -31,14 +31,9 @@ def test_engine_matches_hf_on_the_dequantized_weights(gptq_model, hf_tokenizer):
         outs = engine.generate(prompt=PROMPTS, sampling_params=GREEDY, return_logprob=True)
         info = engine.get_server_info()
     for prompt, out in zip(PROMPTS, outs):
-        ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
-        want = hf.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
-        assert out["output_ids"] == want.tolist()
-        with torch.no_grad():
-            logits = hf(torch.cat([ids[0], want]).unsqueeze(0)).logits[0, ids.shape[1] - 1:-1].float()
-        ref = torch.log_softmax(logits, -1).gather(1, want[:, None])[:, 0]
-        got = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        want, ref = hf_greedy(hf, hf_tokenizer, prompt, GREEDY["max_new_tokens"])
+        assert out["output_ids"] == want
+        torch.testing.assert_close(engine_logprobs(out), ref, atol=1e-4, rtol=0)
     assert info["quantization"] is None
     assert info["weight_bytes"] == sum(p.numel() * 4 for p in hf.parameters())  # the CPU's: dequantized float32
     with pytest.raises(ValueError, match="not an AWQ checkpoint"):

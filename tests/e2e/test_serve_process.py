@@ -20,30 +20,9 @@ import httpx
 import pytest
 
 from tests.e2e.serve_helpers import free_port
+from treadle.deploy.proc_tree import descendants as children_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def children_of(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, read from /proc (no psutil)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":  # a zombie is dead already
-            parents.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
 
 
 def cmdline(pid: int) -> str:
