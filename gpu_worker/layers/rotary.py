@@ -145,8 +145,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rot_dim = rotary_dim(params, head_dim)
-        freqs, attention = rope_table(params, self.rot_dim, max_positions)
         dev = torch.get_default_device()
+        with torch.device("cpu"):  # the table in float32 on the host (a model is built under a CUDA default device)
+            freqs, attention = rope_table(params, self.rot_dim, max_positions)
         self.register_buffer("cos", (freqs.cos() * attention).to(dev), persistent=False)
         self.register_buffer("sin", (freqs.sin() * attention).to(dev), persistent=False)
 

@@ -110,3 +110,20 @@ def test_scaled_context_is_counted_as_sglang_does():
     llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     assert model_positions({**base, "rope_scaling": llama3}) == 4096
     assert model_positions({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}) == 4096
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "longrope", "original_max_position_embeddings": 64, "short_factor": [1.0] * 16,
+     "long_factor": [2.0] * 16},
+])
+def test_tables_build_under_another_default_device(scaling):
+    """The worker builds its model under the CUDA default device; the table is computed on the
+    host and moved, never mixing devices (caught on an H100: YaRN and LongRoPE failed there).
+    The meta device stands in for CUDA here: a CPU tensor mixed with a meta one fails the same way."""
+    cfg = LlamaConfig(**LLAMA, rope_scaling=dict(scaling))
+    expected = ours(cfg, 256)
+    with torch.device("meta"):
+        rope = ours(cfg, 256)
+    assert rope.cos.device.type == "meta" and rope.cos.shape == expected.cos.shape
