@@ -53,7 +53,7 @@ def bench_treadle(res: Results, d: str, a: argparse.Namespace, vocab: int) -> No
     res.record("e_startup", seconds=round(startup, 2), graph_capture_s=round(info.get("cuda_graph_capture_time", 0), 2),
                graph_sizes=len(info.get("cuda_graph_bs", [])), load_s=round(info.get("load_time", 0), 2),
                weight_gb=round(info.get("weight_bytes", 0) / 1e9, 2), kv_gb=round(info.get("kv_bytes", 0) / 1e9, 2),
-               kv_tokens=info.get("max_total_tokens", 0),
+               kv_tokens=eng.get_server_info().get("max_total_tokens", 0),
                phases=info.get("startup_phases", {}))
     try:
         first_ms = None
