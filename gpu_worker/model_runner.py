@@ -40,6 +40,7 @@ from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.spec_draft import DraftModel
+from treadle.gpu_worker.spec_tree import tree_attention
 from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.warmup import should_warm_up
 from treadle.gpu_worker.step_inputs import (
@@ -229,7 +230,7 @@ class ModelRunner:
             return Launched(result=([], {}))
         verified = Verified.take(step)  # speculative decoding's verify rows: accepted apart, merged at the end
         if verified is not None:
-            verified.run(plan, self.sampler, draft_q, self.last_token)
+            verified.run(plan, self.sampler, draft_q, self.last_token, self.kv_cache)
         samples, slots = step.logits, step.sample_slots
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
@@ -333,6 +334,8 @@ class ModelRunner:
             slots=s.row_slots, starts=s.row_starts, extend_lens=s.row_lens, logits_indices=dev.logits_indices,
             req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend,
             mm_embeds=mm_embeds)
+        if s.tree_rows:  # speculative tree rows: positions by depth, ancestor masks (torch_native only)
+            ctx.tree = tree_attention(s.tree_rows, dev.locs, dev.positions, self.attn_backend)
         ctx.attn_meta = self.attn_backend.init_forward(ctx)
         with forward_context(ctx):
             hidden = self.model(dev.input_ids) if self.pp is None else self.pp.forward(self.model, dev.input_ids)

@@ -217,6 +217,7 @@ class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     spec: int = 0
     draft_steps: int = 0  # STANDALONE: the draft model proposes this many tokens first
     prev_id: int = -1  # STANDALONE: the token before input_ids[0] (the draft model's first step re-reads it)
+    tree: list[int] = []  # a tree of drafts: the parent node of each draft (0: the last token); empty: a chain
 
 
 class MmChunk(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -2,7 +2,7 @@
 
 Rows with several new tokens (prefill, chunked prefill, extend after a prefix hit) run one
 SDPA each with a causal mask offset by the row's cached prefix. Single-token rows (decode) run
-together as one padded SDPA. Slow for big batches but simple and exact; the yardstick for
+together as one padded SDPA. Speculative tree rows (``ctx.tree``) take their own keys and mask. Slow for big batches but simple and exact; the yardstick for
 faster backends.
 
 A layer's ``sliding_window`` narrows the masks (built once per step and window, shared by the
@@ -88,14 +88,21 @@ def _sdpa(q, k, v, scale, mask=None, causal=False):
 
 
 class TorchNativeBackend(AttentionBackend):
+    supports_tree = True  # speculative tree rows (ForwardContext.tree)
+
     def __init__(self, **_: object):
         pass
 
     def init_forward(self, ctx: ForwardContext) -> _Meta:
         dev, r2t = ctx.req_to_token.device, ctx.req_to_token
         extends, dec_rows, dec_q, off = [], [], [], 0
-        for slot, start, n in zip(ctx.slots, ctx.starts, ctx.extend_lens):
-            if n == 1:
+        tree = ctx.tree or {}
+        for r, (slot, start, n) in enumerate(zip(ctx.slots, ctx.starts, ctx.extend_lens)):
+            if r in tree:  # speculative tree row: the prefix, then its own keys under the ancestor mask
+                own, tmask = tree[r]
+                mask = torch.cat([torch.ones(n, start, dtype=torch.bool, device=dev), tmask], dim=1)
+                extends.append(_Extend(off, n, torch.cat([r2t[slot, :start], own]), mask, start))
+            elif n == 1:
                 dec_rows.append((slot, start + 1))
                 dec_q.append(off)
             else:
