@@ -1,0 +1,222 @@
+"""EAGLE / EAGLE3 drafting in the worker: the head's KV kept in step with the target, and drafts
+proposed as a chain (``speculative_eagle_topk`` 1) or a tree.
+
+Pairs. The head at draft position ``p`` reads the target's hidden state at ``p`` and the token at
+``p + 1``, and predicts the token at ``p + 2`` (SGLang's layout). After every target forward
+(``observe``) the head runs over the pairs the step made known: a row's positions with the next
+token (the following input, the sampled token, or for a verify row the accepted path and its
+last token); a prompt chunk's last hidden state waits for the next chunk's first token
+(``pending``). Its KV is written at the target's locations (its own pool, the same table), so the
+head's cache is the sequence's, and the last pair's output is where the next drafts start.
+
+Drafts (``propose``, before the verify forward). Node 0 is the last token; its children come from
+the last pair's logits. A node at depth ``d`` is expanded by one head step on (its parent's
+output, its token) at position ``pos + d - 1``, attending to the cached prefix and its expanded
+ancestors (a tree row; their KV sits in a scratch area past the pool). Each expanded node offers
+its ``topk`` likeliest tokens, scored by the summed log-probabilities of the path; the ``topk``
+best new nodes are expanded next (SGLang's EAGLE tree). After ``draft_steps`` levels the
+``spec`` best nodes form the tree (a parent outscores its children, so the set is closed under
+ancestors); with ``topk`` 1 it is a chain. Drafts are chosen without randomness, so the target
+accepts them as point masses (``spec_tree``), greedy and sampled alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+from treadle.gpu_worker.attention.base import create_backend
+from treadle.gpu_worker.forward_context import ForwardContext, forward_context
+from treadle.gpu_worker.kv_cache import KVCache
+from treadle.gpu_worker.models.llama_eagle import EagleHead, eagle3_capture_layers
+from treadle.runtime.messages import ForwardPlan
+
+
+class EagleDraft:
+    """The head, its KV pool, the target hidden states it reads and the per-slot drafting state."""
+
+    def __init__(self, model_dir: str, target: Any, eagle3: bool, topk: int, steps: int) -> None:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        cfg = target.cfg
+        path = os.path.join(model_dir, "model.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"speculative_draft_model_path: {model_dir} has no model.safetensors (EAGLE heads load "
+                             "from one safetensors file)")
+        with open(os.path.join(model_dir, "config.json")) as f:
+            raw = json.load(f)
+        self.config = AutoConfig.for_model(**{**raw, "model_type": "llama"})
+        tcfg = target.text_config
+        if self.config.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_draft_model_path: the EAGLE head's vocabulary ({self.config.vocab_size}) "
+                             f"differs from the target's ({target.vocab_size})")
+        if (getattr(self.config, "target_hidden_size", None) or self.config.hidden_size) != tcfg.hidden_size:
+            raise ValueError(f"speculative_draft_model_path: the EAGLE head reads hidden states of size "
+                             f"{self.config.hidden_size}, the target's are {tcfg.hidden_size}")
+        with safe_open(path, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        self.head = EagleHead(self.config, eagle3, set(tensors), cfg.context_len).to(target.dtype)
+        self.head.load_weights(tensors.items())
+        self.head.to(target.device).eval()
+        self.eagle3, self.topk, self.steps, self.target = eagle3, topk, steps, target
+        self.embed = self.head.embed_tokens if self.head.embed_tokens is not None else target.model.model.embed_tokens
+        self.attn = self.head.layer.self_attn.attn
+        self.backend = create_backend("torch_native")  # tree rows (drafting) need its masks
+        self.kv_cache: Optional[KVCache] = None
+        self.pending: dict[int, torch.Tensor] = {}  # slot -> a prompt chunk's last hidden, waiting for its next token
+        self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> the last pair's (logits input, hidden)
+        self.aux: list[torch.Tensor] = []
+        if eagle3:  # the target's low/mid/high hidden states, taken as its layers run
+            layers = target.model.model.layers
+            for i in eagle3_capture_layers(self.config, len(layers)):
+                if i < len(layers):
+                    layers[i].register_forward_pre_hook(lambda m, args: self.aux.append(
+                        args[0] if args[1] is None else args[0] + args[1]))
+                else:
+                    layers[-1].register_forward_hook(lambda m, args, out: self.aux.append(out[0] + out[1]))
+        target.cfg.cuda_graph_max_bs = 0  # the head reads every step's hidden states: eager target steps
+
+    def kv_layers_like(self, target_width: int) -> int:
+        return -(-self.attn.num_kv_heads * self.attn.head_dim // target_width)
+
+    def init_kv(self, kv_tokens: int, kv_dtype: torch.dtype, device: torch.device) -> None:
+        self.scratch = kv_tokens + 1  # past the pool: the KV of expanded draft nodes, topk * steps per drafting row
+        self.kv_cache = KVCache(1, self.scratch + self.target.cfg.max_slots * self.topk * self.steps,
+                                self.attn.num_kv_heads, self.attn.head_dim, kv_dtype, device)
+
+    def _run(self, ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, locs: torch.Tensor,
+             rows: list[tuple[int, int, int]], tree: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head step over ``rows`` ``(slot, start, n)``: (logits input, next hidden) per token."""
+        t = self.target
+        ctx = ForwardContext(input_ids=ids, positions=positions, out_cache_loc=locs, slots=[r[0] for r in rows],
+                             starts=[r[1] for r in rows], extend_lens=[r[2] for r in rows],
+                             logits_indices=ids[:0], req_to_token=t.req_to_token, kv_cache=self.kv_cache,
+                             attn_backend=self.backend, tree=tree)
+        ctx.attn_meta = self.backend.init_forward(ctx)
+        with forward_context(ctx):
+            return self.head(self.embed(ids), hidden)
+
+    def logprobs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Log-probabilities over the head's vocabulary, and the map to target ids (EAGLE3)."""
+        head = self.head.lm_head
+        logits = head(x).float() if head is not None else self.target.model.compute_logits(x)
+        ids = None
+        if self.eagle3:
+            ids = self.head.d2t + torch.arange(self.head.draft_vocab, device=x.device)
+        return torch.log_softmax(logits, dim=-1), ids
+
+    @torch.inference_mode()
+    def observe(self, plan: ForwardPlan, hidden: Optional[torch.Tensor], verified: Any, last_token: torch.Tensor
+                ) -> None:
+        """The head over the pairs this step made known (module docstring), its KV written."""
+        aux, self.aux = self.aux, []
+        if self.eagle3 and aux:
+            hidden = torch.cat(aux[-3:], dim=-1)
+        if hidden is None:
+            return
+        for ns in plan.new_slots:
+            self.pending.pop(ns.slot, None), self.last.pop(ns.slot, None)
+        sampled = [row.slot for r, row in enumerate(plan.rows) if row.sample and not (verified and r in verified.tokens)]
+        nxt = dict(zip(sampled, last_token[sampled].tolist())) if sampled else {}
+        ids, hs, pos, locs, rows, ends = [], [], [], [], [], []
+        r2t, off = self.target.req_to_token, 0
+        for r, row in enumerate(plan.rows):
+            n, slot, p0 = len(row.input_ids), row.slot, row.start_pos
+            pairs: list[tuple[torch.Tensor, int]] = []  # (hidden, next token); the first at position ``first``
+            first = p0
+            if slot in self.pending:
+                pairs.append((self.pending.pop(slot)[None], row.input_ids[0]))
+                first = p0 - 1
+            if verified is not None and r in verified.tokens:
+                path, toks = verified.paths[r], verified.tokens[r]
+                pairs.append((hidden[[off + j for j in path]], toks[len(toks) - len(path):]))
+                at = row.new_locs[:len(path)]
+            else:
+                follow = list(row.input_ids[1:]) + ([nxt[slot]] if slot in nxt else [])
+                pairs.append((hidden[off:off + len(follow)], follow))
+                at = row.new_locs[:len(follow)]
+                if slot not in nxt:
+                    self.pending[slot] = hidden[off + n - 1]
+            off += n
+            m = sum(len(t) if isinstance(t, list) else 1 for _, t in pairs)
+            if m == 0:
+                continue
+            for h, t in pairs:
+                hs.append(h)
+                ids += t if isinstance(t, list) else [t]
+            loc0 = [int(r2t[slot, first])] if first < p0 else []
+            locs += loc0 + list(at)
+            pos += list(range(first, first + m))
+            rows.append((slot, first, m))
+            ends.append((slot, len(ids) - 1, slot in nxt or (verified is not None and r in verified.tokens)))
+        if not rows:
+            return
+        dev = hidden.device
+        out, feat = self._run(torch.tensor(ids, device=dev), torch.cat(hs), torch.tensor(pos, device=dev),
+                              torch.tensor(locs, device=dev), rows)
+        for slot, i, produced in ends:
+            if produced:
+                self.last[slot] = (out[i], feat[i])
+
+    @torch.inference_mode()
+    def propose(self, plan: ForwardPlan, target: Any) -> dict[int, torch.Tensor]:
+        """Fill every drafting row's nodes (and ``tree``, unless a chain). No distributions: the
+        drafts are point masses."""
+        drafting = [row for row in plan.rows if row.draft_steps]
+        for j, row in enumerate(drafting):
+            base = self.scratch + j * self.topk * self.steps
+            tokens, parents = self._draft(row, base)
+            k = len(tokens)
+            row.input_ids = [row.input_ids[0], *tokens]
+            row.new_locs, row.spec = row.new_locs[:k + 1], k
+            row.tree = [] if parents == list(range(k)) else parents
+        return {}
+
+    def _draft(self, row: Any, base: int) -> tuple[list[int], list[int]]:
+        """One row's best ``row.spec`` nodes after ``row.draft_steps`` levels: tokens and parents."""
+        last = self.last.get(row.slot)
+        if last is None:  # nothing observed for this slot (cannot happen after a sampled row): a guess
+            return [row.input_ids[0]], [0]
+        dev = last[0].device
+        # nodes: (token, parent, score, depth, expanded hidden or None); node 0 is the last token
+        nodes: list[list[Any]] = [[row.input_ids[0], 0, 0.0, 0, last[1]]]
+        frontier, x = [0], last[0][None]
+        scratch: list[int] = []  # node -> scratch loc, in expansion order
+        slot_of: dict[int, int] = {}
+        for depth in range(1, row.draft_steps + 1):
+            lp, vocab_ids = self.logprobs(x)
+            top_v, top_i = lp.topk(self.topk, dim=-1)
+            if vocab_ids is not None:
+                top_i = vocab_ids[top_i]
+            cands = []
+            for a, parent in enumerate(frontier):
+                for v, t in zip(top_v[a].tolist(), top_i[a].tolist()):
+                    nodes.append([t, parent, nodes[parent][2] + v, depth, None])
+                    cands.append(len(nodes) - 1)
+            if depth == row.draft_steps:
+                break
+            frontier = sorted(cands, key=lambda c: (-nodes[c][2], c))[:self.topk]
+            for c in frontier:
+                slot_of[c] = len(scratch)
+                scratch.append(base + len(scratch))
+            own = torch.tensor(scratch, device=dev)
+            mask = torch.zeros(len(frontier), len(scratch), dtype=torch.bool, device=dev)
+            for a, c in enumerate(frontier):
+                anc = c
+                while anc != 0:
+                    mask[a, slot_of[anc]] = True
+                    anc = nodes[anc][1]
+            h = torch.stack([nodes[nodes[c][1]][4] for c in frontier])
+            x, feat = self._run(torch.tensor([nodes[c][0] for c in frontier], device=dev), h,
+                                torch.tensor([row.start_pos + depth - 1] * len(frontier), device=dev),
+                                own[-len(frontier):], [(row.slot, row.start_pos, len(frontier))], {0: (own, mask)})
+            for a, c in enumerate(frontier):
+                nodes[c][4] = feat[a]
+        best = sorted(range(1, len(nodes)), key=lambda c: (-nodes[c][2], c))[:row.spec]
+        best.sort()
+        index = {0: 0, **{c: i + 1 for i, c in enumerate(best)}}
+        return [nodes[c][0] for c in best], [index[nodes[c][1]] for c in best]
