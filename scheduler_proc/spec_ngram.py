@@ -76,6 +76,7 @@ def ngram_tree(ids: list[int], max_nodes: int, branches: int, min_window: int = 
                 break
             tokens.append(tok)
             parents.append(node)
-            node = child[(node, tok)] = len(tokens)
+            child[(node, tok)] = len(tokens)
+            node = len(tokens)
             budget -= 1
     return tokens, parents

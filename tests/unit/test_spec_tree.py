@@ -1,0 +1,210 @@
+"""Tree verification and EAGLE drafting: the ancestor mask and acceptance (pure), the n-gram trie,
+and on a tiny random Llama (CPU, float32) a tree verify row against HF, the accepted path's KV,
+and an EAGLE / EAGLE3 head's cache against one pass of the head over the whole sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kernel_helpers import Alloc
+from spec_heads import make_eagle_head
+from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
+from treadle.gpu_worker.spec_tree import accept_tree_greedy, accept_tree_sampled, depths, move_path_kv, tree_mask
+from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
+from treadle.scheduler_proc.spec_ngram import ngram_tree
+
+P_MIN = 1e-3  # a correct sampler fails one test in a thousand runs
+PARENTS = [0, 0, 2, 2, 4]  # nodes 1 and 2 are siblings; 0 -> 2 -> 4 -> 5 one path, 0 -> 2 -> 3 another
+VOCAB = 500
+GREEDY = SamplingSpec(temperature=0.0)
+SHAPE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+             max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6)
+
+
+def test_tree_mask_and_depths():
+    assert depths(PARENTS) == [0, 1, 1, 2, 2, 3]
+    mask = tree_mask(PARENTS)
+    seen = {0: {0}, 1: {0, 1}, 2: {0, 2}, 3: {0, 2, 3}, 4: {0, 2, 4}, 5: {0, 2, 4, 5}}
+    for node, want in seen.items():
+        assert set(torch.nonzero(mask[node]).flatten().tolist()) == want
+    with pytest.raises(ValueError, match="parent"):
+        depths([0, 2])
+
+
+def test_accept_tree_greedy():
+    tokens = [9, 5, 6, 7, 8, 3]
+    # argmax at the nodes: root -> 6 (node 2), node 2 -> 8 (node 4), node 4 -> 3 (node 5), node 5 -> 1
+    assert accept_tree_greedy([6, 0, 8, 0, 3, 1], tokens, PARENTS) == ([6, 8, 3, 1], [0, 2, 4, 5])
+    assert accept_tree_greedy([4, 0, 0, 0, 0, 0], tokens, PARENTS) == ([4], [0])
+    assert accept_tree_greedy([5, 2, 7, 0, 0, 0], tokens, PARENTS) == ([5, 2], [0, 1])
+
+
+def test_tree_rejection_sampling_keeps_the_target_distribution():
+    """Chi-square: the first token follows p_root (its children 5 and 6 tried in turn), and the
+    second, when the path went through node 2 (token 6), follows node 2's p."""
+    vocab, trials = 12, 4000
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    logits[0, 5] += 1.5
+    logits[0, 6] += 2.0
+    p = torch.softmax(logits, dim=-1)
+    tokens, gen = [9, 5, 6, 7, 8, 3], torch.Generator().manual_seed(1)
+    first, second = torch.zeros(vocab), torch.zeros(vocab)
+    for _ in range(trials):
+        toks, path = accept_tree_sampled(p, tokens, PARENTS, gen)
+        assert [tokens[n] for n in path[1:]] == toks[:-1]
+        first[toks[0]] += 1
+        if len(path) > 1 and path[1] == 2:
+            second[toks[1]] += 1
+    assert chisquare(first.numpy(), (p[0] * trials).numpy()).pvalue > P_MIN
+    n2 = second.sum()
+    assert n2 > 300
+    assert chisquare(second.numpy(), (p[2] * n2).numpy()).pvalue > P_MIN
+
+
+def test_move_path_kv():
+    buf = torch.randn(2, 3, 8, 2, 4)  # [k/v, layers, locations, heads, dim]
+    locs, path = [7, 2, 5, 0, 3, 6], [0, 2, 4, 5]
+    before = buf.clone()
+    move_path_kv(buf, locs, path)
+    for j, node in enumerate(path):
+        assert torch.equal(buf[:, :, locs[j]], before[:, :, locs[node]])
+    assert torch.equal(buf[:, :, 1], before[:, :, 1])  # not the row's
+
+
+def test_ngram_tree_branches_from_several_matches():
+    ids = [5, 1, 2, 3, 7, 8, 0, 2, 3, 9, 1, 2, 3]
+    # [1, 2, 3] matched at 1..3 continues 7 8 0 2; [2, 3] at 7..8 continues 9: a second branch
+    assert ngram_tree(ids, 5, 3) == ([7, 8, 0, 2, 9], [0, 1, 2, 3, 0])
+    assert ngram_tree(ids, 5, 1) == ([7, 8, 0, 2, 3], [0, 1, 2, 3, 4])  # one branch: the chain's drafts
+    # continuations 4 5 9 0 1 and 4 5 6 0 1 4 share their first two nodes
+    assert ngram_tree([1, 4, 5, 6, 0, 1, 4, 5, 9, 0, 1], 6, 2) == ([4, 5, 9, 0, 1, 6], [0, 1, 2, 3, 4, 2])
+    assert ngram_tree([1, 2, 3], 4, 2) == ([], [])
+
+
+# ---------------------------------------------------------------- on a tiny model
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**SHAPE, intermediate_size=128, num_hidden_layers=3, initializer_range=0.1,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0)).eval()
+    path = str(tmp_path_factory.mktemp("target"))
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def _runner(path: str, **kw) -> ModelRunner:
+    return ModelRunner(RunnerConfig(model_dir=path, device="cpu", dtype="float32", kv_tokens=512, max_slots=4,
+                                    context_len=128, **kw))
+
+
+def _prompt(n: int) -> list[int]:
+    return torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+
+@torch.no_grad()
+def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    return hf(torch.tensor([ids])).logits[0, -1].float()
+
+
+@torch.no_grad()
+def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_tree_verify_matches_hf_and_keeps_the_accepted_path(target):
+    """Every node's logits are HF's for the prompt plus the node's path; the greedy path through
+    non-contiguous nodes is accepted, its KV moved, and the next decode gives HF's logits."""
+    hf, path = target
+    runner, p = _runner(path), _prompt(12)
+    locs = Alloc(3, 512)(20)
+    first, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, locs[:12])]))
+    g = _hf_greedy(hf, p, 5)
+    assert first == g[:1]
+    nodes = [g[0], (g[1] + 1) % VOCAB, g[1], (g[2] + 1) % VOCAB, g[2], g[3]]  # the path 0 -> 2 -> 4 -> 5 is greedy
+    row = PlanRow(0, nodes, 12, locs[12:18], spec=5, tree=PARENTS)
+    logits = runner.forward_logits(ForwardPlan(step=1, rows=[row]))
+    for node in range(6):
+        ancestors = [n for n in range(node + 1) if tree_mask(PARENTS)[node, n]]
+        torch.testing.assert_close(logits[node], _hf_logits(hf, p + [nodes[n] for n in ancestors]), atol=1e-4, rtol=0)
+    _, outs = runner.forward(ForwardPlan(step=2, rows=[row]))
+    assert outs[0].spec_ids == g[1:5]
+    after = runner.forward_logits(ForwardPlan(step=3, rows=[PlanRow(0, [g[4]], 16, [locs[16]])]))
+    torch.testing.assert_close(after[0], _hf_logits(hf, p + g[:5]), atol=1e-4, rtol=0)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + SHAPE["rms_norm_eps"]) * w
+
+
+@torch.no_grad()
+def _head_kv_reference(hf, head_dir: str, eagle3: bool, seq: list[int], n: int) -> torch.Tensor:
+    """``[2, n, heads, dim]``: the K (rotated) and V a head must hold at positions ``0 .. n-1``,
+    from the pair (HF's hidden state at p, token p + 1) and the checkpoint's own tensors."""
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    t = load_file(f"{head_dir}/model.safetensors")
+    states = hf(torch.tensor([seq[:n]]), output_hidden_states=True).hidden_states  # inputs of layers 0..2, final
+    emb = hf.model.embed_tokens(torch.tensor(seq[1:n + 1]))
+    if eagle3:  # the default layers of a 3-layer target: inputs of layers 0, 1, 2
+        hid = torch.cat([states[i][0] for i in range(3)], dim=-1) @ t["fc.weight"].T
+        x = torch.cat([_rms(emb, t["midlayer.input_layernorm.weight"]), _rms(hid, t["midlayer.hidden_norm.weight"])], -1)
+        pre = "midlayer."
+    else:
+        x = torch.cat([emb, states[-1][0]], dim=-1) @ t["fc.weight"].T + t["fc.bias"]
+        pre = "layers.0."
+    k = (x @ t[pre + "self_attn.k_proj.weight"].T).view(n, 2, 16).transpose(0, 1)[None]
+    v = (x @ t[pre + "self_attn.v_proj.weight"].T).view(n, 2, 16)
+    cos, sin = LlamaRotaryEmbedding(LlamaConfig(**SHAPE))(k, torch.arange(n)[None])
+    k = apply_rotary_pos_emb(k, k, cos, sin)[1][0].transpose(0, 1)
+    return torch.stack([k, v])
+
+
+@pytest.mark.parametrize("eagle3", [False, True], ids=["eagle", "eagle3"])
+def test_eagle_head_reads_the_right_pairs(target, tmp_path, eagle3):
+    """The prompt in two chunks, then verify steps alternating the head's own tree drafts and an
+    oracle tree whose greedy path runs through non-contiguous nodes: greedy tokens are HF's; the
+    target's KV and the head's KV at every known position are what HF's hidden states and the
+    checkpoint give for the pair (hidden at p, token p + 1) at position p."""
+    hf, path = target
+    head = make_eagle_head(str(tmp_path / "head"), eagle3, draft_vocab=300, intermediate_size=96, **SHAPE)
+    runner = _runner(path, draft_model_dir=head, spec_algorithm="EAGLE3" if eagle3 else "EAGLE", spec_topk=2,
+                     spec_steps=3)
+    p, locs = _prompt(20), Alloc(5, 512)(48)
+    want = _hf_greedy(hf, p, 24)
+    runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p[:8], 0, locs[:8], sample=False)]))
+    ids, _ = runner.forward(ForwardPlan(step=1, rows=[PlanRow(0, p[8:], 8, locs[8:20])]))
+    seq, trees, own = p + ids, 0, runner.draft._draft
+
+    def oracle(row, base):  # nodes: wrong, x1, wrong, x2 under x1: the path 0 -> 2 -> 4
+        x1, x2 = want[len(seq) - 20], want[len(seq) - 19]
+        return [(x1 + 1) % VOCAB, x1, (x2 + 1) % VOCAB, x2], [0, 0, 2, 2]
+
+    for step in range(6):
+        runner.draft._draft = oracle if step % 2 else own
+        pos = len(seq) - 1
+        row = PlanRow(0, [seq[-1]], pos, locs[pos:pos + 5], spec=4, draft_steps=3)
+        _, outs = runner.forward(ForwardPlan(step=2 + step, rows=[row]))
+        trees += bool(row.tree)
+        assert len(outs[0].spec_ids) == (3 if step % 2 else 1)  # the random head's drafts fail
+        seq += outs[0].spec_ids
+    assert trees == 6 and seq[20:] == want[:len(seq) - 20]
+    n = len(seq) - 1
+    at = torch.tensor(locs[:n])
+    ref_kv = torch.stack(_target_kv(hf, seq[:n]), dim=1)  # [2, layers, T, heads, dim]
+    torch.testing.assert_close(runner.kv_cache.buf[:, :, at], ref_kv, atol=1e-4, rtol=0)
+    torch.testing.assert_close(runner.draft.kv_cache.buf[:, 0, at], _head_kv_reference(hf, head, eagle3, seq, n),
+                               atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def _target_kv(hf, ids: list[int]) -> list[torch.Tensor]:
+    """HF's cache per layer as ``[2, T, kv_heads, dim]``."""
+    cache = hf(torch.tensor([ids]), use_cache=True).past_key_values
+    return [torch.stack([cache.layers[i].keys[0].transpose(0, 1), cache.layers[i].values[0].transpose(0, 1)])
+            for i in range(3)]
