@@ -41,7 +41,7 @@ from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.spec_draft import DraftModel
 from treadle.gpu_worker.spec_eagle import EagleDraft
-from treadle.gpu_worker.spec_tree import tree_attention
+from treadle.gpu_worker.spec_tree import check_tree_model, tree_attention
 from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.warmup import should_warm_up
 from treadle.gpu_worker.step_inputs import (
@@ -114,6 +114,8 @@ class ModelRunner:
         if cfg.lora_slots > 0:
             self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
         self.draft: Optional[Union[DraftModel, EagleDraft]] = None  # speculative decoding's draft model / head
+        if cfg.spec_topk > 1:
+            check_tree_model(self.model)
         if cfg.draft_model_dir is not None:
             if cfg.pp_size > 1:
                 raise ValueError(f"speculative_algorithm={cfg.spec_algorithm or 'STANDALONE'!r} does not run with "

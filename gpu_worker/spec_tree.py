@@ -113,3 +113,11 @@ def tree_attention(rows: list[tuple[int, int, list[int], int]], locs: torch.Tens
         positions[off:off + n] = start + torch.tensor(depths(parents), device=positions.device)
         out[r] = (locs[off:off + n], tree_mask(parents, locs.device))
     return out
+
+
+def check_tree_model(model: torch.nn.Module) -> None:
+    """Refuse tree verification at start-up for a model with sliding-window layers (the torch-native
+    windowed masks assume a chain), rather than at a request's first verify."""
+    if any(getattr(m, "sliding_window", None) for m in model.modules()):
+        raise ValueError("speculative_eagle_topk > 1 (tree verification) does not run on models with "
+                         "sliding-window attention yet: use speculative_eagle_topk=1")

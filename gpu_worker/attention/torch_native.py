@@ -35,6 +35,7 @@ class _Extend:
     kv_locs: torch.Tensor  # [start+n]
     mask: Optional[torch.Tensor]  # [n, start+n] bool, None when start == 0 (plain causal)
     start: int = 0
+    tree: bool = False  # a speculative tree row: ``mask`` is its ancestor mask
 
 
 @dataclass
@@ -101,7 +102,7 @@ class TorchNativeBackend(AttentionBackend):
             if r in tree:  # speculative tree row: the prefix, then its own keys under the ancestor mask
                 own, tmask = tree[r]
                 mask = torch.cat([torch.ones(n, start, dtype=torch.bool, device=dev), tmask], dim=1)
-                extends.append(_Extend(off, n, torch.cat([r2t[slot, :start], own]), mask, start))
+                extends.append(_Extend(off, n, torch.cat([r2t[slot, :start], own]), mask, start, tree=True))
             elif n == 1:
                 dec_rows.append((slot, start + 1))
                 dec_q.append(off)
@@ -130,6 +131,9 @@ class TorchNativeBackend(AttentionBackend):
         if meta.windowed is None:
             meta.windowed = {}
         if window not in meta.windowed:
+            if any(e.tree for e in meta.extends):
+                raise NotImplementedError("speculative tree rows with sliding-window layers: the windowed masks "
+                                          "assume a chain (use speculative_eagle_topk=1)")
             ext = []
             for e in meta.extends:
                 dev = e.kv_locs.device
