@@ -41,7 +41,7 @@ from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.spec_draft import DraftModel
 from treadle.gpu_worker.spec_eagle import EagleDraft
-from treadle.gpu_worker.spec_tree import check_tree_model, tree_attention
+from treadle.gpu_worker.spec_tree import check_tree_model, tree_attention, tree_backend
 from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.warmup import should_warm_up
 from treadle.gpu_worker.step_inputs import (
@@ -347,9 +347,10 @@ class ModelRunner:
             slots=s.row_slots, starts=s.row_starts, extend_lens=s.row_lens, logits_indices=dev.logits_indices,
             req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend,
             mm_embeds=mm_embeds)
-        if s.tree_rows:  # speculative tree rows: positions by depth, ancestor masks (torch_native only)
-            ctx.tree = tree_attention(s.tree_rows, dev.locs, dev.positions, self.attn_backend)
-        ctx.attn_meta = self.attn_backend.init_forward(ctx)
+        if s.tree_rows:  # speculative tree rows: positions by depth, ancestor masks (a torch-native step)
+            ctx.tree = tree_attention(s.tree_rows, dev.locs, dev.positions)
+            ctx.attn_backend = tree_backend(self.attn_backend)
+        ctx.attn_meta = ctx.attn_backend.init_forward(ctx)
         with forward_context(ctx):
             hidden = self.model(dev.input_ids) if self.pp is None else self.pp.forward(self.model, dev.input_ids)
             if hidden is None:  # a pipeline stage before the last: handed on, nothing to project

@@ -98,21 +98,34 @@ def move_path_kv(buf: torch.Tensor, locs: list[int], path: list[int]) -> None:
     buf[:, :, dst] = buf[:, :, src]
 
 
-def tree_attention(rows: list[tuple[int, int, list[int], int]], locs: torch.Tensor, positions: torch.Tensor,
-                   backend: object) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def tree_attention(rows: list[tuple[int, int, list[int], int]], locs: torch.Tensor, positions: torch.Tensor
+                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The attention extras of a step's tree rows ``(row index, first token index, parents, start
     position)``: each row's own KV locations and ancestor mask (``ForwardContext.tree``); the rows'
-    ``positions`` are rewritten in place to ``start + depth``. Only the torch-native backend reads
-    the masks (the Triton kernels are causal): any other refuses here rather than attend wrongly."""
-    if not getattr(backend, "supports_tree", False):
-        raise NotImplementedError(f"tree verification (speculative_eagle_topk > 1) needs attention_backend="
-                                  f"'torch_native', not {type(backend).__name__}")
+    ``positions`` are rewritten in place to ``start + depth``."""
     out = {}
     for r, off, parents, start in rows:
         n = len(parents) + 1
         positions[off:off + n] = start + torch.tensor(depths(parents), device=positions.device)
         out[r] = (locs[off:off + n], tree_mask(parents, locs.device))
     return out
+
+
+_TREE_BACKEND: Optional[object] = None
+
+
+def tree_backend(current: object) -> object:
+    """The backend of a step with tree rows: ``current`` if it reads the tree masks, else the
+    torch-native one (on CUDA too: the Triton kernels are causal only, so such a step runs
+    attention through SDPA with explicit masks, on the same KV pool)."""
+    global _TREE_BACKEND
+    if getattr(current, "supports_tree", False):
+        return current
+    if _TREE_BACKEND is None:
+        from treadle.gpu_worker.attention.torch_native import TorchNativeBackend
+
+        _TREE_BACKEND = TorchNativeBackend()
+    return _TREE_BACKEND
 
 
 def check_tree_model(model: torch.nn.Module) -> None:

@@ -5,8 +5,8 @@ smaller model with the same tokenizer (``speculative_draft_model_path``) in the 
 target; ``EAGLE`` / ``EAGLE3`` run a one-layer draft head that reads the target's hidden states
 (``gpu_worker/spec_eagle.py``). Drafts are verified in one target forward, as a chain or, with
 ``speculative_eagle_topk > 1`` (NGRAM, EAGLE, EAGLE3), as a tree of ``num_draft_tokens - 1`` nodes
-(docs/speculative.md). Tree rows need the torch-native attention backend (the Triton kernels are
-causal only): elsewhere they are refused at construction.
+(docs/speculative.md). Steps with tree rows run attention on the torch-native backend (the
+Triton kernels are causal only).
 
 Counts as SGLang defines them: ``speculative_num_draft_tokens`` is the tokens one verify forward
 runs, the last known token included, so a chain proposes ``num_draft_tokens - 1`` drafts;
@@ -63,23 +63,9 @@ def check_spec_args(a: Any) -> None:
 
 def spec_refusals(a: Any) -> list[str]:
     """``"name=value (why)"`` for the speculative settings not built yet (``check_supported``)."""
-    out = []
-    if a.speculative_eagle_topk in (None, 1):
-        return out
-    if a.speculative_algorithm == "STANDALONE":
-        out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)")
-    cuda = (a.device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
-    backend = a.attention_backend or ("triton" if cuda else "torch_native")
-    if a.speculative_algorithm is not None and backend != "torch_native":
-        out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} with attention_backend={backend!r} (tree "
-                   f"verification needs attention_backend='torch_native': the Triton kernels have no tree mask)")
-    return out
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    if a.speculative_algorithm == "STANDALONE" and a.speculative_eagle_topk not in (None, 1):
+        return [f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)"]
+    return []
 
 
 def resolve_spec_args(a: Any) -> None:

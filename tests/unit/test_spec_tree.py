@@ -116,11 +116,15 @@ def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_tree_verify_matches_hf_and_keeps_the_accepted_path(target):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["torch_native", "no_tree_mask_backend"])
+def test_tree_verify_matches_hf_and_keeps_the_accepted_path(target, deterministic):
     """Every node's logits are HF's for the prompt plus the node's path; the greedy path through
-    non-contiguous nodes is accepted, its KV moved, and the next decode gives HF's logits."""
+    non-contiguous nodes is accepted, its KV moved, and the next decode gives HF's logits. A
+    backend without tree masks (the deterministic one, as Triton on CUDA) hands tree steps to the
+    torch-native one."""
     hf, path = target
-    runner, p = _runner(path), _prompt(12)
+    runner, p = _runner(path, deterministic=deterministic), _prompt(12)
+    assert getattr(runner.attn_backend, "supports_tree", False) != deterministic
     locs = Alloc(3, 512)(20)
     first, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, locs[:12])]))
     g = _hf_greedy(hf, p, 5)
