@@ -35,30 +35,46 @@ from treadle.gpu_worker.models.llama_eagle import EagleHead, eagle3_capture_laye
 from treadle.runtime.messages import ForwardPlan
 
 
+def read_head(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A head checkpoint's ``config.json`` and tensors: ``model.safetensors`` (EAGLE3 heads, most
+    EAGLE ones) or ``pytorch_model.bin`` (the first EAGLE releases; read with ``weights_only``)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    st, pt = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return raw, load_file(st)
+    if os.path.isfile(pt):
+        return raw, torch.load(pt, map_location="cpu", weights_only=True)
+    raise ValueError(f"speculative_draft_model_path: {model_dir} has neither model.safetensors nor pytorch_model.bin "
+                     "(an EAGLE head is one file)")
+
+
 class EagleDraft:
     """The head, its KV pool, the target hidden states it reads and the per-slot drafting state."""
 
     def __init__(self, model_dir: str, target: Any, eagle3: bool, topk: int, steps: int) -> None:
-        from safetensors import safe_open
         from transformers import AutoConfig
 
-        cfg = target.cfg
-        path = os.path.join(model_dir, "model.safetensors")
-        if not os.path.isfile(path):
-            raise ValueError(f"speculative_draft_model_path: {model_dir} has no model.safetensors (EAGLE heads load "
-                             "from one safetensors file)")
-        with open(os.path.join(model_dir, "config.json")) as f:
-            raw = json.load(f)
+        cfg, tcfg = target.cfg, target.text_config
+        backbone = getattr(target.model, "model", None)
+        if getattr(backbone, "layers", None) is None or getattr(backbone, "embed_tokens", None) is None:
+            raise ValueError(f"speculative_algorithm={'EAGLE3' if eagle3 else 'EAGLE'!r} needs a Llama-family target "
+                             f"(decoder layers and an embedding to read), not {type(target.model).__name__}")
+        raw, tensors = read_head(model_dir)
+        arch = (raw.get("architectures") or [""])[0]
+        if "Eagle" in arch and ("Eagle3" in arch) != eagle3:
+            raise ValueError(f"speculative_draft_model_path holds an {'EAGLE3' if 'Eagle3' in arch else 'EAGLE'} head "
+                             f"({arch}), but speculative_algorithm={'EAGLE3' if eagle3 else 'EAGLE'!r}")
         self.config = AutoConfig.for_model(**{**raw, "model_type": "llama"})
-        tcfg = target.text_config
         if self.config.vocab_size != target.vocab_size:
             raise ValueError(f"speculative_draft_model_path: the EAGLE head's vocabulary ({self.config.vocab_size}) "
                              f"differs from the target's ({target.vocab_size})")
-        if (getattr(self.config, "target_hidden_size", None) or self.config.hidden_size) != tcfg.hidden_size:
-            raise ValueError(f"speculative_draft_model_path: the EAGLE head reads hidden states of size "
-                             f"{self.config.hidden_size}, the target's are {tcfg.hidden_size}")
-        with safe_open(path, "pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        reads = getattr(self.config, "target_hidden_size", None) or self.config.hidden_size
+        if reads != tcfg.hidden_size:
+            raise ValueError(f"speculative_draft_model_path: the EAGLE head reads hidden states of size {reads}, the "
+                             f"target's are {tcfg.hidden_size}")
         self.head = EagleHead(self.config, eagle3, set(tensors), cfg.context_len).to(target.dtype)
         self.head.load_weights(tensors.items())
         self.head.to(target.device).eval()
@@ -120,39 +136,40 @@ class EagleDraft:
             return
         for ns in plan.new_slots:
             self.pending.pop(ns.slot, None), self.last.pop(ns.slot, None)
-        sampled = [row.slot for r, row in enumerate(plan.rows) if row.sample and not (verified and r in verified.tokens)]
+        sampled = [row.slot for r, row in enumerate(plan.rows)
+                   if row.sample and not (verified is not None and r in verified.tokens)]
         nxt = dict(zip(sampled, last_token[sampled].tolist())) if sampled else {}
         ids, hs, pos, locs, rows, ends = [], [], [], [], [], []
         r2t, off = self.target.req_to_token, 0
         for r, row in enumerate(plan.rows):
-            n, slot, p0 = len(row.input_ids), row.slot, row.start_pos
-            pairs: list[tuple[torch.Tensor, int]] = []  # (hidden, next token); the first at position ``first``
-            first = p0
-            if slot in self.pending:
-                pairs.append((self.pending.pop(slot)[None], row.input_ids[0]))
-                first = p0 - 1
-            if verified is not None and r in verified.tokens:
+            n, slot, first = len(row.input_ids), row.slot, row.start_pos
+            pairs: list[tuple[torch.Tensor, list[int]]] = []  # (hidden states, their next tokens), from ``first``
+            locs_r = []
+            if slot in self.pending:  # the previous chunk's last position, now that its next token is known
+                first -= 1
+                pairs.append((self.pending.pop(slot)[None], [row.input_ids[0]]))
+                locs_r.append(int(r2t[slot, first]))
+            verify = verified is not None and r in verified.tokens
+            if verify:  # the accepted path (its KV now at the row's first locations) and the produced tokens
                 path, toks = verified.paths[r], verified.tokens[r]
-                pairs.append((hidden[[off + j for j in path]], toks[len(toks) - len(path):]))
-                at = row.new_locs[:len(path)]
+                pairs.append((hidden[[off + j for j in path]], toks))
             else:
                 follow = list(row.input_ids[1:]) + ([nxt[slot]] if slot in nxt else [])
                 pairs.append((hidden[off:off + len(follow)], follow))
-                at = row.new_locs[:len(follow)]
                 if slot not in nxt:
-                    self.pending[slot] = hidden[off + n - 1]
+                    self.pending[slot] = hidden[off + n - 1].clone()  # not a view holding the whole step
             off += n
-            m = sum(len(t) if isinstance(t, list) else 1 for _, t in pairs)
+            m = sum(len(t) for _, t in pairs)
             if m == 0:
                 continue
+            locs_r += row.new_locs[:m - len(locs_r)]
             for h, t in pairs:
                 hs.append(h)
-                ids += t if isinstance(t, list) else [t]
-            loc0 = [int(r2t[slot, first])] if first < p0 else []
-            locs += loc0 + list(at)
-            pos += list(range(first, first + m))
+                ids += t
+            locs += locs_r
+            pos += range(first, first + m)
             rows.append((slot, first, m))
-            ends.append((slot, len(ids) - 1, slot in nxt or (verified is not None and r in verified.tokens)))
+            ends.append((slot, len(ids) - 1, verify or slot in nxt))
         if not rows:
             return
         dev = hidden.device

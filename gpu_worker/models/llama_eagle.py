@@ -102,10 +102,14 @@ class EagleHead(nn.Module):
                     name = "layer." + name[len(prefix):]
             name, shard = LlamaForCausalLM.param_target(LlamaForCausalLM, name)  # q/k/v -> qkv_proj, gate/up -> gate_up_proj
             if name not in params:
-                raise KeyError(f"speculative_draft_model_path: checkpoint tensor {name!r} has no place in an "
+                raise ValueError(f"speculative_draft_model_path: checkpoint tensor {name!r} has no place in an "
                                f"{'EAGLE3' if self.eagle3 else 'EAGLE'} head")
             param = params[name]
-            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            except RuntimeError as e:  # a shape that does not fit: name the tensor
+                raise ValueError(f"speculative_draft_model_path: checkpoint tensor {name!r} of shape "
+                                 f"{tuple(tensor.shape)} does not fit the head ({e})") from e
             loaded.add(name)
         missing = sorted(set(params) - loaded)
         if missing:

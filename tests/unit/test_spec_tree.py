@@ -212,3 +212,26 @@ def _target_kv(hf, ids: list[int]) -> list[torch.Tensor]:
     cache = hf(torch.tensor([ids]), use_cache=True).past_key_values
     return [torch.stack([cache.layers[i].keys[0].transpose(0, 1), cache.layers[i].values[0].transpose(0, 1)])
             for i in range(3)]
+
+
+def test_eagle_head_checks(target, tmp_path):
+    """A head whose vocabulary or hidden size is not the target's, an empty directory, a head of
+    the other layout, and a checkpoint tensor that fits no parameter fail at start-up with the
+    field named."""
+    _, path = target
+    cases = [(dict(vocab_size=VOCAB + 1), "vocabulary"), (dict(hidden_size=32, num_attention_heads=2), "hidden states")]
+    for i, (change, match) in enumerate(cases):
+        head = make_eagle_head(str(tmp_path / str(i)), True, draft_vocab=300, intermediate_size=96, **{**SHAPE, **change})
+        with pytest.raises(ValueError, match=match):
+            _runner(path, draft_model_dir=head, spec_algorithm="EAGLE3", spec_steps=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither model.safetensors"):
+        _runner(path, draft_model_dir=str(tmp_path / "empty"), spec_algorithm="EAGLE", spec_steps=2)
+    eagle = make_eagle_head(str(tmp_path / "eagle"), False, intermediate_size=96, **SHAPE)
+    with pytest.raises(ValueError, match="holds an EAGLE head"):
+        _runner(path, draft_model_dir=eagle, spec_algorithm="EAGLE3", spec_steps=2)
+    cfg = (tmp_path / "eagle" / "config.json")
+    cfg.write_text(cfg.read_text().replace("LlamaForCausalLMEagle", "LlamaForCausalLM"))  # no layout named
+    with pytest.raises(ValueError, match="checkpoint tensor 'fc"):  # EAGLE's fc (and its bias) fit no EAGLE3 head
+        _runner(path, draft_model_dir=eagle, spec_algorithm="EAGLE3", spec_steps=2)
