@@ -105,3 +105,19 @@ def test_eagle_sampling_and_logprobs(eagle3, engine):
     for (la, ta, _), (lb, tb, _) in zip(got["meta_info"]["output_token_logprobs"],
                                         want["meta_info"]["output_token_logprobs"]):
         assert ta == tb and abs(la - lb) < 1e-4
+
+
+def test_tree_logprobs_follow_the_accepted_path(ngram_tree, engine):
+    """Target logprobs (chosen and top-2) of tokens accepted along tree paths, as ordinary decoding
+    reports them."""
+    params = {"temperature": 0, "max_new_tokens": 14}
+    want = engine.generate(COPY_PROMPTS[:2], params, return_logprob=True, top_logprobs_num=2)
+    got = ngram_tree.generate(COPY_PROMPTS[:2], params, return_logprob=True, top_logprobs_num=2)
+    assert sum(g["meta_info"]["spec_num_correct_drafts"] for g in got) > 0
+    for w, g in zip(want, got):
+        assert g["output_ids"] == w["output_ids"]
+        a, b = g["meta_info"], w["meta_info"]
+        for (la, ta, _), (lb, tb, _) in zip(a["output_token_logprobs"], b["output_token_logprobs"], strict=True):
+            assert ta == tb and abs(la - lb) < 1e-4
+        for ra, rb in zip(a["output_top_logprobs"], b["output_top_logprobs"], strict=True):
+            assert [t for _, t, _ in ra] == [t for _, t, _ in rb]
