@@ -94,7 +94,7 @@ class EagleDraft:
                         args[0] if args[1] is None else args[0] + args[1]))
                 else:
                     layers[-1].register_forward_hook(lambda m, args, out: self.aux.append(out[0] + out[1]))
-        target.cfg.cuda_graph_max_bs = 0  # the head reads every step's hidden states: eager target steps
+            target.cfg.cuda_graph_max_bs = 0  # the hooks must run: eager target steps (EAGLE reads the graphs' hidden)
 
     def kv_layers_like(self, target_width: int) -> int:
         return -(-self.attn.num_kv_heads * self.attn.head_dim // target_width)

@@ -63,9 +63,13 @@ def check_spec_args(a: Any) -> None:
 
 def spec_refusals(a: Any) -> list[str]:
     """``"name=value (why)"`` for the speculative settings not built yet (``check_supported``)."""
+    out = []
     if a.speculative_algorithm == "STANDALONE" and a.speculative_eagle_topk not in (None, 1):
-        return [f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)"]
-    return []
+        out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)")
+    if a.speculative_algorithm in ("EAGLE", "EAGLE3") and a.tp_size > 1:  # EAGLE3's taps would read partial sums
+        out.append(f"speculative_algorithm={a.speculative_algorithm!r} with tp_size={a.tp_size} (EAGLE heads run "
+                   "on one rank only so far)")
+    return out
 
 
 def resolve_spec_args(a: Any) -> None:
