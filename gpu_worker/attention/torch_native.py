@@ -2,8 +2,8 @@
 
 Rows with several new tokens (prefill, chunked prefill, extend after a prefix hit) run one
 SDPA each with a causal mask offset by the row's cached prefix. Single-token rows (decode) run
-together as one padded SDPA. Speculative tree rows (``ctx.tree``) take their own keys and mask. Slow for big batches but simple and exact; the yardstick for
-faster backends.
+together as one padded SDPA. Speculative tree rows (``ctx.tree``) take their own keys and mask.
+Slow for big batches but simple and exact; the yardstick for faster backends.
 
 A layer's ``sliding_window`` narrows the masks (built once per step and window, shared by the
 layers of that window); a layer's ``logit_cap`` takes the explicit path (scores, cap, mask,

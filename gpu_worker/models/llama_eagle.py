@@ -100,7 +100,8 @@ class EagleHead(nn.Module):
             for prefix in EAGLE3_LAYER_NAMES:
                 if name.startswith(prefix):
                     name = "layer." + name[len(prefix):]
-            name, shard = LlamaForCausalLM.param_target(LlamaForCausalLM, name)  # q/k/v -> qkv_proj, gate/up -> gate_up_proj
+            # the fused params: q/k/v -> qkv_proj, gate/up -> gate_up_proj
+            name, shard = LlamaForCausalLM.param_target(LlamaForCausalLM, name)
             if name not in params:
                 raise ValueError(f"speculative_draft_model_path: checkpoint tensor {name!r} has no place in an "
                                f"{'EAGLE3' if self.eagle3 else 'EAGLE'} head")

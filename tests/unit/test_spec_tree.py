@@ -95,9 +95,18 @@ def target(tmp_path_factory):
     return hf, path
 
 
-def _runner(path: str, **kw) -> ModelRunner:
-    return ModelRunner(RunnerConfig(model_dir=path, device="cpu", dtype="float32", kv_tokens=512, max_slots=4,
-                                    context_len=128, **kw))
+_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=_CUDA)]  # CUDA: the Triton backend, tree steps handed over
+
+
+def _runner(path: str, device: str = "cpu", **kw) -> ModelRunner:
+    backend = "triton" if device == "cuda" else "torch_native"
+    return ModelRunner(RunnerConfig(model_dir=path, device=device, dtype="float32", kv_tokens=512, max_slots=4,
+                                    context_len=128, attention_backend=backend, **kw))
+
+
+def _tol(device: str) -> float:
+    return 1e-4 if device == "cpu" else 1e-3
 
 
 def _prompt(n: int) -> list[int]:
@@ -116,15 +125,16 @@ def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["torch_native", "no_tree_mask_backend"])
-def test_tree_verify_matches_hf_and_keeps_the_accepted_path(target, deterministic):
+@pytest.mark.parametrize("device,deterministic", [("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=_CUDA)],
+                         ids=["torch_native", "no_tree_mask_backend", "cuda_triton"])
+def test_tree_verify_matches_hf_and_keeps_the_accepted_path(target, device, deterministic):
     """Every node's logits are HF's for the prompt plus the node's path; the greedy path through
     non-contiguous nodes is accepted, its KV moved, and the next decode gives HF's logits. A
     backend without tree masks (the deterministic one, as Triton on CUDA) hands tree steps to the
     torch-native one."""
     hf, path = target
-    runner, p = _runner(path, deterministic=deterministic), _prompt(12)
-    assert getattr(runner.attn_backend, "supports_tree", False) != deterministic
+    runner, p = _runner(path, device, deterministic=deterministic), _prompt(12)
+    assert getattr(runner.attn_backend, "supports_tree", False) == (device == "cpu" and not deterministic)
     locs = Alloc(3, 512)(20)
     first, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, locs[:12])]))
     g = _hf_greedy(hf, p, 5)
@@ -134,11 +144,12 @@ def test_tree_verify_matches_hf_and_keeps_the_accepted_path(target, deterministi
     logits = runner.forward_logits(ForwardPlan(step=1, rows=[row]))
     for node in range(6):
         ancestors = [n for n in range(node + 1) if tree_mask(PARENTS)[node, n]]
-        torch.testing.assert_close(logits[node], _hf_logits(hf, p + [nodes[n] for n in ancestors]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(logits[node].cpu(), _hf_logits(hf, p + [nodes[n] for n in ancestors]),
+                                   atol=_tol(device), rtol=0)
     _, outs = runner.forward(ForwardPlan(step=2, rows=[row]))
     assert outs[0].spec_ids == g[1:5]
     after = runner.forward_logits(ForwardPlan(step=3, rows=[PlanRow(0, [g[4]], 16, [locs[16]])]))
-    torch.testing.assert_close(after[0], _hf_logits(hf, p + g[:5]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after[0].cpu(), _hf_logits(hf, p + g[:5]), atol=_tol(device), rtol=0)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -169,15 +180,16 @@ def _head_kv_reference(hf, head_dir: str, eagle3: bool, seq: list[int], n: int) 
     return torch.stack([k, v])
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("eagle3", [False, True], ids=["eagle", "eagle3"])
-def test_eagle_head_reads_the_right_pairs(target, tmp_path, eagle3):
+def test_eagle_head_reads_the_right_pairs(target, tmp_path, eagle3, device):
     """The prompt in two chunks, then verify steps alternating the head's own tree drafts and an
     oracle tree whose greedy path runs through non-contiguous nodes: greedy tokens are HF's; the
     target's KV and the head's KV at every known position are what HF's hidden states and the
     checkpoint give for the pair (hidden at p, token p + 1) at position p."""
     hf, path = target
     head = make_eagle_head(str(tmp_path / "head"), eagle3, draft_vocab=300, intermediate_size=96, **SHAPE)
-    runner = _runner(path, draft_model_dir=head, spec_algorithm="EAGLE3" if eagle3 else "EAGLE", spec_topk=2,
+    runner = _runner(path, device, draft_model_dir=head, spec_algorithm="EAGLE3" if eagle3 else "EAGLE", spec_topk=2,
                      spec_steps=3)
     p, locs = _prompt(20), Alloc(5, 512)(48)
     want = _hf_greedy(hf, p, 24)
@@ -199,11 +211,11 @@ def test_eagle_head_reads_the_right_pairs(target, tmp_path, eagle3):
         seq += outs[0].spec_ids
     assert trees == 6 and seq[20:] == want[:len(seq) - 20]
     n = len(seq) - 1
-    at = torch.tensor(locs[:n])
+    at = torch.tensor(locs[:n], device=device)
     ref_kv = torch.stack(_target_kv(hf, seq[:n]), dim=1)  # [2, layers, T, heads, dim]
-    torch.testing.assert_close(runner.kv_cache.buf[:, :, at], ref_kv, atol=1e-4, rtol=0)
-    torch.testing.assert_close(runner.draft.kv_cache.buf[:, 0, at], _head_kv_reference(hf, head, eagle3, seq, n),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(runner.kv_cache.buf[:, :, at].cpu(), ref_kv, atol=_tol(device), rtol=0)
+    torch.testing.assert_close(runner.draft.kv_cache.buf[:, 0, at].cpu(), _head_kv_reference(hf, head, eagle3, seq, n),
+                               atol=_tol(device), rtol=0)
 
 
 @torch.no_grad()
