@@ -181,59 +181,96 @@ class EagleDraft:
 
     @torch.inference_mode()
     def propose(self, plan: ForwardPlan, target: Any) -> dict[int, torch.Tensor]:
-        """Fill every drafting row's nodes (and ``tree``, unless a chain). No distributions: the
-        drafts are point masses."""
+        """Fill every drafting row's nodes (and ``tree``, unless a chain), all rows' trees grown
+        level by level together: one LM head call and one head forward per level. No
+        distributions are returned: the drafts are point masses."""
         drafting = [row for row in plan.rows if row.draft_steps]
-        for j, row in enumerate(drafting):
-            base = self.scratch + j * self.topk * self.steps
-            tokens, parents = self._draft(row, base)
-            k = len(tokens)
+        trees = [_Tree(row, self.last.get(row.slot), self.scratch + j * self.topk * self.steps)
+                 for j, row in enumerate(drafting)]
+        active, depth = [t for t in trees if t.x is not None], 1
+        while active:
+            lp, vocab_ids = self.logprobs(torch.cat([t.x for t in active]))
+            top_v, top_i = lp.topk(self.topk, dim=-1)
+            if vocab_ids is not None:  # EAGLE3: draft ids -> target ids
+                top_i = vocab_ids[top_i]
+            top_v, top_i, a = top_v.tolist(), top_i.tolist(), 0
+            for t in active:
+                n = len(t.frontier)
+                t.add_children(top_v[a:a + n], top_i[a:a + n], depth)
+                a += n
+            active = [t for t in active if depth < t.row.draft_steps]
+            if not active:
+                break
+            ids, hs, pos, locs, rows, masks = [], [], [], [], [], {}
+            for r, t in enumerate(active):
+                own, mask = t.expand(self.topk)
+                n = len(t.frontier)
+                ids += [t.nodes[c][0] for c in t.frontier]
+                hs += [t.nodes[t.nodes[c][1]][4] for c in t.frontier]
+                pos += [t.row.start_pos + depth - 1] * n
+                locs += own[-n:]
+                rows.append((t.row.slot, t.row.start_pos, n))
+                masks[r] = (own, mask)
+            dev = hs[0].device
+            tree = {r: (torch.tensor(own, device=dev), m.to(dev)) for r, (own, m) in masks.items()}
+            x, feat = self._run(torch.tensor(ids, device=dev), torch.stack(hs), torch.tensor(pos, device=dev),
+                                torch.tensor(locs, device=dev), rows, tree)
+            a = 0
+            for t in active:
+                n = len(t.frontier)
+                t.x = x[a:a + n]
+                for i, c in enumerate(t.frontier):
+                    t.nodes[c][4] = feat[a + i]
+                a += n
+            depth += 1
+        for t in trees:
+            tokens, parents = t.best()
+            row, k = t.row, len(tokens)
             row.input_ids = [row.input_ids[0], *tokens]
             row.new_locs, row.spec = row.new_locs[:k + 1], k
             row.tree = [] if parents == list(range(k)) else parents
         return {}
 
-    def _draft(self, row: Any, base: int) -> tuple[list[int], list[int]]:
-        """One row's best ``row.spec`` nodes after ``row.draft_steps`` levels: tokens and parents."""
-        last = self.last.get(row.slot)
-        if last is None:  # nothing observed for this slot (cannot happen after a sampled row): a guess
-            return [row.input_ids[0]], [0]
-        dev = last[0].device
-        # nodes: (token, parent, score, depth, expanded hidden or None); node 0 is the last token
-        nodes: list[list[Any]] = [[row.input_ids[0], 0, 0.0, 0, last[1]]]
-        frontier, x = [0], last[0][None]
-        scratch: list[int] = []  # node -> scratch loc, in expansion order
-        slot_of: dict[int, int] = {}
-        for depth in range(1, row.draft_steps + 1):
-            lp, vocab_ids = self.logprobs(x)
-            top_v, top_i = lp.topk(self.topk, dim=-1)
-            if vocab_ids is not None:
-                top_i = vocab_ids[top_i]
-            cands = []
-            for a, parent in enumerate(frontier):
-                for v, t in zip(top_v[a].tolist(), top_i[a].tolist()):
-                    nodes.append([t, parent, nodes[parent][2] + v, depth, None])
-                    cands.append(len(nodes) - 1)
-            if depth == row.draft_steps:
-                break
-            frontier = sorted(cands, key=lambda c: (-nodes[c][2], c))[:self.topk]
-            for c in frontier:
-                slot_of[c] = len(scratch)
-                scratch.append(base + len(scratch))
-            own = torch.tensor(scratch, device=dev)
-            mask = torch.zeros(len(frontier), len(scratch), dtype=torch.bool, device=dev)
-            for a, c in enumerate(frontier):
-                anc = c
-                while anc != 0:
-                    mask[a, slot_of[anc]] = True
-                    anc = nodes[anc][1]
-            h = torch.stack([nodes[nodes[c][1]][4] for c in frontier])
-            x, feat = self._run(torch.tensor([nodes[c][0] for c in frontier], device=dev), h,
-                                torch.tensor([row.start_pos + depth - 1] * len(frontier), device=dev),
-                                own[-len(frontier):], [(row.slot, row.start_pos, len(frontier))], {0: (own, mask)})
-            for a, c in enumerate(frontier):
-                nodes[c][4] = feat[a]
-        best = sorted(range(1, len(nodes)), key=lambda c: (-nodes[c][2], c))[:row.spec]
+
+class _Tree:
+    """One row's draft tree while it grows. Nodes are ``[token, parent, score, depth, hidden]``
+    (node 0 the last token; ``hidden``: the head's output once the node is expanded); a score is
+    the summed log-probability of the node's path."""
+
+    def __init__(self, row: Any, last: Optional[tuple[torch.Tensor, torch.Tensor]], base: int) -> None:
+        self.row, self.base = row, base
+        self.x = None if last is None else last[0][None]  # LM head inputs of the frontier
+        self.nodes: list[list[Any]] = [[row.input_ids[0], 0, 0.0, 0, None if last is None else last[1]]]
+        self.frontier, self.cands = [0], []
+        self.slot_of: dict[int, int] = {}  # expanded node -> its index in ``scratch``
+
+    def add_children(self, values: list[list[float]], tokens: list[list[int]], depth: int) -> None:
+        """Each frontier node's top-k tokens become its children (candidates for the next level)."""
+        self.cands = []
+        for parent, vs, ts in zip(self.frontier, values, tokens):
+            for v, tok in zip(vs, ts):
+                self.nodes.append([tok, parent, self.nodes[parent][2] + v, depth, None])
+                self.cands.append(len(self.nodes) - 1)
+
+    def expand(self, topk: int) -> tuple[list[int], torch.Tensor]:
+        """The ``topk`` best candidates become the frontier, each with a scratch KV location; returns
+        the scratch locations of every expanded node and the frontier's ancestor mask over them."""
+        self.frontier = sorted(self.cands, key=lambda c: (-self.nodes[c][2], c))[:topk]
+        for c in self.frontier:
+            self.slot_of[c] = len(self.slot_of)
+        mask = torch.zeros(len(self.frontier), len(self.slot_of), dtype=torch.bool)
+        for a, c in enumerate(self.frontier):
+            while c != 0:
+                mask[a, self.slot_of[c]] = True
+                c = self.nodes[c][1]
+        return [self.base + i for i in range(len(self.slot_of))], mask
+
+    def best(self) -> tuple[list[int], list[int]]:
+        """The ``row.spec`` best nodes (parents outscore children: closed under ancestors), in
+        creation order: their tokens and parents. No state (nothing observed yet): one guess."""
+        if self.x is None and len(self.nodes) == 1:
+            return [self.row.input_ids[0]], [0]
+        best = sorted(range(1, len(self.nodes)), key=lambda c: (-self.nodes[c][2], c))[:self.row.spec]
         best.sort()
         index = {0: 0, **{c: i + 1 for i, c in enumerate(best)}}
-        return [nodes[c][0] for c in best], [index[nodes[c][1]] for c in best]
+        return [self.nodes[c][0] for c in best], [index[self.nodes[c][1]] for c in best]

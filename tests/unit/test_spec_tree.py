@@ -195,14 +195,16 @@ def test_eagle_head_reads_the_right_pairs(target, tmp_path, eagle3, device):
     want = _hf_greedy(hf, p, 24)
     runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p[:8], 0, locs[:8], sample=False)]))
     ids, _ = runner.forward(ForwardPlan(step=1, rows=[PlanRow(0, p[8:], 8, locs[8:20])]))
-    seq, trees, own = p + ids, 0, runner.draft._draft
+    seq, trees, own = p + ids, 0, runner.draft.propose
 
-    def oracle(row, base):  # nodes: wrong, x1, wrong, x2 under x1: the path 0 -> 2 -> 4
+    def oracle(plan, _):  # nodes: wrong, x1, wrong, x2 under x1: the path 0 -> 2 -> 4
         x1, x2 = want[len(seq) - 20], want[len(seq) - 19]
-        return [(x1 + 1) % VOCAB, x1, (x2 + 1) % VOCAB, x2], [0, 0, 2, 2]
+        row = plan.rows[0]
+        row.input_ids, row.tree = [row.input_ids[0], (x1 + 1) % VOCAB, x1, (x2 + 1) % VOCAB, x2], [0, 0, 2, 2]
+        return {}
 
     for step in range(6):
-        runner.draft._draft = oracle if step % 2 else own
+        runner.draft.propose = oracle if step % 2 else own
         pos = len(seq) - 1
         row = PlanRow(0, [seq[-1]], pos, locs[pos:pos + 5], spec=4, draft_steps=3)
         _, outs = runner.forward(ForwardPlan(step=2 + step, rows=[row]))
@@ -247,3 +249,37 @@ def test_eagle_head_checks(target, tmp_path):
     cfg.write_text(cfg.read_text().replace("LlamaForCausalLMEagle", "LlamaForCausalLM"))  # no layout named
     with pytest.raises(ValueError, match="checkpoint tensor 'fc"):  # EAGLE's fc (and its bias) fit no EAGLE3 head
         _runner(path, draft_model_dir=eagle, spec_algorithm="EAGLE3", spec_steps=2)
+
+
+def test_eagle_trees_drafted_together_as_alone(target, tmp_path):
+    """Two rows' trees grown in one batched head forward per level are the trees each row gets on
+    its own, and so is the scratch KV of their expanded nodes (the rows' masks, scratch areas and
+    frontiers do not mix)."""
+    _, path = target
+    head = make_eagle_head(str(tmp_path / "head"), True, std=0.3, draft_vocab=300, intermediate_size=96, **SHAPE)
+    prompts = {0: _prompt(9), 1: _prompt(14)}
+
+    def drafts(together: bool) -> dict[int, tuple[list[int], list[int], torch.Tensor]]:
+        runner = _runner(path, draft_model_dir=head, spec_algorithm="EAGLE3", spec_topk=3, spec_steps=3)
+        alloc = Alloc(7, 512)
+        locs = {s: alloc(32) for s in prompts}
+        prefill = [PlanRow(s, p, 0, locs[s][:len(p)]) for s, p in prompts.items()]
+        first = {}
+        for rows in ([prefill] if together else [[r] for r in prefill]):
+            ids, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(r.slot, GREEDY) for r in rows], rows=rows))
+            first.update({r.slot: tok for r, tok in zip(rows, ids)})
+        verify = [PlanRow(s, [first[s]], len(p), locs[s][len(p):len(p) + 7], spec=6, draft_steps=3)
+                  for s, p in prompts.items()]
+        scratch = {}
+        for rows in ([verify] if together else [[v] for v in verify]):
+            runner.draft.propose(ForwardPlan(step=1, rows=rows), runner)
+            for j, v in enumerate(rows):  # 3 levels, top-3: 6 expanded nodes per row
+                at = runner.draft.scratch + j * 3 * 3
+                scratch[v.slot] = runner.draft.kv_cache.buf[:, 0, at:at + 6].clone()
+        return {v.slot: (v.input_ids, v.tree, scratch[v.slot]) for v in verify}
+
+    alone, together = drafts(False), drafts(True)
+    for s in prompts:
+        assert len(alone[s][0]) == 7 and alone[s][1] and alone[s][2].abs().sum() > 0
+        assert together[s][:2] == alone[s][:2]
+        torch.testing.assert_close(together[s][2], alone[s][2], atol=1e-5, rtol=0)
