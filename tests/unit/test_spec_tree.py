@@ -283,3 +283,26 @@ def test_eagle_trees_drafted_together_as_alone(target, tmp_path):
         assert len(alone[s][0]) == 7 and alone[s][1] and alone[s][2].abs().sum() > 0
         assert together[s][:2] == alone[s][:2]
         torch.testing.assert_close(together[s][2], alone[s][2], atol=1e-5, rtol=0)
+
+
+def test_eagle_tree_nodes_see_only_their_ancestors(target, tmp_path, monkeypatch):
+    """Each expanded first-level node's head output equals the head run on that node alone after
+    the prefix: siblings expanded in the same forward do not see each other."""
+    from treadle.gpu_worker import spec_eagle
+
+    _, path = target
+    head = make_eagle_head(str(tmp_path / "head"), False, std=0.3, intermediate_size=96, **SHAPE)
+    runner, p = _runner(path, draft_model_dir=head, spec_algorithm="EAGLE", spec_topk=3, spec_steps=2), _prompt(11)
+    locs = Alloc(9, 512)(20)
+    ids, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, locs[:11])]))
+    grown = []
+    monkeypatch.setattr(spec_eagle._Tree, "best", lambda t, f=spec_eagle._Tree.best: grown.append(t) or f(t))
+    runner.draft.propose(ForwardPlan(step=1, rows=[PlanRow(0, ids, 11, locs[11:15], spec=3, draft_steps=2)]), runner)
+    tree, draft = grown[0], runner.draft
+    expanded = [c for c in tree.slot_of]
+    assert len(expanded) == 3 and all(tree.nodes[c][3] == 1 for c in expanded)
+    spare = torch.tensor([draft.scratch + 20])  # a scratch location no tree of this step uses
+    for c in expanded:
+        _, feat = draft._run(torch.tensor([tree.nodes[c][0]]), tree.nodes[0][4][None], torch.tensor([11]), spare,
+                             [(0, 11, 1)], {0: (spare, torch.ones(1, 1, dtype=torch.bool))})
+        torch.testing.assert_close(feat[0], tree.nodes[c][4], atol=1e-3, rtol=1e-4)
