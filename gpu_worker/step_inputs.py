@@ -116,7 +116,8 @@ def flatten_plan(plan: ForwardPlan, limits: PlanLimits, spec_of: Callable[[int],
                 raise ValueError(f"row of slot {row.slot}: {row.spec} drafts in a row of {n} tokens")
             s.spec_rows.append((r, len(s.spec_indices), row.spec + 1))
             if row.tree:  # drafts as a tree (spec_tree.py): positions by depth, an ancestor mask
-                if len(row.tree) != row.spec or any(not 0 <= p <= i for i, p in enumerate(row.tree)):
+                if (n != row.spec + 1 or len(row.tree) != row.spec
+                        or any(not 0 <= p <= i for i, p in enumerate(row.tree))):
                     raise ValueError(f"row of slot {row.slot}: tree parents {row.tree} do not fit {row.spec} drafts")
                 s.tree_rows.append((r, off + n - 1 - row.spec, row.tree, row.start_pos + n - 1 - row.spec))
             s.spec_indices += range(off + n - 1 - row.spec, off + n)

@@ -64,6 +64,23 @@ def test_tree_rejection_sampling_keeps_the_target_distribution():
     assert chisquare(second.numpy(), (p[2] * n2).numpy()).pvalue > P_MIN
 
 
+def test_flatten_checks_tree_rows():
+    from treadle.gpu_worker.step_inputs import PlanLimits, flatten_plan
+
+    def flat(row: PlanRow):
+        return flatten_plan(ForwardPlan(step=1, rows=[PlanRow(1, [4], 2, [9]), row]), PlanLimits(4, 64, 64, 100),
+                            lambda slot: SamplingSpec(), extras=True, report=True, takes_images=False, model_name="m",
+                            lora=False)
+
+    s = flat(PlanRow(0, [5, 6, 7, 8], 4, [10, 11, 12, 13], spec=3, tree=[0, 0, 1]))
+    assert s.tree_rows == [(1, 1, [0, 0, 1], 4)] and s.spec_rows == [(1, 0, 4)]
+    for bad in ([0, 0], [0, 2, 1], [0, 0, 3]):
+        with pytest.raises(ValueError, match="tree parents"):
+            flat(PlanRow(0, [5, 6, 7, 8], 4, [10, 11, 12, 13], spec=3, tree=bad))
+    with pytest.raises(ValueError, match="tree parents"):  # a tree row is the last token and its nodes only
+        flat(PlanRow(0, [3, 5, 6, 7, 8], 3, [9, 10, 11, 12, 13], spec=3, tree=[0, 0, 1]))
+
+
 def test_move_path_kv():
     buf = torch.randn(2, 3, 8, 2, 4)  # [k/v, layers, locations, heads, dim]
     locs, path = [7, 2, 5, 0, 3, 6], [0, 2, 4, 5]
