@@ -119,11 +119,10 @@ class EagleDraft:
     def logprobs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Log-probabilities over the head's vocabulary, and the map to target ids (EAGLE3)."""
         head = self.head.lm_head
-        logits = head(x).float() if head is not None else self.target.model.compute_logits(x)
-        ids = None
-        if self.eagle3:
-            ids = self.head.d2t + torch.arange(self.head.draft_vocab, device=x.device)
-        return torch.log_softmax(logits, dim=-1), ids
+        if head is None:  # the target's LM head over the whole vocabulary
+            return torch.log_softmax(self.target.model.compute_logits(x), dim=-1), None
+        return torch.log_softmax(head(x).float(), dim=-1), self.head.d2t + torch.arange(self.head.draft_vocab,
+                                                                                         device=x.device)
 
     @torch.inference_mode()
     def observe(self, plan: ForwardPlan, hidden: Optional[torch.Tensor], verified: Any, last_token: torch.Tensor

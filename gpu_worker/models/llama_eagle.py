@@ -48,30 +48,52 @@ def eagle3_capture_layers(config: Any, target_layers: int) -> list[int]:
 
 
 class EagleHead(nn.Module):
-    """The draft head; ``names`` are the checkpoint's tensor names (which optional parts it has)."""
+    """The draft head; ``names`` are the checkpoint's tensor names (which optional parts it has).
+
+    Shared with the target as SGLang shares them: EAGLE's embedding and LM head are always the
+    target's (a checkpoint's copies are skipped); EAGLE3's embedding is the target's unless the
+    head's hidden size differs from the target's (``target_hidden_size``), and its LM head is its
+    own when the checkpoint has ``lm_head.weight`` (then over ``draft_vocab_size`` ids mapped by
+    ``d2t``), else the target's.
+    """
 
     def __init__(self, config: Any, eagle3: bool, names: set[str], max_positions: int):
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
         self.eagle3, self.hidden = eagle3, h
+        if config.num_hidden_layers != 1:
+            raise ValueError(f"speculative_draft_model_path: an EAGLE head of {config.num_hidden_layers} layers; "
+                             "one-layer heads only")
         bias = bool(getattr(config, "attention_bias", False))
         rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
         self.layer = LlamaDecoderLayer(config, 0, rotary, bias, bias)
         has = {n.removeprefix("model.") for n in names}
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h) if "embed_tokens.weight" in has else None
-        if eagle3:
-            heads = config.num_attention_heads
-            kv = getattr(config, "num_key_value_heads", None) or heads
-            self.layer.self_attn.qkv_proj = QKVParallelLinear(2 * h, head_dim_of(config), heads, kv, bias)
-            self.layer.hidden_norm, self.norm = RMSNorm(h, eps), RMSNorm(h, eps)
-            self.fc = ReplicatedLinear(3 * (getattr(config, "target_hidden_size", None) or h), h, False)
-            self.draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
-            self.lm_head: Optional[ParallelLMHead] = ParallelLMHead(self.draft_vocab, h)
-            self.register_buffer("d2t", torch.zeros(self.draft_vocab, dtype=torch.int64))
-        else:
+        self.skip = {"embed_tokens.weight", "lm_head.weight"}  # the target's are used (see above)
+        self.embed_tokens: Optional[VocabParallelEmbedding] = None
+        self.lm_head: Optional[ParallelLMHead] = None
+        self.draft_vocab = config.vocab_size
+        self.register_buffer("d2t", torch.zeros(self.draft_vocab, dtype=torch.int64))
+        if not eagle3:
             self.layer.input_layernorm = nn.Identity()  # EAGLE's layer 0 has no input norm
             self.fc = ReplicatedLinear(2 * h, h, "fc.bias" in has)
-            self.lm_head = ParallelLMHead(config.vocab_size, h) if "lm_head.weight" in has else None
+            return
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        self.layer.self_attn.qkv_proj = QKVParallelLinear(2 * h, head_dim_of(config), heads, kv, bias)
+        self.layer.hidden_norm, self.norm = RMSNorm(h, eps), RMSNorm(h, eps)
+        target_h = getattr(config, "target_hidden_size", None) or h
+        self.fc = ReplicatedLinear(3 * target_h, h, "fc.bias" in has)
+        if target_h != h:  # the target's embedding has the wrong width: the head's own
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h)
+            self.skip.discard("embed_tokens.weight")
+        if "lm_head.weight" in has:
+            self.draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
+            if self.draft_vocab != config.vocab_size and "d2t" not in has:
+                raise ValueError(f"speculative_draft_model_path: an EAGLE3 head over {self.draft_vocab} of "
+                                 f"{config.vocab_size} ids needs its d2t map")
+            self.lm_head = ParallelLMHead(self.draft_vocab, h)
+            self.d2t = torch.zeros(self.draft_vocab, dtype=torch.int64)
+            self.skip.discard("lm_head.weight")
 
     def forward(self, emb: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``emb [T, H]`` token embeddings, ``hidden`` the target's (``[T, 3H]`` for EAGLE3's first
@@ -92,9 +114,13 @@ class EagleHead(nn.Module):
         params, loaded = dict(self.named_parameters()), set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if name == "t2d" or "rotary_emb.inv_freq" in name or (not self.eagle3 and "input_layernorm" in name):
+            if (name == "t2d" or name in self.skip or "rotary_emb.inv_freq" in name
+                    or (not self.eagle3 and "input_layernorm" in name)):
                 continue
             if name == "d2t":
+                if tensor.shape != self.d2t.shape:
+                    raise ValueError(f"speculative_draft_model_path: d2t has {tuple(tensor.shape)} entries, the "
+                                     f"head's LM head {self.draft_vocab}")
                 self.d2t.copy_(tensor.to(torch.int64))
                 continue
             for prefix in EAGLE3_LAYER_NAMES:

@@ -250,7 +250,8 @@ def test_eagle_head_checks(target, tmp_path):
     the other layout, and a checkpoint tensor that fits no parameter fail at start-up with the
     field named."""
     _, path = target
-    cases = [(dict(vocab_size=VOCAB + 1), "vocabulary"), (dict(hidden_size=32, num_attention_heads=2), "hidden states")]
+    cases = [(dict(vocab_size=VOCAB + 1), "vocabulary"), (dict(hidden_size=32, num_attention_heads=2), "hidden states"),
+             (dict(num_hidden_layers=2), "one-layer heads only")]
     for i, (change, match) in enumerate(cases):
         head = make_eagle_head(str(tmp_path / str(i)), True, draft_vocab=300, intermediate_size=96, **{**SHAPE, **change})
         with pytest.raises(ValueError, match=match):
@@ -323,3 +324,23 @@ def test_eagle_tree_nodes_see_only_their_ancestors(target, tmp_path, monkeypatch
         _, feat = draft._run(torch.tensor([tree.nodes[c][0]]), tree.nodes[0][4][None], torch.tensor([11]), spare,
                              [(0, 11, 1)], {0: (spare, torch.ones(1, 1, dtype=torch.bool))})
         torch.testing.assert_close(feat[0], tree.nodes[c][4], atol=1e-3, rtol=1e-4)
+
+
+def test_eagle3_head_without_lm_head_uses_the_targets(target, tmp_path):
+    """An EAGLE3 checkpoint without ``lm_head`` / ``d2t`` drafts over the target's LM head (SGLang's
+    ``load_lm_head_from_target``); its embedding is the target's."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = target
+    head = make_eagle_head(str(tmp_path / "head"), True, draft_vocab=300, intermediate_size=96, **SHAPE)
+    tensors = {k: v for k, v in load_file(f"{head}/model.safetensors").items() if k not in ("lm_head.weight", "d2t")}
+    save_file(tensors, f"{head}/model.safetensors")
+    runner = _runner(path, draft_model_dir=head, spec_algorithm="EAGLE3", spec_topk=2, spec_steps=2)
+    assert runner.draft.head.lm_head is None and runner.draft.embed is runner.model.model.embed_tokens
+    locs = Alloc(2, 512)(16)
+    ids, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, _prompt(6), 0, locs[:6])]))
+    row = PlanRow(0, ids, 6, locs[6:10], spec=3, draft_steps=2)
+    runner.draft.propose(ForwardPlan(step=1, rows=[row]), runner)
+    x = runner.draft.last[0][0]
+    best = int(runner.model.compute_logits(x[None])[0].argmax())
+    assert row.input_ids[1] == best and len(row.input_ids) == 4  # the first node: the target head's argmax
