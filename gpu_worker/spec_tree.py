@@ -95,6 +95,8 @@ def move_path_kv(buf: torch.Tensor, locs: list[int], path: list[int]) -> None:
         return
     src = torch.tensor([s for s, _ in moves], device=buf.device)
     dst = torch.tensor([d for _, d in moves], device=buf.device)
+    if buf.element_size() == 1:  # FP8 K/V: index_put has no float8 kernel; move the bytes
+        buf = buf.view(torch.uint8)
     buf[:, :, dst] = buf[:, :, src]
 
 

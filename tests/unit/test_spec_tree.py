@@ -81,14 +81,15 @@ def test_flatten_checks_tree_rows():
         flat(PlanRow(0, [3, 5, 6, 7, 8], 3, [9, 10, 11, 12, 13], spec=3, tree=[0, 0, 1]))
 
 
-def test_move_path_kv():
-    buf = torch.randn(2, 3, 8, 2, 4)  # [k/v, layers, locations, heads, dim]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_move_path_kv(dtype):
+    buf = torch.randn(2, 3, 8, 2, 4).to(dtype)  # [k/v, layers, locations, heads, dim]
     locs, path = [7, 2, 5, 0, 3, 6], [0, 2, 4, 5]
-    before = buf.clone()
+    before = buf.float()
     move_path_kv(buf, locs, path)
     for j, node in enumerate(path):
-        assert torch.equal(buf[:, :, locs[j]], before[:, :, locs[node]])
-    assert torch.equal(buf[:, :, 1], before[:, :, 1])  # not the row's
+        assert torch.equal(buf[:, :, locs[j]].float(), before[:, :, locs[node]])
+    assert torch.equal(buf[:, :, 1].float(), before[:, :, 1])  # not the row's
 
 
 def test_ngram_tree_branches_from_several_matches():
