@@ -85,7 +85,7 @@ def test_flatten_checks_tree_rows():
 def test_move_path_kv(dtype):
     buf = torch.randn(2, 3, 8, 2, 4).to(dtype)  # [k/v, layers, locations, heads, dim]
     locs, path = [7, 2, 5, 0, 3, 6], [0, 2, 4, 5]
-    before = buf.float()
+    before = buf.float().clone()  # (float() of a float32 tensor is the tensor itself)
     move_path_kv(buf, locs, path)
     for j, node in enumerate(path):
         assert torch.equal(buf[:, :, locs[j]].float(), before[:, :, locs[node]])
