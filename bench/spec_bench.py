@@ -3,6 +3,7 @@
     python bench/spec_bench.py                        # CPU: the default model, copy-heavy prompts
     python bench/spec_bench.py --shape llama8b        # GPU: Llama-3.1-8B shape, dummy weights
     python bench/spec_bench.py --algorithm STANDALONE --draft-model default
+    python bench/spec_bench.py --topk 4 --parts copy   # NGRAM tree verification (CPU: torch-native)
 
 Both engines (ordinary and speculative; same seed, same prompts) alive at once, each prompt
 generated alone (batch 1) on one then the other, after a warm-up; on a GPU each engine gets a
@@ -94,15 +95,18 @@ def part(res: Results, name: str, base_kw: dict, spec_kw: dict, prompts: list, n
 def main() -> None:
     p = bench_parser(__doc__, tokenizer=True)
     p.add_argument("--shape", choices=sorted(SHAPES), help="a dummy-weight shape (GPU); default: the default model")
-    p.add_argument("--algorithm", default="NGRAM", choices=["NGRAM", "STANDALONE"])
-    p.add_argument("--draft-model", default="", help="STANDALONE's draft model path")
+    p.add_argument("--algorithm", default="NGRAM", choices=["NGRAM", "STANDALONE", "EAGLE", "EAGLE3"])
+    p.add_argument("--draft-model", default="", help="STANDALONE's draft model, or the EAGLE / EAGLE3 head's path")
+    p.add_argument("--topk", type=int, default=0, help="speculative_eagle_topk (> 1: tree verification)")
     p.add_argument("--num-draft-tokens", type=int, default=0, help="speculative_num_draft_tokens (0: the default)")
     p.add_argument("--new-tokens", type=int, default=0, help="tokens per prompt (default: 256 GPU, 64 CPU)")
     p.add_argument("--parts", default="copy,no_repeat,no_draft")
     a = p.parse_args()
     spec_kw: dict[str, Any] = {"speculative_algorithm": a.algorithm}
-    if a.algorithm == "STANDALONE":
+    if a.algorithm != "NGRAM":
         spec_kw["speculative_draft_model_path"] = a.draft_model or "default"
+    if a.topk:
+        spec_kw["speculative_eagle_topk"] = a.topk
     if a.num_draft_tokens:
         spec_kw["speculative_num_draft_tokens"] = a.num_draft_tokens
     d = ""

@@ -34,6 +34,10 @@ class ForwardContext:
     # Multimodal prefill on the first pipeline stage: (token indices [M] in the step, vision
     # embeddings [M, hidden] that replace those tokens' embeddings); None: text only.
     mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    # Tree rows of speculative decoding (spec_tree.py), by row index: (the KV locations of the row's
+    # own keys [L], mask [n, L] of which of them each new token sees); the cached prefix
+    # ``req_to_token[slot, :start]`` is seen whole. None: every row is causal.
+    tree: Optional[dict[int, tuple[torch.Tensor, torch.Tensor]]] = None
 
     @property
     def num_tokens(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -40,6 +40,8 @@ from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.spec_draft import DraftModel
+from treadle.gpu_worker.spec_eagle import EagleDraft
+from treadle.gpu_worker.spec_tree import check_tree_model, tree_attention, tree_backend
 from treadle.gpu_worker.spec_verify import Verified
 from treadle.gpu_worker.warmup import should_warm_up
 from treadle.gpu_worker.step_inputs import (
@@ -111,11 +113,16 @@ class ModelRunner:
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
             self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
-        self.draft: Optional[DraftModel] = None  # STANDALONE speculative decoding's draft model
+        self.draft: Optional[Union[DraftModel, EagleDraft]] = None  # speculative decoding's draft model / head
+        if cfg.spec_topk > 1:
+            check_tree_model(self.model)
         if cfg.draft_model_dir is not None:
             if cfg.pp_size > 1:
-                raise ValueError("speculative_algorithm='STANDALONE' does not run with pp_size > 1 yet")
-            self.draft = DraftModel(cfg.draft_model_dir, self)
+                raise ValueError(f"speculative_algorithm={cfg.spec_algorithm or 'STANDALONE'!r} does not run with "
+                                 "pp_size > 1 yet")
+            self.draft = (EagleDraft(cfg.draft_model_dir, self, cfg.spec_algorithm == "EAGLE3", cfg.spec_topk,
+                                     cfg.spec_steps) if cfg.spec_algorithm in ("EAGLE", "EAGLE3")
+                          else DraftModel(cfg.draft_model_dir, self))
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
@@ -229,7 +236,7 @@ class ModelRunner:
             return Launched(result=([], {}))
         verified = Verified.take(step)  # speculative decoding's verify rows: accepted apart, merged at the end
         if verified is not None:
-            verified.run(plan, self.sampler, draft_q, self.last_token)
+            verified.run(plan, self.sampler, draft_q, self.last_token, self.kv_cache)
         samples, slots = step.logits, step.sample_slots
         want = [j for j, s in enumerate(slots) if self.sampler.spec(s).logprobs] if step.report else []
         # Logprobs are of the raw logits; indexing copies them before the sampler edits ``samples`` in place.
@@ -237,10 +244,12 @@ class ModelRunner:
         sampling_rows = [r for r in plan.rows if r.sample]
         masks = [(j, r.token_bitmask) for j, r in enumerate(sampling_rows) if r.token_bitmask]  # grammar rows
         if not slots:
+            self._observe(plan, step, verified)
             outs = row_outs(plan, step, self.sampler.spec, want, raw, None) if step.report else {}
             return Launched(result=verified.merge(plan, [], outs) if verified is not None else ([], outs))
         ids_t, uncommitted = self.sampler.sample_deferred(samples, slots, masks)
         self.last_token[step.sample_slots_t] = ids_t  # the next step's placeholder inputs
+        self._observe(plan, step, verified)
         failures = self.sampler.state.take_failures()
         if step.report and (want or step.inputs or step.hidden_rows or failures or verified is not None):
             ids = ids_t.tolist()
@@ -254,6 +263,11 @@ class ModelRunner:
             return Launched(uncommitted=uncommitted, ids_host=ids_t)
         host, event = self._host_ids.copy(ids_t)
         return Launched(uncommitted=uncommitted, ids_host=host, event=event)
+
+    def _observe(self, plan: ForwardPlan, step: StepOutput, verified: Optional[Verified]) -> None:
+        """EAGLE: the draft head reads the step's hidden states and the tokens now known."""
+        if isinstance(self.draft, EagleDraft):
+            self.draft.observe(plan, step.hidden, verified, self.last_token)
 
     def finish(self, launched: Launched) -> tuple[list[int], dict[int, RowOut]]:
         """Wait for a launched step's sampled ids (only that step: later queued work keeps running)."""
@@ -333,12 +347,16 @@ class ModelRunner:
             slots=s.row_slots, starts=s.row_starts, extend_lens=s.row_lens, logits_indices=dev.logits_indices,
             req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend,
             mm_embeds=mm_embeds)
-        ctx.attn_meta = self.attn_backend.init_forward(ctx)
+        if s.tree_rows:  # speculative tree rows: positions by depth, ancestor masks (a torch-native step)
+            ctx.tree = tree_attention(s.tree_rows, dev.locs, dev.positions)
+            ctx.attn_backend = tree_backend(self.attn_backend)
+        ctx.attn_meta = ctx.attn_backend.init_forward(ctx)
         with forward_context(ctx):
             hidden = self.model(dev.input_ids) if self.pp is None else self.pp.forward(self.model, dev.input_ids)
             if hidden is None:  # a pipeline stage before the last: handed on, nothing to project
                 return None
-            if not s.logits_indices and not s.hidden_rows and not s.input_logprob_rows:
+            if (not s.logits_indices and not s.hidden_rows and not s.input_logprob_rows
+                    and not isinstance(self.draft, EagleDraft)):  # (an EAGLE head reads every step's hidden states)
                 return None
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if s.logits_indices else None
             input_lps = None

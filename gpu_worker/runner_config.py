@@ -40,4 +40,7 @@ class RunnerConfig:
     lora_targets: Optional[tuple[str, ...]] = None  # the projections with device slots (None: all)
     torchao_config: str = ""  # SGLang's torchao_config ("int8wo", "fp8dq-per_row", ...): torchao_quant.py
     draft_model_dir: Optional[str] = None  # speculative_algorithm="STANDALONE": the draft model (spec_draft.py)
+    spec_algorithm: Optional[str] = None  # "EAGLE" / "EAGLE3": draft_model_dir is a draft head (spec_eagle.py)
+    spec_topk: int = 1  # EAGLE: tokens each expanded draft node offers (1: a chain)
+    spec_steps: int = 0  # EAGLE: draft levels per verify
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)

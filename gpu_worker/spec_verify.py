@@ -9,7 +9,7 @@ accepted with probability ``min(1, p(d) / q(d))``; at the first rejection the to
 ``norm(max(p - q, 0))`` and the row stops; when every draft passes, a last token comes from ``p_k``.
 Each produced token is then distributed as ``p`` (temperature, top-k/p, min-p applied) whatever
 ``q`` is. N-gram drafts have no distribution: ``q`` is a point mass on the draft, so acceptance is
-``p(d)`` and the fallback is ``p`` without ``d``.
+``p(d)`` and the fallback is ``p`` without ``d``. Tree rows (several continuations at once) are accepted by ``spec_tree``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 
 from treadle.gpu_worker.host_to_device import to_device
+from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.logprobs import StepOutput, gather_logprobs
 from treadle.gpu_worker.sampler import Sampler, _argmax, _row_seed
+from treadle.gpu_worker.spec_tree import accept_tree_greedy, accept_tree_sampled, move_path_kv
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
 
@@ -82,6 +84,7 @@ class Verified:
         self.logits, self.rows = logits, rows
         self.tokens: dict[int, list[int]] = {}  # plan row -> produced tokens
         self.outs: dict[int, list[RowOut]] = {}  # plan row -> their logprob extras (slots that asked)
+        self.paths: dict[int, list[int]] = {}  # plan row -> the accepted nodes (root first; a chain: 0..a)
 
     @staticmethod
     def take(step: StepOutput) -> Optional["Verified"]:
@@ -94,30 +97,42 @@ class Verified:
         return v
 
     def run(self, plan: ForwardPlan, sampler: Sampler, draft_q: dict[int, torch.Tensor],
-            last_token: torch.Tensor) -> None:
+            last_token: torch.Tensor, kv_cache: Optional[KVCache] = None) -> None:
         """Accept every verify row's drafts; record the tokens in the sampler's slot state and as the
-        slots' last tokens. ``draft_q``: a draft model's distributions by plan row (STANDALONE)."""
+        slots' last tokens. ``draft_q``: a draft model's distributions by plan row (STANDALONE).
+        Tree rows (``row.tree``): the accepted path's KV moves to the row's first locations."""
         greedy = [Sampler.is_greedy(sampler.spec(plan.rows[r].slot)) for r, _, _ in self.rows]
         targets = _argmax(self.logits).tolist() if any(greedy) else []
         for (r, first, count), g in zip(self.rows, greedy):
             row = plan.rows[r]
-            drafts = row.input_ids[len(row.input_ids) - row.spec:]
+            nodes = row.input_ids[len(row.input_ids) - row.spec - 1:]
+            drafts = nodes[1:]
             spec = sampler.spec(row.slot)
-            if g:
+            gen = sampler.gen
+            if not g and spec.seed is not None:
+                gen = torch.Generator(device=self.logits.device).manual_seed(
+                    _row_seed(spec.seed, sampler.state.num_out[row.slot]))
+            if row.tree:
+                if g:
+                    toks, path = accept_tree_greedy(targets[first:first + count], nodes, row.tree)
+                else:
+                    toks, path = accept_tree_sampled(target_probs(self.logits[first:first + count], spec), nodes,
+                                                     row.tree, gen)
+                move_path_kv(kv_cache.buf, row.new_locs[len(row.new_locs) - count:], path)
+            elif g:
                 toks = accept_greedy(targets[first:first + count], drafts)
+                path = list(range(len(toks)))
             else:
-                gen = sampler.gen
-                if spec.seed is not None:
-                    gen = torch.Generator(device=self.logits.device).manual_seed(
-                        _row_seed(spec.seed, sampler.state.num_out[row.slot]))
                 p = target_probs(self.logits[first:first + count], spec)
                 toks = accept_chain(p, drafts, draft_q.get(r), gen)
-            self.tokens[r] = toks
+                path = list(range(len(toks)))
+            self.tokens[r], self.paths[r] = toks, path
             sampler.state.append(row.slot, toks)
             last_token[row.slot] = toks[-1]
             if spec.logprobs:
                 m = len(toks)
-                gl = gather_logprobs(self.logits[first:first + m], to_device(toks, torch.int64, self.logits.device),
+                at = to_device([first + n for n in path], torch.int64, self.logits.device)
+                gl = gather_logprobs(self.logits[at], to_device(toks, torch.int64, self.logits.device),
                                      [spec.top_logprobs_num] * m, [list(spec.token_ids_logprob or [])] * m)
                 self.outs[r] = [RowOut(logprob=gl.chosen[j], top_ids=gl.top_ids[j], top_logprobs=gl.top_logprobs[j],
                                        ids_logprobs=gl.ids_logprobs[j]) for j in range(m)]

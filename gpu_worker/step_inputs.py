@@ -57,6 +57,7 @@ class StepInputs:
     # their positions projected after the sampling rows' (``logits_indices`` ends with ``spec_indices``)
     spec_rows: list[tuple[int, int, int]] = field(default_factory=list)
     spec_indices: list[int] = field(default_factory=list)
+    tree_rows: list[tuple[int, int, list[int], int]] = field(default_factory=list)  # (row, first index, parents, start)
 
 
 def check_slot(slot: int, max_slots: int) -> None:
@@ -114,6 +115,11 @@ def flatten_plan(plan: ForwardPlan, limits: PlanLimits, spec_of: Callable[[int],
             if not 0 < row.spec < n:
                 raise ValueError(f"row of slot {row.slot}: {row.spec} drafts in a row of {n} tokens")
             s.spec_rows.append((r, len(s.spec_indices), row.spec + 1))
+            if row.tree:  # drafts as a tree (spec_tree.py): positions by depth, an ancestor mask
+                if (n != row.spec + 1 or len(row.tree) != row.spec
+                        or any(not 0 <= p <= i for i, p in enumerate(row.tree))):
+                    raise ValueError(f"row of slot {row.slot}: tree parents {row.tree} do not fit {row.spec} drafts")
+                s.tree_rows.append((r, off + n - 1 - row.spec, row.tree, row.start_pos + n - 1 - row.spec))
             s.spec_indices += range(off + n - 1 - row.spec, off + n)
         elif row.sample:
             s.logits_indices.append(off + n - 1)

@@ -215,8 +215,11 @@ class PlanRow(msgspec.Struct, array_like=True, omit_defaults=True):
     # ``draft_steps``, placeholders the worker's draft model fills (STANDALONE); the row's RowOut
     # then carries the tokens it produced in ``spec_ids`` (docs/speculative.md)
     spec: int = 0
-    draft_steps: int = 0  # STANDALONE: the draft model proposes this many tokens first
+    draft_steps: int = 0  # STANDALONE / EAGLE: the draft model (head) proposes first, this many steps deep
     prev_id: int = -1  # STANDALONE: the token before input_ids[0] (the draft model's first step re-reads it)
+    # a tree of drafts (the row is the last token and ``spec`` nodes): each draft's parent node (0: the
+    # last token, i: draft i); empty: a chain. EAGLE's worker fills it with the drafts.
+    tree: list[int] = []
 
 
 class MmChunk(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -2,8 +2,11 @@
 
 ``NGRAM`` drafts from the request's own prompt and output (no draft model); ``STANDALONE`` runs a
 smaller model with the same tokenizer (``speculative_draft_model_path``) in the worker beside the
-target. Both verify a chain of drafts in one target forward (docs/speculative.md). ``EAGLE`` and
-``EAGLE3`` (draft heads that read the target's hidden states) are refused: not built yet.
+target; ``EAGLE`` / ``EAGLE3`` run a one-layer draft head that reads the target's hidden states
+(``gpu_worker/spec_eagle.py``). Drafts are verified in one target forward, as a chain or, with
+``speculative_eagle_topk > 1`` (NGRAM, EAGLE, EAGLE3), as a tree of ``num_draft_tokens - 1`` nodes
+(docs/speculative.md). Steps with tree rows run attention on the torch-native backend (the
+Triton kernels are causal only).
 
 Counts as SGLang defines them: ``speculative_num_draft_tokens`` is the tokens one verify forward
 runs, the last known token included, so a chain proposes ``num_draft_tokens - 1`` drafts;
@@ -15,9 +18,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 SPEC_ALGORITHMS = (None, "NGRAM", "STANDALONE", "EAGLE", "EAGLE3")
-BUILT = (None, "NGRAM", "STANDALONE")
+BUILT = SPEC_ALGORITHMS
+DRAFT_MODEL = ("STANDALONE", "EAGLE", "EAGLE3")  # the algorithms that read speculative_draft_model_path
 NGRAM_DRAFT_TOKENS = 8  # tokens per verify when not given: 7 drafts (SGLang's ngram default is 12, tuned for GPUs)
 STANDALONE_STEPS = 3  # SGLang's default for a draft model (num_steps 3, topk 1, num_draft_tokens 4)
+EAGLE_TREE_NODES = 8  # draft nodes of an EAGLE tree when num_draft_tokens is not given (topk > 1)
 
 
 def _pos_int(name: str, v: Any, optional: bool = True) -> None:
@@ -46,8 +51,12 @@ def check_spec_args(a: Any) -> None:
     if a.speculative_num_draft_tokens == 1:
         raise ValueError("speculative_num_draft_tokens must be at least 2 (the last token and one draft).")
     path = a.speculative_draft_model_path
-    if alg == "STANDALONE" and not (isinstance(path, str) and path):
-        raise ValueError("speculative_draft_model_path is required with speculative_algorithm='STANDALONE'.")
+    if alg in DRAFT_MODEL and not (isinstance(path, str) and path):
+        raise ValueError(f"speculative_draft_model_path is required with speculative_algorithm={alg!r}.")
+    topk, steps, tokens = a.speculative_eagle_topk, a.speculative_num_steps, a.speculative_num_draft_tokens
+    if alg in ("EAGLE", "EAGLE3") and topk and topk > 1 and steps and tokens and tokens - 1 > topk * steps:
+        raise ValueError(f"speculative_num_draft_tokens={tokens} exceeds the {topk * steps} + 1 tokens an EAGLE tree of "
+                         f"speculative_eagle_topk={topk} and speculative_num_steps={steps} can draft.")
     if alg in (None, "NGRAM") and path is not None:
         raise ValueError(f"speculative_draft_model_path is not read with speculative_algorithm={alg!r}.")
 
@@ -55,11 +64,11 @@ def check_spec_args(a: Any) -> None:
 def spec_refusals(a: Any) -> list[str]:
     """``"name=value (why)"`` for the speculative settings not built yet (``check_supported``)."""
     out = []
-    if a.speculative_algorithm not in BUILT:
-        out.append(f"speculative_algorithm={a.speculative_algorithm!r} (EAGLE draft heads are not built yet: "
-                   f"use 'NGRAM' or 'STANDALONE')")
-    if a.speculative_eagle_topk not in (None, 1):
-        out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (tree drafts are not built yet: chains only)")
+    if a.speculative_algorithm == "STANDALONE" and a.speculative_eagle_topk not in (None, 1):
+        out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)")
+    if a.speculative_algorithm in ("EAGLE", "EAGLE3") and a.tp_size > 1:  # EAGLE3's taps would read partial sums
+        out.append(f"speculative_algorithm={a.speculative_algorithm!r} with tp_size={a.tp_size} (EAGLE heads run "
+                   "on one rank only so far)")
     return out
 
 
@@ -70,10 +79,14 @@ def resolve_spec_args(a: Any) -> None:
     if a.speculative_algorithm is None:
         return
     a.disable_overlap_schedule = True
-    a.speculative_eagle_topk = a.speculative_eagle_topk or 1
+    topk = a.speculative_eagle_topk = a.speculative_eagle_topk or 1
     if a.speculative_algorithm == "NGRAM":
         a.speculative_num_draft_tokens = a.speculative_num_draft_tokens or NGRAM_DRAFT_TOKENS
         a.speculative_num_steps = a.speculative_num_draft_tokens - 1
+    elif topk > 1:  # an EAGLE tree: num_steps deep, num_draft_tokens - 1 of its best nodes verified
+        a.speculative_num_steps = a.speculative_num_steps or STANDALONE_STEPS
+        a.speculative_num_draft_tokens = a.speculative_num_draft_tokens or min(
+            EAGLE_TREE_NODES, topk * a.speculative_num_steps) + 1
     else:
         a.speculative_num_steps = a.speculative_num_steps or (
             a.speculative_num_draft_tokens - 1 if a.speculative_num_draft_tokens else STANDALONE_STEPS)
@@ -81,8 +94,9 @@ def resolve_spec_args(a: Any) -> None:
 
 
 def draft_model_dir(a: Any) -> Optional[str]:
-    """The draft model's HF directory (STANDALONE), resolved as ``model_path`` is (aliases, hub ids)."""
-    if a.speculative_algorithm != "STANDALONE":
+    """The draft model's HF directory (STANDALONE, EAGLE, EAGLE3), resolved as ``model_path`` is
+    (aliases, hub ids)."""
+    if a.speculative_algorithm not in DRAFT_MODEL:
         return None
     from treadle.runtime.model_files import resolve_model_files
 

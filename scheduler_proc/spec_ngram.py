@@ -32,3 +32,51 @@ def ngram_draft(ids: list[int], max_tokens: int, min_window: int = 1, max_window
     if best_len < min_window:
         return []
     return ids[best_end + 1: best_end + 1 + max_tokens]
+
+
+def ngram_tree(ids: list[int], max_nodes: int, branches: int, min_window: int = 1,
+               max_window: int = 12) -> tuple[list[int], list[int]]:
+    """Draft tokens as a trie of the continuations of up to ``branches`` earlier occurrences of the
+    sequence's suffix (longest match first, then the most recent), at most ``max_nodes`` nodes.
+    Returns the nodes' tokens and each node's parent (0: the last token, ``i``: node ``i``), nodes
+    in insertion order, so a parent always comes first. Shared prefixes are stored once; every
+    distinct continuation keeps at least one node while the budget lasts."""
+    n = len(ids)
+    if max_nodes <= 0 or n < min_window + 1:
+        return [], []
+    last, found = ids[-1], []
+    for end in range(n - 2, -1, -1):
+        if ids[end] != last:
+            continue
+        length, cap = 1, min(max_window, end + 1)
+        while length < cap and ids[end - length] == ids[n - 1 - length]:
+            length += 1
+        if length >= min_window:
+            found.append((length, end))
+    found.sort(key=lambda m: (-m[0], -m[1]))
+    conts, seen = [], set()
+    for _, end in found:
+        c = tuple(ids[end + 1: end + 1 + max_nodes])
+        if c and c not in seen:
+            seen.add(c)
+            conts.append(c)
+        if len(conts) == branches:
+            break
+    tokens: list[int] = []
+    parents: list[int] = []
+    child: dict[tuple[int, int], int] = {}  # (node, token) -> node
+    for j, cont in enumerate(conts):
+        budget = max_nodes - len(tokens) - (len(conts) - 1 - j)  # leave one node for each later branch
+        node = 0
+        for tok in cont:
+            if (node, tok) in child:
+                node = child[(node, tok)]
+                continue
+            if budget <= 0:
+                break
+            tokens.append(tok)
+            parents.append(node)
+            child[(node, tok)] = len(tokens)
+            node = len(tokens)
+            budget -= 1
+    return tokens, parents

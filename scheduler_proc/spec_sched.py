@@ -22,7 +22,7 @@ from treadle.runtime.messages import PlanRow, RowOut
 from treadle.runtime.server_args import ServerArgs
 from treadle.scheduler_proc.memory import KvBudget
 from treadle.scheduler_proc.req import Req
-from treadle.scheduler_proc.spec_ngram import ngram_draft
+from treadle.scheduler_proc.spec_ngram import ngram_draft, ngram_tree
 from treadle.scheduler_proc.stop_checker import check_finish
 
 
@@ -41,6 +41,8 @@ class Speculation:
     def __init__(self, args: ServerArgs, kv: KvBudget, context_len: int) -> None:
         self.algorithm = args.speculative_algorithm
         self.num_drafts = (args.speculative_num_draft_tokens or 1) - 1
+        self.num_steps = args.speculative_num_steps or self.num_drafts
+        self.topk = args.speculative_eagle_topk or 1
         self.min_window = args.speculative_ngram_min_match_window_size
         self.max_window = args.speculative_ngram_max_match_window_size
         self.kv = kv
@@ -58,17 +60,26 @@ class Speculation:
         extra = self.kv.pages.pages_for(pos + 1 + k) - max(len(req.pages), self.kv.pages.pages_for(pos + 1))
         if extra > spare_pages:
             return None
-        last = req.last_id()
-        if self.algorithm == "NGRAM":
+        last, tree = req.last_id(), []
+        if self.algorithm == "NGRAM" and self.topk > 1:  # several earlier matches: a trie of continuations
+            drafts, tree = ngram_tree(req.all_ids(), k, self.topk, self.min_window, self.max_window)
+            if not drafts:
+                return None
+            if tree == list(range(len(tree))):  # one branch: an ordinary chain
+                tree = []
+            k, ids, steps, prev = len(drafts), [last, *drafts], 0, -1
+        elif self.algorithm == "NGRAM":
             drafts = ngram_draft(req.all_ids(), k, self.min_window, self.max_window)
             if not drafts:
                 return None
             k, ids, steps, prev = len(drafts), [last, *drafts], 0, -1
-        else:  # STANDALONE: the worker's draft model fills the k placeholders
+        elif self.algorithm == "STANDALONE":  # the worker's draft model fills the k placeholders
             ids, steps, prev = [last], k, req.all_ids()[pos - 1]
+        else:  # EAGLE / EAGLE3: the worker's draft head fills k nodes (a chain, or a tree from its top-k)
+            ids, steps, prev = [last], min(self.num_steps, k), -1
         self.kv.grow(req, pos + 1 + k)
         row = PlanRow(req.slot, ids, pos, req.locs(pos, pos + 1 + k, page), lora_slot=req.lora_slot,
-                      spec=k, draft_steps=steps, prev_id=prev)
+                      spec=k, draft_steps=steps, prev_id=prev, tree=tree)
         return row, 1 + k
 
     @staticmethod

@@ -2,8 +2,8 @@
 
 Rows with several new tokens (prefill, chunked prefill, extend after a prefix hit) run one
 SDPA each with a causal mask offset by the row's cached prefix. Single-token rows (decode) run
-together as one padded SDPA. Slow for big batches but simple and exact; the yardstick for
-faster backends.
+together as one padded SDPA. Speculative tree rows (``ctx.tree``) take their own keys and mask.
+Slow for big batches but simple and exact; the yardstick for faster backends.
 
 A layer's ``sliding_window`` narrows the masks (built once per step and window, shared by the
 layers of that window); a layer's ``logit_cap`` takes the explicit path (scores, cap, mask,
@@ -35,6 +35,7 @@ class _Extend:
     kv_locs: torch.Tensor  # [start+n]
     mask: Optional[torch.Tensor]  # [n, start+n] bool, None when start == 0 (plain causal)
     start: int = 0
+    tree: bool = False  # a speculative tree row: ``mask`` is its ancestor mask
 
 
 @dataclass
@@ -88,14 +89,21 @@ def _sdpa(q, k, v, scale, mask=None, causal=False):
 
 
 class TorchNativeBackend(AttentionBackend):
+    supports_tree = True  # speculative tree rows (ForwardContext.tree)
+
     def __init__(self, **_: object):
         pass
 
     def init_forward(self, ctx: ForwardContext) -> _Meta:
         dev, r2t = ctx.req_to_token.device, ctx.req_to_token
         extends, dec_rows, dec_q, off = [], [], [], 0
-        for slot, start, n in zip(ctx.slots, ctx.starts, ctx.extend_lens):
-            if n == 1:
+        tree = ctx.tree or {}
+        for r, (slot, start, n) in enumerate(zip(ctx.slots, ctx.starts, ctx.extend_lens)):
+            if r in tree:  # speculative tree row: the prefix, then its own keys under the ancestor mask
+                own, tmask = tree[r]
+                mask = torch.cat([torch.ones(n, start, dtype=torch.bool, device=dev), tmask], dim=1)
+                extends.append(_Extend(off, n, torch.cat([r2t[slot, :start], own]), mask, start, tree=True))
+            elif n == 1:
                 dec_rows.append((slot, start + 1))
                 dec_q.append(off)
             else:
@@ -123,6 +131,9 @@ class TorchNativeBackend(AttentionBackend):
         if meta.windowed is None:
             meta.windowed = {}
         if window not in meta.windowed:
+            if any(e.tree for e in meta.extends):
+                raise NotImplementedError("speculative tree rows with sliding-window layers: the windowed masks "
+                                          "assume a chain (use speculative_eagle_topk=1)")
             ext = []
             for e in meta.extends:
                 dev = e.kv_locs.device

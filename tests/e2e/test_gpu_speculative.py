@@ -2,7 +2,8 @@
 tokens compare exactly with ordinary decoding (which runs the decode kernel and CUDA graphs; in
 bfloat16 the two kernels round differently). NGRAM and STANDALONE (the same model as its own draft:
 every draft is accepted) on seeded random weights of the SmolLM2-135M shape, plus sampled requests
-running to length."""
+running to length; EAGLE / EAGLE3 heads, and tree verification (its steps attend through the
+torch-native backend, the Triton kernels having no tree mask)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,29 @@ def test_gpu_speculative_greedy_identical(spec, model):
     for o in sampled:
         m = o["meta_info"]
         assert len(o["output_ids"]) == 32 and m["spec_verify_ct"] + m["spec_num_correct_drafts"] == 31
+
+
+@pytest.mark.parametrize("alg,topk", [("EAGLE", 1), ("EAGLE3", 1), ("NGRAM", 4), ("EAGLE3", 4)])
+def test_gpu_eagle_heads_and_trees_greedy_identical(alg, topk, model, tmp_path):
+    """EAGLE / EAGLE3 heads (tiny random, the SmolLM2 shape's hidden size) drafting chains, and
+    trees (NGRAM, EAGLE3 top-4), whose verify steps run attention through the torch-native backend
+    (SDPA with the tree mask) beside the Triton decode: greedy tokens as ordinary decoding; sampled
+    requests run to length."""
+    from spec_heads import make_eagle_head
+
+    kw = {"speculative_algorithm": alg, "speculative_eagle_topk": topk}
+    if alg != "NGRAM":
+        kw["speculative_draft_model_path"] = make_eagle_head(str(tmp_path / "head"), alg == "EAGLE3")
+    base, _ = _run(model)
+    got, sampled = _run(model, **kw)
+    for b, g in zip(base, got):
+        assert g["output_ids"] == b["output_ids"]
+    m = [o["meta_info"] for o in got]
+    print(f"\n{alg} topk {topk}: identical; {sum(x['spec_num_correct_drafts'] for x in m)} of "
+          f"{sum(x['spec_num_proposed_drafts'] for x in m)} drafts accepted in {sum(x['spec_verify_ct'] for x in m)} "
+          "verify steps")
+    if alg == "NGRAM":
+        assert sum(x["spec_num_correct_drafts"] for x in m) > 0
+    for o in sampled:
+        x = o["meta_info"]
+        assert len(o["output_ids"]) == 32 and x["spec_verify_ct"] + x["spec_num_correct_drafts"] == 31

@@ -97,8 +97,18 @@ def test_spec_args_checked_and_resolved():
                         "speculative_ngram_min_match_window_size")]:
         with pytest.raises(ValueError, match=field):
             ServerArgs(**bad)
-    for refused, name in (({"speculative_algorithm": "EAGLE"}, "speculative_algorithm='EAGLE'"),
-                          ({"speculative_algorithm": "NGRAM", "speculative_eagle_topk": 4}, "speculative_eagle_topk=4")):
-        with pytest.raises(NotImplementedError, match=name):
-            ServerArgs(**refused).check_supported()
+    with pytest.raises(ValueError, match="speculative_draft_model_path"):
+        ServerArgs(speculative_algorithm="EAGLE3")
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens=9"):
+        ServerArgs(speculative_algorithm="EAGLE", speculative_draft_model_path="d", speculative_eagle_topk=2,
+                   speculative_num_steps=3, speculative_num_draft_tokens=9)
+    a = ServerArgs(speculative_algorithm="EAGLE", speculative_draft_model_path="d", speculative_eagle_topk=4,
+                   device="cpu").resolved()
+    assert (a.speculative_num_steps, a.speculative_num_draft_tokens) == (3, 9)
+    ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=4, attention_backend="triton").check_supported()
+    with pytest.raises(NotImplementedError, match="STANDALONE drafts chains only"):
+        ServerArgs(speculative_algorithm="STANDALONE", speculative_draft_model_path="d",
+                   speculative_eagle_topk=2).check_supported()
+    with pytest.raises(NotImplementedError, match="tp_size=2"):
+        ServerArgs(speculative_algorithm="EAGLE3", speculative_draft_model_path="d", tp_size=2).check_supported()
     assert not ServerArgs().resolved().disable_overlap_schedule

@@ -1,0 +1,143 @@
+"""EAGLE and EAGLE3 draft heads: one Llama decoder layer that reads the target's hidden states.
+
+The checkpoints' layouts (as SGLang's and vLLM's ``llama_eagle.py`` / ``llama_eagle3.py`` read them):
+
+- **EAGLE** (``LlamaForCausalLMEagle``): ``fc`` (``2H -> H``, with bias) over
+  ``concat(embedding(token), target hidden)``, then ``layers.0`` (a Llama layer without its input
+  norm); its output plus residual is both the next step's hidden state and, through the LM head,
+  the logits (no final norm). Embedding and LM head are the target's unless the checkpoint has
+  its own.
+- **EAGLE3** (``LlamaForCausalLMEagle3``): the target's hidden states of three layers (low, mid,
+  high) concatenated, ``fc`` (``3H -> H``, no bias); the layer (``midlayer``) attends over
+  ``concat(input_layernorm(embedding), hidden_norm(hidden))`` (its q/k/v read ``2H``); ``norm``
+  gives the logits' input, the pre-norm sum the next step's hidden. Its ``lm_head`` covers a
+  reduced draft vocabulary; draft id ``i`` is target id ``i + d2t[i]``.
+
+The layer is the Llama family's ``LlamaDecoderLayer`` (shared TP-aware layers); attention runs
+through the forward context as in any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from treadle.gpu_worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from treadle.gpu_worker.layers.linear import QKVParallelLinear, ReplicatedLinear
+from treadle.gpu_worker.layers.norm import RMSNorm
+from treadle.gpu_worker.layers.rotary import RotaryEmbedding, rope_parameters
+from treadle.gpu_worker.loader import default_weight_loader
+from treadle.gpu_worker.models.llama import LlamaDecoderLayer, LlamaForCausalLM, head_dim_of
+
+EAGLE3_LAYER_NAMES = ("midlayer.", "layers.0.")
+
+
+def eagle3_capture_layers(config: Any, target_layers: int) -> list[int]:
+    """Target layers whose *input* (hidden + residual) EAGLE3 reads: the checkpoint's
+    ``eagle_aux_hidden_state_layer_ids`` (outputs of those layers, so inputs of the next), else
+    SGLang's default low/mid/high ``[2, n // 2, n - 3]``."""
+    ids = (getattr(config, "eagle_config", None) or {}).get("eagle_aux_hidden_state_layer_ids")
+    ids = ids or getattr(config, "eagle_aux_hidden_state_layer_ids", None)
+    layers = [i + 1 for i in ids] if ids else [2, target_layers // 2, target_layers - 3]
+    if len(layers) != 3 or not all(0 <= i <= target_layers for i in layers):
+        raise ValueError(f"speculative_draft_model_path: EAGLE3 aux hidden state layers {layers} do not fit a target "
+                         f"of {target_layers} layers")
+    return layers
+
+
+class EagleHead(nn.Module):
+    """The draft head; ``names`` are the checkpoint's tensor names (which optional parts it has).
+
+    Shared with the target as SGLang shares them: EAGLE's embedding and LM head are always the
+    target's (a checkpoint's copies are skipped); EAGLE3's embedding is the target's unless the
+    head's hidden size differs from the target's (``target_hidden_size``), and its LM head is its
+    own when the checkpoint has ``lm_head.weight`` (then over ``draft_vocab_size`` ids mapped by
+    ``d2t``), else the target's.
+    """
+
+    def __init__(self, config: Any, eagle3: bool, names: set[str], max_positions: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.eagle3, self.hidden = eagle3, h
+        if config.num_hidden_layers != 1:
+            raise ValueError(f"speculative_draft_model_path: an EAGLE head of {config.num_hidden_layers} layers; "
+                             "one-layer heads only")
+        bias = bool(getattr(config, "attention_bias", False))
+        rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
+        self.layer = LlamaDecoderLayer(config, 0, rotary, bias, bias)
+        has = {n.removeprefix("model.") for n in names}
+        self.skip = {"embed_tokens.weight", "lm_head.weight"}  # the target's are used (see above)
+        self.embed_tokens: Optional[VocabParallelEmbedding] = None
+        self.lm_head: Optional[ParallelLMHead] = None
+        self.draft_vocab = config.vocab_size
+        self.register_buffer("d2t", torch.zeros(self.draft_vocab, dtype=torch.int64))
+        if not eagle3:
+            self.layer.input_layernorm = nn.Identity()  # EAGLE's layer 0 has no input norm
+            self.fc = ReplicatedLinear(2 * h, h, "fc.bias" in has)
+            return
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        self.layer.self_attn.qkv_proj = QKVParallelLinear(2 * h, head_dim_of(config), heads, kv, bias)
+        self.layer.hidden_norm, self.norm = RMSNorm(h, eps), RMSNorm(h, eps)
+        target_h = getattr(config, "target_hidden_size", None) or h
+        self.fc = ReplicatedLinear(3 * target_h, h, "fc.bias" in has)
+        if target_h != h:  # the target's embedding has the wrong width: the head's own
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h)
+            self.skip.discard("embed_tokens.weight")
+        if "lm_head.weight" in has:
+            self.draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
+            if self.draft_vocab != config.vocab_size and "d2t" not in has:
+                raise ValueError(f"speculative_draft_model_path: an EAGLE3 head over {self.draft_vocab} of "
+                                 f"{config.vocab_size} ids needs its d2t map")
+            self.lm_head = ParallelLMHead(self.draft_vocab, h)
+            self.d2t = torch.zeros(self.draft_vocab, dtype=torch.int64)
+            self.skip.discard("lm_head.weight")
+
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``emb [T, H]`` token embeddings, ``hidden`` the target's (``[T, 3H]`` for EAGLE3's first
+        step) or the head's own previous output. Returns (the LM head's input, the next hidden)."""
+        if not self.eagle3:
+            x, residual = self.layer(self.fc(torch.cat([emb, hidden], dim=-1)), None)
+            out = x + residual
+            return out, out
+        if hidden.shape[-1] != self.hidden:
+            hidden = self.fc(hidden)
+        layer, residual = self.layer, hidden
+        x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)
+        x, residual = layer.post_attention_layernorm(layer.self_attn(x), residual)
+        return self.norm(layer.mlp(x), residual)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Checkpoint tensors into the (fused) params; every param must be filled."""
+        params, loaded = dict(self.named_parameters()), set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if (name == "t2d" or name in self.skip or "rotary_emb.inv_freq" in name
+                    or (not self.eagle3 and "input_layernorm" in name)):
+                continue
+            if name == "d2t":
+                if tensor.shape != self.d2t.shape:
+                    raise ValueError(f"speculative_draft_model_path: d2t has {tuple(tensor.shape)} entries, the "
+                                     f"head's LM head {self.draft_vocab}")
+                self.d2t.copy_(tensor.to(torch.int64))
+                continue
+            for prefix in EAGLE3_LAYER_NAMES:
+                if name.startswith(prefix):
+                    name = "layer." + name[len(prefix):]
+            # the fused params: q/k/v -> qkv_proj, gate/up -> gate_up_proj
+            name, shard = LlamaForCausalLM.param_target(LlamaForCausalLM, name)
+            if name not in params:
+                raise ValueError(f"speculative_draft_model_path: checkpoint tensor {name!r} has no place in an "
+                               f"{'EAGLE3' if self.eagle3 else 'EAGLE'} head")
+            param = params[name]
+            try:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+            except RuntimeError as e:  # a shape that does not fit: name the tensor
+                raise ValueError(f"speculative_draft_model_path: checkpoint tensor {name!r} of shape "
+                                 f"{tuple(tensor.shape)} does not fit the head ({e})") from e
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"speculative_draft_model_path: the EAGLE checkpoint lacks {missing[:8]}")

@@ -1,0 +1,123 @@
+"""Tree verification and EAGLE draft heads end to end on the default model (CPU): NGRAM with a trie
+of continuations (``speculative_eagle_topk`` 4), an EAGLE head drafting chains and an EAGLE3 head
+drafting top-k trees (tiny random heads built here, hidden size 576, one layer) give the tokens
+of ordinary decoding when greedy; sampled NGRAM trees keep the distribution (chi-square)."""
+
+from __future__ import annotations
+
+import pytest
+
+from spec_heads import make_eagle_head
+from test_speculative import COPY_PROMPTS, GREEDY, PROMPTS, _homogeneous
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def ngram_tree():
+    from treadle import Engine
+
+    eng = Engine(model_path="default", random_seed=0, speculative_algorithm="NGRAM", speculative_eagle_topk=4,
+                 speculative_num_draft_tokens=8)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eagle(tmp_path_factory):
+    from treadle import Engine
+
+    head = make_eagle_head(str(tmp_path_factory.mktemp("eagle")), eagle3=False)
+    eng = Engine(model_path="default", random_seed=0, speculative_algorithm="EAGLE",
+                 speculative_draft_model_path=head, speculative_num_steps=3)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eagle3(tmp_path_factory):
+    from treadle import Engine
+
+    head = make_eagle_head(str(tmp_path_factory.mktemp("eagle3")), eagle3=True, aux_layers=[1, 14, 26])
+    eng = Engine(model_path="default", random_seed=0, speculative_algorithm="EAGLE3",
+                 speculative_draft_model_path=head, speculative_num_steps=3, speculative_eagle_topk=4,
+                 speculative_num_draft_tokens=8)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def baseline(engine):
+    return engine.generate(PROMPTS, GREEDY)
+
+
+@pytest.mark.parametrize("which", ["ngram_tree", "eagle", "eagle3"])
+def test_greedy_tokens_identical(which, baseline, request):
+    spec = request.getfixturevalue(which)
+    out = spec.generate(PROMPTS, GREEDY)
+    for want, got in zip(baseline, out):
+        assert got["output_ids"] == want["output_ids"]
+        assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
+    m = [o["meta_info"] for o in out]
+    tokens, verifies = sum(x["completion_tokens"] for x in m), sum(x["spec_verify_ct"] for x in m)
+    accepted, proposed = sum(x["spec_num_correct_drafts"] for x in m), sum(x["spec_num_proposed_drafts"] for x in m)
+    print(f"\n{which}: {tokens} tokens, {verifies} verify steps, {accepted}/{proposed} drafts accepted")
+    assert tokens - len(out) == verifies + accepted
+    if which == "ngram_tree":  # the code edit and the rewrite copy long spans of their prompts
+        for name, o in zip(["code edit", "rewrite", "summary"], out):
+            x = o["meta_info"]
+            print(f"{name}: {x['spec_accept_length']:.2f} tokens/step "
+                  f"({x['spec_num_correct_drafts']}/{x['spec_num_proposed_drafts']} drafts accepted)")
+        copied = [o["meta_info"] for o in out[:2]]
+        assert sum(x["completion_tokens"] - 1 for x in copied) / sum(x["spec_verify_ct"] for x in copied) > 1.5
+    else:  # a random head: drafts are proposed (4 a step at most: spec_num_steps 3, or 7 tree nodes)
+        assert proposed > verifies
+
+
+def test_tree_sampling_keeps_the_distribution(ngram_tree, engine):
+    """Chi-square: the second to fourth sampled tokens (from tree verify steps, several n-gram
+    branches tried in turn) are distributed as without speculation."""
+    prompt = ["red green blue, red green yellow, red green blue, red green"] * 120
+    params = {"temperature": 1.0, "top_k": 4, "max_new_tokens": 4}
+    base = [o["output_ids"] for o in engine.generate(prompt, params)]
+    got = ngram_tree.generate(prompt, params)
+    assert sum(o["meta_info"]["spec_num_correct_drafts"] for o in got) > 0
+    got_ids = [o["output_ids"] for o in got]
+    for pos in (1, 2, 3):
+        a = [ids[pos] for ids in base if len(ids) > pos]
+        b = [ids[pos] for ids in got_ids if len(ids) > pos]
+        assert _homogeneous(a, b) > 1e-3, pos
+
+
+def test_eagle_sampling_and_logprobs(eagle3, engine):
+    """Sampled EAGLE3 rows count every token after the first as a verify result, one seed gives
+    one output; greedy logprobs are the target's."""
+    params = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 8, "ignore_eos": True, "sampling_seed": 7}
+    out = eagle3.generate([PROMPTS[3], PROMPTS[3], PROMPTS[4]], params)
+    for o in out:
+        m = o["meta_info"]
+        assert len(o["output_ids"]) == 8 and m["spec_verify_ct"] + m["spec_num_correct_drafts"] == 7
+    assert out[0]["output_ids"] == out[1]["output_ids"]
+    greedy = {"temperature": 0, "max_new_tokens": 6}
+    want = engine.generate(COPY_PROMPTS[0], greedy, return_logprob=True)
+    got = eagle3.generate(COPY_PROMPTS[0], greedy, return_logprob=True)
+    assert got["output_ids"] == want["output_ids"]
+    for (la, ta, _), (lb, tb, _) in zip(got["meta_info"]["output_token_logprobs"],
+                                        want["meta_info"]["output_token_logprobs"]):
+        assert ta == tb and abs(la - lb) < 1e-4
+
+
+def test_tree_logprobs_follow_the_accepted_path(ngram_tree, engine):
+    """Target logprobs (chosen and top-2) of tokens accepted along tree paths, as ordinary decoding
+    reports them."""
+    params = {"temperature": 0, "max_new_tokens": 14}
+    want = engine.generate(COPY_PROMPTS[:2], params, return_logprob=True, top_logprobs_num=2)
+    got = ngram_tree.generate(COPY_PROMPTS[:2], params, return_logprob=True, top_logprobs_num=2)
+    assert sum(g["meta_info"]["spec_num_correct_drafts"] for g in got) > 0
+    for w, g in zip(want, got):
+        assert g["output_ids"] == w["output_ids"]
+        a, b = g["meta_info"], w["meta_info"]
+        for (la, ta, _), (lb, tb, _) in zip(a["output_token_logprobs"], b["output_token_logprobs"], strict=True):
+            assert ta == tb and abs(la - lb) < 1e-4
+        for ra, rb in zip(a["output_top_logprobs"], b["output_top_logprobs"], strict=True):
+            assert [t for _, t, _ in ra] == [t for _, t, _ in rb]
