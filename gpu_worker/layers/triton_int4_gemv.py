@@ -101,17 +101,16 @@ def _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, 
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "split"])  # one binary for every batch size
 def _fma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_xm, stride_om, KW_SPLIT,
                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, EVEN_K: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr, SUB: tl.constexpr,
-                PDL: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GT: tl.constexpr,
+                SUB: tl.constexpr, PDL: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     ms = tl.arange(0, BLOCK_M)
     m_mask = ms < M
-    BLOCK_KW: tl.constexpr = GT * SUB // 8
     kw_start = pid_k * KW_SPLIT
     kw_end = tl.minimum(kw_start + KW_SPLIT, KW)
     allow_dependents(PDL)
@@ -179,6 +178,6 @@ def fma_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torc
     _fma_kernel[(triton.cdiv(n, tile.block_n), split)](
         x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, kw, scales.shape[1], x.stride(0),
         out.stride(0), kw_split, split, G=group, HAS_ZERO=zeros is not None, PER_ELEM=per_elem,
-        EVEN_K=kw % bkw == 0, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=tile.block_n, GT=gt, SUB=sub,
+        EVEN_K=kw % bkw == 0, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=tile.block_n, BLOCK_KW=bkw, GT=gt, SUB=sub,
         num_warps=tile.warps, num_stages=1, **pdl_launch(x.is_cuda and pdl_supported(x.device)))
     return out
