@@ -32,6 +32,7 @@ import torch
 from gemv_bench import time_graph
 from treadle.gpu_worker.layers.int4_tiles import M_BUCKETS, Tile, choose
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
+from treadle.gpu_worker.quant.int4_format import unpack_kmajor
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 GROUP = 128
@@ -76,8 +77,7 @@ def packed(n: int, k: int, copies: int) -> list[tuple[torch.Tensor, torch.Tensor
 
 def dequantized(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The float32 ``[N, K]`` weight (the reference)."""
-    shifts = torch.arange(0, 32, 4, device=w.device, dtype=torch.int32)
-    q = ((w[:, :, None] >> shifts) & 0xF).reshape(w.shape[0], -1).float()
+    q = unpack_kmajor(w).t().float()
     return (q - z.float().repeat_interleave(GROUP, 1)) * s.float().repeat_interleave(GROUP, 1)
 
 

@@ -1,8 +1,10 @@
 """Triton products with 4-bit weights (AWQ / GPTQ, ``quant/int4_linear.py``): ``y = x @ W.T``.
 
-The weight stays packed in a K-major layout chosen at load for streaming reads: ``w [N, K/8]``
-int32, nibble ``i`` of word ``(n, r)`` is input ``8r + i``; ``scales [N, K/G]``, optional
-``zeros [N, K/G]`` uint8 (absent: 8); ``W[n, k] = (q - z) * s`` of group ``k // G``. Every path
+The weight stays packed in a K-major layout chosen at load for streaming reads
+(``int4_format.pack_kmajor``): ``w [N, K/8]`` int32, one output's words contiguous, in blocks of
+4 words (16 bytes, one vector load) holding 32 consecutive inputs, input ``32b + 4i + j`` in
+nibble ``i`` of word ``4b + j``; ``scales [N, K/G]``, optional ``zeros [N, K/G]`` uint8 (absent:
+8); ``W[n, k] = (q - z) * s`` of group ``k // G``; K a multiple of 32. Every path
 reads each packed word once and dequantizes it in registers. ``int4_tiles.choose`` picks, by
 (N, K, M), one of:
 
@@ -43,11 +45,19 @@ _MAGIC = {torch.bfloat16: (128.0, 1.0), torch.float16: (1024.0, 1.0), torch.floa
 
 
 @triton.jit
+def unpack(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words ``[BLOCK_N, BLOCK_K/8]`` -> codes ``[BLOCK_N, BLOCK_K]`` in input order: nibble ``i``
+    of word ``4b + j`` is input ``32b + 4i + j`` (``pack_kmajor``)."""
+    shifts = tl.arange(0, 8) * 4
+    w4 = tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 4))
+    return tl.reshape((w4[:, :, None, :] >> shifts[None, None, :, None]) & 0xF, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _codes(w, DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Words ``[BLOCK_N, BLOCK_K/8]`` -> ``OFF + q * UNIT`` ``[BLOCK_N, BLOCK_K]`` in the dtype
     ``DT`` (0 float32, 1 bfloat16, 2 float16), by bits."""
-    shifts = tl.arange(0, 8) * 4
-    q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K))
+    q = unpack(w, BLOCK_N, BLOCK_K)
     if DT == 1:
         return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     if DT == 2:
@@ -115,8 +125,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, K, KG, n0, n_rows, G: tl.const
     kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     mask = (r < n_rows)[:, None] & (kw * 8 < K)[None, :]
     w = tl.load(w_ptr + (n0 + r[:, None]).to(tl.int64) * (K // 8) + kw[None, :], mask=mask, other=0)
-    shifts = tl.arange(0, 8) * 4
-    q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_KW * 8)).to(tl.float32)
+    q = unpack(w, BLOCK_N, BLOCK_KW * 8).to(tl.float32)
     kk = tl.program_id(1) * BLOCK_KW * 8 + tl.arange(0, BLOCK_KW * 8)
     kmask = (r < n_rows)[:, None] & (kk < K)[None, :]
     grp = (n0 + r[:, None]) * KG + (kk // G)[None, :]
@@ -139,7 +148,7 @@ def dequantize_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, ze
     for n0 in range(0, n, chunk):
         rows = min(chunk, n - n0)
         wd = torch.empty((rows, k), dtype=x.dtype, device=x.device)
-        _dequant_kernel[(triton.cdiv(rows, 32), triton.cdiv(k // 8, 16))](
+        _dequant_kernel[(triton.cdiv(rows, 32), triton.cdiv(k // 8, 16))](  # (16 words: 128 inputs)
             w, scales, scales if zeros is None else zeros, wd, k, scales.shape[1], n0, rows, G=group,
             HAS_ZERO=zeros is not None, BLOCK_N=32, BLOCK_KW=16, num_warps=4)
         if rows == n:
@@ -154,8 +163,8 @@ def dot_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Opti
     """``x @ W.T`` on tensor cores with ``tile``'s settings."""
     m, k = x.shape
     n = w.shape[0]
-    bm, bn, bk = tile.block_m, tile.block_n, max(16, min(tile.block_k, triton.next_power_of_2(k)))
-    if 16 <= group < bk and group & (group - 1) == 0:  # a tile inside one group: scales on the product
+    bm, bn, bk = tile.block_m, tile.block_n, max(32, min(tile.block_k, triton.next_power_of_2(k)))
+    if 32 <= group < bk and group & (group - 1) == 0:  # a tile inside one group: scales on the product
         bk = group
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = splits(tiles, triton.cdiv(k, bk), sms, tile.split)
@@ -181,9 +190,10 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
     m, k = x.shape
     n = w.shape[0]
     kg = max(1, k // group)
-    if w.shape[1] * 8 != k or scales.shape != (n, kg) or group % 8 or (zeros is not None and zeros.shape != (n, kg)):
+    if w.shape[1] * 8 != k or k % 32 or scales.shape != (n, kg) or group % 8 or (group < k and k % group) or \
+            (zeros is not None and zeros.shape != (n, kg)):
         raise ValueError(f"int4_matmul: x {tuple(x.shape)}, w {tuple(w.shape)}, scales {tuple(scales.shape)}, "
-                         f"group {group} do not fit together (w [N, K/8], scales [N, K/G])")
+                         f"group {group} do not fit together (w [N, K/8], K a multiple of 32, scales [N, K/G])")
     if x.dtype not in _MAGIC:
         raise TypeError(f"int4_matmul: x must be bfloat16, float16 or float32, not {x.dtype}")
     if x.stride(1) != 1:

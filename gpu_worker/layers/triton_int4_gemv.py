@@ -1,18 +1,20 @@
 """The 4-bit CUDA-core GEMV for decode (a few rows): ``y = x @ W.T``, W in the K-major layout.
 
-The layout (``triton_int4.py``): ``w [N, K/8]`` int32, nibble ``i`` of word ``(n, r)`` is input
-``8r + i``, so one output's words are contiguous and a thread streams 16-byte vectors (32
-weights) along K; ``scales`` and ``zeros`` are ``[N, K/G]``, one small row per output.
+The layout (``triton_int4.py``, ``int4_format.pack_kmajor``): ``w [N, K/8]`` int32, one output's
+words contiguous, so a thread streams 16-byte vectors of 4 words along K; nibble ``i`` of such a
+block is 4 consecutive inputs (``32b + 4i + j`` in word ``4b + j``), so the activations of a
+nibble plane are one 8-byte load, not four. ``scales`` and ``zeros`` are ``[N, K/G]``.
 
 Program ``(n, s)`` takes ``BLOCK_N`` outputs and the ``s``-th slice of K (split-K), a step of
 ``BLOCK_K`` inputs at a time, the next step's words loaded before this step's arithmetic. The
 arithmetic is what bounds a 4-bit GEMV on an H100 (3 TB/s is 6e12 weights a second, and an
 int-to-float conversion runs at an eighth of the FMA rate), so a weight costs a shift, an
 and/or and one FMA: its nibble is moved into the mantissa of 1.0 (``1 + q/16``, an exact float,
-no conversion), multiplied by ``x`` and summed over its group of ``G`` inputs; only then the
+no conversion), multiplied by ``x`` and summed over its group of ``G`` inputs (the tensors keep
+the words' own shape, plane by plane: no reshape, no layout change); only then the
 group's scale and zero point apply, once per group and output:
 ``sum (q - z) s x = 16 s * (sum (1 + q/16) x - (1 + z/16) * sum x)``.
-Group sizes that are not a power of two dequantize each weight instead (``PER_ELEM``).
+Group sizes under 32 or not a power of two dequantize each weight instead (``PER_ELEM``).
 Split-K parts meet in a workspace and the last program of a tile adds them up (``finish_tile``):
 one launch a layer. With programmatic dependent launch the first step's words are read before
 the kernel waits for its predecessor (``pdl.py``).
@@ -68,26 +70,32 @@ def _load_words(w_ptr, rows, row_mask, kw0, kw_end, KW, GT: tl.constexpr, SUBW: 
 @triton.jit
 def _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, KG, stride_xm,
           G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, EVEN_K: tl.constexpr,
-          BLOCK_N: tl.constexpr, GT: tl.constexpr, SUB: tl.constexpr):
-    """``acc [BLOCK_M, BLOCK_N, GT]`` plus one step's products (``w``: its words)."""
-    shifts = tl.arange(0, 8) * 4
-    q = (w[:, :, :, None] >> shifts[None, None, None, :]) & 0xF
-    f = tl.reshape(((q << 19) | 0x3F800000).to(tl.float32, bitcast=True), (BLOCK_N, GT, SUB))  # 1 + q/16
-    kk = kw0 * 8 + tl.arange(0, GT)[:, None] * SUB + tl.arange(0, SUB)[None, :]
-    xp = x_ptr + ms[:, None, None] * stride_xm + kk[None, :, :]
-    if EVEN_K:
-        x = tl.load(xp, mask=m_mask[:, None, None], other=0.0).to(tl.float32)
-    else:
-        x = tl.load(xp, mask=m_mask[:, None, None] & (kk < kw_end * 8)[None, :, :], other=0.0).to(tl.float32)
-    if PER_ELEM:  # a group size that tiles cannot follow: each weight's own scale and zero point
-        grp = rows[:, None, None] * KG + (kk // G)[None, :, :]
-        s = tl.load(s_ptr + grp, mask=row_mask[:, None, None], other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + grp, mask=row_mask[:, None, None], other=0).to(tl.float32)
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr, SUB: tl.constexpr):
+    """``acc [BLOCK_M, BLOCK_N, GT]`` plus one step's products (``w``: its words), nibble plane by
+    nibble plane: plane ``i`` of a 4-word block is 4 consecutive inputs (``pack_kmajor``)."""
+    jj = tl.arange(0, SUB // 8)
+    col = kw0 + tl.arange(0, GT)[:, None] * (SUB // 8) + jj[None, :]  # [GT, SUB/8] words
+    kb = kw0 * 8 + tl.arange(0, GT)[:, None] * SUB + ((jj // 4) * 32 + jj % 4)[None, :]  # nibble 0's inputs
+    xmask = m_mask[:, None, None] if EVEN_K else m_mask[:, None, None] & (col < kw_end)[None, :, :]
+    t = tl.zeros((BLOCK_M, BLOCK_N, GT, SUB // 8), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_M, GT, SUB // 8), dtype=tl.float32)
+    for i in tl.static_range(8):
+        f = ((((w >> (4 * i)) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
+        k_i = kb + 4 * i
+        x = tl.load(x_ptr + ms[:, None, None] * stride_xm + k_i[None, :, :], mask=xmask, other=0.0).to(tl.float32)
+        if PER_ELEM:  # a group size that steps cannot follow: each weight's own scale and zero point
+            grp = rows[:, None, None] * KG + (k_i // G)[None, :, :]
+            s = tl.load(s_ptr + grp, mask=row_mask[:, None, None], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + grp, mask=row_mask[:, None, None], other=0).to(tl.float32)
+            else:
+                z = 8.0
+            t += ((f - 1.0 - z * 0.0625) * (s * 16.0))[None, :, :, :] * x[:, None, :, :]
         else:
-            z = 8.0
-        wd = (f - 1.0 - z * 0.0625) * (s * 16.0)
-        acc += tl.sum(wd[None, :, :, :] * x[:, None, :, :], axis=3)
+            t += f[None, :, :, :] * x[:, None, :, :]
+            xs += x
+    if PER_ELEM:
+        acc += tl.sum(t, axis=3)
     else:
         grp = rows[:, None] * KG + ((kw0 * 8 + tl.arange(0, GT) * SUB) // G)[None, :]
         s = tl.load(s_ptr + grp, mask=row_mask[:, None], other=0.0).to(tl.float32) * 16.0
@@ -95,9 +103,7 @@ def _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, 
             zc = 1.0 + tl.load(z_ptr + grp, mask=row_mask[:, None], other=0).to(tl.float32) * 0.0625
         else:
             zc = s * 0.0 + 1.5
-        t = tl.sum(f[None, :, :, :] * x[:, None, :, :], axis=3)  # [BLOCK_M, BLOCK_N, GT]
-        xs = tl.sum(x, axis=2)  # [BLOCK_M, GT]
-        acc += (t - xs[:, None, :] * zc[None, :, :]) * s[None, :, :]
+        acc += (tl.sum(t, axis=3) - tl.sum(xs, axis=2)[:, None, :] * zc[None, :, :]) * s[None, :, :]
     return acc
 
 
@@ -121,11 +127,11 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, 
     for kw0 in range(kw_start, kw_end - BLOCK_KW, BLOCK_KW):  # every step but the last
         w_next = _load_words(w_ptr, rows, row_mask, kw0 + BLOCK_KW, kw_end, KW, GT, SUB // 8, EVEN_K)
         acc = _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, KG, stride_xm, G,
-                    HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_N, GT, SUB)
+                    HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_M, BLOCK_N, GT, SUB)
         w = w_next
     last = kw_start + (kw_end - kw_start - 1) // BLOCK_KW * BLOCK_KW
     acc = _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, last, kw_end, KG, stride_xm, G,
-                HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_N, GT, SUB)
+                HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_M, BLOCK_N, GT, SUB)
     finish_tile(tl.sum(acc, axis=2), out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, rows, M, N, stride_om)
 
 
@@ -148,10 +154,11 @@ def outputs(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, 
 
 def group_steps(group: int, k: int, block_k: int) -> tuple[int, int, bool]:
     """``(SUB, GT, PER_ELEM)``: a step of ``block_k`` inputs as GT groups of SUB, or, where the
-    groups do not tile it (not a power of two), one span dequantized weight by weight."""
+    groups do not tile it (smaller than a 4-word block, or not a power of two), one span
+    dequantized weight by weight."""
     if group >= k or group % block_k == 0:
         return block_k, 1, False
-    if block_k % group == 0 and group & (group - 1) == 0:
+    if block_k % group == 0 and group & (group - 1) == 0 and group >= 32:
         return group, block_k // group, False
     return block_k, 1, True
 
@@ -167,7 +174,7 @@ def fma_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torc
     """``x [M, K] @ W.T`` on CUDA cores (checked by ``triton_int4.int4_matmul``, which calls this)."""
     m, k = x.shape
     n, kw = w.shape
-    block_k = max(8, min(tile.block_k, triton.next_power_of_2(k)))
+    block_k = max(32, min(tile.block_k, triton.next_power_of_2(k)))
     bkw = block_k // 8
     sub, gt, per_elem = group_steps(group, k, block_k)
     steps = triton.cdiv(kw, bkw)

@@ -6,9 +6,9 @@ loads, a layer holds this rank's shard as ``qweight`` int32 ``[K/8, N]`` (nibble
 checkpoint's dtype and ``qzeros`` uint8 ``[K/G, N]`` (the real zero point, 0..16). ``finish`` then
 puts them in the K-major layout the Triton kernels stream (``layers/triton_int4.py``):
 
-- ``qweight`` ``[N, K/8]`` (the same words, transposed: one output's words contiguous, read as
-  16-byte vectors), ``scales`` and ``qzeros`` ``[N, K/G]``; zero points dropped where all are 8
-  (symmetric GPTQ);
+- ``qweight`` ``[N, K/8]`` (``int4_format.pack_kmajor``: one output's words contiguous, read as
+  16-byte vectors of 32 inputs), ``scales`` and ``qzeros`` ``[N, K/G]``; zero points dropped
+  where all are 8 (symmetric GPTQ);
 - with GPTQ ``desc_act``, the inputs sorted by group at ``finish``, and ``int4_perm`` to gather
   the activations in that order (one ``index_select`` before the product).
 
@@ -34,7 +34,8 @@ from treadle.gpu_worker.distributed import tp_rank, tp_size
 from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                               QKVParallelLinear)
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
-from treadle.gpu_worker.quant.int4_format import Int4Config, dequantize, logical, pack_rows, unpack_rows
+from treadle.gpu_worker.quant.int4_format import (Int4Config, dequantize, logical, pack_kmajor, pack_rows,
+                                                  unpack_kmajor, unpack_rows)
 
 
 def out_slices(layer: LinearBase, shard_id: Any, full_out: int) -> list[tuple[int, int, int]]:
@@ -75,8 +76,8 @@ class Int4Method:
         k, n, cfg = layer.in_size, layer.out_size, self.cfg
         g = _group(cfg, k)
         in_start = getattr(layer, "in_start", 0)
-        if k % 8:
-            raise ValueError(f"{cfg.method.upper()}: a layer's {k} inputs on this rank are not a multiple of 8")
+        if k % 32:  # (the kernels' 16-byte blocks of 32 inputs)
+            raise ValueError(f"{cfg.method.upper()}: a layer's {k} inputs on this rank are not a multiple of 32")
         if not cfg.desc_act and cfg.group_size != -1 and (k % g or in_start % g):
             raise ValueError(f"{cfg.method.upper()} group_size {g}: this rank's inputs [{in_start}, {in_start + k}) "
                              f"of a {type(layer).__name__} cut through a group (tp_size {tp_size()}); quantization "
@@ -164,7 +165,8 @@ class Int4Method:
         if bool((layer.qzeros.data == 8).all()):
             del layer._parameters["qzeros"]
             layer.qzeros = None
-        for p in (layer.qweight, layer.scales, layer.qzeros):  # the kernels' K-major layout
+        layer.qweight.data = pack_kmajor(unpack_rows(layer.qweight.data))  # the kernels' K-major layout
+        for p in (layer.scales, layer.qzeros):
             if p is not None:
                 p.data = p.data.t().contiguous()
 
@@ -173,7 +175,7 @@ class Int4Method:
         """The layer's ``[out, in]`` float32 weight (in kernel input order; after ``finish``): the
         reference."""
         zeros = None if layer.qzeros is None else layer.qzeros.t()
-        return dequantize(unpack_rows(layer.qweight.t()), zeros, layer.scales.t())
+        return dequantize(unpack_kmajor(layer.qweight), zeros, layer.scales.t())
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         shape = x.shape

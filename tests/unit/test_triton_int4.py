@@ -29,7 +29,8 @@ CPU_CASES = [(1, 1024, 96, 128, True, 132, None), (1, 256, 64, 32, False, 1, Non
              (16, 256, 64, 32, False, 1, None), (20, 1024, 72, 64, True, 132, None), (40, 384, 64, 384, False, 132, None),
              (70, 256, 64, 128, True, 1, None), (1, 768, 48, 128, True, 132, Tile("fma", 1, 16, 512, 4, 1, 2)),
              (8, 512, 32, 128, True, 132, Tile("fma", 8, 8, 128, 4)), (3, 384, 24, 384, False, 1, FMA),
-             (1, 1024, 64, 128, True, 132, DOT), (12, 640, 40, 32, True, 132, DOT), (2, 384, 48, 48, False, 132, FMA)]
+             (1, 1024, 64, 128, True, 132, DOT), (12, 640, 40, 32, True, 132, DOT), (2, 384, 48, 48, False, 132, FMA),
+             (2, 256, 32, 16, True, 132, FMA), (5, 256, 32, 16, False, 1, DOT)]
 
 
 def _weights(k: int, n: int, group: int, zeros: bool, device: str, g: torch.Generator):
@@ -42,9 +43,9 @@ def _weights(k: int, n: int, group: int, zeros: bool, device: str, g: torch.Gene
 
 def reference(w: torch.Tensor, s: torch.Tensor, z) -> torch.Tensor:
     """The ``[N, K]`` float32 weight of the K-major parts."""
-    from treadle.gpu_worker.quant.int4_format import dequantize, unpack_rows
+    from treadle.gpu_worker.quant.int4_format import dequantize, unpack_kmajor
 
-    return dequantize(unpack_rows(w.t()), None if z is None else z.t(), s.t())
+    return dequantize(unpack_kmajor(w), None if z is None else z.t(), s.t())
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
