@@ -6,7 +6,8 @@
 For each Llama-3.1-8B projection (group 128 with zero points, as AWQ) and M in ``MS``: bf16
 ``torch.matmul`` on a dense weight, then every candidate tile of ``candidates(M)`` through
 ``int4_matmul(..., tile=...)``: the CUDA-core GEMV (``fma``) for a few rows, tensor-core tiles
-(``dot``) with split-K for small and mid M, dequantize + cuBLAS (``deq``) for large M. A candidate
+(``dot``, and ``dot_wx`` with the weight as the left operand, up to 128 rows) with split-K for
+small and mid M, dequantize + cuBLAS (``deq``) for large M. A candidate
 is checked once against dequantize-then-matmul (wrong ones are reported and dropped), then
 timed in one CUDA graph over weight copies that together exceed L2 (``gemv_bench.time_graph``).
 Prints, per shape and M: bf16 us, ``int4_tiles.choose``'s tile (the table in force) and the best
@@ -45,24 +46,30 @@ FMA = {  # rows of x -> (block_n, block_k, warps): 32 or 64 weights a thread a s
     8: [(8, 256, 4), (16, 256, 8), (8, 512, 8)],
 }
 DOT = {  # block_m -> (block_n, block_k, warps, stages)
-    16: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 8, 4)],
+    16: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4)],
     32: [(64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4)],
     64: [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3)],
     128: [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)],
+}
+DOT_WX = {  # block_m -> (block_n, block_k, warps, stages): W x^T, the weight the left operand (a warpgroup's 64 rows)
+    16: [(64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
+    32: [(64, 128, 4, 4), (128, 128, 4, 3), (128, 64, 4, 4)],
+    64: [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
 }
 
 
 def candidates(m: int) -> list[Tile]:
     """The tiles tried at ``m`` rows (split 0: ``split_k``'s choice)."""
     tiles = []
-    fma_m = next((b for b in (1, 4, 8) if m <= b), None) if m <= 8 else None
+    fma_m = next((b for b in (1, 4, 8) if m <= b), None)
     if fma_m is not None:
         for (bn, bk, warps), split in itertools.product(FMA[fma_m], (0, 1, 2, 4, 8)):
             tiles.append(Tile("fma", fma_m, bn, bk, warps, 1, split))
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else 128
     splits = (0, 1, 2, 4, 8, 16) if m <= 16 else (0, 1, 2, 4) if m <= 128 else (1, 2) if m <= 256 else (1,)
-    for (bn, bk, warps, stages), split in itertools.product(DOT[bm], splits):
-        tiles.append(Tile("dot", bm, bn, bk, warps, stages, split))
+    for kind, grid in (("dot", DOT), ("dot_wx", DOT_WX)):
+        for (bn, bk, warps, stages), split in itertools.product(grid.get(bm, []), splits):
+            tiles.append(Tile(kind, bm, bn, bk, warps, stages, split))
     if m >= 256:
         tiles.append(Tile("deq"))
     return tiles

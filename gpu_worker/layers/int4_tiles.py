@@ -5,7 +5,8 @@ A ``Tile`` names one of three paths and its settings:
 - ``fma``: the CUDA-core GEMV (``triton_int4_gemv.py``) for a few rows, ``block_n`` outputs x
   ``block_k`` inputs a step (``block_m`` is always M rounded up to a power of two);
 - ``dot``: the tensor-core GEMM (``triton_int4.py``), ``block_m x block_n`` outputs, ``block_k``
-  inputs a step, ``stages`` software-pipelined loads;
+  inputs a step, ``stages`` software-pipelined loads; ``dot_wx``: the same, computed as
+  ``W x^T`` (the weight the left operand);
 - ``deq``: the weight dequantized a chunk at a time, then cuBLAS (long prefills, bound by compute);
 
 and ``split``, the K parts (split-K: a narrow layer still fills the GPU; the last program of a
@@ -20,12 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+KINDS = ("fma", "dot", "dot_wx", "deq")
 MAX_TILES = 8192  # split-K counters a device keeps (each launch resets those it used)
 
 
 @dataclass(frozen=True)
 class Tile:
-    kind: str  # "fma" | "dot" | "deq"
+    kind: str  # "fma" | "dot" | "dot_wx" | "deq"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -34,8 +36,8 @@ class Tile:
     split: int = 0  # K parts; 0: as many as fill the GPU (``split_k``)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fma", "dot", "deq"):
-            raise ValueError(f"Tile.kind must be 'fma', 'dot' or 'deq', not {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"Tile.kind must be one of {KINDS}, not {self.kind!r}")
 
 
 # (N, K, M bucket) -> (kind, block_m, block_n, block_k, warps, stages, split): paste the dict that

@@ -16,6 +16,9 @@ reads each packed word once and dequantizes it in registers. ``int4_tiles.choose
   the finished ``[BLOCK_M, BLOCK_N]`` partial product, ``(x . b - (OFF + z UNIT) sum x) s / UNIT``,
   not to each weight; other group sizes dequantize each weight. Split-K for mid M (parts summed
   as in the GEMV), grouped tile order for large M;
+- ``dot_wx``: the same tiles computing ``W x^T``: the dequantized weight is the left operand,
+  which Hopper's wgmma reads from registers (no trip through shared memory), and a few rows of
+  x the right one (its N, as small as 16);
 - ``deq``: long prefills, bound by compute: ``_dequant_kernel`` expands row chunks of the weight
   to the activation dtype and cuBLAS multiplies (a chunk of at most ``DEQUANT_CHUNK`` weights
   keeps the scratch small beside a full KV pool and, reused chunk after chunk, in L2).
@@ -69,7 +72,8 @@ def _codes(w, DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KG, stride_xm, stride_om, K_SPLIT,
                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, DT: tl.constexpr,
                 OFF: tl.constexpr, UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr,
+                PDL: tl.constexpr):
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n  # GROUP_M row tiles walk the columns together: weight tiles stay in L2
@@ -87,7 +91,10 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
     allow_dependents(PDL)
     if PDL:
         gdc_wait()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # the weight the left operand (Hopper's wgmma takes it from registers), x the right
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_mask = kk < k_end
@@ -102,8 +109,11 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
                 z = tl.load(z_ptr + grp, mask=n_mask[:, None], other=0).to(tl.float32)
             else:
                 z = 8.0
-            wd = ((b.to(tl.float32) - OFF) / UNIT - z) * s
-            acc += tl.dot(a, tl.trans(wd.to(a.dtype)), input_precision=PRECISION)
+            wd = (((b.to(tl.float32) - OFF) / UNIT - z) * s).to(a.dtype)
+            if SWAP:
+                acc += tl.dot(wd, tl.trans(a), input_precision=PRECISION)
+            else:
+                acc += tl.dot(a, tl.trans(wd), input_precision=PRECISION)
         else:  # the tile lies in one group: scale and zero point on the partial product
             grp = rn * KG + k0 // G
             s = tl.load(s_ptr + grp, mask=n_mask, other=0.0).to(tl.float32) / UNIT
@@ -111,10 +121,18 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
                 zc = OFF + tl.load(z_ptr + grp, mask=n_mask, other=0).to(tl.float32) * UNIT
             else:
                 zc = s * 0.0 + (OFF + 8.0 * UNIT)
-            d = tl.dot(a, tl.trans(b), input_precision=PRECISION)
             xs = tl.sum(a.to(tl.float32), axis=1)
-            acc += (d - xs[:, None] * zc[None, :]) * s[None, :]
-    finish_tile(acc, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split, rm, rn, M, N, stride_om)
+            if SWAP:
+                d = tl.dot(b, tl.trans(a), input_precision=PRECISION)
+                acc += (d - zc[:, None] * xs[None, :]) * s[:, None]
+            else:
+                d = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+                acc += (d - xs[:, None] * zc[None, :]) * s[None, :]
+    if SWAP:
+        y = tl.trans(acc)
+    else:
+        y = acc
+    finish_tile(y, out_ptr, ws_ptr, cnt_ptr, pid, pid_k, split, rm, rn, M, N, stride_om)
 
 
 @triton.jit
@@ -176,7 +194,7 @@ def dot_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Opti
         x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, k, scales.shape[1], x.stride(0),
         out.stride(0), k_split, split, G=group, HAS_ZERO=zeros is not None,
         PER_ELEM=not (group >= k or group % bk == 0), DT={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype],
-        OFF=off, UNIT=unit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        OFF=off, UNIT=unit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SWAP=tile.kind == "dot_wx",
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=tile.warps, num_stages=tile.stages,
         **pdl_launch(x.is_cuda and pdl_supported(x.device) and m <= 16))
     return out
@@ -204,4 +222,4 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
         return dequantize_matmul(x, w, scales, zeros, group)
     if tile.kind == "fma":
         return fma_gemv(x, w, scales, zeros, group, tile, sms)
-    return dot_gemm(x, w, scales, zeros, group, tile, sms)
+    return dot_gemm(x, w, scales, zeros, group, tile, sms)  # "dot" and "dot_wx"

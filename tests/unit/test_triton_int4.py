@@ -23,14 +23,15 @@ from treadle.gpu_worker.layers.int4_tiles import Tile
 
 # (M, K, N, group, zeros, sms, tile): sms 1 never splits K; 132 splits where the grid is small;
 # tile None: ``int4_tiles.choose``'s (the heuristic's, for these shapes)
-FMA, DOT = Tile("fma", 1, 16, 256, 4), Tile("dot", 16, 32, 64, 4, 2)
+FMA, DOT, WX = Tile("fma", 1, 16, 256, 4), Tile("dot", 16, 32, 64, 4, 2), Tile("dot_wx", 16, 64, 64, 4, 2)
 CPU_CASES = [(1, 1024, 96, 128, True, 132, None), (1, 256, 64, 32, False, 1, None), (3, 512, 80, 64, True, 132, None),
              (4, 384, 40, 48, True, 132, None), (2, 512, 64, 512, False, 132, None), (5, 1024, 64, 128, True, 132, None),
              (16, 256, 64, 32, False, 1, None), (20, 1024, 72, 64, True, 132, None), (40, 384, 64, 384, False, 132, None),
              (70, 256, 64, 128, True, 1, None), (1, 768, 48, 128, True, 132, Tile("fma", 1, 16, 512, 4, 1, 2)),
              (8, 512, 32, 128, True, 132, Tile("fma", 8, 8, 128, 4)), (3, 384, 24, 384, False, 1, FMA),
              (1, 1024, 64, 128, True, 132, DOT), (12, 640, 40, 32, True, 132, DOT), (2, 384, 48, 48, False, 132, FMA),
-             (2, 256, 32, 16, True, 132, FMA), (5, 256, 32, 16, False, 1, DOT)]
+             (2, 256, 32, 16, True, 132, FMA), (5, 256, 32, 16, False, 1, DOT), (3, 512, 64, 128, True, 132, WX),
+             (16, 256, 32, 16, False, 132, WX), (24, 384, 64, 384, True, 1, Tile("dot_wx", 32, 64, 128, 4, 3))]
 
 
 def _weights(k: int, n: int, group: int, zeros: bool, device: str, g: torch.Generator):
@@ -87,7 +88,7 @@ def test_cuda_kernels_match_dequantize_then_matmul(group, zeros):
     shapes = [(4096, 6144), (14336, 4096)]  # (K, N): 8B's qkv and down projections
     cases = [(m, k, n, k if group == -1 else group, zeros, None, None) for m in MS for k, n in shapes]
     assert run_cases("cuda", torch.bfloat16, cases) == []
-    for tile in (Tile("fma", 1, 16, 256, 4), Tile("dot", 16, 64, 128, 4, 4), Tile("deq")):  # every path, all M
+    for tile in (FMA, Tile("dot", 16, 64, 128, 4, 4), Tile("dot_wx", 16, 64, 128, 4, 4), Tile("deq")):  # all M
         assert run_cases("cuda", torch.bfloat16, cases[::3], tile) == [], tile
     assert run_cases("cuda", torch.float16, cases[::5]) == []
 
