@@ -1,6 +1,6 @@
 """Launch settings of the 4-bit products (``triton_int4.py``), from a table measured on an H100.
 
-A ``Tile`` names one of three paths and its settings:
+A ``Tile`` names a path and its settings:
 
 - ``fma``: the CUDA-core GEMV (``triton_int4_gemv.py``) for a few rows, ``block_n`` outputs x
   ``block_k`` inputs a step (``block_m`` is always M rounded up to a power of two);
@@ -11,13 +11,16 @@ A ``Tile`` names one of three paths and its settings:
 
 and ``split``, the K parts (split-K: a narrow layer still fills the GPU; the last program of a
 tile to finish adds them up). ``TABLE`` holds the best tile of each Llama-3.1-8B projection
-(key ``(N, K, M bucket)``), written by ``bench/kernels/int4_sweep.py`` on an H100; other shapes and
-GPUs get ``heuristic``'s. Nothing autotunes at run time: a CUDA graph captures whatever a shape
-gets on its first call.
+(key ``(N, K, M bucket)``), written by ``bench/kernels/int4_sweep.py`` on an H100; other shapes
+get the nearest measured shape's tile (``choose``), and ``heuristic``'s while the table is empty.
+Nothing autotunes at run time: a CUDA graph captures whatever a shape gets on its first call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
@@ -78,9 +81,18 @@ def heuristic(m: int, n: int, k: int) -> Tile:
     return Tile("deq")
 
 
+@functools.lru_cache(maxsize=4096)
 def choose(m: int, n: int, k: int) -> Tile:
-    """The table's tile for this shape, else ``heuristic``'s."""
-    row = TABLE.get((n, k, bucket(m)))
-    if row is None:
+    """The table's tile for this shape; for a shape it lacks, the tile measured for the nearest
+    weight in the same M bucket (closest size, then closest N: TP shards and other models of the
+    family), its split re-derived for this grid; without any, ``heuristic``'s."""
+    b = bucket(m)
+    row = TABLE.get((n, k, b))
+    if row is not None:
+        return Tile(*row)
+    near = [key for key in TABLE if key[2] == b]
+    if not near:
         return heuristic(m, n, k)
-    return Tile(*row)
+    key = min(near, key=lambda t: (abs(math.log(t[0] * t[1] / (n * k))), abs(math.log(t[0] / n))))
+    tile = Tile(*TABLE[key])
+    return tile if tile.kind == "deq" else dataclasses.replace(tile, split=0)
