@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 KINDS = ("fma", "dot", "dot_wx", "deq")
+FMA_MAX_M = 16  # the CUDA-core GEMV's rows at most (its registers grow with them)
 MAX_TILES = 8192  # split-K counters a device keeps (each launch resets those it used)
 
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from treadle.gpu_worker.layers.int4_tiles import Tile, choose
+from treadle.gpu_worker.layers.int4_tiles import FMA_MAX_M, Tile, choose
 from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, pdl_launch, pdl_supported
 from treadle.gpu_worker.layers.triton_int4_gemv import finish_tile, fma_gemv, outputs, sm_count, splits
 
@@ -221,5 +221,7 @@ def int4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: O
     if tile.kind == "deq":
         return dequantize_matmul(x, w, scales, zeros, group)
     if tile.kind == "fma":
+        if m > FMA_MAX_M:
+            raise ValueError(f"int4_matmul: the CUDA-core GEMV ('fma') takes at most {FMA_MAX_M} rows, not {m}")
         return fma_gemv(x, w, scales, zeros, group, tile, sms)
     return dot_gemm(x, w, scales, zeros, group, tile, sms)  # "dot" and "dot_wx"

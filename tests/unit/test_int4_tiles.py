@@ -37,3 +37,13 @@ def test_the_heuristic_covers_every_row_count_and_kinds_are_checked():
     assert kinds == {"fma", "dot", "deq"}
     with pytest.raises(ValueError, match="kind"):
         Tile("gemv")
+
+
+def test_every_table_row_is_a_tile_its_bucket_can_run():
+    """The pasted table (``int4_sweep.py``'s output): known kinds, CUDA-core GEMV rows only for
+    small buckets (its registers grow with M), power-of-two blocks."""
+    for (n, k, b), row in int4_tiles.TABLE.items():
+        tile = Tile(*row)
+        assert b in int4_tiles.M_BUCKETS and n > 0 and k % 32 == 0
+        assert tile.kind != "fma" or b <= int4_tiles.FMA_MAX_M, (n, k, b)
+        assert all(v & (v - 1) == 0 for v in (tile.block_m, tile.block_n, tile.block_k)), (n, k, b)

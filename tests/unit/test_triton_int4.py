@@ -88,8 +88,9 @@ def test_cuda_kernels_match_dequantize_then_matmul(group, zeros):
     shapes = [(4096, 6144), (14336, 4096)]  # (K, N): 8B's qkv and down projections
     cases = [(m, k, n, k if group == -1 else group, zeros, None, None) for m in MS for k, n in shapes]
     assert run_cases("cuda", torch.bfloat16, cases) == []
-    for tile in (FMA, Tile("dot", 16, 64, 128, 4, 4), Tile("dot_wx", 16, 64, 128, 4, 4), Tile("deq")):  # all M
-        assert run_cases("cuda", torch.bfloat16, cases[::3], tile) == [], tile
+    for tile in (FMA, Tile("dot", 16, 64, 128, 4, 4), Tile("dot_wx", 16, 64, 128, 4, 4), Tile("deq")):  # each path
+        few = [c for c in cases[::3] if tile.kind != "fma" or c[0] <= 16]
+        assert run_cases("cuda", torch.bfloat16, few, tile) == [], tile
     assert run_cases("cuda", torch.float16, cases[::5]) == []
 
 
