@@ -57,13 +57,15 @@ def finish_tile(y, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split, rows, cols, M, 
 @triton.jit
 def _load_words(w_ptr, rows, row_mask, kw0, kw_end, KW, GT: tl.constexpr, SUBW: tl.constexpr,
                 EVEN_K: tl.constexpr):
-    """The step's words ``[BLOCK_N, GT, SUBW]`` (GT groups of SUBW words); a K mask only where a
-    step may run past the end (else the loads stay 16-byte vectors)."""
+    """The step's words ``[1, BLOCK_N, GT, SUBW]`` (GT groups of SUBW words; the leading 1 is the
+    rows of x, so every tensor of a step is 4-D from its load on and broadcasts only along size-1
+    dimensions: no layout conversion). A K mask only where a step may run past the end (else the
+    loads stay 16-byte vectors)."""
     col = kw0 + tl.arange(0, GT)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]
-    ptrs = w_ptr + rows[:, None, None].to(tl.int64) * KW + col[None, :, :]
+    ptrs = (w_ptr + rows[:, None, None].to(tl.int64) * KW + col[None, :, :])[None, :, :, :]
     if EVEN_K:
-        return tl.load(ptrs, mask=row_mask[:, None, None], other=0, eviction_policy="evict_first")
-    mask = row_mask[:, None, None] & (col < kw_end)[None, :, :]
+        return tl.load(ptrs, mask=row_mask[None, :, None, None], other=0, eviction_policy="evict_first")
+    mask = row_mask[None, :, None, None] & (col < kw_end)[None, None, :, :]
     return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
 
 
@@ -71,40 +73,43 @@ def _load_words(w_ptr, rows, row_mask, kw0, kw_end, KW, GT: tl.constexpr, SUBW: 
 def _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, KG, stride_xm,
           G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, EVEN_K: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr, SUB: tl.constexpr):
-    """``acc [BLOCK_M, BLOCK_N, GT]`` plus one step's products (``w``: its words), nibble plane by
-    nibble plane: plane ``i`` of a 4-word block is 4 consecutive inputs (``pack_kmajor``)."""
+    """``acc [BLOCK_M, BLOCK_N, GT, SUB/8]`` plus one step's products (``w``: its words), nibble
+    plane by nibble plane: plane ``i`` of a 4-word block is 4 consecutive inputs (``pack_kmajor``).
+    Sums stay per word position (no reduction until the end); the group's scale and zero point
+    apply per word, once for its 8 weights."""
     jj = tl.arange(0, SUB // 8)
     col = kw0 + tl.arange(0, GT)[:, None] * (SUB // 8) + jj[None, :]  # [GT, SUB/8] words
     kb = kw0 * 8 + tl.arange(0, GT)[:, None] * SUB + ((jj // 4) * 32 + jj % 4)[None, :]  # nibble 0's inputs
-    xmask = m_mask[:, None, None] if EVEN_K else m_mask[:, None, None] & (col < kw_end)[None, :, :]
+    xp = x_ptr + ms[:, None, None, None] * stride_xm + kb[None, None, :, :]  # [BLOCK_M, 1, GT, SUB/8]
+    if EVEN_K:
+        xmask = m_mask[:, None, None, None]
+    else:
+        xmask = m_mask[:, None, None, None] & (col < kw_end)[None, None, :, :]
     t = tl.zeros((BLOCK_M, BLOCK_N, GT, SUB // 8), dtype=tl.float32)
-    xs = tl.zeros((BLOCK_M, GT, SUB // 8), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_M, 1, GT, SUB // 8), dtype=tl.float32)
     for i in tl.static_range(8):
         f = ((((w >> (4 * i)) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
-        k_i = kb + 4 * i
-        x = tl.load(x_ptr + ms[:, None, None] * stride_xm + k_i[None, :, :], mask=xmask, other=0.0).to(tl.float32)
+        x = tl.load(xp + 4 * i, mask=xmask, other=0.0).to(tl.float32)
         if PER_ELEM:  # a group size that steps cannot follow: each weight's own scale and zero point
-            grp = rows[:, None, None] * KG + (k_i // G)[None, :, :]
-            s = tl.load(s_ptr + grp, mask=row_mask[:, None, None], other=0.0).to(tl.float32)
+            grp = rows[None, :, None, None] * KG + ((kb + 4 * i) // G)[None, None, :, :]
+            s = tl.load(s_ptr + grp, mask=row_mask[None, :, None, None], other=0.0).to(tl.float32)
             if HAS_ZERO:
-                z = tl.load(z_ptr + grp, mask=row_mask[:, None, None], other=0).to(tl.float32)
+                z = tl.load(z_ptr + grp, mask=row_mask[None, :, None, None], other=0).to(tl.float32)
             else:
                 z = 8.0
-            t += ((f - 1.0 - z * 0.0625) * (s * 16.0))[None, :, :, :] * x[:, None, :, :]
+            t += (f - 1.0 - z * 0.0625) * (s * 16.0) * x
         else:
-            t += f[None, :, :, :] * x[:, None, :, :]
+            t += f * x
             xs += x
     if PER_ELEM:
-        acc += tl.sum(t, axis=3)
+        return acc + t
+    grp = rows[None, :, None, None] * KG + ((kw0 * 8 + tl.arange(0, GT) * SUB) // G)[None, None, :, None]
+    s = tl.load(s_ptr + grp, mask=row_mask[None, :, None, None], other=0.0).to(tl.float32) * 16.0
+    if HAS_ZERO:
+        zc = 1.0 + tl.load(z_ptr + grp, mask=row_mask[None, :, None, None], other=0).to(tl.float32) * 0.0625
     else:
-        grp = rows[:, None] * KG + ((kw0 * 8 + tl.arange(0, GT) * SUB) // G)[None, :]
-        s = tl.load(s_ptr + grp, mask=row_mask[:, None], other=0.0).to(tl.float32) * 16.0
-        if HAS_ZERO:
-            zc = 1.0 + tl.load(z_ptr + grp, mask=row_mask[:, None], other=0).to(tl.float32) * 0.0625
-        else:
-            zc = s * 0.0 + 1.5
-        acc += (tl.sum(t, axis=3) - tl.sum(xs, axis=2)[:, None, :] * zc[None, :, :]) * s[None, :, :]
-    return acc
+        zc = s * 0.0 + 1.5
+    return acc + (t - xs * zc) * s
 
 
 @triton.jit(do_not_specialize=["M", "split"])  # one binary for every batch size
@@ -123,7 +128,7 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, 
     w = _load_words(w_ptr, rows, row_mask, kw_start, kw_end, KW, GT, SUB // 8, EVEN_K)
     if PDL:
         gdc_wait()  # the predecessor's writes (our x) are complete and visible from here on
-    acc = tl.zeros((BLOCK_M, BLOCK_N, GT), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, GT, SUB // 8), dtype=tl.float32)
     for kw0 in range(kw_start, kw_end - BLOCK_KW, BLOCK_KW):  # every step but the last
         w_next = _load_words(w_ptr, rows, row_mask, kw0 + BLOCK_KW, kw_end, KW, GT, SUB // 8, EVEN_K)
         acc = _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, KG, stride_xm, G,
@@ -132,7 +137,8 @@ def _fma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, 
     last = kw_start + (kw_end - kw_start - 1) // BLOCK_KW * BLOCK_KW
     acc = _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, last, kw_end, KG, stride_xm, G,
                 HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_M, BLOCK_N, GT, SUB)
-    finish_tile(tl.sum(acc, axis=2), out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, rows, M, N, stride_om)
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    finish_tile(y, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, rows, M, N, stride_om)
 
 
 def sm_count(device: torch.device) -> int:
