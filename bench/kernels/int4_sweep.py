@@ -39,17 +39,22 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 GROUP = 128
 DEVICE = "cuda"
 COPY_BYTES = 256 << 20  # weight copies a graph cycles through: 5x the H100's L2
-FMA = {  # rows of x -> (block_n, block_k, warps): 32 or 64 weights a thread a step
-    1: [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (32, 128, 4), (8, 1024, 4), (16, 512, 4), (32, 256, 4),
-        (16, 512, 8), (32, 256, 8), (64, 128, 8)],
-    4: [(4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8)],
-    8: [(8, 256, 4), (16, 256, 8), (8, 512, 8)],
+FMA = {  # the GEMV's rows (M rounded up to a power of two) -> (block_n, block_k, warps). A row's
+    # step is spread over block_k / 32 threads (16 bytes each), so block_n * block_k / (1024 * warps)
+    # rows fall on each thread: with 2 the activations' loads and conversions serve both (4 made
+    # Triton reload them, on sm_90 TTGIR compiled on a CPU); rows * block_k / 8 < 32 * warps keeps
+    # those loads in the weights' layout (larger ones convert through shared memory every step)
+    1: [(16, 512, 4), (32, 256, 4), (64, 128, 4), (16, 256, 4), (8, 512, 4), (16, 1024, 8), (32, 512, 8),
+        (64, 256, 8), (8, 1024, 8)],
+    2: [(16, 256, 4), (64, 128, 4), (32, 256, 4), (16, 512, 8), (64, 256, 8)],
+    4: [(32, 128, 4), (64, 128, 4), (32, 256, 8), (64, 256, 8)],
+    8: [(32, 64, 4), (64, 64, 4), (64, 128, 8)],
 }
-DOT = {  # block_m -> (block_n, block_k, warps, stages)
+DOT = {  # block_m -> (block_n, block_k, warps, stages) (none that spill registers on sm_90)
     16: [(32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4)],
-    32: [(64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4)],
+    32: [(64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3)],
     64: [(64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 3)],
 }
 DOT_WX = {  # block_m -> (block_n, block_k, warps, stages): W x^T, the weight the left operand (a warpgroup's 64 rows)
     16: [(64, 128, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)],
@@ -61,10 +66,9 @@ DOT_WX = {  # block_m -> (block_n, block_k, warps, stages): W x^T, the weight th
 def candidates(m: int) -> list[Tile]:
     """The tiles tried at ``m`` rows (split 0: ``split_k``'s choice)."""
     tiles = []
-    fma_m = next((b for b in (1, 4, 8) if m <= b), None)
-    if fma_m is not None:
-        for (bn, bk, warps), split in itertools.product(FMA[fma_m], (0, 1, 2, 4, 8)):
-            tiles.append(Tile("fma", fma_m, bn, bk, warps, 1, split))
+    rows = 1 << (m - 1).bit_length()
+    for (bn, bk, warps), split in itertools.product(FMA.get(rows, []), (0, 1, 2, 4, 8)):
+        tiles.append(Tile("fma", rows, bn, bk, warps, 1, split))
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 128 else 128
     splits = (0, 1, 2, 4, 8, 16) if m <= 16 else (0, 1, 2, 4) if m <= 128 else (1, 2) if m <= 256 else (1,)
     for kind, grid in (("dot", DOT), ("dot_wx", DOT_WX)):

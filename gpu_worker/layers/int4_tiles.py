@@ -67,8 +67,8 @@ def split_k(tiles: int, steps: int, sms: int, per_sm: int = 4) -> int:
 
 def heuristic(m: int, n: int, k: int) -> Tile:
     """A tile for a shape the table lacks (untuned guesses in the table's spirit)."""
-    if m <= 2:
-        return Tile("fma", block_m=m, block_n=16, block_k=256, warps=4)
+    if m <= 2:  # 2 rows of the weight a thread (int4_sweep.FMA says why)
+        return Tile("fma", block_m=m, block_n=32, block_k=256, warps=4)
     if m <= 16:
         return Tile("dot", block_m=16, block_n=64, block_k=128, warps=4, stages=4)
     if m <= 32:

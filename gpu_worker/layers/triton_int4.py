@@ -62,10 +62,12 @@ def _codes(w, DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     ``DT`` (0 float32, 1 bfloat16, 2 float16), by bits."""
     q = unpack(w, BLOCK_N, BLOCK_K)
     if DT == 1:
-        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    if DT == 2:
-        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    return ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+        b = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DT == 2:
+        b = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        b = ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+    return b
 
 
 @triton.jit(do_not_specialize=["M", "split"])  # one binary for every batch size
