@@ -71,7 +71,7 @@ def _codes(w, DT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "split"])  # one binary for every batch size
-def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KG, stride_xm, stride_om, K_SPLIT,
+def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, KG, stride_xm, stride_om, K_SPLIT,
                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, DT: tl.constexpr,
                 OFF: tl.constexpr, UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr,
@@ -86,7 +86,6 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
-    KW = K // 8
     w_rows = w_ptr + rn[:, None].to(tl.int64) * KW
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
@@ -138,13 +137,13 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, K, KG, n0, n_rows, G: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, K, KW, KG, n0, n_rows, G: tl.constexpr, HAS_ZERO: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     """Rows ``[n0, n0 + n_rows)`` of the weight, dequantized, into ``out [n_rows, K]``."""
     r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     mask = (r < n_rows)[:, None] & (kw * 8 < K)[None, :]
-    w = tl.load(w_ptr + (n0 + r[:, None]).to(tl.int64) * (K // 8) + kw[None, :], mask=mask, other=0)
+    w = tl.load(w_ptr + (n0 + r[:, None]).to(tl.int64) * KW + kw[None, :], mask=mask, other=0)
     q = unpack(w, BLOCK_N, BLOCK_KW * 8).to(tl.float32)
     kk = tl.program_id(1) * BLOCK_KW * 8 + tl.arange(0, BLOCK_KW * 8)
     kmask = (r < n_rows)[:, None] & (kk < K)[None, :]
@@ -169,7 +168,7 @@ def dequantize_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, ze
         rows = min(chunk, n - n0)
         wd = torch.empty((rows, k), dtype=x.dtype, device=x.device)
         _dequant_kernel[(triton.cdiv(rows, 32), triton.cdiv(k // 8, 16))](  # (16 words: 128 inputs)
-            w, scales, scales if zeros is None else zeros, wd, k, scales.shape[1], n0, rows, G=group,
+            w, scales, scales if zeros is None else zeros, wd, k, k // 8, scales.shape[1], n0, rows, G=group,
             HAS_ZERO=zeros is not None, BLOCK_N=32, BLOCK_KW=16, num_warps=4)
         if rows == n:
             torch.mm(x, wd.t(), out=out)
@@ -193,7 +192,7 @@ def dot_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Opti
     out, ws, cnt = outputs(x, m, n, split)
     off, unit = _MAGIC[x.dtype]
     _dot_kernel[(tiles, split)](
-        x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, k, scales.shape[1], x.stride(0),
+        x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, k, k // 8, scales.shape[1], x.stride(0),
         out.stride(0), k_split, split, G=group, HAS_ZERO=zeros is not None,
         PER_ELEM=not (group >= k or group % bk == 0), DT={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype],
         OFF=off, UNIT=unit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SWAP=tile.kind == "dot_wx",
