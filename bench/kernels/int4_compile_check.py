@@ -72,8 +72,8 @@ def dot(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool, pdl: boo
     consts = dict(G=48 if per_elem else 128, HAS_ZERO=True, PER_ELEM=per_elem, DT=code, OFF=off, UNIT=unit,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SWAP=swap,
                   PRECISION="ieee" if dt == "fp32" else "tf32", PDL=pdl)
-    return build(triton_int4._dot_kernel, types, consts, PTRS + ["N", "K", "KW", "KG", "stride_xm", "stride_om", "K_SPLIT"],
-                 warps, stages, pdl=pdl)
+    div16 = PTRS + ["N", "K", "KW", "KG", "stride_xm", "stride_om", "K_SPLIT"]
+    return build(triton_int4._dot_kernel, types, consts, div16, warps, stages, pdl=pdl)
 
 
 def deq() -> dict:
@@ -95,10 +95,12 @@ def jobs() -> list[tuple]:
             if t.kind == "fma":
                 out.append(("fma", (key[1], t.block_n, t.block_k, t.warps), {}))
             else:
-                out.append(("dot", (t.block_m, t.block_n, t.block_k, t.warps, t.stages, t.kind == "dot_wx", m <= 16), {}))
+                swap = t.kind == "dot_wx"
+                out.append(("dot", (t.block_m, t.block_n, t.block_k, t.warps, t.stages, swap, m <= 16), {}))
     return out + [("fma", (1, 32, 256, 4), dict(zeros=False)), ("fma", (2, 16, 256, 4), dict(group=48)),
                   ("fma", (1, 32, 256, 4), dict(group=32)), ("fma", (4, 32, 128, 4), dict(dt="fp16")),
-                  ("fma", (1, 32, 256, 4), dict(dt="fp32")), ("dot", (16, 64, 128, 4, 4, False, True), dict(per_elem=True)),
+                  ("fma", (1, 32, 256, 4), dict(dt="fp32")),
+                  ("dot", (16, 64, 128, 4, 4, False, True), dict(per_elem=True)),
                   ("dot", (16, 64, 128, 4, 4, True, True), dict(per_elem=True)),
                   ("dot", (16, 64, 128, 4, 4, True, True), dict(dt="fp16")),
                   ("dot", (16, 64, 64, 4, 3, True, False), dict(dt="fp32"))]

@@ -116,7 +116,8 @@ def sweep_int4(a: argparse.Namespace) -> None:
         q_bytes = n * k // 2 + n * (k // GROUP) * 3
         copies = max(2, -(-COPY_BYTES // q_bytes))
         qs = packed(n, k, copies)
-        dense = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(max(2, -(-COPY_BYTES // (n * k * 2))))]
+        dense = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+                 for _ in range(max(2, -(-COPY_BYTES // (n * k * 2))))]
         ref_w = dequantized(*qs[0])
         for m in ms:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)

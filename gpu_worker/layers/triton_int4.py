@@ -45,6 +45,7 @@ from treadle.gpu_worker.layers.triton_int4_gemv import finish_tile, fma_gemv, ou
 DEQUANT_CHUNK = int(os.environ.get("TREADLE_INT4_DEQUANT_CHUNK", str(1 << 23)))
 # (OFF, UNIT) of the codes' bits put into each activation dtype
 _MAGIC = {torch.bfloat16: (128.0, 1.0), torch.float16: (1024.0, 1.0), torch.float32: (1.0, 0.0625)}
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # _codes' DT
 
 
 @triton.jit
@@ -194,7 +195,7 @@ def dot_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Opti
     _dot_kernel[(tiles, split)](
         x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, k, k // 8, scales.shape[1], x.stride(0),
         out.stride(0), k_split, split, G=group, HAS_ZERO=zeros is not None,
-        PER_ELEM=not (group >= k or group % bk == 0), DT={torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype],
+        PER_ELEM=not (group >= k or group % bk == 0), DT=_DT[x.dtype],
         OFF=off, UNIT=unit, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SWAP=tile.kind == "dot_wx",
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=tile.warps, num_stages=tile.stages,
         **pdl_launch(x.is_cuda and pdl_supported(x.device) and m <= 16))

@@ -25,8 +25,9 @@ from treadle.gpu_worker.layers.int4_tiles import Tile
 # tile None: ``int4_tiles.choose``'s (the heuristic's, for these shapes)
 FMA, DOT, WX = Tile("fma", 1, 16, 256, 4), Tile("dot", 16, 32, 64, 4, 2), Tile("dot_wx", 16, 64, 64, 4, 2)
 CPU_CASES = [(1, 1024, 96, 128, True, 132, None), (1, 256, 64, 32, False, 1, None), (3, 512, 80, 64, True, 132, None),
-             (4, 384, 40, 48, True, 132, None), (2, 512, 64, 512, False, 132, None), (5, 1024, 64, 128, True, 132, None),
-             (16, 256, 64, 32, False, 1, None), (20, 1024, 72, 64, True, 132, None), (40, 384, 64, 384, False, 132, None),
+             (4, 384, 40, 48, True, 132, None), (2, 512, 64, 512, False, 132, None),
+             (5, 1024, 64, 128, True, 132, None), (16, 256, 64, 32, False, 1, None), (20, 1024, 72, 64, True, 132, None),
+             (40, 384, 64, 384, False, 132, None),
              (70, 256, 64, 128, True, 1, None), (1, 768, 48, 128, True, 132, Tile("fma", 1, 16, 512, 4, 1, 2)),
              (8, 512, 32, 128, True, 132, Tile("fma", 8, 8, 128, 4)), (3, 384, 24, 384, False, 1, FMA),
              (1, 1024, 64, 128, True, 132, DOT), (12, 640, 40, 32, True, 132, DOT), (2, 384, 48, 48, False, 132, FMA),
