@@ -152,18 +152,26 @@ def _k_tile(k: int, group: int, most: int) -> int:
     return tile if group >= k else min(tile, group)
 
 
-GEMV_TILE = (8, 512, 8)  # rows a program, K tile, warps: the bf16 GEMV's 4 KB a tile (not tuned on a GPU yet)
+GEMV_TILE = (8, 512, 8)  # rows a program, K tile, warps: the bf16 GEMV's 4 KB a tile, for shapes not below
+# (N, K) -> GEMV_TILE's fields for that weight: paste the dict that
+# ``python bench/kernels/int4_sweep.py --fp8`` prints here (H100, Llama-3.1-8B's projections)
+GEMV_TILES: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
+def gemv_tile(n: int, k: int) -> tuple[int, int, int]:
+    """The GEMV's tile for an ``[N, K]`` weight: the measured one, else ``GEMV_TILE``."""
+    return GEMV_TILES.get((n, k), GEMV_TILE)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None,
-         pdl: bool = False, tile: tuple[int, int, int] = GEMV_TILE) -> torch.Tensor:
+         pdl: bool = False, tile: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
     """``x [1, K] @ (w * s).T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, float32 accumulation;
     launched with programmatic dependent launch if ``pdl`` (``pdl.pdl_supported``). ``tile``:
-    (rows a program, K tile, warps), for ``bench/kernels/fp8_bench.py --grid``."""
+    (rows a program, K tile, warps), ``gemv_tile``'s by default (``bench/kernels/int4_sweep.py --fp8``)."""
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     per_row = group >= k
-    block_n, block_k, warps = tile
+    block_n, block_k, warps = tile or gemv_tile(n, k)
     block_k = _k_tile(k, group, block_k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, s, w if bias is None else bias, out, n, K=k, KB=s.shape[1], G=group, PER_ROW=per_row,

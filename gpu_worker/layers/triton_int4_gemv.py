@@ -1,45 +1,36 @@
-"""The 4-bit GEMV for decode (M <= 4 rows): ``y = x @ W.T`` with W packed as in ``triton_int4``.
+"""The 4-bit CUDA-core GEMV for decode (a few rows): ``y = x @ W.T``, W in the K-major layout.
 
-No tensor cores: program ``(n, s)`` takes ``BLOCK_N`` outputs and the ``s``-th slice of K
-(split-K, so a narrow layer still fills the GPU). For each of the 8 nibbles of a word it
-multiplies the nibble plane ``[BLOCK_KW, BLOCK_N]`` by the inputs ``8r + i``, keeping ``sum(q x)``
-and ``sum(x)`` apart, so ``(. - z * .) * s`` costs once per word, not once per weight; where a
-group spans the whole tile (group 128, 16 word rows) the scales and zero points are one row a
-step. The next step's words are loaded before this step's arithmetic (two tiles in flight), and
-with programmatic dependent launch (Hopper) the first tile is loaded before the kernel waits for
-its predecessor's output (``pdl.py``; only the weight, scales and zeros, which no kernel writes,
-are read before the wait). Split-K parts meet in a workspace, and the last program of a tile to
-finish adds them up (``finish_tile``): one launch a layer, no zero-filled buffer.
+The layout (``triton_int4.py``, ``int4_format.pack_kmajor``): ``w [N, K/8]`` int32, one output's
+words contiguous, so a thread streams 16-byte vectors of 4 words along K; nibble ``i`` of such a
+block is 4 consecutive inputs (``32b + 4i + j`` in word ``4b + j``), so the activations of a
+nibble plane are one 8-byte load, not four. ``scales`` and ``zeros`` are ``[N, K/G]``.
+
+Program ``(n, s)`` takes ``BLOCK_N`` outputs and the ``s``-th slice of K (split-K), a step of
+``BLOCK_K`` inputs at a time, the next step's words loaded before this step's arithmetic. The
+arithmetic is what bounds a 4-bit GEMV on an H100 (3 TB/s is 6e12 weights a second, and an
+int-to-float conversion runs at an eighth of the FMA rate), so a weight costs a shift, an
+and/or and one FMA: its nibble is moved into the mantissa of 1.0 (``1 + q/16``, an exact float,
+no conversion), multiplied by ``x`` and summed over its group of ``G`` inputs (the tensors keep
+the words' own shape, plane by plane: no reshape, no layout change); only then the
+group's scale and zero point apply, once per group and output:
+``sum (q - z) s x = 16 s * (sum (1 + q/16) x - (1 + z/16) * sum x)``.
+Group sizes under 32 or not a power of two dequantize each weight instead (``PER_ELEM``).
+Split-K parts meet in a workspace and the last program of a tile adds them up (``finish_tile``):
+one launch a layer. With programmatic dependent launch the first step's words are read before
+the kernel waits for its predecessor (``pdl.py``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from treadle.gpu_worker.layers.int4_tiles import MAX_TILES, Tile, split_k
 from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, pdl_launch, pdl_supported
 
-MAX_TILES = 8192  # split-K counters a device keeps (each launch resets those it used)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _SMS: dict[int, int] = {}
-
-
-@dataclass(frozen=True)
-class GemvLaunch:
-    """The GEMV's tiles: ``block_n`` outputs x ``block_kw`` word rows (8 inputs each) a step,
-    ``warps`` a program, and K split until about ``per_sm`` programs run on each SM."""
-
-    block_n: int = 64
-    block_kw: int = 16
-    warps: int = 4
-    per_sm: int = 4
-
-
-GEMV = GemvLaunch()
 
 
 @triton.jit
@@ -47,8 +38,7 @@ def finish_tile(y, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split, rows, cols, M, 
     """Store a ``[rows, cols]`` tile of partial sums. Split K (``split`` > 1): every split writes
     its part to the workspace ``[split, M, N]``, and the last of them to arrive (a counter per
     tile) adds the parts up in split order, stores the result and resets the counter for the
-    next launch: no zero-filled buffer, no atomics on the output, no extra kernels (each costs
-    ~2 us a layer at batch 1, also inside a CUDA graph)."""
+    next launch: no zero-filled buffer, no atomics on the output, no extra kernels."""
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     if split == 1:
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -65,61 +55,90 @@ def finish_tile(y, out_ptr, ws_ptr, cnt_ptr, tile, pid_k, split, rows, cols, M, 
 
 
 @triton.jit
-def _load_step(w_ptr, s_ptr, z_ptr, kw0, kw_end, cols, col_mask, N, G: tl.constexpr, HAS_ZERO: tl.constexpr,
-               BLOCK_KW: tl.constexpr):
-    """The words, scales and zero points of the step at word row ``kw0`` (all masked off past
-    ``kw_end``: the prefetch after the last step reads nothing)."""
-    r = kw0 + tl.arange(0, BLOCK_KW)
-    wmask = (r < kw_end)[:, None] & col_mask[None, :]
-    w = tl.load(w_ptr + r[:, None].to(tl.int64) * N + cols[None, :], mask=wmask, other=0, eviction_policy="evict_first")
-    if G % (BLOCK_KW * 8) == 0:  # one group for the whole step (steps start at multiples of BLOCK_KW)
-        g = (kw0 * 8) // G
-        smask = col_mask & (kw0 + cols * 0 < kw_end)  # (a vector: the interpreter takes no scalar mask)
-        s = tl.load(s_ptr + g * N + cols, mask=smask, other=0.0).to(tl.float32)[None, None, :]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + cols, mask=smask, other=0).to(tl.float32)[None, None, :]
-        else:
-            z = s * 0.0 + 8.0
-    else:
-        grp = (r[:, None] * 8) // G * N + cols[None, :]
-        s = tl.load(s_ptr + grp, mask=wmask, other=0.0).to(tl.float32)[None, :, :]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + grp, mask=wmask, other=0).to(tl.float32)[None, :, :]
-        else:
-            z = s * 0.0 + 8.0
-    return w, s, z
+def _load_words(w_ptr, rows, row_mask, kw0, kw_end, KW, GT: tl.constexpr, SUBW: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """The step's words ``[1, BLOCK_N, GT, SUBW]`` (GT groups of SUBW words; the leading 1 is the
+    rows of x, so every tensor of a step is 4-D from its load on and broadcasts only along size-1
+    dimensions: no layout conversion). A K mask only where a step may run past the end (else the
+    loads stay 16-byte vectors)."""
+    col = kw0 + tl.arange(0, GT)[:, None] * SUBW + tl.arange(0, SUBW)[None, :]
+    ptrs = (w_ptr + rows[:, None, None].to(tl.int64) * KW + col[None, :, :])[None, :, :, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_mask[None, :, None, None], other=0, eviction_policy="evict_first")
+    mask = row_mask[None, :, None, None] & (col < kw_end)[None, None, :, :]
+    return tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, stride_xm, stride_om, KW_SPLIT,
-                 split, G: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_KW: tl.constexpr, PDL: tl.constexpr):
+def _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, KG, stride_xm,
+          G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, EVEN_K: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr, SUB: tl.constexpr):
+    """``acc [BLOCK_M, BLOCK_N, GT, SUB/8]`` plus one step's products (``w``: its words), nibble
+    plane by nibble plane: plane ``i`` of a 4-word block is 4 consecutive inputs (``pack_kmajor``).
+    Sums stay per word position (no reduction until the end); the group's scale and zero point
+    apply per word, once for its 8 weights."""
+    jj = tl.arange(0, SUB // 8)
+    col = kw0 + tl.arange(0, GT)[:, None] * (SUB // 8) + jj[None, :]  # [GT, SUB/8] words
+    kb = kw0 * 8 + tl.arange(0, GT)[:, None] * SUB + ((jj // 4) * 32 + jj % 4)[None, :]  # nibble 0's inputs
+    xp = x_ptr + ms[:, None, None, None] * stride_xm + kb[None, None, :, :]  # [BLOCK_M, 1, GT, SUB/8]
+    if EVEN_K:
+        xmask = m_mask[:, None, None, None]
+    else:
+        xmask = m_mask[:, None, None, None] & (col < kw_end)[None, None, :, :]
+    t = tl.zeros((BLOCK_M, BLOCK_N, GT, SUB // 8), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_M, 1, GT, SUB // 8), dtype=tl.float32)
+    for i in tl.static_range(8):
+        f = ((((w >> (4 * i)) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
+        x = tl.load(xp + 4 * i, mask=xmask, other=0.0).to(tl.float32)
+        if PER_ELEM:  # a group size that steps cannot follow: each weight's own scale and zero point
+            grp = rows[None, :, None, None] * KG + ((kb + 4 * i) // G)[None, None, :, :]
+            s = tl.load(s_ptr + grp, mask=row_mask[None, :, None, None], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + grp, mask=row_mask[None, :, None, None], other=0).to(tl.float32)
+            else:
+                z = 8.0
+            t += (f - 1.0 - z * 0.0625) * (s * 16.0) * x
+        else:
+            t += f * x
+            xs += x
+    if PER_ELEM:
+        return acc + t
+    grp = rows[None, :, None, None] * KG + ((kw0 * 8 + tl.arange(0, GT) * SUB) // G)[None, None, :, None]
+    s = tl.load(s_ptr + grp, mask=row_mask[None, :, None, None], other=0.0).to(tl.float32) * 16.0
+    if HAS_ZERO:
+        zc = 1.0 + tl.load(z_ptr + grp, mask=row_mask[None, :, None, None], other=0).to(tl.float32) * 0.0625
+    else:
+        zc = s * 0.0 + 1.5
+    return acc + (t - xs * zc) * s
+
+
+@triton.jit(do_not_specialize=["M", "split"])  # one binary for every batch size
+def _fma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, KW, KG, stride_xm, stride_om, KW_SPLIT,
+                split, G: tl.constexpr, HAS_ZERO: tl.constexpr, PER_ELEM: tl.constexpr, EVEN_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GT: tl.constexpr,
+                SUB: tl.constexpr, PDL: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
     ms = tl.arange(0, BLOCK_M)
     m_mask = ms < M
     kw_start = pid_k * KW_SPLIT
     kw_end = tl.minimum(kw_start + KW_SPLIT, KW)
     allow_dependents(PDL)
-    w, s, z = _load_step(w_ptr, s_ptr, z_ptr, kw_start, kw_end, cols, col_mask, N, G, HAS_ZERO, BLOCK_KW)
+    w = _load_words(w_ptr, rows, row_mask, kw_start, kw_end, KW, GT, SUB // 8, EVEN_K)
     if PDL:
         gdc_wait()  # the predecessor's writes (our x) are complete and visible from here on
-    acc = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
-    for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        w_next, s_next, z_next = _load_step(w_ptr, s_ptr, z_ptr, kw0 + BLOCK_KW, kw_end, cols, col_mask, N, G,
-                                            HAS_ZERO, BLOCK_KW)
-        r = kw0 + tl.arange(0, BLOCK_KW)
-        xmask = m_mask[:, None] & (r < kw_end)[None, :]
-        t = tl.zeros((BLOCK_M, BLOCK_KW, BLOCK_N), dtype=tl.float32)
-        xs = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptr + ms[:, None] * stride_xm + r[None, :] * 8 + i, mask=xmask, other=0.0).to(tl.float32)
-            t += xi[:, :, None] * ((w >> (4 * i)) & 0xF).to(tl.float32)[None, :, :]
-            xs += xi
-        acc += (t - xs[:, :, None] * z) * s
-        w, s, z = w_next, s_next, z_next
-    finish_tile(tl.sum(acc, axis=1), out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, cols, M, N, stride_om)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, GT, SUB // 8), dtype=tl.float32)
+    for kw0 in range(kw_start, kw_end - BLOCK_KW, BLOCK_KW):  # every step but the last
+        w_next = _load_words(w_ptr, rows, row_mask, kw0 + BLOCK_KW, kw_end, KW, GT, SUB // 8, EVEN_K)
+        acc = _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, kw0, kw_end, KG, stride_xm, G,
+                    HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_M, BLOCK_N, GT, SUB)
+        w = w_next
+    last = kw_start + (kw_end - kw_start - 1) // BLOCK_KW * BLOCK_KW
+    acc = _step(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, ms, m_mask, last, kw_end, KG, stride_xm, G,
+                HAS_ZERO, PER_ELEM, EVEN_K, BLOCK_M, BLOCK_N, GT, SUB)
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
+    finish_tile(y, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, split, ms, rows, M, N, stride_om)
 
 
 def sm_count(device: torch.device) -> int:
@@ -127,14 +146,6 @@ def sm_count(device: torch.device) -> int:
     if idx not in _SMS:
         _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SMS[idx]
-
-
-def split_k(tiles: int, steps: int, sms: int, per_sm: int = 4) -> int:
-    """Split K in as many parts as it takes for ``per_sm`` programs an SM, each keeping >= 2 K
-    steps (1 where the tiles would overrun the counters)."""
-    if tiles > MAX_TILES:
-        return 1
-    return max(1, min(-(-per_sm * sms // tiles), steps // 2))
 
 
 def outputs(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,18 +158,39 @@ def outputs(x: torch.Tensor, m: int, n: int, split: int) -> tuple[torch.Tensor, 
     return out, torch.empty((split, m, n), dtype=torch.float32, device=x.device), _COUNTERS[x.device]
 
 
-def int4_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
-              sms: int, launch: Optional[GemvLaunch] = None) -> torch.Tensor:
-    """``x [M <= 4, K] @ W.T`` (checked by ``triton_int4.int4_matmul``, which calls this)."""
-    g = launch or GEMV
+def group_steps(group: int, k: int, block_k: int) -> tuple[int, int, bool]:
+    """``(SUB, GT, PER_ELEM)``: a step of ``block_k`` inputs as GT groups of SUB, or, where the
+    groups do not tile it (smaller than a 4-word block, or not a power of two), one span
+    dequantized weight by weight."""
+    if group >= k or group % block_k == 0:
+        return block_k, 1, False
+    if block_k % group == 0 and group & (group - 1) == 0 and group >= 32:
+        return group, block_k // group, False
+    return block_k, 1, True
+
+
+def splits(tiles: int, steps: int, sms: int, wanted: int) -> int:
+    """K parts: ``wanted`` (0: ``split_k``'s), at most one a step, 1 past the counters."""
+    split = wanted or split_k(tiles, steps, sms)
+    return 1 if tiles > MAX_TILES else max(1, min(split, steps))
+
+
+def fma_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+             tile: Tile, sms: int) -> torch.Tensor:
+    """``x [M, K] @ W.T`` on CUDA cores (checked by ``triton_int4.int4_matmul``, which calls this)."""
     m, k = x.shape
-    n, kw = w.shape[1], k // 8
-    split = split_k(triton.cdiv(n, g.block_n), triton.cdiv(kw, g.block_kw), sms, g.per_sm)
-    kw_split = triton.cdiv(triton.cdiv(kw, split), g.block_kw) * g.block_kw
+    n, kw = w.shape
+    block_k = max(32, min(tile.block_k, triton.next_power_of_2(k)))
+    bkw = block_k // 8
+    sub, gt, per_elem = group_steps(group, k, block_k)
+    steps = triton.cdiv(kw, bkw)
+    split = splits(triton.cdiv(n, tile.block_n), steps, sms, tile.split)
+    kw_split = triton.cdiv(triton.cdiv(kw, split), bkw) * bkw
     split = triton.cdiv(kw, kw_split)
     out, ws, cnt = outputs(x, m, n, split)
-    _gemv_kernel[(triton.cdiv(n, g.block_n), split)](
-        x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, kw, x.stride(0), out.stride(0),
-        kw_split, split, G=group, HAS_ZERO=zeros is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=g.block_n,
-        BLOCK_KW=g.block_kw, num_warps=g.warps, **pdl_launch(x.is_cuda and pdl_supported(x.device)))
+    _fma_kernel[(triton.cdiv(n, tile.block_n), split)](
+        x, w, scales, scales if zeros is None else zeros, out, ws, cnt, m, n, kw, scales.shape[1], x.stride(0),
+        out.stride(0), kw_split, split, G=group, HAS_ZERO=zeros is not None, PER_ELEM=per_elem,
+        EVEN_K=kw % bkw == 0, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=tile.block_n, BLOCK_KW=bkw, GT=gt, SUB=sub,
+        num_warps=tile.warps, num_stages=1, **pdl_launch(x.is_cuda and pdl_supported(x.device)))
     return out

@@ -102,6 +102,33 @@ def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     return word
 
 
+def pack_kmajor(codes: torch.Tensor, rows_at_once: int = 4096) -> torch.Tensor:
+    """``[K, N]`` codes 0..15 -> the Triton kernels' ``[N, K/8]`` int32 words
+    (``layers/triton_int4.py``): one output's words contiguous, in blocks of 4 words (16 bytes)
+    holding 32 consecutive inputs, input ``32b + 4i + j`` in nibble ``i`` of word ``4b + j``, so
+    nibble ``i`` of a block's 4 words is 4 consecutive inputs. In row chunks: the int32
+    temporaries stay small."""
+    k, n = codes.shape
+    if k % 32:
+        raise ValueError(f"cannot pack {k} inputs of 4-bit codes for the GPU kernels (not a multiple of 32)")
+    words = torch.empty((n, k // 8), dtype=torch.int32, device=codes.device)
+    for n0 in range(0, n, rows_at_once):
+        c = codes[:, n0:n0 + rows_at_once].t().to(torch.int32).reshape(-1, k // 32, 8, 4)
+        word = c[:, :, 0].clone()
+        for i in range(1, 8):  # int32 shifts wrap into the sign bit, which is what the packed word holds
+            word |= c[:, :, i] << (4 * i)
+        words[n0:n0 + rows_at_once] = word.reshape(-1, k // 8)
+    return words
+
+
+def unpack_kmajor(words: torch.Tensor) -> torch.Tensor:
+    """``pack_kmajor``'s ``[N, K/8]`` words -> ``[K, N]`` uint8 codes."""
+    n, kw = words.shape
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=words.device)
+    nib = (words.to(torch.int32).reshape(n, kw // 4, 1, 4) >> shifts[None, None, :, None]) & 0xF  # [N, K/32, 8, 4]
+    return nib.reshape(n, kw * 8).t().to(torch.uint8)
+
+
 def logical(cfg: Int4Config, part: str, t: torch.Tensor) -> torch.Tensor:
     """One checkpoint part in the shared shapes: ``qweight`` -> codes ``[in, out]`` uint8,
     ``qzeros`` -> zeros ``[groups, out]`` uint8 (offset applied: 0..16), ``scales`` as stored,

@@ -1,12 +1,14 @@
 """AWQ / GPTQ linear layers that keep their weight packed (4 bits a weight) on the device.
 
-``Int4Method`` is the ``layers.linear.quantized_layers`` format of a 4-bit checkpoint. Each layer
-holds this rank's shard in the layout the Triton kernels read (``layers/triton_int4.py``):
+``Int4Method`` is the ``layers.linear.quantized_layers`` format of a 4-bit checkpoint. While it
+loads, a layer holds this rank's shard as ``qweight`` int32 ``[K/8, N]`` (nibble ``i`` of word row
+``r`` is input ``8r + i``: GPTQ's own packing; AWQ's is repacked), ``scales`` ``[K/G, N]`` in the
+checkpoint's dtype and ``qzeros`` uint8 ``[K/G, N]`` (the real zero point, 0..16). ``finish`` then
+puts them in the K-major layout the Triton kernels stream (``layers/triton_int4.py``):
 
-- ``qweight`` int32 ``[K/8, N]``: nibble ``i`` of word row ``r`` is input ``8r + i`` (GPTQ's own
-  packing; AWQ's is repacked at load), so a kernel reads each packed word once;
-- ``scales`` ``[K/G, N]`` in the checkpoint's dtype, ``qzeros`` uint8 ``[K/G, N]`` (the real zero
-  point, 0..16; dropped where all are 8, as in symmetric GPTQ);
+- ``qweight`` ``[N, K/8]`` (``int4_format.pack_kmajor``: one output's words contiguous, read as
+  16-byte vectors of 32 inputs), ``scales`` and ``qzeros`` ``[N, K/G]``; zero points dropped
+  where all are 8 (symmetric GPTQ);
 - with GPTQ ``desc_act``, the inputs sorted by group at ``finish``, and ``int4_perm`` to gather
   the activations in that order (one ``index_select`` before the product).
 
@@ -32,7 +34,8 @@ from treadle.gpu_worker.distributed import tp_rank, tp_size
 from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                               QKVParallelLinear)
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
-from treadle.gpu_worker.quant.int4_format import Int4Config, dequantize, logical, pack_rows, unpack_rows
+from treadle.gpu_worker.quant.int4_format import (Int4Config, dequantize, logical, pack_kmajor, pack_rows,
+                                                  unpack_kmajor, unpack_rows)
 
 
 def out_slices(layer: LinearBase, shard_id: Any, full_out: int) -> list[tuple[int, int, int]]:
@@ -73,8 +76,8 @@ class Int4Method:
         k, n, cfg = layer.in_size, layer.out_size, self.cfg
         g = _group(cfg, k)
         in_start = getattr(layer, "in_start", 0)
-        if k % 8:
-            raise ValueError(f"{cfg.method.upper()}: a layer's {k} inputs on this rank are not a multiple of 8")
+        if k % 32:  # (the kernels' 16-byte blocks of 32 inputs)
+            raise ValueError(f"{cfg.method.upper()}: a layer's {k} inputs on this rank are not a multiple of 32")
         if not cfg.desc_act and cfg.group_size != -1 and (k % g or in_start % g):
             raise ValueError(f"{cfg.method.upper()} group_size {g}: this rank's inputs [{in_start}, {in_start + k}) "
                              f"of a {type(layer).__name__} cut through a group (tp_size {tp_size()}); quantization "
@@ -141,7 +144,8 @@ class Int4Method:
 
     def finish(self, layer: LinearBase) -> None:
         """After loading: sort desc_act inputs by group (``int4_perm`` gathers the activations to
-        match) and drop all-8 zero points (the kernels then skip reading them)."""
+        match), drop all-8 zero points (the kernels then skip reading them) and transpose every
+        part to ``[N, .]``."""
         g, k = layer.int4_group, layer.in_size
         if self.cfg.desc_act:
             g_idx = layer.g_idx.data
@@ -161,11 +165,17 @@ class Int4Method:
         if bool((layer.qzeros.data == 8).all()):
             del layer._parameters["qzeros"]
             layer.qzeros = None
+        layer.qweight.data = pack_kmajor(unpack_rows(layer.qweight.data))  # the kernels' K-major layout
+        for p in (layer.scales, layer.qzeros):
+            if p is not None:
+                p.data = p.data.t().contiguous()
 
     # ---- the product ---------------------------------------------------------------------------
     def weight(self, layer: LinearBase) -> torch.Tensor:
-        """The layer's ``[out, in]`` float32 weight (in kernel input order): the reference."""
-        return dequantize(unpack_rows(layer.qweight), layer.qzeros, layer.scales)
+        """The layer's ``[out, in]`` float32 weight (in kernel input order; after ``finish``): the
+        reference."""
+        zeros = None if layer.qzeros is None else layer.qzeros.t()
+        return dequantize(unpack_kmajor(layer.qweight), zeros, layer.scales.t())
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         shape = x.shape

@@ -14,8 +14,8 @@ from treadle.gpu_worker import distributed
 from treadle.gpu_worker.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                               quantized_layers)
 from treadle.gpu_worker.loader import init_dummy_weights
-from treadle.gpu_worker.quant.int4_format import (Int4Config, dequantize_parts, dequantized, int4_config, pack_rows,
-                                                  unpack_rows)
+from treadle.gpu_worker.quant.int4_format import (Int4Config, dequantize_parts, dequantized, int4_config,
+                                                  pack_kmajor, pack_rows, unpack_kmajor, unpack_rows)
 from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4
 from treadle.runtime.hf_config import check_quantization
 
@@ -36,6 +36,19 @@ def test_pack_rows_round_trips_and_matches_the_gptq_packing():
     assert torch.equal(pack_rows(unpack_rows(qweight)), qweight)
     with pytest.raises(ValueError, match="multiple of 8"):
         pack_rows(codes[:60])
+
+
+def test_kmajor_packing_puts_32_inputs_in_each_4_word_block():
+    """The GPU kernels' layout: word ``4b + j`` of an output holds input ``32b + 4i + j`` in
+    nibble ``i`` (chunked packing gives the same words)."""
+    codes = torch.randint(0, 16, (96, 10), dtype=torch.uint8)
+    words = pack_kmajor(codes, rows_at_once=3)
+    assert words.shape == (10, 12) and torch.equal(words, pack_kmajor(codes))
+    assert torch.equal(unpack_kmajor(words), codes)
+    for n, b, i, j in [(0, 0, 0, 0), (3, 2, 5, 1), (9, 1, 7, 3)]:
+        assert (int(words[n, 4 * b + j]) >> (4 * i)) & 0xF == int(codes[32 * b + 4 * i + j, n])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_kmajor(codes[:48])
 
 
 def test_unpacking_stays_on_the_words_device():
