@@ -14,16 +14,19 @@ explicit ``mem_fraction_static`` keeps SGLang's rule (``kv_cache.kv_tokens_from_
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from treadle.gpu_worker.kv_cache import KVCache
+from treadle.gpu_worker.kv_cache import KVCache, kv_tokens_from_memory
+from treadle.runtime.server_args import MEM_FRACTION_STATIC
 
 if TYPE_CHECKING:
     from treadle.gpu_worker.model_runner import ModelRunner
 
+logger = logging.getLogger("treadle.worker")
 GIB = 1 << 30
 MARGIN_MIN_BYTES = GIB  # cuBLAS/NCCL workspaces, Triton scratch, allocator fragmentation: never less than this
 MARGIN_FRACTION = 0.05  # ... nor less than this share of the card
@@ -105,3 +108,24 @@ def profile_kv_pool(runner: "ModelRunner", num_layers: int, num_kv_heads: int, h
         tokens = int(t.item())
     cfg.kv_tokens = tokens
     return KvSizing(tokens, peak, reserve, (total - free + tokens * per_token) / total)
+
+
+def size_kv_pool(runner: "ModelRunner", attn: list) -> Optional[KvSizing]:
+    """Set ``runner.cfg.kv_tokens`` when it is not given: from a measured prefill (CUDA, no
+    ``mem_fraction_static``, no draft model: its pool takes the fixed share), else from
+    ``mem_fraction_static`` (SGLang's rule). ``attn``: the model's attention layers."""
+    from treadle.gpu_worker.warmup import should_warm_up
+
+    cfg, draft = runner.cfg, runner.draft
+    width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
+    layers = len(attn) + (draft.kv_layers_like(width) if draft is not None else 0)
+    if (cfg.kv_tokens <= 0 and cfg.mem_fraction_static is None and runner.device.type == "cuda"
+            and draft is None and should_warm_up(runner, with_cache=False)):
+        sizing = profile_kv_pool(runner, len(attn), attn[0].num_kv_heads, attn[0].head_dim)
+        logger.info("KV pool sized from a measured prefill of %d tokens: %s", cfg.prefill_tokens, sizing.report())
+        return sizing
+    if cfg.kv_tokens <= 0:
+        cfg.kv_tokens = kv_tokens_from_memory(runner.device, runner.kv_dtype, layers, width,
+                                              cfg.mem_fraction_static or MEM_FRACTION_STATIC,
+                                              cfg.context_len, cfg.tp_size * cfg.pp_size)
+    return None

@@ -22,8 +22,8 @@ from treadle.gpu_worker.cuda_graph import DecodeGraphs
 from treadle.gpu_worker.distributed import broadcast_int, init_parallel
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.host_to_device import to_device
-from treadle.gpu_worker.kv_cache import KVCache, kv_tokens_from_memory
-from treadle.gpu_worker.kv_sizing import KvSizing, profile_kv_pool
+from treadle.gpu_worker.kv_cache import KVCache
+from treadle.gpu_worker.kv_sizing import KvSizing, size_kv_pool
 from treadle.gpu_worker.launched import HostIdRing, Launched
 from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.attention import Attention
@@ -39,42 +39,29 @@ from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
 from treadle.gpu_worker.sampler import Sampler
+from treadle.gpu_worker.runner_info import phase_clock, runner_info
 from treadle.gpu_worker.spec_draft import DraftModel
-from treadle.gpu_worker.spec_eagle import EagleDraft
+from treadle.gpu_worker.spec_eagle import EagleDraft, build_draft
 from treadle.gpu_worker.spec_tree import check_tree_model, tree_attention, tree_backend
 from treadle.gpu_worker.spec_verify import Verified
-from treadle.gpu_worker.warmup import should_warm_up
 from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
-from treadle.gpu_worker.torchao_quant import apply_torchao, tensor_bytes
+from treadle.gpu_worker.torchao_quant import apply_torchao
 from treadle.runtime.llava_layout import load_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
-from treadle.runtime.server_args import MEM_FRACTION_STATIC
 
 __all__ = ["Launched", "ModelRunner", "RunnerConfig", "resolve_dtype", "resolve_kv_dtype"]
 
 logger = logging.getLogger("treadle.worker")
 
 
-def _phase_clock(phases: dict[str, float]) -> Callable[[str], None]:
-    """``phase(name)`` records under ``name`` the seconds since the previous call (the first: since now)."""
-    mark = time.perf_counter()
-
-    def phase(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        phases[name] = round(now - mark, 3)
-        mark = now
-    return phase
-
-
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig):
         self.cfg = cfg
         self.startup_phases: dict[str, float] = {}  # seconds per start-up phase, for the log and benchmarks
-        phase = _phase_clock(self.startup_phases)
+        phase = phase_clock(self.startup_phases)
         self.device = claim_device(cfg.device)
         batch_invariant.enable(cfg.deterministic)  # enable_deterministic_inference: one switch per process
         if cfg.deterministic:  # the fused reduce + norm kernel takes only small batches: one norm code for all
@@ -113,16 +100,9 @@ class ModelRunner:
         self.lora_adapters: dict[str, LoRAAdapter] = {}
         if cfg.lora_slots > 0:
             self.lora = LoRAPool(self.model, cfg.lora_slots, cfg.lora_rank, self.device, self.dtype, cfg.lora_targets)
-        self.draft: Optional[Union[DraftModel, EagleDraft]] = None  # speculative decoding's draft model / head
         if cfg.spec_topk > 1:
             check_tree_model(self.model)
-        if cfg.draft_model_dir is not None:
-            if cfg.pp_size > 1:
-                raise ValueError(f"speculative_algorithm={cfg.spec_algorithm or 'STANDALONE'!r} does not run with "
-                                 "pp_size > 1 yet")
-            self.draft = (EagleDraft(cfg.draft_model_dir, self, cfg.spec_algorithm == "EAGLE3", cfg.spec_topk,
-                                     cfg.spec_steps) if cfg.spec_algorithm in ("EAGLE", "EAGLE3")
-                          else DraftModel(cfg.draft_model_dir, self))
+        self.draft: Optional[Union[DraftModel, EagleDraft]] = build_draft(self)  # speculative decoding's draft
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
@@ -156,17 +136,7 @@ class ModelRunner:
         self.attn_backend = create_backend(name, device=self.device, dtype=self.dtype)
         self.sampler = Sampler(cfg.max_slots, self.device, cfg.random_seed)
         self._host_ids = HostIdRing(cfg.max_slots) if self.device.type == "cuda" else None
-        width = attn[0].num_kv_heads * attn[0].head_dim  # a draft model's pool takes the same tokens
-        layers = len(attn) + (self.draft.kv_layers_like(width) if self.draft is not None else 0)
-        if (cfg.kv_tokens <= 0 and cfg.mem_fraction_static is None and self.device.type == "cuda"
-                and self.draft is None and should_warm_up(self, with_cache=False)):  # (a draft model: the fixed share)
-            self.kv_sizing = profile_kv_pool(self, len(attn), attn[0].num_kv_heads, attn[0].head_dim)
-            logger.info("KV pool sized from a measured prefill of %d tokens: %s", cfg.prefill_tokens,
-                        self.kv_sizing.report())
-        elif cfg.kv_tokens <= 0:
-            cfg.kv_tokens = kv_tokens_from_memory(self.device, self.kv_dtype, layers, width,
-                                                  cfg.mem_fraction_static or MEM_FRACTION_STATIC,
-                                                  cfg.context_len, cfg.tp_size * cfg.pp_size)
+        self.kv_sizing = size_kv_pool(self, attn)
         # One spare KV location and one spare slot row: padded rows of a CUDA-graph batch write there.
         self.kv_cache = KVCache(len(attn), cfg.kv_tokens + 1, attn[0].num_kv_heads, attn[0].head_dim,
                                 self.kv_dtype, self.device)
@@ -188,33 +158,8 @@ class ModelRunner:
         return self.text_config.vocab_size
 
     def info(self) -> dict[str, Any]:
-        params = list(self.model.parameters())
-        return {
-            "architecture": type(self.model).__name__,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "num_params": sum(p.numel() for p in params),  # this rank's shard
-            "weight_bytes": sum(tensor_bytes(p) for p in params),  # torchao's packed tensors at their size
-            "kv_bytes": self.kv_cache.nbytes if self.kv_cache is not None else 0,
-            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
-            "is_encoder": self.is_encoder,
-            "pooling_mode": self.pooling.mode,
-            "normalize": self.pooling.normalize,
-            "kv_tokens": self.cfg.kv_tokens,
-            "max_slots": self.cfg.max_slots,
-            "context_len": self.cfg.context_len,
-            "vocab_size": self.vocab_size,
-            "attention_backend": self.cfg.attention_backend,
-            "tp_rank": self.cfg.tp_rank,
-            "tp_size": self.cfg.tp_size,
-            "pp_rank": self.cfg.pp_rank,
-            "pp_size": self.cfg.pp_size,
-            "kv_layers": self.kv_cache.buf.shape[1] if self.kv_cache is not None else 0,  # this stage's layers
-            "cuda_graph_bs": self.graphs.sizes if self.graphs is not None else [],
-            "cuda_graph_capture_time": self.graph_capture_time,
-            "startup_phases": self.startup_phases,
-            "kv_sizing": self.kv_sizing.report() if self.kv_sizing is not None else {},
-        }
+        """What the worker reports at start-up and in ``get_server_info`` (``runner_info``)."""
+        return runner_info(self)
 
     @torch.inference_mode()
     def forward(self, plan: ForwardPlan) -> tuple[list[int], dict[int, RowOut]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -33,6 +33,11 @@ from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.models.llama_eagle import EagleHead, eagle3_capture_layers
 from treadle.runtime.messages import ForwardPlan
+
+from treadle.gpu_worker.spec_draft import DraftModel
+
+if TYPE_CHECKING:
+    from treadle.gpu_worker.model_runner import ModelRunner
 
 
 def read_head(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -273,3 +278,17 @@ class _Tree:
         best.sort()
         index = {0: 0, **{c: i + 1 for i, c in enumerate(best)}}
         return [self.nodes[c][0] for c in best], [index[self.nodes[c][1]] for c in best]
+
+
+def build_draft(runner: "ModelRunner") -> Optional[Union[DraftModel, EagleDraft]]:
+    """The runner's draft: an EAGLE / EAGLE3 head or a STANDALONE draft model, or None without
+    ``speculative_draft_model_path`` (NGRAM drafts on the scheduler)."""
+    cfg = runner.cfg
+    if cfg.draft_model_dir is None:
+        return None
+    if cfg.pp_size > 1:
+        raise ValueError(f"speculative_algorithm={cfg.spec_algorithm or 'STANDALONE'!r} does not run with "
+                         "pp_size > 1 yet")
+    if cfg.spec_algorithm in ("EAGLE", "EAGLE3"):
+        return EagleDraft(cfg.draft_model_dir, runner, cfg.spec_algorithm == "EAGLE3", cfg.spec_topk, cfg.spec_steps)
+    return DraftModel(cfg.draft_model_dir, runner)
