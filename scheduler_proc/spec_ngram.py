@@ -8,6 +8,21 @@ wrong guess costs only the extra positions of that forward, never a different ou
 
 from __future__ import annotations
 
+from typing import Iterator
+
+
+def _suffix_matches(ids: list[int], max_window: int) -> Iterator[tuple[int, int]]:
+    """``(length, end)`` for each earlier position ``end`` holding the last token, most recent
+    first: how many tokens (up to ``max_window``) ending there equal the sequence's suffix."""
+    n, last = len(ids), ids[-1]
+    for end in range(n - 2, -1, -1):
+        if ids[end] != last:
+            continue
+        length, cap = 1, min(max_window, end + 1)
+        while length < cap and ids[end - length] == ids[n - 1 - length]:
+            length += 1
+        yield length, end
+
 
 def ngram_draft(ids: list[int], max_tokens: int, min_window: int = 1, max_window: int = 12) -> list[int]:
     """Up to ``max_tokens`` tokens that followed the earlier occurrence of the sequence's suffix
@@ -16,15 +31,8 @@ def ngram_draft(ids: list[int], max_tokens: int, min_window: int = 1, max_window
     n = len(ids)
     if max_tokens <= 0 or n < min_window + 1:
         return []
-    last = ids[-1]
     best_len, best_end = 0, -1
-    # candidates: earlier positions holding the last token, most recent first
-    for end in range(n - 2, -1, -1):
-        if ids[end] != last:
-            continue
-        length, cap = 1, min(max_window, end + 1)
-        while length < cap and ids[end - length] == ids[n - 1 - length]:
-            length += 1
+    for length, end in _suffix_matches(ids, max_window):
         if length > best_len:
             best_len, best_end = length, end
             if length == max_window:
@@ -44,15 +52,7 @@ def ngram_tree(ids: list[int], max_nodes: int, branches: int, min_window: int = 
     n = len(ids)
     if max_nodes <= 0 or n < min_window + 1:
         return [], []
-    last, found = ids[-1], []
-    for end in range(n - 2, -1, -1):
-        if ids[end] != last:
-            continue
-        length, cap = 1, min(max_window, end + 1)
-        while length < cap and ids[end - length] == ids[n - 1 - length]:
-            length += 1
-        if length >= min_window:
-            found.append((length, end))
+    found = [(length, end) for length, end in _suffix_matches(ids, max_window) if length >= min_window]
     found.sort(key=lambda m: (-m[0], -m[1]))
     conts, seen = [], set()
     for _, end in found:

@@ -150,21 +150,26 @@ def _homogeneous(a: list[int], b: list[int]) -> float:
         return 1.0
     return chi2_contingency(table).pvalue
 
-
-def test_sampling_keeps_the_distribution(ngram, engine):
-    """Chi-square: the second to fourth sampled tokens (from verify steps) are distributed as
-    without speculation. The prompt makes n-gram drafts likely but not certain. (Rejection
-    sampling against a draft model's q: tests/unit/test_spec_decoding.py.)"""
-    prompt = ["red green blue, red green blue, red green"] * 120
+def assert_sampling_matches(engine, spec, prompt: str) -> None:
+    """120 samples of 4 tokens (temperature 1, top-k 4) from ``engine`` and from the speculating
+    ``spec``: some drafts are accepted, and the second to fourth tokens (the verify steps')
+    pass the chi-square test of one distribution."""
     params = {"temperature": 1.0, "top_k": 4, "max_new_tokens": 4}
-    base = [o["output_ids"] for o in engine.generate(prompt, params)]
-    got = ngram.generate(prompt, params)
+    base = [o["output_ids"] for o in engine.generate([prompt] * 120, params)]
+    got = spec.generate([prompt] * 120, params)
     assert sum(o["meta_info"]["spec_num_correct_drafts"] for o in got) > 0
     got_ids = [o["output_ids"] for o in got]
     for pos in (1, 2, 3):
         a = [ids[pos] for ids in base if len(ids) > pos]
         b = [ids[pos] for ids in got_ids if len(ids) > pos]
         assert _homogeneous(a, b) > 1e-3, pos
+
+
+def test_sampling_keeps_the_distribution(ngram, engine):
+    """Chi-square: the second to fourth sampled tokens (from verify steps) are distributed as
+    without speculation. The prompt makes n-gram drafts likely but not certain. (Rejection
+    sampling against a draft model's q: tests/unit/test_spec_decoding.py.)"""
+    assert_sampling_matches(engine, ngram, "red green blue, red green blue, red green")
 
 
 def test_standalone_sampling_runs_and_counts(standalone):
