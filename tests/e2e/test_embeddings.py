@@ -28,13 +28,6 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    eng = Engine(model_path="all-MiniLM-L6-v2", is_embedding=True)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def st_reference():
     from sentence_transformers import SentenceTransformer
 
