@@ -1,4 +1,5 @@
-"""Shared fixtures: one default-model engine for the whole session, and HF's reference model."""
+"""Shared fixtures: one default-model engine and one MiniLM embedding engine for the whole session
+(each start-up costs 12-17 s on the 2-core CI machine), and HF's reference model."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def engine():
     from treadle import Engine
 
     eng = Engine(model_path="default", random_seed=0)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """One all-MiniLM-L6-v2 embedding engine for every module that serves it (in process, over
+    HTTP, through ``RemoteEngine``): encode calls leave it as they found it."""
+    from treadle import Engine
+
+    eng = Engine(model_path="all-MiniLM-L6-v2", is_embedding=True)
     yield eng
     eng.shutdown()
 

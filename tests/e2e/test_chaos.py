@@ -11,7 +11,10 @@ The rounds are the eight (victim, fault) pairs in a seeded order, each fault a s
 time (0 to 3 s) after the load's first result. The seed is printed with every round
 (``TREADLE_CHAOS_SEED=N`` replays it, ``TREADLE_CHAOS_ROUNDS`` changes the count).
 ``bench/soak.py`` is the hour-long version and holds the round itself (``run_round``); a round
-here takes 12 to 25 s on 2 CPU cores, most of it the engine's start-up.
+here takes 12 to 25 s on 2 CPU cores, most of it the engine's start-up. Each round also holds
+what a single-victim kill or freeze test would check (every pending call ends within 5 s of a
+SIGKILL, or of the heartbeat timeout after a SIGSTOP, with an EngineDeadError naming the victim):
+those would pay eight more start-ups for the same eight (victim, fault) pairs.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ def test_a_random_child_fault_under_mixed_load(n, soak, monkeypatch):
     else:  # the exit is seen at the next poll of the children (100 ms)
         assert fig["detect_s"] < 2, where
         assert "exited unexpectedly" in fig["dead_message"], where
+    # The calls pending at the fault end by themselves soon after it (not only within the round's
+    # generous drain bound), each with the EngineDeadError that names the victim.
+    assert fig["drain_s"] < (HEARTBEAT_TIMEOUT_S if fault == "SIGSTOP" else 0) + 5, f"{where}: {fig['drain_s']} s"
+    assert fig["dead_messages"] and all(victim in m for m in fig["dead_messages"]), f"{where}: {fig['dead_messages']}"
     before, after = fig["client_before"], fig["client_after"]
     assert after["fds"] <= before["fds"] and after["threads"] <= before["threads"], f"{where}: {before} -> {after}"
 

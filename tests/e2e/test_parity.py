@@ -19,6 +19,7 @@ PROMPTS = [
     "Once upon a time, in a small village,",
 ]
 NEW_TOKENS = 64
+ALONE = 3  # prompts also run one at a time (chat and raw): each is 64 sequential steps; the batch test runs all
 
 
 def encode(tok, text: str, i: int) -> list[int]:
@@ -43,7 +44,7 @@ def hf_outputs(hf_gguf_model, hf_tokenizer):
 
 
 def test_greedy_alone_matches_hf(engine, hf_outputs):
-    for ids, want in hf_outputs:
+    for ids, want in hf_outputs[:ALONE]:
         got = engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS})
         assert got["output_ids"] == want
 

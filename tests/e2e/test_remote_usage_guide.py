@@ -270,15 +270,6 @@ def test_api_key_and_an_unreachable_server(engine):
 
 
 # ------------------------------------------------------------------ embeddings
-@pytest.fixture(scope="module")
-def minilm():
-    from treadle import Engine
-
-    eng = Engine(model_path="all-MiniLM-L6-v2", is_embedding=True)
-    yield eng
-    eng.shutdown()
-
-
 def test_embeddings_through_http_equal_in_process(minilm):
     prompts = ["Hello world", "SGLang is fast"]
     with serve_in_thread(minilm, served_model_name="all-MiniLM-L6-v2") as url:

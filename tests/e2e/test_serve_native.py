@@ -209,12 +209,12 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_keeps_serving(
     assert client.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
 
 
-def test_encode_on_a_generation_model_is_a_400_and_on_an_embedding_model_matches(client: httpx.Client) -> None:
+def test_encode_on_a_generation_model_is_a_400_and_on_an_embedding_model_matches(client: httpx.Client,
+                                                                                 minilm: Any) -> None:
     r = client.post("/encode", json={"text": "hello"})
     assert r.status_code == 400 and "embedding" in r.json()["error"]["message"]
-    from treadle import Engine
-
-    with Engine(model_path="all-MiniLM-L6-v2", is_embedding=True) as emb, serve_in_thread(emb, "minilm") as url:
+    emb = minilm  # the session's MiniLM engine (tests/conftest.py)
+    with serve_in_thread(emb, "minilm") as url:
         local = emb.encode(["hello world", "bye"])
         remote = httpx.post(url + "/encode", json={"text": ["hello world", "bye"]}, timeout=60).json()
         assert [x["embedding"] for x in remote] == [x["embedding"] for x in local]

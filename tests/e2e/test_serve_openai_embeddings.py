@@ -10,19 +10,11 @@ import openai
 import pytest
 
 from serve_helpers import serve_in_thread
-from treadle import Engine
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "minilm"
 TEXTS = ["Paris is the capital of France.", "Embeddings map text to vectors.", "Coffee or tea?"]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    eng = Engine(model_path="all-MiniLM-L6-v2", is_embedding=True)
-    yield eng
-    eng.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,15 @@
-"""The usage guide's examples, as written, with only model_path changed (API.md, USAGE_GUIDE.md)."""
+"""The usage guide's examples, as written, with only model_path changed (API.md, USAGE_GUIDE.md).
+
+The examples that sample long answers on the shared engine (128 to 512 tokens each at batch size
+one: over a minute of the CI suite one after the other) run at once, each in a thread of its own
+and its code as written, so that their decode steps share batches; each test checks its own
+example's result."""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import pytest
 
@@ -12,13 +19,98 @@ from e2e_helpers import alive, make_awq_model, make_peft_adapter
 
 pytestmark = pytest.mark.e2e
 MODEL = "default"
+EXAMPLES: dict[str, Callable[..., Any]] = {}  # name -> the example (engine, tokenizer) -> what it made
 
 
-def test_basic_usage(engine):
+def example(fn: Callable[..., Any]) -> Callable[..., Any]:
+    EXAMPLES[fn.__name__] = fn
+    return fn
+
+
+@pytest.fixture(scope="module")
+def guide(engine, hf_tokenizer) -> Callable[[str], Any]:
+    """Runs every ``@example`` at once on the shared engine, waits for all, and returns a lookup by
+    name that re-raises what an example raised."""
+    with ThreadPoolExecutor(len(EXAMPLES)) as pool:
+        futures = {name: pool.submit(fn, engine, hf_tokenizer) for name, fn in EXAMPLES.items()}
+    return lambda name: futures[name].result()
+
+
+@example
+def basic_usage(engine, tokenizer):
     response = engine.generate(
         prompt="Hello, how are you?",
         sampling_params={"temperature": 0.8, "max_new_tokens": 128}
     )
+    return response
+
+
+@example
+def single_prompt(engine, tokenizer):
+    response = engine.generate(
+        prompt="Explain quantum computing",
+        sampling_params={
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "max_new_tokens": 256
+        }
+    )
+    return response
+
+
+@example
+def batch_generation(engine, tokenizer):
+    prompts = [
+        "What is the capital of France?",
+        "What is the capital of Germany?",
+        "What is the capital of Italy?"
+    ]
+    response = engine.generate(
+        prompt=prompts,
+        sampling_params={"temperature": 0.8, "max_new_tokens": 50}
+    )
+    return response
+
+
+@example
+def token_ids_input(engine, tokenizer):
+    token_ids = tokenizer("What is machine learning?")["input_ids"]
+    response = engine.generate(
+        input_ids=token_ids,
+        sampling_params={"max_new_tokens": 200}
+    )
+    return token_ids, response
+
+
+@example
+def sync_streaming(engine, tokenizer):
+    chunks = []
+    for chunk in engine.generate(
+        prompt="Tell me a long story",
+        sampling_params={"temperature": 0.8, "max_new_tokens": 512},
+        stream=True
+    ):
+        chunks.append(chunk)
+    return chunks
+
+
+@example
+def async_streaming(engine, tokenizer):
+    async def generate_async():
+        out = []
+        async for chunk in await engine.async_generate(
+            prompt="Write a poem",
+            sampling_params={"temperature": 0.9, "max_new_tokens": 256},
+            stream=True
+        ):
+            out.append(chunk["text"])
+        return out
+
+    return asyncio.run(generate_async())
+
+
+def test_basic_usage(guide):
+    response = guide("basic_usage")
     assert isinstance(response["text"], str) and response["meta_info"]["completion_tokens"] >= 1
     assert response["meta_info"]["completion_tokens"] <= 128
 
@@ -39,15 +131,8 @@ def test_context_manager_and_shutdown():
     assert not os.path.exists(ipc)
 
 
-def test_single_prompt(engine):
-    response = engine.generate(
-        prompt="Explain quantum computing",
-        sampling_params={
-            "temperature": 0.7,
-            "top_p": 0.9,
-            "max_new_tokens": 256
-        }
-    )
+def test_single_prompt(guide):
+    response = guide("single_prompt")
     line = (f"Tokens: {response['meta_info']['prompt_tokens']} prompt, "
             f"{response['meta_info']['completion_tokens']} completion")
     assert response["meta_info"]["prompt_tokens"] == 3 and "completion" in line
@@ -55,40 +140,22 @@ def test_single_prompt(engine):
     assert {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"} <= set(meta)
 
 
-def test_batch_generation(engine):
-    prompts = [
-        "What is the capital of France?",
-        "What is the capital of Germany?",
-        "What is the capital of Italy?"
-    ]
-    response = engine.generate(
-        prompt=prompts,
-        sampling_params={"temperature": 0.8, "max_new_tokens": 50}
-    )
+def test_batch_generation(guide):
+    response = guide("batch_generation")
     texts = [text for text in response["text"]]
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert [r["text"] for r in response] == texts  # list of dicts and column access agree
 
 
-def test_token_ids_input(engine, hf_tokenizer):
-    token_ids = hf_tokenizer("What is machine learning?")["input_ids"]
-    response = engine.generate(
-        input_ids=token_ids,
-        sampling_params={"max_new_tokens": 200}
-    )
+def test_token_ids_input(guide, engine):
+    token_ids, response = guide("token_ids_input")
     assert response["meta_info"]["prompt_tokens"] == len(token_ids)
     batch = engine.generate(input_ids=[token_ids, token_ids[:3]], sampling_params={"max_new_tokens": 4})
     assert [m["prompt_tokens"] for m in batch["meta_info"]] == [len(token_ids), 3]
 
 
-def test_sync_streaming(engine):
-    chunks = []
-    for chunk in engine.generate(
-        prompt="Tell me a long story",
-        sampling_params={"temperature": 0.8, "max_new_tokens": 512},
-        stream=True
-    ):
-        chunks.append(chunk)
+def test_sync_streaming(guide):
+    chunks = guide("sync_streaming")
     assert chunks[-1]["meta_info"]["finish_reason"] is not None
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
     ids = [t for c in chunks for t in c["output_ids"]]
@@ -103,18 +170,8 @@ def test_stream_deltas_concatenate_to_full_text(engine):
     assert text == full["text"]
 
 
-def test_async_streaming(engine):
-    async def generate_async():
-        out = []
-        async for chunk in await engine.async_generate(
-            prompt="Write a poem",
-            sampling_params={"temperature": 0.9, "max_new_tokens": 256},
-            stream=True
-        ):
-            out.append(chunk["text"])
-        return out
-
-    out = asyncio.run(generate_async())
+def test_async_streaming(guide):
+    out = guide("async_streaming")
     assert len(out) >= 1
 
 
