@@ -86,19 +86,12 @@ def count_in_gzip(path: str, needle: bytes) -> tuple[bytes, bytes, int]:
     return head, last, count
 
 
-GUIDE_REQUESTS = 20  # the guide runs 100: 1,000 forward steps keep the export past the heartbeat timeout
-HEARTBEAT_TIMEOUT_S = 3.0  # the engine's default is 10 s; more than a beat's jitter on a loaded machine
-
-
 def test_usage_guide_profiling_example(tiny_model_dir, tmp_path, monkeypatch, capfd):
-    """The guide's example as written but for the model and the request count (``GUIDE_REQUESTS``
-    of its 100; all 100 took 57 s of the CI suite, most of it the export): stop_profile returns once
-    the trace is on disk, however long the export, and says so in the worker's log. The export
-    holds the GIL for most of its time; under a 3 s heartbeat timeout it runs for longer than that
-    (asserted) and the worker is still not taken for a frozen one (its heartbeats go on from a
-    helper process)."""
+    """The guide's example as written (only the model changed), 100 requests on the CPU:
+    stop_profile returns once the trace is on disk, however long the export (a minute here, with
+    the GIL held for most of it: the worker's heartbeats go on from a helper process), and says so
+    in the worker's log."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TREADLE_HEARTBEAT_TIMEOUT_S", str(HEARTBEAT_TIMEOUT_S))
     with Engine(model_path=tiny_model_dir, log_level="info") as engine:
         t0 = time.monotonic()
         engine.start_profile(
@@ -107,7 +100,7 @@ def test_usage_guide_profiling_example(tiny_model_dir, tmp_path, monkeypatch, ca
         )
 
         # Run some requests
-        for i in range(GUIDE_REQUESTS):
+        for i in range(100):
             engine.generate(prompt=f"Request {i}", sampling_params={"max_new_tokens": 50})
 
         t1 = time.monotonic()
@@ -123,10 +116,9 @@ def test_usage_guide_profiling_example(tiny_model_dir, tmp_path, monkeypatch, ca
                      r"\(collecting the events ([\d.]+) s", log)
     assert start and done, log[-2000:]
     steps = int(start.group(1))
-    assert steps >= GUIDE_REQUESTS and start.group(2) == done.group(1) == str(tmp_path / "profiles" / files[0])
+    assert steps >= 100 and start.group(2) == done.group(1) == str(tmp_path / "profiles" / files[0])
     head, last, linears = count_in_gzip(os.path.join("profiles", files[0]), b'"name": "aten::linear"')
     assert head.lstrip().startswith(b"{") and b'"schemaVersion"' in head and last.rstrip().endswith(b"}")
     assert linears >= steps  # every forward step is in it
-    assert float(done.group(4)) > HEARTBEAT_TIMEOUT_S, "the export no longer outlasts the heartbeat timeout"
-    print(f"\n{GUIDE_REQUESTS} requests: {t1 - t0:.0f} s, {steps} steps; stop_profile {t2 - t1:.0f} s "
+    print(f"\n100 requests: {t1 - t0:.0f} s, {steps} steps; stop_profile {t2 - t1:.0f} s "
           f"(collecting the events {done.group(5)} s); trace {done.group(2)} MB, {done.group(3)} MB of JSON")
