@@ -47,6 +47,10 @@ class Outputs:
     # ------------------------------------------------------------------ answering
     def emit(self, req: Req) -> None:
         self.token_outs.append(req.token_out(self.args.enable_metrics))
+        if req.finish_sent and req.tokenized.session is not None:
+            # The client may send the next turn as soon as it has this one, before this turn's
+            # release (a step in flight delays it): the table knows the turn's output from now.
+            self.sessions.table.finish(req.tokenized.session.id, req.rid, req.output_ids)
 
     def fail(self, rid: str, kind: str, message: str) -> None:
         """The client gets an error for ``rid`` instead of a result."""

@@ -146,13 +146,17 @@ class SessionTable:
             sess.turns.pop(rid, None)
 
     def finish(self, sid: str, rid: str, output_ids: list[int]) -> Optional[Session]:
-        """Record a turn's end; returns its session (whose ``closing`` says to close it now)."""
+        """Record a turn's end; returns its session (whose ``closing`` says to close it now). Called
+        when the turn's result goes out and again at its release: the first call counts (a later
+        turn may have finished in between and is the latest)."""
         sess = self.sessions.get(sid)
         if sess is None or rid not in sess.turns:
             return None
         turn = sess.turns[rid]
-        turn.output_ids, turn.finished = list(output_ids), True
-        sess.latest, sess.last_active = rid, time.monotonic()
+        if not turn.finished:
+            turn.output_ids, turn.finished = list(output_ids), True
+            sess.latest = rid
+        sess.last_active = time.monotonic()
         return sess
 
 

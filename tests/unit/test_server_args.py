@@ -245,8 +245,10 @@ def test_refused_names_accept_what_treadle_does_anyway(kw):
 
 def test_refused_several_named_together():
     with pytest.raises(NotImplementedError) as e:
-        ServerArgs(moe_dp_size=2, speculative_algorithm="EAGLE", quantization="bitsandbytes").check_supported()
-    assert all(s in str(e.value) for s in ("moe_dp_size=2 (", "speculative_algorithm='EAGLE' (", "quantization='bitsandbytes'"))
+        ServerArgs(moe_dp_size=2, speculative_algorithm="EAGLE", speculative_draft_model_path="/h", tp_size=2,
+                   quantization="bitsandbytes").check_supported()
+    assert all(s in str(e.value) for s in ("moe_dp_size=2 (", "speculative_algorithm='EAGLE' with tp_size=2 (",
+                                           "quantization='bitsandbytes'"))
 
 
 @pytest.mark.parametrize("name", ["hf_overrides", "prot", "enable_torch_compiles"])
@@ -258,7 +260,10 @@ def test_unknown_names_still_type_error(name):
 def test_engine_refuses_before_starting_anything():
     from treadle import Engine
 
-    with pytest.raises(NotImplementedError, match="speculative_algorithm"):
+    with pytest.raises(NotImplementedError, match="speculative_eagle_topk"):
+        Engine(speculative_algorithm="STANDALONE", speculative_draft_model_path="/no/such/draft",
+               speculative_eagle_topk=4)
+    with pytest.raises(ValueError, match="speculative_draft_model_path"):
         Engine(speculative_algorithm="EAGLE", speculative_draft_model_path=None)
     with pytest.raises(TypeError, match="hf_overrides"):
         Engine(hf_overrides={})

@@ -39,6 +39,32 @@ def test_turns_continue_from_the_latest_or_a_named_parent():
         t.context(SessionParams(id="nope"), "r4", [1])
 
 
+def test_a_turn_counts_as_finished_once_its_result_is_out():
+    """The next turn may arrive between a turn's result and its release (a step still in flight):
+    its context has the finished turn already, and the release's second ``finish`` does not take
+    ``latest`` back from a turn that finished in between (the full suite once sent a turn whose
+    context was empty: its parent was only recorded at the release)."""
+    t = SessionTable()
+    t.open("s")
+    start(t, SessionParams(id="s"), "r1", [1, 2])
+    t.finish("s", "r1", [9])  # the result went out
+    assert start(t, SessionParams(id="s"), "r2", [3]) == [1, 2, 9, 3]
+    t.finish("s", "r2", [8])
+    t.finish("s", "r1", [9])  # r1's release comes after r2 finished
+    assert start(t, SessionParams(id="s"), "r3", [4]) == [1, 2, 9, 3, 8, 4]
+
+
+def test_scheduler_records_a_turn_when_its_result_goes_out():
+    s = _scheduler()
+    assert s.sessions.open("s")
+    req = SimpleNamespace(finish_sent=True, rid="a", output_ids=[7], tokenized=SimpleNamespace(
+        session=SessionParams(id="s")), token_out=lambda metrics: "out")
+    s.sessions.table.begin(SessionParams(id="s"), "a", [1, 2], [])
+    s.outputs.emit(req)
+    assert s.sessions.sessions["s"].latest == "a" and s.sessions.table.context(
+        SessionParams(id="s"), "b", [3])[0] == [1, 2, 7, 3]
+
+
 def test_a_turn_joins_only_once_accepted():
     """``context`` alone (a request the scheduler then refuses) changes nothing; ``replace`` clears
     the session only when its turn is accepted; a turn that failed in the queue can be dropped."""
