@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from typing import Optional
 
 import torch
 
@@ -153,19 +154,24 @@ def sweep_int4(a: argparse.Namespace) -> None:
             best_rows[(n, k, m)] = row(best)
         qs = dense = ref_w = None
         torch.cuda.empty_cache()
-    table = "TABLE: dict[tuple[int, int, int], tuple] = {  # " + \
-        f"{torch.cuda.get_device_name()}, bench/kernels/int4_sweep.py\n" + \
-        "".join(f"    {key}: {val},\n" for key, val in sorted(best_rows.items())) + "}\n"
-    print(f"\n# {time.time() - start:.0f} s; paste into gpu_worker/layers/int4_tiles.py:\n{table}")
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table)
+    write_table("TABLE: dict[tuple[int, int, int], tuple]", "", best_rows, "gpu_worker/layers/int4_tiles.py",
+                start, a.out)
     if cut:
         print(f"over --budget {a.budget:.0f} s, tiles not compiled and so skipped: {'; '.join(cut)} "
               "(rerun those with --shapes/--ms)")
     missing = [mm for mm in ms if mm not in M_BUCKETS]
     if missing:
         print(f"(M {missing} are not buckets of int4_tiles.M_BUCKETS: their rows only inform)")
+
+
+def write_table(decl: str, flags: str, rows: dict, target: str, start: float, out: Optional[str]) -> None:
+    """Print the best tiles as the Python dict ``decl`` to paste into ``target`` (and write it to ``out``)."""
+    table = f"{decl} = {{  # {torch.cuda.get_device_name()}, bench/kernels/int4_sweep.py{flags}\n" + \
+        "".join(f"    {key}: {val},\n" for key, val in sorted(rows.items())) + "}\n"
+    print(f"\n# {time.time() - start:.0f} s; paste into {target}:\n{table}")
+    if out:
+        with open(out, "w") as f:
+            f.write(table)
 
 
 def sweep_fp8(a: argparse.Namespace) -> None:
@@ -204,13 +210,8 @@ def sweep_fp8(a: argparse.Namespace) -> None:
         best_rows[(n, k)] = best
         qs = dense = None
         torch.cuda.empty_cache()
-    table = "GEMV_TILES: dict[tuple[int, int], tuple[int, int, int]] = {  # " + \
-        f"{torch.cuda.get_device_name()}, bench/kernels/int4_sweep.py --fp8\n" + \
-        "".join(f"    {key}: {val},\n" for key, val in sorted(best_rows.items())) + "}\n"
-    print(f"\n# {time.time() - start:.0f} s; paste into gpu_worker/layers/triton_fp8.py:\n{table}")
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table)
+    write_table("GEMV_TILES: dict[tuple[int, int], tuple[int, int, int]]", " --fp8", best_rows,
+                "gpu_worker/layers/triton_fp8.py", start, a.out)
 
 
 def main() -> None:
