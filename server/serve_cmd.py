@@ -77,10 +77,9 @@ class TreadleServer(uvicorn.Server):
 
     async def startup(self, sockets: Optional[list] = None) -> None:
         await super().startup(sockets)
-        if not self.should_exit:
+        if not self.should_exit:  # on stdout only, bare: a supervisor or test matches the line's start
             cfg = self.config
             print(READY_LINE.format(model=self.model, host=cfg.host, port=cfg.port), flush=True)
-            say(READY_LINE.format(model=self.model, host=cfg.host, port=cfg.port))
 
     async def on_tick(self, counter: int) -> bool:
         if await super().on_tick(counter):

@@ -46,7 +46,8 @@ class Server:
             env=env, start_new_session=True)
         self.lines: list[str] = []
         self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         if not self.ready.wait(120):
             self.kill()
             raise RuntimeError("the server did not print its listening line:\n" + "".join(self.lines))
@@ -65,6 +66,11 @@ class Server:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def ready_lines(self) -> list[str]:
+        """Every line (stdout and stderr) announcing the server, once the process has exited."""
+        self.reader.join(timeout=10)
+        return [line for line in self.lines if "Serving default on http://" in line]
 
 
 def wait_no_children(pids: list[int], timeout_s: float = 10.0) -> list[int]:
@@ -141,6 +147,7 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0() -> None:
         for t in threads:
             t.join(timeout=10)
         assert code == 0, server.log()
+        assert server.ready_lines() == [f"Serving default on {server.url}\n"], server.log()  # once
         assert sorted(out) == [0, 1, 2, 3]
         for last, done in out.values():
             assert done and last is not None
