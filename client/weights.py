@@ -175,12 +175,17 @@ class WeightUpdates:
         return True, message
 
     def _bump(self, weight_version: Optional[str]) -> Callable[[], None]:
-        """The callback that sets the engine's next ``weight_version`` (given, or the update count)."""
-        self.count += 1
-        version = weight_version if weight_version is not None else str(self.count)
+        """The callback that sets the engine's next ``weight_version`` (given, or the count of
+        updates that succeeded) once a group answers that its weights changed. The count moves
+        there, not when the update is sent: a refused update (a bad name, shape or path) leaves
+        the version as it was, and the next one that succeeds takes the next number."""
+        version: list[str] = []  # decided at the first group's success (each DP group answers)
 
         def changed() -> None:
-            self.server_args.weight_version = version
+            if not version:
+                self.count += 1
+                version.append(weight_version if weight_version is not None else str(self.count))
+            self.server_args.weight_version = version[0]
 
         return changed
 

@@ -188,6 +188,7 @@ def test_update_from_tensors_whole_and_in_parts(updatable, default_model_dir, hf
     assert ok, message  # a non-contiguous view arrives with its values
     got = torch.tensor(updatable.get_weights_by_name("model.layers.1.mlp.down_proj.weight", truncate_size=3))
     assert torch.equal(got, w[:3].float())
+    version = updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"]
     ok, message = updatable.update_weights_from_tensor([("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3))])
     assert not ok and "old weights are still served" in message, message
     assert "shape" in message.lower() or "size" in message, message
@@ -198,4 +199,6 @@ def test_update_from_tensors_whole_and_in_parts(updatable, default_model_dir, hf
     with pytest.raises(TypeError, match=r"named_tensors\[0\]"):
         updatable.update_weights_from_tensor([("x", [1, 2])])
     ok, message, _ = updatable.update_weights_from_disk(default_model_dir)
-    assert ok, message
+    assert ok, message  # the refused updates above took no version: this one is the next number
+    assert updatable.generate(prompt="x", sampling_params={"max_new_tokens": 1})["meta_info"]["weight_version"] \
+        == str(int(version) + 1)

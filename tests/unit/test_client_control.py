@@ -173,6 +173,32 @@ def test_sessions_go_to_the_group_holding_fewest():
         sessions.open(ctl, 0, None, False, True)
 
 
+def test_a_refused_weight_update_leaves_the_weight_version(default_model_dir):
+    """Only an update the workers took moves ``weight_version``: a refused one (a bad name, shape
+    or checkpoint) neither changes it nor uses up a number. Two DP groups: one number per update."""
+    import torch
+
+    from treadle.client.weights import WeightUpdates
+
+    took = {"ok": True}
+    ctl, socket = control_with([0, 1], lambda c, g: {"success": took["ok"], "message": "ok" if took["ok"] else "bad"})
+    args = ServerArgs(device="cpu")
+    weights = WeightUpdates(ctl, args)
+    norm = [("model.norm.weight", torch.ones(4))]
+    assert weights.from_tensors(norm, None, True) == (True, "ok") and args.weight_version == "1"
+    took["ok"] = False
+    assert weights.from_tensors(norm, None, True) == (False, "bad")
+    assert weights.from_distributed(["model.norm.weight"], ["float32"], [[4]], "g", True, None) == (False, "bad")
+    assert weights.from_disk(default_model_dir, None, "never") == (False, "bad", 0)
+    assert args.weight_version == "1"
+    took["ok"] = True
+    assert weights.from_distributed(["model.norm.weight"], ["float32"], [[4]], "g", True, None) == (True, "ok")
+    assert args.weight_version == "2"
+    assert weights.from_disk(default_model_dir, None, "step3")[0] and args.weight_version == "step3"
+    assert weights.from_tensors(norm, None, True)[0] and args.weight_version == "4"
+    assert len(socket.sent) == 2 * 7
+
+
 def test_checked_payload_names_the_field():
     req = GenerateReq(rid="r", text="a", sampling=SamplingParams(), return_logprob="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Invalid request: Expected `bool`, got `str` - at `return_logprob`"):
