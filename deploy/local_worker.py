@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 from treadle.deploy.proc_tree import alive, descendants, kill_all
-from treadle.deploy.spec import FleetSpec, WorkerSpec, worker_argv
+from treadle.deploy.spec import FleetSpec, WorkerSpec, worker_argv, worker_env
 
 PR_SET_PDEATHSIG = 1
 
@@ -55,16 +55,14 @@ class LocalWorker:
     async def start(self) -> str:
         """Start the process; its URL (it answers once ``/health`` does)."""
         self.port = self.spec.port or free_port(self.fleet.host)
-        argv = [sys.executable, "-m", "treadle.serve",
-                *worker_argv(self.spec, self.fleet.host, self.port, self.fleet.api_key)]
-        env = dict(os.environ)
+        argv = [sys.executable, "-m", "treadle.serve", *worker_argv(self.spec, self.fleet.host, self.port)]
+        env = worker_env(dict(os.environ), self.fleet.api_key)
         if self.spec.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.spec.gpus))
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._log_start = log.tell()
-            shown = [a if a != self.fleet.api_key else "***" for a in argv]
-            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(shown)}\n".encode())
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True, preexec_fn=_drain_with_parent)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import ray
 
 from treadle.deploy.local_worker import connect_host, free_port
-from treadle.deploy.spec import FleetSpec, WorkerSpec, worker_argv
+from treadle.deploy.spec import FleetSpec, WorkerSpec, worker_argv, worker_env
 
 PR_SET_PDEATHSIG = 1
 INFO_TIMEOUT_S = 900.0
@@ -42,14 +42,16 @@ def _die_with_parent() -> None:
 class ServeActor:
     """One ``treadle serve`` on this actor's node; the actor lives exactly as long as it does."""
 
-    def __init__(self, serve_argv: list[str], bind_host: str, log_path: Optional[str]) -> None:
+    def __init__(self, serve_argv: list[str], bind_host: str, log_path: Optional[str],
+                 api_key: Optional[str] = None) -> None:
         host = ray.util.get_node_ip_address() if bind_host == "node" else bind_host
         self.port = free_port(host)
         self.url = f"http://{connect_host(host)}:{self.port}"
         argv = [sys.executable, "-m", "treadle.serve", "--host", host, "--port", str(self.port), *serve_argv]
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     env=worker_env(dict(os.environ), api_key), start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         threading.Thread(target=self._exit_with_server, daemon=True).start()
 
     def _exit_with_server(self) -> None:
@@ -91,13 +93,13 @@ class RayWorker:
 
     async def start(self) -> str:
         if self.actor is None:
-            argv = worker_argv(self.spec, "", 0, self.fleet.api_key)[4:]  # host and port: the actor's
+            argv = worker_argv(self.spec, "", 0)[4:]  # host and port: the actor's
             if self.log_path:
                 os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
             self.actor = ServeActor.options(
                 name=f"treadle-{self.fleet.name}-{self.spec.name}", num_gpus=self.num_gpus, num_cpus=1,
                 max_restarts=self.fleet.ray.max_restarts, max_task_retries=-1,
-            ).remote(argv, self.bind_host, self.log_path)
+            ).remote(argv, self.bind_host, self.log_path, self.fleet.api_key)  # an argument: not in Ray's env listing
         info = await asyncio.wait_for(_get(self.actor.info.remote()), INFO_TIMEOUT_S)
         self.pid, self.actor_pid = info["pid"], info["actor_pid"]
         self._exit_ref = self.actor.wait.remote()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from treadle.runtime.server_args import ServerArgs
+from treadle.server.serve_args import API_KEY_ENV
 
 BACKENDS = ("local", "ray")
 POLICIES = ("cache_aware", "least_load", "round_robin")
@@ -232,12 +233,21 @@ def _check_port(where: str, port: int) -> None:
         raise ValueError(f"{where} must be a TCP port (1-65535), got {port}.")
 
 
-def worker_argv(worker: WorkerSpec, host: str, port: int, api_key: Optional[str]) -> list[str]:
-    """``treadle serve``'s flags for a worker: its engine table as ``--flag value`` (bools as
-    switches, dicts as JSON, lists as several values)."""
-    argv = ["--host", host, "--port", str(port)]
+def worker_env(environ: dict[str, str], api_key: Optional[str]) -> dict[str, str]:
+    """A worker's environment: ``environ`` with the fleet's API key as ``TREADLE_API_KEY``, which
+    ``treadle serve`` reads when ``--api-key`` is absent. Not a flag: any user of the host can
+    read a process's command line (``ps``), only its owner its environment. Without a fleet key
+    the variable is removed, so a worker never requires a key the router does not send."""
+    env = {k: v for k, v in environ.items() if k != API_KEY_ENV}
     if api_key:
-        argv += ["--api-key", api_key]
+        env[API_KEY_ENV] = api_key
+    return env
+
+
+def worker_argv(worker: WorkerSpec, host: str, port: int) -> list[str]:
+    """``treadle serve``'s flags for a worker: its engine table as ``--flag value`` (bools as
+    switches, dicts as JSON, lists as several values). The API key goes in ``worker_env``."""
+    argv = ["--host", host, "--port", str(port)]
     for key, value in worker.engine.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

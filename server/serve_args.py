@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from typing import Any, Optional
 
@@ -19,6 +20,8 @@ from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.sglang_compat import NO_EFFECT, REFUSED
 
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+# the API key when --api-key is absent: a supervisor passes it here, out of the process list
+API_KEY_ENV = "TREADLE_API_KEY"
 # SGLang's other spellings of a few flags (its launch_server accepts both)
 ALIASES = {"model_path": ["--model"], "tp_size": ["--tensor-parallel-size"], "dp_size": ["--data-parallel-size"],
            "pp_size": ["--pipeline-parallel-size"]}
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action in serving._group_actions:
         if action.dest == "log_level":
             action.help = f"(default: {CLI_LOG_LEVEL!r})"
+        elif action.dest == "api_key":
+            action.help = f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)"
     serving.add_argument("--graceful-shutdown-timeout", type=float, default=GRACEFUL_SHUTDOWN_TIMEOUT_S,
                          help="seconds in-flight requests get to finish after SIGTERM before they are aborted "
                               f"(default: {GRACEFUL_SHUTDOWN_TIMEOUT_S})")
@@ -113,6 +118,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[ServerArgs, argparse.N
     names = {f.name for f in dataclasses.fields(ServerArgs)}
     given = {k: v for k, v in vars(ns).items() if k in names}
     given.setdefault("log_level", CLI_LOG_LEVEL)
+    if os.environ.get(API_KEY_ENV) and given.get("api_key") is None:
+        given["api_key"] = os.environ[API_KEY_ENV]
     if ns.graceful_shutdown_timeout < 0:
         p.error("--graceful-shutdown-timeout must be >= 0")
     try:

@@ -55,6 +55,17 @@ def fleet(tmp_path_factory):
         yield f
 
 
+def test_workers_get_the_key_through_their_environment(fleet):
+    """The fleet's key is not on a worker's command line (any user of the host reads those), yet
+    a worker reached directly still refuses a request without it."""
+    for name in ("w0", "w1"):
+        w = fleet.worker(name)
+        with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
+            assert API_KEY.encode() not in f.read(), name
+        assert httpx.get(f"{w['url']}/get_model_info", timeout=30).status_code == 401, name
+        assert httpx.get(f"{w['url']}/get_model_info", headers=AUTH, timeout=30).status_code == 200, name
+
+
 def test_load_spread_and_shared_prefix(fleet):
     outs = run_load(fleet.url, unrelated(100, seed=1), max_new_tokens=4)
     assert all(o.status == 200 and o.body["meta_info"]["completion_tokens"] == 4 for o in outs), \

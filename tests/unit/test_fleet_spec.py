@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from treadle.deploy.spec import load_spec, parse_spec, worker_argv
+from treadle.deploy.spec import load_spec, parse_spec, worker_argv, worker_env
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "examples")
 
@@ -29,9 +29,18 @@ def test_worker_count_and_overrides():
                        "workers": [{"name": "a", "gpus": [2, 3], "engine": {"tp_size": 2, "disable_radix_cache": True}}]})
     w = spec.workers[0]
     assert w.engine == {"model_path": "m", "tp_size": 2, "disable_radix_cache": True} and w.tp_size == 2
-    argv = worker_argv(w, "127.0.0.1", 31000, spec.api_key)
-    assert argv == ["--host", "127.0.0.1", "--port", "31000", "--api-key", "k", "--model-path", "m",
-                    "--tp-size", "2", "--disable-radix-cache"]
+    argv = worker_argv(w, "127.0.0.1", 31000)
+    assert argv == ["--host", "127.0.0.1", "--port", "31000", "--model-path", "m", "--tp-size", "2",
+                    "--disable-radix-cache"]
+
+
+def test_the_api_key_goes_in_the_environment_not_the_command_line():
+    """Any user of the host reads a process's command line (``ps``); only its owner its environment."""
+    spec = parse_spec({"engine": {"model_path": "m"}, "api_key": "s3cret-key"})
+    assert not any("s3cret-key" in a for a in worker_argv(spec.workers[0], "127.0.0.1", 31000))
+    assert worker_env({"PATH": "/bin"}, spec.api_key) == {"PATH": "/bin", "TREADLE_API_KEY": "s3cret-key"}
+    # no fleet key: an inherited one is dropped (the worker would refuse the router's requests)
+    assert worker_env({"PATH": "/bin", "TREADLE_API_KEY": "other"}, None) == {"PATH": "/bin"}
 
 
 def test_api_key_from_env(monkeypatch):

@@ -24,7 +24,8 @@ def test_every_server_args_field_is_a_flag() -> None:
             "--enable-lora", "--lora-paths", "--log-level", "--graceful-shutdown-timeout"} <= options
 
 
-def test_defaults_are_server_args_own() -> None:
+def test_defaults_are_server_args_own(monkeypatch) -> None:
+    monkeypatch.delenv("TREADLE_API_KEY", raising=False)
     args, ns = parse_args([])
     expected = ServerArgs(log_level="info")  # the CLI's one different default, as SGLang's launch_server
     assert args == expected
@@ -53,6 +54,15 @@ def test_values_of_each_kind_round_trip() -> None:
     assert parse_args(["--model", "other"])[0].model_path == "other"  # SGLang's alias
     chat = parse_args(["--reasoning-parser", "qwen3", "--tool-call-parser", "hermes", "--chat-template", "t.jinja"])[0]
     assert (chat.reasoning_parser, chat.tool_call_parser, chat.chat_template) == ("qwen3", "hermes", "t.jinja")
+
+
+def test_the_api_key_from_the_environment_when_the_flag_is_absent(monkeypatch) -> None:
+    """How a fleet supervisor passes its key: ``TREADLE_API_KEY``, out of the process list."""
+    monkeypatch.setenv("TREADLE_API_KEY", "from-env")
+    assert parse_args([])[0].api_key == "from-env"
+    assert parse_args(["--api-key", "flag"])[0].api_key == "flag"  # SGLang's flag still wins
+    monkeypatch.setenv("TREADLE_API_KEY", "")
+    assert parse_args([])[0].api_key is None
 
 
 @pytest.mark.parametrize("argv", [
