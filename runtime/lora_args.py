@@ -1,16 +1,41 @@
-"""LoRA arguments: the forms of ``lora_paths`` SGLang takes, and the device slots' shape that the
-initial adapters imply (``ServerArgs.resolved()`` uses it when ``max_lora_rank`` /
+"""LoRA arguments: their checks, the forms of ``lora_paths`` SGLang takes, and the device slots'
+shape that the initial adapters imply (``ServerArgs.resolved()`` uses it when ``max_lora_rank`` /
 ``lora_target_modules`` are not given)."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Union
+from typing import Any, Optional, Union
+
+from treadle.runtime.arg_checks import check_choice, check_int
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_NOT_ENABLED = "LoRA is not enabled. Please set `--enable-lora` to enable LoRA."
 LORA_BACKENDS = ("csgmv", "triton", "torch_native")  # accepted for SGLang's sake; one implementation serves all
+LORA_EVICTION_POLICIES = ("lru", "fifo")
+
+
+def check_lora_args(a: Any) -> None:
+    """A ``ValueError`` naming the field for a LoRA argument of ``a`` (a ``ServerArgs``) that is
+    malformed, out of range, or names more initial adapters than may be loaded."""
+    check_int("max_loras_per_batch", a.max_loras_per_batch, lo=1)
+    if a.lora_paths is not None and not isinstance(a.lora_paths, (list, tuple, dict)):
+        raise ValueError("lora_paths must be a list of paths or NAME=PATH strings.")
+    initial = len(parse_lora_paths(a.lora_paths))
+    check_choice("lora_backend", a.lora_backend, LORA_BACKENDS)
+    check_choice("lora_eviction_policy", a.lora_eviction_policy, LORA_EVICTION_POLICIES)
+    for name in ("max_loaded_loras", "max_lora_rank"):
+        value = getattr(a, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+    if a.max_loaded_loras is not None and initial > a.max_loaded_loras:  # as SGLang: none evicted at start
+        raise ValueError(f"lora_paths names {initial} adapters, more than max_loaded_loras={a.max_loaded_loras}.")
+    targets = a.lora_target_modules
+    if targets is not None and (not isinstance(targets, (list, tuple))
+                                or any(t not in LORA_TARGETS + ("all",) for t in targets)):
+        raise ValueError(f"lora_target_modules must be a list of {', '.join(LORA_TARGETS)} (or 'all'), "
+                         f"got {targets!r}.")
 
 
 def device_slot_shape(lora_paths: Union[list, tuple, dict, None], max_lora_rank: Optional[int],

@@ -4,7 +4,9 @@ Unknown arguments raise ``TypeError`` (dataclass init); out-of-range values rais
 at construction, so a typo never reaches a child process. ``resolved()`` fills the "auto"
 values that depend on the machine (device, dtype, memory sizes). SGLang's fields that Treadle
 does not implement come from ``SGLangOnlyArgs`` (runtime/sglang_compat.py): accepted with no
-effect, or refused by ``check_supported()`` unless left at SGLang's default.
+effect, or refused by ``check_supported()`` unless left at SGLang's default. The checks of a
+group of fields live beside it: ``parallel_args.py``, ``lora_args.py``, ``spec_args.py``,
+``torchao_args.py``; the shared ones (``check_int``...) in ``arg_checks.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from treadle.runtime.arg_checks import check_choice, check_int, check_num
 from treadle.runtime.config_overrides import parse_overrides
-from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
-from treadle.runtime.parallel import split_addr
+from treadle.runtime.lora_args import check_lora_args, device_slot_shape
+from treadle.runtime.parallel_args import check_parallel_args
 from treadle.runtime.spec_args import check_spec_args, resolve_spec_args, spec_refusals
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
@@ -151,38 +154,23 @@ class ServerArgs(SGLangOnlyArgs):
             if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 raise ValueError(f"{name} must be a non-empty string or None, got {getattr(self, name)!r}.")
         parse_overrides(self.json_model_override_args)
-        _choice("log_level", self.log_level, LOG_LEVELS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("load_format", self.load_format, LOAD_FORMATS)
-        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _choice("gemv_backend", self.gemv_backend, GEMV_BACKENDS)
-        _choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
-        _choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
-        _choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
-        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
-        _choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("log_level", self.log_level, LOG_LEVELS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("load_format", self.load_format, LOAD_FORMATS)
+        check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_choice("gemv_backend", self.gemv_backend, GEMV_BACKENDS)
+        check_choice("schedule_policy", self.schedule_policy, SCHEDULE_POLICIES)
+        check_choice("tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
+        check_choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
         if parse_torchao_config(self.torchao_config) and self.quantization not in (None, "gguf"):
             raise ValueError(f"torchao_config={self.torchao_config!r} quantizes float weights; it cannot be combined "
                              f"with quantization={self.quantization!r}.")
         if self.device is not None and not (self.device in DEVICES or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
-        for name in ("tp_size", "dp_size", "pp_size", "ep_size", "nnodes", "stream_interval", "max_loras_per_batch"):
-            check_int(name, getattr(self, name), lo=1)
-        if self.ep_size not in (1, self.tp_size):
-            raise ValueError(f"ep_size must be 1 or tp_size ({self.tp_size}), got {self.ep_size}: expert parallelism "
-                             "places the experts on the tensor-parallel ranks.")
-        if self.ep_size > 1 and self.pp_size > 1:
-            raise ValueError("ep_size > 1 needs pp_size == 1 (expert parallelism within pipeline stages is not built).")
-        check_int("node_rank", self.node_rank, lo=0, hi=self.nnodes - 1)
-        if (self.tp_size * self.pp_size) % self.nnodes:
-            raise ValueError(f"tp_size * pp_size ({self.tp_size * self.pp_size}) must be divisible by nnodes "
-                             f"({self.nnodes}): every node runs the same number of worker ranks.")
-        if self.nnodes > 1 and self.dist_init_addr is None:
-            raise ValueError("dist_init_addr ('host:port' of node 0) is required when nnodes > 1.")
-        if self.dist_init_addr is not None:
-            split_addr(self.dist_init_addr)
-        check_int("base_gpu_id", self.base_gpu_id, lo=0)
-        check_int("gpu_id_step", self.gpu_id_step, lo=1)
+        check_parallel_args(self)
+        check_int("stream_interval", self.stream_interval, lo=1)
         check_int("context_length", self.context_length, lo=2, optional=True)
         check_int("max_total_tokens", self.max_total_tokens, lo=16, optional=True)
         check_int("max_running_requests", self.max_running_requests, lo=1, optional=True)
@@ -197,13 +185,13 @@ class ServerArgs(SGLangOnlyArgs):
             if self.chunked_prefill_size < 1 and self.chunked_prefill_size != -1:
                 raise ValueError(f"chunked_prefill_size must be -1 (off) or at least 1, got {self.chunked_prefill_size}.")
         if self.mem_fraction_static is not None:
-            _num("mem_fraction_static", self.mem_fraction_static)
+            check_num("mem_fraction_static", self.mem_fraction_static)
             if not 0.0 < self.mem_fraction_static < 1.0:
                 raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}.")
-        _num("schedule_conservativeness", self.schedule_conservativeness)
+        check_num("schedule_conservativeness", self.schedule_conservativeness)
         if self.schedule_conservativeness <= 0:
             raise ValueError("schedule_conservativeness must be positive.")
-        _num("watchdog_timeout", self.watchdog_timeout)
+        check_num("watchdog_timeout", self.watchdog_timeout)
         if not 0 < self.watchdog_timeout < float("inf"):
             raise ValueError(f"watchdog_timeout must be a positive number of seconds, got {self.watchdog_timeout}.")
         if self.preferred_sampling_params is not None:
@@ -212,23 +200,7 @@ class ServerArgs(SGLangOnlyArgs):
                     raise ValueError
             except (TypeError, ValueError):
                 raise ValueError("preferred_sampling_params must be a JSON object string.") from None
-        if self.lora_paths is not None and not isinstance(self.lora_paths, (list, tuple, dict)):
-            raise ValueError("lora_paths must be a list of paths or NAME=PATH strings.")
-        parse_lora_paths(self.lora_paths)
-        _choice("lora_backend", self.lora_backend, LORA_BACKENDS)
-        _choice("lora_eviction_policy", self.lora_eviction_policy, ("lru", "fifo"))
-        for name in ("max_loaded_loras", "max_lora_rank"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        initial = len(parse_lora_paths(self.lora_paths))
-        if self.max_loaded_loras is not None and initial > self.max_loaded_loras:  # as SGLang: none evicted at start
-            raise ValueError(f"lora_paths names {initial} adapters, more than max_loaded_loras={self.max_loaded_loras}.")
-        targets = self.lora_target_modules
-        if targets is not None and (not isinstance(targets, (list, tuple))
-                                    or any(t not in LORA_TARGETS + ("all",) for t in targets)):
-            raise ValueError(f"lora_target_modules must be a list of {', '.join(LORA_TARGETS)} (or 'all'), "
-                             f"got {targets!r}.")
+        check_lora_args(self)
         check_spec_args(self)
         check_no_effect_values(self)
 
@@ -316,29 +288,6 @@ class ServerArgs(SGLangOnlyArgs):
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
-
-
-def _choice(name: str, v: Any, choices: tuple) -> None:
-    if v not in choices:
-        shown = [c for c in choices if c is not None]
-        raise ValueError(f"{name} must be one of {shown}, got {v!r}.")
-
-
-def check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = None, optional: bool = False) -> None:
-    """A ``ValueError`` naming ``name`` unless ``v`` is an int (not a bool) in ``[lo, hi]``."""
-    if v is None and optional:
-        return
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name} must be an int, got {v!r}.")
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be at least {lo}, got {v}.")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name} must be at most {hi}, got {v}.")
-
-
-def _num(name: str, v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number, got {v!r}.")
 
 
 def default_cache_dir() -> str:
