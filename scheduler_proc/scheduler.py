@@ -9,8 +9,8 @@ later recomputed (their KV stays in the prefix cache until evicted).
 
 The ``Scheduler`` keeps the loop-facing surface and hands the rest to the collaborators it owns:
 ``KvBudget`` (memory.py: pages, slots, prefix cache, the decode reserve), ``Admission``
-(admission.py), ``Retraction`` (retraction.py), ``Outputs`` (outputs.py) and ``Sessions``
-(sessions.py). They share the ``waiting`` and ``running`` lists, changed in place, never rebound.
+(admission.py), ``Retraction`` (retraction.py), ``StepResults`` (step_results.py: a step's
+result into its requests), ``Outputs`` (outputs.py) and ``Sessions`` (sessions.py). They share the ``waiting`` and ``running`` lists, changed in place, never rebound.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from treadle.scheduler_proc.plan import PlannedRow, PlannedStep, StepDraft, cont
 from treadle.scheduler_proc.req import Req
 from treadle.scheduler_proc.retraction import Retraction
 from treadle.scheduler_proc.sessions import Sessions
-from treadle.scheduler_proc.spec_sched import Speculation, speculates
-from treadle.scheduler_proc.stop_checker import check_finish
+from treadle.scheduler_proc.spec_sched import Speculation
+from treadle.scheduler_proc.step_results import StepResults
 
 
 RELEASED_MESSAGE = ("The engine's memory ({}) is released (release_memory_occupation): call "
@@ -90,6 +90,7 @@ class Scheduler:
         self.spec = Speculation(args, self.kv, self.context_len) if args.speculative_algorithm else None
         self.retraction = Retraction(self.kv, self.outputs, self.waiting, self.running, self.stats, self.pipelined,
                                      self.priority)
+        self.results = StepResults(self.outputs, self.grammars, self.spec, tokenizer)
 
     # ------------------------------------------------------------------ intake
     def add_requests(self, reqs: list[TokenizedReq]) -> list[tuple[str, str, str]]:
@@ -239,45 +240,7 @@ class Scheduler:
         done = self.plans_in_flight.popleft()
         if step is not None and step != done.step:
             raise RuntimeError(f"result of step {step} arrived while step {done.step} was expected")
-        extras = extras or {}
-        tokens = iter(next_token_ids)
-        for i, row in enumerate(done.rows):
-            req = row.req
-            tok = next(tokens) if row.samples else None
-            req.steps_in_flight -= 1
-            req.samples_in_flight -= row.samples
-            if req.finish is not None:  # aborted, or finished by a token of an earlier step
-                continue
-            if i in extras and extras[i].error:  # its custom logit processor raised: this request fails
-                req.finish = FinishReason(type="abort", message=extras[i].error)
-                req.finish_sent = True  # the client gets the error instead of a result
-                self.outputs.fail(req.rid, "runtime", extras[i].error)
-                continue
-            if req.tokenized.embed and not req.prefilling:
-                self.outputs.finish_embedding(req, extras.get(i))
-                continue
-            if i in extras and extras[i].spec_ids:  # a verify row: 1 to k + 1 tokens
-                self.spec.apply(req, extras[i], row.num_tokens - 1, self.tokenizer)
-                if req.finish is not None or self.outputs.should_stream(req):
-                    self.outputs.emit(req)
-                continue
-            if req.spec_counts is not None and tok is not None and not row.prefill and speculates(req):
-                req.spec_counts[0] += 1  # a decode without drafts: a verify of none
-            if i in extras and req.meta is not None:
-                req.record_meta(row.prefill, tok, extras[i])
-            if tok is None:
-                continue
-            if row.prefill and not req.t_prefilled:
-                req.t_prefilled = time.monotonic()
-            req.output_ids.append(tok)
-            if req.grammar is not None:  # a terminated grammar stops, after the length rule (API.md 4.2)
-                fin = self.grammars.advance(req, tok)
-                if fin is not None and len(req.output_ids) < req.max_new_tokens:
-                    req.finish = fin
-            check_finish(req, self.tokenizer)
-            if req.finish is not None or self.outputs.should_stream(req):
-                self.outputs.emit(req)
-        self.outputs.release_finished()
+        self.results.apply(done, next_token_ids, extras or {})
         self.outputs.log_progress(len(next_token_ids), len(self.waiting))
 
     def take_outputs(self) -> list[TokenOut]:
