@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import signal
 
+import httpx
 import pytest
 
-from tests.e2e.fleet_helpers import no_process_left, run_load, running_fleet, unrelated, write_spec
+from tests.e2e.fleet_helpers import API_KEY, no_process_left, run_load, running_fleet, unrelated, write_spec
 
 pytest.importorskip("ray", reason="the Ray backend needs `pip install treadle[ray]`")
 pytestmark = pytest.mark.e2e
@@ -35,6 +36,10 @@ def fleet(tmp_path_factory):
 def test_ray_workers_serve_and_ray_restarts_a_killed_one(fleet):
     outs = run_load(fleet.url, unrelated(8, seed=11), max_new_tokens=2)
     assert all(o.status == 200 for o in outs) and {o.worker for o in outs} == {"w0", "w1"}
+    for w in fleet.status()["workers"]:  # the key reached each server in its environment, not its argv
+        with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
+            assert API_KEY.encode() not in f.read(), w["name"]
+        assert httpx.get(f"{w['url']}/get_model_info", timeout=30).status_code == 401, w["name"]
 
     victim = fleet.worker("w0")
     assert victim["actor_pid"] and victim["actor_pid"] != victim["pid"]
