@@ -10,7 +10,8 @@ Triton decode attention over rows whose lengths are drawn as the SGLang CI workl
 a *prefill chunk* (per layer the four projections of ``chunk`` tokens; the chunk's own attention is
 left out, which favours overlap a little less than the real step would) over 32 layers. Each pair
 is timed alone, one after the other on one stream, and on two streams (decode on a high-priority
-stream, optionally replayed from a CUDA graph). ``saved`` is the share of the shorter part hidden:
+stream, optionally replayed from a CUDA graph), and with the SMs split between them by CUDA green
+contexts (SGLang's PD-multiplexing idea), eager. ``saved`` is the share of the shorter part hidden:
 ``(decode + prefill - together) / min(decode, prefill)``. One JSON line per chunk size.
 """
 
@@ -21,6 +22,7 @@ import json
 import random
 
 import torch
+from decode_attn_bench import time_ms
 
 from treadle.gpu_worker.attention.triton_backend import TritonBackend
 from treadle.gpu_worker.attention.triton_decode import decode_attention
@@ -29,16 +31,24 @@ HIDDEN, INTER, H, HKV, D, LAYERS = 4096, 14336, 32, 8, 128, 32
 KV_BUFFERS = 4  # distinct layers' K/V pools, cycled: each far larger than L2
 
 
-def time_ms(fn, iters: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+def green_streams(decode_sms: str) -> dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]]:
+    """For each decode SM count, a stream on that many SMs and one on the rest (CUDA green
+    contexts, torch >= 2.9); empty where this torch or driver has none."""
+    try:
+        from torch.cuda.green_contexts import GreenContext
+        total = torch.cuda.get_device_properties(0).multi_processor_count
+        out = {}
+        for n in (int(x) for x in decode_sms.split(",")):
+            dec, pre = GreenContext.create(num_sms=n, device_id=0), GreenContext.create(num_sms=total - n, device_id=0)
+            _contexts.extend((dec, pre))  # alive as long as their streams
+            out[n] = (dec.Stream(), pre.Stream())
+        return out
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on without
+        print(json.dumps({"green_contexts": repr(e)[:200]}), flush=True)
+        return {}
+
+
+_contexts: list = []
 
 
 def main() -> None:
@@ -46,6 +56,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=150)
     p.add_argument("--chunks", default="512,1024,2048,4096,8192")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-sms", default="32,48,64", help="SM partitions to try with green contexts")
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     rnd = random.Random(a.seed)
@@ -92,11 +103,12 @@ def main() -> None:
         with torch.cuda.graph(graph, stream=hi):
             decode_step()
     torch.cuda.synchronize()
-    t_dec = time_ms(decode_step)
-    t_dec_graph = time_ms(graph.replay)
+    t_dec = time_ms(decode_step, iters=5)
+    t_dec_graph = time_ms(graph.replay, iters=5)
     print(json.dumps({"rows": a.rows, "kv_tokens": total, "decode_ms": round(t_dec, 2),
                       "decode_graph_ms": round(t_dec_graph, 2),
                       "kv_TBps": round(kv_bytes / t_dec_graph / 1e9, 2)}), flush=True)
+    green = green_streams(a.decode_sms)
     for chunk in (int(c) for c in a.chunks.split(",")):
         x_pre = torch.randn(chunk, HIDDEN, device=dev, dtype=dt)
 
@@ -119,10 +131,21 @@ def main() -> None:
             main.wait_stream(hi)
             main.wait_stream(lo)
 
-        t_pre = time_ms(prefill)
-        t_serial = time_ms(serial)
-        t_graph = time_ms(lambda: together(True))
-        t_eager = time_ms(lambda: together(False))
+        def partitioned(dec_stream: torch.cuda.Stream, pre_stream: torch.cuda.Stream) -> None:
+            main = torch.cuda.current_stream()
+            dec_stream.wait_stream(main)
+            pre_stream.wait_stream(main)
+            with torch.cuda.stream(dec_stream):
+                decode_step()
+            with torch.cuda.stream(pre_stream):
+                prefill()
+            main.wait_stream(dec_stream)
+            main.wait_stream(pre_stream)
+
+        t_pre = time_ms(prefill, iters=5)
+        t_serial = time_ms(serial, iters=5)
+        t_graph = time_ms(lambda: together(True), iters=5)
+        t_eager = time_ms(lambda: together(False), iters=5)
         best = min(t_graph, t_eager)
         print(json.dumps({"chunk": chunk, "prefill_ms": round(t_pre, 2), "decode_ms": round(t_dec_graph, 2),
                           "serial_ms": round(t_serial, 2), "two_streams_graph_ms": round(t_graph, 2),
@@ -130,6 +153,14 @@ def main() -> None:
                           "saved": round((t_dec_graph + t_pre - best) / min(t_dec_graph, t_pre), 3),
                           "prefill_TFLOPs": round(2 * chunk * LAYERS * HIDDEN * ((H + 2 * HKV) * D + HIDDEN
                                                   + 3 * INTER) / t_pre / 1e9, 1)}), flush=True)
+        for dec_sms, streams in green.items():  # SM partitions: decode on dec_sms SMs, prefill on the rest
+            try:
+                t = time_ms(lambda: partitioned(*streams), iters=5)
+            except Exception as e:  # noqa: BLE001 - a probe: report and go on
+                print(json.dumps({"chunk": chunk, "decode_sms": dec_sms, "error": repr(e)[:200]}), flush=True)
+                continue
+            print(json.dumps({"chunk": chunk, "decode_sms": dec_sms, "green_ms": round(t, 2),
+                              "saved": round((t_dec_graph + t_pre - t) / min(t_dec_graph, t_pre), 3)}), flush=True)
 
 
 if __name__ == "__main__":
