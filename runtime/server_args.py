@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 from treadle.runtime.config_overrides import parse_overrides
 from treadle.runtime.lora_args import LORA_BACKENDS, LORA_TARGETS, device_slot_shape, parse_lora_paths
 from treadle.runtime.parallel import split_addr
+from treadle.runtime.pdmux_args import check_pdmux_args
 from treadle.runtime.spec_args import check_spec_args, resolve_spec_args, spec_refusals
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
@@ -105,6 +106,12 @@ class ServerArgs(SGLangOnlyArgs):
     # The same request gives the same tokens and logprobs whatever else is in its batch and however
     # its prompt was chunked or cached: batch-invariant matmuls, attention and sampling (docs/deterministic.md)
     enable_deterministic_inference: bool = False
+    # PD multiplexing (runtime/pdmux_args.py): a step's decode and prefill rows run as two nano-batches
+    # at once; beside decode rows a step prefills at most pdmux_prefill_tokens; pdmux_decode_sms > 0
+    # runs the decode half on a CUDA green context of that many SMs (0: a high-priority stream)
+    enable_pdmux: bool = False
+    pdmux_prefill_tokens: int = 2048
+    pdmux_decode_sms: int = 0
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True
@@ -230,6 +237,7 @@ class ServerArgs(SGLangOnlyArgs):
             raise ValueError(f"lora_target_modules must be a list of {', '.join(LORA_TARGETS)} (or 'all'), "
                              f"got {targets!r}.")
         check_spec_args(self)
+        check_pdmux_args(self)
         check_no_effect_values(self)
 
     # -------------------------------------------------------------- resolution
