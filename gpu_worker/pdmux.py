@@ -4,11 +4,13 @@ nano-batches at the same time.
 Why: a decode step of ~150 rows is bound by memory reads (its attention reads every row's K/V), a
 prefill chunk by its GEMMs. Run as one forward, each layer's decode attention runs before or after
 the prefill's GEMMs, never beside them. Here the decode rows replay their CUDA graph
-(``DecodeGraphs``) on a high-priority side stream (or, with ``pdmux_decode_sms``, on a green
-context's stream of that many SMs while the prefill gets the rest) and the prefill rows run
-eagerly on the current stream meanwhile; the streams join before sampling. On the CPU the two
-nano-batches run one after the other (the decode one eagerly), so the CPU tests run the same
-split, table writes and merge.
+(``DecodeGraphs``) on a high-priority side stream (or, with ``pdmux_decode_sms``, on the stream of
+a CUDA green context of that many SMs) and the prefill rows run eagerly on the current stream
+meanwhile; the streams join before sampling. A green context confines the decode rows only: the
+prefill may still use every SM (torch's green contexts each take their SMs from the whole card,
+so two of them would overlap rather than split it). On the CPU the two nano-batches run one
+after the other (the decode one eagerly), so the CPU tests run the same split, table writes and
+merge.
 
 A decode row: one token, samples, no input logprobs, no images, no drafts, its slot wants no hidden
 states. Every other row is a prefill row (a one-token row that wants hidden states runs with the
@@ -27,8 +29,8 @@ disjoint (each row writes its own new locations; graph padding writes the spare 
 Streams and the caching allocator: the side stream reads index tensors made on the current stream;
 ``run`` holds them until the join is queued, so their memory is reused only by work queued after
 the join. What the side stream allocates is used there only, and a graph's outputs live in its
-private pool. With a green context the prefill also runs on a stream of its own: its logits and
-hidden states are ``record_stream``-ed on the current stream, which uses them after the join.
+private pool. The graphs' static input buffers are the joint path's too; the side stream waits for
+the current stream before a replay and the current stream for it after, so replays stay in order.
 """
 
 from __future__ import annotations
@@ -100,10 +102,10 @@ def merge(split: Split, dec: StepOutput, pre: Optional[StepOutput]) -> StepOutpu
                       sample_slots_t=slots_t, input_lps=pre.input_lps)
 
 
-def side_streams(device: torch.device, decode_sms: int) -> tuple[Any, Optional[Any]]:
-    """(decode stream, prefill stream): a high-priority stream and ``None`` (the prefill stays on the
-    current stream), or with ``decode_sms > 0`` the streams of two green contexts that split the
-    card's SMs (torch >= 2.9 built with green-context support)."""
+def make_decode_stream(device: torch.device, decode_sms: int) -> tuple[Any, Any]:
+    """The decode nano-batch's stream and what must outlive it: a high-priority stream, or with
+    ``decode_sms > 0`` the stream of a green context of that many SMs, and the context (torch >= 2.9
+    built with green-context support; the card rounds the count to its granularity)."""
     if decode_sms <= 0:
         return torch.cuda.Stream(device=device, priority=-1), None  # lower number: higher priority
     try:
@@ -117,10 +119,10 @@ def side_streams(device: torch.device, decode_sms: int) -> tuple[Any, Optional[A
                          f"them; this is torch {torch.__version__}); pdmux_decode_sms=0 uses priority streams")
     total = torch.cuda.get_device_properties(device).multi_processor_count
     if decode_sms >= total:
-        raise ValueError(f"pdmux_decode_sms={decode_sms} leaves no SM of the card's {total} for the prefill")
+        raise ValueError(f"pdmux_decode_sms={decode_sms}: the card has {total} SMs")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    dec, pre = gc.create(num_sms=decode_sms, device_id=index), gc.create(num_sms=total - decode_sms, device_id=index)
-    return dec.Stream(), pre.Stream()
+    ctx = gc.create(num_sms=decode_sms, device_id=index)
+    return ctx.Stream(), ctx
 
 
 class PdMux:
@@ -130,9 +132,9 @@ class PdMux:
         self.runner = runner
         self.steps = 0  # mixed steps run as two nano-batches
         self.joint_steps = 0  # mixed steps run joint (a feature the split does not take, or no graph fits)
-        self.decode_stream, self.prefill_stream = None, None
+        self.decode_stream, self._green = None, None  # (the green context lives as long as its stream)
         if runner.device.type == "cuda":
-            self.decode_stream, self.prefill_stream = side_streams(runner.device, decode_sms)
+            self.decode_stream, self._green = make_decode_stream(runner.device, decode_sms)
         how = "one after the other (CPU)"
         if self.decode_stream is not None:
             how = f"decode on {decode_sms} SMs" if decode_sms > 0 else "decode on a high-priority stream"
@@ -173,22 +175,13 @@ class PdMux:
 
     def _overlapped(self, dec: tuple, pre_plan: ForwardPlan, pre: tuple,
                     report: bool) -> tuple[StepOutput, Optional[StepOutput]]:
-        """The decode graph replayed on the decode stream while the prefill runs eagerly (on the
-        current stream, or the prefill green context's); the current stream waits for both."""
+        """The decode graph replayed on the decode stream while the prefill runs eagerly on the
+        current stream, which then waits for the decode stream."""
         r, (s_d, dev_d) = self.runner, dec
         main = torch.cuda.current_stream(r.device)
         self.decode_stream.wait_stream(main)  # the table writes and placeholder fills are queued on main
         with torch.cuda.stream(self.decode_stream):  # queued first: it starts while the prefill is launched
             hidden, logits = r.graphs.replay(dev_d.input_ids, dev_d.positions, dev_d.locs, dev_d.write_slots)
-        pre_stream = self.prefill_stream or main
-        if pre_stream is not main:
-            pre_stream.wait_stream(main)
-        with torch.cuda.stream(pre_stream):
-            pre_out = r._forward_eager(pre_plan, *pre, None, report)
+        pre_out = r._forward_eager(pre_plan, *pre, None, report)
         main.wait_stream(self.decode_stream)
-        if pre_stream is not main:
-            main.wait_stream(pre_stream)
-            for t in (() if pre_out is None else (pre_out.hidden, pre_out.logits)):
-                if t is not None:
-                    t.record_stream(main)
         return step_output(s_d, dev_d, hidden, logits, report), pre_out

@@ -1,6 +1,6 @@
 """Does a decode step overlap with a prefill chunk when the two run on separate CUDA streams?
 
-    python bench/kernels/overlap_probe.py [--rows 150] [--chunks 512,1024,2048,4096,8192]
+    python bench/kernels/overlap_probe.py [--rows 150] [--chunks 512,1024,2048,4096,8192] [--decode-sms 16,32]
 
 Issue 28's throughput idea: prefill is compute-bound and decode (its attention above all) memory-
 bound, so running them at the same time could hide one behind the other. Before building that into
@@ -12,6 +12,9 @@ left out, which favours overlap a little less than the real step would) over 32 
 is timed alone, one after the other on one stream, and on two streams (decode on a high-priority
 stream, optionally replayed from a CUDA graph). ``saved`` is the share of the shorter part hidden:
 ``(decode + prefill - together) / min(decode, prefill)``. One JSON line per chunk size.
+``--decode-sms N,...`` also times the graph replayed on the stream of a CUDA green context of N SMs
+beside the prefill on an ordinary stream (``green_N_ms``; what ``pdmux_decode_sms=N`` does in the
+engine, gpu_worker/pdmux.py); needs torch >= 2.9 built with green contexts.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=150)
     p.add_argument("--chunks", default="512,1024,2048,4096,8192")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode-sms", default="", help="comma-separated SM counts for the decode green context")
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     rnd = random.Random(a.seed)
@@ -97,6 +101,13 @@ def main() -> None:
     print(json.dumps({"rows": a.rows, "kv_tokens": total, "decode_ms": round(t_dec, 2),
                       "decode_graph_ms": round(t_dec_graph, 2),
                       "kv_TBps": round(kv_bytes / t_dec_graph / 1e9, 2)}), flush=True)
+    green_streams, green_ctxs = {}, []  # SMs of a green context for the decode step -> its stream; the contexts
+    if a.decode_sms:
+        from torch.cuda.green_contexts import GreenContext
+
+        for n in (int(x) for x in a.decode_sms.split(",")):
+            green_ctxs.append(GreenContext.create(num_sms=n, device_id=torch.cuda.current_device()))
+            green_streams[n] = green_ctxs[-1].Stream()
     for chunk in (int(c) for c in a.chunks.split(",")):
         x_pre = torch.randn(chunk, HIDDEN, device=dev, dtype=dt)
 
@@ -119,7 +130,19 @@ def main() -> None:
             main.wait_stream(hi)
             main.wait_stream(lo)
 
+        def green(stream: torch.cuda.Stream) -> None:
+            main = torch.cuda.current_stream()
+            stream.wait_stream(main)
+            lo.wait_stream(main)
+            with torch.cuda.stream(stream):
+                graph.replay()
+            with torch.cuda.stream(lo):
+                prefill()
+            main.wait_stream(stream)
+            main.wait_stream(lo)
+
         t_pre = time_ms(prefill)
+        greens = {f"green_{n}_ms": round(time_ms(lambda: green(st)), 2) for n, st in green_streams.items()}
         t_serial = time_ms(serial)
         t_graph = time_ms(lambda: together(True))
         t_eager = time_ms(lambda: together(False))
@@ -127,7 +150,7 @@ def main() -> None:
         print(json.dumps({"chunk": chunk, "prefill_ms": round(t_pre, 2), "decode_ms": round(t_dec_graph, 2),
                           "serial_ms": round(t_serial, 2), "two_streams_graph_ms": round(t_graph, 2),
                           "two_streams_eager_ms": round(t_eager, 2),
-                          "saved": round((t_dec_graph + t_pre - best) / min(t_dec_graph, t_pre), 3),
+                          **greens, "saved": round((t_dec_graph + t_pre - best) / min(t_dec_graph, t_pre), 3),
                           "prefill_TFLOPs": round(2 * chunk * LAYERS * HIDDEN * ((H + 2 * HKV) * D + HIDDEN
                                                   + 3 * INTER) / t_pre / 1e9, 1)}), flush=True)
 
