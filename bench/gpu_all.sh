@@ -55,7 +55,7 @@ for suite in "$@"; do
     tests) run_tests 500 tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py \
              tests/unit/test_lora.py tests/unit/test_triton_argmax.py tests/unit/test_llava.py \
-             tests/unit/test_media.py tests/unit/test_warmup.py ;;
+             tests/unit/test_media.py tests/unit/test_warmup.py tests/unit/test_pdmux.py ;;
     warmup) run_tests 200 tests/unit/test_warmup.py
             run_bench 200 bench/gpu_bench.py --shape llama8b --parts de --skip-hf ;;
     checks) run_tests 500 tests/e2e/test_gpu_parity.py tests/e2e/test_gpu_multimodal.py ;;

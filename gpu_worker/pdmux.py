@@ -139,6 +139,9 @@ class PdMux:
         if self.decode_stream is not None:
             how = f"decode on {decode_sms} SMs" if decode_sms > 0 else "decode on a high-priority stream"
         logger.info("enable_pdmux: mixed steps run their decode and prefill rows as two nano-batches (%s)", how)
+        if (runner.device.type == "cuda" and runner.graphs is None) or runner.lora is not None:
+            logger.warning("enable_pdmux has no effect here: %s", "LoRA steps run joint" if runner.lora is not None
+                           else "no decode CUDA graphs (disable_cuda_graph, or a backend without graphs)")
 
     def split(self, plan: ForwardPlan) -> Optional[Split]:
         """The step's nano-batches, or ``None``: run it joint."""

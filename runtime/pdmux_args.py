@@ -6,9 +6,8 @@ reads, a prefill chunk by its GEMMs, so on a GPU one can hide behind the other. 
 then keeps a step's prefill beside decode rows to ``pdmux_prefill_tokens``, so the two halves
 take about as long as each other. Refused where the split cannot work: pipeline stages (a stage
 before the last has no logits to merge), speculative decoding (verify rows and the draft's
-hidden states), deterministic inference (its kernels promise batch invariance for the joint
-batch only) and tensor parallelism (the two nano-batches' all-reduces would interleave on the
-ranks' shared buffers).
+hidden states), deterministic inference (built and tested on the joint batch only) and tensor
+parallelism (the two nano-batches' all-reduces would interleave on the ranks' shared buffers).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ def check_pdmux_args(a: Any) -> None:
         "speculative_algorithm": (a.speculative_algorithm is not None,
                                   "verify rows and the draft's hidden states need the joint batch"),
         "enable_deterministic_inference": (a.enable_deterministic_inference,
-                                           "batch invariance is promised for the joint batch only"),
+                                           "its bit-exact results are built and tested on the joint batch only"),
     }
     for name, (bad, why) in clashes.items():
         if bad:

@@ -4,6 +4,7 @@ scheduler's prefill budget beside decode rows, and the argument refusals."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 
@@ -14,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernel_helpers import Alloc
 
+from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.logprobs import step_output
 from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
 from treadle.gpu_worker.pdmux import merge, split_rows
@@ -170,6 +172,45 @@ def test_split_matches_joint_on_cpu(llama_dir):
     got = run_plans(split)
     assert split.pdmux.steps == MIXED_STEPS and split.pdmux.joint_steps == 0
     assert got[2][1][2].input_logprobs and got[3][1][4].hidden  # the extras were there to compare
+    assert_same_results(got, want, atol=1e-5)
+
+
+class _EagerGraphs:
+    """Stands in for ``DecodeGraphs`` on the CPU: ``replay``'s arguments run as an eager decode batch."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def replay(self, input_ids, positions, locs, slots, lora_slots=None):
+        r, n = self.runner, input_ids.shape[0]
+        ctx = ForwardContext(input_ids=input_ids, positions=positions, out_cache_loc=locs, slots=slots.tolist(),
+                             starts=positions.tolist(), extend_lens=[1] * n, logits_indices=torch.arange(n),
+                             req_to_token=r.req_to_token, kv_cache=r.kv_cache, attn_backend=r.attn_backend)
+        ctx.attn_meta = r.attn_backend.init_forward(ctx)
+        with forward_context(ctx):
+            hidden = r.model(input_ids)
+            return hidden, r.model.compute_logits(hidden)
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.waited = 0
+
+    def wait_stream(self, other) -> None:
+        self.waited += 1
+
+
+def test_stream_path_plumbing_on_cpu(llama_dir, monkeypatch):
+    """The CUDA path's code (graph replay of the decode rows, joins) with a stand-in graph and
+    streams, so the CPU suite runs it: the joint path's results."""
+    want = run_plans(make_runner(llama_dir, "cpu"))
+    split = make_runner(llama_dir, "cpu", pdmux=True)
+    main, side = _Stream(), _Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    split.graphs, split.pdmux.decode_stream = _EagerGraphs(split), side
+    got = run_plans(split)
+    assert split.pdmux.steps == MIXED_STEPS and side.waited == main.waited == MIXED_STEPS
     assert_same_results(got, want, atol=1e-5)
 
 
