@@ -24,6 +24,8 @@
 #   bench_moe  gpu_bench.py parts a and b at the Qwen3-30B-A3B shape (dummy weights), no HF baseline
 #   trace      part b on 200 prompts with steps 600-640 traced, then tools/trace_summary.py
 #   kernels    kernels/gpu_profile.py (8B, batch 1 and 128), gemv_bench.py --quick, decode_attn_bench.py
+#   pdmux      enable_pdmux: test_pdmux.py (the stream path), kernels/overlap_probe.py (DECODE_SMS: green
+#              contexts too), then the bench_ci run without and with it (PDMUX_ARGS: other settings, ';')   one GPU
 #
 # ENGINE_ARGS: Engine kwargs as JSON objects separated by ';' (default '{}'): the bench_* suites run
 # once per object, e.g. ENGINE_ARGS='{};{"tp_size": 2}'. CI_PROMPTS: default 500. BENCH_COMMIT: the
@@ -34,6 +36,7 @@
 source bench/device_env.sh || exit 1
 out=${OUT:-/tmp}
 no_args='{}'
+pdmux_on='{"enable_pdmux": true}'
 IFS=';' read -ra engine_args <<< "${ENGINE_ARGS:-$no_args}"
 run_tests() {  # LIMIT PYTEST_ARGS...: the verdicts, and the figures the tests print
   timeout -k 10 "$1" python -m pytest "${@:2}" -s -p no:cacheprovider -rfEx 2>&1 \
@@ -52,7 +55,7 @@ for suite in "$@"; do
     tests) run_tests 500 tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py \
              tests/unit/test_lora.py tests/unit/test_triton_argmax.py tests/unit/test_llava.py \
-             tests/unit/test_media.py tests/unit/test_warmup.py ;;
+             tests/unit/test_media.py tests/unit/test_warmup.py tests/unit/test_pdmux.py ;;
     warmup) run_tests 200 tests/unit/test_warmup.py
             run_bench 200 bench/gpu_bench.py --shape llama8b --parts de --skip-hf ;;
     checks) run_tests 500 tests/e2e/test_gpu_parity.py tests/e2e/test_gpu_multimodal.py ;;
@@ -90,7 +93,14 @@ for suite in "$@"; do
              timeout -k 10 150 python bench/kernels/gemv_bench.py --quick 2>&1 | grep -v -i warn
              timeout -k 10 100 python bench/kernels/decode_attn_bench.py --rows 150 --rows 256 --configs engine \
                2>&1 | grep -v -i warn ;;
+    pdmux) run_tests 200 tests/unit/test_pdmux.py
+           timeout -k 10 150 python bench/kernels/overlap_probe.py --decode-sms "${DECODE_SMS:-}" 2>&1 | grep '^{'
+           IFS=';' read -ra pdmux_args <<< "${PDMUX_ARGS:-$pdmux_on}"
+           for args in "$no_args" "${pdmux_args[@]}"; do
+             timeout -k 10 230 python bench/gpu_bench.py --shape llama8b --parts b --skip-hf \
+               --ci-prompts "${CI_PROMPTS:-500}" --engine-args "$args" --out "$out/bench.jsonl" 2>&1 | grep '^{'
+           done ;;
     *) echo "unknown suite $suite: tests checks gemma families heads memory warmup tp_tests tp_8b layouts bench_b1 bench_ci" \
-            "bench_all bench_mm trace kernels quant moe moe_tp bench_moe spec" ;;
+            "bench_all bench_mm trace kernels quant moe moe_tp bench_moe spec pdmux" ;;
   esac
 done

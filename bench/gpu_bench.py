@@ -111,7 +111,8 @@ def bench_parts(eng: Any, res: Results, a: argparse.Namespace, vocab: int, greed
         gen = sum(len(r["output_ids"]) for r in done)
         retracted = sum(x["retractions"] for x in after) - sum(x["retractions"] for x in before)
         res.record(part, prompts=n, output_tokens=gen, seconds=round(dt, 1), tok_s=round(gen / dt, 1),
-                   retractions=retracted, kv_tokens=after[0]["max_total_tokens"])
+                   retractions=retracted, kv_tokens=after[0]["max_total_tokens"],
+                   prefill_beside_decode=after[0]["max_prefill_tokens_beside_decode"])  # enable_pdmux bounds it
 
 
 def bench_hf(res: Results, d: str, vocab: int) -> None:

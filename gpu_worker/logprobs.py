@@ -12,13 +12,16 @@ is used instead of a full ``log_softmax`` so a long prompt's input logprobs need
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.layers import batch_invariant
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
+
+if TYPE_CHECKING:
+    from treadle.gpu_worker.step_inputs import DeviceIndices, StepInputs
 
 # Prompt positions projected through the LM head at once for input logprobs: a whole 8,192-token
 # chunk at a 128k vocabulary would be 4.2 GB of float32 logits; 1,024 positions are 0.5 GB.
@@ -104,6 +107,14 @@ class StepOutput:
     sample_slots_t: Optional[torch.Tensor] = None  # ``sample_slots`` on the device
     input_lps: Optional[Gathered] = None  # the input logprobs of ``inputs`` (reporting rank)
     spec_rows: Optional[list[tuple[int, int, int]]] = None  # verify rows: their logits follow the sampling rows'
+
+
+def step_output(s: "StepInputs", dev: "DeviceIndices", hidden: torch.Tensor, logits: Optional[torch.Tensor],
+                report: bool, input_lps: Optional[Gathered] = None) -> StepOutput:
+    """The ``StepOutput`` of one forward over the flattened step ``s`` (``dev``: its indices on the device)."""
+    return StepOutput(hidden=hidden, logits=logits, sample_rows=s.sample_rows, sample_slots=s.sample_slots,
+                      inputs=s.input_logprob_rows, hidden_rows=s.hidden_rows, report=report,
+                      sample_slots_t=dev.sample_slots, input_lps=input_lps, spec_rows=s.spec_rows)
 
 
 def row_outs(plan: ForwardPlan, step: StepOutput, spec_of: Callable[[int], SamplingSpec], want: list[int],

@@ -72,6 +72,7 @@ class WorkerLoop:
             draft_model_dir=draft_model_dir(args),
             spec_algorithm=args.speculative_algorithm, spec_topk=args.speculative_eagle_topk or 1,
             spec_steps=args.speculative_num_steps or 0,
+            pdmux=args.enable_pdmux, pdmux_decode_sms=args.pdmux_decode_sms,
         ))
         if should_warm_up(self.runner):  # the first prompt's kernels compiled and loaded now, not in its TTFT
             lengths = warmup_lengths(self.runner.device.type == "cuda", prefill_step_tokens(args),

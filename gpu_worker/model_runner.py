@@ -28,13 +28,14 @@ from treadle.gpu_worker.launched import HostIdRing, Launched
 from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.layers.moe_ep import init_expert_parallel
-from treadle.gpu_worker.logprobs import StepOutput, input_logprobs, row_outs
+from treadle.gpu_worker.logprobs import StepOutput, input_logprobs, row_outs, step_output
 from treadle.gpu_worker.lora import LoRAPool
 from treadle.gpu_worker.lora_adapter import LoRAAdapter, load_planned, read_on_all_ranks
 from treadle.gpu_worker.mm_inputs import MmInputs
 from treadle.gpu_worker.model_loader import (
     build_model, claim_device, load_weights, resolve_dtype, resolve_kv_dtype, select_gemv,
 )
+from treadle.gpu_worker.pdmux import PdMux
 from treadle.gpu_worker.pipeline import Stage
 from treadle.gpu_worker.pooling import PoolingConfig, encode_plan, load_pooling_config
 from treadle.gpu_worker.runner_config import RunnerConfig
@@ -106,6 +107,7 @@ class ModelRunner:
         phase("weights")
 
         self.graphs: Optional[DecodeGraphs] = None
+        self.pdmux: Optional[PdMux] = None  # enable_pdmux (set once the graphs are captured)
         self.graph_capture_time = 0.0
         self.kv_sizing: Optional[KvSizing] = None
         self.is_encoder = self.model.is_encoder
@@ -120,6 +122,7 @@ class ModelRunner:
         phase("kv_cache_and_buffers")
         if cfg.cuda_graph_max_bs > 0 and self.device.type == "cuda" and not self.model.scores_head:
             self.capture_graphs(phase)  # a score model never decodes: no graphs
+        self.pdmux = PdMux(self, cfg.pdmux_decode_sms) if cfg.pdmux else None  # after the graphs it replays
 
     def _init_kv_cache_and_buffers(self) -> None:
         """The KV pool (sized from free memory when ``kv_tokens <= 0``: by ``mem_fraction_static``, or
@@ -241,29 +244,19 @@ class ModelRunner:
         return self.lora_adapters.pop(name, None) is not None
 
     def _run(self, plan: ForwardPlan, extras: bool) -> Optional[StepOutput]:
-        """Table writes + model forward + LM head on the positions that need logits.
-
-        Those are the last position of each sampling row (one matmul) and, if ``extras``, positions
-        ``logprob_from .. n-2`` of rows asking for input logprobs (``logprobs.input_logprobs``: apart,
-        a bounded number at a time, gathered at once). ``None`` when the plan runs no token or no
-        position needs logits and none wants hidden states.
-        """
+        """Table writes + model forward + LM head on the positions that need logits: the last position
+        of each sampling row (one matmul) and, if ``extras``, positions ``logprob_from .. n-2`` of rows
+        asking for input logprobs (``logprobs.input_logprobs``: apart, a bounded number at a time).
+        ``None`` when the plan runs no token or no position needs logits and none wants hidden states."""
         self._take_new_slots(plan)
         load_planned(self.lora, self.lora_adapters, plan.lora_loads)
         report = extras and self.reports  # only the reporting rank sends results; the others skip the host work
-        cfg = self.cfg
-        s = flatten_plan(plan, PlanLimits(cfg.max_slots, cfg.context_len, cfg.kv_tokens, self.vocab_size),
-                         self.sampler.spec, extras=extras, report=report, takes_images=self.model.takes_images,
-                         model_name=type(self.model).__name__, lora=self.lora is not None)
-        if not s.write_locs:
+        if self.pdmux is not None and (split := self.pdmux.split(plan)) is not None:
+            return self.pdmux.run(plan, split, extras, report)  # decode and prefill rows as two nano-batches
+        s, dev = self._prepare(plan, extras, report) or (None, None)
+        if s is None:
             return None
         mm_embeds = self.mm.step_embeds(s.mm_rows) if s.mm_rows and self.mm is not None else None
-        dev = indices_to_device(s, self.device)
-        self.req_to_token[dev.write_slots, dev.write_positions] = dev.write_locs
-        if not s.token_ids:
-            return None
-        if s.placeholder_indices:
-            dev.input_ids[dev.placeholder_indices] = self.last_token[dev.placeholder_slots]
         lora_t = None if self.lora is None else torch.tensor(s.lora_slots, dtype=torch.int64)
         t = len(s.token_ids)
         if (self.graphs is not None and t == len(plan.rows) == len(s.sample_slots) and not s.input_logprob_indices
@@ -271,10 +264,27 @@ class ModelRunner:
             lora_dev = None if lora_t is None else lora_t.to(self.device, non_blocking=True)
             hidden, logits = self.graphs.replay(dev.input_ids, dev.positions, dev.locs,
                                                 dev.write_slots[s.num_prefix_writes:], lora_dev)
-            return self._step_output(s, dev, hidden, logits, report)
+            return step_output(s, dev, hidden, logits, report)
         if lora_t is not None:
             self.lora.set_token_slots(lora_t)
         return self._forward_eager(plan, s, dev, mm_embeds, report)
+
+    def _prepare(self, plan: ForwardPlan, extras: bool, report: bool) -> Optional[tuple[StepInputs, DeviceIndices]]:
+        """The plan's index lists (checked) on the device, its KV locations written into req-to-token
+        and its placeholder inputs filled; ``None`` when it runs no token."""
+        cfg = self.cfg
+        s = flatten_plan(plan, PlanLimits(cfg.max_slots, cfg.context_len, cfg.kv_tokens, self.vocab_size),
+                         self.sampler.spec, extras=extras, report=report, takes_images=self.model.takes_images,
+                         model_name=type(self.model).__name__, lora=self.lora is not None)
+        if not s.write_locs:
+            return None
+        dev = indices_to_device(s, self.device)
+        self.req_to_token[dev.write_slots, dev.write_positions] = dev.write_locs
+        if not s.token_ids:
+            return None
+        if s.placeholder_indices:
+            dev.input_ids[dev.placeholder_indices] = self.last_token[dev.placeholder_slots]
+        return s, dev
 
     def _take_new_slots(self, plan: ForwardPlan) -> None:
         """The plan's new requests: their (checked) sampling specs into the sampler."""
@@ -309,11 +319,4 @@ class ModelRunner:
                 at = to_device(s.input_logprob_indices, torch.int64, self.device)
                 input_lps = input_logprobs(plan, s.input_logprob_rows, hidden[at], self.model.compute_logits,
                                            self.sampler.spec, report)
-        return self._step_output(s, dev, hidden, logits, report, input_lps)
-
-    @staticmethod
-    def _step_output(s: StepInputs, dev: DeviceIndices, hidden: torch.Tensor, logits: Optional[torch.Tensor],
-                     report: bool, input_lps: Any = None) -> StepOutput:
-        return StepOutput(hidden=hidden, logits=logits, sample_rows=s.sample_rows, sample_slots=s.sample_slots,
-                          inputs=s.input_logprob_rows, hidden_rows=s.hidden_rows, report=report,
-                          sample_slots_t=dev.sample_slots, input_lps=input_lps, spec_rows=s.spec_rows)
+        return step_output(s, dev, hidden, logits, report, input_lps)

@@ -44,3 +44,5 @@ class RunnerConfig:
     spec_topk: int = 1  # EAGLE: tokens each expanded draft node offers (1: a chain)
     spec_steps: int = 0  # EAGLE: draft levels per verify
     deterministic: bool = False  # enable_deterministic_inference: batch-invariant kernels (batch_invariant.py)
+    pdmux: bool = False  # enable_pdmux: a mixed step's decode and prefill rows as two nano-batches (pdmux.py)
+    pdmux_decode_sms: int = 0  # > 0: the decode nano-batch on a green context of this many SMs (CUDA)

@@ -22,6 +22,7 @@ from treadle.runtime.arg_checks import check_choice, check_int, check_num
 from treadle.runtime.config_overrides import parse_overrides
 from treadle.runtime.lora_args import check_lora_args, device_slot_shape
 from treadle.runtime.parallel_args import check_parallel_args
+from treadle.runtime.pdmux_args import check_pdmux_args
 from treadle.runtime.spec_args import check_spec_args, resolve_spec_args, spec_refusals
 from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
 from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
@@ -108,6 +109,12 @@ class ServerArgs(SGLangOnlyArgs):
     # The same request gives the same tokens and logprobs whatever else is in its batch and however
     # its prompt was chunked or cached: batch-invariant matmuls, attention and sampling (docs/deterministic.md)
     enable_deterministic_inference: bool = False
+    # PD multiplexing (runtime/pdmux_args.py): a step's decode and prefill rows run as two nano-batches
+    # at once; beside decode rows a step prefills at most pdmux_prefill_tokens; pdmux_decode_sms > 0
+    # runs the decode half on a CUDA green context of that many SMs (0: a high-priority stream)
+    enable_pdmux: bool = False
+    pdmux_prefill_tokens: int = 2048
+    pdmux_decode_sms: int = 0
     enable_mixed_chunk: bool = False
     stream_interval: int = 1
     incremental_streaming_output: bool = True
@@ -202,6 +209,7 @@ class ServerArgs(SGLangOnlyArgs):
                 raise ValueError("preferred_sampling_params must be a JSON object string.") from None
         check_lora_args(self)
         check_spec_args(self)
+        check_pdmux_args(self)
         check_no_effect_values(self)
 
     # -------------------------------------------------------------- resolution

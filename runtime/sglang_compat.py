@@ -49,7 +49,7 @@ NO_EFFECT: dict[str, Any] = {
     "enable_prefill_delayer": False, "prefill_delayer_max_delay_passes": 30,
     "prefill_delayer_token_usage_low_watermark": None, "prefill_delayer_forward_passes_buckets": None,
     "prefill_delayer_wait_seconds_buckets": None, "prefill_delayer_queue_min_ratio": None,
-    "prefill_delayer_max_delay_ms": None, "min_free_slots_delay": None, "enable_pdmux": False,
+    "prefill_delayer_max_delay_ms": None, "min_free_slots_delay": None,
     "pdmux_config_path": None, "sm_group_num": 8, "enable_two_batch_overlap": False,
     "enable_single_batch_overlap": False, "tbo_token_distribution_threshold": 0.48,
     # KV offload tiers (the prefix cache stays on the device)

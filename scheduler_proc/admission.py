@@ -42,6 +42,14 @@ class Admission:
         cps = args.chunked_prefill_size
         self.chunk_size: Optional[int] = cps if cps is not None and cps > 0 else None
         self.step_prefill_tokens = min(args.max_prefill_tokens, self.chunk_size or args.max_prefill_tokens)
+        # enable_pdmux: beside decode rows a step prefills at most this many tokens (0: no bound)
+        self.pdmux_tokens = min(args.pdmux_prefill_tokens, self.step_prefill_tokens) if args.enable_pdmux else 0
+
+    def step_budget(self, decoding: bool) -> int:
+        """The prefill tokens of the step being planned: ``step_prefill_tokens``, or with ``enable_pdmux``
+        and decode rows in the step ``pdmux_prefill_tokens``: the worker overlaps the prefill with the
+        decode rows, which helps only while the two take about as long (gpu_worker/pdmux.py)."""
+        return self.pdmux_tokens if decoding and self.pdmux_tokens else self.step_prefill_tokens
 
     def queue_has_room(self, req: Req) -> bool:
         """``max_queued_requests``: with priorities, a more important newcomer displaces the least

@@ -188,7 +188,7 @@ class Scheduler:
             return None  # wait for the steps in flight: their results free memory / the victim
         self._decode_rows(draft)
         decoding = len(draft.rows)
-        prefill_budget = self.admission.step_prefill_tokens
+        prefill_budget = self.admission.step_budget(decoding > 0)
         for req in [r for r in self.running if continues_prefill(r, self.pipelined)]:  # a chunked prompt goes first
             prefill_budget -= self.admission.prefill_row(req, prefill_budget, draft)
         if prefill_budget > 0 and not self.admission_paused \

@@ -1,6 +1,6 @@
 """Does a decode step overlap with a prefill chunk when the two run on separate CUDA streams?
 
-    python bench/kernels/overlap_probe.py [--rows 150] [--chunks 512,1024,2048,4096,8192]
+    python bench/kernels/overlap_probe.py [--rows 150] [--chunks 512,1024,2048,4096,8192] [--decode-sms 16,32]
 
 Issue 28's throughput idea: prefill is compute-bound and decode (its attention above all) memory-
 bound, so running them at the same time could hide one behind the other. Before building that into
@@ -10,9 +10,11 @@ Triton decode attention over rows whose lengths are drawn as the SGLang CI workl
 a *prefill chunk* (per layer the four projections of ``chunk`` tokens; the chunk's own attention is
 left out, which favours overlap a little less than the real step would) over 32 layers. Each pair
 is timed alone, one after the other on one stream, and on two streams (decode on a high-priority
-stream, optionally replayed from a CUDA graph), and with the SMs split between them by CUDA green
-contexts (SGLang's PD-multiplexing idea), eager. ``saved`` is the share of the shorter part hidden:
+stream, optionally replayed from a CUDA graph). ``saved`` is the share of the shorter part hidden:
 ``(decode + prefill - together) / min(decode, prefill)``. One JSON line per chunk size.
+``--decode-sms N,...`` also times the graph replayed on the stream of a CUDA green context of N SMs
+beside the prefill on an ordinary stream (``green_N_ms``; what ``pdmux_decode_sms=N`` does in the
+engine, gpu_worker/pdmux.py); needs torch >= 2.9 built with green contexts.
 """
 
 from __future__ import annotations
@@ -31,37 +33,18 @@ HIDDEN, INTER, H, HKV, D, LAYERS = 4096, 14336, 32, 8, 128, 32
 KV_BUFFERS = 4  # distinct layers' K/V pools, cycled: each far larger than L2
 
 
-def green_streams(decode_sms: str) -> dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]]:
-    """For each decode SM count, a stream on that many SMs and one on the rest (CUDA green
-    contexts, torch >= 2.9); empty where this torch or driver has none."""
-    try:
-        from torch.cuda.green_contexts import GreenContext
-        total = torch.cuda.get_device_properties(0).multi_processor_count
-        out = {}
-        for n in (int(x) for x in decode_sms.split(",")):
-            dec, pre = GreenContext.create(num_sms=n, device_id=0), GreenContext.create(num_sms=total - n, device_id=0)
-            _contexts.extend((dec, pre))  # alive as long as their streams
-            out[n] = (dec.Stream(), pre.Stream())
-        return out
-    except Exception as e:  # noqa: BLE001 - a probe: report and go on without
-        print(json.dumps({"green_contexts": repr(e)[:200]}), flush=True)
-        return {}
-
-
-_contexts: list = []
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=150)
     p.add_argument("--chunks", default="512,1024,2048,4096,8192")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--decode-sms", default="32,48,64", help="SM partitions to try with green contexts")
+    p.add_argument("--decode-sms", default="32,48,64", help="comma-separated SM counts for the decode green context")
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     rnd = random.Random(a.seed)
     lens = [rnd.randint(1, 4096) + rnd.randint(0, rnd.randint(1, 2048) - 1) + 1 for _ in range(a.rows)]
     total, max_len = sum(lens), max(lens)
+
     def weight(n: int, k: int) -> torch.Tensor:
         return torch.randn(n, k, device=dev, dtype=dt) * 0.02
 
@@ -108,7 +91,16 @@ def main() -> None:
     print(json.dumps({"rows": a.rows, "kv_tokens": total, "decode_ms": round(t_dec, 2),
                       "decode_graph_ms": round(t_dec_graph, 2),
                       "kv_TBps": round(kv_bytes / t_dec_graph / 1e9, 2)}), flush=True)
-    green = green_streams(a.decode_sms)
+    green_streams, green_ctxs = {}, []  # SMs of a green context for the decode step -> its stream; the contexts
+    try:  # torch >= 2.9 built with green contexts; a probe reports their absence and goes on
+        from torch.cuda.green_contexts import GreenContext
+
+        for n in (int(x) for x in a.decode_sms.split(",") if x):
+            green_ctxs.append(GreenContext.create(num_sms=n, device_id=torch.cuda.current_device()))
+            green_streams[n] = green_ctxs[-1].Stream()
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"green_contexts": repr(e)[:200]}), flush=True)
+        green_streams = {}
     for chunk in (int(c) for c in a.chunks.split(",")):
         x_pre = torch.randn(chunk, HIDDEN, device=dev, dtype=dt)
 
@@ -131,18 +123,19 @@ def main() -> None:
             main.wait_stream(hi)
             main.wait_stream(lo)
 
-        def partitioned(dec_stream: torch.cuda.Stream, pre_stream: torch.cuda.Stream) -> None:
+        def green(stream: torch.cuda.Stream) -> None:
             main = torch.cuda.current_stream()
-            dec_stream.wait_stream(main)
-            pre_stream.wait_stream(main)
-            with torch.cuda.stream(dec_stream):
-                decode_step()
-            with torch.cuda.stream(pre_stream):
+            stream.wait_stream(main)
+            lo.wait_stream(main)
+            with torch.cuda.stream(stream):
+                graph.replay()
+            with torch.cuda.stream(lo):
                 prefill()
-            main.wait_stream(dec_stream)
-            main.wait_stream(pre_stream)
+            main.wait_stream(stream)
+            main.wait_stream(lo)
 
         t_pre = time_ms(prefill, iters=5)
+        greens = {f"green_{n}_ms": round(time_ms(lambda: green(st), iters=5), 2) for n, st in green_streams.items()}
         t_serial = time_ms(serial, iters=5)
         t_graph = time_ms(lambda: together(True), iters=5)
         t_eager = time_ms(lambda: together(False), iters=5)
@@ -150,17 +143,9 @@ def main() -> None:
         print(json.dumps({"chunk": chunk, "prefill_ms": round(t_pre, 2), "decode_ms": round(t_dec_graph, 2),
                           "serial_ms": round(t_serial, 2), "two_streams_graph_ms": round(t_graph, 2),
                           "two_streams_eager_ms": round(t_eager, 2),
-                          "saved": round((t_dec_graph + t_pre - best) / min(t_dec_graph, t_pre), 3),
+                          **greens, "saved": round((t_dec_graph + t_pre - best) / min(t_dec_graph, t_pre), 3),
                           "prefill_TFLOPs": round(2 * chunk * LAYERS * HIDDEN * ((H + 2 * HKV) * D + HIDDEN
                                                   + 3 * INTER) / t_pre / 1e9, 1)}), flush=True)
-        for dec_sms, streams in green.items():  # SM partitions: decode on dec_sms SMs, prefill on the rest
-            try:
-                t = time_ms(lambda: partitioned(*streams), iters=5)
-            except Exception as e:  # noqa: BLE001 - a probe: report and go on
-                print(json.dumps({"chunk": chunk, "decode_sms": dec_sms, "error": repr(e)[:200]}), flush=True)
-                continue
-            print(json.dumps({"chunk": chunk, "decode_sms": dec_sms, "green_ms": round(t, 2),
-                              "saved": round((t_dec_graph + t_pre - t) / min(t_dec_graph, t_pre), 3)}), flush=True)
 
 
 if __name__ == "__main__":
