@@ -20,7 +20,6 @@ on a float checkpoint gives the FP8-rounded weights a GPU would serve (a round t
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -33,6 +32,7 @@ from treadle.gpu_worker.layers.fp8_linear import FP8, Fp8Linear, dequantize, qua
 from treadle.gpu_worker.layers.linear import (
     ColumnParallelLinear, LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
 )
+from treadle.gpu_worker.quant.not_converted import not_converted, part_names
 from treadle.runtime.fp8_config import Fp8Scheme, fp8_params
 
 SCALE_NAMES = {"weight_scale_inv": "weight_scale"}  # checkpoint name -> parameter name
@@ -138,22 +138,17 @@ def building(scheme: Optional[Fp8Scheme]) -> Iterator[None]:
         linear.on_new_layer = None
 
 
-def _ignored(names: list[str], patterns: tuple[str, ...]) -> bool:
-    return any(re.match(p[3:], n) if p.startswith("re:") else n == p or n.endswith("." + p)
-               for p in patterns for n in names)
-
-
 def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
-    """Layers the checkpoint keeps in float (``ignored_layers``/``ignore``) get a float weight back.
-    A fused layer is named by each of its checkpoint parts (``qkv_proj`` by ``q_proj``, ...)."""
+    """Layers the checkpoint keeps in float (``ignored_layers``/``ignore``/``modules_to_not_convert``,
+    matched as transformers does: ``quant/not_converted.py``, as the 4-bit formats' are) get a float
+    weight back. A fused layer is named by each of its checkpoint parts (``qkv_proj`` by ``q_proj``,
+    ...) and stays float if any of them is named."""
     if scheme is None or not scheme.ignored:
         return
-    stacked = getattr(model, "stacked_params", [])
     for name, layer in model.named_modules():
         if not isinstance(layer.__dict__.get("quant"), Fp8Linear):
             continue
-        names = [name] + [name.replace(f".{fused}", f".{hf}") for fused, hf, _ in stacked if name.endswith(f".{fused}")]
-        if _ignored(names, scheme.ignored):
+        if any(not_converted(n, scheme.ignored) for n in {name, *part_names(model, name)}):
             dtype = layer.quant.dtype
             del layer.weight_scale, layer.quant
             layer.weight = _param(torch.empty(layer.weight.shape, dtype=dtype, device=layer.weight.device),

@@ -17,7 +17,7 @@ from treadle.gpu_worker.loader import init_dummy_weights, iter_safetensors
 from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.quant import int4_format
-from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4, int4_layers
+from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4, int4_layers, restore_dense
 from treadle.runtime.server_args import DTYPE_ALIASES
 
 # torch's names; SGLang's other spellings are aliases of them (runtime/server_args.DTYPE_ALIASES)
@@ -56,17 +56,26 @@ def _building(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _packed_on(device: torch.device) -> bool:
+    """Whether 4-bit checkpoints stay packed on ``device`` (CUDA: the Triton kernels); elsewhere they
+    are dequantized while they load. (Tests build packed layers on the CPU by patching this.)"""
+    return device.type == "cuda"
+
+
 def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, context_len: int,
                 quantization: Optional[str] = None) -> ModelBase:
     """The model class of ``model_config`` (``models.registry``), its parameters uninitialized. On
     CUDA, an AWQ/GPTQ checkpoint (or ``quantization="awq"|"gptq"`` with random weights) builds
-    4-bit linear layers (``quant/int4_linear.py``); an FP8 checkpoint or ``quantization="fp8"``
-    builds FP8 ones (``fp8.py``)."""
-    cfg = int4_format.int4_config(model_config, quantization) if device.type == "cuda" else None
+    4-bit linear layers (``quant/int4_linear.py``), but for those its ``modules_to_not_convert``
+    keeps dense; an FP8 checkpoint or ``quantization="fp8"`` builds FP8 ones (``fp8.py``). The
+    model remembers ``quantization`` (``load_checked`` builds its meta copy with it)."""
+    cfg = int4_format.int4_config(model_config, quantization) if _packed_on(device) else None
     scheme = fp8.fp8_scheme(model_config, quantization)
     with _building(dtype, device), quantized_layers(None if cfg is None else Int4Method(cfg)), fp8.building(scheme):
         model = get_model_class(model_config)(model_config, max_positions=context_len)
+    restore_dense(model, dtype)
     fp8.restore_ignored(model, scheme)
+    model.quantization = quantization
     return model
 
 

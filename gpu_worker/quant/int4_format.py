@@ -37,6 +37,7 @@ class Int4Config:
     group_size: int  # inputs per scale; -1: all of them
     desc_act: bool = False  # GPTQ act-order: inputs grouped by g_idx, not by position
     zero_offset: int = 0  # added to stored zeros (1 in the GPTQ "gptq" format)
+    skip: tuple[str, ...] = ()  # modules_to_not_convert: layers the checkpoint keeps dense (not_converted.py)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -57,10 +58,11 @@ def int4_config(model_config: Any, quantization: Optional[str] = None) -> Option
     if q is not None and not isinstance(q, dict):
         q = q.to_dict() if hasattr(q, "to_dict") else dict(q)
     awq, gptq = awq_params(q), gptq_params(q)
+    skip = tuple((q or {}).get("modules_to_not_convert") or ())
     if awq is not None:
-        return Int4Config("awq", awq["group_size"])
+        return Int4Config("awq", awq["group_size"], skip=skip)
     if gptq is not None:
-        return Int4Config("gptq", gptq["group_size"], gptq["desc_act"], gptq["zero_offset"])
+        return Int4Config("gptq", gptq["group_size"], gptq["desc_act"], gptq["zero_offset"], skip)
     if q is None and quantization in INT4_NAMES["awq"]:
         return Int4Config("awq", 128)
     if q is None and quantization in INT4_NAMES["gptq"]:

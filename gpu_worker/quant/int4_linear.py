@@ -36,6 +36,7 @@ from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, 
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
 from treadle.gpu_worker.quant.int4_format import (Int4Config, dequantize, logical, pack_kmajor, pack_rows,
                                                   unpack_kmajor, unpack_rows)
+from treadle.gpu_worker.quant.not_converted import not_converted, part_names
 
 
 def out_slices(layer: LinearBase, shard_id: Any, full_out: int) -> list[tuple[int, int, int]]:
@@ -202,3 +203,31 @@ def finish_int4(model: nn.Module) -> int:
     for m in layers:
         m.quant.finish(m)
     return len(layers)
+
+
+def restore_dense(model: nn.Module, dtype: torch.dtype) -> int:
+    """The 4-bit layers a checkpoint keeps dense (``modules_to_not_convert``: ``not_converted.py``)
+    get a dense ``weight`` of ``dtype`` again, loaded by the layer's own loader; returns how many.
+    A fused layer (``qkv_proj``) whose parts are of both kinds is a ValueError: one layer has one
+    format on the GPU."""
+    count = 0
+    for name, layer in model.named_modules():
+        if not (isinstance(layer, LinearBase) and isinstance(layer.quant, Int4Method) and layer.quant.cfg.skip):
+            continue
+        parts = part_names(model, name)
+        dense = [p for p in parts if not_converted(p, layer.quant.cfg.skip)]
+        if not dense:
+            continue
+        if len(dense) < len(parts):
+            raise ValueError(f"{layer.quant.cfg.method.upper()} modules_to_not_convert keeps {dense} dense but not "
+                             f"{sorted(set(parts) - set(dense))}; they are fused in {name!r}, which must be all 4-bit "
+                             "or all dense")
+        device = layer.qweight.device
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            layer._parameters.pop(part, None)
+        layer.quant = None
+        layer.weight = nn.Parameter(torch.empty(layer.out_size, layer.in_size, dtype=dtype, device=device),
+                                    requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+        count += 1
+    return count
