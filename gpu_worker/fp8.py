@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator, Optional
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 
 from treadle.gpu_worker.distributed import tp_size
 from treadle.gpu_worker.layers import linear
-from treadle.gpu_worker.layers.fp8_linear import FP8, Fp8Linear, dequantize, quantize_rows
+from treadle.gpu_worker.layers.fp8_linear import FP8, Fp8Linear, dequantize, quantize_groups, quantize_rows
 from treadle.gpu_worker.layers.linear import (
     ColumnParallelLinear, LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
 )
@@ -76,6 +77,12 @@ def _param(t: torch.Tensor, loader: Any) -> nn.Parameter:
     return p
 
 
+def quantize_float(w: torch.Tensor, scheme: Fp8Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float ``[N, K]`` weight in ``scheme``'s layer layout: per row (``quantization="fp8"``,
+    per-tensor and per-channel checkpoints), or per row and block of columns (block checkpoints)."""
+    return quantize_rows(w) if scheme.block is None else quantize_groups(w, scheme.block[1])
+
+
 def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
     """Give ``layer`` an FP8 weight, its scales and the ``Fp8Linear`` that uses them."""
     n, k = layer.weight.shape
@@ -87,17 +94,20 @@ def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
     scale_shape = (n,) if scheme.block is None else (n, math.ceil(k / group))
 
     def load_weight(param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
-        is_fp8 = _dtype(full) == FP8
-        if is_fp8 == scheme.dynamic:
-            raise ValueError(f"an FP8 layer ({type(layer).__name__} {n}x{k}) got a "
-                             f"{'FP8' if is_fp8 else 'float'} checkpoint tensor: "
-                             f"{'quantization=fp8 quantizes float checkpoints' if is_fp8 else 'its scale form expects FP8'}")
-        if not scheme.dynamic:
-            own(param, full, shard_id)
+        if _dtype(full) == FP8:
+            if scheme.dynamic:
+                raise ValueError(f"an FP8 layer ({type(layer).__name__} {n}x{k}) got an FP8 tensor: quantization='fp8' "
+                                 "quantizes float (bf16/fp16/float32) weights as they load; send those")
+            own(param, full, shard_id)  # an FP8 checkpoint's weight; its weight_scale comes as a tensor of its own
             return
-        q, s = quantize_rows(_read(full).to(device))  # on the device, one checkpoint tensor at a time
+        # A float tensor: the float checkpoint of quantization="fp8", or new weights of an RL step
+        # (update_weights_from_*), quantized on the device as a load does, into this layer's scale layout.
+        q, s = quantize_float(_read(full).to(device), scheme)
         own(param, q, shard_id)
-        own(layer.weight_scale, s, shard_id)
+        if isinstance(layer, RowParallelLinear) and s.dim() == 2:  # columns split: this rank's groups
+            layer.weight_scale.data.copy_(s.narrow(1, layer.in_start // group, layer.weight_scale.shape[1]))
+        else:
+            own(layer.weight_scale, s, shard_id)
 
     def load_scale(param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
         s, rows = _read(full).float(), checkpoint_rows(layer, shard_id)
@@ -191,9 +201,27 @@ def dummy_weights(model: nn.Module, seed: int, std: float) -> None:
 
 @torch.no_grad()
 def finish(model: nn.Module) -> None:
-    """Off CUDA, the FP8 layers become float layers on their dequantized weights (see the module)."""
+    """Off CUDA, the FP8 layers become float layers on their dequantized weights (see the module).
+    New float weights (``update_weights_from_*``) then take the same round trip through FP8 as
+    they load (``round_trip``): the numbers a GPU would serve after the update."""
     for layer in fp8_layers(model):
         if not layer.weight.is_cuda:
-            w = dequantize(layer.weight.data, layer.weight_scale.data, layer.quant.group).to(layer.quant.dtype)
+            quant = layer.quant
+            w = dequantize(layer.weight.data, layer.weight_scale.data, quant.group).to(quant.dtype)
+            block = None if quant.per_row else (quant.group, quant.group)  # (only the columns matter here)
             del layer.weight_scale, layer.quant
-            layer.weight = _param(w, layer.weight_loader)
+            layer.weight = _param(w, partial(round_trip, type(layer).weight_loader.__get__(layer), Fp8Scheme(block)))
+
+
+def round_trip(own: Any, scheme: Fp8Scheme, param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
+    """A CPU FP8 layer's weight loader (after ``finish``): a float tensor quantized as the GPU's
+    layer would hold it, dequantized, then loaded by the layer's own loader. FP8 tensors are
+    refused: the CPU runs float layers, and an FP8 weight needs its scales at once."""
+    if _dtype(full) == FP8:
+        raise ValueError(f"an FP8 tensor of shape {tuple(full.shape)} for a layer that runs dequantized on the CPU: "
+                         "update an FP8 model there with float (bf16/fp16/float32) weights, which are quantized "
+                         "as they load")
+    w = _read(full).to(param.device)
+    q, s = quantize_float(w, scheme)
+    group = w.shape[1] if scheme.block is None else scheme.block[1]
+    own(param, dequantize(q, s, group).to(param.dtype), shard_id)

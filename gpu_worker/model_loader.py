@@ -103,15 +103,34 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
     model.eval().requires_grad_(False)
 
 
+def refuse_int4_update(model_config: Any, quantization: Optional[str]) -> None:
+    """New weights for an AWQ/GPTQ model are a ValueError (on every device: the CPU serves it
+    dequantized, but the same call must not work there and fail on the GPU). A trainer holds float
+    weights, and turning them into 4-bit codes again takes the quantizer's calibration (AWQ's
+    activation scales, GPTQ's second-order updates from calibration data), not a rounding a
+    weight loader can do."""
+    cfg = int4_format.int4_config(model_config, quantization)
+    if cfg is not None:
+        raise ValueError(f"updating the weights of a 4-bit ({cfg.method.upper()}) model is not supported: a trainer "
+                         "has float weights, not 4-bit ones, and quantizing them to 4 bits again needs the "
+                         f"{cfg.method.upper()} calibration pass; serve the float checkpoint for RL, or "
+                         "quantization='fp8' (float updates are quantized as they load)")
+
+
 def load_checked(model: ModelBase, model_config: Any, context_len: int, device: torch.device,
                  load: Callable[[ModelBase], Any]) -> None:
     """``load(model)`` of new weights, in place (so CUDA graphs and every view of the weights stay
     valid), after ``load`` ran on a copy of the model on the meta device: every name, shape and
     completeness check of a real load, without memory. New weights that fail them raise here on
-    every tensor-parallel rank (the ranks never serve different weights), and the old ones serve on."""
+    every tensor-parallel rank (the ranks never serve different weights), and the old ones serve on.
+    FP8 layers quantize new float weights as a load does (``fp8.py``); a 4-bit model is refused
+    (``refuse_int4_update``)."""
+    quantization = getattr(model, "quantization", None)
+    refuse_int4_update(model_config, quantization)
     error = ""
     try:
-        load(build_model(model_config, next(model.parameters()).dtype, torch.device("meta"), context_len))
+        dtype = next(model.parameters()).dtype
+        load(build_model(model_config, dtype, torch.device("meta"), context_len, quantization))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         error = f"{type(e).__name__}: {e}"
     failed = first_failed_rank(bool(error), device)
@@ -124,8 +143,7 @@ def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str],
                    context_len: int, device: torch.device) -> bool:
     """A new checkpoint of the same model into ``model``'s parameters (``load_checked``)."""
     load_format = load_format or "auto"
-    if int4_layers(model):
-        raise ValueError("updating the weights of a 4-bit (AWQ/GPTQ) model is not supported")
+    refuse_int4_update(model_config, getattr(model, "quantization", None))
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
     load_checked(model, model_config, context_len, device,

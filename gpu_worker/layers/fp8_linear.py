@@ -51,6 +51,19 @@ def quantize_rows(w: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch.Tens
     return q, s
 
 
+@torch.no_grad()
+def quantize_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> (``q [N, K]`` e4m3, ``scale [N, ceil(K / group)]`` float32): one scale per row
+    and group of ``group`` columns (a block-scaled layer's layout, finer than its checkpoint's blocks
+    of rows), each mapping its group's absolute maximum to 448."""
+    n, k = w.shape
+    kb = -(-k // group)
+    wf = F.pad(w.float(), (0, kb * group - k)).view(n, kb, group)
+    s = (wf.abs().amax(dim=2) / FP8_MAX).clamp(min=MIN_SCALE)
+    q = (wf / s[:, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(n, kb * group)[:, :k].contiguous()
+    return q, s
+
+
 def dequantize(q: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
     """The float32 weight of ``q [N, K]`` with scales ``s`` (``[N]``, or ``[N, KB]`` in groups of
     ``group`` columns)."""
