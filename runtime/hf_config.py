@@ -104,6 +104,10 @@ def gptq_params(q: Any) -> Optional[dict[str, Any]]:
     group = int(q.get("group_size", 128))
     if group != -1 and (group <= 0 or group % 8):
         raise NotImplementedError(f"GPTQ group_size={group} is not supported (-1 or a positive multiple of 8).")
+    other = [k for k in (q.get("dynamic") or {}) if not str(k).startswith("-:")]
+    if other:
+        raise NotImplementedError(f"GPTQ dynamic per-module settings {other[:3]} are not supported (only '-:' rules, "
+                                  "which leave the modules they match unquantized).")
     return {"group_size": group, "desc_act": bool(q.get("desc_act", False)), "sym": bool(q.get("sym", True)),
             "zero_offset": 1 if fmt == "gptq" else 0}
 

@@ -58,7 +58,9 @@ def int4_config(model_config: Any, quantization: Optional[str] = None) -> Option
     if q is not None and not isinstance(q, dict):
         q = q.to_dict() if hasattr(q, "to_dict") else dict(q)
     awq, gptq = awq_params(q), gptq_params(q)
-    skip = tuple((q or {}).get("modules_to_not_convert") or ())
+    # layers kept dense: modules_to_not_convert, and GPTQModel's "-:<regex>" rules of `dynamic`
+    skip = tuple((q or {}).get("modules_to_not_convert") or ()) + \
+        tuple("re:" + k[2:] for k in ((q or {}).get("dynamic") or {}) if k.startswith("-:"))
     if awq is not None:
         return Int4Config("awq", awq["group_size"], skip=skip)
     if gptq is not None:

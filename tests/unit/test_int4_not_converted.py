@@ -103,6 +103,22 @@ def test_not_converted_follows_transformers_matching():
     assert [not_converted(n, skip) for n in no] == [False] * len(no)
 
 
+def test_the_configs_name_the_layers_kept_dense():
+    """AWQ and GPTQ read modules_to_not_convert; GPTQModel's ``dynamic`` "-:" rules are regexes of
+    modules left unquantized (its per-module settings are refused before start-up)."""
+    from treadle.gpu_worker.quant.int4_format import int4_config
+    from treadle.runtime.hf_config import gptq_params
+
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "modules_to_not_convert": ["visual"]}
+    assert int4_config({"quantization_config": awq}).skip == ("visual",)
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32, "modules_to_not_convert": ["lm_head"],
+            "dynamic": {r"-:.*\.1\.mlp\..*": {}}}
+    skip = int4_config({"quantization_config": gptq}).skip
+    assert skip == ("lm_head", r"re:.*\.1\.mlp\..*") and not_converted("model.layers.1.mlp.down_proj", skip)
+    with pytest.raises(NotImplementedError, match="dynamic per-module settings"):
+        gptq_params({**gptq, "dynamic": {r"+:.*\.18\..*": {"bits": 8}}})
+
+
 def test_a_fused_layer_with_parts_of_both_kinds_is_refused(monkeypatch):
     """q_proj dense but k_proj/v_proj 4-bit cannot share one fused packed layer: a ValueError that
     names the layer and its parts, at build time (on CUDA; the CPU dequantizes every part)."""
