@@ -122,14 +122,18 @@ def test_fp8_layers_take_float_updates_in_their_scale_layout_on_every_rank(form,
         return dequantize(q, s, 32)[rows, cols]
 
     def check(model: torch.nn.Module, rank: int, tp: int) -> None:
-        layer = model.model.layers[1]
-        inter, hidden = slice(128 // tp * rank, 128 // tp * (rank + 1)), slice(32 // tp * rank, 32 // tp * (rank + 1))
-        for mod, parts in [(layer.mlp.gate_up_proj, [want(f"model.layers.1.mlp.{p}_proj.weight", inter)
-                                                     for p in ("gate", "up")]),
-                           (layer.mlp.down_proj, [want("model.layers.1.mlp.down_proj.weight", cols=inter)]),
-                           (layer.self_attn.qkv_proj, [want("model.layers.1.self_attn.q_proj.weight", slice(
-                               64 // tp * rank, 64 // tp * (rank + 1)))] + [want(f"model.layers.1.self_attn.{p}_proj.weight",
-                                                                                 hidden) for p in "kv"])]:
+        def mine(size: int) -> slice:  # this rank's share of ``size`` rows (or columns)
+            return slice(size // tp * rank, size // tp * (rank + 1))
+
+        attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        hf_attn, hf_mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+        expected = {
+            attn.qkv_proj: [want(f"{hf_attn}.q_proj.weight", mine(64))] + [want(f"{hf_attn}.{p}_proj.weight", mine(32))
+                                                                           for p in "kv"],
+            mlp.gate_up_proj: [want(f"{hf_mlp}.{p}_proj.weight", mine(128)) for p in ("gate", "up")],
+            mlp.down_proj: [want(f"{hf_mlp}.down_proj.weight", cols=mine(128))],
+        }
+        for mod, parts in expected.items():
             assert mod.weight.dtype == torch.float8_e4m3fn and mod.weight_scale.dim() == (2 if form == "block" else 1)
             assert torch.equal(dequantize(mod.weight, mod.weight_scale, 32), torch.cat(parts))
 
@@ -179,7 +183,8 @@ def test_int4_updates_are_refused_with_the_reason(awq_dir, dirs):
     runner = _runner(path)
     tokens, before = _serve(runner)
     named = list(_perturbed(hf, 3).items())
-    with pytest.raises(ValueError, match=r"4-bit \(AWQ\) model is not supported: a trainer has float weights.*calibration"):
+    refused = r"4-bit \(AWQ\) model is not supported: a trainer has float weights.*calibration"
+    with pytest.raises(ValueError, match=refused):
         load_checked(runner.model, runner.model_config, 128, CPU, lambda m: m.load_weights(named, complete=False))
     with pytest.raises(ValueError, match="calibration"):
         reload_weights(runner.model, dirs[1], None, runner.model_config, 128, CPU)
