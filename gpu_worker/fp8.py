@@ -33,7 +33,7 @@ from treadle.gpu_worker.layers.fp8_linear import FP8, Fp8Linear, dequantize, qua
 from treadle.gpu_worker.layers.linear import (
     ColumnParallelLinear, LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
 )
-from treadle.gpu_worker.quant.not_converted import not_converted, part_names
+from treadle.gpu_worker.quant.not_converted import fused_parts, not_converted, part_names
 from treadle.runtime.fp8_config import Fp8Scheme, fp8_params
 
 SCALE_NAMES = {"weight_scale_inv": "weight_scale"}  # checkpoint name -> parameter name
@@ -77,10 +77,11 @@ def _param(t: torch.Tensor, loader: Any) -> nn.Parameter:
     return p
 
 
-def quantize_float(w: torch.Tensor, scheme: Fp8Scheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float ``[N, K]`` weight in ``scheme``'s layer layout: per row (``quantization="fp8"``,
-    per-tensor and per-channel checkpoints), or per row and block of columns (block checkpoints)."""
-    return quantize_rows(w) if scheme.block is None else quantize_groups(w, scheme.block[1])
+def quantize_float(w: torch.Tensor, group: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float ``[N, K]`` weight in an FP8 layer's scale layout: per row (``group`` None:
+    ``quantization="fp8"``, per-tensor and per-channel checkpoints), or per row and ``group``
+    columns (block checkpoints)."""
+    return quantize_rows(w) if group is None else quantize_groups(w, group)
 
 
 def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
@@ -102,7 +103,7 @@ def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
             return
         # A float tensor: the float checkpoint of quantization="fp8", or new weights of an RL step
         # (update_weights_from_*), quantized on the device as a load does, into this layer's scale layout.
-        q, s = quantize_float(_read(full).to(device), scheme)
+        q, s = quantize_float(_read(full).to(device), None if scheme.block is None else group)
         own(param, q, shard_id)
         if isinstance(layer, RowParallelLinear) and s.dim() == 2:  # columns split: this rank's groups
             layer.weight_scale.data.copy_(s.narrow(1, layer.in_start // group, layer.weight_scale.shape[1]))
@@ -155,10 +156,11 @@ def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
     ...) and stays float if any of them is named."""
     if scheme is None or not scheme.ignored:
         return
+    fused = fused_parts(model)
     for name, layer in model.named_modules():
         if not isinstance(layer.__dict__.get("quant"), Fp8Linear):
             continue
-        if any(not_converted(n, scheme.ignored) for n in {name, *part_names(model, name)}):
+        if any(not_converted(n, scheme.ignored) for n in {name, *part_names(fused, name)}):
             dtype = layer.quant.dtype
             del layer.weight_scale, layer.quant
             layer.weight = _param(torch.empty(layer.weight.shape, dtype=dtype, device=layer.weight.device),
@@ -208,12 +210,12 @@ def finish(model: nn.Module) -> None:
         if not layer.weight.is_cuda:
             quant = layer.quant
             w = dequantize(layer.weight.data, layer.weight_scale.data, quant.group).to(quant.dtype)
-            block = None if quant.per_row else (quant.group, quant.group)  # (only the columns matter here)
+            group = None if quant.per_row else quant.group
             del layer.weight_scale, layer.quant
-            layer.weight = _param(w, partial(round_trip, type(layer).weight_loader.__get__(layer), Fp8Scheme(block)))
+            layer.weight = _param(w, partial(round_trip, type(layer).weight_loader.__get__(layer), group))
 
 
-def round_trip(own: Any, scheme: Fp8Scheme, param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
+def round_trip(own: Any, group: Optional[int], param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
     """A CPU FP8 layer's weight loader (after ``finish``): a float tensor quantized as the GPU's
     layer would hold it, dequantized, then loaded by the layer's own loader. FP8 tensors are
     refused: the CPU runs float layers, and an FP8 weight needs its scales at once."""
@@ -222,6 +224,5 @@ def round_trip(own: Any, scheme: Fp8Scheme, param: nn.Parameter, full: Any, shar
                          "update an FP8 model there with float (bf16/fp16/float32) weights, which are quantized "
                          "as they load")
     w = _read(full).to(param.device)
-    q, s = quantize_float(w, scheme)
-    group = w.shape[1] if scheme.block is None else scheme.block[1]
-    own(param, dequantize(q, s, group).to(param.dtype), shard_id)
+    q, s = quantize_float(w, group)
+    own(param, dequantize(q, s, group or w.shape[1]).to(param.dtype), shard_id)

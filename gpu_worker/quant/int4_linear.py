@@ -36,7 +36,7 @@ from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, 
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
 from treadle.gpu_worker.quant.int4_format import (Int4Config, dequantize, logical, pack_kmajor, pack_rows,
                                                   unpack_kmajor, unpack_rows)
-from treadle.gpu_worker.quant.not_converted import not_converted, part_names
+from treadle.gpu_worker.quant.not_converted import fused_parts, not_converted, part_names
 
 
 def out_slices(layer: LinearBase, shard_id: Any, full_out: int) -> list[tuple[int, int, int]]:
@@ -210,11 +210,11 @@ def restore_dense(model: nn.Module, dtype: torch.dtype) -> int:
     get a dense ``weight`` of ``dtype`` again, loaded by the layer's own loader; returns how many.
     A fused layer (``qkv_proj``) whose parts are of both kinds is a ValueError: one layer has one
     format on the GPU."""
-    count = 0
+    count, fused = 0, fused_parts(model)
     for name, layer in model.named_modules():
         if not (isinstance(layer, LinearBase) and isinstance(layer.quant, Int4Method) and layer.quant.cfg.skip):
             continue
-        parts = part_names(model, name)
+        parts = part_names(fused, name)
         dense = [p for p in parts if not_converted(p, layer.quant.cfg.skip)]
         if not dense:
             continue

@@ -30,8 +30,18 @@ def not_converted(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def part_names(model: nn.Module, name: str) -> list[str]:
-    """The checkpoint names of the module ``name`` of ``model``: its own, or a fused layer's parts'."""
-    stacked = {(fused, hf) for m in model.modules() for fused, hf, _ in getattr(m, "stacked_params", ())}
-    parts = [name[:-len(fused)] + hf for fused, hf in sorted(stacked) if name.endswith("." + fused)]
-    return parts or [name]
+def fused_parts(model: nn.Module) -> dict[str, list[str]]:
+    """Each fused layer name of ``model`` (``qkv_proj``) -> its checkpoint parts (``q_proj``, ...),
+    from the ``stacked_params`` of the model and of any model inside it (LLaVA's language model)."""
+    parts: dict[str, list[str]] = {}
+    for m in model.modules():
+        for fused, hf, _ in getattr(m, "stacked_params", ()):
+            if hf not in parts.setdefault(fused, []):
+                parts[fused].append(hf)
+    return parts
+
+
+def part_names(fused: dict[str, list[str]], name: str) -> list[str]:
+    """The checkpoint names of the module ``name``: a fused layer's parts' (``fused_parts``), or its own."""
+    prefix, _, last = name.rpartition(".")
+    return [f"{prefix}.{hf}" if prefix else hf for hf in fused[last]] if last in fused else [name]
