@@ -55,15 +55,18 @@ def _input_of(name: str) -> int:
     return 4 * layer + {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2}.get(proj, 3)
 
 
-def make_int4_model(out_dir: str, tokenizer_dir: str, quant: dict, seed: int = 0, hidden: int = 64):
+def make_int4_model(out_dir: str, tokenizer_dir: str, quant: dict, seed: int = 0, hidden: int = 64,
+                    dense: tuple[str, ...] = ()):
     """A tiny random Llama saved as a 4-bit checkpoint of ``quant`` (a ``quantization_config``:
     AWQ gemm, or GPTQ with its group_size, sym, desc_act, checkpoint_format); returns HF's
-    float32 model holding the dequantized weights: the reference the engine must match."""
+    float32 model holding the dequantized weights: the reference the engine must match.
+    Projections whose names start with one of ``dense`` stay float (``quant`` should then name
+    them in ``modules_to_not_convert``)."""
     hf, tok = tiny_llama(tokenizer_dir, seed, hidden_size=hidden, intermediate_size=2 * hidden)
     tensors, group = {}, quant["group_size"]
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if not name.endswith("proj.weight"):
+            if not name.endswith("proj.weight") or name.startswith(dense):
                 tensors[name] = p.data.clone()
                 continue
             base = name[: -len(".weight")]

@@ -144,3 +144,55 @@ def test_torchao_recipes_on_cuda_match_hf_quantized_the_same_way(recipe, tmp_pat
         ref = torch.log_softmax(logits, -1).gather(1, seq[0, len(ids):, None])[:, 0].cpu()
         got = torch.tensor([lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]])
         assert (got - ref).abs().max() < 0.1, (recipe, got, ref)
+
+
+@torch.no_grad()
+def test_fp8_runner_updated_from_bf16_equals_a_fresh_one(tmp_path, default_model_dir):
+    """``quantization="fp8"`` with CUDA graphs: new bf16 weights loaded in place (``load_checked``,
+    the path of every ``update_weights_from_*``) are quantized per row on the device, so every FP8
+    weight and scale equals a fresh runner's on them, and the captured graphs serve the new weights."""
+    from treadle.gpu_worker.model_loader import load_checked
+    from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
+    from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
+
+    hf, tok = tiny_llama(default_model_dir, **SIZES)
+    gen = torch.Generator().manual_seed(1)
+    new = {n: (p.data + 0.01 * torch.randn(p.shape, generator=gen)).to(torch.bfloat16)
+           for n, p in hf.named_parameters()}
+    base, fresh_dir = str(tmp_path / "base"), str(tmp_path / "new")
+    save_model(hf, tok, default_model_dir, base)
+    save_model(hf, tok, default_model_dir, fresh_dir, tensors=new)
+
+    def runner(path: str) -> ModelRunner:
+        return ModelRunner(RunnerConfig(model_dir=path, dtype="bfloat16", device="cuda", kv_tokens=4096, max_slots=4,
+                                        context_len=256, attention_backend="triton", cuda_graph_max_bs=4,
+                                        quantization="fp8"))
+
+    prompt = torch.randint(0, hf.config.vocab_size, (40,), generator=gen).tolist()
+
+    def serve(r: ModelRunner) -> torch.Tensor:  # a prefill, then two decode steps (graph replays)
+        spec = SamplingSpec(temperature=0.0, top_k=1)
+        out = [r.forward_logits(ForwardPlan(step=1, new_slots=[NewSlot(0, spec)],
+                                            rows=[PlanRow(0, prompt, 0, list(range(40)))]))[0]]
+        for k in range(2):
+            out.append(r.forward_logits(ForwardPlan(step=2 + k, new_slots=[], rows=[
+                PlanRow(0, [prompt[k]], 40 + k, [40 + k])]))[0])
+        return torch.stack(out).float().cpu()
+
+    fresh = runner(fresh_dir)
+    want, want_params = serve(fresh), {n: p.clone() for n, p in fresh.model.named_parameters()}
+    want_scales = {n: b.clone() for n, b in fresh.model.named_buffers() if n.endswith("weight_scale")}
+    del fresh
+    torch.cuda.empty_cache()
+    r = runner(base)
+    before = serve(r)
+    load_checked(r.model, r.model_config, 256, r.device, lambda m: m.load_weights(list(new.items()), complete=False))
+    for n, p in r.model.named_parameters():
+        assert torch.equal(p.view(torch.uint8) if p.dtype == torch.float8_e4m3fn else p,
+                           want_params[n].view(torch.uint8) if p.dtype == torch.float8_e4m3fn else want_params[n]), n
+    for n, b in r.model.named_buffers():
+        if n in want_scales:
+            assert torch.equal(b, want_scales[n]), n
+    got = serve(r)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)  # the same weights and kernels
+    assert (before - want).abs().max() > 5e-2

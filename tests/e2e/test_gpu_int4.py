@@ -78,6 +78,26 @@ def test_lora_on_a_packed_base(models, tmp_path):
     assert [o["output_ids"] for o in outs] == want
 
 
+def test_layers_left_dense_beside_packed_ones_and_updates_refused(tmp_path):
+    """``modules_to_not_convert``: the layers it names load dense on CUDA, the others packed
+    (greedy tokens equal HF's on the same weights); a weight update of the 4-bit model is refused
+    with the reason, and the engine serves on."""
+    from transformers import AutoTokenizer
+
+    dense = ("model.layers.0.self_attn.", "model.layers.1.mlp.down_proj")
+    quant = {**AWQ, "modules_to_not_convert": ["model.layers.0.self_attn", "1.mlp.down_proj"]}
+    hf = make_int4_model(str(tmp_path), smollm2_dir(), quant, hidden=128, dense=dense)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    with Engine(model_path=str(tmp_path), dtype="float32", random_seed=0) as engine:
+        outs = engine.generate(prompt=PROMPTS, sampling_params=GREEDY)
+        ok, message = engine.update_weights_from_tensor([("model.norm.weight", torch.ones(128))])
+        again = engine.generate(prompt=PROMPTS[0], sampling_params=GREEDY)
+    want = [_greedy(hf, tok, p) for p in PROMPTS]
+    assert [o["output_ids"] for o in outs] == want
+    assert not ok and "4-bit (AWQ) model is not supported" in message and "calibration" in message
+    assert again["output_ids"] == want[0]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_tensor_parallel_packed_shards(models):
     from transformers import AutoTokenizer
