@@ -5,7 +5,7 @@
 #   tests      the CUDA tests of tests/unit (kernels, model runner, sampler, LoRA, LLaVA)   one GPU
 #   checks     tests/e2e/test_gpu_parity.py, test_gpu_multimodal.py: the engine against HF  one GPU
 #   gemma      sliding windows / soft-caps: kernels, Gemma fused ops, test_gpu_gemma.py     one GPU
-#   families   test_gpu_families.py (Qwen3, Phi-3 LongRoPE, Llama YaRN + biases vs HF) and the RoPE kernels  one GPU
+#   families   test_gpu_families.py (Qwen3, Phi-3 LongRoPE, Llama YaRN + biases vs HF; FAMILIES_K: a -k filter)  one GPU
 #   heads      test_gpu_heads.py: classifier / reward scores and the liuhaotian LLaVA layout vs HF  one GPU
 #   memory     memory_release.py: release/resume of weights and KV on the 8B shape (freed bytes, speed)  one GPU
 #   warmup     test_warmup.py, then gpu_bench.py parts d, e on the 8B shape: the first 1,024-token prompt vs warm  one GPU
@@ -21,6 +21,8 @@
 #   bench_ci   gpu_bench.py part b (SGLang's CI workload, CI_PROMPTS prompts), CI_SHAPES (default: llama8b)
 #   bench_all  gpu_bench.py parts a-e with HF baselines, both shapes (about 8 minutes)
 #   bench_mm   mm_bench.py (LLaVA-1.5-7B shape)
+#   bench_shapes  gpu_bench.py parts a and b (batch 1, CI workload) of each of SHAPES (default: the Qwen3-8B and
+#              Gemma-3-12B shapes of issue 24), one engine a shape
 #   bench_moe  gpu_bench.py parts a and b at the Qwen3-30B-A3B shape (dummy weights), no HF baseline
 #   trace      part b on 200 prompts with steps 600-640 traced, then tools/trace_summary.py
 #   kernels    kernels/gpu_profile.py (8B, batch 1 and 128), gemv_bench.py --quick, decode_attn_bench.py
@@ -30,6 +32,8 @@
 # ENGINE_ARGS: Engine kwargs as JSON objects separated by ';' (default '{}'): the bench_* suites run
 # once per object, e.g. ENGINE_ARGS='{};{"tp_size": 2}'. CI_PROMPTS: default 500. BENCH_COMMIT: the
 # commit to record (the machine's copy has no .git). Results append to $OUT/bench.jsonl.
+# CALL_LIMIT: seconds this call may take in all (the device call's limit less a margin): each
+# suite's time limit is cut to what is left, and a suite with under 30 s left is skipped.
 # Each suite runs under `timeout`, which signals its whole process group (torch's spawned ranks
 # included) and the engine's children exit with their parent, so a suite cut off leaves nothing
 # running for the next one.
@@ -38,19 +42,25 @@ out=${OUT:-/tmp}
 no_args='{}'
 pdmux_on='{"enable_pdmux": true}'
 IFS=';' read -ra engine_args <<< "${ENGINE_ARGS:-$no_args}"
+started=$SECONDS
+cap() {  # LIMIT: the smaller of LIMIT and what CALL_LIMIT leaves
+  local left=$(( ${CALL_LIMIT:-100000} - (SECONDS - started) - 10 ))
+  echo $(( $1 < left ? $1 : (left > 1 ? left : 1) ))
+}
 run_tests() {  # LIMIT PYTEST_ARGS...: the verdicts, and the figures the tests print
-  timeout -k 10 "$1" python -m pytest "${@:2}" -s -p no:cacheprovider -rfEx 2>&1 \
+  timeout -k 10 "$(cap "$1")" python -m pytest "${@:2}" -s -p no:cacheprovider -rfEx 2>&1 \
     | grep -E "relative error|identical|^(FAILED|ERROR|XFAIL)|[0-9]+ (passed|failed|skipped|xfailed|errors?)" | tail -40
 }
 run_bench() {  # LIMIT SCRIPT ARGS...: once per ENGINE_ARGS object
   for args in "${engine_args[@]}"; do
-    timeout -k 10 "$1" python "${@:2}" --engine-args "$args" --out "$out/bench.jsonl" 2>&1 | grep '^{'
+    timeout -k 10 "$(cap "$1")" python "${@:2}" --engine-args "$args" --out "$out/bench.jsonl" 2>&1 | grep '^{'
   done
 }
 cfg8b=bench/configs/llama-3.1-8b/config.json
 nvidia-smi --query-gpu=name --format=csv,noheader
 for suite in "$@"; do
-  echo "== $suite"
+  if [ "$(cap 30)" -lt 30 ]; then echo "== $suite skipped: CALL_LIMIT reached"; continue; fi
+  echo "== $suite ($(( SECONDS - started )) s into the call)"
   case $suite in
     tests) run_tests 500 tests/unit/test_triton_attention.py tests/unit/test_fused_ops.py \
              tests/unit/test_model_runner.py tests/unit/test_sampler.py tests/unit/test_triton_gemv.py \
@@ -60,7 +70,7 @@ for suite in "$@"; do
             run_bench 200 bench/gpu_bench.py --shape llama8b --parts de --skip-hf ;;
     checks) run_tests 500 tests/e2e/test_gpu_parity.py tests/e2e/test_gpu_multimodal.py ;;
     gemma) run_tests 550 tests/unit/test_window_attention.py tests/unit/test_gemma_ops.py tests/e2e/test_gpu_gemma.py ;;
-    families) run_tests 300 tests/e2e/test_gpu_families.py ;;
+    families) run_tests 300 tests/e2e/test_gpu_families.py ${FAMILIES_K:+-k "$FAMILIES_K"} ;;
     heads) run_tests 200 tests/e2e/test_gpu_heads.py ;;
     memory) timeout -k 10 "${MEMORY_LIMIT:-240}" python bench/memory_release.py --shape llama8b --cycles "${CYCLES:-3}" \
               --out "$out/bench.jsonl" 2>&1 | grep '^{' ;;
@@ -84,6 +94,9 @@ for suite in "$@"; do
     bench_all) run_bench 130 bench/gpu_bench.py --shape smollm2
                run_bench 330 bench/gpu_bench.py --shape llama8b ;;
     bench_mm) run_bench 300 bench/mm_bench.py ;;
+    bench_shapes) for shape in ${SHAPES:-qwen3_8b gemma3_12b}; do
+                    run_bench 200 bench/gpu_bench.py --shape $shape --parts ab --skip-hf --ci-prompts "${CI_PROMPTS:-500}"
+                  done ;;
     bench_moe) run_bench 560 bench/gpu_bench.py --shape qwen3_30b_a3b --parts ab --skip-hf --ci-prompts "${CI_PROMPTS:-500}" ;;
     trace) run_bench 200 bench/gpu_bench.py --shape llama8b --parts b --ci-prompts 200 --skip-hf \
              --profile-ci 600:40 --profile-dir "$out/traces"
@@ -101,6 +114,6 @@ for suite in "$@"; do
                --ci-prompts "${CI_PROMPTS:-500}" --engine-args "$args" --out "$out/bench.jsonl" 2>&1 | grep '^{'
            done ;;
     *) echo "unknown suite $suite: tests checks gemma families heads memory warmup tp_tests tp_8b layouts bench_b1 bench_ci" \
-            "bench_all bench_mm trace kernels quant moe moe_tp bench_moe spec pdmux" ;;
+            "bench_all bench_mm bench_shapes trace kernels quant moe moe_tp bench_moe spec pdmux" ;;
   esac
 done
