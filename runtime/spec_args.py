@@ -66,9 +66,9 @@ def spec_refusals(a: Any) -> list[str]:
     out = []
     if a.speculative_algorithm == "STANDALONE" and a.speculative_eagle_topk not in (None, 1):
         out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)")
-    if a.speculative_algorithm in ("EAGLE", "EAGLE3") and a.tp_size > 1:  # EAGLE3's taps would read partial sums
-        out.append(f"speculative_algorithm={a.speculative_algorithm!r} with tp_size={a.tp_size} (EAGLE heads run "
-                   "on one rank only so far)")
+    if a.speculative_algorithm in DRAFT_MODEL and a.pp_size > 1:
+        out.append(f"speculative_algorithm={a.speculative_algorithm!r} with pp_size={a.pp_size} (draft models and "
+                   "EAGLE heads run beside a whole target, not a pipeline stage)")
     return out
 
 
