@@ -12,6 +12,7 @@ from spec_heads import make_eagle_head
 from test_speculative import COPY_PROMPTS, GREEDY, PROMPTS, assert_sampling_matches
 
 pytestmark = pytest.mark.e2e
+TREE_PROMPTS = PROMPTS + ["Write the number zero ten times: 0 0 0 0 0 0"]  # period 2: the EAGLE3 echo head's
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,9 @@ def ngram_tree():
     eng.shutdown()
 
 
-# EAGLE drafts chains, EAGLE3 trees; EAGLE3 taps the embedding, a middle layer's input and the final
-# norm's input (every kind of tap), over an odd draft vocabulary (the last TP shard of its LM head padded)
+# EAGLE drafts chains, EAGLE3 trees; echo heads (``spec_heads``) whose drafts are sometimes accepted.
+# EAGLE3 taps the embedding, a middle layer's input and the final norm's input (every kind of tap), over
+# an odd draft vocabulary (the last TP shard of its LM head padded) mapped by a d2t of gaps.
 SPEC = {"eagle": dict(speculative_algorithm="EAGLE", speculative_num_steps=3),
         "eagle3": dict(speculative_algorithm="EAGLE3", speculative_num_steps=3, speculative_eagle_topk=4,
                        speculative_num_draft_tokens=8)}
@@ -33,8 +35,12 @@ HEADS = {"eagle": dict(eagle3=False), "eagle3": dict(eagle3=True, aux_layers=[-1
 
 
 @pytest.fixture(scope="module")
-def heads(tmp_path_factory):
-    return {k: make_eagle_head(str(tmp_path_factory.mktemp(k)), **kw) for k, kw in HEADS.items()}
+def heads(tmp_path_factory, default_model_dir):
+    from safetensors import safe_open
+
+    with safe_open(f"{default_model_dir}/model.safetensors", "pt") as f:  # SmolLM2 ties its LM head to this
+        echo = f.get_tensor("model.embed_tokens.weight").float()
+    return {k: make_eagle_head(str(tmp_path_factory.mktemp(k)), std=0.005, echo=echo, **kw) for k, kw in HEADS.items()}
 
 
 def _spec_engine(heads, which: str, **kw):
@@ -59,18 +65,18 @@ def eagle3(heads):
 
 @pytest.fixture(scope="module")
 def baseline(engine):
-    return engine.generate(PROMPTS, GREEDY)
+    return engine.generate(TREE_PROMPTS, GREEDY)
 
 
 @pytest.fixture(scope="module")
 def greedy_runs() -> dict:
-    """Each speculative engine's greedy outputs on ``PROMPTS``, generated once for the module."""
+    """Each speculative engine's greedy outputs on ``TREE_PROMPTS``, generated once for the module."""
     return {}
 
 
 def _greedy(which: str, request, runs: dict) -> list[dict]:
     if which not in runs:
-        runs[which] = request.getfixturevalue(which).generate(PROMPTS, GREEDY)
+        runs[which] = request.getfixturevalue(which).generate(TREE_PROMPTS, GREEDY)
     return runs[which]
 
 
@@ -103,7 +109,7 @@ def test_tp2_heads_match_tp1(which, baseline, request, greedy_runs, heads):
     and per request the tp_size=1 speculative engine's verify steps and accepted / proposed drafts."""
     want = _greedy(which, request, greedy_runs)
     with _spec_engine(heads, which, tp_size=2) as tp:
-        got = tp.generate(PROMPTS, GREEDY)
+        got = tp.generate(TREE_PROMPTS, GREEDY)
     keys = ("spec_verify_ct", "spec_num_correct_drafts", "spec_num_proposed_drafts")
     for plain, one, two in zip(baseline, want, got):
         assert two["output_ids"] == plain["output_ids"]
