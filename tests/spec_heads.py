@@ -29,7 +29,8 @@ def make_eagle_head(out_dir: str, eagle3: bool, seed: int = 0, std: float = 0.1,
     ``echo``: the target's (tied) embedding ``[V, H]``; the head then drafts tokens it has seen, so
     some drafts are accepted: ``fc`` passes an embedding through (EAGLE: the last token's, so it
     drafts that token again; EAGLE3, whose first aux layer must be -1: the embedding tap, the token
-    before the last, so it drafts period-2 patterns), the layer (weights of ``std``) only perturbs
+    before the last, so it drafts period-2 patterns; the deeper taps, hundreds of times larger, add a
+    small share), the layer (weights of ``std``) only perturbs
     it, and the LM head (EAGLE3's: the echo rows of its draft ids, which keep the 600 lowest ids)
     scores tokens by their embedding."""
     cfg = {**HEAD, **shape}
@@ -63,7 +64,8 @@ def make_eagle_head(out_dir: str, eagle3: bool, seed: int = 0, std: float = 0.1,
         t.update({"fc.weight": w(h, 2 * h), "fc.bias": w(h)})
         cfg.update(architectures=["LlamaForCausalLMEagle"])
     if echo is not None:
-        t["fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, (2 if eagle3 else 1) * h)], dim=1)
+        rest = (w(h, h) * 0.02, w(h, h) * 0.006) if eagle3 else (torch.zeros(h, h),)  # EAGLE3: deep taps nudge it
+        t["fc.weight"] = torch.cat([torch.eye(h), *rest], dim=1)
         if eagle3:
             t["lm_head.weight"] = echo[ids]
         else:
