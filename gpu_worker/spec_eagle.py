@@ -18,6 +18,16 @@ best new nodes are expanded next (SGLang's EAGLE tree). After ``draft_steps`` le
 ``spec`` best nodes form the tree (a parent outscores its children, so the set is closed under
 ancestors); with ``topk`` 1 it is a chain. Drafts are chosen without randomness, so the target
 accepts them as point masses (``spec_tree``), greedy and sampled alike.
+
+Tensor parallelism: the head is sharded like the target, not replicated. It is built from the
+target's TP-aware layers (``models/llama_eagle.py``), so its attention heads and MLP columns split
+over the ranks with their own all-reduce, its KV pool holds each rank's KV heads as the target's
+does, and the checkpoint loads through the same shard loaders: no second, unsharded code path to
+keep exact, and no full copy of the head per rank. What it reads is full on every rank: EAGLE the
+final hidden states (after the final norm's all-reduce), EAGLE3 the taps taken where the norms
+return the reduced residual stream (``tap_residual_stream``), the embedding all-reduced, the LM
+heads gathered before ``d2t``. The ranks therefore compute the same drafts; each level's top-k
+(values and ids) is still broadcast from TP rank 0, so every rank grows, and verifies, one tree.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ def _pos_int(name: str, v: Any, optional: bool = True) -> None:
 
 
 def check_spec_args(a: Any) -> None:
-    """``ValueError`` naming the field for a bad value (EAGLE, a valid value, is refused later by
-    ``ServerArgs.check_supported``, with the other features not built)."""
+    """``ValueError`` naming the field for a bad value (valid settings not built yet, such as a draft
+    model with ``pp_size > 1``, are refused later by ``ServerArgs.check_supported``)."""
     alg = a.speculative_algorithm
     if isinstance(alg, str):
         alg = a.speculative_algorithm = alg.upper()
