@@ -1,6 +1,6 @@
 """Tree verification and EAGLE draft heads end to end on the default model (CPU): NGRAM with a trie
 of continuations (``speculative_eagle_topk`` 4), an EAGLE head drafting chains and an EAGLE3 head
-drafting top-k trees (tiny random heads built here, hidden size 576, one layer) give the tokens
+drafting top-k trees (tiny "echo" heads built here, hidden size 576, one layer) give the tokens
 of ordinary decoding when greedy, also at ``tp_size=2`` (with the tp_size=1 engines' acceptance);
 sampled NGRAM trees keep the distribution (chi-square)."""
 
