@@ -165,6 +165,13 @@ def broadcast_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def tp_broadcast(x: torch.Tensor) -> torch.Tensor:
+    """TP rank 0's ``x`` on every TP rank of this stage, in place (every rank passes the same shape)."""
+    if _TP_SIZE > 1:
+        dist.broadcast(x, src=global_rank(tp=0), group=_TP_GROUP)
+    return x
+
+
 def first_failed_rank(failed: bool, device: torch.device) -> Optional[int]:
     """The lowest world rank that reports ``failed`` (None: none did). Every rank must call it,
     in the same order: control calls that change state on all ranks agree through it."""

@@ -18,42 +18,35 @@ best new nodes are expanded next (SGLang's EAGLE tree). After ``draft_steps`` le
 ``spec`` best nodes form the tree (a parent outscores its children, so the set is closed under
 ancestors); with ``topk`` 1 it is a chain. Drafts are chosen without randomness, so the target
 accepts them as point masses (``spec_tree``), greedy and sampled alike.
+
+Tensor parallelism: the head is sharded like the target, not replicated. It is built from the
+target's TP-aware layers (``models/llama_eagle.py``), so its attention heads and MLP columns split
+over the ranks with their own all-reduce, its KV pool holds each rank's KV heads as the target's
+does, and the checkpoint loads through the same shard loaders: no second, unsharded code path to
+keep exact, and no full copy of the head per rank. What it reads is full on every rank: EAGLE the
+final hidden states (after the final norm's all-reduce), EAGLE3 the taps taken where the norms
+return the reduced residual stream (``tap_residual_stream``), the embedding all-reduced, the LM
+heads gathered before ``d2t``. The ranks therefore compute the same drafts; each level's top-k
+(values and ids) is still broadcast from TP rank 0, so every rank grows, and verifies, one tree.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from treadle.gpu_worker.attention.base import create_backend
+from treadle.gpu_worker.distributed import tp_broadcast, tp_size
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.kv_cache import KVCache
-from treadle.gpu_worker.models.llama_eagle import EagleHead, eagle3_capture_layers
+from treadle.gpu_worker.models.llama_eagle import EagleHead, eagle3_capture_layers, read_head, tap_residual_stream
 from treadle.runtime.messages import ForwardPlan
 
 from treadle.gpu_worker.spec_draft import DraftModel
 
 if TYPE_CHECKING:
     from treadle.gpu_worker.model_runner import ModelRunner
-
-
-def read_head(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A head checkpoint's ``config.json`` and tensors: ``model.safetensors`` (EAGLE3 heads, most
-    EAGLE ones) or ``pytorch_model.bin`` (the first EAGLE releases; read with ``weights_only``)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        raw = json.load(f)
-    st, pt = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return raw, load_file(st)
-    if os.path.isfile(pt):
-        return raw, torch.load(pt, map_location="cpu", weights_only=True)
-    raise ValueError(f"speculative_draft_model_path: {model_dir} has neither model.safetensors nor pytorch_model.bin "
-                     "(an EAGLE head is one file)")
 
 
 class EagleDraft:
@@ -92,13 +85,8 @@ class EagleDraft:
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> the last pair's (logits input, hidden)
         self.aux: list[torch.Tensor] = []
         if eagle3:  # the target's low/mid/high hidden states, taken as its layers run
-            layers = target.model.model.layers
-            for i in eagle3_capture_layers(self.config, len(layers)):
-                if i < len(layers):
-                    layers[i].register_forward_pre_hook(lambda m, args: self.aux.append(
-                        args[0] if args[1] is None else args[0] + args[1]))
-                else:
-                    layers[-1].register_forward_hook(lambda m, args, out: self.aux.append(out[0] + out[1]))
+            layers = eagle3_capture_layers(self.config, len(target.model.model.layers))
+            tap_residual_stream(target.model.model, layers, lambda h: self.aux.append(h))  # (observe swaps the list)
             target.cfg.cuda_graph_max_bs = 0  # the hooks must run: eager target steps (EAGLE reads the graphs' hidden)
 
     def kv_layers_like(self, target_width: int) -> int:
@@ -195,6 +183,9 @@ class EagleDraft:
         while active:
             lp, vocab_ids = self.logprobs(torch.cat([t.x for t in active]))
             top_v, top_i = lp.topk(self.topk, dim=-1)
+            if tp_size() > 1:  # one tree on every rank: TP rank 0's choices (values and ids exact in float64)
+                both = tp_broadcast(torch.cat([top_v.double(), top_i.double()]))
+                top_v, top_i = both[:len(top_v)], both[len(top_v):].long()
             if vocab_ids is not None:  # EAGLE3: draft ids -> target ids
                 top_i = vocab_ids[top_i]
             top_v, top_i, a = top_v.tolist(), top_i.tolist(), 0

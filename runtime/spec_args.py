@@ -33,8 +33,8 @@ def _pos_int(name: str, v: Any, optional: bool = True) -> None:
 
 
 def check_spec_args(a: Any) -> None:
-    """``ValueError`` naming the field for a bad value (EAGLE, a valid value, is refused later by
-    ``ServerArgs.check_supported``, with the other features not built)."""
+    """``ValueError`` naming the field for a bad value (valid settings not built yet, such as a draft
+    model with ``pp_size > 1``, are refused later by ``ServerArgs.check_supported``)."""
     alg = a.speculative_algorithm
     if isinstance(alg, str):
         alg = a.speculative_algorithm = alg.upper()
@@ -66,9 +66,9 @@ def spec_refusals(a: Any) -> list[str]:
     out = []
     if a.speculative_algorithm == "STANDALONE" and a.speculative_eagle_topk not in (None, 1):
         out.append(f"speculative_eagle_topk={a.speculative_eagle_topk!r} (STANDALONE drafts chains only)")
-    if a.speculative_algorithm in ("EAGLE", "EAGLE3") and a.tp_size > 1:  # EAGLE3's taps would read partial sums
-        out.append(f"speculative_algorithm={a.speculative_algorithm!r} with tp_size={a.tp_size} (EAGLE heads run "
-                   "on one rank only so far)")
+    if a.speculative_algorithm in DRAFT_MODEL and a.pp_size > 1:
+        out.append(f"speculative_algorithm={a.speculative_algorithm!r} with pp_size={a.pp_size} (draft models and "
+                   "EAGLE heads run beside a whole target, not a pipeline stage)")
     return out
 
 

@@ -14,12 +14,18 @@ The checkpoints' layouts (as SGLang's and vLLM's ``llama_eagle.py`` / ``llama_ea
   reduced draft vocabulary; draft id ``i`` is target id ``i + d2t[i]``.
 
 The layer is the Llama family's ``LlamaDecoderLayer`` (shared TP-aware layers); attention runs
-through the forward context as in any model.
+through the forward context as in any model. With tensor parallelism it is therefore sharded as the
+target's layers are (heads and MLP columns split over the ranks, ``o_proj`` / ``down_proj``
+all-reducing for themselves: the head never defers its reduces); ``fc`` and the norms are
+replicated, the embedding and LM heads vocab-parallel (an LM head gathers its shards, padding cut,
+before ``d2t`` maps draft ids, so the mapping sees the whole draft vocabulary on every rank).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import json
+import os
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -45,6 +51,38 @@ def eagle3_capture_layers(config: Any, target_layers: int) -> list[int]:
         raise ValueError(f"speculative_draft_model_path: EAGLE3 aux hidden state layers {layers} do not fit a target "
                          f"of {target_layers} layers")
     return layers
+
+
+def read_head(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A head checkpoint's ``config.json`` and tensors: ``model.safetensors`` (EAGLE3 heads, most
+    EAGLE ones) or ``pytorch_model.bin`` (the first EAGLE releases; read with ``weights_only``)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    st, pt = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return raw, load_file(st)
+    if os.path.isfile(pt):
+        return raw, torch.load(pt, map_location="cpu", weights_only=True)
+    raise ValueError(f"speculative_draft_model_path: {model_dir} has neither model.safetensors nor pytorch_model.bin "
+                     "(an EAGLE head is one file)")
+
+
+def tap_residual_stream(backbone: nn.Module, layer_ids: list[int], sink: Callable[[torch.Tensor], None]) -> None:
+    """Hooks that hand ``sink`` the residual stream entering each of ``layer_ids`` of a Llama-family
+    backbone (``len(layers)``: the final norm's input) as it runs. Read where the norm that opens
+    the layer returns it (``(norm(x + residual), x + residual)``), not from the layer's inputs: with
+    tensor parallelism the layers leave their all-reduce to that norm (``LlamaModel.defer_reduce``),
+    so a layer's input ``x`` is this rank's partial sum while the norm's second output is summed
+    over the ranks (the same full state on every rank). Layer 0 reads the embedding (all-reduced)."""
+    layers = backbone.layers
+    for i in layer_ids:
+        if i == 0:
+            layers[0].register_forward_pre_hook(lambda m, args: sink(args[0]))
+        else:
+            norm = layers[i].input_layernorm if i < len(layers) else backbone.norm
+            norm.register_forward_hook(lambda m, args, out: sink(out[1]))
 
 
 class EagleHead(nn.Module):

@@ -88,3 +88,28 @@ def test_gpu_eagle_heads_and_trees_greedy_identical(alg, topk, model, tmp_path):
     for o in sampled:
         x = o["meta_info"]
         assert len(o["output_ids"]) == 32 and x["spec_verify_ct"] + x["spec_num_correct_drafts"] == 31
+
+
+@pytest.mark.parametrize("alg,topk", [("EAGLE", 1), ("EAGLE3", 4)])
+def test_gpu_eagle_heads_at_tp2(alg, topk, model, tmp_path):
+    """EAGLE chain and EAGLE3 tree heads at ``tp_size=2`` on two GPUs (NCCL, the one-shot all-reduce
+    and the fused all-reduce + RMSNorm that the EAGLE3 taps read after): float32 greedy tokens of
+    ordinary tp_size=1 decoding, and per request the tp_size=1 speculative engine's drafts."""
+    import torch
+
+    from spec_heads import make_eagle_head
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    kw = {"speculative_algorithm": alg, "speculative_eagle_topk": topk,
+          "speculative_draft_model_path": make_eagle_head(str(tmp_path / "head"), alg == "EAGLE3")}
+    base, _ = _run(model)
+    one, _ = _run(model, **kw)
+    two, sampled = _run(model, tp_size=2, **kw)
+    keys = ("spec_verify_ct", "spec_num_correct_drafts", "spec_num_proposed_drafts")
+    for b, o, t in zip(base, one, two):
+        assert t["output_ids"] == b["output_ids"]
+        assert [t["meta_info"][k] for k in keys] == [o["meta_info"][k] for k in keys]
+    for o in sampled:
+        x = o["meta_info"]
+        assert len(o["output_ids"]) == 32 and x["spec_verify_ct"] + x["spec_num_correct_drafts"] == 31

@@ -1,7 +1,8 @@
 """Tree verification and EAGLE draft heads end to end on the default model (CPU): NGRAM with a trie
 of continuations (``speculative_eagle_topk`` 4), an EAGLE head drafting chains and an EAGLE3 head
-drafting top-k trees (tiny random heads built here, hidden size 576, one layer) give the tokens
-of ordinary decoding when greedy; sampled NGRAM trees keep the distribution (chi-square)."""
+drafting top-k trees (tiny "echo" heads built here, hidden size 576, one layer) give the tokens
+of ordinary decoding when greedy, also at ``tp_size=2`` (with the tp_size=1 engines' acceptance);
+sampled NGRAM trees keep the distribution (chi-square)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from spec_heads import make_eagle_head
 from test_speculative import COPY_PROMPTS, GREEDY, PROMPTS, assert_sampling_matches
 
 pytestmark = pytest.mark.e2e
+TREE_PROMPTS = PROMPTS + ["Write the number zero ten times: 0 0 0 0 0 0"]  # period 2: the EAGLE3 echo head's
 
 
 @pytest.fixture(scope="module")
@@ -23,38 +25,64 @@ def ngram_tree():
     eng.shutdown()
 
 
+# EAGLE drafts chains, EAGLE3 trees; echo heads (``spec_heads``) whose drafts are sometimes accepted.
+# EAGLE3 taps the embedding, a middle layer's input and the final norm's input (every kind of tap), over
+# an odd draft vocabulary (the last TP shard of its LM head padded) mapped by a d2t of gaps.
+SPEC = {"eagle": dict(speculative_algorithm="EAGLE", speculative_num_steps=3),
+        "eagle3": dict(speculative_algorithm="EAGLE3", speculative_num_steps=3, speculative_eagle_topk=4,
+                       speculative_num_draft_tokens=8)}
+HEADS = {"eagle": dict(eagle3=False), "eagle3": dict(eagle3=True, aux_layers=[-1, 14, 29], draft_vocab=4001)}
+
+
 @pytest.fixture(scope="module")
-def eagle(tmp_path_factory):
+def heads(tmp_path_factory, default_model_dir):
+    from safetensors import safe_open
+
+    with safe_open(f"{default_model_dir}/model.safetensors", "pt") as f:  # SmolLM2 ties its LM head to this
+        echo = f.get_tensor("model.embed_tokens.weight").float()
+    return {k: make_eagle_head(str(tmp_path_factory.mktemp(k)), std=0.005, echo=echo, **kw) for k, kw in HEADS.items()}
+
+
+def _spec_engine(heads, which: str, **kw):
     from treadle import Engine
 
-    head = make_eagle_head(str(tmp_path_factory.mktemp("eagle")), eagle3=False)
-    eng = Engine(model_path="default", random_seed=0, speculative_algorithm="EAGLE",
-                 speculative_draft_model_path=head, speculative_num_steps=3)
+    return Engine(model_path="default", random_seed=0, speculative_draft_model_path=heads[which], **SPEC[which], **kw)
+
+
+@pytest.fixture(scope="module")
+def eagle(heads):
+    eng = _spec_engine(heads, "eagle")
     yield eng
     eng.shutdown()
 
 
 @pytest.fixture(scope="module")
-def eagle3(tmp_path_factory):
-    from treadle import Engine
-
-    head = make_eagle_head(str(tmp_path_factory.mktemp("eagle3")), eagle3=True, aux_layers=[1, 14, 26])
-    eng = Engine(model_path="default", random_seed=0, speculative_algorithm="EAGLE3",
-                 speculative_draft_model_path=head, speculative_num_steps=3, speculative_eagle_topk=4,
-                 speculative_num_draft_tokens=8)
+def eagle3(heads):
+    eng = _spec_engine(heads, "eagle3")
     yield eng
     eng.shutdown()
 
 
 @pytest.fixture(scope="module")
 def baseline(engine):
-    return engine.generate(PROMPTS, GREEDY)
+    return engine.generate(TREE_PROMPTS, GREEDY)
+
+
+@pytest.fixture(scope="module")
+def greedy_runs() -> dict:
+    """Each speculative engine's greedy outputs on ``TREE_PROMPTS``, generated once for the module."""
+    return {}
+
+
+def _greedy(which: str, request, runs: dict) -> list[dict]:
+    if which not in runs:
+        runs[which] = request.getfixturevalue(which).generate(TREE_PROMPTS, GREEDY)
+    return runs[which]
 
 
 @pytest.mark.parametrize("which", ["ngram_tree", "eagle", "eagle3"])
-def test_greedy_tokens_identical(which, baseline, request):
-    spec = request.getfixturevalue(which)
-    out = spec.generate(PROMPTS, GREEDY)
+def test_greedy_tokens_identical(which, baseline, request, greedy_runs):
+    out = _greedy(which, request, greedy_runs)
     for want, got in zip(baseline, out):
         assert got["output_ids"] == want["output_ids"]
         assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
@@ -72,6 +100,21 @@ def test_greedy_tokens_identical(which, baseline, request):
         assert sum(x["completion_tokens"] - 1 for x in copied) / sum(x["spec_verify_ct"] for x in copied) > 1.5
     else:  # a random head: drafts are proposed (4 a step at most: spec_num_steps 3, or 7 tree nodes)
         assert proposed > verifies
+
+
+@pytest.mark.parametrize("which", ["eagle", "eagle3"])
+def test_tp2_heads_match_tp1(which, baseline, request, greedy_runs, heads):
+    """The same head at ``tp_size=2`` (gloo; head sharded like the target, EAGLE3's taps read after
+    the all-reduce, drafts broadcast from rank 0): the greedy tokens of ordinary tp_size=1 decoding,
+    and per request the tp_size=1 speculative engine's verify steps and accepted / proposed drafts."""
+    want = _greedy(which, request, greedy_runs)
+    with _spec_engine(heads, which, tp_size=2) as tp:
+        got = tp.generate(TREE_PROMPTS, GREEDY)
+    keys = ("spec_verify_ct", "spec_num_correct_drafts", "spec_num_proposed_drafts")
+    for plain, one, two in zip(baseline, want, got):
+        assert two["output_ids"] == plain["output_ids"]
+        assert [two["meta_info"][k] for k in keys] == [one["meta_info"][k] for k in keys]
+    assert sum(o["meta_info"]["spec_num_correct_drafts"] for o in got) > 0  # some drafts were accepted
 
 
 def test_tree_sampling_keeps_the_distribution(ngram_tree, engine):

@@ -245,9 +245,9 @@ def test_refused_names_accept_what_treadle_does_anyway(kw):
 
 def test_refused_several_named_together():
     with pytest.raises(NotImplementedError) as e:
-        ServerArgs(moe_dp_size=2, speculative_algorithm="EAGLE", speculative_draft_model_path="/h", tp_size=2,
+        ServerArgs(moe_dp_size=2, speculative_algorithm="EAGLE", speculative_draft_model_path="/h", pp_size=2,
                    quantization="bitsandbytes").check_supported()
-    assert all(s in str(e.value) for s in ("moe_dp_size=2 (", "speculative_algorithm='EAGLE' with tp_size=2 (",
+    assert all(s in str(e.value) for s in ("moe_dp_size=2 (", "speculative_algorithm='EAGLE' with pp_size=2 (",
                                            "quantization='bitsandbytes'"))
 
 
