@@ -44,6 +44,24 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def tp2_engine():
+    """The usage guide's "With Configuration" engine as written (model_path changed): ``tp_size=2``
+    over gloo on the CPU. ``test_parallel`` and ``test_usage_guide`` share it (a start-up of two
+    workers costs 15-25 s on the 2-core CI machine); tests leave it idle."""
+    from treadle import Engine
+
+    engine = Engine(
+        model_path="default",
+        tp_size=2,
+        mem_fraction_static=0.8,
+        trust_remote_code=True,
+        log_level="info"
+    )
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """One all-MiniLM-L6-v2 embedding engine for every module that serves it (in process, over
     HTTP, through ``RemoteEngine``): encode calls leave it as they found it."""

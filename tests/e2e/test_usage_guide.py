@@ -208,23 +208,14 @@ def test_get_server_info(engine):
         assert key in info
 
 
-def test_with_configuration_tp2(engine):
-    """tp_size=2 over gloo on the CPU: SmolLM2's 3 KV heads split 2 + 1 across the ranks."""
-    tp1 = engine
-    engine = Engine(
-        model_path=MODEL,
-        tp_size=2,
-        mem_fraction_static=0.8,
-        trust_remote_code=True,
-        log_level="info"
-    )
-    try:
-        params = {"temperature": 0, "max_new_tokens": 16}
-        out = engine.generate(prompt="The capital of France is", sampling_params=params)
-        assert out["output_ids"] == tp1.generate(prompt="The capital of France is", sampling_params=params)["output_ids"]
-        assert engine.get_server_info()["tp_size"] == 2
-    finally:
-        engine.shutdown()
+def test_with_configuration_tp2(engine, tp2_engine):
+    """tp_size=2 over gloo on the CPU: SmolLM2's 3 KV heads split 2 + 1 across the ranks. The guide's
+    ``Engine(...)`` call runs as written in conftest's ``tp2_engine`` (``test_parallel`` shares it)."""
+    tp1, engine = engine, tp2_engine
+    params = {"temperature": 0, "max_new_tokens": 16}
+    out = engine.generate(prompt="The capital of France is", sampling_params=params)
+    assert out["output_ids"] == tp1.generate(prompt="The capital of France is", sampling_params=params)["output_ids"]
+    assert engine.get_server_info()["tp_size"] == 2
 
 
 def test_engine_configuration_example(tmp_path, default_model_dir):
