@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from treadle.runtime.arg_checks import check_int
+
 
 def check_pdmux_args(a: Any) -> None:
     """``ValueError`` naming the field for a bad value or a combination the split cannot run."""
-    for name, lo in (("pdmux_prefill_tokens", 1), ("pdmux_decode_sms", 0)):
-        v = getattr(a, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int of at least {lo}, got {v!r}.")
+    check_int("pdmux_prefill_tokens", a.pdmux_prefill_tokens, lo=1)
+    check_int("pdmux_decode_sms", a.pdmux_decode_sms, lo=0)
     if not isinstance(a.enable_pdmux, bool):
         raise ValueError(f"enable_pdmux must be a bool, got {a.enable_pdmux!r}.")
     if not a.enable_pdmux:

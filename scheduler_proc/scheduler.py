@@ -10,7 +10,8 @@ later recomputed (their KV stays in the prefix cache until evicted).
 The ``Scheduler`` keeps the loop-facing surface and hands the rest to the collaborators it owns:
 ``KvBudget`` (memory.py: pages, slots, prefix cache, the decode reserve), ``Admission``
 (admission.py), ``Retraction`` (retraction.py), ``StepResults`` (step_results.py: a step's
-result into its requests), ``Outputs`` (outputs.py) and ``Sessions`` (sessions.py). They share the ``waiting`` and ``running`` lists, changed in place, never rebound.
+result into its requests), ``Outputs`` (outputs.py) and ``Sessions`` (sessions.py). They share
+the ``waiting`` and ``running`` lists, changed in place, never rebound.
 """
 
 from __future__ import annotations
