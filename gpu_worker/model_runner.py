@@ -49,7 +49,7 @@ from treadle.gpu_worker.step_inputs import (
     DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
 )
 from treadle.gpu_worker.torchao_quant import apply_torchao
-from treadle.runtime.llava_layout import load_model_config
+from treadle.runtime.config_snapshot import cached_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
 from treadle.runtime.parallel import is_reporting
 
@@ -75,7 +75,7 @@ class ModelRunner:
         cfg.random_seed = broadcast_int(cfg.random_seed, self.device)
         # Results (samples, extras, control replies) come from one rank: TP rank 0 of the last stage.
         self.reports = is_reporting(cfg.tp_rank, cfg.pp_rank, cfg.pp_size)
-        self.model_config = load_model_config(cfg.model_dir)  # AutoConfig's; the original LLaVA layout mapped
+        self.model_config = cached_model_config(cfg.model_dir)  # AutoConfig's (a snapshot of it); LLaVA-1.5 mapped
         # The language model's config: the model's own, or the text part of a multimodal one (LLaVA).
         self.text_config = getattr(self.model_config, "text_config", None) or self.model_config
         phase("device_and_parallel_init")

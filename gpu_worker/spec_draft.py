@@ -26,7 +26,7 @@ from treadle.gpu_worker.model_loader import build_model, load_weights
 from treadle.gpu_worker.sampler import Sampler, _argmax, _row_seed
 from treadle.gpu_worker.spec_verify import target_probs
 from treadle.gpu_worker.step_inputs import PlanLimits, flatten_plan, indices_to_device
-from treadle.runtime.llava_layout import load_model_config
+from treadle.runtime.config_snapshot import cached_model_config
 from treadle.runtime.messages import ForwardPlan, PlanRow
 
 DRAFT_SEED_SALT = 0x5BD1E995  # a seeded request's draft noise differs from its verify noise
@@ -37,7 +37,7 @@ class DraftModel:
 
     def __init__(self, model_dir: str, target: Any) -> None:
         cfg = target.cfg
-        self.config = load_model_config(model_dir)
+        self.config = cached_model_config(model_dir)
         text = getattr(self.config, "text_config", None) or self.config
         if text.vocab_size != target.vocab_size:
             raise ValueError(f"speculative_draft_model_path: the draft model's vocabulary ({text.vocab_size}) differs "

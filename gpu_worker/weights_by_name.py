@@ -132,10 +132,13 @@ def _checkpoint_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
     if id(model_config) not in _SHAPES:
         import transformers
 
+        from treadle.runtime.config_snapshot import transformers_config
+
+        real = transformers_config(model_config)
         with torch.device("meta"):
             try:
-                hf = transformers.AutoModelForCausalLM.from_config(model_config)
+                hf = transformers.AutoModelForCausalLM.from_config(real)
             except ValueError:  # no causal-LM class (an encoder)
-                hf = transformers.AutoModel.from_config(model_config)
+                hf = transformers.AutoModel.from_config(real)
         _SHAPES[id(model_config)] = {n: tuple(p.shape) for n, p in hf.named_parameters(remove_duplicate=False)}
     return _SHAPES[id(model_config)]

@@ -47,7 +47,7 @@ def score_activation(config) -> Callable[[torch.Tensor], torch.Tensor]:
 def sep_token_id(config) -> int:
     """The ``[SEP]`` id: the config's, else that of the tokenizer beside the checkpoint."""
     sep = getattr(config, "sep_token_id", None)
-    model_dir = getattr(config, "_name_or_path", "") or ""
+    model_dir = getattr(config, "name_or_path", "") or ""
     if sep is None and os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
