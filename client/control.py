@@ -39,8 +39,9 @@ CONTROL_TIMEOUT_S = 60.0
 # trainer to join, a resume may capture CUDA graphs again): no deadline
 UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor, UpdateWeightsFromDistributed,
                    InitWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate)
+# the scheduler waits on its workers to answer
 WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName, InitWeightsUpdateGroup,
-                ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate)  # the scheduler waits on its workers
+                ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate)
 
 
 class ControlTimeoutError(TimeoutError):

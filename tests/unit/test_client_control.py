@@ -15,8 +15,8 @@ from treadle.client.control import Control, ControlTimeoutError
 from treadle.client.sessions import Sessions
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.messages import (
-    CloseSession, FinishWeightUpdate, FlushCache, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions, OpenSession,
-    StopProfile,
+    CloseSession, FinishWeightUpdate, FlushCache, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions,
+    OpenSession, StopProfile,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.sampling_params import SamplingParams
