@@ -58,8 +58,8 @@ def update_groups(ask: Ask, call: Call, on_applied: Callable[[], None], version:
         states += [f"group {g} may serve a mix of old and new weights (its load stopped partway)" for g in failed]
         return False, (" ".join(f"DP group {g}: {m}" for g, m in failed.items())
                        + f" The DP groups now differ: {'; '.join(states)}. weight_version stays {version!r} "
-                       "(it names no group's weights for sure now). Retry the update: every group loads the "
-                       "whole of it again." + _gone_note(gone))
+                       "until an update succeeds on every group. Retry the update: every group loads the whole "
+                       "of it again." + _gone_note(gone))
     finally:
         ask(FinishWeightUpdate(action="end"))
 
