@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -22,11 +23,13 @@ import msgspec
 
 from treadle.client.calls import Calls
 from treadle.client.supervisor import Supervisor, group_name
+from treadle.client.weight_fanout import update_groups
+from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.messages import (
-    Call, CheckIntegrity, CloseSession, FlushCache, FreezeGC, GetInternalState, GetLoad, ListSessions, LoadLoraAdapter,
-    GetWeightsByName, InitWeightsUpdateGroup, OpenSession, ReleaseMemoryOccupation, ResumeMemoryOccupation,
-    StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk, UpdateWeightsFromDistributed,
-    UpdateWeightsFromTensor,
+    Call, CheckIntegrity, CloseSession, FinishWeightUpdate, FlushCache, FreezeGC, GetInternalState, GetLoad,
+    ListSessions, LoadLoraAdapter, GetWeightsByName, InitWeightsUpdateGroup, OpenSession, ReleaseMemoryOccupation,
+    ResumeMemoryOccupation, StartProfile, StopProfile, UnloadLoraAdapter, UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed, UpdateWeightsFromTensor,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.server_args import MEM_FRACTION_STATIC, ServerArgs
@@ -35,9 +38,10 @@ CONTROL_TIMEOUT_S = 60.0
 # answered once their work is done (a weight update waits for the running requests, a group waits for the
 # trainer to join, a resume may capture CUDA graphs again): no deadline
 UNBOUNDED_CALLS = (StopProfile, UpdateWeightsFromDisk, UpdateWeightsFromTensor, UpdateWeightsFromDistributed,
-                   InitWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation)
+                   InitWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate)
+# the scheduler waits on its workers to answer
 WORKER_CALLS = (StartProfile, StopProfile, LoadLoraAdapter, GetWeightsByName, InitWeightsUpdateGroup,
-                ReleaseMemoryOccupation, ResumeMemoryOccupation)  # the scheduler waits on its workers to answer
+                ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate)
 
 
 class ControlTimeoutError(TimeoutError):
@@ -77,11 +81,13 @@ class Control:
     def __init__(self, calls: Calls, sup: Supervisor) -> None:
         self.calls = calls
         self.sup = sup
+        self.weights_lock = threading.Lock()  # one weight update at a time across DP groups (its steps interleave)
 
     def each(self, call: Call, groups: Optional[list[int]] = None,
-             on_answer: Optional[Callable[[Any], None]] = None) -> dict[int, Any]:
+             on_answer: Optional[Callable[[Any], None]] = None, settle: bool = False) -> dict[int, Any]:
         """``call`` on each of ``groups`` (default: every live DP group; -1 is the tokenizer),
-        results by group. Each group gets its own call id, so a group that dies fails its own call.
+        results by group. Each group gets its own call id, so a group that dies fails its own call
+        (``settle``: its result is then that ``EngineDeadError``, and the others' answers still come).
         A group that does not answer in time raises ``ControlTimeoutError`` naming the call and process."""
         self.calls.check_alive()
         futs = {}
@@ -91,16 +97,19 @@ class Control:
             if on_answer is not None:  # runs on the I/O thread, before any output that follows the answer
                 futs[g].add_done_callback(lambda f: f.exception() is None and on_answer(f.result()))
             self.calls.socket.send(msgspec.structs.replace(call, call_id=call_id, dp_rank=g))
-        if isinstance(call, UNBOUNDED_CALLS):
-            return {g: fut.result() for g, fut in futs.items()}
+        unbounded = isinstance(call, UNBOUNDED_CALLS)
         timeout = CONTROL_TIMEOUT_S
         deadline = time.monotonic() + timeout  # one bound for the whole call, not one per group
         results = {}
         for g, fut in futs.items():
             try:
-                results[g] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                results[g] = fut.result(timeout=None if unbounded else max(0.0, deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 raise ControlTimeoutError(timeout_message(call, g, timeout)) from None
+            except EngineDeadError as e:
+                if not settle:
+                    raise
+                results[g] = e
         return results
 
     def first(self, call: Call) -> Any:
@@ -144,9 +153,14 @@ class Control:
         self.each(UnloadLoraAdapter(lora_name=lora_name), groups)
 
     def update_weights(self, call: Call, on_success: Callable[[], None]) -> tuple[bool, str]:
-        """An ``UpdateWeightsFrom*`` call on each live group: its workers take the new weights once
-        its running requests end; ``on_success`` runs (on the I/O thread) as soon as a group answers
-        that its weights changed."""
+        """An ``UpdateWeightsFrom*`` call: its workers take the new weights once its running requests
+        end; ``on_success`` (it sets the next ``weight_version``) runs on the I/O thread as the group
+        answers that its weights changed. With several live DP groups, checked on every group before
+        any loads, and ``on_success`` runs once all have (client/weight_fanout.py)."""
+        if len(self.live_groups()) > 1:
+            with self.weights_lock:
+                return update_groups(lambda c: self.each(c, settle=True), call, on_success,
+                                     self.calls.server_args.weight_version)
         results = list(self.each(call, on_answer=lambda res: res.get("success") and on_success()).values())
         failed = [r["message"] for r in results if not r["success"]]
         return not failed, failed[0] if failed else results[0]["message"]

@@ -11,7 +11,9 @@ dropped. Tensors from ``update_weights_from_tensor`` travel in a POSIX shared-me
 side creates and removes; only their names, dtypes, shapes and offsets cross the socket. Here:
 argument checks, the segment, and the engine's ``weight_version``, which results report in
 ``meta_info`` and which changes on the I/O thread the moment the workers answer, so a request
-queued during the update reports the new version.
+queued during the update reports the new version. With several DP groups the update goes in
+steps (client/weight_fanout.py): the version changes once every group has loaded the new weights,
+before any of them runs a request again.
 """
 
 from __future__ import annotations
@@ -176,10 +178,10 @@ class WeightUpdates:
 
     def _bump(self, weight_version: Optional[str]) -> Callable[[], None]:
         """The callback that sets the engine's next ``weight_version`` (given, or the count of
-        updates that succeeded) once a group answers that its weights changed. The count moves
+        updates that succeeded) once the weights changed (every DP group's). The count moves
         there, not when the update is sent: a refused update (a bad name, shape or path) leaves
         the version as it was, and the next one that succeeds takes the next number."""
-        version: list[str] = []  # decided at the first group's success (each DP group answers)
+        version: list[str] = []  # decided at the first call
 
         def changed() -> None:
             if not version:

@@ -107,7 +107,7 @@ class WorkerLoop:
             DropLoraAdapter: lambda c: self.runner.unload_lora(c.name),
             UpdateWeightsFromDisk: lambda c: reload_weights(
                 self.runner.model, c.model_dir, c.load_format, self.runner.model_config, self.runner.cfg.context_len,
-                self.runner.device),
+                self.runner.device, c.phase),
             UpdateWeightsFromTensor: lambda c: update_from_shared_memory(
                 self.runner.model, c, self.runner.model_config, self.runner.cfg.context_len, self.runner.device),
             GetWeightsByName: lambda c: weights_by_name(runner.model, c.name, c.truncate_size,

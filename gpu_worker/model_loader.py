@@ -118,13 +118,17 @@ def refuse_int4_update(model_config: Any, quantization: Optional[str]) -> None:
 
 
 def load_checked(model: ModelBase, model_config: Any, context_len: int, device: torch.device,
-                 load: Callable[[ModelBase], Any]) -> None:
+                 load: Callable[[ModelBase], Any], phase: str = "both") -> None:
     """``load(model)`` of new weights, in place (so CUDA graphs and every view of the weights stay
     valid), after ``load`` ran on a copy of the model on the meta device: every name, shape and
     completeness check of a real load, without memory. New weights that fail them raise here on
     every tensor-parallel rank (the ranks never serve different weights), and the old ones serve on.
     FP8 layers quantize new float weights as a load does (``fp8.py``); a 4-bit model is refused
-    (``refuse_int4_update``)."""
+    (``refuse_int4_update``). ``phase`` "check" stops after the check, "apply" skips it (the
+    update passed it before, on every DP group: runtime/messages.WEIGHT_PHASES)."""
+    if phase == "apply":
+        load(model)
+        return
     quantization = getattr(model, "quantization", None)
     refuse_int4_update(model_config, quantization)
     error = ""
@@ -136,18 +140,22 @@ def load_checked(model: ModelBase, model_config: Any, context_len: int, device: 
     failed = first_failed_rank(bool(error), device)
     if failed is not None:
         raise ValueError(error or f"the new weights failed their check on worker rank {failed} (its log says why)")
-    load(model)
+    if phase == "both":
+        load(model)
 
 
 def reload_weights(model: ModelBase, model_dir: str, load_format: Optional[str], model_config: Any,
-                   context_len: int, device: torch.device) -> bool:
-    """A new checkpoint of the same model into ``model``'s parameters (``load_checked``)."""
+                   context_len: int, device: torch.device, phase: str = "both") -> bool:
+    """A new checkpoint of the same model into ``model``'s parameters (``load_checked``); an
+    "apply" reads the files again (nothing is kept between the phases)."""
+    if phase == "drop":
+        return True
     load_format = load_format or "auto"
     refuse_int4_update(model_config, getattr(model, "quantization", None))
     if load_format not in ("auto", "safetensors"):
         raise ValueError(f"load_format {load_format!r} cannot update weights; use 'auto' or 'safetensors'")
     load_checked(model, model_config, context_len, device,
-                 lambda m: load_weights(m, model_dir, load_format, model_config, 0, 0.0))
+                 lambda m: load_weights(m, model_dir, load_format, model_config, 0, 0.0), phase)
     return True
 
 

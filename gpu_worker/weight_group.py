@@ -54,6 +54,7 @@ class WeightGroups:
         self.global_rank = global_rank  # this worker's rank among the engine's workers
         self.device = device
         self.groups: dict[str, Any] = {}
+        self.staged: dict[str, list[tuple[str, torch.Tensor]]] = {}  # group -> tensors checked, not yet applied
 
     def init(self, call: InitWeightsUpdateGroup) -> bool:
         if call.group_name in self.groups:
@@ -81,14 +82,28 @@ class WeightGroups:
 
     def update(self, model: ModelBase, call: UpdateWeightsFromDistributed, model_config: Any, context_len: int
                ) -> bool:
-        named = self.receive(call)  # received before any check: the trainer's broadcasts must all be met
+        """``call.phase`` as runtime/messages.WEIGHT_PHASES says: the broadcast is met once, so a
+        "check" keeps the received tensors (``staged``) for the "apply" or "drop" that follows."""
+        if call.phase == "drop":
+            self.staged.pop(call.group_name, None)
+            return True
+        if call.phase == "apply":
+            if call.group_name not in self.staged:
+                raise ValueError(f"no checked tensors of group {call.group_name!r} to apply")
+            named = self.staged.pop(call.group_name)
+        else:
+            self.staged.pop(call.group_name, None)
+            named = self.receive(call)  # received before any check: the trainer's broadcasts must all be met
         load_checked(model, model_config, context_len, self.device,
-                     lambda m: m.load_weights(named, complete=False))
+                     lambda m: m.load_weights(named, complete=False), call.phase)
+        if call.phase == "check":
+            self.staged[call.group_name] = named
         return True
 
     def destroy(self, group_name: str) -> bool:
         dist.destroy_process_group(self.group(group_name))
         del self.groups[group_name]
+        self.staged.pop(group_name, None)
         return True
 
     def group(self, name: str) -> Any:

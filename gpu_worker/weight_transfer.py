@@ -18,11 +18,15 @@ from treadle.runtime.messages import UpdateWeightsFromTensor
 
 def update_from_shared_memory(model: ModelBase, call: UpdateWeightsFromTensor, model_config: Any,
                               context_len: int, device: torch.device) -> bool:
+    """``call.phase`` as runtime/messages.WEIGHT_PHASES says; an "apply" reads the segment again
+    (the client keeps it until every DP group has answered)."""
+    if call.phase == "drop":
+        return True
     shm = shared_memory.SharedMemory(name=call.shm_name)
     # the client owns the segment: this process must not remove it at exit (Python < 3.13 would)
     resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     try:
-        _load(model, _views(shm, call), model_config, context_len, device)
+        _load(model, _views(shm, call), model_config, context_len, device, call.phase)
     finally:
         gc.collect()  # the tensor views must be gone before the mapping closes
         shm.close()
@@ -43,7 +47,7 @@ def _views(shm: shared_memory.SharedMemory, call: UpdateWeightsFromTensor) -> li
 
 
 def _load(model: ModelBase, named: list[tuple[str, torch.Tensor]], model_config: Any, context_len: int,
-          device: torch.device) -> None:
+          device: torch.device, phase: str) -> None:
     if "complete" not in model.load_weights.__code__.co_varnames:
         raise NotImplementedError(f"update_weights_from_tensor is not built for {type(model).__name__}")
-    load_checked(model, model_config, context_len, device, lambda m: m.load_weights(named, complete=False))
+    load_checked(model, model_config, context_len, device, lambda m: m.load_weights(named, complete=False), phase)

@@ -426,6 +426,14 @@ class StopProfile(Call):
     pass
 
 
+# An update's ``phase``: "both" checks the new weights and loads them (one DP group); "check" only
+# checks them (a distributed update keeps the received tensors) and the group waits, paused, for the
+# client's ``FinishWeightUpdate``: with several DP groups nothing loads until every group has passed.
+# The scheduler sends the workers the held update again with "apply" (load what was checked) or
+# "drop" (forget it).
+WEIGHT_PHASES = ("both", "check", "apply", "drop")
+
+
 class UpdateWeightsFromDisk(Call, kw_only=True):
     """Client -> scheduler -> every worker rank: copy a checkpoint of the same model (an HF-format
     directory the client resolved) into the running weights. The scheduler waits until nothing
@@ -434,6 +442,7 @@ class UpdateWeightsFromDisk(Call, kw_only=True):
 
     model_dir: str
     load_format: Optional[str] = None
+    phase: str = "both"  # WEIGHT_PHASES
 
 
 class TensorRef(msgspec.Struct, array_like=True):
@@ -453,6 +462,7 @@ class UpdateWeightsFromTensor(Call, kw_only=True):
     shm_name: str
     tensors: list[TensorRef]
     flush_cache: bool = True
+    phase: str = "both"  # WEIGHT_PHASES
 
 
 class GetWeightsByName(Call, kw_only=True):
@@ -484,6 +494,17 @@ class UpdateWeightsFromDistributed(Call, kw_only=True):
     shapes: list[list[int]]
     group_name: str = "weight_update_group"
     flush_cache: bool = True
+    phase: str = "both"  # WEIGHT_PHASES
+
+
+class FinishWeightUpdate(Call, kw_only=True):
+    """Client -> scheduler, after an update with ``phase="check"``: ``action="apply"`` (sent once
+    every DP group passed the check) loads the checked weights, and the group stays paused, so no
+    request runs on them before the engine's ``weight_version`` names them; ``action="end"`` ends
+    the update (after an apply, or instead of one: the checked weights are dropped) and requests
+    run again."""
+
+    action: str  # "apply" | "end"
 
 
 class DestroyWeightsUpdateGroup(Call, kw_only=True):
@@ -564,7 +585,7 @@ class WorkerInfo(msgspec.Struct):
 CLIENT_CALLS = (GetInternalState, CheckIntegrity, FlushCache, OpenSession, ListSessions, CloseSession, FreezeGC,
                 LoadLoraAdapter, UnloadLoraAdapter, StartProfile, StopProfile, GetLoad, UpdateWeightsFromDisk,
                 UpdateWeightsFromTensor, GetWeightsByName, InitWeightsUpdateGroup, UpdateWeightsFromDistributed,
-                DestroyWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation)
+                DestroyWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate)
 WORKER_CALLS = (GetWorkerInfo, StartProfile, StopProfile, ReadLoraAdapter, DropLoraAdapter, UpdateWeightsFromDisk,
                 UpdateWeightsFromTensor, GetWeightsByName, InitWeightsUpdateGroup, UpdateWeightsFromDistributed,
                 DestroyWeightsUpdateGroup, ReleaseMemoryOccupation, ResumeMemoryOccupation)

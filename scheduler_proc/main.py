@@ -15,12 +15,13 @@ from treadle.runtime.tokenizer import load_tokenizer_of
 from treadle.runtime.messages import (
     SCHEDULER_IN, AbortReq, Call, ChildReady, GetWorkerInfo, Reply, ReqError, Shutdown, StepResult, SyncStep,
     TokenizedBatch, TokenOutBatch, WorkerInfo, UpdateWeightsFromDisk, UpdateWeightsFromTensor,
-    UpdateWeightsFromDistributed, ReleaseMemoryOccupation, ResumeMemoryOccupation,
+    UpdateWeightsFromDistributed, ReleaseMemoryOccupation, ResumeMemoryOccupation, FinishWeightUpdate,
 )
 from treadle.runtime.procs import ChildSpec
 from treadle.runtime.zmq_utils import Receiver, Sender
 from treadle.scheduler_proc.control import SchedulerControl, WorkerCallError
 from treadle.scheduler_proc.scheduler import Scheduler
+from treadle.scheduler_proc.weight_update import WeightUpdate
 
 logger = logging.getLogger("treadle.scheduler")
 IDLE_POLL_MS = 1000
@@ -51,6 +52,7 @@ class SchedulerLoop:
         self.sched = Scheduler(self.args, tokenizer, eos_token_ids(spec.files.model_dir, tokenizer), self.worker_info,
                                hidden_size, tokenizer_dir=spec.files.tokenizer_dir)
         self.control = SchedulerControl(self.sched, self.worker_call, self.to_detok)
+        self.weights = WeightUpdate(self.sched, self.worker_call)
         self.running = True
 
     def worker_call(self, call: Call) -> Any:
@@ -190,6 +192,8 @@ class SchedulerLoop:
                 self.drained_call, self.sched.admission_paused = msg, True
         elif isinstance(msg, ResumeMemoryOccupation):
             self.inbox.send(self.resume_memory(msg))
+        elif isinstance(msg, FinishWeightUpdate):
+            self.inbox.send(Reply(call_id=msg.call_id, ok=True, result=self.finish_update(msg)))
         elif isinstance(msg, Call):
             self.inbox.send(self.control.answer(msg))
         elif isinstance(msg, Shutdown):
@@ -197,8 +201,10 @@ class SchedulerLoop:
 
     def refusal(self, call: Call) -> str:
         """Why a draining call cannot run now ("" if it can)."""
-        if self.drained_call is not None:
+        if self.drained_call is not None or self.weights.held is not None:
             return "Another weight update or memory release is in progress."
+        if isinstance(call, WEIGHT_UPDATES) and call.phase not in ("both", "check"):
+            return f"A weight update's phase must be 'both' or 'check', got {call.phase!r}."
         if isinstance(call, WEIGHT_UPDATES) and "weights" in self.sched.released:
             return "The weights are released (release_memory_occupation): resume_memory_occupation first."
         return ""
@@ -207,19 +213,26 @@ class SchedulerLoop:
         """A weight update or memory release, now that no request runs (as SGLang's default: new
         requests waited, running ones finished on the old weights)."""
         call, self.drained_call = self.drained_call, None
-        result = self.release_memory(call) if isinstance(call, ReleaseMemoryOccupation) else self.update_weights(call)
-        self.sched.admission_paused = bool(self.sched.released)
+        result = self.release_memory(call) if isinstance(call, ReleaseMemoryOccupation) else self.weights.run(call)
+        self.sched.admission_paused = self.paused()
         self.inbox.send(Reply(call_id=call.call_id, ok=True, result=result))
 
-    def update_weights(self, call: Call) -> dict[str, Any]:
-        """Every worker copies the new weights in, and the prefix cache built with the old ones is dropped."""
-        try:
-            self.worker_call(call)
-            if getattr(call, "flush_cache", True):
-                self.sched.drop_cache_for_new_weights()
-            return {"success": True, "message": "Succeeded to update model weights."}
-        except WorkerCallError as e:
-            return {"success": False, "message": f"Failed to update weights: {e}. The old weights are still served."}
+    def paused(self) -> bool:
+        """New requests wait while memory is released, a draining call waits, or a checked update is held."""
+        return bool(self.sched.released) or self.drained_call is not None or self.weights.held is not None
+
+    def finish_update(self, call: FinishWeightUpdate) -> dict[str, Any]:
+        """The client's next step of a checked update (scheduler_proc/weight_update.py). An ``end``
+        that comes while this group's check still waits for its running requests (the client gave
+        up: its caller was interrupted) cancels that check, so the group never holds it."""
+        pending = self.drained_call
+        if call.action == "end" and isinstance(pending, WEIGHT_UPDATES) and pending.phase == "check":
+            self.drained_call = None
+            self.inbox.send(Reply(call_id=pending.call_id, ok=True, result={
+                "success": False, "message": "The weight update was cancelled before it ran."}))
+        result = self.weights.finish(call)
+        self.sched.admission_paused = self.paused()
+        return result
 
     def release_memory(self, call: ReleaseMemoryOccupation) -> dict[str, Any]:
         """The workers free the tagged memory; a released KV pool takes the prefix cache with it.
@@ -239,7 +252,7 @@ class SchedulerLoop:
         except WorkerCallError as e:
             return Reply(call_id=call.call_id, ok=False, error=f"Failed to resume memory: {e}")
         self.sched.released -= set(call.tags)
-        self.sched.admission_paused = bool(self.sched.released) or self.drained_call is not None
+        self.sched.admission_paused = self.paused()
         return Reply(call_id=call.call_id, ok=True, result=result)
 
     def flush_outputs(self) -> None:

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from treadle import Engine, EngineDeadError
 
@@ -83,6 +84,70 @@ def test_control_calls_reach_every_group_and_sessions_stick(dp2):
     fresh = dp2.open_session(1000)
     assert dp2._sessions.groups[fresh] == 0 and timed not in dp2._sessions.groups
     dp2.close_session(fresh)
+
+
+def test_a_weight_update_reaches_both_groups_or_neither(dp2, default_model_dir, monkeypatch):
+    """An update that one group refuses changes neither group; one whose load fails on a group
+    after both checks passed says how the groups differ; ``weight_version`` stays one value."""
+    from safetensors import safe_open
+
+    from treadle.runtime.messages import (
+        FinishWeightUpdate, ReleaseMemoryOccupation, ResumeMemoryOccupation, UpdateWeightsFromTensor,
+    )
+
+    def served() -> list[tuple[list[list[int]], set[str]]]:  # per group: greedy tokens, weight_versions
+        with ThreadPoolExecutor(2) as pool:
+            out = pool.map(lambda g: dp2.generate(prompt=PROMPTS[:1], sampling_params=GREEDY, routed_dp_rank=g), [0, 1])
+            return [([r["output_ids"] for r in res], {r["meta_info"]["weight_version"] for r in res}) for res in out]
+
+    old, version = served(), dp2.get_server_info()["weight_version"]
+    assert old[0] == old[1] and old[0][1] == {version}
+    with safe_open(os.path.join(default_model_dir, "model.safetensors"), "pt") as f:  # a trainer's bucket
+        names = [n for n in f.keys() if n.endswith("mlp.down_proj.weight")]
+        base = [(n, f.get_tensor(n)) for n in names]
+    gen = torch.Generator().manual_seed(0)
+    bucket = [(n, t * (1 + 0.2 * torch.randn(t.shape, generator=gen))) for n, t in base]
+
+    control = dp2._control_calls
+    control.each(ReleaseMemoryOccupation(tags=["weights"]), [1])  # group 1 alone has its weights set aside
+    ok, message, _ = dp2.update_weights_from_disk(default_model_dir)  # group 0's check passes
+    control.each(ResumeMemoryOccupation(tags=["weights"]), [1])
+    assert not ok and message.startswith("DP group 1: The weights are released") and "DP group 0" not in message
+    assert f"No DP group changed its weights: every group serves the old ones and weight_version stays " \
+           f"{version!r}" in message
+    ok, message = dp2.update_weights_from_tensor([("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3))])
+    assert not ok and "DP group 0: Failed" in message and "DP group 1: Failed" in message and "size" in message
+    assert served() == old and dp2.get_server_info()["weight_version"] == version
+
+    # both checks pass, then group 1's load fails: the tensors' segment is gone when it reads them again
+    real_each, segment = control.each, []
+
+    def each(call, groups=None, on_answer=None, settle=False):
+        if isinstance(call, UpdateWeightsFromTensor):
+            segment.append(f"/dev/shm/{call.shm_name}")
+        if isinstance(call, FinishWeightUpdate) and call.action == "apply":
+            first = real_each(call, [0], settle=settle)
+            os.rename(segment[0], segment[0] + ".away")
+            try:
+                return {**first, **real_each(call, [1], settle=settle)}
+            finally:
+                os.rename(segment[0] + ".away", segment[0])
+        return real_each(call, groups, on_answer, settle)
+
+    monkeypatch.setattr(control, "each", each)
+    ok, message = dp2.update_weights_from_tensor(bucket)
+    monkeypatch.undo()
+    assert not ok and message.startswith("DP group 1: Failed to load the new weights after they passed their check: ")
+    assert "No such file" in message, message
+    assert f"The DP groups now differ: group 0 serves the new weights; group 1 may serve a mix of old and new " \
+           f"weights (its load stopped partway). weight_version stays {version!r}" in message
+    split = served()
+    assert split[0][0] != old[0][0] and split[1][0] == old[0][0] and split[0][1] == split[1][1] == {version}
+    ok, message = dp2.update_weights_from_tensor(bucket)  # the retry brings both groups to the new weights
+    assert ok, message
+    assert served() == [(split[0][0], {"1"})] * 2 and dp2.get_server_info()["weight_version"] == "1"
+    ok, message, _ = dp2.update_weights_from_disk(default_model_dir, weight_version=version)
+    assert ok and served() == old, message
 
 
 def test_killing_a_group_worker_fails_its_requests_and_the_rest_serves(dp2):

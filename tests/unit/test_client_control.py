@@ -15,8 +15,8 @@ from treadle.client.control import Control, ControlTimeoutError
 from treadle.client.sessions import Sessions
 from treadle.runtime.errors import EngineDeadError
 from treadle.runtime.messages import (
-    CloseSession, FlushCache, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions, OpenSession,
-    StopProfile,
+    CloseSession, FinishWeightUpdate, FlushCache, GenerateBatch, GenerateReq, GetInternalState, GetLoad, ListSessions,
+    OpenSession, StopProfile,
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.sampling_params import SamplingParams
@@ -180,23 +180,26 @@ def test_a_refused_weight_update_leaves_the_weight_version(default_model_dir):
 
     from treadle.client.weights import WeightUpdates
 
-    took = {"ok": True}
-    ctl, socket = control_with([0, 1], lambda c, g: {"success": took["ok"], "message": "ok" if took["ok"] else "bad"})
+    took = {"ok": True}  # each group's check passes; the load and the end of an update always do
+    ctl, socket = control_with([0, 1], lambda c, g: {"success": took["ok"] or isinstance(c, FinishWeightUpdate),
+                                                     "message": "ok" if took["ok"] else "bad"})
     args = ServerArgs(device="cpu")
     weights = WeightUpdates(ctl, args)
     norm = [("model.norm.weight", torch.ones(4))]
     assert weights.from_tensors(norm, None, True) == (True, "ok") and args.weight_version == "1"
     took["ok"] = False
-    assert weights.from_tensors(norm, None, True) == (False, "bad")
-    assert weights.from_distributed(["model.norm.weight"], ["float32"], [[4]], "g", True, None) == (False, "bad")
-    assert weights.from_disk(default_model_dir, None, "never") == (False, "bad", 0)
+    for ok, message, *_ in (weights.from_tensors(norm, None, True),
+                            weights.from_distributed(["model.norm.weight"], ["float32"], [[4]], "g", True, None),
+                            weights.from_disk(default_model_dir, None, "never")):
+        assert not ok and message.startswith("DP group 0: bad DP group 1: bad No DP group changed"), message
     assert args.weight_version == "1"
     took["ok"] = True
     assert weights.from_distributed(["model.norm.weight"], ["float32"], [[4]], "g", True, None) == (True, "ok")
     assert args.weight_version == "2"
     assert weights.from_disk(default_model_dir, None, "step3")[0] and args.weight_version == "step3"
     assert weights.from_tensors(norm, None, True)[0] and args.weight_version == "4"
-    assert len(socket.sent) == 2 * 7
+    # to each group: a taken update is check, apply, end; a refused one check, end
+    assert len(socket.sent) == 2 * (4 * 3 + 3 * 2)
 
 
 def test_checked_payload_names_the_field():

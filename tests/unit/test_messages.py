@@ -35,7 +35,8 @@ WEIGHT_CALLS = [  # client -> scheduler -> workers
     M.DestroyWeightsUpdateGroup(call_id=16, group_name="g"),
     M.ReleaseMemoryOccupation(call_id=17, tags=["weights", "kv_cache"]), M.ResumeMemoryOccupation(tags=["weights"]),
 ]
-CLIENT_CALLS += WEIGHT_CALLS
+CLIENT_CALLS += [*WEIGHT_CALLS, M.UpdateWeightsFromDisk(call_id=18, model_dir="/ckpt/step2", phase="check"),
+                 M.FinishWeightUpdate(call_id=19, dp_rank=1, action="apply")]  # the DP groups' steps
 
 SAMPLES = {
     "TOKENIZER_IN": [
