@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -93,6 +94,15 @@ class MixedParts:
                    for s in self.waiting["weight_scale"]])
 
 
+def float_only(name: str, own: Any, param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
+    """The loader of a layer the checkpoint leaves float: an FP8 tensor there (an update, or a
+    checkpoint that breaks its own rules) is refused, not copied without its scales."""
+    if checkpoint_dtype(full) == FP8:
+        raise ValueError(f"an FP8 tensor for {name}, which the checkpoint's quantization_config leaves unquantized "
+                         "(ignored_layers/ignore/modules_to_not_convert): its float weight is expected")
+    own(param, full, shard_id)
+
+
 def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
     """Layers the checkpoint keeps in float get a float weight back (built FP8 by ``fp8.building``).
     A fused layer goes by its checkpoint parts' names (``qkv_proj`` by ``q_proj``, ...): all of
@@ -114,7 +124,7 @@ def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
         del layer.weight_scale, layer.quant
         weight = torch.empty(layer.weight.shape, dtype=dtype, device=device)
         if whole:
-            layer.weight = param_with_loader(weight, layer.weight_loader)
+            layer.weight = param_with_loader(weight, partial(float_only, name, layer.weight_loader))
             continue
         mixed = layer.fp8_parts = MixedParts(layer, scheme, name)
         layer.weight = param_with_loader(weight, mixed.load_weight)

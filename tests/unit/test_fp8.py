@@ -181,7 +181,10 @@ def test_ignored_layers_stay_float(tmp_path, default_model_dir):
     layers = model.model.layers
     qkv = layers[1].self_attn.qkv_proj  # k_proj float, q_proj/v_proj FP8: a float layer (FP8 parts dequantized)
     assert qkv.weight.dtype == torch.float32 and "quant" not in qkv.__dict__ and qkv.weight_scale.numel() == 0
-    assert layers[0].mlp.down_proj.weight.dtype == torch.float32
+    down = layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="leaves unquantized"):  # not copied without its scale
+        down.weight.weight_loader(down.weight, torch.zeros(64, 128, dtype=torch.float8_e4m3fn))
     assert layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
 
 
