@@ -15,6 +15,7 @@ keeps every scale form per row for this):
 On the CPU the model then runs on the dequantized weights in its own dtype (``finish``): an FP8
 checkpoint gives the numbers transformers' dequantized reference gives, and ``quantization="fp8"``
 on a float checkpoint gives the FP8-rounded weights a GPU would serve (a round trip, no speed-up).
+Layers the checkpoint leaves float, fused layers whose parts disagree included: ``fp8_ignored.py``.
 """
 
 from __future__ import annotations

@@ -129,11 +129,11 @@ def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
         mixed = layer.fp8_parts = MixedParts(layer, scheme, name)
         layer.weight = param_with_loader(weight, mixed.load_weight)
         layer.weight_scale = param_with_loader(torch.empty(0, device=device), mixed.load_scale)
-        if device.type != "meta":
-            short = lambda names: ", ".join(n.rpartition(".")[2] for n in names)  # noqa: E731
+        if device.type != "meta":  # (not for load_checked's meta copy at each update)
+            floats, fp8s = (", ".join(p.rpartition(".")[2] for p in parts if (p in kept) == k) for k in (True, False))
             logger.info("FP8 checkpoint: %s runs in %s: the checkpoint leaves %s unquantized and stores %s in "
                         "FP8, dequantized with their scales as they load", name, str(dtype).removeprefix("torch."),
-                        short(kept), short(p for p in parts if p not in kept))
+                        floats, fp8s)
 
 
 def mixed_layers(model: nn.Module) -> list[LinearBase]:
