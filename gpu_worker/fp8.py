@@ -15,6 +15,7 @@ keeps every scale form per row for this):
 On the CPU the model then runs on the dequantized weights in its own dtype (``finish``): an FP8
 checkpoint gives the numbers transformers' dequantized reference gives, and ``quantization="fp8"``
 on a float checkpoint gives the FP8-rounded weights a GPU would serve (a round trip, no speed-up).
+Layers the checkpoint leaves float, fused layers whose parts disagree included: ``fp8_ignored.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from treadle.gpu_worker.layers.fp8_linear import FP8, Fp8Linear, dequantize, qua
 from treadle.gpu_worker.layers.linear import (
     ColumnParallelLinear, LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
 )
-from treadle.gpu_worker.quant.not_converted import fused_parts, not_converted, part_names
 from treadle.runtime.fp8_config import Fp8Scheme, fp8_params
 
 SCALE_NAMES = {"weight_scale_inv": "weight_scale"}  # checkpoint name -> parameter name
@@ -67,11 +67,11 @@ def _read(full: Any) -> torch.Tensor:
     return full if isinstance(full, torch.Tensor) else full[...]  # a loader.CheckpointTensor read whole (0-d too)
 
 
-def _dtype(full: Any) -> torch.dtype:
+def checkpoint_dtype(full: Any) -> torch.dtype:
     return full.dtype if isinstance(full, torch.Tensor) else full.narrow(0, 0, 1).dtype
 
 
-def _param(t: torch.Tensor, loader: Any) -> nn.Parameter:
+def param_with_loader(t: torch.Tensor, loader: Any) -> nn.Parameter:
     p = nn.Parameter(t, requires_grad=False)
     p.weight_loader = loader
     return p
@@ -82,6 +82,25 @@ def quantize_float(w: torch.Tensor, group: Optional[int]) -> tuple[torch.Tensor,
     ``quantization="fp8"``, per-tensor and per-channel checkpoints), or per row and ``group``
     columns (block checkpoints)."""
     return quantize_rows(w) if group is None else quantize_groups(w, group)
+
+
+def load_scale(layer: LinearBase, scheme: Fp8Scheme, param: torch.Tensor, full: Any, shard_id: Any = None) -> None:
+    """A checkpoint scale (``weight_scale``/``weight_scale_inv``: per tensor, per channel or per block)
+    into ``param``, this rank's rows of ``layer``'s per-row layout (``[N]``, or ``[N, KB]`` for blocks)."""
+    own, s, rows = type(layer).weight_loader.__get__(layer), _read(full).float(), checkpoint_rows(layer, shard_id)
+    if scheme.block is None:
+        s = s.reshape(-1)
+        if s.numel() not in (1, rows):
+            raise ValueError(f"FP8 weight_scale of {s.numel()} values for a {rows}-row checkpoint tensor")
+        own(param, s.expand(rows).contiguous(), shard_id)
+        return
+    if s.dim() != 2 or s.shape[0] != math.ceil(rows / scheme.block[0]):
+        raise ValueError(f"FP8 block scales {tuple(s.shape)} do not fit {rows} rows in blocks of {scheme.block}")
+    s = s.repeat_interleave(scheme.block[0], dim=0)[:rows]
+    if isinstance(layer, RowParallelLinear):  # columns split: this rank's blocks
+        param.data.copy_(s.narrow(1, layer.in_start // scheme.block[1], param.shape[1]))
+    else:
+        own(param, s, shard_id)
 
 
 def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
@@ -95,7 +114,7 @@ def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
     scale_shape = (n,) if scheme.block is None else (n, math.ceil(k / group))
 
     def load_weight(param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
-        if _dtype(full) == FP8:
+        if checkpoint_dtype(full) == FP8:
             if scheme.dynamic:
                 raise ValueError(f"an FP8 layer ({type(layer).__name__} {n}x{k}) got an FP8 tensor: quantization='fp8' "
                                  "quantizes float (bf16/fp16/float32) weights as they load; send those")
@@ -110,28 +129,12 @@ def convert(layer: LinearBase, scheme: Fp8Scheme) -> None:
         else:
             own(layer.weight_scale, s, shard_id)
 
-    def load_scale(param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
-        s, rows = _read(full).float(), checkpoint_rows(layer, shard_id)
-        if scheme.block is None:
-            s = s.reshape(-1)
-            if s.numel() not in (1, rows):
-                raise ValueError(f"FP8 weight_scale of {s.numel()} values for a {rows}-row checkpoint tensor")
-            own(param, s.expand(rows).contiguous(), shard_id)
-            return
-        if s.dim() != 2 or s.shape[0] != math.ceil(rows / scheme.block[0]):
-            raise ValueError(f"FP8 block scales {tuple(s.shape)} do not fit {rows} rows in blocks of {scheme.block}")
-        s = s.repeat_interleave(scheme.block[0], dim=0)[:rows]
-        if isinstance(layer, RowParallelLinear):  # columns split: this rank's blocks
-            param.data.copy_(s.narrow(1, layer.in_start // group, param.shape[1]))
-        else:
-            own(param, s, shard_id)
-
-    layer.weight = _param(torch.empty(n, k, dtype=FP8, device=device), load_weight)
+    layer.weight = param_with_loader(torch.empty(n, k, dtype=FP8, device=device), load_weight)
     scale = torch.ones(scale_shape, dtype=torch.float32, device=device)
     if scheme.dynamic:  # filled with the weight, not read from the checkpoint
         layer.register_buffer("weight_scale", scale, persistent=False)
     else:
-        layer.weight_scale = _param(scale, load_scale)
+        layer.weight_scale = param_with_loader(scale, partial(load_scale, layer, scheme))
     layer.quant = Fp8Linear(layer.weight, layer.weight_scale, group)
     layer.quant.dtype = torch.get_default_dtype()  # the model's (models are built under it): for float again
 
@@ -147,24 +150,6 @@ def building(scheme: Optional[Fp8Scheme]) -> Iterator[None]:
         yield
     finally:
         linear.on_new_layer = None
-
-
-def restore_ignored(model: nn.Module, scheme: Optional[Fp8Scheme]) -> None:
-    """Layers the checkpoint keeps in float (``ignored_layers``/``ignore``/``modules_to_not_convert``,
-    matched as transformers does: ``quant/not_converted.py``, as the 4-bit formats' are) get a float
-    weight back. A fused layer is named by each of its checkpoint parts (``qkv_proj`` by ``q_proj``,
-    ...) and stays float if any of them is named."""
-    if scheme is None or not scheme.ignored:
-        return
-    fused = fused_parts(model)
-    for name, layer in model.named_modules():
-        if not isinstance(layer.__dict__.get("quant"), Fp8Linear):
-            continue
-        if any(not_converted(n, scheme.ignored) for n in {name, *part_names(fused, name)}):
-            dtype = layer.quant.dtype
-            del layer.weight_scale, layer.quant
-            layer.weight = _param(torch.empty(layer.weight.shape, dtype=dtype, device=layer.weight.device),
-                                  layer.weight_loader)
 
 
 def fp8_layers(model: nn.Module) -> list[LinearBase]:
@@ -212,14 +197,14 @@ def finish(model: nn.Module) -> None:
             w = dequantize(layer.weight.data, layer.weight_scale.data, quant.group).to(quant.dtype)
             group = None if quant.per_row else quant.group
             del layer.weight_scale, layer.quant
-            layer.weight = _param(w, partial(round_trip, type(layer).weight_loader.__get__(layer), group))
+            layer.weight = param_with_loader(w, partial(round_trip, type(layer).weight_loader.__get__(layer), group))
 
 
 def round_trip(own: Any, group: Optional[int], param: nn.Parameter, full: Any, shard_id: Any = None) -> None:
     """A CPU FP8 layer's weight loader (after ``finish``): a float tensor quantized as the GPU's
     layer would hold it, dequantized, then loaded by the layer's own loader. FP8 tensors are
     refused: the CPU runs float layers, and an FP8 weight needs its scales at once."""
-    if _dtype(full) == FP8:
+    if checkpoint_dtype(full) == FP8:
         raise ValueError(f"an FP8 tensor of shape {tuple(full.shape)} for a layer that runs dequantized on the CPU: "
                          "update an FP8 model there with float (bf16/fp16/float32) weights, which are quantized "
                          "as they load")

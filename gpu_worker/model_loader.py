@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from treadle.gpu_worker import fp8
+from treadle.gpu_worker import fp8, fp8_ignored
 from treadle.gpu_worker.distributed import first_failed_rank
 from treadle.gpu_worker.layers.linear import quantized_layers, use_triton_gemv
 from treadle.gpu_worker.layers.pdl import pdl_supported
@@ -74,7 +74,7 @@ def build_model(model_config: Any, dtype: torch.dtype, device: torch.device, con
     with _building(dtype, device), quantized_layers(None if cfg is None else Int4Method(cfg)), fp8.building(scheme):
         model = get_model_class(model_config)(model_config, max_positions=context_len)
     restore_dense(model, dtype)
-    fp8.restore_ignored(model, scheme)
+    fp8_ignored.restore_ignored(model, scheme)
     model.quantization = quantization
     return model
 
@@ -93,9 +93,10 @@ def load_weights(model: ModelBase, model_dir: str, load_format: str, model_confi
                                    lazy=model.lazy_weights)
         if q is not None:
             weights = int4_format.packed(weights, q) if int4_layers(model) else int4_format.dequantized(weights, q)
-        if fp8.fp8_layers(model):
+        if fp8.fp8_layers(model) or fp8_ignored.mixed_layers(model):
             weights = fp8.checkpoint_tensors(weights)
         model.load_weights(weights)
+        fp8_ignored.check_paired(model)
     else:
         raise ValueError(f"unknown load_format {load_format!r}")
     finish_int4(model)
@@ -134,7 +135,9 @@ def load_checked(model: ModelBase, model_config: Any, context_len: int, device: 
     error = ""
     try:
         dtype = next(model.parameters()).dtype
-        load(build_model(model_config, dtype, torch.device("meta"), context_len, quantization))
+        meta = build_model(model_config, dtype, torch.device("meta"), context_len, quantization)
+        load(meta)
+        fp8_ignored.check_paired(meta)  # an FP8 part of a layer kept float came with its scale
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         error = f"{type(e).__name__}: {e}"
     failed = first_failed_rank(bool(error), device)

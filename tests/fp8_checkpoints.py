@@ -94,16 +94,26 @@ def save_model(hf, tok, tokenizer_dir: str, out_dir: str, tensors: Optional[dict
         shutil.copy(extra, out_dir)
 
 
-def make_fp8_model(out_dir: str, tokenizer_dir: str, form: str, seed: int = 0, block: int = BLOCK, **overrides):
+# Modules left float by a rule while the rest of their fused layer is FP8 (q_proj beside FP8 k/v,
+# up_proj beside an FP8 gate_proj), and rules naming them in each form's spelling.
+MIXED = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj")
+MIXED_RULES = {"tensor": list(MIXED), "block": ["model.layers.0.self_attn.q_proj", "1.mlp.up_proj"],
+               "channel": ["re:.*layers\\.0\\.self_attn\\.q_proj$", "re:.*layers\\.1\\.mlp\\.up_proj$"]}
+IGNORE_KEYS = {"fp8": "ignored_layers", "compressed-tensors": "ignore", "fbgemm_fp8": "modules_to_not_convert"}
+
+
+def make_fp8_model(out_dir: str, tokenizer_dir: str, form: str, seed: int = 0, block: int = BLOCK,
+                   float_modules: tuple[str, ...] = (), rules: Optional[list[str]] = None, **overrides):
     """A tiny random Llama (``tiny_llama``) saved as an FP8 checkpoint of ``form`` (``QUANT_CONFIGS``;
     ``block``: the block edge); returns HF's float32 model holding the dequantized weights: the
-    reference the engine must match."""
+    reference the engine must match. ``float_modules`` are stored as plain float weights (no
+    scales) and named by ``rules`` (default: their names) in the form's list of modules not converted."""
     hf, tok = tiny_llama(tokenizer_dir, seed, **overrides)
     scale_name = "weight_scale_inv" if form == "block" else "weight_scale"
     tensors = {}
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and name[: -len(".weight")] not in float_modules:
                 q, s, deq = fp8_pack(p.data, form, block)
                 p.copy_(deq)
                 base = name[: -len(".weight")]
@@ -115,5 +125,8 @@ def make_fp8_model(out_dir: str, tokenizer_dir: str, form: str, seed: int = 0, b
     config = dict(QUANT_CONFIGS[form])
     if form == "block":
         config["weight_block_size"] = [block, block]
+    if float_modules:
+        key = IGNORE_KEYS[config["quant_method"]]
+        config[key] = list(config.get(key, [])) + list(float_modules if rules is None else rules)
     save_model(hf, tok, tokenizer_dir, out_dir, tensors, config)
     return hf

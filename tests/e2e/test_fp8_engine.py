@@ -3,6 +3,8 @@
 - An FP8 checkpoint with 32x32 block scales (the DeepSeek/Qwen3 form, made by the reference packer
   in ``tests/fp8_checkpoints.py``), detected from config.json, served at ``tp_size=2`` (scales
   sliced with the weights): greedy tokens and logprobs equal transformers' on the dequantized weights.
+  Its ``ignored_layers`` leave part of two fused layers float (q_proj beside FP8 k/v in layer 0,
+  up_proj beside an FP8 gate_proj in layer 1; the other fused layers are all FP8).
 - ``quantization="fp8"`` on SmolLM2-135M's float checkpoint with an FP8 KV cache: the CPU runs the
   FP8-rounded weights (a round trip) and the greedy answer is still right.
 - ``torchao_config``: the engine equals transformers' model quantized by torchao with the same
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from e2e_helpers import engine_logprobs, hf_greedy
-from fp8_checkpoints import make_fp8_model, save_model, tiny_llama
+from fp8_checkpoints import MIXED, MIXED_RULES, make_fp8_model, save_model, tiny_llama
 from treadle import Engine
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +28,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 
 
 def test_block_fp8_checkpoint_at_tp2_matches_hf_on_dequantized_weights(tmp_path, default_model_dir, hf_tokenizer):
-    hf = make_fp8_model(str(tmp_path), default_model_dir, "block")
+    hf = make_fp8_model(str(tmp_path), default_model_dir, "block", float_modules=MIXED, rules=MIXED_RULES["block"])
     with Engine(model_path=str(tmp_path), tp_size=2, random_seed=0) as engine:  # quantization read from config.json
         outs = engine.generate(prompt=PROMPTS, sampling_params=GREEDY, return_logprob=True)
     for prompt, out in zip(PROMPTS, outs):

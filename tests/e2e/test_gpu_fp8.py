@@ -117,6 +117,29 @@ def test_fp8_logits_match_hf_on_the_dequantized_weights(form, tmp_path, default_
     assert worst["FP8 x FP8 prefill"] < ROUNDED, worst
 
 
+@torch.no_grad()
+def test_mixed_fused_layers_run_in_bf16_beside_fp8_ones(tmp_path, default_model_dir):
+    """128x128 blocks with q_proj (layer 0) and up_proj (layer 1) left float by ``ignored_layers``:
+    those fused layers hold the packer's dequantized weights in bf16 (their FP8 parts by their own
+    scales), the others stay FP8; a 12-token prefill (the W8A16 path) gives HF's logits as above."""
+    from fp8_checkpoints import MIXED
+    from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
+    from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
+
+    hf = make_fp8_model(str(tmp_path), default_model_dir, "block", block=128, float_modules=MIXED, **SIZES)
+    runner = ModelRunner(RunnerConfig(model_dir=str(tmp_path), dtype="bfloat16", device="cuda", kv_tokens=1024,
+                                      max_slots=4, context_len=256, attention_backend="triton", cuda_graph_max_bs=4))
+    layers, w = runner.model.model.layers, dict(hf.named_parameters())
+    want = torch.cat([w[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]).to("cuda", torch.bfloat16)
+    assert torch.equal(layers[0].self_attn.qkv_proj.weight, want)
+    assert layers[1].mlp.gate_up_proj.weight.dtype == torch.bfloat16
+    assert layers[1].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn  # parts that agree keep FP8
+    seq = torch.randint(0, hf.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = runner.forward_logits(ForwardPlan(step=1, new_slots=[NewSlot(0, SamplingSpec(temperature=0.0, top_k=1))],
+                                            rows=[PlanRow(0, seq, 0, list(range(12)))]))
+    assert rel(out[0], hf_logits(hf, seq)[-1]) < TIGHT
+
+
 @pytest.mark.parametrize("recipe", ["int8wo", "int4wo-128", "fp8wo", "fp8dq-per_tensor", "fp8dq-per_row"])
 def test_torchao_recipes_on_cuda_match_hf_quantized_the_same_way(recipe, tmp_path, default_model_dir):
     """Each recipe serves through the engine (bf16, CUDA graphs); the logprobs of its greedy tokens

@@ -56,16 +56,34 @@ def test_packer_is_a_close_fp8_picture():
     assert fp8_pack(w, "block")[1].shape == (3, 4)
 
 
+def _checkpoint(tmp_path, tokenizer_dir: str, form: str, mixed: bool):
+    """An FP8 checkpoint of ``form``; ``mixed``: with q_proj of layer 0 and up_proj of layer 1 left
+    float by a rule while the rest of their fused layers is FP8 (``fp8_checkpoints.MIXED``)."""
+    from fp8_checkpoints import MIXED, MIXED_RULES, make_fp8_model
+
+    if not mixed:
+        return make_fp8_model(str(tmp_path), tokenizer_dir, form)
+    return make_fp8_model(str(tmp_path), tokenizer_dir, form, float_modules=MIXED, rules=MIXED_RULES[form])
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp8", "mixed"])
 @pytest.mark.parametrize("form", ["tensor", "channel", "block"])
-def test_loader_gives_the_packers_dequantized_weights(form, tmp_path, default_model_dir):
-    from fp8_checkpoints import make_fp8_model
+def test_loader_gives_the_packers_dequantized_weights(form, mixed, tmp_path, default_model_dir, caplog):
+    """Also where a rule leaves part of a fused layer float: that layer runs in float, its FP8 parts
+    dequantized with their own scales (before, their scales had no place: a KeyError)."""
     from treadle.gpu_worker.model_loader import build_model, load_weights
     from treadle.runtime.llava_layout import load_model_config
 
-    hf = make_fp8_model(str(tmp_path), default_model_dir, form)
+    hf = _checkpoint(tmp_path, default_model_dir, form, mixed)
     cfg = load_model_config(str(tmp_path))
-    model = build_model(cfg, torch.float32, torch.device("cpu"), 64)
-    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn  # FP8 until loaded
+    with caplog.at_level("INFO", logger="treadle.worker"):
+        model = build_model(cfg, torch.float32, torch.device("cpu"), 64)
+    layers = model.model.layers
+    assert layers[1].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn  # FP8 until loaded
+    assert (layers[0].self_attn.qkv_proj.weight.dtype == torch.float32) == mixed
+    assert (layers[1].mlp.gate_up_proj.weight.dtype == torch.float32) == mixed
+    assert ("model.layers.1.mlp.gate_up_proj runs in float32: the checkpoint leaves up_proj unquantized and stores "
+            "gate_proj in FP8" in caplog.text) == mixed
     load_weights(model, str(tmp_path), "auto", cfg, 0, 0.02)
     hf_w = dict(hf.named_parameters())
     for i in range(2):
@@ -78,15 +96,15 @@ def test_loader_gives_the_packers_dequantized_weights(form, tmp_path, default_mo
         assert "quant" not in attn.qkv_proj.__dict__  # on the CPU it runs as a float layer
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp8", "mixed"])
 @pytest.mark.parametrize("form", ["tensor", "channel", "block"])
-def test_each_tensor_parallel_rank_gets_its_rows_of_the_scales(form, tmp_path, default_model_dir, monkeypatch):
+def test_each_tensor_parallel_rank_gets_its_rows_of_the_scales(form, mixed, tmp_path, default_model_dir, monkeypatch):
     """tp_size=2 without processes (each rank's layout only; no collective runs while loading)."""
-    from fp8_checkpoints import make_fp8_model
     from treadle.gpu_worker import distributed
     from treadle.gpu_worker.model_loader import build_model, load_weights
     from treadle.runtime.llava_layout import load_model_config
 
-    hf = make_fp8_model(str(tmp_path), default_model_dir, form)
+    hf = _checkpoint(tmp_path, default_model_dir, form, mixed)
     cfg = load_model_config(str(tmp_path))
     w = {n: p.data for n, p in hf.named_parameters()}
     monkeypatch.setattr(distributed, "_TP_SIZE", 2)
@@ -94,15 +112,46 @@ def test_each_tensor_parallel_rank_gets_its_rows_of_the_scales(form, tmp_path, d
         monkeypatch.setattr(distributed, "_TP_RANK", rank)
         model = build_model(cfg, torch.float32, torch.device("cpu"), 64)
         load_weights(model, str(tmp_path), "auto", cfg, 0, 0.02)
-        attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
-        hf_attn, hf_mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
         q, kv, inter = slice(32 * rank, 32 * rank + 32), slice(16 * rank, 16 * rank + 16), slice(64 * rank, 64 * rank + 64)
-        assert torch.equal(attn.qkv_proj.weight, torch.cat([w[f"{hf_attn}.q_proj.weight"][q], w[f"{hf_attn}.k_proj.weight"][kv],
-                                                            w[f"{hf_attn}.v_proj.weight"][kv]]))
-        assert torch.equal(attn.o_proj.weight, w[f"{hf_attn}.o_proj.weight"][:, q])
-        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([w[f"{hf_mlp}.gate_proj.weight"][inter],
-                                                               w[f"{hf_mlp}.up_proj.weight"][inter]]))
-        assert torch.equal(mlp.down_proj.weight, w[f"{hf_mlp}.down_proj.weight"][:, inter])
+        for i in range(2):
+            attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+            hf_attn, hf_mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            assert torch.equal(attn.qkv_proj.weight, torch.cat([w[f"{hf_attn}.{p}_proj.weight"][q if p == "q" else kv]
+                                                                for p in "qkv"]))
+            assert torch.equal(attn.o_proj.weight, w[f"{hf_attn}.o_proj.weight"][:, q])
+            assert torch.equal(mlp.gate_up_proj.weight, torch.cat([w[f"{hf_mlp}.{p}_proj.weight"][inter]
+                                                                   for p in ("gate", "up")]))
+            assert torch.equal(mlp.down_proj.weight, w[f"{hf_mlp}.down_proj.weight"][:, inter])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("form", ["tensor", "channel", "block"])
+def test_mixed_fused_layers_give_transformers_greedy_tokens(form, tmp_path, default_model_dir):
+    """A ``ModelRunner`` on the checkpoint with part of two fused layers left float (prompts
+    prefilled and decoded together): transformers' greedy tokens and prefill logits on the
+    dequantized weights (transformers keeps q/k/v and gate/up apart, each in its own format)."""
+    from kernel_helpers import Alloc
+    from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
+    from treadle.runtime.messages import ForwardPlan, NewSlot, PlanRow, SamplingSpec
+
+    hf = _checkpoint(tmp_path, default_model_dir, form, True)
+    runner = ModelRunner(RunnerConfig(model_dir=str(tmp_path), device="cpu", dtype="float32", kv_tokens=256,
+                                      max_slots=4, context_len=128))
+    prompts, alloc, steps = [[5, 17, 99, 3, 250], [7, 7, 8, 200, 11, 42]], Alloc(0, 256), 8
+    new, out = [NewSlot(s, SamplingSpec(temperature=0.0)) for s in range(len(prompts))], [[] for _ in prompts]
+    rows = [PlanRow(s, p, 0, alloc(len(p))) for s, p in enumerate(prompts)]
+    logits = runner.forward_logits(ForwardPlan(step=0, new_slots=new, rows=rows))
+    for step in range(steps):
+        ids, _ = runner.forward(ForwardPlan(step=step, new_slots=new if step == 0 else [], rows=rows))
+        for s, tok in enumerate(ids):
+            out[s].append(tok)
+        rows = [PlanRow(s, [out[s][-1]], len(p) + step, alloc(1)) for s, p in enumerate(prompts)]
+    for s, p in enumerate(prompts):
+        ids = torch.tensor([p])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=False, pad_token_id=0)[0, len(p):]
+        assert out[s] == want.tolist()
+        torch.testing.assert_close(logits[s], hf(ids).logits[0, -1].float(), atol=1e-4, rtol=0)
 
 
 def test_quantization_fp8_on_a_float_checkpoint_rounds_each_row(tmp_path, default_model_dir):
@@ -130,9 +179,12 @@ def test_ignored_layers_stay_float(tmp_path, default_model_dir):
     cfg.quantization_config["ignored_layers"] = ["model.layers.1.self_attn.k_proj", "re:.*0\\.mlp\\.down_proj$"]
     model = build_model(cfg, torch.float32, torch.device("cpu"), 64)
     layers = model.model.layers
-    assert layers[1].self_attn.qkv_proj.weight.dtype == torch.float32 and not hasattr(layers[1].self_attn.qkv_proj,
-                                                                                       "weight_scale")
-    assert layers[0].mlp.down_proj.weight.dtype == torch.float32
+    qkv = layers[1].self_attn.qkv_proj  # k_proj float, q_proj/v_proj FP8: a float layer (FP8 parts dequantized)
+    assert qkv.weight.dtype == torch.float32 and "quant" not in qkv.__dict__ and qkv.weight_scale.numel() == 0
+    down = layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="leaves unquantized"):  # not copied without its scale
+        down.weight.weight_loader(down.weight, torch.zeros(64, 128, dtype=torch.float8_e4m3fn))
     assert layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
 
 

@@ -156,6 +156,31 @@ def test_fp8_tensors_are_refused_where_float_ones_are_expected(dirs):
         load_checked(runner.model, runner.model_config, 128, CPU, lambda m: m.load_weights(q, complete=False))
 
 
+@torch.no_grad()
+def test_a_layer_kept_float_for_its_mixed_parts_takes_fp8_parts_with_their_scales(tmp_path, default_model_dir):
+    """``qkv_proj`` with q_proj left float and k/v FP8 runs in float (``fp8_ignored``): a new FP8
+    k_proj with its scale (either order) lands dequantized; one without its scale is refused
+    before anything changes; a float part is taken as it is."""
+    from fp8_checkpoints import MIXED, fp8_pack, make_fp8_model
+    from treadle.gpu_worker.model_loader import load_weights
+
+    make_fp8_model(str(tmp_path), default_model_dir, "tensor", float_modules=MIXED)
+    cfg = load_model_config(str(tmp_path))
+    model = build_model(cfg, torch.float32, CPU, 64)
+    load_weights(model, str(tmp_path), "auto", cfg, 0, 0.0)
+    qkv, attn = model.model.layers[0].self_attn.qkv_proj, "model.layers.0.self_attn"
+    gen = torch.Generator().manual_seed(4)
+    k, q = torch.randn(32, 64, generator=gen), torch.randn(64, 64, generator=gen)
+    codes, scale, want_k = fp8_pack(k, "tensor")
+    before = qkv.weight.clone()
+    with pytest.raises(ValueError, match="an FP8 weight without its weight_scale"):
+        load_checked(model, cfg, 64, CPU, lambda m: m.load_weights([(f"{attn}.k_proj.weight", codes)], complete=False))
+    assert torch.equal(qkv.weight, before)
+    new = [(f"{attn}.k_proj.weight_scale", scale), (f"{attn}.q_proj.weight", q), (f"{attn}.k_proj.weight", codes)]
+    load_checked(model, cfg, 64, CPU, lambda m: m.load_weights(new, complete=False))
+    assert torch.equal(qkv.weight, torch.cat([q, want_k, before[96:]]))
+
+
 @pytest.fixture(scope="module")
 def awq_dir(tmp_path_factory):
     from int4_pack import awq_quantize
