@@ -30,7 +30,8 @@ from treadle.runtime.messages import (
 )
 from treadle.runtime.profile_args import check_profile_args
 from treadle.runtime.redact import redact
-from treadle.runtime.server_args import MEM_FRACTION_STATIC, ServerArgs
+from treadle.runtime.resolve_args import MEM_FRACTION_STATIC
+from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
 # answered once their work is done (a weight update waits for the running requests, a group waits for the
