@@ -6,7 +6,8 @@ The API keys guard those very routes (and the control routes that load weights a
 they must not travel with the answer, nor land in a log or a metrics scrape that reads it: a secret
 that is set is shown as ``MASK``, so a client still sees that one is set; an unset one stays ``None``.
 The engine's own ``server_args`` object keeps the real values (``treadle serve`` checks requests
-against it; the child processes get them as before).
+against it); the child processes get the masked ones (none of them serves HTTP, and their
+arguments are a file in the socket directory).
 """
 
 from __future__ import annotations

@@ -29,3 +29,21 @@ def test_every_key_token_or_password_field_is_a_secret():
     assert looks_secret, "the pattern matches nothing: check it against ServerArgs"
     assert looks_secret <= set(SECRET_FIELDS), looks_secret - set(SECRET_FIELDS)
     assert set(SECRET_FIELDS) <= ServerArgs.field_names()
+
+
+def test_children_get_the_args_without_the_keys(monkeypatch, tmp_path):
+    """No child process serves HTTP: the arguments written for them carry no key."""
+    from types import SimpleNamespace
+
+    from treadle.client import launch
+
+    monkeypatch.setattr(launch, "launch_child", lambda spec, path, env: spec)  # the spec each child would read
+    monkeypatch.setattr(launch, "check_parallel", lambda args, model_dir: None)
+    ipc = SimpleNamespace(path=str(tmp_path), endpoint=lambda name: f"ipc://{tmp_path}/{name}")
+    a = ServerArgs(device="cpu", api_key="sk-1", admin_api_key="adm-2").resolved()
+    specs = launch.launch_children(a, SimpleNamespace(model_dir=str(tmp_path)), ipc)
+    assert {"tokenizer", "detokenizer", "scheduler", "worker0"} <= set(specs)
+    for spec in specs.values():
+        assert spec.server_args["api_key"] == spec.server_args["admin_api_key"] == MASK, spec.name
+        assert spec.server_args["model_path"] == a.model_path
+    assert a.api_key == "sk-1"
