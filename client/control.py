@@ -32,7 +32,9 @@ from treadle.runtime.messages import (
     UpdateWeightsFromDistributed, UpdateWeightsFromTensor,
 )
 from treadle.runtime.profile_args import check_profile_args
-from treadle.runtime.server_args import MEM_FRACTION_STATIC, ServerArgs
+from treadle.runtime.redact import redact
+from treadle.runtime.resolve_args import MEM_FRACTION_STATIC
+from treadle.runtime.server_args import ServerArgs
 
 CONTROL_TIMEOUT_S = 60.0
 # answered once their work is done (a weight update waits for the running requests, a group waits for the
@@ -170,11 +172,12 @@ class Control:
         return self.first(CheckIntegrity())
 
     def server_info(self, server_args: ServerArgs, model_dir: str, startup_time: float) -> dict[str, Any]:
-        """``get_server_info()``: the engine's arguments plus what the processes report."""
+        """``get_server_info()``: the engine's arguments (secrets masked: ``runtime/redact.py``) plus
+        what the processes report."""
         states = self.each(GetInternalState())
         state = next(iter(states.values()))
         worker = self.sup.ready_info.get("worker0", {})
-        info = dict(server_args.to_dict())
+        info = redact(server_args.to_dict())
         info.update({
             "model_path": server_args.model_path, "resolved_model_dir": model_dir,
             "tokenizer_path": server_args.tokenizer_path, "max_total_tokens": state["max_total_tokens"],

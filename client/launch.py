@@ -14,6 +14,7 @@ from treadle.client.supervisor import group_name
 from treadle.runtime.model_files import ModelFiles
 from treadle.runtime.parallel import check_parallel, dist_env, free_loopback_ports, results_endpoint, worker_ranks
 from treadle.runtime.procs import ChildSpec, launch_child
+from treadle.runtime.redact import redact
 from treadle.runtime.server_args import ServerArgs
 from treadle.runtime.zmq_utils import IpcDir
 
@@ -27,7 +28,8 @@ def launch_children(a: ServerArgs, files: ModelFiles, ipc: IpcDir) -> dict[str, 
     sched_eps = [ipc.endpoint(group_name(g, "scheduler")) for g in range(a.dp_size)]
 
     def spec(name: str, module: str, eps: dict[str, str] = shared, args: ServerArgs = a, **extra: Any) -> ChildSpec:
-        return ChildSpec(name=name, module=module, server_args=args.to_dict(), model_files=files.__dict__,
+        # no child serves HTTP, so none gets the API keys (the spec is a file in the socket directory)
+        return ChildSpec(name=name, module=module, server_args=redact(args.to_dict()), model_files=files.__dict__,
                          endpoints=eps, parent_pid=os.getpid(), extra=extra)
 
     # Children see the user's import path, so processors named by import path resolve alike.

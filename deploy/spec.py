@@ -87,7 +87,7 @@ class FleetSpec:
     name: str
     backend: str
     host: str
-    api_key: Optional[str]
+    api_key: Optional[str] = field(repr=False)  # never in a log line or a traceback's locals
     state_dir: str
     router: RouterSpec
     supervisor: SupervisorSpec

@@ -14,18 +14,20 @@ map, and reads and sums its peers' parts over NVLink in one kernel (barriers at 
 buffer is reused safely; graph-capturable). Larger tensors (prefill) keep NCCL;
 ``disable_custom_all_reduce`` turns it off. On two H100s it measured as NCCL did (about 13 us a
 call inside a decode graph), which is why the reduce can also move into the RMSNorm that follows
-(``fused_all_reduce_rms_norm``, ``enable_allreduce_fusion``): one launch instead of two.
+(``fused_reduce.fused_all_reduce_rms_norm``, ``enable_allreduce_fusion``): one launch instead of
+two. That path's shared buffers and calls (and the batch-1 pushes) are ``fused_reduce.py``'s; this
+module sets them up with the one-shot buffer.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from treadle.gpu_worker import fused_reduce
 from treadle.gpu_worker.layers import batch_invariant
 
 logger = logging.getLogger(__name__)
@@ -34,58 +36,12 @@ _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE = 0, 1, 0, 1
 _TP_GROUP: Optional[dist.ProcessGroup] = None  # None: the world is the TP group (pp_size == 1)
 _SYMM_BUF: Optional[torch.Tensor] = None  # the one-shot all-reduce's shared buffer (None: NCCL only)
 _SYMM_GROUP = ""  # its group's name
-_FUSED: Optional["_FusedNormState"] = None  # all-reduce + residual + RMSNorm in one kernel (None: unfused)
-FUSED_MAX_ROWS = 256  # decode batches up to the largest captured graph
-WORD_ROW_MAX = 16384  # widest row (hidden size) a GEMV may push as tagged words
-GATHER_WORDS_MAX = 1 << 18  # widest vocab shard the LM head may gather as tagged words
 
 
 def symm_max_bytes(world: int) -> int:
     """Largest all-reduce the one-shot path takes: each rank reads ``world`` copies of it, so the
     crossover with NCCL's ring comes earlier the more ranks there are."""
     return (2 << 20) if world <= 2 else (512 << 10)
-
-
-class _FusedNormState:
-    """Shared buffers of ``layers/allreduce_norm.py``: two slots with a region of rows for every
-    source rank (the peers push into theirs), per-row ready flags every peer writes into, and
-    this rank's per-row call counts."""
-
-    def __init__(self, symm_mem, group_name: str, device: torch.device, dtype: torch.dtype) -> None:
-        def mapped(numel: int, of: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            """A zeroed symmetric buffer (kept as an attribute) and every rank's address of it."""
-            t = symm_mem.empty(numel, dtype=of, device=device).zero_()
-            return t, self._peer_ptrs(symm_mem.rendezvous(t, group_name), t, device)
-
-        self.dtype = dtype
-        self.slot_elems = symm_max_bytes(_TP_SIZE) // dtype.itemsize
-        self.buf, self.buf_ptrs = mapped(2 * _TP_SIZE * self.slot_elems, dtype)
-        self.flags, self.flag_ptrs = mapped(_TP_SIZE * FUSED_MAX_ROWS, torch.int32)
-        self.counters = torch.zeros(FUSED_MAX_ROWS, dtype=torch.int32, device=device)
-        # Batch 1: the row-parallel GEMVs and the embedding push their rows as tagged words
-        # (allreduce_norm.push_words), the next norm or all_reduce pulls them (tp 2 batch 1 on two
-        # H200s: 386 tok/s against 372 with flags); the LM head pushes its logits shard the same
-        # way. TREADLE_DISABLE_GEMV_PUSH=1 keeps the flags, the one-shot all-reduce and NCCL's
-        # all-gather at batch 1 too (the same on every rank: the children inherit the
-        # environment); the word buffers are then never allocated.
-        self.gemv_push = os.environ.get("TREADLE_DISABLE_GEMV_PUSH", "") != "1"
-        self.pushed_ptr: Optional[int] = None  # the pushed row that the next fused norm must pull
-        if self.gemv_push:
-            from treadle.gpu_worker.layers.allreduce_norm import word_dtype
-
-            self.words, self.word_ptrs = mapped(2 * _TP_SIZE * WORD_ROW_MAX, word_dtype(dtype))
-            self.word_count = torch.zeros(1, dtype=torch.int32, device=device)
-            # the LM head's logits at batch 1 (allreduce_norm.gathered_logits): a channel of their own
-            self.gather, self.gather_ptrs = mapped(2 * _TP_SIZE * GATHER_WORDS_MAX, word_dtype(dtype))
-            counts = torch.zeros(2, dtype=torch.int32, device=device)
-            self.gather_count, self.gather_done = counts[:1], counts[1:]  # the call count, finished programs
-
-    @staticmethod
-    def _peer_ptrs(handle, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Each rank's address of ``t``: the allocations are symmetric, so ``t`` sits at the same
-        offset from every rank's base."""
-        offset = t.data_ptr() - handle.buffer_ptrs[_TP_RANK]
-        return torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
 
 
 def init_parallel(tp_rank: int, tp_size: int, device: torch.device, pp_rank: int = 0, pp_size: int = 1,
@@ -98,7 +54,7 @@ def init_parallel(tp_rank: int, tp_size: int, device: torch.device, pp_rank: int
     ``allreduce_fusion`` (no pipeline stages) the reduce before each RMSNorm runs inside the norm's
     kernel.
     """
-    global _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE, _TP_GROUP, _SYMM_BUF, _SYMM_GROUP, _FUSED
+    global _TP_RANK, _TP_SIZE, _PP_RANK, _PP_SIZE, _TP_GROUP, _SYMM_BUF, _SYMM_GROUP
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} out of range for tp_size {tp_size}")
     if not 0 <= pp_rank < pp_size:
@@ -112,24 +68,27 @@ def init_parallel(tp_rank: int, tp_size: int, device: torch.device, pp_rank: int
     if tp_size > 1 and pp_size > 1:  # every rank must create every group, in the same order
         groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
         _TP_GROUP = groups[pp_rank]
-    _SYMM_BUF, _SYMM_GROUP, _FUSED = None, "", None
+    _SYMM_BUF, _SYMM_GROUP = None, ""
+    fused_reduce.set_state(None)
     if custom_all_reduce and tp_size > 1 and device.type == "cuda":
         _init_symm(device, dtype, allreduce_fusion and pp_size == 1)
 
 
 def _init_symm(device: torch.device, dtype: torch.dtype, fusion: bool) -> None:
     """Allocate and map the one-shot buffers on every TP rank (a collective: all ranks or none)."""
-    global _SYMM_BUF, _SYMM_GROUP, _FUSED
+    global _SYMM_BUF, _SYMM_GROUP
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
         group = _TP_GROUP or dist.group.WORLD
         buf = symm_mem.empty(symm_max_bytes(_TP_SIZE) // dtype.itemsize, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, group.group_name)
-        fused = _FusedNormState(symm_mem, group.group_name, device, dtype) if fusion else None
+        fused = fused_reduce.FusedNormState(symm_mem, group.group_name, device, dtype, _TP_RANK, _TP_SIZE,
+                                            symm_max_bytes(_TP_SIZE) // dtype.itemsize) if fusion else None
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before any kernel may write a peer's
-        _SYMM_BUF, _SYMM_GROUP, _FUSED = buf, group.group_name, fused
+        _SYMM_BUF, _SYMM_GROUP = buf, group.group_name
+        fused_reduce.set_state(fused)
     except Exception as e:  # an older torch, or GPUs without peer access: NCCL does it all
         logger.warning("one-shot all-reduce unavailable (%s: %s); using NCCL for every all-reduce",
                        type(e).__name__, e)
@@ -185,13 +144,13 @@ def first_failed_rank(failed: bool, device: torch.device) -> Optional[int]:
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum partial results of a row-parallel matmul over this stage's TP ranks (a no-op without TP).
-    A row its kernel pushed to the peers (``note_pushed``) is summed from the words they pushed."""
+    A row its kernel pushed to the peers (``fused_reduce.note_pushed``) is summed from the words they pushed."""
     if _TP_SIZE == 1:
         return x
     if _TP_SIZE > 2 and batch_invariant.ENABLED:
         return _ordered_all_reduce(x)
-    if _FUSED is not None and _FUSED.pushed_ptr is not None:
-        return _pull_pushed(x)
+    if fused_reduce.push_pending():
+        return fused_reduce.pull_pushed(x)
     buf = _SYMM_BUF
     if (buf is not None and x.dtype == buf.dtype and x.is_contiguous() and x.numel() <= buf.numel()
             and (x.numel() * x.element_size()) % 16 == 0 and (x.storage_offset() * x.element_size()) % 16 == 0):
@@ -211,90 +170,6 @@ def _ordered_all_reduce(x: torch.Tensor) -> torch.Tensor:
     for p in parts[1:]:
         total = total + p
     return x.copy_(total)
-
-
-class PushTarget(NamedTuple):
-    """Where a one-token GEMV pushes its partial row (``allreduce_norm.push_words``)."""
-    word_ptrs: torch.Tensor
-    word_count: torch.Tensor
-    slot_elems: int
-    rank: int
-    world: int
-
-
-def gemv_push_target(n: int, dtype: torch.dtype) -> Optional[PushTarget]:
-    """The push target for a one-token row-parallel GEMV of ``n`` outputs whose partial sum goes to
-    a fused norm next, or None (push off, no fused state, row too wide, another dtype)."""
-    f = _FUSED
-    if f is None or not f.gemv_push or n > WORD_ROW_MAX or dtype != f.dtype:
-        return None
-    return PushTarget(f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
-
-
-def logits_push_target(n: int, dtype: torch.dtype) -> Optional[PushTarget]:
-    """The push target for the one-token LM head GEMV of ``n`` vocab rows (this rank's shard), or
-    None (push off, no fused state, shard too wide, another dtype); ``gather_logits`` follows."""
-    f = _FUSED
-    if f is None or not f.gemv_push or n > GATHER_WORDS_MAX or dtype != f.dtype:
-        return None
-    return PushTarget(f.gather_ptrs, f.gather_count, GATHER_WORDS_MAX, _TP_RANK, _TP_SIZE)
-
-
-def gather_logits(y: torch.Tensor, vocab: int) -> torch.Tensor:
-    """float32 logits ``[1, vocab]`` from this rank's shard ``y`` that the LM head's GEMV pushed
-    to the peers (``logits_push_target``): the peers' shards come from the own gather buffer."""
-    from treadle.gpu_worker.layers.allreduce_norm import gathered_logits
-
-    f = _FUSED
-    return gathered_logits(y, vocab, f.gather_ptrs, f.gather_count, f.gather_done, GATHER_WORDS_MAX, _TP_RANK, _TP_SIZE)
-
-
-def note_pushed(y: torch.Tensor) -> None:
-    """``y`` (this rank's partial row) went to the peers with its GEMV: the next fused norm pulls
-    it. Every push needs its pull before the next push (the counts must stay in step)."""
-    if _FUSED.pushed_ptr is not None:
-        raise RuntimeError("a GEMV pushed its row while the row pushed before was never reduced")
-    _FUSED.pushed_ptr = y.data_ptr()
-
-
-def _claim_pushed(x: torch.Tensor) -> "_FusedNormState":
-    """The pushed row (``note_pushed``) is being reduced now: check that ``x`` is it, clear it."""
-    f = _FUSED
-    if x.data_ptr() != f.pushed_ptr or x.shape[0] != 1:
-        raise RuntimeError("the row a kernel pushed must be the next one reduced")
-    f.pushed_ptr = None
-    return f
-
-
-def _pull_pushed(x: torch.Tensor) -> torch.Tensor:
-    """``all_reduce`` of the row ``x`` its kernel pushed (``note_pushed``): the peers' words."""
-    from treadle.gpu_worker.layers.allreduce_norm import pulled_sum
-
-    f = _claim_pushed(x)
-    return pulled_sum(x, f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
-
-
-def fused_all_reduce_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                              eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual)`` in one kernel on this
-    machine's TP ranks, or None where that path can't take it (CPU, NCCL only, pipeline stages,
-    more rows than ``FUSED_MAX_ROWS``): the caller then all-reduces and normalises itself. Every
-    rank sees the same shapes, so every rank takes the same path."""
-    f = _FUSED
-    if f is not None and f.pushed_ptr is not None:
-        if residual is None or residual.stride(-1) != 1:
-            raise RuntimeError("the row a GEMV pushed must go to the next fused norm, with a residual")
-        _claim_pushed(x)
-        from treadle.gpu_worker.layers.allreduce_norm import pulled_rms_norm
-
-        return pulled_rms_norm(x, residual, weight, eps, f.word_ptrs, f.word_count, WORD_ROW_MAX, _TP_RANK, _TP_SIZE)
-    if (f is None or residual is None or x.dim() != 2 or x.dtype != f.dtype or x.shape[0] > FUSED_MAX_ROWS
-            or x.numel() > f.slot_elems or x.stride(-1) != 1 or residual.stride(-1) != 1):
-        return None
-    from treadle.gpu_worker.layers.allreduce_norm import allreduce_rms_norm
-
-    return allreduce_rms_norm(x, residual, weight, eps, f.buf_ptrs, f.flag_ptrs, f.counters, f.slot_elems,
-                              _TP_RANK, _TP_SIZE)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from treadle.gpu_worker.kv_cache import KVCache, kv_tokens_from_memory
-from treadle.runtime.server_args import MEM_FRACTION_STATIC
+from treadle.runtime.resolve_args import MEM_FRACTION_STATIC
 
 if TYPE_CHECKING:
     from treadle.gpu_worker.model_runner import ModelRunner

@@ -18,9 +18,9 @@ from treadle.gpu_worker.models.base import ModelBase
 from treadle.gpu_worker.models.registry import get_model_class
 from treadle.gpu_worker.quant import int4_format
 from treadle.gpu_worker.quant.int4_linear import Int4Method, finish_int4, int4_layers, restore_dense
-from treadle.runtime.server_args import DTYPE_ALIASES
+from treadle.runtime.resolve_args import DTYPE_ALIASES
 
-# torch's names; SGLang's other spellings are aliases of them (runtime/server_args.DTYPE_ALIASES)
+# torch's names; SGLang's other spellings are aliases of them (runtime/resolve_args.DTYPE_ALIASES)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KV_DTYPES = {**_DTYPES, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 

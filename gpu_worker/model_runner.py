@@ -6,7 +6,8 @@ concatenated tokens; only attention is per row), projects the last token of each
 (positions asked for input logprobs go through the LM head apart, in bounded chunks) to logits and samples. Rows
 whose slot asked get ``RowOut`` extras (logprobs, hidden states); nobody asking costs nothing.
 No sockets here; ``gpu_worker.main`` wraps this in a process. Building and loading the model is
-``model_loader``'s, turning a plan into index lists ``step_inputs``'s.
+``model_loader``'s, turning a plan into index lists ``step_inputs``'s, running a step eagerly
+(table writes, the model's forward, the LM head) ``eager_step``'s.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from treadle.gpu_worker.attention.base import create_backend
 from treadle.gpu_worker.cuda_graph import DecodeGraphs
 from treadle.gpu_worker.distributed import broadcast_int, init_parallel
-from treadle.gpu_worker.forward_context import ForwardContext, forward_context
+from treadle.gpu_worker.eager_step import forward_eager, prepare_step
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.kv_sizing import KvSizing, size_kv_pool
@@ -28,7 +29,7 @@ from treadle.gpu_worker.launched import HostIdRing, Launched
 from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.attention import Attention
 from treadle.gpu_worker.layers.moe_ep import init_expert_parallel
-from treadle.gpu_worker.logprobs import StepOutput, input_logprobs, row_outs, step_output
+from treadle.gpu_worker.logprobs import StepOutput, row_outs, step_output
 from treadle.gpu_worker.lora import LoRAPool
 from treadle.gpu_worker.lora_adapter import LoRAAdapter, load_planned, read_on_all_ranks
 from treadle.gpu_worker.mm_inputs import MmInputs
@@ -43,11 +44,9 @@ from treadle.gpu_worker.sampler import Sampler
 from treadle.gpu_worker.runner_info import phase_clock, runner_info
 from treadle.gpu_worker.spec_draft import DraftModel
 from treadle.gpu_worker.spec_eagle import EagleDraft, build_draft
-from treadle.gpu_worker.spec_tree import check_tree_model, tree_attention, tree_backend
+from treadle.gpu_worker.spec_tree import check_tree_model
 from treadle.gpu_worker.spec_verify import Verified
-from treadle.gpu_worker.step_inputs import (
-    DeviceIndices, PlanLimits, StepInputs, check_slot, check_spec, flatten_plan, indices_to_device,
-)
+from treadle.gpu_worker.step_inputs import check_slot, check_spec
 from treadle.gpu_worker.torchao_quant import apply_torchao
 from treadle.runtime.config_snapshot import cached_model_config
 from treadle.runtime.messages import ForwardPlan, RowOut
@@ -253,7 +252,7 @@ class ModelRunner:
         report = extras and self.reports  # only the reporting rank sends results; the others skip the host work
         if self.pdmux is not None and (split := self.pdmux.split(plan)) is not None:
             return self.pdmux.run(plan, split, extras, report)  # decode and prefill rows as two nano-batches
-        s, dev = self._prepare(plan, extras, report) or (None, None)
+        s, dev = prepare_step(self, plan, extras, report) or (None, None)
         if s is None:
             return None
         mm_embeds = self.mm.step_embeds(s.mm_rows) if s.mm_rows and self.mm is not None else None
@@ -267,24 +266,7 @@ class ModelRunner:
             return step_output(s, dev, hidden, logits, report)
         if lora_t is not None:
             self.lora.set_token_slots(lora_t)
-        return self._forward_eager(plan, s, dev, mm_embeds, report)
-
-    def _prepare(self, plan: ForwardPlan, extras: bool, report: bool) -> Optional[tuple[StepInputs, DeviceIndices]]:
-        """The plan's index lists (checked) on the device, its KV locations written into req-to-token
-        and its placeholder inputs filled; ``None`` when it runs no token."""
-        cfg = self.cfg
-        s = flatten_plan(plan, PlanLimits(cfg.max_slots, cfg.context_len, cfg.kv_tokens, self.vocab_size),
-                         self.sampler.spec, extras=extras, report=report, takes_images=self.model.takes_images,
-                         model_name=type(self.model).__name__, lora=self.lora is not None)
-        if not s.write_locs:
-            return None
-        dev = indices_to_device(s, self.device)
-        self.req_to_token[dev.write_slots, dev.write_positions] = dev.write_locs
-        if not s.token_ids:
-            return None
-        if s.placeholder_indices:
-            dev.input_ids[dev.placeholder_indices] = self.last_token[dev.placeholder_slots]
-        return s, dev
+        return forward_eager(self, plan, s, dev, mm_embeds, report)
 
     def _take_new_slots(self, plan: ForwardPlan) -> None:
         """The plan's new requests: their (checked) sampling specs into the sampler."""
@@ -294,29 +276,3 @@ class ModelRunner:
             self.sampler.set_slot(ns.slot, ns.sampling, ns.prior_output)
             if self.mm is not None:  # a new request in the slot: the old one's images are gone
                 self.mm.drop_slot(ns.slot)
-
-    def _forward_eager(self, plan: ForwardPlan, s: StepInputs, dev: DeviceIndices,
-                       mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]], report: bool) -> Optional[StepOutput]:
-        ctx = ForwardContext(
-            input_ids=dev.input_ids, positions=dev.positions, out_cache_loc=dev.locs,
-            slots=s.row_slots, starts=s.row_starts, extend_lens=s.row_lens, logits_indices=dev.logits_indices,
-            req_to_token=self.req_to_token, kv_cache=self.kv_cache, attn_backend=self.attn_backend,
-            mm_embeds=mm_embeds)
-        if s.tree_rows:  # speculative tree rows: positions by depth, ancestor masks (a torch-native step)
-            ctx.tree = tree_attention(s.tree_rows, dev.locs, dev.positions)
-            ctx.attn_backend = tree_backend(self.attn_backend)
-        ctx.attn_meta = ctx.attn_backend.init_forward(ctx)
-        with forward_context(ctx):
-            hidden = self.model(dev.input_ids) if self.pp is None else self.pp.forward(self.model, dev.input_ids)
-            if hidden is None:  # a pipeline stage before the last: handed on, nothing to project
-                return None
-            if (not s.logits_indices and not s.hidden_rows and not s.input_logprob_rows
-                    and not isinstance(self.draft, EagleDraft)):  # (an EAGLE head reads every step's hidden states)
-                return None
-            logits = self.model.compute_logits(hidden[ctx.logits_indices]) if s.logits_indices else None
-            input_lps = None
-            if s.input_logprob_indices:  # prompt positions asking for input logprobs: projected apart, in chunks
-                at = to_device(s.input_logprob_indices, torch.int64, self.device)
-                input_lps = input_logprobs(plan, s.input_logprob_rows, hidden[at], self.model.compute_logits,
-                                           self.sampler.spec, report)
-        return step_output(s, dev, hidden, logits, report, input_lps)

@@ -19,7 +19,10 @@ LoRA (the adapters' per-token slots are one state for the whole step), no pipeli
 speculative decoding (verify rows; EAGLE reads every token's hidden states), no images (the
 vision embeddings are placed by the joint batch's token offsets); on CUDA, the decode rows fit a
 captured graph. The server arguments refuse the combinations that could never split
-(runtime/pdmux_args.py). ``steps`` and ``joint_steps`` count what happened to mixed steps.
+(runtime/pdmux_args.py). What is fixed for a runner (LoRA pool, draft model, pipeline stage,
+deterministic mode, the device) is read once, at construction (``joint_reason``); a step checks
+only what varies: its rows, and the graphs, which ``release_memory_occupation`` drops and the
+resume captures again. ``steps`` and ``joint_steps`` count what happened to mixed steps.
 
 Merge: the sampler, the RowOut extras and the scheduler read a step's results in plan row order,
 so the two nano-batches' logits (and sampled slots) are put back in that order, and the prefill
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
+from treadle.gpu_worker.eager_step import forward_eager, prepare_step
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.logprobs import StepOutput, step_output
 from treadle.runtime.messages import ForwardPlan, PlanRow, SamplingSpec
@@ -125,6 +129,20 @@ def make_decode_stream(device: torch.device, decode_sms: int) -> tuple[Any, Any]
     return ctx.Stream(), ctx
 
 
+def joint_reason(runner: "ModelRunner") -> Optional[str]:
+    """Why every mixed step of ``runner`` runs joint, from what is fixed once it is built, or ``None``.
+    LoRA: the adapters' token slots (eager) and graph buffers are one state; drafts: verify rows.
+    Pipeline stages, speculative decoding and deterministic mode are refused by the arguments (this
+    guards a runner built directly)."""
+    for reason, present in (("LoRA steps run joint", runner.lora is not None),
+                            ("pipeline stages run joint", runner.pp is not None),
+                            ("speculative decoding runs joint", runner.draft is not None),
+                            ("deterministic inference runs joint", runner.cfg.deterministic)):
+        if present:
+            return reason
+    return None
+
+
 class PdMux:
     """The split path of one ``ModelRunner`` (``enable_pdmux``)."""
 
@@ -132,31 +150,30 @@ class PdMux:
         self.runner = runner
         self.steps = 0  # mixed steps run as two nano-batches
         self.joint_steps = 0  # mixed steps run joint (a feature the split does not take, or no graph fits)
+        self.joint_reason = joint_reason(runner)  # fixed for the runner's life: not read again per step
+        self.spec_of = runner.sampler.spec
+        self.needs_graph = runner.device.type == "cuda"  # the decode rows replay a captured graph
         self.decode_stream, self._green = None, None  # (the green context lives as long as its stream)
-        if runner.device.type == "cuda":
+        if self.needs_graph:
             self.decode_stream, self._green = make_decode_stream(runner.device, decode_sms)
         how = "one after the other (CPU)"
         if self.decode_stream is not None:
             how = f"decode on {decode_sms} SMs" if decode_sms > 0 else "decode on a high-priority stream"
         logger.info("enable_pdmux: mixed steps run their decode and prefill rows as two nano-batches (%s)", how)
-        if (runner.device.type == "cuda" and runner.graphs is None) or runner.lora is not None:
-            logger.warning("enable_pdmux has no effect here: %s", "LoRA steps run joint" if runner.lora is not None
-                           else "no decode CUDA graphs (disable_cuda_graph, or a backend without graphs)")
+        if self.joint_reason is not None or (self.needs_graph and runner.graphs is None):
+            logger.warning("enable_pdmux has no effect here: %s", self.joint_reason
+                           or "no decode CUDA graphs (disable_cuda_graph, or a backend without graphs)")
 
     def split(self, plan: ForwardPlan) -> Optional[Split]:
-        """The step's nano-batches, or ``None``: run it joint."""
-        r = self.runner
-        split = split_rows(plan, r.sampler.spec)
+        """The step's nano-batches, or ``None``: run it joint. Per step: the rows (images are placed
+        by the joint batch's token offsets; verify rows) and the graphs (dropped while memory is
+        released, and a decode batch must fit one)."""
+        split = split_rows(plan, self.spec_of)
         if split is None:
             return None
-        # LoRA: the adapters' token slots (eager) and graph buffers are one state; images: placed by the
-        # joint batch's token offsets; drafts: verify rows. Pipeline stages, speculative decoding and
-        # deterministic mode are refused by the arguments (this guards a runner built directly).
-        joint = (any(row.mm or row.spec for row in plan.rows) or r.lora is not None or r.pp is not None
-                 or r.draft is not None or r.cfg.deterministic)
-        if r.device.type == "cuda":
-            joint = joint or r.graphs is None or not r.graphs.fits(len(split.decode))
-        if joint:
+        graphs = self.runner.graphs
+        if (self.joint_reason is not None or any(row.mm or row.spec for row in plan.rows)
+                or (self.needs_graph and (graphs is None or not graphs.fits(len(split.decode))))):
             self.joint_steps += 1
             return None
         return split
@@ -166,11 +183,11 @@ class PdMux:
         merged into the step's output in plan row order."""
         r = self.runner
         dec_plan, pre_plan = split.plans(plan)
-        dec, pre = r._prepare(dec_plan, extras, report), r._prepare(pre_plan, extras, report)
+        dec, pre = prepare_step(r, dec_plan, extras, report), prepare_step(r, pre_plan, extras, report)
         assert dec is not None and pre is not None, "each nano-batch has rows, so tokens"
         if self.decode_stream is None:  # the CPU: one after the other
-            dec_out = r._forward_eager(dec_plan, *dec, None, report)
-            pre_out = r._forward_eager(pre_plan, *pre, None, report)
+            dec_out = forward_eager(r, dec_plan, *dec, None, report)
+            pre_out = forward_eager(r, pre_plan, *pre, None, report)
         else:
             dec_out, pre_out = self._overlapped(dec, pre_plan, pre, report)
         self.steps += 1
@@ -185,6 +202,6 @@ class PdMux:
         self.decode_stream.wait_stream(main)  # the table writes and placeholder fills are queued on main
         with torch.cuda.stream(self.decode_stream):  # queued first: it starts while the prefill is launched
             hidden, logits = r.graphs.replay(dev_d.input_ids, dev_d.positions, dev_d.locs, dev_d.write_slots)
-        pre_out = r._forward_eager(pre_plan, *pre, None, report)
+        pre_out = forward_eager(r, pre_plan, *pre, None, report)
         main.wait_stream(self.decode_stream)
         return step_output(s_d, dev_d, hidden, logits, report), pre_out

@@ -2,7 +2,7 @@
 
 Unknown arguments raise ``TypeError`` (dataclass init); out-of-range values raise ``ValueError``
 at construction, so a typo never reaches a child process. ``resolved()`` fills the "auto"
-values that depend on the machine (device, dtype, memory sizes). SGLang's fields that Treadle
+values that depend on the machine (device, dtype, memory sizes: ``resolve_args.py``). SGLang's fields that Treadle
 does not implement come from ``SGLangOnlyArgs`` (runtime/sglang_compat.py): accepted with no
 effect, or refused by ``check_supported()`` unless left at SGLang's default. The checks of a
 group of fields live beside it: ``parallel_args.py``, ``lora_args.py``, ``spec_args.py``,
@@ -14,23 +14,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from treadle.runtime.arg_checks import check_choice, check_int, check_num
 from treadle.runtime.config_overrides import parse_overrides
-from treadle.runtime.lora_args import check_lora_args, device_slot_shape
+from treadle.runtime.lora_args import check_lora_args
 from treadle.runtime.parallel_args import check_parallel_args
 from treadle.runtime.pdmux_args import check_pdmux_args
-from treadle.runtime.spec_args import check_spec_args, resolve_spec_args, spec_refusals
-from treadle.runtime.sglang_compat import SGLangOnlyArgs, check_no_effect_values, refused_settings
-from treadle.runtime.torchao_args import check_torchao, parse_torchao_config
+from treadle.runtime.resolve_args import DTYPE_ALIASES, resolve
+from treadle.runtime.spec_args import check_spec_args, spec_refusals
+from treadle.runtime.sglang_compat import SGLangOnlyArgs, refused_settings
+from treadle.runtime.sglang_no_effect import check_no_effect_values
+from treadle.runtime.torchao_args import parse_torchao_config
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-# One dtype vocabulary: SGLang's spellings, each an alias of a canonical name (torch's) that
-# ``resolved()`` writes back, so the processes after it see only canonical names.
-DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 DTYPES = ("auto", "float32", "float16", "bfloat16", *DTYPE_ALIASES)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
 ATTENTION_BACKENDS = (None, "torch_native", "triton", "flashinfer")  # flashinfer: refused by check_supported
@@ -41,10 +39,6 @@ GRAMMAR_BACKENDS = (None, "xgrammar", "none")
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3", "bfloat16", "float16", "float32", *DTYPE_ALIASES)
 QUANTIZATIONS = (None, "awq", "fp8", "gptq", "gguf", "marlin", "awq_marlin", "gptq_marlin", "bitsandbytes", "w8a8_int8", "w8a8_fp8")
 DEVICES = (None, "cpu", "cuda")
-CPU_KV_TOKENS = 16384  # the CPU's KV pool when max_total_tokens is not given (no device memory to size from)
-CPU_CHUNKED_PREFILL = 512  # the CPU's chunked_prefill_size: bounds one step's time (see resolved())
-MEM_FRACTION_STATIC = 0.85  # SGLang's default share of the card for weights + KV pool
-MAX_GRAPH_BS = 256  # the largest decode batch captured in a CUDA graph by default
 
 
 @dataclass
@@ -214,60 +208,8 @@ class ServerArgs(SGLangOnlyArgs):
 
     # -------------------------------------------------------------- resolution
     def resolved(self) -> "ServerArgs":
-        """A copy with the machine-dependent "auto" values filled in."""
-        import torch
-
-        a = dataclasses.replace(self)
-        if a.device is None:
-            a.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if a.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={a.device!r} was requested but no CUDA device is available.")
-        if a.device == "cuda":  # every worker rank of every DP group on this node takes its own GPU
-            ranks = a.dp_size * a.tp_size * a.pp_size // a.nnodes
-            last, have = a.base_gpu_id + (ranks - 1) * a.gpu_id_step, torch.cuda.device_count()
-            if last >= have:
-                raise ValueError(
-                    f"Not enough GPUs: dp_size * tp_size * pp_size / nnodes = {ranks} worker ranks need GPU ids "
-                    f"{a.base_gpu_id}..{last} (base_gpu_id={a.base_gpu_id}, gpu_id_step={a.gpu_id_step}), "
-                    f"but {have} CUDA device(s) are visible.")
-        check_torchao(a.torchao_config, a.device, a.dtype)
-        if a.random_seed is None:
-            a.random_seed = random.randint(0, 2**30)
-        if a.page_size is None:
-            a.page_size = 1
-        if a.attention_backend is None:  # Triton kernels on the GPU; the CPU has only the reference backend
-            a.attention_backend = "triton" if a.device.startswith("cuda") else "torch_native"
-        if a.grammar_backend is None:
-            a.grammar_backend = "xgrammar"
-        if a.tokenizer_path is None:
-            a.tokenizer_path = a.model_path
-        if a.chunked_prefill_size is None:
-            # One step's prefill work: 8192 tokens are tens of ms on a GPU. A CPU core computes a token
-            # of SmolLM2-135M (float32) in ~1.7 ms, so 2048 made a step ~3.5 s of one core and ~40 s
-            # on a busy machine; 512 keeps it under a second of one core, and the work per token is
-            # the same (one thread: 8.2 CPU-s for 4 x 1,200 tokens with 2048, 512 or 256).
-            a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else CPU_CHUNKED_PREFILL
-        if a.enable_lora is None:
-            a.enable_lora = bool(a.lora_paths)
-        if a.enable_lora:
-            a.max_lora_rank, a.lora_target_modules = device_slot_shape(a.lora_paths, a.max_lora_rank,
-                                                                       a.lora_target_modules)
-        cuda = a.device.startswith("cuda")
-        # "auto" stays (get_server_info echoes it as SGLang does; the worker reads it against the device)
-        a.dtype = DTYPE_ALIASES.get(a.dtype, a.dtype)
-        a.kv_cache_dtype = DTYPE_ALIASES.get(a.kv_cache_dtype, a.kv_cache_dtype)
-        if a.max_running_requests is None:  # request slots: rows of the workers' req-to-token tables
-            a.max_running_requests = 256 if cuda else 64
-        if a.max_total_tokens is None and not cuda:  # on CUDA None: sized from free memory once the weights load
-            a.max_total_tokens = CPU_KV_TOKENS
-        if a.mem_fraction_static is None and not cuda:  # CUDA: None sizes the KV pool from a measured prefill
-            a.mem_fraction_static = MEM_FRACTION_STATIC
-        if a.cuda_graph_max_bs is None:
-            a.cuda_graph_max_bs = min(a.max_running_requests, MAX_GRAPH_BS)
-        resolve_spec_args(a)
-        if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
-            a.disable_overlap_schedule = a.disable_cuda_graph = True
-        return a
+        """A copy with the machine-dependent "auto" values filled in (``resolve_args.py``)."""
+        return resolve(dataclasses.replace(self))
 
     def check_supported(self) -> None:
         """Refuse valid settings whose feature is not built yet, instead of silently ignoring them."""

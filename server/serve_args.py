@@ -17,7 +17,8 @@ import typing
 from typing import Any, Optional
 
 from treadle.runtime.server_args import ServerArgs
-from treadle.runtime.sglang_compat import NO_EFFECT, REFUSED
+from treadle.runtime.sglang_compat import REFUSED
+from treadle.runtime.sglang_no_effect import NO_EFFECT
 
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
 # the API key when --api-key is absent: a supervisor passes it here, out of the process list

@@ -21,7 +21,8 @@ import torch
 
 from gemv_bench import time_graph
 from treadle.gpu_worker.layers.moe import moe_torch
-from treadle.gpu_worker.layers.triton_moe import MoeConfig, fused_moe, fused_route, moe_config
+from treadle.gpu_worker.layers.triton_moe import MoeConfig, fused_moe, moe_config
+from treadle.gpu_worker.layers.triton_moe_route import fused_route
 
 EXPERTS, TOP_K, HIDDEN, WIDTH = 128, 8, 2048, 768
 GRID = [MoeConfig(bm, bn, bk, gm, w, s) for bm, bn, bk, gm, w, s in itertools.product(

@@ -3,7 +3,7 @@
 With tensor parallelism a decoder layer ends twice in ``all_reduce(partial)`` followed by
 ``rms_norm(x + residual)``: two launches, and at batch-1 decode the all-reduce is pure latency.
 This kernel does both in one launch over buffers that every TP rank of the machine maps
-(PyTorch symmetric memory, set up in ``distributed.py``). One program per row:
+(PyTorch symmetric memory, set up in ``distributed.py``, held in ``fused_reduce.py``). One program per row:
 
 1. push this rank's partial row into every peer's buffer (its own region there, slot ``c % 2``,
    ``c`` = the row's call count): stores over NVLink that need no answer;

@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from treadle.gpu_worker.distributed import (PushTarget, all_gather_last_dim, all_reduce, gather_logits,
-                                            gemv_push_target, logits_push_target, note_pushed, tp_rank, tp_size)
+from treadle.gpu_worker.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from treadle.gpu_worker.fused_reduce import (PushTarget, gather_logits, gemv_push_target, logits_push_target,
+                                             note_pushed)
 from treadle.gpu_worker.layers.allreduce_norm import push_words
 from treadle.gpu_worker.layers.pdl import pdl_launch, pdl_start, pdl_supported
 from treadle.gpu_worker.layers.triton_gemv import GemvConfig, project, takes_gemv

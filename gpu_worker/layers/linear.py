@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from treadle.gpu_worker.distributed import all_reduce, gemv_push_target, note_pushed, tp_rank, tp_size
+from treadle.gpu_worker.distributed import all_reduce, tp_rank, tp_size
+from treadle.gpu_worker.fused_reduce import gemv_push_target, note_pushed
 from treadle.gpu_worker.layers.embedding import ParallelLMHead
 from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv_config, project, takes_gemv
 from treadle.runtime.model_check import head_split_error

@@ -29,10 +29,10 @@ from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from treadle.gpu_worker.layers.triton_gemv import project
 
-try:  # the fused kernel for CUDA tensors; CPU-only installs take the torch path
-    from treadle.gpu_worker.layers import triton_moe
+try:  # the fused kernels for CUDA tensors; CPU-only installs take the torch path
+    from treadle.gpu_worker.layers import triton_moe, triton_moe_route
 except ImportError:
-    triton_moe = None
+    triton_moe = triton_moe_route = None
 
 EXPERT_SHARDS = ("gate", "up", "down")
 
@@ -169,8 +169,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
-        if logits.is_cuda and triton_moe is not None:
-            weights, ids = triton_moe.fused_route(logits, self.top_k, self.renormalize)
+        if logits.is_cuda and triton_moe_route is not None:
+            weights, ids = triton_moe_route.fused_route(logits, self.top_k, self.renormalize)
         else:
             weights, ids = route(logits, self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)

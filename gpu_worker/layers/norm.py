@@ -7,7 +7,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from treadle.gpu_worker.distributed import all_reduce, fused_all_reduce_rms_norm
+from treadle.gpu_worker.distributed import all_reduce
+from treadle.gpu_worker.fused_reduce import fused_all_reduce_rms_norm
 
 try:  # fused kernels for CUDA tensors; without triton (CPU-only installs) every call takes the torch path
     from treadle.gpu_worker.layers import triton_gemma, triton_ops
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
 
         ``reduce``: ``x`` is this TP rank's partial sum (a row-parallel layer that left its
         all-reduce to the norm); it is summed over the ranks first, in one kernel with the add and
-        the norm where ``distributed.fused_all_reduce_rms_norm`` can."""
+        the norm where ``fused_reduce.fused_all_reduce_rms_norm`` can."""
         if reduce:
             fused = fused_all_reduce_rms_norm(x, residual, self.weight, self.eps)
             if fused is not None:

@@ -30,7 +30,7 @@ from treadle.gpu_worker.layers.allreduce_norm import push_words
 from treadle.gpu_worker.layers.pdl import allow_dependents, gdc_wait, pdl_launch
 
 if TYPE_CHECKING:
-    from treadle.gpu_worker.distributed import PushTarget
+    from treadle.gpu_worker.fused_reduce import PushTarget
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig, bias: Optional[torch.Tensor] = None,
          push: Optional["PushTarget"] = None) -> torch.Tensor:
     """``x [1, K] @ w[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, float32 accumulation.
-    ``w`` must be contiguous and ``x``'s last dimension dense. ``push`` (``distributed.PushTarget``):
+    ``w`` must be contiguous and ``x``'s last dimension dense. ``push`` (``fused_reduce.PushTarget``):
     also store the outputs as tagged words into the TP peers' buffers."""
     n, k = w.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)

@@ -56,14 +56,17 @@ def fleet(tmp_path_factory):
 
 
 def test_workers_get_the_key_through_their_environment(fleet):
-    """The fleet's key is not on a worker's command line (any user of the host reads those), yet
-    a worker reached directly still refuses a request without it."""
+    """The fleet's key is not on a worker's command line (any user of the host reads those) nor in
+    the server info (router or worker), yet a worker reached directly refuses a request without it."""
     for name in ("w0", "w1"):
         w = fleet.worker(name)
         with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
             assert API_KEY.encode() not in f.read(), name
         assert httpx.get(f"{w['url']}/get_model_info", timeout=30).status_code == 401, name
         assert httpx.get(f"{w['url']}/get_model_info", headers=AUTH, timeout=30).status_code == 200, name
+    for url in (fleet.url, fleet.worker("w0")["url"]):  # the server args never carry it (runtime/redact.py)
+        r = httpx.get(f"{url}/get_server_info", headers=AUTH, timeout=60)
+        assert r.status_code == 200 and r.json()["api_key"] == "***" and API_KEY not in r.text, url
 
 
 def test_load_spread_and_shared_prefix(fleet):

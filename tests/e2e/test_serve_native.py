@@ -184,6 +184,19 @@ def test_the_right_api_key_is_served(urls: tuple[str, str]) -> None:
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 6
 
 
+def test_server_info_masks_the_secrets(urls: tuple[str, str], engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keys among the server args never leave over HTTP (runtime/redact.py): a set one reads
+    "***", an unset one null; the engine itself keeps the real value."""
+    monkeypatch.setattr(engine.server_args, "api_key", KEY)  # as `treadle serve --api-key` sets it
+    monkeypatch.setattr(engine.server_args, "ssl_keyfile_password", "tls-secret")
+    r = httpx.get(urls[1] + "/get_server_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["api_key"] == info["ssl_keyfile_password"] == "***" and info["admin_api_key"] is None
+    assert KEY not in r.text and "tls-secret" not in r.text
+    assert info["model_path"] == "default" and engine.server_args.api_key == KEY
+
+
 BAD = [("/generate", "{not json", None), ("/generate", "[1, 2]", None),
        ("/generate", {"text": "x", "sampling_params": 5}, "sampling_params"),
        ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),

@@ -63,7 +63,7 @@ def simulate_gemv_push_and_pull() -> dict:
     """Batch 1 with the row pushed by the GEMV, rank 0 of 2: its GEMV stores its outputs as words
     of the next call into rank 1's buffer; its norm finds rank 1's words (and stale ones of the
     call before in the other slot) in its own. The word count starts at the wrap of 2**16."""
-    from treadle.gpu_worker.distributed import PushTarget
+    from treadle.gpu_worker.fused_reduce import PushTarget
     from treadle.gpu_worker.layers.allreduce_norm import pulled_rms_norm
     from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv
 
@@ -91,7 +91,7 @@ def simulate_embedding_and_logits() -> dict:
     its row (zeros for a token of rank 1's) and the all-reduce pulls rank 1's words; the LM head's
     GEMV pushes its logits shard into rank 1's gather buffer and ``gathered_logits`` writes the
     whole float32 row from its own shard and rank 1's words (padding column cut off)."""
-    from treadle.gpu_worker.distributed import PushTarget
+    from treadle.gpu_worker.fused_reduce import PushTarget
     from treadle.gpu_worker.layers.allreduce_norm import gathered_logits, pulled_sum
     from treadle.gpu_worker.layers.embedding import shard_embedding
     from treadle.gpu_worker.layers.triton_gemv import GemvConfig, gemv
@@ -155,18 +155,56 @@ def test_interpreted_rank0_of_2(interpreted):
     assert interpreted["own_rows_in_slot"]
 
 
+def test_fused_state_follows_the_rank_and_world_it_is_given(monkeypatch):
+    """``fused_reduce.FusedNormState`` built on the CPU over a stand-in for symmetric memory: each
+    buffer sized by the world it is given, each rank's address of it at the same offset from that
+    rank's base; the push targets carry the rank and world, and a push waits for its pull."""
+    from types import SimpleNamespace
+
+    from treadle.gpu_worker import fused_reduce as fr
+
+    bases = [1 << 30, None, 3 << 30, 5 << 30]  # rank 1's base: 64 bytes below each buffer
+
+    class Symm:
+        def empty(self, numel, dtype, device):
+            return torch.empty(numel, dtype=dtype, device=device)
+
+        def rendezvous(self, t, group_name):
+            return SimpleNamespace(buffer_ptrs=[t.data_ptr() - 64 if b is None else b for b in bases])
+
+    monkeypatch.delenv("TREADLE_DISABLE_GEMV_PUSH", raising=False)
+    st = fr.FusedNormState(Symm(), "tp", torch.device("cpu"), torch.bfloat16, rank=1, world=4, slot_elems=100)
+    assert st.buf.numel() == 2 * 4 * 100 and st.flags.numel() == 4 * fr.FUSED_MAX_ROWS
+    assert st.words.numel() == 2 * 4 * fr.WORD_ROW_MAX and st.gather.numel() == 2 * 4 * fr.GATHER_WORDS_MAX
+    assert st.buf_ptrs.tolist() == [(1 << 30) + 64, st.buf.data_ptr(), (3 << 30) + 64, (5 << 30) + 64]
+    assert fr.state() is None and not fr.push_pending()
+    fr.set_state(st)
+    try:
+        target = fr.gemv_push_target(4096, torch.bfloat16)
+        assert (target.rank, target.world, target.slot_elems) == (1, 4, fr.WORD_ROW_MAX)
+        assert fr.logits_push_target(1000, torch.bfloat16).slot_elems == fr.GATHER_WORDS_MAX
+        assert fr.gemv_push_target(4096, torch.float16) is None  # another dtype than the buffers'
+        y = torch.zeros(1, 8, dtype=torch.bfloat16)
+        fr.note_pushed(y)
+        assert fr.push_pending()
+        with pytest.raises(RuntimeError, match="never reduced"):
+            fr.note_pushed(y)
+    finally:
+        fr.set_state(None)
+
+
 # ---------------------------------------------------------------- two GPUs
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from treadle.gpu_worker import distributed as par
+    from treadle.gpu_worker import distributed as par, fused_reduce as fr
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dev = torch.device("cuda", rank)
     torch.cuda.set_device(dev)
     os.environ.pop("TREADLE_DISABLE_GEMV_PUSH", None)  # the batch-1 push buffers too (_gemv_push_checks)
     par.init_parallel(rank, 2, dev, dtype=torch.bfloat16, custom_all_reduce=True, allreduce_fusion=True)
-    failures = [] if par._FUSED is not None else ["fused state not set up"]
+    failures = [] if fr.state() is not None else ["fused state not set up"]
     norm = RMSNorm(4096, eps=1e-5).to(dev, torch.bfloat16)
     g = torch.Generator(device=dev).manual_seed(rank)
     norm.weight.data = (torch.rand(4096, generator=torch.Generator(device=dev).manual_seed(9), device=dev) + 0.5
@@ -178,7 +216,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         return norm(y, res)
 
     # The last one falls back to all_reduce (in place) + norm: every call gets its own copies.
-    for rows in (1, 7, 64, par.FUSED_MAX_ROWS, par.FUSED_MAX_ROWS + 1):
+    for rows in (1, 7, 64, fr.FUSED_MAX_ROWS, fr.FUSED_MAX_ROWS + 1):
         for _ in range(3):  # the same rows again: both slots, counters moving on
             x = torch.randn(rows, 4096, generator=g, device=dev).to(torch.bfloat16)
             res = torch.randn(rows, 4096, generator=torch.Generator(device=dev).manual_seed(rows), device=dev
@@ -209,7 +247,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             wy, wr = reference(wy, wr)
         if not (torch.equal(y, wy) and torch.equal(r, wr)):
             failures.append(f"graph replay {trial}: differs from NCCL + norm")
-    failures += _gemv_push_checks(par, norm, reference, dev, g)
+    failures += _gemv_push_checks(par, fr, norm, reference, dev, g)
     failures += _embedding_and_head_checks(par, dev, g)
     torch.cuda.synchronize()
     if rank == 0:
@@ -217,13 +255,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
+def _gemv_push_checks(par, fr, norm, reference, dev, g) -> list[str]:
     """Batch 1 with the GEMV pushing its row (the default path): the same bits as NCCL +
     the norm, eagerly (both slots, flag-protocol calls in between) and replayed in a CUDA graph."""
     from treadle.gpu_worker.layers.pdl import pdl_supported
     from treadle.gpu_worker.layers.triton_gemv import gemv, gemv_config
 
-    if not par._FUSED.gemv_push:
+    if not fr.state().gemv_push:
         return ["the batch-1 GEMV push is not on by default"]
     failures = []
     w = (torch.randn(4096, 2048, generator=torch.Generator(device=dev).manual_seed(par.tp_rank() + 5), device=dev)
@@ -231,8 +269,8 @@ def _gemv_push_checks(par, norm, reference, dev, g) -> list[str]:
     cfg = gemv_config(4096, 2048, pdl_supported(dev))
 
     def pushed(x: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y = gemv(x, w, cfg, push=par.gemv_push_target(4096, torch.bfloat16))
-        par.note_pushed(y)
+        y = gemv(x, w, cfg, push=fr.gemv_push_target(4096, torch.bfloat16))
+        fr.note_pushed(y)
         return y, *norm(y, res, reduce=True)
 
     for i in range(3):

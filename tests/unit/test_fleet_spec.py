@@ -38,6 +38,7 @@ def test_the_api_key_goes_in_the_environment_not_the_command_line():
     """Any user of the host reads a process's command line (``ps``); only its owner its environment."""
     spec = parse_spec({"engine": {"model_path": "m"}, "api_key": "s3cret-key"})
     assert not any("s3cret-key" in a for a in worker_argv(spec.workers[0], "127.0.0.1", 31000))
+    assert "s3cret-key" not in repr(spec)  # nor in a log line or a traceback that shows the spec
     assert worker_env({"PATH": "/bin"}, spec.api_key) == {"PATH": "/bin", "TREADLE_API_KEY": "s3cret-key"}
     # no fleet key: an inherited one is dropped (the worker would refuse the router's requests)
     assert worker_env({"PATH": "/bin", "TREADLE_API_KEY": "other"}, None) == {"PATH": "/bin"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import tempfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from kernel_helpers import Alloc
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.logprobs import step_output
 from treadle.gpu_worker.model_runner import ModelRunner, RunnerConfig
-from treadle.gpu_worker.pdmux import merge, split_rows
+from treadle.gpu_worker.pdmux import joint_reason, merge, split_rows
 from treadle.gpu_worker.step_inputs import PlanLimits, flatten_plan, indices_to_device
 from treadle.runtime.messages import (
     PLACEHOLDER, ForwardPlan, NewSlot, PlanRow, PrefixWrite, SamplingSpec, TokenizedReq, WorkerInfo,
@@ -235,8 +236,40 @@ def test_split_matches_joint_on_cuda_streams(llama_dir, device, decode_sms):
 
 def test_lora_steps_run_joint(llama_dir):
     runner = make_runner(llama_dir, "cpu", pdmux=True, lora_slots=2, lora_rank=4)
+    assert runner.pdmux.joint_reason == "LoRA steps run joint"  # decided once, at construction
     run_plans(runner)
     assert runner.pdmux.steps == 0 and runner.pdmux.joint_steps == MIXED_STEPS
+
+
+@pytest.mark.parametrize("fact, reason", [
+    ({"lora": object()}, "LoRA"), ({"pp": object()}, "pipeline"), ({"draft": object()}, "speculative"),
+    ({"deterministic": True}, "deterministic"), ({}, None)])
+def test_joint_reason_from_the_runner_facts(fact, reason):
+    runner = SimpleNamespace(lora=fact.get("lora"), pp=fact.get("pp"), draft=fact.get("draft"),
+                             cfg=SimpleNamespace(deterministic=fact.get("deterministic", False)))
+    got = joint_reason(runner)
+    assert got is None if reason is None else reason in got
+
+
+def test_dropped_graphs_are_seen_per_step(llama_dir, monkeypatch):
+    """The graphs are not fixed (release_memory_occupation drops them, the resume captures them
+    again): a runner that needs them (CUDA; the stream path's stand-ins here) splits while they
+    are there and runs its mixed steps joint once they are gone; the results stay the joint path's."""
+    want = run_plans(make_runner(llama_dir, "cpu"))
+    runner = make_runner(llama_dir, "cpu", pdmux=True)
+    assert runner.pdmux.joint_reason is None
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    graphs = _EagerGraphs(runner)
+    graphs.fits = lambda n: True
+    runner.pdmux.needs_graph, runner.pdmux.decode_stream, runner.graphs = True, _Stream(), graphs
+    plans = mixed_plans()
+    got = [runner.forward(plan) for plan in plans[:3]]  # steps 1 and 2 are mixed
+    assert runner.pdmux.steps == 2 and runner.pdmux.joint_steps == 0
+    runner.graphs = None  # as after release_memory_occupation
+    got += [runner.forward(plan) for plan in plans[3:]]
+    assert runner.pdmux.steps == 2 and runner.pdmux.joint_steps == MIXED_STEPS - 2
+    assert_same_results(got, want, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the scheduler's budget beside decode rows

@@ -169,7 +169,8 @@ def test_field_names():
 
 
 # ------------------------------------------------------------------ SGLang's other fields (runtime/sglang_compat.py)
-from treadle.runtime.sglang_compat import NO_EFFECT, REFUSED  # noqa: E402
+from treadle.runtime.sglang_compat import REFUSED  # noqa: E402
+from treadle.runtime.sglang_no_effect import NO_EFFECT  # noqa: E402
 
 SGLANG_DEFAULTS = {**NO_EFFECT, **{name: default for name, (default, _) in REFUSED.items()}}
 
@@ -215,6 +216,9 @@ def test_sglang_fields_are_keyword_only():
 def test_no_effect_value_must_reach_the_children():
     with pytest.raises(ValueError, match="warmups"):
         ServerArgs(warmups=object())
+    with pytest.raises(ValueError, match="api_key must be a JSON-serializable value") as e:
+        ServerArgs(api_key=b"sk-in-bytes")  # a secret's value stays out of the message (runtime/redact.py)
+    assert "sk-in-bytes" not in str(e.value)
 
 
 def _other_value(default):

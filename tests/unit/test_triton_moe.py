@@ -1,4 +1,4 @@
-"""The fused MoE kernels (``layers/triton_moe.py``) against the torch path (``layers/moe.py``).
+"""The fused MoE kernels (``layers/triton_moe.py``, ``triton_moe_route.py``) against the torch path (``layers/moe.py``).
 
 On the CPU in Triton's interpreter (a child process, as in ``test_fused_ops.py``), float32, tiny
 shapes: routing, both alignment paths, and the whole fused MoE with and without another rank's
@@ -56,7 +56,7 @@ def check_moe(tokens: int, experts: int, hidden: int, inter: int, top_k: int, de
 
 def check_align(ids: torch.Tensor, experts: int, block_m: int) -> str:
     """'' when both alignment paths agree and every pair of an expert sits once in its blocks."""
-    from treadle.gpu_worker.layers.triton_moe import _align_torch, align, padded_size
+    from treadle.gpu_worker.layers.triton_moe_route import _align_torch, align, padded_size
 
     one, other = align(ids, experts, block_m), _align_torch(ids, experts, block_m,
                                                             padded_size(ids.numel(), experts, block_m))
@@ -79,7 +79,8 @@ def check_align(ids: torch.Tensor, experts: int, block_m: int) -> str:
 def run_cases(device: str, dtype: torch.dtype) -> list[str]:
     """The interpreter's cases (tiny: every program of the interpreter is Python)."""
     from treadle.gpu_worker.layers.moe import route
-    from treadle.gpu_worker.layers.triton_moe import MoeConfig, fused_route
+    from treadle.gpu_worker.layers.triton_moe import MoeConfig
+    from treadle.gpu_worker.layers.triton_moe_route import fused_route
 
     failures = []
     logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(1)).to(device)
@@ -140,15 +141,15 @@ def _hopper_compiler():
 def test_kernels_compile_for_hopper():
     """Every kernel compiles to an sm_90 binary with the engine's default configs in bf16, within the
     card's 227 KB of shared memory: what the interpreter cannot show (types, layouts, tile sizes)."""
-    from treadle.gpu_worker.layers import triton_moe as tm, triton_moe_gemv as tg
+    from treadle.gpu_worker.layers import triton_moe as tm, triton_moe_gemv as tg, triton_moe_route as tr
 
     comp = _hopper_compiler()
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     consts = lambda **kw: ({k: "constexpr" for k in kw}, kw)  # noqa: E731
     sig, c = consts(TOP_K=8, RENORM=True, E_P2=128, K_P2=8)
-    comp(tm._route_kernel, {"logits": "*bf16", "weights_out": "*fp32", "ids_out": "*i32", **ints("E", "stride_l"), **sig}, c)
+    comp(tr._route_kernel, {"logits": "*bf16", "weights_out": "*fp32", "ids_out": "*i32", **ints("E", "stride_l"), **sig}, c)
     sig, c = consts(BLOCK_M=16, E_P2=128, CHUNK=64)
-    comp(tm._align_kernel, {**{n: "*i32" for n in ("ids", "sorted_ids", "expert_ids", "num_post")},
+    comp(tr._align_kernel, {**{n: "*i32" for n in ("ids", "sorted_ids", "expert_ids", "num_post")},
                             **ints("numel", "E"), **sig}, c, num_warps=8)
     sig, c = consts(TOP_K=8, BLOCK_H=1024)
     comp(tm._sum_kernel, {"rows": "*bf16", "ids": "*i32", "out": "*bf16", **ints("E", "H"), **sig}, c)
@@ -228,7 +229,8 @@ def test_cuda_graph_replays_new_routing(tokens, top_k):
     """Routing and experts captured once, replayed with new tokens: the routing (and so every
     count and block's expert) changes between replays, the graph must follow it."""
     from treadle.gpu_worker.layers.moe import moe_torch, route
-    from treadle.gpu_worker.layers.triton_moe import fused_moe, fused_route
+    from treadle.gpu_worker.layers.triton_moe import fused_moe
+    from treadle.gpu_worker.layers.triton_moe_route import fused_route
 
     experts, hidden, inter = 128, 512, 256
     x, w13, w2, _, _ = make_case(tokens, experts, hidden, inter, top_k, "cuda", torch.bfloat16)
