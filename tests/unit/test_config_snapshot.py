@@ -142,3 +142,22 @@ def test_unknown_names_raise_attribute_error(tmp_path):
     assert getattr(snap, "no_such_field", 7) == 7
     snap.extra = 3  # model code may annotate the config, as with transformers' own
     assert snap.extra == 3
+
+
+def test_a_worker_with_a_snapshot_never_imports_transformers(tmp_path):
+    """What the snapshot is for: a worker process (its modules, then the config) runs without
+    transformers, and without the client package."""
+    import subprocess
+    import sys
+
+    model_dir = save(CONFIGS["qwen3"](), tmp_path / "model")
+    cached_model_config(model_dir)
+    code = ("import sys; import treadle.gpu_worker.main; "
+            "from treadle.runtime.config_snapshot import cached_model_config; "
+            f"c = cached_model_config({model_dir!r}); assert c.num_hidden_layers == 2; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' "
+            "or m.startswith('treadle.client')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
