@@ -31,9 +31,9 @@ def ngram_tree():
 # EAGLE carries its own embedding: the target's with the rows of the period-2 prompt's two ids swapped,
 # so it drafts the other id of the pair (the target's embedding would draft the last id again, which
 # the period-2 output rejects), and " penguin"'s row (id 35,084: in TP rank 1's half of the vocabulary)
-# set to ","'s, so it drafts "," after " penguin" (``PENGUINS``). EAGLE3 shares the target's embedding and taps the embedding, a middle
-# layer's input and the final norm's input (every kind of tap), over an odd draft vocabulary (the
-# last TP shard of its LM head padded) mapped by a d2t of gaps.
+# set to ","'s, so it drafts "," after " penguin" (``PENGUINS``). EAGLE3 shares the target's embedding
+# and taps the embedding, a middle layer's input and the final norm's input (every kind of tap), over
+# an odd draft vocabulary (the last TP shard of its LM head padded) mapped by a d2t of gaps.
 SPEC = {"eagle": dict(speculative_algorithm="EAGLE", speculative_num_steps=3),
         "eagle3": dict(speculative_algorithm="EAGLE3", speculative_num_steps=3, speculative_eagle_topk=4,
                        speculative_num_draft_tokens=8)}
