@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 
 from treadle.gpu_worker.attention.base import create_backend
-from treadle.gpu_worker.distributed import tp_broadcast, tp_size
+from treadle.gpu_worker.distributed import first_failed_rank, tp_broadcast, tp_size
 from treadle.gpu_worker.forward_context import ForwardContext, forward_context
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.models.llama_eagle import EagleHead, eagle3_capture_layers, read_head, tap_residual_stream
@@ -77,7 +77,7 @@ class EagleDraft:
         self.head.load_weights(tensors.items())
         self.head.to(target.device).eval()
         self.eagle3, self.topk, self.steps, self.target = eagle3, topk, steps, target
-        self.embed = self.head.embed_tokens if self.head.embed_tokens is not None else target.model.model.embed_tokens
+        self.embed = self._embedding(target.model.model.embed_tokens)
         self.attn = self.head.layer.self_attn.attn
         self.backend = create_backend("torch_native")  # tree rows (drafting) need its masks
         self.kv_cache: Optional[KVCache] = None
@@ -88,6 +88,24 @@ class EagleDraft:
             layers = eagle3_capture_layers(self.config, len(target.model.model.layers))
             tap_residual_stream(target.model.model, layers, lambda h: self.aux.append(h))  # (observe swaps the list)
             target.cfg.cuda_graph_max_bs = 0  # the hooks must run: eager target steps (EAGLE reads the graphs' hidden)
+
+    def _embedding(self, target_embed: torch.nn.Module) -> torch.nn.Module:
+        """The embedding the head reads: its own (``EagleHead``), unless that is a copy of the
+        target's (most EAGLE checkpoints carry the frozen embedding they were trained with), which
+        is then dropped for the target's: no second vocabulary table on the device. Both are split
+        the same way, so each rank compares its own shard; the ranks agree through an all-reduce
+        (one rank keeping its copy while another drops it would still compute the same, but the
+        ranks' modules should not differ)."""
+        own = self.head.embed_tokens
+        if own is None:
+            return target_embed
+        tw = getattr(target_embed, "weight", None)
+        same = (isinstance(tw, torch.Tensor) and tw.shape == own.weight.shape and tw.dtype == own.weight.dtype
+                and torch.equal(tw, own.weight))
+        if first_failed_rank(not same, own.weight.device) is not None:
+            return own
+        self.head.embed_tokens = None
+        return target_embed
 
     def kv_layers_like(self, target_width: int) -> int:
         return -(-self.attn.num_kv_heads * self.attn.head_dim // target_width)

@@ -19,7 +19,7 @@ DRAFT_VOCAB = 4096  # EAGLE3's reduced vocabulary: 4,096 ids of a shuffled targe
 
 def make_eagle_head(out_dir: str, eagle3: bool, seed: int = 0, std: float = 0.1, draft_vocab: int = DRAFT_VOCAB,
                     aux_layers: Optional[list[int]] = None, echo: Optional[torch.Tensor] = None,
-                    **shape: object) -> str:
+                    embed: Optional[torch.Tensor] = None, **shape: object) -> str:
     """Write a random head to ``out_dir`` (EAGLE: ``fc`` with bias over [embedding, hidden] and
     ``layers.0`` without an input norm; EAGLE3: ``fc`` over three hidden states, ``midlayer`` with
     ``hidden_norm``, ``norm``, its own ``lm_head`` over ``draft_vocab`` ids and ``d2t``). ``shape``
@@ -32,7 +32,10 @@ def make_eagle_head(out_dir: str, eagle3: bool, seed: int = 0, std: float = 0.1,
     before the last, so it drafts period-2 patterns; the deeper taps, hundreds of times larger, add a
     small share), the layer (weights of ``std``) only perturbs
     it, and the LM head (EAGLE3's: the echo rows of its draft ids, which keep the 600 lowest ids)
-    scores tokens by their embedding."""
+    scores tokens by their embedding.
+
+    ``embed``: the head's own ``embed_tokens.weight`` ``[V, H]`` (some checkpoints carry one; the
+    head reads it instead of the target's unless it is a copy of the target's)."""
     cfg = {**HEAD, **shape}
     g = torch.Generator().manual_seed(seed)
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
@@ -70,6 +73,8 @@ def make_eagle_head(out_dir: str, eagle3: bool, seed: int = 0, std: float = 0.1,
             t["lm_head.weight"] = echo[ids]
         else:
             t["fc.bias"] = torch.zeros(h)
+    if embed is not None:
+        t["embed_tokens.weight"] = embed
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in t.items()}, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:

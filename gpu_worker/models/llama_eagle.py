@@ -5,8 +5,8 @@ The checkpoints' layouts (as SGLang's and vLLM's ``llama_eagle.py`` / ``llama_ea
 - **EAGLE** (``LlamaForCausalLMEagle``): ``fc`` (``2H -> H``, with bias) over
   ``concat(embedding(token), target hidden)``, then ``layers.0`` (a Llama layer without its input
   norm); its output plus residual is both the next step's hidden state and, through the LM head,
-  the logits (no final norm). Embedding and LM head are the target's unless the checkpoint has
-  its own.
+  the logits (no final norm). Its LM head is the target's; its embedding is its own when the
+  checkpoint carries ``embed_tokens`` (``EagleDraft`` shares the target's when that is a copy).
 - **EAGLE3** (``LlamaForCausalLMEagle3``): the target's hidden states of three layers (low, mid,
   high) concatenated, ``fc`` (``3H -> H``, no bias); the layer (``midlayer``) attends over
   ``concat(input_layernorm(embedding), hidden_norm(hidden))`` (its q/k/v read ``2H``); ``norm``
@@ -88,11 +88,14 @@ def tap_residual_stream(backbone: nn.Module, layer_ids: list[int], sink: Callabl
 class EagleHead(nn.Module):
     """The draft head; ``names`` are the checkpoint's tensor names (which optional parts it has).
 
-    Shared with the target as SGLang shares them: EAGLE's embedding and LM head are always the
-    target's (a checkpoint's copies are skipped); EAGLE3's embedding is the target's unless the
-    head's hidden size differs from the target's (``target_hidden_size``), and its LM head is its
-    own when the checkpoint has ``lm_head.weight`` (then over ``draft_vocab_size`` ids mapped by
-    ``d2t``), else the target's.
+    Embedding: the head's own (vocab-parallel, loaded through the same shard loader as the
+    target's) when the checkpoint carries ``embed_tokens.weight``, and for an EAGLE3 head whose
+    hidden size differs from the target's (``target_hidden_size``), which must carry one; else
+    ``embed_tokens`` is None and the target's is used. Most checkpoints carry a frozen copy of
+    the target's, which ``EagleDraft`` then shares instead; some are trained with their own (vLLM
+    reads those too; SGLang always takes the target's). LM head: EAGLE's is always the target's
+    (a checkpoint's copy is skipped, as SGLang does); EAGLE3's is its own when the checkpoint has
+    ``lm_head.weight`` (then over ``draft_vocab_size`` ids mapped by ``d2t``), else the target's.
     """
 
     def __init__(self, config: Any, eagle3: bool, names: set[str], max_positions: int):
@@ -106,8 +109,11 @@ class EagleHead(nn.Module):
         rotary = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
         self.layer = LlamaDecoderLayer(config, 0, rotary, bias, bias)
         has = {n.removeprefix("model.") for n in names}
-        self.skip = {"embed_tokens.weight", "lm_head.weight"}  # the target's are used (see above)
+        self.skip = {"lm_head.weight"}  # the target's is used (see above)
         self.embed_tokens: Optional[VocabParallelEmbedding] = None
+        target_h = getattr(config, "target_hidden_size", None) or h
+        if "embed_tokens.weight" in has or (eagle3 and target_h != h):  # the target's may have the wrong width
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h)
         self.lm_head: Optional[ParallelLMHead] = None
         self.draft_vocab = config.vocab_size
         self.register_buffer("d2t", torch.zeros(self.draft_vocab, dtype=torch.int64))
@@ -119,11 +125,7 @@ class EagleHead(nn.Module):
         kv = getattr(config, "num_key_value_heads", None) or heads
         self.layer.self_attn.qkv_proj = QKVParallelLinear(2 * h, head_dim_of(config), heads, kv, bias)
         self.layer.hidden_norm, self.norm = RMSNorm(h, eps), RMSNorm(h, eps)
-        target_h = getattr(config, "target_hidden_size", None) or h
         self.fc = ReplicatedLinear(3 * target_h, h, "fc.bias" in has)
-        if target_h != h:  # the target's embedding has the wrong width: the head's own
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h)
-            self.skip.discard("embed_tokens.weight")
         if "lm_head.weight" in has:
             self.draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
             if self.draft_vocab != config.vocab_size and "d2t" not in has:

@@ -183,7 +183,8 @@ def _head_kv_reference(hf, head_dir: str, eagle3: bool, seq: list[int], n: int) 
 
     t = load_file(f"{head_dir}/model.safetensors")
     states = hf(torch.tensor([seq[:n]]), output_hidden_states=True).hidden_states  # inputs of layers 0..2, final
-    emb = hf.model.embed_tokens(torch.tensor(seq[1:n + 1]))
+    table = t.get("embed_tokens.weight", hf.model.embed_tokens.weight)  # the head's own embedding, if it has one
+    emb = table[torch.tensor(seq[1:n + 1])]
     if eagle3:  # the default layers of a 3-layer target: inputs of layers 0, 1, 2
         hid = torch.cat([states[i][0] for i in range(3)], dim=-1) @ t["fc.weight"].T
         x = torch.cat([_rms(emb, t["midlayer.input_layernorm.weight"]), _rms(hid, t["midlayer.hidden_norm.weight"])], -1)
@@ -236,6 +237,24 @@ def test_eagle_head_reads_the_right_pairs(target, tmp_path, eagle3, device):
     torch.testing.assert_close(runner.kv_cache.buf[:, :, at].cpu(), ref_kv, atol=_tol(device), rtol=0)
     torch.testing.assert_close(runner.draft.kv_cache.buf[:, 0, at].cpu(), _head_kv_reference(hf, head, eagle3, seq, n),
                                atol=_tol(device), rtol=0)
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["copy_of_the_targets", "its_own"])
+def test_eagle_head_with_an_embedding(target, tmp_path, copy):
+    """A checkpoint's ``embed_tokens``: a copy of the target's is dropped for the target's (one
+    table); another is the head's own, and the head's KV after a prefill is what it gives."""
+    hf, path = target
+    table = hf.model.embed_tokens.weight.detach().clone()
+    head = make_eagle_head(str(tmp_path / "head"), False, intermediate_size=96, embed=table if copy else table.flip(0),
+                           **SHAPE)
+    runner = _runner(path, draft_model_dir=head, spec_algorithm="EAGLE", spec_steps=2)
+    draft = runner.draft
+    assert (draft.head.embed_tokens is None) == copy
+    assert draft.embed is (runner.model.model.embed_tokens if copy else draft.head.embed_tokens)
+    p, locs = _prompt(10), Alloc(4, 512)(10)
+    ids, _ = runner.forward(ForwardPlan(step=0, new_slots=[NewSlot(0, GREEDY)], rows=[PlanRow(0, p, 0, locs)]))
+    want = _head_kv_reference(hf, head, False, p + ids, 10)
+    torch.testing.assert_close(draft.kv_cache.buf[:, 0, torch.tensor(locs)], want, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
