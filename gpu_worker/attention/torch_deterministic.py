@@ -15,8 +15,8 @@ A layer's ``sliding_window`` W only narrows the mask (keys ``> p - W``, as ``tor
 key tiles stay the same, from position 0. A tile wholly before a query's window finds it with no
 key seen yet (max -inf): the offset is taken as 0 then, so the tile leaves the state at exactly
 (-inf, 0, 0), as if the query had started at its first visible tile. A layer's ``logit_cap`` c
-gives scores ``c * tanh(s / c)``, tanh written with ``exp`` (one code path for every element;
-torch's ``tanh``, like its ``silu``, may take a scalar path for a size-dependent tail).
+gives scores ``c * tanh(s / c)`` (torch's CPU ``tanh``, like its ``exp``, computes every element on
+one vector path, unlike its ``silu`` and ``sigmoid``: an element alone and inside a tensor agree).
 """
 
 from __future__ import annotations
@@ -53,12 +53,6 @@ class _Meta:
             self.windowed[window] = self.bias.masked_fill(old[:, None], float("-inf"))
         return self.windowed[window]
 
-
-def _tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh from ``exp`` (every element on one code path); saturates to +-1, never overflows."""
-    e = torch.exp(-2.0 * x.abs())
-    t = (1.0 - e) / (1.0 + e)
-    return torch.where(x < 0, -t, t)
 
 
 class TorchDeterministicBackend(AttentionBackend):
@@ -125,7 +119,7 @@ class TorchDeterministicBackend(AttentionBackend):
             v = v_buf[locs].to(q.dtype).permute(0, 2, 1, 3).reshape(rows, KV_TILE, d)
             s = torch.bmm(qt[:rows], k).float()
             if cap is not None:
-                s = _tanh(s / cap) * cap
+                s = torch.tanh(s / cap) * cap
             s = (s.view(users, hkv, g, Q_TILE, KV_TILE) + bias[:users, :, None, :, a:b]).view(rows, g * Q_TILE, KV_TILE)
             m_old = m[:rows]
             m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))  # finite without a window: all see key 0
