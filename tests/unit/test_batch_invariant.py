@@ -53,6 +53,16 @@ def test_row_reductions_are_batch_invariant() -> None:
     assert all(torch.equal(o, act[0]) for o in act)
     g, u = torch.randn(2 * 1000).chunk(2)
     torch.testing.assert_close(bi.silu_and_mul(torch.cat([g, u])[None])[0], F.silu(g) * u)
+    for approx in ("tanh", "none"):  # Gemma's GeGLU; F.gelu's tail, like silu's, is another code path
+        act = _in_batches(lambda x: bi.gelu_and_mul(x, approx), torch.randn(2 * 1000))
+        assert all(torch.equal(o, act[0]) for o in act)
+        torch.testing.assert_close(bi.gelu_and_mul(torch.cat([g, u])[None], approx)[0],
+                                   F.gelu(g, approximate=approx) * u)
+        x = torch.randn(1000) * 3  # an element alone (the scalar tail) and inside a tensor: F.gelu differs
+        alone = torch.cat([F.gelu(x[i:i + 1], approximate=approx) for i in range(200)])
+        assert not torch.equal(alone, F.gelu(x, approximate=approx)[:200])
+        assert torch.equal(torch.cat([bi.gelu_and_mul(torch.stack([e, e])[None], approx)[0] for e in x[:200]]),
+                           bi.gelu_and_mul(torch.cat([x, x])[None], approx)[0, :200])
 
 
 class _Cache:
