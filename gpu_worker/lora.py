@@ -11,6 +11,10 @@ Tensor parallelism follows the weights: column-parallel layers shard B along its
 row-parallel layers shard A along its columns (B full) and add their delta to the partial sum
 before the all-reduce, since ``sum_r (x_r A_r^T) B^T = (x A^T) B^T``.
 
+With ``enable_deterministic_inference`` both matmuls are ``batch_invariant.linear`` (fixed tiles,
+as the base layers): a token's delta then depends on its own input and adapter only, not on the
+other tokens of the step or their adapters (theirs enter its sums as exact zeros of the mask).
+
 Reading adapter files and keeping them in host memory: ``lora_adapter``.
 """
 
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from treadle.gpu_worker.distributed import tp_rank, tp_size
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.lora_adapter import LoRAAdapter
 from treadle.runtime.lora_args import LORA_TARGETS as TARGETS
 
@@ -63,9 +68,13 @@ class _ModuleLoRA:
             return y
         s_r = mask.shape[1]
         for sub in self.subs:
-            xa = x @ sub.a.view(s_r, -1).t()
             n = sub.b_all.shape[0]
-            y[..., sub.out_off:sub.out_off + n] += (xa * mask) @ sub.b_all.view(n, s_r).t()
+            a, b = sub.a.view(s_r, -1), sub.b_all.view(n, s_r)
+            if batch_invariant.ENABLED:  # a row's sums in a fixed order, whatever the batch
+                delta = batch_invariant.linear(batch_invariant.linear(x, a) * mask, b)
+            else:
+                delta = (x @ a.t() * mask) @ b.t()
+            y[..., sub.out_off:sub.out_off + n] += delta
         return y
 
 

@@ -104,6 +104,10 @@ def check_model(model_dir: str, args: ServerArgs) -> None:
     if experts and args.ep_size == 1 and isinstance(expert_width, int) and expert_width % args.tp_size:
         raise ValueError(f"the experts' intermediate size {expert_width} does not divide by tp_size={args.tp_size} "
                          "(each rank holds a slice of every expert; ep_size=tp_size places whole experts instead).")
+    if experts and args.enable_deterministic_inference and (str(args.device).startswith("cuda") or args.ep_size > 1):
+        raise ValueError("enable_deterministic_inference with a mixture-of-experts model runs on the CPU with "
+                         "ep_size=1 only: the fused CUDA MoE kernels pick their tiles by the batch's token count, and "
+                         f"the expert-parallel exchange is not checked (device={args.device!r}, ep_size={args.ep_size}).")
     heads = cfg.get("num_attention_heads")
     if isinstance(heads, int) and args.tp_size > 1:
         head_split_problem = head_split_error(heads, cfg.get("num_key_value_heads") or heads, args.tp_size)

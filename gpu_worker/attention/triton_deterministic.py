@@ -10,8 +10,11 @@ sees the same blocks whether its prompt arrived whole, in chunks, or after a cac
 past its position are masked for it and leave its sums unchanged). Here a decode row is an extend
 row of one token, ``BLOCK_M`` is fixed, and every key block goes through the kernel's masked loop
 (``one_loop``: the unmasked loop over a row's prefix is separate code, whose compiled arithmetic
-need not match), so a query's reduction depends only on its request. Decode rows pay for it: a 1-token row runs a
-``BLOCK_M``-row tile and no split of long KV (docs/deterministic.md has the cost).
+need not match), so a query's reduction depends only on its request. A windowed layer's loop starts
+at the query block's first visible key block: the blocks before it would leave every query's
+running max, sum and output exactly at (-inf, 0, 0), so skipping them changes no bit. Decode rows
+pay for it: a 1-token row runs a ``BLOCK_M``-row tile and no split of long KV (docs/deterministic.md
+has the cost).
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ def _extend_kernel(Q, K, V, O, R2T, Rows, Items, sm_scale, num_rows, num_items,
     lo = 0
     if SLIDING:
         lo = tl.maximum(start + mb * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
-    if ONE_LOOP:  # deterministic mode: every key block through the same (masked) code, wherever the row starts
-        full_end = 0
+    if ONE_LOOP:  # deterministic mode: every key block through the same (masked) code, wherever the row starts;
+        full_end = lo  # blocks before ``lo`` (a window's) would leave each query's state at (-inf, 0, 0) exactly
     for s0 in range(lo, full_end, BLOCK_N):
         loc = tl.load(r2t + s0 + offs_n)
         k = tl.trans(tl.load(k_base + loc[:, None] * stride_kt, mask=mask_d[None, :], other=0.0).to(q.dtype))

@@ -16,6 +16,7 @@ sums over a request's own data runs with a fixed shape per row:
 - ``silu_and_mul`` (CPU): ``x / (1 + exp(-x))``, because torch's ``silu`` takes a vector and a
   scalar path for different elements of one tensor (they differ in the last bit), and which
   elements are the scalar tail depends on the tensor's size; ``exp`` runs one vector path for all.
+  ``gelu_and_mul`` likewise writes GELU with ``tanh`` / ``erf`` (one path each) for ``F.gelu``.
 
 Attention has its own backends (``attention/torch_deterministic.py``, ``triton_deterministic.py``).
 Off (the default) nothing here runs: the callers test ``ENABLED`` once per call.
@@ -86,3 +87,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """CPU ``silu(gate) * up`` of ``x = [gate | up]`` with every element on one code path."""
     gate, up = x.chunk(2, dim=-1)
     return gate / (1.0 + torch.exp(-gate)) * up
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """CPU ``gelu(gate) * up`` (``approximate`` "tanh" or "none") with every element on one code path."""
+    gate, up = x.chunk(2, dim=-1)
+    if approximate == "tanh":
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2 / pi)
+        return 0.5 * gate * (1.0 + torch.tanh(inner)) * up
+    return 0.5 * gate * (1.0 + torch.erf(gate * 0.7071067811865476)) * up

@@ -13,6 +13,14 @@ Either way the block hands its partial sum to the decoder's usual all-reduce (de
 next RMSNorm, as a row-parallel layer's is). The experts run as one fused Triton MoE on CUDA
 (``triton_moe.py``) and as a per-expert loop in torch elsewhere: the CPU path and the reference
 the kernel is tested against.
+
+With ``enable_deterministic_inference`` (CPU) the torch path is batch-invariant: the router's
+softmax and each expert's products take ``batch_invariant``'s fixed-shape ops, the top-k weights
+are renormalized by an explicit left-to-right sum, the shared expert's gate is ``1 / (1 + exp(-g))``
+(torch's ``sigmoid``, like its ``silu``, computes a size-dependent tail on another code path), and a
+token's expert outputs are added to its row in ascending expert order, one ``index_add_`` per
+expert. The fused CUDA kernels pick their tiles by the token count: the mode refuses MoE models on
+CUDA and expert parallelism (``runtime/model_check.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from treadle.gpu_worker.distributed import all_reduce, tp_rank, tp_size
-from treadle.gpu_worker.layers import moe_ep
+from treadle.gpu_worker.layers import batch_invariant, moe_ep
 from treadle.gpu_worker.layers.activation import SiluAndMul
 from treadle.gpu_worker.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from treadle.gpu_worker.layers.triton_gemv import project
@@ -41,10 +49,24 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     """``(weights [T, k] float32, expert ids [T, k])``: softmax over the experts (in float32, as
     transformers does), the ``top_k`` largest; ``renormalize``: scaled to sum to 1 (Mixtral always,
     Qwen-MoE with ``norm_topk_prob``)."""
-    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if not batch_invariant.ENABLED:
+        weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        return (weights / weights.sum(dim=-1, keepdim=True) if renormalize else weights), ids
+    weights, ids = torch.topk(batch_invariant.softmax(logits.float()), top_k, dim=-1)
+    if renormalize:  # a row's k weights summed left to right, whatever the batch
+        total = weights[:, 0]
+        for j in range(1, top_k):
+            total = total + weights[:, j]
+        weights = weights / total[:, None]
     return weights, ids
+
+
+def _expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's SiLU-gated MLP of rows ``x``; in the deterministic mode with fixed-shape ops."""
+    if batch_invariant.ENABLED:
+        return batch_invariant.linear(batch_invariant.silu_and_mul(batch_invariant.linear(x, w13)), w2)
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
 
 
 def moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -64,8 +86,7 @@ def moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         pairs = order[start:start + count]
         start += count
         tokens = pairs // k
-        gate, up = F.linear(x[tokens], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e]) * weights.reshape(-1)[pairs, None]
+        y = _expert(x[tokens], w13[e], w2[e]) * weights.reshape(-1)[pairs, None]
         out.index_add_(0, tokens, y.to(out.dtype))
     return out
 
@@ -175,7 +196,9 @@ class SparseMoeBlock(nn.Module):
             weights, ids = route(logits, self.top_k, self.renormalize)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:  # the sigmoid gate is the same on every rank: it scales the partial sums
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            g = self.shared_expert_gate(x)
+            g = 1.0 / (1.0 + torch.exp(-g)) if batch_invariant.ENABLED else torch.sigmoid(g)
+            out = out + g * self.shared_expert(x)
         return all_reduce(out) if self.reduce_results else out
 
 

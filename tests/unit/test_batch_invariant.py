@@ -53,6 +53,16 @@ def test_row_reductions_are_batch_invariant() -> None:
     assert all(torch.equal(o, act[0]) for o in act)
     g, u = torch.randn(2 * 1000).chunk(2)
     torch.testing.assert_close(bi.silu_and_mul(torch.cat([g, u])[None])[0], F.silu(g) * u)
+    for approx in ("tanh", "none"):  # Gemma's GeGLU; F.gelu's tail, like silu's, is another code path
+        act = _in_batches(lambda x: bi.gelu_and_mul(x, approx), torch.randn(2 * 1000))
+        assert all(torch.equal(o, act[0]) for o in act)
+        torch.testing.assert_close(bi.gelu_and_mul(torch.cat([g, u])[None], approx)[0],
+                                   F.gelu(g, approximate=approx) * u)
+        x = torch.randn(1000) * 3  # an element alone (the scalar tail) and inside a tensor: F.gelu differs
+        alone = torch.cat([F.gelu(x[i:i + 1], approximate=approx) for i in range(200)])
+        assert not torch.equal(alone, F.gelu(x, approximate=approx)[:200])
+        assert torch.equal(torch.cat([bi.gelu_and_mul(torch.stack([e, e])[None], approx)[0] for e in x[:200]]),
+                           bi.gelu_and_mul(torch.cat([x, x])[None], approx)[0, :200])
 
 
 class _Cache:
@@ -66,30 +76,37 @@ class _Cache:
         return self.vb
 
 
-def _attend(backend, cache, r2t, rows, q_of) -> list[torch.Tensor]:
-    """Attention of ``rows`` = [(slot, start, n)] with queries ``q_of(slot)[start:start+n]``; per row."""
+def _attend(backend, cache, r2t, rows, q_of, window=None, cap=None) -> list[torch.Tensor]:
+    """Attention of ``rows`` = [(slot, start, n)] with queries ``q_of(slot)[start:start+n]``; per row.
+    ``window`` / ``cap``: the layer's sliding window and logit cap."""
     q = torch.cat([q_of(s)[a:a + n] for s, a, n in rows])
     ctx = ForwardContext(input_ids=torch.zeros(q.shape[0], dtype=torch.int64), positions=torch.zeros(0),
                          out_cache_loc=torch.zeros(0), slots=[r[0] for r in rows], starts=[r[1] for r in rows],
                          extend_lens=[r[2] for r in rows], logits_indices=torch.zeros(0), req_to_token=r2t,
                          kv_cache=cache, attn_backend=backend)
     ctx.attn_meta = backend.init_forward(ctx)
-    out = backend.attend(q, SimpleNamespace(layer_id=0, scaling=0.125), ctx)
+    layer = SimpleNamespace(layer_id=0, scaling=0.125, sliding_window=window, logit_cap=cap)
+    out = backend.attend(q, layer, ctx)
     return list(out.split([r[2] for r in rows]))
 
 
-def test_attention_is_batch_and_chunk_invariant() -> None:
+@pytest.mark.parametrize("window,cap", [(None, None), (5, None), (100, None), (40, 3.0)])
+def test_attention_is_batch_and_chunk_invariant(window, cap) -> None:
     """One request's 150 positions: whole, in uneven chunks, one query at a time (decode), and each
-    of those beside other rows: every query's output bit-identical, and close to SDPA's."""
+    of those beside other rows: every query's output bit-identical, and close to SDPA's. With a
+    sliding window smaller than the prompt (within one key tile, across tiles; with Gemma 2's soft
+    cap), other rows attend under the same window, as the layers of a model do."""
     torch.manual_seed(2)
     h, hkv, d, slots, ctx_len = 6, 2, 64, 8, 256
     cache = _Cache(slots * ctx_len, hkv, d)
     r2t = torch.randperm(slots * ctx_len).view(slots, ctx_len)
     qs = {s: torch.randn(ctx_len, h, d) for s in range(slots)}
     det = TorchDeterministicBackend()
-    whole = _attend(det, cache, r2t, [(0, 0, 150)], qs.__getitem__)[0]
-    ref = _attend(TorchNativeBackend(), cache, r2t, [(0, 0, 150)], qs.__getitem__)[0]
+    whole = _attend(det, cache, r2t, [(0, 0, 150)], qs.__getitem__, window, cap)[0]
+    ref = _attend(TorchNativeBackend(), cache, r2t, [(0, 0, 150)], qs.__getitem__, window, cap)[0]
     torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    if window is not None:  # the window changes the result (it is applied, not ignored)
+        assert not torch.allclose(whole, _attend(det, cache, r2t, [(0, 0, 150)], qs.__getitem__, None, cap)[0])
     rng = random.Random(3)
     for trial in range(4):
         cuts = sorted(rng.sample(range(1, 150), 5 if trial < 3 else 148))
@@ -98,7 +115,7 @@ def test_attention_is_batch_and_chunk_invariant() -> None:
             others = [(s, rng.randrange(0, 60), rng.randrange(1, 40)) for s in range(1, 1 + rng.randrange(0, 7))]
             rows = others + [(0, prev, c - prev)]
             rng.shuffle(rows)
-            outs = _attend(det, cache, r2t, rows, qs.__getitem__)
+            outs = _attend(det, cache, r2t, rows, qs.__getitem__, window, cap)
             parts.append(outs[rows.index((0, prev, c - prev))])
             prev = c
         assert torch.equal(torch.cat(parts), whole), trial

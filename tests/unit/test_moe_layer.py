@@ -109,6 +109,14 @@ def test_ep_size_checked_before_start(tmp_path):
         check_model(model(num_experts=6, moe_intermediate_size=64), ServerArgs(tp_size=4, ep_size=4, **dummy))
     with pytest.raises(ValueError, match="intermediate size 90 does not divide by tp_size=4"):
         check_model(model(num_experts=8, moe_intermediate_size=90), ServerArgs(tp_size=4, **dummy))
+    # enable_deterministic_inference: the torch path on the CPU only (tests/unit/test_batch_invariant_lora_moe.py)
+    det = dict(enable_deterministic_inference=True, **dummy)
+    moe = model(num_experts=8, moe_intermediate_size=64)
+    check_model(moe, ServerArgs(device="cpu", **det))
+    check_model(model(architectures=["Qwen3ForCausalLM"]), ServerArgs(device="cuda", **det))
+    for kw in (dict(device="cuda"), dict(device="cpu", tp_size=2, ep_size=2)):
+        with pytest.raises(ValueError, match="enable_deterministic_inference with a mixture-of-experts model"):
+            check_model(moe, ServerArgs(**kw, **det))
 
 
 def test_expert_weight_loader_reads_its_slice_and_checks_shapes():

@@ -72,7 +72,7 @@ class _Cache:
         return self.vb
 
 
-def _attend(backend, cache, r2t, rows, qs) -> list[torch.Tensor]:
+def _attend(backend, cache, r2t, rows, qs, window=None) -> list[torch.Tensor]:
     from treadle.gpu_worker.forward_context import ForwardContext
 
     q = torch.cat([qs[s][a:a + n] for s, a, n in rows])
@@ -81,12 +81,15 @@ def _attend(backend, cache, r2t, rows, qs) -> list[torch.Tensor]:
                          slots=[r[0] for r in rows], starts=[r[1] for r in rows], extend_lens=[r[2] for r in rows],
                          logits_indices=z, req_to_token=r2t, kv_cache=cache, attn_backend=backend)
     ctx.attn_meta = backend.init_forward(ctx)
-    return list(backend.attend(q, SimpleNamespace(layer_id=0, scaling=0.125, sliding_window=None, logit_cap=None), ctx).split([r[2] for r in rows]))
+    layer = SimpleNamespace(layer_id=0, scaling=0.125, sliding_window=window, logit_cap=None)
+    return list(backend.attend(q, layer, ctx).split([r[2] for r in rows]))
 
 
-def check_attention(device: str, dtype: torch.dtype, h: int, hkv: int, d: int, length: int, trials: int) -> str:
+def check_attention(device: str, dtype: torch.dtype, h: int, hkv: int, d: int, length: int, trials: int,
+                    window: int | None = None) -> str:
     """One request's ``length`` positions whole, then in random chunks (one trial: one token at a
-    time, i.e. decode rows) beside random other rows: every query's output equal to the whole run's."""
+    time, i.e. decode rows) beside random other rows: every query's output equal to the whole run's.
+    ``window``: a sliding-window layer (for every row), whose result must differ from the full one's."""
     from treadle.gpu_worker.attention.torch_native import TorchNativeBackend
     from treadle.gpu_worker.attention.triton_deterministic import TritonDeterministicBackend
 
@@ -96,11 +99,13 @@ def check_attention(device: str, dtype: torch.dtype, h: int, hkv: int, d: int, l
     r2t = torch.randperm(slots * ctx_len, generator=g).view(slots, ctx_len).to(device)
     qs = [torch.randn(ctx_len, h, d, generator=g).to(device, dtype) for _ in range(slots)]
     det = TritonDeterministicBackend(device=device, dtype=dtype)
-    whole = _attend(det, cache, r2t, [(0, 0, length)], qs)[0]
-    ref = _attend(TorchNativeBackend(), cache, r2t, [(0, 0, length)], qs)[0]
+    whole = _attend(det, cache, r2t, [(0, 0, length)], qs, window)[0]
+    ref = _attend(TorchNativeBackend(), cache, r2t, [(0, 0, length)], qs, window)[0]
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     if not torch.allclose(whole.float(), ref.float(), rtol=tol, atol=tol):
-        return f"attention {dtype}: far from SDPA ({(whole.float() - ref.float()).abs().max().item()})"
+        return f"attention {dtype} window {window}: far from SDPA ({(whole.float() - ref.float()).abs().max().item()})"
+    if window is not None and torch.allclose(whole, _attend(det, cache, r2t, [(0, 0, length)], qs)[0]):
+        return f"attention window {window}: the same as without the window"
     rng = random.Random(6)
     for trial in range(trials):
         cuts = sorted(rng.sample(range(1, length), length - 1 if trial == 0 else 4))
@@ -109,29 +114,31 @@ def check_attention(device: str, dtype: torch.dtype, h: int, hkv: int, d: int, l
             rows = [(s, rng.randrange(0, 40), rng.randrange(1, 30)) for s in range(1, 1 + rng.randrange(0, 5))]
             mine = (0, prev, c - prev)
             rows.insert(rng.randrange(len(rows) + 1), mine)
-            parts.append(_attend(det, cache, r2t, rows, qs)[rows.index(mine)])
+            parts.append(_attend(det, cache, r2t, rows, qs, window)[rows.index(mine)])
             prev = c
         if not torch.equal(torch.cat(parts), whole):
-            return f"attention {dtype}: trial {trial} differs from the whole prompt's"
+            return f"attention {dtype} window {window}: trial {trial} differs from the whole prompt's"
     return ""
 
 
 def run_all(device: str) -> list[str]:
     if device == "cpu":  # the interpreter: small shapes
         return [check_matmul("cpu", torch.float32, [(72, 150)], [1, 3, 65]), check_lse("cpu", 3000, [1, 4]),
-                check_attention("cpu", torch.float32, 4, 2, 32, 40, 2)]
+                check_attention("cpu", torch.float32, 4, 2, 32, 40, 2),
+                check_attention("cpu", torch.float32, 4, 2, 32, 40, 2, window=7)]  # key block 0 wholly left behind
     shapes, sizes = [(576, 960), (4096, 14336 * 2), (14336, 4096), (4096, 128256)], [1, 2, 7, 64, 65, 300]
     out = []
     for dtype in (torch.bfloat16, torch.float32):
         out.append(check_matmul(device, dtype, shapes[:3] if dtype == torch.float32 else shapes, sizes))
         out.append(check_attention(device, dtype, 32, 8, 128, 700, 4))
+        out.append(check_attention(device, dtype, 32, 8, 128, 700, 2, window=200))
     out.append(check_lse(device, 128256, [1, 3, 64]))
     return out
 
 
 @pytest.mark.skipif(not interpreter_runs_loops(), reason="triton's interpreter cannot run loops with this numpy")
 def test_kernels_in_interpreter() -> None:
-    assert interpret_script(__file__) == ["", "", ""]
+    assert interpret_script(__file__) == ["", "", "", ""]
 
 
 @pytest.mark.gpu

@@ -110,6 +110,16 @@ def test_torch_native_window_and_cap(name):
     torch.testing.assert_close(step.run(TorchNativeBackend()), step.reference(), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_torch_deterministic_window_and_cap(name):
+    """enable_deterministic_inference's CPU backend (key tiles from position 0, masked by the window)."""
+    from treadle.gpu_worker.attention.torch_deterministic import TorchDeterministicBackend
+
+    rows, h, hkv, d, window, cap, _ = CASES[name]
+    step = Step(rows, h, hkv, d, window, cap, seed=len(name))
+    torch.testing.assert_close(step.run(TorchDeterministicBackend()), step.reference(), atol=2e-5, rtol=0)
+
+
 def test_window_and_cap_are_checked():
     with pytest.raises(ValueError, match="sliding_window"):
         Attention(2, 2, 16, 0.25, 0, sliding_window=0)
