@@ -2,15 +2,15 @@
 
 Building a config with ``AutoConfig`` imports transformers, which pulls in torch.distributed's
 tensor module and accelerate: 1.2-2 s of a worker's 5 s CPU start-up, paid on every start although
-the answer depends only on config.json and the transformers version. The first start builds the
+the answer depends only on config.json and the library versions. The first start builds the
 real config and writes a snapshot of it: every public attribute's value as transformers computes
 it (defaults, aliases and properties included), sub-configs recursively, and ``to_dict()``. Later
 starts rebuild a ``ConfigSnapshot`` from that file, which answers every attribute read the model
 code makes with the value the real config gave. Snapshots live under
-``<cache>/configs/<key>.json``; the key covers config.json's bytes and the transformers version, so
-an edited config or an upgrade makes a new one, and a copy of a checkpoint (the tests' tiny models
-in fresh temporary directories) shares its snapshot; ``name_or_path``, the one directory-dependent
-value, is set to the directory being loaded. The original LLaVA layout
+``<cache>/configs/<key>.json``; the key covers config.json's bytes and the transformers and
+Treadle versions, so an edited config or an upgrade makes a new one, and a copy of a checkpoint
+(the tests' tiny models in fresh temporary directories) shares its snapshot; ``name_or_path``, the
+one directory-dependent value, is set to the directory being loaded. The original LLaVA layout
 (whose config also comes from the vision tower's checkpoint) is always built by transformers.
 """
 
@@ -90,11 +90,18 @@ def snapshot_path(model_dir: str) -> Optional[str]:
             raw = f.read()
         if is_llava_llama(json.loads(raw)):
             return None
-        version = metadata.version("transformers")
+        version = f"{metadata.version('transformers')}/{_treadle_version()}"
     except (OSError, ValueError, metadata.PackageNotFoundError):
         return None  # transformers reports these itself when it builds the config
     key = hashlib.sha256(b"\0".join([str(FORMAT).encode(), version.encode(), raw])).hexdigest()[:24]
     return os.path.join(default_cache_dir(), "configs", f"{key}.json")
+
+
+def _treadle_version() -> str:
+    try:
+        return metadata.version("treadle")
+    except metadata.PackageNotFoundError:  # run from a source checkout
+        return "source"
 
 
 def _write(path: str, config: Any) -> None:

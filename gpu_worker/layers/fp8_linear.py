@@ -100,10 +100,10 @@ class Fp8Linear:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         m = x2.shape[0]
-        if m == 0 or not (x.is_cuda or INTERPRETED):
-            y = F.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
-        elif batch_invariant.ENABLED:  # enable_deterministic_inference: the kernel choice above depends on M
+        if batch_invariant.ENABLED and m > 0:  # enable_deterministic_inference: the kernels below depend on M
             y = batch_invariant.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
+        elif m == 0 or not (x.is_cuda or INTERPRETED):
+            y = F.linear(x2, dequantize(self.weight, self.scale, self.group).to(x.dtype), bias)
         elif m == 1:
             y = triton_fp8.gemv(x2, self.weight, self.scales_2d, self.group, bias, self.pdl)
         elif self.scaled_mm and m > SKINNY_MAX and x.dtype == torch.bfloat16:

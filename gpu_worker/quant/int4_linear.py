@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.distributed import tp_rank, tp_size
 from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                               QKVParallelLinear)
@@ -183,7 +184,9 @@ class Int4Method:
         x2 = x.reshape(-1, shape[-1])
         if layer.int4_perm is not None:
             x2 = x2.index_select(1, layer.int4_perm)
-        if x2.is_cuda:
+        if batch_invariant.ENABLED:  # enable_deterministic_inference: dequantized, through the batch-invariant matmul
+            y = batch_invariant.linear(x2, self.weight(layer).to(x.dtype), bias)
+        elif x2.is_cuda:
             y = int4_matmul(x2, layer.qweight, layer.scales, layer.qzeros, layer.int4_group)
             if bias is not None:
                 y = y + bias
