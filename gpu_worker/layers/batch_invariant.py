@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 ENABLED = False
 CPU_TILE = 32  # rows per CPU GEMM item (one thread, SmolLM2-135M layers: 4.4x plain at 1 row, 1.3x at 64, 1.6x at 512)
+MIN_N = 8  # output columns a CPU product is padded to (fewer take an MKL path whose rows depend on the batch)
 _PIECE = 64  # CPU row reductions: sums of 64 elements, then one sum over the pieces
 
 
@@ -45,6 +46,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if x.is_cuda:
         from treadle.gpu_worker.layers.triton_batch_invariant import matmul
         return matmul(x, weight, bias)
+    n = weight.shape[0]
+    if n < MIN_N:  # a one-column product (a shared expert's gate) is a GEMV to MKL, batched differently by count
+        weight = F.pad(weight, (0, 0, 0, MIN_N - n))
+        bias = None if bias is None else F.pad(bias, (0, MIN_N - n))
+        return linear(x, weight, bias)[..., :n]
     shape, k = x.shape, x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]

@@ -40,6 +40,17 @@ def test_linear_rows_are_batch_invariant(k: int, n: int) -> None:
     assert not all(torch.equal(o, plain[0]) for o in plain)
 
 
+@pytest.mark.parametrize("k,n", [(576, 1), (2048, 1), (576, 3)])
+def test_narrow_linear_rows_are_batch_invariant(k: int, n: int) -> None:
+    """A product with one output column (a shared expert's sigmoid gate) is a GEMV to MKL, whose
+    rows changed with the number of 32-row tiles before it was padded to 8 columns."""
+    torch.manual_seed(k + n)
+    w, b, row = torch.randn(n, k) * 0.05, torch.randn(n), torch.randn(k)
+    outs = _in_batches(lambda x: bi.linear(x, w, b), row, sizes=(1, 2, 3, 7, 16, 17, 33, 64, 100, 200))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(outs[0], F.linear(row[None], w, b)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_row_reductions_are_batch_invariant() -> None:
     torch.manual_seed(1)
     row = torch.randn(49152) * 4
