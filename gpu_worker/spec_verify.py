@@ -21,7 +21,8 @@ import torch
 from treadle.gpu_worker.host_to_device import to_device
 from treadle.gpu_worker.kv_cache import KVCache
 from treadle.gpu_worker.logprobs import StepOutput, gather_logprobs
-from treadle.gpu_worker.sampler import Sampler, _argmax, _row_seed
+from treadle.gpu_worker.layers import batch_invariant
+from treadle.gpu_worker.sampler import DETERMINISTIC_SEED, Sampler, _argmax, _row_seed
 from treadle.gpu_worker.spec_tree import accept_tree_greedy, accept_tree_sampled, move_path_kv
 from treadle.runtime.messages import ForwardPlan, RowOut, SamplingSpec
 
@@ -108,10 +109,11 @@ class Verified:
             nodes = row.input_ids[len(row.input_ids) - row.spec - 1:]
             drafts = nodes[1:]
             spec = sampler.spec(row.slot)
-            gen = sampler.gen
-            if not g and spec.seed is not None:
+            gen = sampler.gen  # the shared generator: its draws depend on the batch, so the mode seeds every row
+            seed = DETERMINISTIC_SEED if batch_invariant.ENABLED and spec.seed is None else spec.seed
+            if not g and seed is not None:
                 gen = torch.Generator(device=self.logits.device).manual_seed(
-                    _row_seed(spec.seed, sampler.state.num_out[row.slot]))
+                    _row_seed(seed, sampler.state.num_out[row.slot]))
             if row.tree:
                 if g:
                     toks, path = accept_tree_greedy(targets[first:first + count], nodes, row.tree)

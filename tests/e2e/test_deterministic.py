@@ -77,3 +77,21 @@ def test_windowed_model_same_everywhere(tmp_path, default_model_dir) -> None:
     assert list(reference[0]) == tokens[:n]
     got = torch.tensor([lp for lp, *_ in reference[1]])
     torch.testing.assert_close(got, logprobs[len(target) - 1:len(target) - 1 + n], atol=1e-4, rtol=0)
+
+
+def test_speculative_sampling_without_a_seed_is_the_same_in_any_batch() -> None:
+    """NGRAM drafts verified for an unseeded sampled request: the verify step draws as the sampler
+    does in the mode (as if seeded), not from the shared generator, whose draws follow the batch."""
+    text = "the quick brown fox jumps over the lazy dog. " * 6
+    params = {"temperature": 0.8, "max_new_tokens": 24, "ignore_eos": True}
+    others = [(f"Item {i}: a list of numbers", {"temperature": 0.9, "max_new_tokens": 12}) for i in range(5)]
+    e = _engine(speculative_algorithm="NGRAM", speculative_num_draft_tokens=4)
+    try:
+        first = e.generate(text, params)
+        again = e.generate(text, params)
+        batch = e.generate([p for p, _ in others[:2]] + [text] + [p for p, _ in others[2:]],
+                           [s for _, s in others[:2]] + [params] + [s for _, s in others[2:]])[2]
+    finally:
+        e.shutdown()
+    assert first["meta_info"]["spec_num_proposed_drafts"] > 0  # the verify path ran
+    assert again["output_ids"] == first["output_ids"] == batch["output_ids"]
