@@ -8,6 +8,7 @@ after it see only resolved values; ``get_server_info`` reports them.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import TYPE_CHECKING
 
@@ -27,22 +28,28 @@ MEM_FRACTION_STATIC = 0.85  # SGLang's default share of the card for weights + K
 MAX_GRAPH_BS = 256  # the largest decode batch captured in a CUDA graph by default
 
 
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
+
+
+def may_have_gpu() -> bool:
+    """False when this machine has no GPU device file, so ``torch.cuda`` could not find one: the
+    user's process then picks the CPU without importing torch (1-1.5 s of a CPU engine's start-up;
+    the engine's own processes import it anyway)."""
+    return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
+
+
+def _torch():
+    import torch  # (here only: ServerArgs is built and checked without importing torch)
+
+    return torch
+
+
 def resolve(a: "ServerArgs") -> "ServerArgs":
     """Fill ``a``'s (a fresh copy's) "auto" values in place for this machine and return it."""
-    import torch  # (here: ServerArgs is built and checked without importing torch)
-
     if a.device is None:
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={a.device!r} was requested but no CUDA device is available.")
-    if a.device == "cuda":  # every worker rank of every DP group on this node takes its own GPU
-        ranks = a.dp_size * a.tp_size * a.pp_size // a.nnodes
-        last, have = a.base_gpu_id + (ranks - 1) * a.gpu_id_step, torch.cuda.device_count()
-        if last >= have:
-            raise ValueError(
-                f"Not enough GPUs: dp_size * tp_size * pp_size / nnodes = {ranks} worker ranks need GPU ids "
-                f"{a.base_gpu_id}..{last} (base_gpu_id={a.base_gpu_id}, gpu_id_step={a.gpu_id_step}), "
-                f"but {have} CUDA device(s) are visible.")
+        a.device = "cuda" if may_have_gpu() and _torch().cuda.is_available() else "cpu"
+    if a.device.startswith("cuda"):
+        _check_gpus(a, _torch())
     check_torchao(a.torchao_config, a.device, a.dtype)
     if a.random_seed is None:
         a.random_seed = random.randint(0, 2**30)
@@ -81,3 +88,17 @@ def resolve(a: "ServerArgs") -> "ServerArgs":
     if a.pp_size > 1:  # only the last stage samples, so a placeholder decode input would not reach the first
         a.disable_overlap_schedule = a.disable_cuda_graph = True
     return a
+
+
+def _check_gpus(a: "ServerArgs", torch) -> None:
+    """A CUDA device must exist, and ``device="cuda"`` needs one GPU per worker rank on this node."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={a.device!r} was requested but no CUDA device is available.")
+    if a.device == "cuda":  # every worker rank of every DP group on this node takes its own GPU
+        ranks = a.dp_size * a.tp_size * a.pp_size // a.nnodes
+        last, have = a.base_gpu_id + (ranks - 1) * a.gpu_id_step, torch.cuda.device_count()
+        if last >= have:
+            raise ValueError(
+                f"Not enough GPUs: dp_size * tp_size * pp_size / nnodes = {ranks} worker ranks need GPU ids "
+                f"{a.base_gpu_id}..{last} (base_gpu_id={a.base_gpu_id}, gpu_id_step={a.gpu_id_step}), "
+                f"but {have} CUDA device(s) are visible.")

@@ -291,3 +291,22 @@ def _readme_names(label: str) -> set[str]:
 def test_readme_lists_match_the_tables():
     assert _readme_names("refused with") == set(REFUSED)
     assert _readme_names("accepted with no effect") == set(NO_EFFECT)
+
+
+def test_a_machine_without_gpu_device_files_resolves_to_the_cpu_without_torch():
+    """The user's process picks the device; with no GPU device file it needs no torch import."""
+    import subprocess
+    import sys
+
+    from treadle.runtime.resolve_args import may_have_gpu
+
+    code = ("import sys; from treadle.runtime.server_args import ServerArgs; "
+            "a = ServerArgs(model_path='default').resolved(); print(a.device, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if may_have_gpu():  # a GPU machine: torch decides
+        import torch
+
+        assert out.stdout.split()[0] == ("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        assert out.stdout.split() == ["cpu", "False"]
