@@ -48,7 +48,8 @@ def resolve(a: "ServerArgs") -> "ServerArgs":
     """Fill ``a``'s (a fresh copy's) "auto" values in place for this machine and return it."""
     if a.device is None:
         a.device = "cuda" if may_have_gpu() and _torch().cuda.is_available() else "cpu"
-    if a.device.startswith("cuda"):
+    cuda = a.device.startswith("cuda")
+    if cuda:
         _check_gpus(a, _torch())
     check_torchao(a.torchao_config, a.device, a.dtype)
     if a.random_seed is None:
@@ -56,7 +57,7 @@ def resolve(a: "ServerArgs") -> "ServerArgs":
     if a.page_size is None:
         a.page_size = 1
     if a.attention_backend is None:  # Triton kernels on the GPU; the CPU has only the reference backend
-        a.attention_backend = "triton" if a.device.startswith("cuda") else "torch_native"
+        a.attention_backend = "triton" if cuda else "torch_native"
     if a.grammar_backend is None:
         a.grammar_backend = "xgrammar"
     if a.tokenizer_path is None:
@@ -66,13 +67,12 @@ def resolve(a: "ServerArgs") -> "ServerArgs":
         # of SmolLM2-135M (float32) in ~1.7 ms, so 2048 made a step ~3.5 s of one core and ~40 s
         # on a busy machine; 512 keeps it under a second of one core, and the work per token is
         # the same (one thread: 8.2 CPU-s for 4 x 1,200 tokens with 2048, 512 or 256).
-        a.chunked_prefill_size = 8192 if a.device.startswith("cuda") else CPU_CHUNKED_PREFILL
+        a.chunked_prefill_size = 8192 if cuda else CPU_CHUNKED_PREFILL
     if a.enable_lora is None:
         a.enable_lora = bool(a.lora_paths)
     if a.enable_lora:
         a.max_lora_rank, a.lora_target_modules = device_slot_shape(a.lora_paths, a.max_lora_rank,
                                                                    a.lora_target_modules)
-    cuda = a.device.startswith("cuda")
     # "auto" stays (get_server_info echoes it as SGLang does; the worker reads it against the device)
     a.dtype = DTYPE_ALIASES.get(a.dtype, a.dtype)
     a.kv_cache_dtype = DTYPE_ALIASES.get(a.kv_cache_dtype, a.kv_cache_dtype)

@@ -165,13 +165,14 @@ class ServerArgs(SGLangOnlyArgs):
         check_choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
         check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         check_choice("quantization", self.quantization, QUANTIZATIONS)
-        if parse_torchao_config(self.torchao_config) and self.quantization not in (None, "gguf"):
-            raise ValueError(f"torchao_config={self.torchao_config!r} quantizes float weights; it cannot be combined "
-                             f"with quantization={self.quantization!r}.")
-        if parse_torchao_config(self.torchao_config) and self.enable_deterministic_inference:
-            raise ValueError(f"torchao_config={self.torchao_config!r} cannot be combined with "
-                             "enable_deterministic_inference=True: torchao's kernels choose their reduction order "
-                             "by batch size. Quantized checkpoints (AWQ, GPTQ, FP8) work in the mode.")
+        if parse_torchao_config(self.torchao_config):
+            if self.quantization not in (None, "gguf"):
+                raise ValueError(f"torchao_config={self.torchao_config!r} quantizes float weights; it cannot be "
+                                 f"combined with quantization={self.quantization!r}.")
+            if self.enable_deterministic_inference:
+                raise ValueError(f"torchao_config={self.torchao_config!r} cannot be combined with "
+                                 "enable_deterministic_inference=True: torchao's kernels choose their reduction order "
+                                 "by batch size. Quantized checkpoints (AWQ, GPTQ, FP8) work in the mode.")
         if self.device is not None and not (self.device in DEVICES or str(self.device).startswith("cuda:")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
         check_parallel_args(self)

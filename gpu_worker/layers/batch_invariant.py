@@ -95,6 +95,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return gate / (1.0 + torch.exp(-gate)) * up
 
 
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """CPU ``sigmoid`` with every element on one code path (torch's, like ``silu``, has a size-dependent tail)."""
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
 def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
     """CPU ``gelu(gate) * up`` (``approximate`` "tanh" or "none") with every element on one code path."""
     gate, up = x.chunk(2, dim=-1)

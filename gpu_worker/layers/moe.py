@@ -16,7 +16,7 @@ the kernel is tested against.
 
 With ``enable_deterministic_inference`` (CPU) the torch path is batch-invariant: the router's
 softmax and each expert's products take ``batch_invariant``'s fixed-shape ops, the top-k weights
-are renormalized by an explicit left-to-right sum, the shared expert's gate is ``1 / (1 + exp(-g))``
+are renormalized by an explicit left-to-right sum, the shared expert's gate is ``batch_invariant.sigmoid``
 (torch's ``sigmoid``, like its ``silu``, computes a size-dependent tail on another code path), and a
 token's expert outputs are added to its row in ascending expert order, one ``index_add_`` per
 expert. The fused CUDA kernels pick their tiles by the token count: the mode refuses MoE models on
@@ -197,7 +197,7 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:  # the sigmoid gate is the same on every rank: it scales the partial sums
             g = self.shared_expert_gate(x)
-            g = 1.0 / (1.0 + torch.exp(-g)) if batch_invariant.ENABLED else torch.sigmoid(g)
+            g = batch_invariant.sigmoid(g) if batch_invariant.ENABLED else torch.sigmoid(g)
             out = out + g * self.shared_expert(x)
         return all_reduce(out) if self.reduce_results else out
 

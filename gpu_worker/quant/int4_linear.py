@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.distributed import tp_rank, tp_size
+from treadle.gpu_worker.layers import batch_invariant
 from treadle.gpu_worker.layers.linear import (ColumnParallelLinear, LinearBase, MergedColumnParallelLinear,
                                               QKVParallelLinear)
 from treadle.gpu_worker.layers.triton_int4 import int4_matmul
